@@ -1,0 +1,23 @@
+# Set-up and everyday commands. `make install` once, then `make run` / `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?=
+ARGS ?=
+
+.PHONY: install run test anchor clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+
+# The default job: 5 tokens from BOS on the embedded synthetic checkpoint (built once into the cache).
+run:
+	$(BIN)/mlx-k2 run --max-new-tokens 5 $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+test:
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

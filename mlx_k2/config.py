@@ -1,0 +1,225 @@
+"""Read config.json in the three shapes users have, into one text-model config.
+
+Shapes: Kimi K2.5 (`model_type: kimi_k25`, the text model nested under `text_config`, its compressed-tensors
+`quantization_config` inside `text_config`), flat Kimi K2 / K2-Thinking (`kimi_k2`) and flat DeepSeek-V3
+(`deepseek_v3`). Field names are the config.json keys; unknown keys are ignored; derived sizes are properties.
+This module checks what can be checked from config.json alone; it does not look at tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+TEXT_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+WRAPPED_MODEL_TYPES = ("kimi_k25",)
+SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """compressed-tensors `pack-quantized` symmetric integer weights, grouped along the input dim."""
+
+    num_bits: int
+    group_size: int
+
+    @property
+    def offset(self) -> int:
+        # Stored values are q + 2^(bits-1) (offset binary), so the dequant bias is -offset * scale.
+        return 1 << (self.num_bits - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The DeepSeek-V3 text backbone, fields named exactly as in config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def q_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.q_head_dim ** -0.5
+        rs = self.rope_scaling or {}
+        mscale_all_dim = rs.get("mscale_all_dim", 0)
+        if mscale_all_dim:
+            m = yarn_get_mscale(rs["factor"], mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the executor needs from config.json: the text config, quantization, and the tensor-name prefix."""
+
+    model_type: str
+    text: TextConfig
+    quantization: Quantization | None
+    weight_prefix: str  # "language_model." for K2.5's multimodal wrapper, "" for flat checkpoints
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _text_config(raw: dict[str, Any], where: str) -> TextConfig:
+    fields = {f.name: f for f in dataclasses.fields(TextConfig)}
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    missing = [n for n in required if raw.get(n) is None]
+    if missing:
+        raise ConfigError(f"{where}: missing field {missing[0]!r}")
+    values = {k: v for k, v in raw.items() if k in fields}
+    # transformers 5.x writes rope under rope_parameters; the original files use rope_scaling.
+    if values.get("rope_scaling") is None and isinstance(raw.get("rope_parameters"), dict):
+        rp = raw["rope_parameters"]
+        values["rope_scaling"] = rp if rp.get("rope_type", rp.get("type")) not in (None, "default") else None
+        values.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+    if isinstance(values.get("eos_token_id"), list):
+        values["eos_token_id"] = values["eos_token_id"][0]
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "n_routed_experts",
+                 "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        v = values.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{where}: field {name!r} must be a positive integer, got {v!r}")
+    cfg = TextConfig(**values)
+    _check_text(cfg, where)
+    return cfg
+
+
+def _check_text(cfg: TextConfig, where: str) -> None:
+    if cfg.scoring_func != "sigmoid":
+        raise ConfigError(f"{where}: unsupported scoring_func {cfg.scoring_func!r} (only 'sigmoid')")
+    if cfg.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+        raise ConfigError(f"{where}: unsupported topk_method {cfg.topk_method!r}")
+    if cfg.hidden_act != "silu":
+        raise ConfigError(f"{where}: unsupported hidden_act {cfg.hidden_act!r} (only 'silu')")
+    if cfg.attention_bias:
+        raise ConfigError(f"{where}: unsupported attention_bias true")
+    if cfg.n_routed_experts % cfg.n_group or cfg.topk_group > cfg.n_group:
+        raise ConfigError(f"{where}: n_group {cfg.n_group} / topk_group {cfg.topk_group} do not divide "
+                          f"n_routed_experts {cfg.n_routed_experts}")
+    if cfg.num_experts_per_tok > cfg.n_routed_experts:
+        raise ConfigError(f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} > n_routed_experts")
+    if cfg.qk_rope_head_dim % 2:
+        raise ConfigError(f"{where}: qk_rope_head_dim {cfg.qk_rope_head_dim} must be even")
+    rs = cfg.rope_scaling
+    if rs is not None:
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind != "yarn":
+            raise ConfigError(f"{where}: unsupported rope_scaling type {kind!r} (only 'yarn')")
+        if "factor" not in rs:
+            raise ConfigError(f"{where}: rope_scaling has no 'factor'")
+
+
+def _quantization(raw: dict[str, Any] | None, where: str) -> Quantization | None:
+    if raw is None:
+        return None
+    method = raw.get("quant_method")
+    if method != "compressed-tensors":
+        raise ConfigError(f"{where}: unsupported quantization_config.quant_method {method!r} "
+                          "(supported: 'compressed-tensors' pack-quantized, or none)")
+    fmt = raw.get("format")
+    if fmt != "pack-quantized":
+        raise ConfigError(f"{where}: unsupported quantization_config.format {fmt!r} (only 'pack-quantized')")
+    groups = raw.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ConfigError(f"{where}: quantization_config.config_groups must hold exactly one group, "
+                          f"got {len(groups)}")
+    weights = next(iter(groups.values())).get("weights") or {}
+    checks = {"type": "int", "strategy": "group", "symmetric": True}
+    for key, want in checks.items():
+        if weights.get(key) != want:
+            raise ConfigError(f"{where}: unsupported quantization weights.{key} {weights.get(key)!r} "
+                              f"(only {want!r})")
+    if weights.get("actorder") not in (None, False):
+        raise ConfigError(f"{where}: unsupported quantization weights.actorder {weights.get('actorder')!r}")
+    bits, group = weights.get("num_bits"), weights.get("group_size")
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"{where}: unsupported quantization weights.num_bits {bits!r} "
+                          f"(supported {SUPPORTED_BITS})")
+    if group not in SUPPORTED_GROUP_SIZES:
+        raise ConfigError(f"{where}: unsupported quantization weights.group_size {group!r} "
+                          f"(supported {SUPPORTED_GROUP_SIZES})")
+    return Quantization(num_bits=bits, group_size=group)
+
+
+def parse_config(raw: Any, where: str = "config.json") -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level is not a JSON object")
+    model_type = raw.get("model_type")
+    if model_type in WRAPPED_MODEL_TYPES:
+        text_raw = raw.get("text_config")
+        if not isinstance(text_raw, dict):
+            raise ConfigError(f"{where}: model_type {model_type!r} needs a 'text_config' object")
+        inner = text_raw.get("model_type", "kimi_k2")
+        if inner not in TEXT_MODEL_TYPES:
+            raise ConfigError(f"{where}: unsupported text_config.model_type {inner!r}")
+        quant = text_raw.get("quantization_config", raw.get("quantization_config"))
+        text = _text_config({**{k: raw[k] for k in ("bos_token_id", "eos_token_id") if k in raw}, **text_raw},
+                            f"{where} text_config")
+        return ModelConfig(model_type, text, _quantization(quant, where), "language_model.")
+    if model_type in TEXT_MODEL_TYPES:
+        return ModelConfig(model_type, _text_config(raw, where),
+                           _quantization(raw.get("quantization_config"), where), "")
+    raise ConfigError(f"{where}: unsupported model_type {model_type!r} "
+                      f"(supported: {', '.join(WRAPPED_MODEL_TYPES + TEXT_MODEL_TYPES)})")
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,47 @@
+"""The derived (D) ledger values, each computed from measured data by exactly one function here.
+
+The ledger writer calls them while writing and `verify` calls them again to recompute, so a derived field
+has one definition. Inputs are the float32 logits / routing values the run measured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TOP_K = 16
+
+
+def top16(logits: np.ndarray) -> list[list]:
+    """The 16 highest logits, descending, ties broken by the lower token id: [[id, logit], ...]."""
+    logits = np.asarray(logits, dtype=np.float32)
+    order = np.lexsort((np.arange(logits.size), -logits.astype(np.float64)))[:TOP_K]
+    return [[int(i), float(logits[i])] for i in order]
+
+
+def entropy(logits: np.ndarray) -> float:
+    """Shannon entropy (nats) of softmax(logits), in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    p = np.exp(x)
+    z = p.sum()
+    p /= z
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum())
+
+
+def margin(logits: np.ndarray) -> float:
+    """Top-1 logit minus top-2 logit."""
+    x = np.asarray(logits, dtype=np.float32)
+    a, b = np.partition(x, x.size - 2)[-2:][::-1] if x.size > 1 else (x[0], x[0])
+    return float(np.float64(max(a, b)) - np.float64(min(a, b)))
+
+
+def normalise(weights: list[float]) -> list[float]:
+    """Routing weights scaled to sum 1, in float64."""
+    w = np.asarray(weights, dtype=np.float64)
+    return [float(v) for v in w / w.sum()]
+
+
+def distinct_experts(routed: np.ndarray) -> int:
+    """How many distinct experts the positions of a step selected at one layer."""
+    return int(np.unique(np.asarray(routed)).size)

@@ -1,0 +1,62 @@
+"""The typed events a run emits: one LayerDone per layer, one StepDone per generated token, one RunDone.
+
+They carry the values the runner measured (and, with capture off, only what the computation itself
+produces). Sinks (ledger writer, dashboard) consume them; nothing flows back into the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .derived import distinct_experts, normalise
+
+
+@dataclass(frozen=True)
+class LayerDone:
+    step: int
+    layer: int
+    kind: str                                   # "dense" | "moe"
+    norm_in: float | None                       # L2 norm of the last position's residual entering the layer
+    norm_out: float | None                      # ... and leaving it
+    experts: tuple[int, ...] | None             # the last position's routed experts, ascending ids
+    routing_scores: tuple[float, ...] | None    # their sigmoid scores (unbiased), in the order of `experts`
+    routed: np.ndarray | None                   # (T, k) experts selected by every position, by score
+    bytes_read: int
+    wall_s: float
+
+    @property
+    def routing_weights(self) -> list[float] | None:
+        """The last position's scores normalised to sum 1 (derived)."""
+        return None if self.routing_scores is None else normalise(self.routing_scores)
+
+    @property
+    def unique_experts(self) -> int | None:
+        """Distinct experts selected by any position, i.e. read for this layer (derived)."""
+        return None if self.routed is None else distinct_experts(self.routed)
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int
+    input_ids: tuple[int, ...]   # the whole context this step recomputed
+    token_id: int
+    logit: float
+    hidden: np.ndarray           # (hidden_size,) float32: last position after the final norm
+    logits: np.ndarray           # (vocab_size,) float32: last position
+    bytes_read: int              # all layers + embedding rows + final norm + lm_head
+    wall_s: float
+    layers: tuple[LayerDone, ...]
+
+
+@dataclass(frozen=True)
+class RunDone:
+    steps: int
+    bytes_read: int
+    wall_s: float
+    status: str                  # "complete" | "stopped" | "failed"
+    error: str | None = None
+
+
+Event = LayerDone | StepDone | RunDone

@@ -1,0 +1,141 @@
+"""Greedy autoregressive generation with no KV cache, one layer's weights resident at a time.
+
+Step k recomputes the whole context through every layer, reading each layer's tensors (and the routed
+experts its positions select) just before computing it and dropping them after. It yields typed events
+(`events.py`) and never prints. With `capture` off it skips the per-layer observations (norms, routing
+of the last position) but evaluates at exactly the same points, so the computation is the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig, load_config
+from .errors import UsageError
+from .events import Event, LayerDone, RunDone, StepDone
+from .forward import decoder_layer, rms_norm, rope_tables
+from .int4 import linear
+from .layers import ModelWeights
+from .reader import WeightReader
+
+DEVICES = ("gpu", "cpu")
+
+
+def select_device(name: str | None) -> mx.Device:
+    """The GPU where MLX has Metal, else the CPU; `name` forces one."""
+    has_gpu = mx.metal.is_available()
+    if name is None:
+        return mx.Device(mx.gpu if has_gpu else mx.cpu)
+    if name not in DEVICES:
+        raise UsageError(f"--device: unknown device {name!r} (choose from {', '.join(DEVICES)})")
+    if name == "gpu" and not has_gpu:
+        raise UsageError("--device gpu: this MLX has no Metal GPU here; use --device cpu")
+    return mx.Device(mx.gpu if name == "gpu" else mx.cpu)
+
+
+def device_name(device: mx.Device) -> str:
+    return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
+
+
+def _l2(row: mx.array) -> float:
+    return float(np.linalg.norm(np.array(row, dtype=np.float32).astype(np.float64)))
+
+
+class Model:
+    """An opened checkpoint: config, tensor map and reader. Holds no weights between layers."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.config: ModelConfig = load_config(self.dir)
+        self.checkpoint = Checkpoint(self.dir)
+        self.reader = WeightReader(self.checkpoint)
+        self.weights = ModelWeights(self.config, self.reader)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def check_prompt(self, ids: list[int]) -> None:
+        text = self.config.text
+        if not ids:
+            raise UsageError("the prompt is empty: give at least one token id")
+        bad = [i for i in ids if not 0 <= i < text.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{text.vocab_size - 1})")
+        if len(ids) > text.max_position_embeddings:
+            raise UsageError(f"context of {len(ids)} tokens exceeds max_position_embeddings "
+                             f"{text.max_position_embeddings}")
+
+    def step(self, step: int, input_ids: list[int], capture: bool = True) -> Iterator[LayerDone | StepDone]:
+        """Run the whole context through every layer; yields one LayerDone per layer, then the StepDone."""
+        text = self.config.text
+        w = self.weights
+        start, start_bytes = time.perf_counter(), self.reader.bytes_read
+        x = w.embedding(input_ids)  # (T, hidden) float32 below
+        x = x.astype(mx.float32)
+        cos, sin = rope_tables(text, len(input_ids))
+        layers = []
+        for i in range(text.num_hidden_layers):
+            t0, b0 = time.perf_counter(), self.reader.bytes_read
+            norm_in = _l2(x[-1]) if capture else None
+            weights = w.layer(i)
+            result = decoder_layer(x, weights, text, cos, sin, lambda ids, i=i: w.experts(i, ids))
+            del weights
+            x = result.hidden
+            mx.eval(x)
+            routing = result.routing if capture else None
+            last = None if routing is None else np.argsort(routing.experts[-1])  # ascending expert ids
+            done = LayerDone(
+                step=step, layer=i, kind="dense" if result.routing is None else "moe",
+                norm_in=norm_in, norm_out=_l2(x[-1]) if capture else None,
+                experts=None if routing is None else tuple(int(e) for e in routing.experts[-1][last]),
+                routing_scores=None if routing is None else tuple(float(v) for v in routing.scores[-1][last]),
+                routed=None if routing is None else routing.experts,
+                bytes_read=self.reader.bytes_read - b0, wall_s=time.perf_counter() - t0)
+            layers.append(done)
+            yield done
+        hidden = rms_norm(x[-1:], w.final_norm(), text.rms_norm_eps)  # (1, hidden)
+        logits = linear(hidden, w.lm_head_linear())                    # (1, vocab)
+        mx.eval(hidden, logits)
+        hidden_np, logits_np = np.array(hidden[0]), np.array(logits[0])
+        token = int(np.argmax(logits_np))  # first maximum: ties go to the lower id
+        yield StepDone(step=step, input_ids=tuple(input_ids), token_id=token, logit=float(logits_np[token]),
+                       hidden=hidden_np, logits=logits_np, bytes_read=self.reader.bytes_read - start_bytes,
+                       wall_s=time.perf_counter() - start, layers=tuple(layers))
+
+
+def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: int, device: str | None = None,
+             capture: bool = True, stop_at_eos: bool = True) -> Iterator[Event]:
+    """Greedy generation: yields LayerDone/StepDone events per step and a RunDone at the end.
+
+    A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own ending.
+    `model` is an opened Model or a checkpoint directory (then opened and closed here).
+    """
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    mx.set_default_device(select_device(device))
+    owned = not isinstance(model, Model)
+    if owned:
+        model = Model(model)
+    try:
+        ids = list(prompt_ids)
+        model.check_prompt(ids)
+        model.check_prompt(ids + [0] * (max_new_tokens - 1))  # the last step's context must fit too
+        start, total, steps = time.perf_counter(), 0, 0
+        for k in range(max_new_tokens):
+            for event in model.step(k, ids, capture):
+                yield event
+            total += event.bytes_read
+            steps += 1
+            ids = ids + [event.token_id]
+            if stop_at_eos and event.token_id == model.config.text.eos_token_id:
+                break
+        yield RunDone(steps=steps, bytes_read=total, wall_s=time.perf_counter() - start, status="complete")
+    finally:
+        if owned:
+            model.close()

@@ -1,0 +1,266 @@
+"""Write a deterministic synthetic checkpoint in the exact Kimi K2.5 file format.
+
+config.json with the nested `text_config` and its compressed-tensors `quantization_config`, shards named
+`model-000NN-of-000064.safetensors` (for 61 layers) with `model.safetensors.index.json`, `language_model.`
+prefixed names, int4 pack-quantized routed experts (`weight_packed`, `weight_scale`, `weight_shape`), bf16
+elsewhere, float32 `e_score_correction_bias`, a few vision tensors, and a `tiktoken.model` +
+`tokenizer_config.json` with K2.5's special token ids. K2.5's structure with small widths by default
+(`SynthSpec`), or any widths (the benchmark uses K2.5's real ones). Weights are scaled so the residual
+norms stay finite and the routing spreads over the experts through all layers. It writes; it never runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .safetensors_write import BF16, save, to_bf16
+from .tokenizer import SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS
+
+PREFIX = "language_model."
+BOS, EOS, PAD = 163584, 163585, 163839
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Model widths; field names are config.json's. Defaults: K2.5's structure, small widths."""
+
+    num_hidden_layers: int = 61
+    n_routed_experts: int = 384
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    vocab_size: int = 163840
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    num_attention_heads: int = 4
+    q_lora_rank: int = 32
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    group_size: int = 32
+
+
+def full_width(num_hidden_layers: int) -> SynthSpec:
+    """K2.5's real widths (hidden 7168, 384 experts of 2048, MLA dims, vocab 163840) with fewer layers."""
+    return SynthSpec(num_hidden_layers=num_hidden_layers, hidden_size=7168, intermediate_size=18432,
+                     moe_intermediate_size=2048, num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512,
+                     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+
+
+def config_json(spec: SynthSpec) -> dict:
+    text = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
+        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size, "moe_intermediate_size": spec.moe_intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers, "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_attention_heads, "q_lora_rank": spec.q_lora_rank,
+        "kv_lora_rank": spec.kv_lora_rank, "qk_nope_head_dim": spec.qk_nope_head_dim,
+        "qk_rope_head_dim": spec.qk_rope_head_dim, "v_head_dim": spec.v_head_dim,
+        "n_routed_experts": spec.n_routed_experts, "n_shared_experts": spec.n_shared_experts,
+        "num_experts_per_tok": spec.num_experts_per_tok, "n_group": 1, "topk_group": 1,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+        "routed_scaling_factor": 2.827, "first_k_dense_replace": spec.first_k_dense_replace,
+        "moe_layer_freq": 1, "num_nextn_predict_layers": 0, "hidden_act": "silu", "attention_bias": False,
+        "rms_norm_eps": 1e-05, "rope_theta": 50000.0,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 64.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "max_position_embeddings": 262144, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
+        "tie_word_embeddings": False, "dtype": "bfloat16",
+        "quantization_config": {
+            "config_groups": {"group_0": {"input_activations": None, "output_activations": None,
+                                          "targets": ["Linear"],
+                                          "weights": {"actorder": None, "block_structure": None,
+                                                      "dynamic": False, "group_size": spec.group_size,
+                                                      "num_bits": 4, "observer": "minmax",
+                                                      "observer_kwargs": {}, "strategy": "group",
+                                                      "symmetric": True, "type": "int"}}},
+            "format": "pack-quantized",
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                       "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"},
+    }
+    return {
+        "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+        "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "media_placeholder_token_id": 163605,
+        "ignore_index": -100, "dtype": "bfloat16", "tie_word_embeddings": False,
+        "text_config": text,
+        "vision_config": {"vt_hidden_size": 16, "vt_num_hidden_layers": 1, "vt_num_attention_heads": 2,
+                          "vt_intermediate_size": 32, "patch_size": 14, "merge_kernel_size": [2, 2],
+                          "mm_projector_type": "patchmerger", "mm_hidden_size": 16,
+                          "text_hidden_size": spec.hidden_size},
+    }
+
+
+class _Weights:
+    """Seeded random tensors, scaled so activations keep unit-order size through the layers."""
+
+    def __init__(self, spec: SynthSpec, seed: int):
+        self.spec = spec
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, shape, std: float) -> np.ndarray:
+        return (self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    def linear(self, out: int, inp: int, gain: float = 1.0) -> BF16:
+        return to_bf16(self.normal((out, inp), gain / np.sqrt(inp)))
+
+    def norm(self, n: int) -> BF16:
+        return to_bf16(1.0 + self.normal((n,), 0.1))
+
+    def packed_experts(self, name: str, out: int, inp: int, gain: float) -> dict[str, np.ndarray | BF16]:
+        """One int4 expert projection: random nibbles (q + 8) packed 8 per int32 along the input dim."""
+        words = self.rng.integers(0, 2**32, size=(out, inp // 8), dtype=np.uint32)
+        # Uniform q in [-8, 7] has std ~4.6; pick scales so the weight has std gain / sqrt(in).
+        scale = np.abs(self.normal((out, inp // self.spec.group_size), 0.25)) + 0.75
+        scale *= np.float32(gain / np.sqrt(inp) / 4.6)
+        return {f"{name}.weight_packed": words.view(np.int32), f"{name}.weight_scale": to_bf16(scale),
+                f"{name}.weight_shape": np.array([out, inp], dtype=np.int32)}
+
+
+def layer_tensors(w: _Weights, layer: int) -> dict[str, np.ndarray | BF16]:
+    s = w.spec
+    H, L = s.hidden_size, s.num_hidden_layers
+    # Output projections are damped so the residual stream grows slowly over many layers.
+    out_gain = 1.0 / np.sqrt(2.0 * L) * 4
+    pre = f"{PREFIX}model.layers.{layer}."
+    a = pre + "self_attn."
+    qh = s.qk_nope_head_dim + s.qk_rope_head_dim
+    t: dict[str, np.ndarray | BF16] = {
+        pre + "input_layernorm.weight": w.norm(H),
+        pre + "post_attention_layernorm.weight": w.norm(H),
+        a + "q_a_proj.weight": w.linear(s.q_lora_rank, H),
+        a + "q_a_layernorm.weight": w.norm(s.q_lora_rank),
+        a + "q_b_proj.weight": w.linear(s.num_attention_heads * qh, s.q_lora_rank),
+        a + "kv_a_proj_with_mqa.weight": w.linear(s.kv_lora_rank + s.qk_rope_head_dim, H),
+        a + "kv_a_layernorm.weight": w.norm(s.kv_lora_rank),
+        a + "kv_b_proj.weight": w.linear(s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim),
+                                         s.kv_lora_rank),
+        a + "o_proj.weight": w.linear(H, s.num_attention_heads * s.v_head_dim, out_gain),
+    }
+    m = pre + "mlp."
+    if layer < s.first_k_dense_replace:
+        t[m + "gate_proj.weight"] = w.linear(s.intermediate_size, H)
+        t[m + "up_proj.weight"] = w.linear(s.intermediate_size, H)
+        t[m + "down_proj.weight"] = w.linear(H, s.intermediate_size, out_gain)
+        return t
+    t[m + "gate.weight"] = w.linear(s.n_routed_experts, H)
+    t[m + "gate.e_score_correction_bias"] = w.normal((s.n_routed_experts,), 0.02)
+    shared = s.moe_intermediate_size * s.n_shared_experts
+    t[m + "shared_experts.gate_proj.weight"] = w.linear(shared, H)
+    t[m + "shared_experts.up_proj.weight"] = w.linear(shared, H)
+    t[m + "shared_experts.down_proj.weight"] = w.linear(H, shared, out_gain)
+    for e in range(s.n_routed_experts):
+        x = f"{m}experts.{e}."
+        t.update(w.packed_experts(x + "gate_proj", s.moe_intermediate_size, H, 1.0))
+        t.update(w.packed_experts(x + "up_proj", s.moe_intermediate_size, H, 1.0))
+        t.update(w.packed_experts(x + "down_proj", H, s.moe_intermediate_size, out_gain))
+    return t
+
+
+def vision_tensors(w: _Weights) -> tuple[dict, dict]:
+    projector = {"mm_projector.pre_norm.weight": w.norm(16), "mm_projector.pre_norm.bias": w.normal((16,), 0.1),
+                 "mm_projector.proj.0.weight": w.linear(64, 64), "mm_projector.proj.0.bias": w.normal((64,), 0.1),
+                 "mm_projector.proj.2.weight": w.linear(w.spec.hidden_size, 64),
+                 "mm_projector.proj.2.bias": w.normal((w.spec.hidden_size,), 0.1)}
+    vision = {"vision_tower.patch_embed.proj.weight": to_bf16(w.normal((16, 3, 14, 14), 0.05)),
+              "vision_tower.patch_embed.proj.bias": to_bf16(w.normal((16,), 0.05)),
+              "vision_tower.encoder.blocks.0.wqkv.weight": w.linear(48, 16),
+              "vision_tower.encoder.blocks.0.wo.weight": w.linear(16, 16),
+              "vision_tower.encoder.final_layernorm.weight": w.norm(16)}
+    return projector, vision
+
+
+def write_tokenizer(path: Path, vocab_size: int, seed: int) -> None:
+    """tiktoken.model (base64 token, rank per line) and tokenizer_config.json with K2.5's special ids.
+
+    The base vocabulary is the 256 bytes plus merges of two earlier tokens, as byte-pair encoding builds
+    one, so every id below the first special token decodes to bytes and any text encodes.
+    """
+    rng = np.random.default_rng(seed + 1)
+    num_base = vocab_size - NUM_RESERVED_SPECIAL_TOKENS
+    tokens = [bytes([b]) for b in range(256)]
+    seen = set(tokens)
+    # Bias merges towards printable ASCII so decoded text is readable.
+    printable = [bytes([b]) for b in range(32, 127)]
+    while len(tokens) < num_base:
+        left = tokens[int(rng.integers(0, len(tokens)))] if rng.random() < 0.7 else \
+            printable[int(rng.integers(0, len(printable)))]
+        right = printable[int(rng.integers(0, len(printable)))] if rng.random() < 0.8 else \
+            tokens[int(rng.integers(0, len(tokens)))]
+        tok = left + right
+        if len(tok) <= 16 and tok not in seen:
+            seen.add(tok)
+            tokens.append(tok)
+    with open(path / "tiktoken.model", "w") as f:
+        for rank, tok in enumerate(tokens):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+    added = {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True} for i, name in sorted(SPECIAL_TOKENS.items())}
+    config = {"added_tokens_decoder": added, "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]",
+              "unk_token": "[UNK]", "tokenizer_class": "TikTokenTokenizer", "model_max_length": 262144,
+              "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec()) -> Path:
+    """Write the checkpoint into `path` (created; must not hold a checkpoint already). Returns the path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    w = _Weights(spec, seed)
+    L = spec.num_hidden_layers
+    n_shards = L + 3  # one shard per layer, then head/embeddings, projector, vision (64 for 61 layers)
+    shard = lambda i: f"model-{i:05d}-of-{n_shards:06d}.safetensors"  # noqa: E731  (K2.5's 5/6 digits)
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def emit(i: int, tensors: dict) -> None:
+        nonlocal total
+        total += save(path / shard(i), tensors)
+        weight_map.update({name: shard(i) for name in tensors})
+
+    for layer in range(L):
+        emit(layer + 1, layer_tensors(w, layer))
+    H = spec.hidden_size
+    emit(L + 1, {f"{PREFIX}model.embed_tokens.weight": to_bf16(w.normal((spec.vocab_size, H), 1.0)),
+                 f"{PREFIX}model.norm.weight": w.norm(H),
+                 f"{PREFIX}lm_head.weight": w.linear(spec.vocab_size, H, 4.0)})
+    projector, vision = vision_tensors(w)
+    emit(L + 2, projector)
+    emit(L + 3, vision)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config_json(spec), indent=2) + "\n")
+    write_tokenizer(path, spec.vocab_size, seed)
+    return path
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MLX_K2_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "mlx_k2"
+
+
+def default_checkpoint(seed: int = 0) -> Path:
+    """The embedded default: the synthetic checkpoint, built once into the cache directory."""
+    target = cache_root() / f"synthetic-k25-seed{seed}-v1"
+    if (target / "config.json").exists():
+        return target
+    staging = target.with_name(target.name + f".building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_synthetic(staging, seed)
+    try:
+        staging.rename(target)  # atomic: an interrupted build never looks finished
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+        if not (target / "config.json").exists():
+            raise
+    return target
+

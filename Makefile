@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 MODEL ?=
 ARGS ?=
 
+DEVICE ?= cpu
+
 .PHONY: install run test anchor clean
 
 install:
@@ -15,6 +17,10 @@ install:
 # The default job: 5 tokens from BOS on the embedded synthetic checkpoint (built once into the cache).
 run:
 	$(BIN)/mlx-k2 run --max-new-tokens 5 $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+# Reproduce the frozen anchor (capture off and on, bit for bit). MODEL=DIR for a real checkpoint.
+anchor:
+	$(BIN)/mlx-k2 anchor --device $(DEVICE) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 test:
 	$(BIN)/python -m pytest -q

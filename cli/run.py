@@ -53,6 +53,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
             "--prompt-ids", help="Token ids, comma- or space-separated; repeatable. Default: BOS.")] = None,
         max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 5,
         ledger: Annotated[Optional[Path], typer.Option(help="Ledger path (default runs/<time>.jsonl).")] = None,
+        bundle: Annotated[Optional[Path], typer.Option(help="Write a bundle directory instead: the ledger, "
+                                                            "the tensors behind it, a manifest.")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing ledger file.")] = False,
         device: Annotated[Optional[str], typer.Option(help="gpu or cpu (default: gpu where Metal exists).")] = None,
         no_dashboard: Annotated[bool, typer.Option("--no-dashboard", help="Plain lines instead of the "
@@ -61,11 +63,16 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
     ids = parse_ids(prompt_ids) or [BOS]
     model_dir = model if model is not None else default_checkpoint()
-    if ledger is None:
+    if ledger is None and bundle is None:
         ledger = Path("runs") / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.jsonl"
-    result = run_session(model_dir, ids, max_new_tokens, ledger, device=device, overwrite=overwrite,
+    result = run_session(model_dir, ids, max_new_tokens, ledger, bundle, device=device, overwrite=overwrite,
                          sinks=(plain_lines(quiet),))
     tokens = " ".join(str(s.token_id) for s in result.steps)
     typer.echo(f"{result.status}: {len(result.steps)} tokens [{tokens}] ledger {result.ledger}")
+    if result.anchor is not None and result.anchor_ok is not None:
+        verdict = "reproduced" if result.anchor_ok else "MISMATCH"
+        typer.echo(f"anchor {result.anchor.name}: step 0 {verdict}")
     if result.status != "complete":
         raise typer.Exit(130 if result.status == "stopped" else 1)
+    if result.anchor_ok is False:
+        raise typer.Exit(1)

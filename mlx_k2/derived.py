@@ -11,6 +11,11 @@ import numpy as np
 TOP_K = 16
 
 
+def l2_norm(vector: np.ndarray) -> float:
+    """L2 norm of a float32 residual vector, accumulated in float64 (the ledger's norm_in / norm_out)."""
+    return float(np.linalg.norm(np.asarray(vector, dtype=np.float32).astype(np.float64)))
+
+
 def top16(logits: np.ndarray) -> list[list]:
     """The 16 highest logits, descending, ties broken by the lower token id: [[id, logit], ...]."""
     logits = np.asarray(logits, dtype=np.float32)

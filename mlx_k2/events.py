@@ -23,6 +23,8 @@ class LayerDone:
     experts: tuple[int, ...] | None             # the last position's routed experts, ascending ids
     routing_scores: tuple[float, ...] | None    # their sigmoid scores (unbiased), in the order of `experts`
     routed: np.ndarray | None                   # (T, k) experts selected by every position, by score
+    residual_in: np.ndarray | None              # (hidden,) float32: the last position entering the layer
+    residual_out: np.ndarray | None             # (hidden,) float32: ... and leaving it
     bytes_read: int
     wall_s: float
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
+from .derived import l2_norm
 from .errors import UsageError
 from .events import Event, LayerDone, RunDone, StepDone
 from .forward import decoder_layer, rms_norm, rope_tables
@@ -41,10 +42,6 @@ def select_device(name: str | None) -> mx.Device:
 
 def device_name(device: mx.Device) -> str:
     return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
-
-
-def _l2(row: mx.array) -> float:
-    return float(np.linalg.norm(np.array(row, dtype=np.float32).astype(np.float64)))
 
 
 class Model:
@@ -78,24 +75,29 @@ class Model:
         start, start_bytes = time.perf_counter(), self.reader.bytes_read
         x = w.embedding(input_ids)  # (T, hidden) float32 below
         x = x.astype(mx.float32)
+        mx.eval(x)  # the same evaluation points with capture on or off: every layer starts from evaluated x
         cos, sin = rope_tables(text, len(input_ids))
         layers = []
         for i in range(text.num_hidden_layers):
             t0, b0 = time.perf_counter(), self.reader.bytes_read
-            norm_in = _l2(x[-1]) if capture else None
+            # Capture reads the already-evaluated residual; it adds no op to the graph that is computed.
+            residual_in = np.array(x[-1]) if capture else None
             weights = w.layer(i)
             result = decoder_layer(x, weights, text, cos, sin, lambda ids, i=i: w.experts(i, ids))
             del weights
             x = result.hidden
             mx.eval(x)
+            residual_out = np.array(x[-1]) if capture else None
             routing = result.routing if capture else None
             last = None if routing is None else np.argsort(routing.experts[-1])  # ascending expert ids
             done = LayerDone(
                 step=step, layer=i, kind="dense" if result.routing is None else "moe",
-                norm_in=norm_in, norm_out=_l2(x[-1]) if capture else None,
+                norm_in=None if residual_in is None else l2_norm(residual_in),
+                norm_out=None if residual_out is None else l2_norm(residual_out),
                 experts=None if routing is None else tuple(int(e) for e in routing.experts[-1][last]),
                 routing_scores=None if routing is None else tuple(float(v) for v in routing.scores[-1][last]),
                 routed=None if routing is None else routing.experts,
+                residual_in=residual_in, residual_out=residual_out,
                 bytes_read=self.reader.bytes_read - b0, wall_s=time.perf_counter() - t0)
             layers.append(done)
             yield done

@@ -1,0 +1,58 @@
+"""`mlx-k2 anchor`: the single-token BOS pass, capture off and on, compared with the frozen anchor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass
+from mlx_k2.anchors import anchor_record, default_dir, freeze
+from mlx_k2.synth import BOS, default_checkpoint
+
+from .main import app, guarded
+from .run import parse_ids
+from .tables import rows_table
+
+
+@app.command()
+@guarded
+def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the embedded synthetic).")] = None,
+           device: Annotated[Optional[str], typer.Option(help="gpu or cpu (default: gpu where Metal exists).")] = None,
+           prompt_ids: Annotated[Optional[list[str]], typer.Option("--prompt-ids", help="Default: BOS.")] = None,
+           freeze_: Annotated[bool, typer.Option("--freeze", help="Write the anchor file from this pass.")] = False,
+           name: Annotated[Optional[str], typer.Option(help="Anchor name for --freeze.")] = None,
+           anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None):
+    """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
+    console = Console()
+    ids = parse_ids(prompt_ids) or [BOS]
+    model_dir = model if model is not None else default_checkpoint()
+    report = run_anchor_pass(model_dir, ids, device, anchors)
+    console.print(f"checkpoint {model_dir}  config {report.identity['config_blake3'][:16]}…  "
+                  f"index {report.identity['index_blake3'][:16]}…  {BACKEND}/{report.device}/{DTYPE}")
+    console.print(rows_table("non-perturbation: capture off vs capture on", report.non_perturbation,
+                             "capture off", "capture on"))
+    console.print("non-perturbation: " + ("[green]identical, bit for bit[/]" if report.non_perturbing
+                                          else "[red]capture CHANGED the computation[/]"))
+    if freeze_:
+        if not report.non_perturbing:
+            raise typer.Exit(1)
+        anchor_name = name or (f"{model_dir.name}-{report.device}" if model is not None
+                               else f"synthetic-k25-seed0-{report.device}")
+        source = f"frozen by `mlx-k2 anchor --freeze` from {'the embedded synthetic checkpoint' if model is None else model_dir}"
+        path = freeze(anchors or default_dir(), anchor_record(anchor_name, source, report.identity, report.signature,
+                                                              ids, BACKEND, report.device, DTYPE, report.capture_off))
+        console.print(f"froze {path}")
+        return
+    if report.anchor is None:
+        console.print("[red]no anchor for this checkpoint and prompt[/] (mlx-k2 anchor --freeze writes one)")
+        raise typer.Exit(1)
+    console.print(rows_table(f"anchor {report.anchor.name} ({report.anchor.path.name})", report.rows,
+                             "anchor", "this run"))
+    if report.ok:
+        console.print(f"anchor: [green]reproduced[/] {report.anchor.name}")
+    else:
+        console.print(f"anchor: [red]MISMATCH[/] against {report.anchor.name}")
+        raise typer.Exit(1)

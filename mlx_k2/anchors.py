@@ -1,0 +1,157 @@
+"""Frozen anchors: the single-token pass from a given prompt on a given checkpoint, and comparing to them.
+
+An anchor file (anchors/*.json) says which checkpoint it is for (`checkpoint`: BLAKE3 of config and index,
+or for a published anchor taken elsewhere, `model`: the architecture's signature), the prompt, the
+backend/device/dtype its digests were taken on, and the expected token, logit, digests and bytes. Where
+backend, device and dtype match, every value must be equal, bit for bit. Across implementations (a
+published anchor) only the token must be equal and the logit within the anchor's stated tolerance; digests
+and bytes are shown, with the reason they differ. Writing an anchor file is `freeze`, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .errors import K2Error
+
+FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")
+
+
+class AnchorError(K2Error):
+    """An anchor file is unreadable or malformed."""
+
+
+def default_dir() -> Path:
+    env = os.environ.get("MLX_K2_ANCHORS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "anchors"
+
+
+def model_signature(cfg: ModelConfig) -> dict[str, Any]:
+    t = cfg.text
+    return {"model_type": cfg.model_type, "num_hidden_layers": t.num_hidden_layers,
+            "hidden_size": t.hidden_size, "n_routed_experts": t.n_routed_experts, "vocab_size": t.vocab_size}
+
+
+@dataclass(frozen=True)
+class Anchor:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.data.get("name", self.path.stem)
+
+    @property
+    def published(self) -> bool:
+        return self.data.get("kind") == "published"
+
+    @property
+    def expected(self) -> dict[str, Any]:
+        return self.data["expected"]
+
+    def same_platform(self, backend: str, device: str, dtype: str) -> bool:
+        d = self.data
+        return (d.get("backend"), d.get("device"), d.get("compute_dtype")) == (backend, device, dtype)
+
+
+def load_anchors(directory: Path | None = None) -> list[Anchor]:
+    directory = directory or default_dir()
+    anchors = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AnchorError(f"{path}: not a readable anchor ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("expected"), dict) \
+                or not isinstance(data.get("prompt_ids"), list):
+            raise AnchorError(f"{path}: anchor needs 'expected' and 'prompt_ids'")
+        missing = [f for f in FIELDS if f not in data["expected"]]
+        if missing:
+            raise AnchorError(f"{path}: anchor 'expected' lacks {missing[0]!r}")
+        anchors.append(Anchor(path, data))
+    return anchors
+
+
+def find_anchor(anchors: list[Anchor], identity: dict[str, str], signature: dict[str, Any],
+                prompt_ids: list[int], device: str, backend: str = "mlx",
+                dtype: str = "float32") -> Anchor | None:
+    """The anchor for this checkpoint and prompt: one frozen for its exact files (preferring the same
+    platform), else a published one for its architecture."""
+    prompt = list(prompt_ids)
+    frozen = [a for a in anchors if not a.published and a.data.get("checkpoint") == identity
+              and a.data["prompt_ids"] == prompt]
+    frozen.sort(key=lambda a: not a.same_platform(backend, device, dtype))
+    if frozen:
+        return frozen[0]
+    published = [a for a in anchors if a.published and a.data.get("model") == signature
+                 and a.data["prompt_ids"] == prompt]
+    return published[0] if published else None
+
+
+@dataclass(frozen=True)
+class Row:
+    field: str
+    expected: Any
+    observed: Any
+    ok: bool | None   # None: shown, not compared (and why is in `note`)
+    note: str = ""
+
+
+def compare(anchor: Anchor, observed: dict[str, Any], backend: str, device: str, dtype: str) -> list[Row]:
+    exp = anchor.expected
+    if not anchor.published and anchor.same_platform(backend, device, dtype):
+        return [Row(f, exp[f], observed[f], exp[f] == observed[f], "exact") for f in FIELDS]
+    if not anchor.published:
+        why = (f"anchor taken on {anchor.data.get('backend')}/{anchor.data.get('device')}/"
+               f"{anchor.data.get('compute_dtype')}, this run on {backend}/{device}/{dtype}")
+        rows = [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"],
+                    "exact across platforms")]
+        rows += [Row(f, exp[f], observed[f], None, why) for f in FIELDS[1:4]]
+        rows.append(Row("bytes_read", exp["bytes_read"], observed["bytes_read"],
+                        exp["bytes_read"] == observed["bytes_read"], "exact: bytes do not depend on the device"))
+        return rows
+    tol = anchor.data.get("tolerance", {})
+    other = anchor.data.get("differs", {})
+    rows = [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"], "exact")]
+    logit_tol = float(tol.get("logit", 0.0))
+    rows.append(Row("logit", exp["logit"], observed["logit"], abs(exp["logit"] - observed["logit"]) <= logit_tol,
+                    f"within {logit_tol}: {tol.get('reason', '')}".strip()))
+    for f in ("hidden_digest", "logits_digest"):
+        rows.append(Row(f, exp[f], observed[f], None, other.get("digests", "taken by another executor")))
+    ours = anchor.data.get("this_executor", {})
+    if "bytes_read" in ours:
+        rows.append(Row("bytes_read", ours["bytes_read"], observed["bytes_read"],
+                        ours["bytes_read"] == observed["bytes_read"], ours.get("reason", "")))
+    else:
+        rows.append(Row("bytes_read", exp["bytes_read"], observed["bytes_read"], None, other.get("bytes", "")))
+    return rows
+
+
+def anchor_record(name: str, source: str, identity: dict[str, str], signature: dict[str, Any],
+                  prompt_ids: list[int], backend: str, device: str, dtype: str,
+                  values: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "kind": "frozen", "source": source, "checkpoint": identity, "model": signature,
+            "prompt_ids": list(prompt_ids), "backend": backend, "device": device, "compute_dtype": dtype,
+            "expected": {f: values[f] for f in FIELDS}}
+
+
+def freeze(directory: Path, record: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{record['name']}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def observed_values(step) -> dict[str, Any]:
+    """The anchor fields of a StepDone (digests from the one digest function)."""
+    from .digest import tensor_digest
+
+    return {"token_id": step.token_id, "logit": step.logit, "hidden_digest": tensor_digest(step.hidden),
+            "logits_digest": tensor_digest(step.logits), "bytes_read": step.bytes_read}

@@ -1,0 +1,56 @@
+"""`mlx-k2 inspect`: what a checkpoint holds and what a step reads, from the headers only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlx_k2.checkpoint import Checkpoint
+from mlx_k2.config import load_config
+from mlx_k2.inventory import take_inventory
+from mlx_k2.synth import default_checkpoint
+
+from .main import app, guarded
+
+
+@app.command()
+@guarded
+def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the embedded synthetic).")] = None):
+    """Architecture, tensor groups, shards and the bytes a step reads, from headers. Example: mlx-k2 inspect --model DIR"""
+    model_dir = model if model is not None else default_checkpoint()
+    cfg = load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    inv = take_inventory(ckpt, cfg)
+    t = cfg.text
+    console = Console()
+    q = cfg.quantization
+    console.print(f"[bold]{model_dir}[/]  model_type {cfg.model_type}  prefix '{cfg.weight_prefix}'")
+    console.print(f"layers {t.num_hidden_layers} ({t.first_k_dense_replace} dense, {len(inv.moe_layers)} MoE)  "
+                  f"hidden {t.hidden_size}  heads {t.num_attention_heads}  q_lora {t.q_lora_rank}  "
+                  f"kv_lora {t.kv_lora_rank}  vocab {t.vocab_size}")
+    console.print(f"experts {t.n_routed_experts} routed, top-{t.num_experts_per_tok}, {t.n_shared_experts} shared, "
+                  f"intermediate {t.moe_intermediate_size}  router {t.scoring_func} {t.topk_method} "
+                  f"groups {t.n_group}/{t.topk_group}  scaling {t.routed_scaling_factor}")
+    console.print("quantization: " + (f"compressed-tensors pack-quantized int{q.num_bits}, group {q.group_size}"
+                                      if q else "none"))
+    table = Table(title="tensor groups", title_justify="left")
+    for col in ("group", "tensors", "bytes", "dtypes", "read by a step"):
+        table.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
+    step_reads = {"embedding": "one row per distinct token", "routed experts": "the selected ones",
+                  "vision": "never", "expert metadata": "never (shapes come from the config)", "other": "never"}
+    for name, g in sorted(inv.groups.items(), key=lambda kv: -kv[1].nbytes):
+        table.add_row(name, f"{g.tensors:,}", f"{g.nbytes:,}", ", ".join(sorted(g.dtypes)),
+                      step_reads.get(name, "all"))
+    console.print(table)
+    console.print(f"shards {len(ckpt.shards)}  tensors {len(ckpt.tensors):,}  total {ckpt.total_bytes:,} bytes "
+                  f"({ckpt.total_bytes / 2**30:.2f} GiB)")
+    console.print(f"a one-token step reads [bold]{inv.one_token_step_bytes():,}[/] bytes "
+                  f"({inv.one_token_step_bytes() / ckpt.total_bytes:.1%} of the checkpoint)")
+    never = inv.never_read
+    if never:
+        console.print("never read by a text run: " + ", ".join(f"{k} ({g.tensors:,} tensors, {g.nbytes:,} bytes)"
+                                                             for k, g in never.items()))

@@ -1,0 +1,224 @@
+"""The live dashboard's state and its pure `render(state) -> renderable`.
+
+`DashboardState.update(event)` folds run events into what the screen shows: step k of N, layer progress
+with per-layer times and ETAs, the residual norm trajectory (this step beside the previous one), the
+current MoE layer's experts and weights, a strip over all experts counting selections this run, I/O, and
+the token timeline. `render` only reads the state; driving it (rich `Live`) is the CLI's job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .derived import entropy, margin
+from .events import Event, LayerDone, RunDone, StepDone
+
+SPARK = "▁▂▃▄▅▆▇█"
+SHADE = " ░▒▓█"
+
+
+@dataclass
+class TokenRow:
+    step: int
+    token_id: int
+    text: str | None
+    logit: float
+    margin: float
+    entropy: float
+    bytes_read: int
+    wall_s: float
+
+
+@dataclass
+class DashboardState:
+    model_path: str
+    model_type: str
+    device: str
+    num_layers: int
+    n_routed_experts: int
+    max_new_tokens: int
+    context_len: int
+    step_bytes_estimate: int | None = None  # from the headers, before the first step has run
+    token_text: object = None               # callable id -> str | None
+    clock: object = time.perf_counter       # injectable for tests
+    step: int = 0
+    layers_done: int = 0
+    layer_kind: str = ""
+    layer_times: list[float] = field(default_factory=list)
+    norms: list[float | None] = field(default_factory=list)              # this step, layer by layer
+    finished_norms: list[list[float | None]] = field(default_factory=list)  # one trajectory per finished step
+    moe_layer: int | None = None
+    experts: tuple[int, ...] = ()
+    weights: list[float] = field(default_factory=list)
+    expert_counts: np.ndarray | None = None
+    bytes_step: int = 0
+    bytes_total: int = 0
+    last_step_bytes: int | None = None
+    step_times: list[float] = field(default_factory=list)
+    step_started: float | None = None
+    tokens: list[TokenRow] = field(default_factory=list)
+    status: str = "running"
+
+    def __post_init__(self):
+        if self.expert_counts is None:
+            self.expert_counts = np.zeros(self.n_routed_experts, dtype=np.int64)
+        if self.step_started is None:
+            self.step_started = self.clock()
+
+    def update(self, event: Event) -> None:
+        if isinstance(event, LayerDone):
+            self.layers_done = event.layer + 1
+            self.layer_kind = event.kind
+            self.layer_times.append(event.wall_s)
+            self.norms.append(event.norm_out)
+            self.bytes_step += event.bytes_read
+            self.bytes_total += event.bytes_read
+            if event.experts is not None:
+                self.moe_layer, self.experts = event.layer, event.experts
+                self.weights = event.routing_weights or []
+                self.expert_counts[list(event.experts)] += 1
+        elif isinstance(event, StepDone):
+            logits = np.asarray(event.logits)
+            text = self.token_text(event.token_id) if callable(self.token_text) else None
+            self.tokens.append(TokenRow(event.step, event.token_id, text, event.logit, margin(logits),
+                                        entropy(logits), event.bytes_read, event.wall_s))
+            # The step's bytes also include the embedding rows, final norm and lm_head.
+            self.bytes_total += event.bytes_read - self.bytes_step
+            self.last_step_bytes = event.bytes_read
+            self.step_times.append(event.wall_s)
+            self.finished_norms.append(self.norms)
+            self.norms = []
+            self.layer_times, self.layers_done, self.bytes_step = [], 0, 0
+            self.step = event.step + 1
+            self.context_len += 1
+            self.step_started = self.clock()
+        elif isinstance(event, RunDone):
+            self.status = event.status
+            self.step = min(self.step, self.max_new_tokens - 1)
+            if event.status == "complete":
+                self.layers_done = self.num_layers
+                self.context_len -= 1  # show the last step's context, not the one a next step would have
+
+    # ------------------------------------------------------------------ derived figures
+    def trajectories(self) -> tuple[list[float | None], list[float | None]]:
+        """(the step shown, the one before it): the running step, or the last finished one at the end."""
+        done = self.finished_norms
+        if self.norms or self.status == "running":
+            return self.norms, done[-1] if done else []
+        return (done[-1] if done else []), (done[-2] if len(done) > 1 else [])
+
+    def eta_step(self) -> float | None:
+        if not self.layer_times:
+            return self.step_times[-1] if self.step_times else None
+        per_layer = sum(self.layer_times) / len(self.layer_times)
+        return per_layer * (self.num_layers - self.layers_done)
+
+    def eta_run(self) -> float | None:
+        step_eta = self.eta_step()
+        if step_eta is None:
+            return None
+        per_step = self.step_times[-1] if self.step_times else sum(self.layer_times) / len(self.layer_times) \
+            * self.num_layers
+        remaining_steps = max(self.max_new_tokens - self.step - 1, 0)
+        return step_eta + per_step * remaining_steps
+
+    def throughput(self) -> float | None:
+        elapsed = self.clock() - self.step_started
+        return self.bytes_step / elapsed if elapsed > 0 and self.bytes_step else None
+
+
+def _gb(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _secs(s: float | None) -> str:
+    if s is None:
+        return "?"
+    return f"{s:.1f}s" if s < 120 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def sparkline(values: list[float | None], top: float, width: int) -> str:
+    """One character per layer, height by value / top (blank for layers not run yet)."""
+    chars = []
+    for v in values[:width]:
+        if v is None or top <= 0:
+            chars.append(" ")
+        else:
+            chars.append(SPARK[min(int(v / top * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)])
+    return "".join(chars)
+
+
+def expert_strip(counts: np.ndarray, width: int) -> str:
+    """Experts folded into `width` cells (each the sum of its bucket), shaded by selection count."""
+    buckets = np.array_split(counts, width) if counts.size > width else [counts[i:i + 1] for i in range(counts.size)]
+    sums = np.array([b.sum() for b in buckets])
+    top = sums.max() if sums.size and sums.max() > 0 else 1
+    return "".join(SHADE[0] if s == 0 else SHADE[min(1 + int(s / top * (len(SHADE) - 2) + 0.5), len(SHADE) - 1)]
+                   for s in sums)
+
+
+def _bar(fraction: float, width: int) -> str:
+    filled = int(round(max(0.0, min(fraction, 1.0)) * width))
+    return "█" * filled + "·" * (width - filled)
+
+
+def render(state: DashboardState, width: int = 120):
+    """The whole screen for `state` (pure: reads the state, returns rich renderables)."""
+    inner = max(width - 6, 40)
+    head = Text.assemble(("mlx-k2 ", "bold"), f"{state.model_type}  {state.model_path}  device {state.device}  ",
+                         ("step ", "bold"), f"{min(state.step + 1, state.max_new_tokens)}/{state.max_new_tokens}  ",
+                         ("context ", "bold"), f"{state.context_len} tokens  ", (state.status, "italic"))
+
+    last_time = state.layer_times[-1] if state.layer_times else None
+    progress = Text.assemble(
+        ("layers ", "bold"), _bar(state.layers_done / state.num_layers, min(61, inner - 60)),
+        f" {state.layers_done}/{state.num_layers}",
+        f"  {state.layer_kind or '-'}  last layer {_secs(last_time)}  ETA step {_secs(state.eta_step())}"
+        f"  ETA run {_secs(state.eta_run())}")
+
+    this, previous = state.trajectories()
+    known = [v for v in this + previous if v is not None]
+    top = max(known) if known else 0.0
+    spark_w = min(state.num_layers, inner - 22)
+    norms = Text.assemble(
+        ("norm_out this step ", "bold"), sparkline(this, top, spark_w),
+        f"  {this[-1]:.2f}" if this and this[-1] is not None else "", "\n",
+        ("norm_out prev step ", "dim"), (sparkline(previous, top, spark_w), "dim"),
+        f"  max {top:.2f}" if known else "")
+
+    routing = Table.grid(padding=(0, 1))
+    routing.add_column(justify="right")
+    routing.add_column()
+    routing.add_column(justify="right")
+    title = f"layer {state.moe_layer} experts" if state.moe_layer is not None else "no MoE layer yet"
+    top_w = max(state.weights) if state.weights else 1.0
+    for e, w in zip(state.experts, state.weights):
+        routing.add_row(f"e{e}", _bar(w / top_w, 24), f"{w:.3f}")
+    strip_w = min(state.n_routed_experts, inner)
+    per_cell = -(-state.n_routed_experts // strip_w)
+    strip = Text.assemble((f"selections across layers this run, {state.n_routed_experts} experts "
+                           f"({per_cell} per cell): ", "bold"), "\n", expert_strip(state.expert_counts, strip_w))
+
+    io = Text.assemble(("I/O ", "bold"), f"this step {_gb(state.bytes_step)}  total {_gb(state.bytes_total)}  ",
+                       f"rate {_gb(int(state.throughput())) + '/s' if state.throughput() else '?'}  ",
+                       f"a step reads ~{_gb(state.last_step_bytes or state.step_bytes_estimate)}")
+
+    timeline = Table(box=None, padding=(0, 1), header_style="bold")
+    for col in ("step", "token", "text", "logit", "margin", "entropy", "bytes", "time"):
+        timeline.add_column(col, justify="left" if col == "text" else "right")
+    for t in state.tokens[-8:]:
+        timeline.add_row(str(t.step), str(t.token_id), repr(t.text) if t.text is not None else "-",
+                         f"{t.logit:.4f}", f"{t.margin:.4f}", f"{t.entropy:.3f}", _gb(t.bytes_read),
+                         _secs(t.wall_s))
+
+    return Panel(Group(head, progress, Text(""), norms, Text(""), Text(title, style="bold"), routing, strip,
+                       Text(""), io, Text(""), timeline), title="output formation", width=width)

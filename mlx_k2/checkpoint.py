@@ -76,16 +76,22 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    if not isinstance(entry, dict):
+    dtype = shape = offsets = None
+    if isinstance(entry, dict):
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    else:
         raise CheckpointError(f"{path}: tensor {name}: header entry is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise CheckpointError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                            for d in shape)):
+    count = 1
+    if type(shape) is not list:
         raise CheckpointError(f"{path}: tensor {name}: bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise CheckpointError(f"{path}: tensor {name}: bad shape {shape!r}")
+        count *= d
+    if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int \
+            or type(offsets[1]) is not int:
         raise CheckpointError(f"{path}: tensor {name}: bad data_offsets {offsets!r}")
     begin, end = offsets
     if not 0 <= begin <= end:
@@ -93,9 +99,6 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
     if data_start + end > size:
         raise CheckpointError(f"{path}: tensor {name}: data ends at byte {data_start + end}, "
                               f"beyond the file ({size} bytes; truncated shard?)")
-    count = 1
-    for d in shape:
-        count *= d
     if count * DTYPE_SIZES[dtype] != end - begin:
         raise CheckpointError(f"{path}: tensor {name}: {dtype} {shape} needs {count * DTYPE_SIZES[dtype]} "
                               f"bytes but data_offsets give {end - begin}")

@@ -8,6 +8,8 @@ never read in a step), the dense MLP of the first `first_k_dense_replace` layers
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import numpy as np
 
@@ -29,6 +31,7 @@ class ModelWeights:
         self.embed_tokens = f"{p}model.embed_tokens.weight"
         self.norm = f"{p}model.norm.weight"
         self.lm_head = f"{p}lm_head.weight"
+        self._non_expert: dict[int, list[str]] | None = None
 
     def layer_prefix(self, layer: int) -> str:
         return f"{self.cfg.weight_prefix}model.layers.{layer}."
@@ -52,14 +55,35 @@ class ModelWeights:
         q = self._quant(base)
         return Linear.packed(self.reader.tensor(names[0]), self.reader.tensor(names[1]), q.num_bits, q.group_size)
 
-    def stacked_linear(self, bases: list[str]) -> Linear:
-        """Several same-shaped linears (routed experts) stacked: weights (E, out, in)."""
-        names = [self._linear_names(b) for b in bases]
-        if len(names[0]) == 1:
-            return Linear.dense(self.reader.stacked([n[0] for n in names]))
-        q = self._quant(bases[0])
-        return Linear.packed(self.reader.stacked([n[0] for n in names]),
-                             self.reader.stacked([n[1] for n in names]), q.num_bits, q.group_size)
+    def stacked_linears(self, projections: list[list[str]]) -> list[Linear]:
+        """Per projection, its linears (routed experts) stacked: weights (E, out, in). One batch of reads."""
+        names = [[self._linear_names(b) for b in bases] for bases in projections]
+        packed = len(names[0][0]) == 2
+        groups = [[n[part] for n in group] for group in names for part in range(2 if packed else 1)]
+        arrays = self.reader.stacked(groups)
+        if not packed:
+            return [Linear.dense(a) for a in arrays]
+        q = self._quant(projections[0][0])
+        return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size)
+                for i in range(len(projections))]
+
+    def prefetch_layer(self, layer: int) -> None:
+        """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
+        if layer >= self.cfg.text.num_hidden_layers:
+            self.reader.prefetch([self.norm, self.lm_head])
+            return
+        self.reader.prefetch(self._layer_tensors().get(layer, []))
+
+    def _layer_tensors(self) -> dict[int, list[str]]:
+        """Layer -> names of its non-expert tensors, from one pass over the tensor map."""
+        if self._non_expert is None:
+            self._non_expert = {}
+            pattern = re.compile(re.escape(self.cfg.weight_prefix) + r"model\.layers\.(\d+)\.")
+            for name in self.checkpoint.tensors:
+                m = pattern.match(name)
+                if m and ".mlp.experts." not in name:
+                    self._non_expert.setdefault(int(m.group(1)), []).append(name)
+        return self._non_expert
 
     # ------------------------------------------------------------------ the pieces of a step
     def embedding(self, token_ids: list[int]) -> mx.array:
@@ -69,6 +93,7 @@ class ModelWeights:
         return rows[mx.array(np.searchsorted(distinct, token_ids))]
 
     def layer(self, layer: int) -> Layer:
+        self.prefetch_layer(layer)  # everything in flight at once; no-op for what is already on its way
         pre = self.layer_prefix(layer)
         text = self.cfg.text
         attn = f"{pre}self_attn."
@@ -100,9 +125,9 @@ class ModelWeights:
     def experts(self, layer: int, ids: np.ndarray) -> Experts:
         """The routed experts `ids` (ascending, distinct) of `layer`, each read once."""
         pre = self.layer_prefix(layer)
-        stacks = {m: self.stacked_linear([f"{pre}mlp.experts.{int(e)}.{m}" for e in ids])
-                  for m in ("gate_proj", "up_proj", "down_proj")}
-        return Experts(ids=ids, **stacks)
+        projections = ("gate_proj", "up_proj", "down_proj")
+        stacks = self.stacked_linears([[f"{pre}mlp.experts.{int(e)}.{m}" for e in ids] for m in projections])
+        return Experts(ids=ids, **dict(zip(projections, stacks)))
 
     def final_norm(self) -> mx.array:
         return self.reader.tensor(self.norm)

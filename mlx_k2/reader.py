@@ -1,21 +1,36 @@
-"""Read tensor bytes from the shards into MLX arrays, counting every byte pulled from the files.
+"""Read tensor bytes from the shards into MLX arrays, counting every byte requested.
 
-Shards are memory-mapped read-only; a tensor (or some rows of it, or several same-shaped tensors stacked)
-is copied out of the map into an MLX array, which is the moment its pages are read. `bytes_read` counts
-exactly the byte ranges requested, so it is the ledger's `bytes_read`, independent of the page cache.
-Which tensors a step needs is decided elsewhere (`layers.py`); this module reads what it is told.
+Two ways to pull bytes, same results: `pread` (default) reads each byte range into a preallocated buffer
+with positional reads, large ranges split in chunks and several chunks in flight on a thread pool;
+`mmap` maps the shards read-only and copies out of the map. `bytes_read` counts the byte ranges a
+computation consumed (the ledger's `bytes_read`), once each, whatever the page cache, retries or prefetching
+did. Reads can be issued ahead (`prefetch`) so storage works while the previous layer computes; they are
+counted when consumed. A failed read (EIO, a short read, a vanished file) is retried with backoff
+`retries` times, reopening the file, then raised as `ReadError` naming the file and tensor. Which tensors
+to read is decided elsewhere (`layers.py`).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo
-from .errors import CheckpointError
+from .errors import CheckpointError, K2Error
+
+METHODS = ("pread", "mmap")
+CHUNK_BYTES = 8 << 20  # large tensors are read in 8 MiB pieces so several are in flight at once
+INLINE_BYTES = 1 << 20  # smaller requests are read on the calling thread: a pool hand-off costs more
 
 # safetensors dtype -> (numpy dtype holding the bytes, MLX dtype to view them as)
 _DTYPES = {
@@ -26,65 +41,186 @@ _DTYPES = {
     "U32": (np.uint32, mx.uint32),
 }
 
+# A fault hook for tests: (path, offset, length, attempt) -> None, or raise OSError, or return a shorter
+# length to simulate a short read.
+FaultHook = Callable[[Path, int, int, int], "int | None"]
+
+
+class ReadError(K2Error):
+    """Reading a tensor failed after every retry (storage error, short read, file gone)."""
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    method: str = "pread"
+    retries: int = 3          # attempts after the first
+    backoff_s: float = 0.05   # first wait; doubles each retry
+    workers: int = 8          # reads in flight at once
+
 
 class WeightReader:
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None):
+        if policy.method not in METHODS:
+            raise K2Error(f"read method {policy.method!r} unknown (choose from {', '.join(METHODS)})")
         self.checkpoint = checkpoint
+        self.policy = policy
+        self.fault = fault
         self.bytes_read = 0
+        self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="mlx-k2-read")
+        self._ahead: dict[str, Future] = {}
 
     def close(self) -> None:
+        self.drop_prefetched()
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         for m in self._maps.values():
             m.close()
         self._maps.clear()
 
+    # ------------------------------------------------------------------ raw byte ranges
+    def _fd(self, path: Path, reopen: bool = False) -> int:
+        with self._lock:
+            fd = self._fds.pop(path, None) if reopen else self._fds.get(path)
+            if reopen and fd is not None:
+                os.close(fd)
+                fd = None
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+            return fd
+
     def _map(self, path: Path) -> mmap.mmap:
-        m = self._maps.get(path)
-        if m is None:
-            try:
+        with self._lock:
+            m = self._maps.get(path)
+            if m is None:
                 with open(path, "rb") as f:
                     m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot map shard ({e.strerror})") from None
-            self._maps[path] = m
-        return m
+                self._maps[path] = m
+            return m
 
-    def _view(self, info: TensorInfo) -> np.ndarray:
-        """A zero-copy numpy view of the tensor's bytes in the map (nothing is read yet)."""
+    def _read_into(self, info: TensorInfo, buf: memoryview, offset: int) -> None:
+        """Fill `buf` from absolute file `offset`, retrying failures; raises ReadError at the end."""
+        attempts = 1 + self.policy.retries
+        for attempt in range(attempts):
+            try:
+                self._read_once(info.path, buf, offset, attempt)
+                return
+            except OSError as e:
+                error = e.strerror or str(e)
+                if attempt + 1 < attempts:
+                    time.sleep(self.policy.backoff_s * (2 ** attempt))
+                    try:
+                        self._fd(info.path, reopen=True)
+                    except OSError:
+                        pass  # still gone: the next attempt fails and is counted
+        raise ReadError(f"{info.path}: tensor {info.name}: read failed after {attempts} attempts ({error})")
+
+    def _read_once(self, path: Path, buf: memoryview, offset: int, attempt: int) -> None:
+        length = len(buf)
+        limit = self.fault(path, offset, length, attempt) if self.fault else None
+        if self.policy.method == "mmap":
+            buf[:] = self._map(path)[offset:offset + length]
+            return
+        fd = self._fd(path)
+        done = 0
+        while done < length:
+            want = length - done if limit is None else min(length - done, max(limit - done, 0))
+            n = os.preadv(fd, [buf[done:done + want]], offset + done) if want else 0
+            if n == 0:
+                raise OSError(errno.EIO, f"short read: {done} of {length} bytes at offset {offset}")
+            done += n
+
+    def _submit_ranges(self, info: TensorInfo, ranges: list[tuple[int, int]], out: np.ndarray) -> list[Future]:
+        """Read (file offset, length) pieces back to back into `out`'s bytes; returns the pending reads."""
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        if out.nbytes < INLINE_BYTES:
+            at = 0
+            for offset, length in ranges:
+                self._read_into(info, view[at:at + length], offset)
+                at += length
+            return []
+        futures, at = [], 0
+        for offset, length in ranges:
+            for start in range(0, length, CHUNK_BYTES):
+                n = min(CHUNK_BYTES, length - start)
+                futures.append(self._pool.submit(self._read_into, info, view[at + start:at + start + n],
+                                                 offset + start))
+            at += length
+        return futures
+
+    # ------------------------------------------------------------------ tensors
+    def _np_dtype(self, info: TensorInfo):
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"{info.path}: tensor {info.name}: dtype {info.dtype} is not supported "
                                   f"for computation (supported: {', '.join(_DTYPES)})")
-        np_dtype = _DTYPES[info.dtype][0]
-        count = info.nbytes // np.dtype(np_dtype).itemsize
-        return np.frombuffer(self._map(info.path), np_dtype, count, info.offset).reshape(info.shape)
+        return _DTYPES[info.dtype][0]
 
-    @staticmethod
-    def _to_mx(array: np.ndarray, dtype: str) -> mx.array:
-        out = mx.array(array)  # copies: this is where the bytes are pulled from the file
-        return out.view(mx.bfloat16) if dtype == "BF16" else out
-
-    def tensor(self, name: str) -> mx.array:
-        info = self.checkpoint.info(name)
-        out = self._to_mx(self._view(info), info.dtype)
-        self.bytes_read += info.nbytes
-        return out
-
-    def rows(self, name: str, rows: list[int]) -> mx.array:
-        """Rows `rows` of a 2-D tensor, in that order: (len(rows), cols). Reads only those rows."""
-        info = self.checkpoint.info(name)
-        view = self._view(info)
-        out = self._to_mx(view[np.asarray(rows, dtype=np.int64)], info.dtype)
-        self.bytes_read += info.row_bytes * len(rows)
-        return out
-
-    def stacked(self, names: list[str]) -> mx.array:
-        """Several tensors of one dtype and shape stacked on a new leading axis: (len(names), *shape)."""
+    def _start(self, names: list[str]) -> tuple[np.ndarray, list[Future], int]:
+        """Begin reading whole tensors `names` (same dtype and shape) stacked into one buffer."""
         infos = [self.checkpoint.info(n) for n in names]
         first = infos[0]
         for info in infos[1:]:
             if (info.dtype, info.shape) != (first.dtype, first.shape):
                 raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} differs "
                                       f"from {first.name}: {first.dtype} {list(first.shape)}")
-        out = self._to_mx(np.stack([self._view(i) for i in infos]), first.dtype)
-        self.bytes_read += sum(i.nbytes for i in infos)
-        return out
+        out = np.empty((len(infos), *first.shape), dtype=self._np_dtype(first))
+        futures = []
+        for i, info in enumerate(infos):
+            futures += self._submit_ranges(info, [(info.offset, info.nbytes)], out[i])
+        return out, futures, sum(i.nbytes for i in infos)
+
+    def _finish(self, out: np.ndarray, futures: list[Future], nbytes: int, dtype: str) -> mx.array:
+        for f in futures:
+            f.result()  # re-raises ReadError
+        self.bytes_read += nbytes
+        arr = mx.array(out)
+        return arr.view(mx.bfloat16) if dtype == "BF16" else arr
+
+    def prefetch(self, names: list[str]) -> None:
+        """Start reading whole tensors now; `tensor(name)` later takes the bytes (and counts them)."""
+        for name in names:
+            if name not in self._ahead:
+                self._ahead[name] = self._pool.submit(self._start, [name])
+
+    def drop_prefetched(self) -> None:
+        """Forget reads issued ahead but never consumed (they are not counted)."""
+        for f in self._ahead.values():
+            f.cancel()
+        for f in list(self._ahead.values()):
+            if not f.cancelled():
+                try:
+                    out, futures, _ = f.result()
+                    for g in futures:
+                        g.exception()
+                except K2Error:
+                    pass
+        self._ahead.clear()
+
+    def tensor(self, name: str) -> mx.array:
+        ahead = self._ahead.pop(name, None)
+        out, futures, nbytes = ahead.result() if ahead is not None else self._start([name])
+        return self._finish(out[0], futures, nbytes, self.checkpoint.info(name).dtype)
+
+    def stacked(self, groups: list[list[str]]) -> list[mx.array]:
+        """For each group of same-dtype, same-shape tensors, one array stacking them on a new leading axis
+        (len(group), *shape). All groups' reads are in flight together."""
+        started = [self._start(names) for names in groups]
+        return [self._finish(out, futures, nbytes, self.checkpoint.info(names[0]).dtype)
+                for names, (out, futures, nbytes) in zip(groups, started)]
+
+    def rows(self, name: str, rows: list[int]) -> mx.array:
+        """Rows `rows` of a 2-D tensor, in that order: (len(rows), cols). Reads only those rows."""
+        info = self.checkpoint.info(name)
+        n_rows = info.shape[0]
+        bad = [r for r in rows if not 0 <= r < n_rows]
+        if bad:
+            raise CheckpointError(f"{info.path}: tensor {name}: row {bad[0]} outside its {n_rows} rows")
+        out = np.empty((len(rows), *info.shape[1:]), dtype=self._np_dtype(info))
+        rb = info.row_bytes
+        futures = self._submit_ranges(info, [(info.offset + r * rb, rb) for r in rows], out)
+        return self._finish(out, futures, rb * len(rows), info.dtype)

@@ -23,7 +23,8 @@ from .events import Event, LayerDone, RunDone, StepDone
 from .forward import decoder_layer, rms_norm, rope_tables
 from .int4 import linear
 from .layers import ModelWeights
-from .reader import WeightReader
+from .reader import ReadPolicy, WeightReader
+from .validate import validate
 
 DEVICES = ("gpu", "cpu")
 
@@ -51,6 +52,7 @@ class Model:
         self.dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.dir)
         self.checkpoint = Checkpoint(self.dir)
+        validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
         self.reader = WeightReader(self.checkpoint)
         self.weights = ModelWeights(self.config, self.reader)
 
@@ -83,6 +85,7 @@ class Model:
             # Capture reads the already-evaluated residual; it adds no op to the graph that is computed.
             residual_in = np.array(x[-1]) if capture else None
             weights = w.layer(i)
+            w.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
             result = decoder_layer(x, weights, text, cos, sin, lambda ids, i=i: w.experts(i, ids))
             del weights
             x = result.hidden
@@ -104,6 +107,7 @@ class Model:
         hidden = rms_norm(x[-1:], w.final_norm(), text.rms_norm_eps)  # (1, hidden)
         logits = linear(hidden, w.lm_head_linear())                    # (1, vocab)
         mx.eval(hidden, logits)
+        self.reader.drop_prefetched()  # reads of tensors no computation used are not carried into the next step
         hidden_np, logits_np = np.array(hidden[0]), np.array(logits[0])
         token = int(np.argmax(logits_np))  # first maximum: ties go to the lower id
         yield StepDone(step=step, input_ids=tuple(input_ids), token_id=token, logit=float(logits_np[token]),

@@ -49,28 +49,36 @@ def _nbytes(entry: dict) -> int:
     return end - begin
 
 
+def _flat(names) -> tuple[str, ...]:
+    """Names from a list of names or a list of groups of names (stacked reads of several groups)."""
+    out: list[str] = []
+    for n in names:
+        out += [n] if isinstance(n, str) else list(n)
+    return tuple(out)
+
+
 class ReadLog:
-    """Wraps the reader's three read methods; `take()` returns and clears what was read since."""
+    """Wraps the reader's public read methods; `take()` returns and clears what was read since.
+
+    Calls are ("tensor" | "rows" | "stacked" | "prefetch", names, rows or None). A prefetch issues reads
+    that a later `tensor` call consumes, so it counts for "what was touched" but not for "read twice".
+    """
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str, tuple[str, ...], tuple[int, ...] | None]] = []
-        tensor, rows, stacked = WeightReader.tensor, WeightReader.rows, WeightReader.stacked
 
-        def log_tensor(reader, name):
-            self.calls.append(("tensor", (name,), None))
-            return tensor(reader, name)
+        def wrap(method: str):
+            original = getattr(WeightReader, method)
 
-        def log_rows(reader, name, ids):
-            self.calls.append(("rows", (name,), tuple(int(i) for i in ids)))
-            return rows(reader, name, ids)
+            def logged(reader, names, *args, **kwargs):
+                rows = tuple(int(i) for i in args[0]) if method == "rows" else None
+                self.calls.append((method, _flat([names] if isinstance(names, str) else names), rows))
+                return original(reader, names, *args, **kwargs)
+            monkeypatch.setattr(WeightReader, method, logged)
 
-        def log_stacked(reader, names):
-            self.calls.append(("stacked", tuple(names), None))
-            return stacked(reader, names)
-
-        monkeypatch.setattr(WeightReader, "tensor", log_tensor)
-        monkeypatch.setattr(WeightReader, "rows", log_rows)
-        monkeypatch.setattr(WeightReader, "stacked", log_stacked)
+        for method in ("tensor", "rows", "stacked", "prefetch"):
+            if hasattr(WeightReader, method):
+                wrap(method)
 
     def take(self):
         out, self.calls = self.calls, []
@@ -121,8 +129,8 @@ def two_contexts(model_dir, monkeypatch):
     return first[0], second[0]
 
 
-def _all_names(calls) -> list[str]:
-    return [n for _, names, _ in calls for n in names]
+def _all_names(calls, prefetch: bool = True) -> list[str]:
+    return [n for kind, names, _ in calls for n in names if prefetch or kind != "prefetch"]
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -162,7 +170,7 @@ def test_embedding_read_by_rows_only(two_contexts):
 
 def test_each_tensor_read_once_per_step(two_contexts):
     for step, loose, layers in two_contexts:
-        counts = Counter(_all_names(loose) + [n for _, calls in layers for n in _all_names(calls)])
+        counts = Counter(_all_names(loose, False) + [n for _, calls in layers for n in _all_names(calls, False)])
         again = {n: c for n, c in counts.items() if c > 1}
         assert not again, f"step {step.step}: read more than once: {again}"
 
@@ -181,7 +189,7 @@ def test_each_expert_read_once_per_layer(two_contexts):
             chosen = {int(e) for e in np.unique(routed)}
             shared_pick |= len(chosen) < T * k  # some expert picked by several positions
             pre = f"{PRE}model.layers.{event.layer}.mlp.experts."
-            expert_reads = [n for n in _all_names(calls) if n.startswith(pre)]
+            expert_reads = [n for n in _all_names(calls, False) if n.startswith(pre)]
             for m in ("gate_proj", "up_proj", "down_proj"):
                 for part in ("weight_packed", "weight_scale"):
                     ids = [int(n[len(pre):].split(".")[0]) for n in expert_reads if n.endswith(f".{m}.{part}")]

@@ -379,6 +379,29 @@ def test_runner_names_a_missing_embedding(tmp_path):
     _expect(lambda: _generate(tmp_path, [0, 5]), "model.embed_tokens.weight")
 
 
+def _edit_config(model_dir: Path, edit) -> None:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    edit(cfg)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def test_runner_packed_weights_without_quantization_config(tmp_path):
+    write_foreign_checkpoint(tmp_path, "kimi_k2", seed=5)
+    _edit_config(tmp_path, lambda c: c.pop("quantization_config"))
+    err = _expect(lambda: _generate(tmp_path, [508, 7]), "weight_packed", "quantization_config")
+    assert ".mlp.experts." in str(err)
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", 128), ("num_attention_heads", 8),
+                                         ("n_routed_experts", 32), ("vocab_size", 1024)])
+def test_runner_config_disagrees_with_tensors(tmp_path, field, value):
+    # The config.json of another model next to these shards: the error names a tensor and the field.
+    write_foreign_checkpoint(tmp_path, "kimi_k2", seed=5)
+    _edit_config(tmp_path, lambda c: c.update({field: value}))
+    err = _expect(lambda: _generate(tmp_path, [508, 7]), field)
+    assert "tensor model." in str(err), str(err)
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="product bug: a noaux_tc checkpoint missing e_score_correction_bias runs silently "
                           "with unbiased routing instead of naming the missing tensor")

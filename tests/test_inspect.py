@@ -1,0 +1,134 @@
+"""`inspect` and the header inventory, on a header-only checkpoint with K2.5's real tensor table.
+
+The checkpoint is written from K25_FORMAT.md §2 (names, shapes, dtypes, 64 shards, shard placement) with
+sparse data regions, so it has the real 595 GB layout on disk without the bytes. The expected one-token step
+size is summed in the test from that table.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from mlx_k2.checkpoint import Checkpoint
+from mlx_k2.config import load_config
+from mlx_k2.inventory import take_inventory
+
+H, V, L, E = 7168, 163840, 61, 384
+SIZES = {"BF16": 2, "F32": 4, "I32": 4}
+
+
+def k25_tensors():
+    """(shard number, name, dtype, shape) for every text and some vision tensors, as K2.5 places them."""
+    p = "language_model.model."
+    for layer in range(L):
+        shard = layer + 1
+        pre = f"{p}layers.{layer}."
+        yield shard, pre + "input_layernorm.weight", "BF16", [H]
+        yield shard, pre + "post_attention_layernorm.weight", "BF16", [H]
+        a = pre + "self_attn."
+        yield shard, a + "q_a_proj.weight", "BF16", [1536, H]
+        yield shard, a + "q_a_layernorm.weight", "BF16", [1536]
+        yield shard, a + "q_b_proj.weight", "BF16", [12288, 1536]
+        yield shard, a + "kv_a_proj_with_mqa.weight", "BF16", [576, H]
+        yield shard, a + "kv_a_layernorm.weight", "BF16", [512]
+        yield shard, a + "kv_b_proj.weight", "BF16", [16384, 512]
+        yield shard, a + "o_proj.weight", "BF16", [H, 8192]
+        m = pre + "mlp."
+        if layer == 0:
+            yield shard, m + "gate_proj.weight", "BF16", [18432, H]
+            yield shard, m + "up_proj.weight", "BF16", [18432, H]
+            yield shard, m + "down_proj.weight", "BF16", [H, 18432]
+            continue
+        yield shard, m + "gate.weight", "BF16", [E, H]
+        yield shard, m + "gate.e_score_correction_bias", "F32", [E]
+        yield shard, m + "shared_experts.gate_proj.weight", "BF16", [2048, H]
+        yield shard, m + "shared_experts.up_proj.weight", "BF16", [2048, H]
+        yield shard, m + "shared_experts.down_proj.weight", "BF16", [H, 2048]
+        for e in range(E):
+            x = f"{m}experts.{e}."
+            for proj, (out, inp) in (("gate_proj", (2048, H)), ("up_proj", (2048, H)), ("down_proj", (H, 2048))):
+                yield shard, x + proj + ".weight_packed", "I32", [out, inp // 8]
+                yield shard, x + proj + ".weight_scale", "BF16", [out, inp // 32]
+                yield shard, x + proj + ".weight_shape", "I32", [2]
+    yield 62, f"{p}embed_tokens.weight", "BF16", [V, H]
+    yield 62, "language_model.lm_head.weight", "BF16", [V, H]
+    yield 62, f"{p}norm.weight", "BF16", [H]
+    yield 63, "mm_projector.proj.0.weight", "BF16", [4608, 4608]
+    yield 64, "vision_tower.patch_embed.proj.weight", "BF16", [1152, 3, 14, 14]
+
+
+@pytest.fixture(scope="module")
+def header_only_k25(tmp_path_factory):
+    root = tmp_path_factory.mktemp("k25-headers")
+    shards: dict[int, list] = {}
+    for shard, name, dtype, shape in k25_tensors():
+        shards.setdefault(shard, []).append((name, dtype, shape))
+    weight_map = {}
+    for shard, tensors in shards.items():
+        fname = f"model-{shard:05d}-of-000064.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, shape in tensors:
+            n = SIZES[dtype]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[name] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(root / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + offset)  # sparse: the data region takes no disk space
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    text = {"model_type": "kimi_k2", "vocab_size": V, "hidden_size": H, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "num_hidden_layers": L, "num_attention_heads": 64,
+            "num_key_value_heads": 64, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": E, "n_shared_experts": 1,
+            "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.827,
+            "first_k_dense_replace": 1, "moe_layer_freq": 1, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+            "rope_theta": 50000.0, "max_position_embeddings": 262144,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 64.0, "mscale": 1.0,
+                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+            "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                    "config_groups": {"group_0": {"weights": {
+                                        "num_bits": 4, "group_size": 32, "strategy": "group", "symmetric": True,
+                                        "type": "int", "actorder": None}}}}}
+    (root / "config.json").write_text(json.dumps({"model_type": "kimi_k25", "bos_token_id": 163584,
+                                                  "text_config": text}))
+    return root
+
+
+def expected_one_token_bytes() -> int:
+    attention = 2 * (1536 * H + 1536 + 12288 * 1536 + 576 * H + 512 + 16384 * 512 + H * 8192)
+    norms = 2 * 2 * H
+    dense = 2 * 3 * 18432 * H
+    expert = 3 * (2048 * H // 8 * 4 + 2048 * H // 32 * 2)  # packed int32 + bf16 scales, per projection
+    moe = 2 * E * H + 4 * E + 2 * 3 * 2048 * H + 8 * expert
+    return 2 * H + L * (attention + norms) + dense + 60 * moe + 2 * H + 2 * V * H
+
+
+def test_inventory_of_the_real_layout(header_only_k25):
+    ckpt = Checkpoint(header_only_k25)
+    inv = take_inventory(ckpt, load_config(header_only_k25))
+    assert inv.one_token_step_bytes() == expected_one_token_bytes() == 32_986_519_552
+    # The published run's count is ours plus the whole embedding table less one row, plus weight_shape.
+    assert expected_one_token_bytes() + (V - 1) * H * 2 + 60 * 8 * 3 * 8 == 35_335_326_976
+    assert inv.groups["expert metadata"].tensors == 60 * E * 3
+    assert set(inv.never_read) == {"vision", "expert metadata"}
+    assert len(ckpt.shards) == 64
+
+
+def test_inspect_command(header_only_k25):
+    result = CliRunner().invoke(app, ["inspect", "--model", str(header_only_k25)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "32,986,519,552" in out
+    assert "int4, group 32" in out
+    assert "shards 64" in out
+    assert "never read by a text run" in out and "vision" in out

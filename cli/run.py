@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from mlx_k2.errors import UsageError
 from mlx_k2.events import Event, LayerDone, StepDone
 from mlx_k2.inventory import take_inventory
 from mlx_k2.runner import device_name, select_device
+from mlx_k2.reader import ReadPolicy
+from mlx_k2.session import resume as resume_session
 from mlx_k2.session import run as run_session
 from mlx_k2.synth import BOS, default_checkpoint
 from mlx_k2.tokenizer import load_tokenizer
@@ -35,6 +38,18 @@ def parse_ids(values: list[str] | None) -> list[int]:
                 raise UsageError(f"--prompt-ids: {part!r} is not a token id")
             ids.append(int(part))
     return ids
+
+
+def read_header_line(path: Path) -> dict:
+    """The header of a ledger or bundle (for --resume), or a one-line error."""
+    ledger = path / "ledger.jsonl" if path.is_dir() else path
+    try:
+        with open(ledger, "rb") as f:
+            header = json.loads(f.readline())
+        header["model"]["path"], header["run"]["prompt_ids"], header["run"]["max_new_tokens"]
+        return header
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{ledger}: not a ledger with a header to resume ({e})") from None
 
 
 def plain_lines(tokenizer):
@@ -70,12 +85,25 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         device: Annotated[Optional[str], typer.Option(help="gpu or cpu (default: gpu where Metal exists).")] = None,
         no_dashboard: Annotated[bool, typer.Option("--no-dashboard", help="Plain lines instead of the "
                                                                           "live dashboard.")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", help="Print only the result.")] = False):
+        quiet: Annotated[bool, typer.Option("--quiet", help="Print only the result.")] = False,
+        resume: Annotated[Optional[Path], typer.Option(help="Continue a partial, stopped or failed ledger or "
+                                                            "bundle (its prompt, length and device).")] = None,
+        read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
+        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread"):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
+    if read_retries < 0:
+        raise UsageError(f"--read-retries must be 0 or more, got {read_retries}")
+    policy = ReadPolicy(method=read_method, retries=read_retries)
+    if resume is not None:
+        header = read_header_line(resume)
+        if model is None:
+            model = Path(header["model"]["path"])
+        ids, max_new_tokens = header["run"]["prompt_ids"], header["run"]["max_new_tokens"]
     model_dir = model if model is not None else default_checkpoint()
+    cfg = load_config(model_dir)  # a missing or bad checkpoint is reported before anything else
     tokenizer = load_tokenizer(model_dir)
-    ids = parse_ids(prompt_ids)
-    if prompt is not None:
+    ids = parse_ids(prompt_ids) if resume is None else ids
+    if prompt is not None and resume is None:
         if tokenizer is None:
             raise UsageError(f"--prompt: {model_dir} has no tiktoken.model; give --prompt-ids instead")
         if ids:
@@ -88,15 +116,16 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         ledger = Path("runs") / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.jsonl"
 
     def go(sinks):
+        if resume is not None:
+            return resume_session(resume, model_dir, device, sinks=sinks, tokenizer=tokenizer, policy=policy)
         return run_session(model_dir, ids, max_new_tokens, ledger, bundle, device=device, overwrite=overwrite,
-                           sinks=sinks, tokenizer=tokenizer)
+                           sinks=sinks, tokenizer=tokenizer, policy=policy)
 
     if quiet:
         result = go(())
     elif no_dashboard or not sys.stdout.isatty():
         result = go((plain_lines(tokenizer),))
     else:
-        cfg = load_config(model_dir)
         state = DashboardState(
             model_path=str(model_dir), model_type=cfg.model_type, device=device_name(select_device(device)),
             num_layers=cfg.text.num_hidden_layers, n_routed_experts=cfg.text.n_routed_experts,
@@ -106,7 +135,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         with live_dashboard(state) as sink:
             result = go((sink,))
     tokens = " ".join(str(s.token_id) for s in result.steps)
-    typer.echo(f"{result.status}: {len(result.steps)} tokens [{tokens}] ledger {result.ledger}")
+    resumed = f" (resumed after {result.resumed_from} recorded steps)" if resume is not None else ""
+    typer.echo(f"{result.status}: {len(result.steps)} tokens [{tokens}]{resumed} ledger {result.ledger}")
     if tokenizer is not None and result.steps:
         typer.echo(f"text: {tokenizer.decode([s.token_id for s in result.steps])!r}")
     if result.anchor is not None and result.anchor_ok is not None:

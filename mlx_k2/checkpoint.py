@@ -171,12 +171,15 @@ class Checkpoint:
 
     def identity(self) -> dict[str, str]:
         """BLAKE3 of config.json and of the index (for a single-file checkpoint: of its header bytes)."""
-        config = (self.dir / CONFIG_FILE).read_bytes()
-        if self.index_path.name == INDEX_FILE:
-            index = self.index_path.read_bytes()
-        else:
-            with open(self.index_path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                index = f.read(n)
+        try:
+            config = (self.dir / CONFIG_FILE).read_bytes()
+            if self.index_path.name == INDEX_FILE:
+                index = self.index_path.read_bytes()
+            else:
+                with open(self.index_path, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    index = f.read(n)
+        except (OSError, struct.error) as e:
+            raise CheckpointError(f"{self.dir}: cannot read config or index for its identity ({e})") from None
         return {"config_blake3": blake3.blake3(config).hexdigest(),
                 "index_blake3": blake3.blake3(index).hexdigest()}

@@ -109,6 +109,25 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
+# Fields that must be > 0 when present (zero would divide or loop forever).
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
+             "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "n_group", "topk_group", "moe_layer_freq",
+             "max_position_embeddings", "rms_norm_eps", "rope_theta")
+_TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "str": (str,),
+          "dict | None": (dict, type(None))}
+
+
+def _check_type(name: str, value: Any, annotation: str, where: str) -> None:
+    allowed = _TYPES[annotation]
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        raise ConfigError(f"{where}: field {name!r} has {type(value).__name__} {value!r}, expected {annotation}")
+
+
 def _text_config(raw: dict[str, Any], where: str) -> TextConfig:
     fields = {f.name: f for f in dataclasses.fields(TextConfig)}
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
@@ -122,12 +141,12 @@ def _text_config(raw: dict[str, Any], where: str) -> TextConfig:
         values["rope_scaling"] = rp if rp.get("rope_type", rp.get("type")) not in (None, "default") else None
         values.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
     if isinstance(values.get("eos_token_id"), list):
-        values["eos_token_id"] = values["eos_token_id"][0]
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "n_routed_experts",
-                 "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-        v = values.get(name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"{where}: field {name!r} must be a positive integer, got {v!r}")
+        values["eos_token_id"] = (values["eos_token_id"] or [None])[0]
+    for name, value in values.items():
+        _check_type(name, value, fields[name].type, where)
+    for name in _POSITIVE:
+        if name in values and values[name] is not None and values[name] <= 0:
+            raise ConfigError(f"{where}: field {name!r} must be positive, got {values[name]!r}")
     cfg = TextConfig(**values)
     _check_text(cfg, where)
     return cfg
@@ -154,6 +173,10 @@ def _check_text(cfg: TextConfig, where: str) -> None:
         kind = rs.get("type", rs.get("rope_type"))
         if kind != "yarn":
             raise ConfigError(f"{where}: unsupported rope_scaling type {kind!r} (only 'yarn')")
+        for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings"):
+            v = rs.get(key, 1)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 and key != "mscale_all_dim":
+                raise ConfigError(f"{where}: rope_scaling field {key!r} must be a positive number, got {v!r}")
         if "factor" not in rs:
             raise ConfigError(f"{where}: rope_scaling has no 'factor'")
 
@@ -161,6 +184,8 @@ def _check_text(cfg: TextConfig, where: str) -> None:
 def _quantization(raw: dict[str, Any] | None, where: str) -> Quantization | None:
     if raw is None:
         return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: quantization_config is {type(raw).__name__}, expected an object")
     method = raw.get("quant_method")
     if method != "compressed-tensors":
         raise ConfigError(f"{where}: unsupported quantization_config.quant_method {method!r} "
@@ -169,10 +194,14 @@ def _quantization(raw: dict[str, Any] | None, where: str) -> Quantization | None
     if fmt != "pack-quantized":
         raise ConfigError(f"{where}: unsupported quantization_config.format {fmt!r} (only 'pack-quantized')")
     groups = raw.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        raise ConfigError(f"{where}: quantization_config.config_groups must be an object of objects")
     if len(groups) != 1:
         raise ConfigError(f"{where}: quantization_config.config_groups must hold exactly one group, "
                           f"got {len(groups)}")
     weights = next(iter(groups.values())).get("weights") or {}
+    if not isinstance(weights, dict):
+        raise ConfigError(f"{where}: quantization_config weights must be an object")
     checks = {"type": "int", "strategy": "group", "symmetric": True}
     for key, want in checks.items():
         if weights.get(key) != want:

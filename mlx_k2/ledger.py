@@ -13,7 +13,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import blake3
 import mlx.core as mx
@@ -22,7 +22,8 @@ import numpy as np
 from . import __version__
 from .derived import entropy, margin, top16
 from .digest import tensor_digest
-from .events import LayerDone, RunDone, StepDone
+from .errors import K2Error
+from .events import LayerDone, StepDone
 
 SCHEMA = "mlx-k2.ledger/1"
 
@@ -71,39 +72,64 @@ def step_record(e: StepDone, token_text: str | None) -> dict[str, Any]:
             "layers": [layer_record(layer) for layer in e.layers]}
 
 
-def footer_record(steps: int, bytes_read: int, wall_s: float, status: str, error: str | None) -> dict[str, Any]:
-    return {"kind": "footer", "steps": steps, "bytes_read": bytes_read, "wall_s": round(wall_s, 6),
-            "status": status, "error": error}
+def footer_record(step_records: list[dict[str, Any]], status: str, error: str | None) -> dict[str, Any]:
+    """The footer's totals are the sums of the step lines' (so a reader can check them)."""
+    return {"kind": "footer", "steps": len(step_records),
+            "bytes_read": sum(r["bytes_read"] for r in step_records),
+            "wall_s": round(sum(r["wall_s"] for r in step_records), 6), "status": status, "error": error}
 
 
-def footer_from(done: RunDone) -> dict[str, Any]:
-    return footer_record(done.steps, done.bytes_read, done.wall_s, done.status, done.error)
+class LedgerWriteError(K2Error):
+    """A ledger line could not be written; the file was cut back to its last whole line."""
+
+    exit_code = 1
 
 
 class LedgerWriter:
-    """Appends chained lines; each is on disk (flushed, fsynced) before `write` returns."""
+    """Appends chained lines; each is on disk (flushed, fsynced) before `write` returns.
 
-    def __init__(self, path: str | Path):
+    A failed write (disk full, I/O error) truncates the file back to the end of the last complete line, so
+    the ledger on disk is always a valid prefix. `resume_at` reopens an existing ledger: the file is cut to
+    `size` bytes and the chain continues from the line whose digest is `prev`.
+    """
+
+    def __init__(self, path: str | Path, resume_at: tuple[int, str] | None = None):
         self.path = Path(path)
-        self._file: IO[bytes] | None = open(self.path, "wb")
-        self._prev: str | None = None
+        if resume_at is None:
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._size, self._prev = 0, None
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY)
+            self._size, self._prev = resume_at
+            os.ftruncate(self._fd, self._size)
         self.lines = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        assert self._file is not None, "ledger already closed"
+        assert self._fd is not None, "ledger already closed"
         if self._prev is not None:
             # `prev` goes right after kind/step so a reader sees the chain link first.
             keys = list(record)
             at = 2 if keys[1:2] == ["step"] else 1
             record = dict(list(record.items())[:at] + [("prev", self._prev)] + list(record.items())[at:])
         line = json.dumps(record, ensure_ascii=False, allow_nan=False).encode()
-        self._file.write(line + b"\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = line + b"\n"
+        try:
+            written = 0
+            while written < len(data):
+                written += os.pwrite(self._fd, data[written:], self._size + written)
+            os.fsync(self._fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise LedgerWriteError(f"{self.path}: cannot write the ledger ({e.strerror}); "
+                                   f"it keeps its {self.lines} complete lines") from None
+        self._size += len(data)
         self._prev = line_digest(line)
         self.lines += 1
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

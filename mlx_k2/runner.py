@@ -23,7 +23,7 @@ from .events import Event, LayerDone, RunDone, StepDone
 from .forward import decoder_layer, rms_norm, rope_tables
 from .int4 import linear
 from .layers import ModelWeights
-from .reader import ReadPolicy, WeightReader
+from .reader import FaultHook, ReadPolicy, WeightReader
 from .validate import validate
 
 DEVICES = ("gpu", "cpu")
@@ -48,12 +48,12 @@ def device_name(device: mx.Device) -> str:
 class Model:
     """An opened checkpoint: config, tensor map and reader. Holds no weights between layers."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None):
         self.dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.dir)
         self.checkpoint = Checkpoint(self.dir)
         validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
-        self.reader = WeightReader(self.checkpoint)
+        self.reader = WeightReader(self.checkpoint, policy, fault)
         self.weights = ModelWeights(self.config, self.reader)
 
     def close(self) -> None:
@@ -69,6 +69,13 @@ class Model:
         if len(ids) > text.max_position_embeddings:
             raise UsageError(f"context of {len(ids)} tokens exceeds max_position_embeddings "
                              f"{text.max_position_embeddings}")
+
+    def check_run(self, context: list[int], max_new_tokens: int, first_step: int = 0) -> None:
+        """`context` (step `first_step`'s input) and every later step's context fit the model."""
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        self.check_prompt(list(context))
+        self.check_prompt(list(context) + [0] * (max_new_tokens - first_step - 1))  # the last step's too
 
     def step(self, step: int, input_ids: list[int], capture: bool = True) -> Iterator[LayerDone | StepDone]:
         """Run the whole context through every layer; yields one LayerDone per layer, then the StepDone."""
@@ -116,24 +123,23 @@ class Model:
 
 
 def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: int, device: str | None = None,
-             capture: bool = True, stop_at_eos: bool = True) -> Iterator[Event]:
+             capture: bool = True, stop_at_eos: bool = True, first_step: int = 0) -> Iterator[Event]:
     """Greedy generation: yields LayerDone/StepDone events per step and a RunDone at the end.
 
-    A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own ending.
-    `model` is an opened Model or a checkpoint directory (then opened and closed here).
+    Steps `first_step` .. `max_new_tokens - 1` run, the first from context `prompt_ids` (a resumed run
+    passes the context its next step recomputes). A consumer that stops iterating (Ctrl-C, an error) gets
+    no RunDone; it writes its own ending. `model` is an opened Model or a checkpoint directory (then
+    opened and closed here).
     """
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     mx.set_default_device(select_device(device))
     owned = not isinstance(model, Model)
     if owned:
         model = Model(model)
     try:
+        model.check_run(prompt_ids, max_new_tokens, first_step)
         ids = list(prompt_ids)
-        model.check_prompt(ids)
-        model.check_prompt(ids + [0] * (max_new_tokens - 1))  # the last step's context must fit too
         start, total, steps = time.perf_counter(), 0, 0
-        for k in range(max_new_tokens):
+        for k in range(first_step, max_new_tokens):
             for event in model.step(k, ids, capture):
                 yield event
             total += event.bytes_read

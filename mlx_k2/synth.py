@@ -167,10 +167,12 @@ def layer_tensors(w: _Weights, layer: int) -> dict[str, np.ndarray | BF16]:
 
 
 def vision_tensors(w: _Weights) -> tuple[dict, dict]:
-    projector = {"mm_projector.pre_norm.weight": w.norm(16), "mm_projector.pre_norm.bias": w.normal((16,), 0.1),
-                 "mm_projector.proj.0.weight": w.linear(64, 64), "mm_projector.proj.0.bias": w.normal((64,), 0.1),
+    projector = {"mm_projector.pre_norm.weight": w.norm(16),
+                 "mm_projector.pre_norm.bias": to_bf16(w.normal((16,), 0.1)),
+                 "mm_projector.proj.0.weight": w.linear(64, 64),
+                 "mm_projector.proj.0.bias": to_bf16(w.normal((64,), 0.1)),
                  "mm_projector.proj.2.weight": w.linear(w.spec.hidden_size, 64),
-                 "mm_projector.proj.2.bias": w.normal((w.spec.hidden_size,), 0.1)}
+                 "mm_projector.proj.2.bias": to_bf16(w.normal((w.spec.hidden_size,), 0.1))}
     vision = {"vision_tower.patch_embed.proj.weight": to_bf16(w.normal((16, 3, 14, 14), 0.05)),
               "vision_tower.patch_embed.proj.bias": to_bf16(w.normal((16,), 0.05)),
               "vision_tower.encoder.blocks.0.wqkv.weight": w.linear(48, 16),

@@ -90,8 +90,13 @@ def problems(checkpoint: Checkpoint, cfg: ModelConfig, read_weight_shapes: bool 
             yield f"{_where(info)}: dtype {info.dtype} not supported (expected one of {', '.join(dtypes)})"
     t = cfg.text
     for layer in range(t.num_hidden_layers):
-        bias = tensors.get(f"{cfg.weight_prefix}model.layers.{layer}.mlp.gate.e_score_correction_bias")
-        if bias is not None and bias.shape != (t.n_routed_experts,):
+        if not t.is_moe_layer(layer):
+            continue
+        bias_name = f"{cfg.weight_prefix}model.layers.{layer}.mlp.gate.e_score_correction_bias"
+        bias = tensors.get(bias_name)
+        if bias is None and t.topk_method == "noaux_tc":
+            yield f"{where_missing} {bias_name} not found (config.json topk_method 'noaux_tc' routes with it)"
+        elif bias is not None and bias.shape != (t.n_routed_experts,):
             yield f"{_where(bias)}: shape {list(bias.shape)} but config.json n_routed_experts gives " \
                   f"[{t.n_routed_experts}]"
     shapes_to_read: list[tuple[TensorInfo, int, int]] = []

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .anchors import Anchor, compare, find_anchor, load_anchors
-from .bundle import LEDGER_NAME, MANIFEST_NAME, TENSORS_DIR, file_blake3, step_tensor_path
+from .bundle import LEDGER_NAME, MANIFEST_NAME, file_blake3, step_tensor_path
 from .derived import distinct_experts, entropy, l2_norm, margin, normalise, top16
 from .digest import tensor_digest
 from .errors import K2Error
@@ -206,7 +206,7 @@ def _check_manifest(path: Path, n_steps: int) -> Check:
     expected = {LEDGER_NAME} | {step_tensor_path(k) for k in range(n_steps)}
     for name in sorted(expected - set(files)):
         check.fail(f"{name}: not in the manifest")
-    present = {p.relative_to(path).as_posix() for p in (path / TENSORS_DIR).glob("*")} | {LEDGER_NAME}
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST_NAME}
     for name in sorted(present - set(files)):
         check.fail(f"{name}: in the bundle but not in the manifest")
     for name, digest in sorted(files.items()):
@@ -247,9 +247,15 @@ def _check_totals(steps: list[dict], footer: dict | None) -> Check:
         total = sum(s.get("bytes_read", 0) for s in steps if isinstance(s.get("bytes_read"), int))
         if footer.get("bytes_read") != total:
             check.fail(f"footer: bytes_read {footer.get('bytes_read')} but the steps sum to {total}")
-        wall = sum(s.get("wall_s", 0) for s in steps if _typed(s.get("wall_s"), float))
-        if _typed(footer.get("wall_s"), float) and footer["wall_s"] + 1e-3 < wall:
-            check.fail(f"footer: wall_s {footer['wall_s']} is less than the steps' sum {wall:.6f}")
+        wall = round(sum(s.get("wall_s", 0) for s in steps if _typed(s.get("wall_s"), float)), 6)
+        if not _typed(footer.get("wall_s"), float) or abs(footer["wall_s"] - wall) > 1e-6:
+            check.fail(f"footer: wall_s {footer.get('wall_s')} but the steps sum to {wall}")
+        status, error = footer.get("status"), footer.get("error")
+        if status not in ("complete", "stopped", "failed"):
+            check.fail(f"footer: status {status!r} is not complete, stopped or failed")
+        elif (status == "complete") != (error is None) or (error is not None and not error):
+            check.fail(f"footer: status {status!r} with error {error!r} (an error goes with stopped or failed "
+                       "only, and they always carry one)")
     return check
 
 

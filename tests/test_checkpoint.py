@@ -402,9 +402,6 @@ def test_runner_config_disagrees_with_tensors(tmp_path, field, value):
     assert "tensor model." in str(err), str(err)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="product bug: a noaux_tc checkpoint missing e_score_correction_bias runs silently "
-                          "with unbiased routing instead of naming the missing tensor")
 def test_runner_names_a_missing_router_bias(tmp_path):
     write_foreign_checkpoint(tmp_path, "kimi_k2", seed=5)
     name = "model.layers.3.mlp.gate.e_score_correction_bias"

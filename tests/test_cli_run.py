@@ -128,10 +128,6 @@ def test_zero_new_tokens(cli, small_model, tmp_path):
     _assert_one_line_error(result, "--max-new-tokens", "0")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="product issue: prompt / --max-new-tokens are validated only after the "
-                                       "ledger is created, so a usage error leaves a ledger file behind and "
-                                       "the corrected re-run then needs --overwrite")
 @pytest.mark.parametrize("args", [["--prompt-ids", "999999999"], ["--prompt-ids", "508", "--max-new-tokens", "0"]],
                          ids=["bad-id", "zero-tokens"])
 def test_usage_error_leaves_no_ledger(cli, small_model, tmp_path, args):

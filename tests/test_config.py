@@ -367,8 +367,8 @@ def test_config_is_a_directory(tmp_path):
         load_config(tmp_path)
 
 
-# Malformed values a hand-edited config.json can hold. Each should be a ConfigError naming the field; today
-# they escape as ZeroDivisionError / TypeError / AttributeError (product bugs, reported), so strict xfail.
+# Malformed values a hand-edited config.json can hold. Each must be a ConfigError naming the field, not a
+# ZeroDivisionError / TypeError / AttributeError from deep inside.
 _MALFORMED = [
     ("n_group_zero", lambda r: r.update(n_group=0), "n_group"),
     ("n_group_string", lambda r: r.update(n_group="4"), "n_group"),
@@ -381,8 +381,6 @@ _MALFORMED = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=(ZeroDivisionError, TypeError, AttributeError),
-                   reason="product bug: malformed value escapes as a non-ConfigError exception")
 @pytest.mark.parametrize("mutate,field", [(m, f) for _, m, f in _MALFORMED], ids=[i for i, _, _ in _MALFORMED])
 def test_malformed_values(mutate, field):
     raw = flat_k2()

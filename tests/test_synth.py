@@ -164,8 +164,6 @@ def test_dtypes(synth):
         assert entry["dtype"] == want, f"{name}: {entry['dtype']} != {want}"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: synth writes mm_projector.*.bias as F32; K2.5 stores "
-                                       "all vision and projector tensors as bf16 (K25_FORMAT section 2)")
 def test_vision_dtypes(synth):
     _, _, _, entries = synth
     wrong = {n: e["dtype"] for n, (_, e, _) in entries.items()

@@ -11,8 +11,9 @@ frozen anchor), one from a K2.5-format checkpoint written by the independent for
    contract, not from the product's output: an edit to any line but the last breaks the next line's
    `prev` ("chain"); a bundle's manifest pins the ledger's bytes ("manifest"); and semantic checks fire
    where the contract ties fields together (context, totals, layers, derived, measured, digests, schema).
-   The last line (footer) of a bare ledger has no successor, so only its consistency checks can catch an
-   edit there; the footer edits nothing catches are marked xfail(strict=True) as product gaps.
+   The last line (footer) of a bare ledger has no successor, so only its consistency with the step lines
+   can catch an edit there ("totals": the sums, and status going with error); an edit nothing catches
+   would be marked xfail(strict=True) as a product gap.
 2. Structural edits (`test_structural`): deleted / swapped / duplicated lines, truncation mid-line,
    damaged, deleted or extra tensor files, a missing manifest; truncation to whole-line prefixes must
    read as a partial run that verifies (`test_prefix_is_partial`).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -216,8 +217,6 @@ def _norm_in_edit(v, _):
 
 
 FS = frozenset
-GAP_FOOTER = ("the footer is the last line of a bare ledger: no later `prev` covers it, and verify "
-              "does not relate {what} to anything else in the ledger")
 
 PLAIN_EDITS: list[Edit] = [
     # header (line 1): line 2's prev covers it
@@ -282,12 +281,10 @@ PLAIN_EDITS: list[Edit] = [
     Edit("footer.steps", "footer", _set(("steps",), lambda v, r: v + 1), FS({"totals"})),
     Edit("footer.bytes_read", "footer", _set(("bytes_read",), lambda v, r: v + 1), FS({"totals"})),
     Edit("footer.wall_s-lower", "footer", _set(("wall_s",), lambda v, r: 0.0), FS({"totals"})),
-    Edit("footer.wall_s-higher", "footer", _set(("wall_s",), lambda v, r: v + 1000.0),
-         gap_bare_ledger=GAP_FOOTER.format(what="a larger wall_s")),
-    Edit("footer.status", "footer", _set(("status",), lambda v, r: "stopped"),
-         gap_bare_ledger=GAP_FOOTER.format(what="status (a 'stopped' run with error null is accepted)")),
-    Edit("footer.error", "footer", _set(("error",), lambda v, r: "forged error"),
-         gap_bare_ledger=GAP_FOOTER.format(what="error (a 'complete' run carrying an error is accepted)")),
+    # the footer's totals are the sums of the step lines', and status and error go together
+    Edit("footer.wall_s-higher", "footer", _set(("wall_s",), lambda v, r: v + 1000.0), FS({"totals"})),
+    Edit("footer.status", "footer", _set(("status",), lambda v, r: "stopped"), FS({"totals"})),
+    Edit("footer.error", "footer", _set(("error",), lambda v, r: "forged error"), FS({"totals"})),
 ]
 LINE_INDEX = {"header": 0, "step": 1 + EDIT_STEP, "footer": -1}
 VARIANTS = ("synth-bundle", "synth-ledger", "foreign-bundle")
@@ -328,7 +325,9 @@ def test_good_verifies(goods, variant):
     good = goods[variant]
     report = good.verify(good.path)
     assert report.ok, [(c.name, c.detail) for c in report.checks if c.ok is False]
-    assert [c.name for c in report.checks] == [c for c in ALL_CHECKS if good.bundle or c != "manifest"]
+    names = [c.name for c in report.checks]
+    assert set(names) >= {c for c in ALL_CHECKS if good.bundle or c != "manifest"}
+    assert good.bundle or "manifest" not in names
     assert all(c.ok is not False for c in report.checks)
     assert report.steps == N_STEPS and not report.partial
     must_pass = {"parse", "schema", "chain", "context", "totals", "layers", "derived", "complete"}
@@ -438,9 +437,7 @@ STRUCTURAL = [
     Structural("delete-tensor-file", _delete_tensor, FS({"manifest", "digests"}), bundle_only=True),
     Structural("extra-tensor-file", _extra_tensor, FS({"manifest"}), bundle_only=True),
     Structural("delete-manifest", _delete_manifest, FS({"manifest"}), bundle_only=True),
-    Structural("extra-file-at-bundle-root", _extra_root_file, FS({"manifest"}), bundle_only=True,
-               gap="bundle.py: the manifest covers 'every other file', but verify only lists tensors/* and "
-                   "the ledger, so a file added at the bundle's root is not noticed"),
+    Structural("extra-file-at-bundle-root", _extra_root_file, FS({"manifest"}), bundle_only=True),
 ]
 
 
@@ -534,7 +531,8 @@ def _edit_step(fn):
 
 def _forge_top16(s):
     v = s["top16"]
-    v[5] = [v[5][0], (v[4][1] + v[5][1]) / 2]   # still descending, top-2 untouched
+    j = next(j for j in range(3, 16) if v[j - 1][1] > v[j][1])
+    v[j] = [v[j][0], (v[j - 1][1] + v[j][1]) / 2]   # still descending, top-2 untouched
 
 
 def _forge_routing(s):

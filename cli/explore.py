@@ -1,0 +1,48 @@
+"""`mlx-k2 explore PATH -o FILE`: write the ledger explorer, one offline HTML page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mlx_k2.errors import UsageError
+from mlx_k2.explorer import build_explorer, read_ledger, recorded_model_dir
+from mlx_k2.tokenizer import load_tokenizer
+
+from .main import app, guarded
+
+
+def default_output(path: Path) -> Path:
+    """runs/x.jsonl -> runs/x.html; a bundle runs/b1 -> runs/b1.html (beside it, so the bundle stays as written)."""
+    return path.with_suffix(".html") if path.is_file() else path.parent / (path.name + ".html")
+
+
+@app.command()
+@guarded
+def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bundle directory.")],
+            output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file to write (default: "
+                                                           "beside PATH, with .html).")] = None,
+            model: Annotated[Optional[Path], typer.Option(help="Checkpoint for verify's token_text check "
+                                                               "(default: the header's model.path).")] = None,
+            anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory for verify (default: "
+                                                                 "anchors/).")] = None):
+    """Write a self-contained HTML explorer of a ledger or bundle. Example: mlx-k2 explore runs/b1 -o b1.html"""
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    out = output if output is not None else default_output(path)
+    if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
+        raise UsageError(f"{out}: would overwrite the ledger or add a file to the bundle; write it elsewhere")
+    tok_dir = model if model is not None else recorded_model_dir(read_ledger(path).header)
+    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
+    page = build_explorer(path, anchors, tokenizer).encode("utf-8")
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_bytes(page)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+    typer.echo(f"wrote {out} ({len(page):,} bytes, {len(page) / 1024:.1f} KiB)")

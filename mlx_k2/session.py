@@ -136,9 +136,9 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
         raise UsageError(f"{ledger_path}: recorded on device {run_info['device']}, asked to resume on {dev}")
     max_new, capture = run_info["max_new_tokens"], run_info["capture"]
     context = steps[-1]["input_ids"] + [steps[-1]["token_id"]] if steps else list(run_info["prompt_ids"])
-    model = _open_model(model_dir, policy, fault, context, max_new, len(steps)) if len(steps) < max_new else None
-    if model is None:
+    if len(steps) >= max_new:
         raise UsageError(f"{ledger_path}: all {max_new} steps are recorded; nothing to resume")
+    model = Model(model_dir, policy, fault)
     try:
         identity = model.checkpoint.identity()
         recorded = {k: model_info.get(k) for k in identity}
@@ -146,6 +146,7 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
             raise UsageError(f"{ledger_path}: recorded for a checkpoint with config/index BLAKE3 "
                              f"{recorded['config_blake3'][:12]}…/{recorded['index_blake3'][:12]}…, "
                              f"{model_dir} has {identity['config_blake3'][:12]}…/{identity['index_blake3'][:12]}…")
+        model.check_run(context, max_new, len(steps))
         eos = model.config.text.eos_token_id
         if steps and steps[-1]["token_id"] == eos:
             raise UsageError(f"{ledger_path}: the run ended at EOS; nothing to resume")

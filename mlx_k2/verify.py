@@ -29,14 +29,24 @@ from .safetensors_write import bf16_to_f32
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
 FLOAT_RTOL = 1e-9
 
-STEP_FIELDS = {"kind": str, "step": int, "prev": str, "input_ids": list, "token_id": int,
-               "token_text": (str, type(None)), "logit": float, "top16": list, "entropy": float, "margin": float,
-               "hidden_digest": str, "logits_digest": str, "bytes_read": int, "wall_s": float, "layers": list}
-LAYER_FIELDS = {"layer": int, "kind": str, "norm_in": (float, type(None)), "norm_out": (float, type(None)),
-                "experts": (list, type(None)), "routing_weights": (list, type(None)),
-                "unique_experts": (int, type(None)), "bytes_read": int, "wall_s": float}
+@dataclass(frozen=True)
+class ListOf:
+    """A JSON list whose items all have type `item` (which may itself be a ListOf)."""
+
+    item: Any
+    length: int | None = None
+
+
+NONE = type(None)
+PAIR = ListOf((int, float), 2)  # [token id, logit]; the id's int-ness is checked where it is used
+STEP_FIELDS = {"kind": str, "step": int, "prev": str, "input_ids": ListOf(int), "token_id": int,
+               "token_text": (str, NONE), "logit": float, "top16": ListOf(PAIR), "entropy": float, "margin": float,
+               "hidden_digest": str, "logits_digest": str, "bytes_read": int, "wall_s": float, "layers": ListOf(dict)}
+LAYER_FIELDS = {"layer": int, "kind": str, "norm_in": (float, NONE), "norm_out": (float, NONE),
+                "experts": (ListOf(int), NONE), "routing_weights": (ListOf(float), NONE),
+                "unique_experts": (int, NONE), "bytes_read": int, "wall_s": float}
 FOOTER_FIELDS = {"kind": str, "prev": str, "steps": int, "bytes_read": int, "wall_s": float, "status": str,
-                 "error": (str, type(None))}
+                 "error": (str, NONE)}
 
 
 @dataclass
@@ -77,11 +87,18 @@ class VerifyError(K2Error):
 
 
 def _typed(value: Any, kind: Any) -> bool:
+    if isinstance(kind, tuple) and not all(isinstance(k, type) for k in kind):
+        return any(_typed(value, k) for k in kind)
+    if isinstance(kind, ListOf):
+        return (isinstance(value, list) and (kind.length is None or len(value) == kind.length)
+                and all(_typed(v, kind.item) for v in value))
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool):
         return bool in kinds
     if float in kinds and isinstance(value, int):
         return True  # JSON writes 2.0 as 2.0, but a tool may write 2
+    if float in kinds and isinstance(value, float) and not math.isfinite(value):
+        return False
     return isinstance(value, kinds)
 
 
@@ -138,25 +155,34 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
         schema.fail(f"header: schema {header.get('schema')!r}, expected {SCHEMA!r}")
     if header.get("provenance") != PROVENANCE:
         schema.fail("header: provenance map differs from the schema's")
-    model, run = header.get("model") or {}, header.get("run") or {}
+    model, run = header.get("model"), header.get("run")
+    if not isinstance(model, dict) or not isinstance(run, dict):
+        schema.fail("header: 'model' and 'run' must be objects")
+        model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     for key in ("num_layers", "n_routed_experts", "experts_per_token"):
         if not _typed(model.get(key), int):
             schema.fail(f"header: model.{key} missing")
-    steps = [r for r in records[1:] if r.get("kind") == "step"]
-    footer = records[-1] if len(records) > 1 and records[-1].get("kind") == "footer" else None
+    # Only well-formed records go on to the checks below; the malformed ones fail `schema` here.
+    steps: list[dict] = []
+    footer = None
     for i, rec in enumerate(records[1:], 2):
         kind = rec.get("kind")
         if kind == "step":
-            _check_fields(schema, rec, STEP_FIELDS, f"line {i}")
-            for layer in rec.get("layers") or []:
-                _check_fields(schema, layer if isinstance(layer, dict) else {}, LAYER_FIELDS,
-                              f"line {i} layer {layer.get('layer') if isinstance(layer, dict) else '?'}")
+            ok = _check_fields(schema, rec, STEP_FIELDS, f"line {i}")
+            for layer in rec.get("layers") if ok else []:
+                ok = _check_fields(schema, layer, LAYER_FIELDS, f"line {i} layer {layer.get('layer')}") and ok
+            if ok:
+                steps.append(rec)
         elif kind == "footer":
-            if rec is not footer:
+            if i != len(records):
                 schema.fail(f"line {i}: footer before the last line")
-            _check_fields(schema, rec, FOOTER_FIELDS, f"line {i}")
+            elif _check_fields(schema, rec, FOOTER_FIELDS, f"line {i}"):
+                footer = rec
         elif rec:
             schema.fail(f"line {i}: unknown kind {kind!r}")
+    if not isinstance(run.get("prompt_ids"), list):
+        schema.fail("header: run.prompt_ids is not a list")
+        run = {**run, "prompt_ids": []}
 
     checks = [parse, schema, chain]
     if bundle:
@@ -185,15 +211,20 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
     return Report(path, [c.finish() for c in checks], len(steps), footer is None)
 
 
-def _check_fields(check: Check, rec: dict, fields: dict, where: str) -> None:
+def _check_fields(check: Check, rec: dict, fields: dict, where: str) -> bool:
+    """Report missing, mistyped or unknown fields; True when the record is well formed."""
+    ok = True
     for name, kind in fields.items():
         if name not in rec:
             check.fail(f"{where}: field {name!r} missing")
+            ok = False
         elif not _typed(rec[name], kind):
-            check.fail(f"{where}: field {name!r} has type {type(rec[name]).__name__}")
+            check.fail(f"{where}: field {name!r} has the wrong type ({type(rec[name]).__name__})")
+            ok = False
     extra = set(rec) - set(fields)
     if extra:
         check.fail(f"{where}: unknown field {sorted(extra)[0]!r}")
+    return ok
 
 
 def _check_manifest(path: Path, n_steps: int) -> Check:
@@ -373,7 +404,8 @@ def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured
 
 def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> Check:
     check = Check("anchor")
-    model, run = header.get("model") or {}, header.get("run") or {}
+    model, run = header.get("model"), header.get("run")
+    model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     identity = {"config_blake3": model.get("config_blake3"), "index_blake3": model.get("index_blake3")}
     anchors = [a for a in load_anchors(anchors_dir) if not a.published]
     anchor: Anchor | None = find_anchor(anchors, identity, {}, run.get("prompt_ids") or [], run.get("device"))

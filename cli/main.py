@@ -45,7 +45,7 @@ def guarded(fn):
 
 
 def _register() -> None:
-    from . import anchor, explore, inspect, run, synth, verify  # noqa: F401  (each module adds its command to `app`)
+    from . import anchor, bench, explore, inspect, run, synth, verify  # noqa: F401  (each module adds its command to `app`)
 
 
 _register()

@@ -9,6 +9,7 @@ calls once routing is known. Nothing here prints, times or counts bytes.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -168,14 +169,46 @@ class Experts:
     down_proj: Linear
 
 
-def routed_experts(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig) -> mx.array:
-    """sum_k scaled_weight[t, k] * expert_k(x[t]). x (T, hidden) -> (T, hidden)."""
-    slots = mx.array(np.searchsorted(experts.ids, routing.experts).astype(np.uint32))  # (T, k) into the stack
-    xe = x[:, None, None, :]                                                        # (T, 1, 1, hidden)
-    hidden = silu(gather_linear(xe, experts.gate_proj, slots)) * gather_linear(xe, experts.up_proj, slots)
-    y = gather_linear(hidden, experts.down_proj, slots).squeeze(-2)                 # (T, k, hidden)
-    scale = mx.array(routing.weights * np.float32(cfg.routed_scaling_factor))       # (T, k)
-    return (y * scale[..., None]).sum(axis=1)
+def routed_experts(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig,
+                   streams: list | None = None) -> mx.array:
+    """sum_k scaled_weight[t, k] * expert_k(x[t]). x (T, hidden) -> (T, hidden).
+
+    The (position, expert) pairs are split over `streams` (MLX's CPU quantized kernel uses one core per
+    call; separate streams run in parallel), each group scatter-added into the output.
+    """
+    T, k = routing.experts.shape
+    slots = np.searchsorted(experts.ids, routing.experts).reshape(-1)                 # (T*k,) into the stack
+    scale = (routing.weights * np.float32(cfg.routed_scaling_factor)).reshape(-1)     # (T*k,)
+    order = np.argsort(slots, kind="stable")  # pairs of one expert together: its weights are read once
+    groups = np.array_split(order, len(streams)) if streams else [order]
+    out = None
+    for i, pairs in enumerate(groups):
+        if not len(pairs):
+            continue
+        with mx.stream(streams[i] if streams else mx.default_stream(mx.default_device())):
+            rows = mx.array((pairs // k).astype(np.uint32))                           # (P,) positions
+            xe = x[rows][:, None, None, :]                                            # (P, 1, 1, hidden)
+            idx = mx.array(slots[pairs].astype(np.uint32))[:, None]                   # (P, 1)
+            hidden = silu(gather_linear(xe, experts.gate_proj, idx)) * gather_linear(xe, experts.up_proj, idx)
+            y = gather_linear(hidden, experts.down_proj, idx).reshape(len(pairs), -1)  # (P, hidden)
+            y = y * mx.array(scale[pairs])[:, None]
+            part = mx.zeros((T, y.shape[-1]), dtype=y.dtype).at[rows].add(y)
+        out = part if out is None else out + part
+    return out
+
+
+_STREAMS: dict = {}
+
+
+def compute_streams() -> list | None:
+    """One MLX stream per core on the CPU device (made once); None on the GPU, which parallelises itself."""
+    device = mx.default_device()
+    if device.type != mx.DeviceType.cpu:
+        return None
+    key = str(device)
+    if key not in _STREAMS:
+        _STREAMS[key] = [mx.new_stream(device) for _ in range(max(1, min(os.cpu_count() or 1, 8)))]
+    return _STREAMS[key]
 
 
 # ---------------------------------------------------------------------------------------------- layer
@@ -216,7 +249,7 @@ def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx
         return LayerResult(h + mlp(hn, w.mlp.gate_proj, w.mlp.up_proj, w.mlp.down_proj), None)
     routing = route(hn, w.mlp.gate_weight, w.mlp.e_score_correction_bias, cfg)
     experts = fetch_experts(np.unique(routing.experts))
-    y = routed_experts(hn, routing, experts, cfg)
+    y = routed_experts(hn, routing, experts, cfg, compute_streams())
     if w.mlp.shared_experts is not None:
         s = w.mlp.shared_experts
         y = y + mlp(hn, s.gate_proj, s.up_proj, s.down_proj)

@@ -70,7 +70,7 @@ class ModelWeights:
     def prefetch_layer(self, layer: int) -> None:
         """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
         if layer >= self.cfg.text.num_hidden_layers:
-            self.reader.prefetch([self.norm, self.lm_head])
+            self.reader.prefetch([self.norm])
             return
         self.reader.prefetch(self._layer_tensors().get(layer, []))
 
@@ -132,5 +132,18 @@ class ModelWeights:
     def final_norm(self) -> mx.array:
         return self.reader.tensor(self.norm)
 
-    def lm_head_linear(self) -> Linear:
-        return self.linear(self.lm_head.removesuffix(".weight"))
+    def lm_head_chunks(self, rows_per_chunk: int):
+        """The lm_head as consecutive row blocks (vocab rows), each block's read issued while the previous
+        one is used: the head never sits in memory whole (it is the largest tensor a step reads)."""
+        if f"{self.lm_head.removesuffix('.weight')}.weight_packed" in self.checkpoint:
+            yield self.linear(self.lm_head.removesuffix(".weight"))  # packed heads are small: one block
+            return
+        vocab = self.checkpoint.info(self.lm_head).shape[0]
+        starts = list(range(0, vocab, rows_per_chunk))
+        pending = self.reader.start_rows(self.lm_head, list(range(0, min(rows_per_chunk, vocab))))
+        for i, start in enumerate(starts):
+            block = pending()
+            if i + 1 < len(starts):
+                nxt = starts[i + 1]
+                pending = self.reader.start_rows(self.lm_head, list(range(nxt, min(nxt + rows_per_chunk, vocab))))
+            yield Linear.dense(block)

@@ -32,14 +32,8 @@ METHODS = ("pread", "mmap")
 CHUNK_BYTES = 8 << 20  # large tensors are read in 8 MiB pieces so several are in flight at once
 INLINE_BYTES = 1 << 20  # smaller requests are read on the calling thread: a pool hand-off costs more
 
-# safetensors dtype -> (numpy dtype holding the bytes, MLX dtype to view them as)
-_DTYPES = {
-    "BF16": (np.uint16, mx.bfloat16),
-    "F16": (np.float16, mx.float16),
-    "F32": (np.float32, mx.float32),
-    "I32": (np.int32, mx.int32),
-    "U32": (np.uint32, mx.uint32),
-}
+# safetensors dtype -> the MLX dtype an array holding its bytes is allocated as (bf16 is viewed afterwards)
+_DTYPES = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32, "U32": mx.uint32}
 
 # A fault hook for tests: (path, offset, length, attempt) -> None, or raise OSError, or return a shorter
 # length to simulate a short read.
@@ -137,7 +131,7 @@ class WeightReader:
 
     def _submit_ranges(self, info: TensorInfo, ranges: list[tuple[int, int]], out: np.ndarray) -> list[Future]:
         """Read (file offset, length) pieces back to back into `out`'s bytes; returns the pending reads."""
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        view = memoryview(out).cast("B")
         if out.nbytes < INLINE_BYTES:
             at = 0
             for offset, length in ranges:
@@ -154,31 +148,34 @@ class WeightReader:
         return futures
 
     # ------------------------------------------------------------------ tensors
-    def _np_dtype(self, info: TensorInfo):
+    def _alloc(self, info: TensorInfo, shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
+        """An MLX array to read into, and a writable numpy view of its memory: the bytes land where MLX
+        computes from them, with no second copy."""
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"{info.path}: tensor {info.name}: dtype {info.dtype} is not supported "
                                   f"for computation (supported: {', '.join(_DTYPES)})")
-        return _DTYPES[info.dtype][0]
+        arr = mx.zeros(shape, dtype=_DTYPES[info.dtype])
+        mx.eval(arr)
+        return arr, np.asarray(memoryview(arr))
 
-    def _start(self, names: list[str]) -> tuple[np.ndarray, list[Future], int]:
-        """Begin reading whole tensors `names` (same dtype and shape) stacked into one buffer."""
+    def _start(self, names: list[str]) -> tuple[mx.array, list[Future], int]:
+        """Begin reading whole tensors `names` (same dtype and shape) stacked into one array."""
         infos = [self.checkpoint.info(n) for n in names]
         first = infos[0]
         for info in infos[1:]:
             if (info.dtype, info.shape) != (first.dtype, first.shape):
                 raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} differs "
                                       f"from {first.name}: {first.dtype} {list(first.shape)}")
-        out = np.empty((len(infos), *first.shape), dtype=self._np_dtype(first))
+        arr, view = self._alloc(first, (len(infos), *first.shape))
         futures = []
         for i, info in enumerate(infos):
-            futures += self._submit_ranges(info, [(info.offset, info.nbytes)], out[i])
-        return out, futures, sum(i.nbytes for i in infos)
+            futures += self._submit_ranges(info, [(info.offset, info.nbytes)], view[i])
+        return arr, futures, sum(i.nbytes for i in infos)
 
-    def _finish(self, out: np.ndarray, futures: list[Future], nbytes: int, dtype: str) -> mx.array:
+    def _finish(self, arr: mx.array, futures: list[Future], nbytes: int, dtype: str) -> mx.array:
         for f in futures:
             f.result()  # re-raises ReadError
         self.bytes_read += nbytes
-        arr = mx.array(out)
         return arr.view(mx.bfloat16) if dtype == "BF16" else arr
 
     def prefetch(self, names: list[str]) -> None:
@@ -194,7 +191,7 @@ class WeightReader:
         for f in list(self._ahead.values()):
             if not f.cancelled():
                 try:
-                    out, futures, _ = f.result()
+                    _, futures, _ = f.result()
                     for g in futures:
                         g.exception()
                 except K2Error:
@@ -203,24 +200,35 @@ class WeightReader:
 
     def tensor(self, name: str) -> mx.array:
         ahead = self._ahead.pop(name, None)
-        out, futures, nbytes = ahead.result() if ahead is not None else self._start([name])
-        return self._finish(out[0], futures, nbytes, self.checkpoint.info(name).dtype)
+        arr, futures, nbytes = ahead.result() if ahead is not None else self._start([name])
+        return self._finish(arr[0], futures, nbytes, self.checkpoint.info(name).dtype)
 
     def stacked(self, groups: list[list[str]]) -> list[mx.array]:
         """For each group of same-dtype, same-shape tensors, one array stacking them on a new leading axis
         (len(group), *shape). All groups' reads are in flight together."""
         started = [self._start(names) for names in groups]
-        return [self._finish(out, futures, nbytes, self.checkpoint.info(names[0]).dtype)
-                for names, (out, futures, nbytes) in zip(groups, started)]
+        return [self._finish(arr, futures, nbytes, self.checkpoint.info(names[0]).dtype)
+                for names, (arr, futures, nbytes) in zip(groups, started)]
 
     def rows(self, name: str, rows: list[int]) -> mx.array:
-        """Rows `rows` of a 2-D tensor, in that order: (len(rows), cols). Reads only those rows."""
+        """Rows `rows` of a tensor, in that order: (len(rows), *rest). Reads only those rows; runs of
+        consecutive rows are read as one range."""
+        return self.start_rows(name, rows)()
+
+    def start_rows(self, name: str, rows: list[int]):
+        """Issue the reads of `rows(name, rows)` now; returns a function that waits and gives the array."""
         info = self.checkpoint.info(name)
-        n_rows = info.shape[0]
+        n_rows = info.shape[0] if info.shape else 0
         bad = [r for r in rows if not 0 <= r < n_rows]
         if bad:
             raise CheckpointError(f"{info.path}: tensor {name}: row {bad[0]} outside its {n_rows} rows")
-        out = np.empty((len(rows), *info.shape[1:]), dtype=self._np_dtype(info))
+        arr, view = self._alloc(info, (len(rows), *info.shape[1:]))
         rb = info.row_bytes
-        futures = self._submit_ranges(info, [(info.offset + r * rb, rb) for r in rows], out)
-        return self._finish(out, futures, rb * len(rows), info.dtype)
+        ranges: list[tuple[int, int]] = []
+        for i, r in enumerate(rows):
+            if i and r == rows[i - 1] + 1:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + rb)
+            else:
+                ranges.append((info.offset + r * rb, rb))
+        futures = self._submit_ranges(info, ranges, view)
+        return lambda: self._finish(arr, futures, rb * len(rows), info.dtype)

@@ -27,6 +27,7 @@ from .reader import FaultHook, ReadPolicy, WeightReader
 from .validate import validate
 
 DEVICES = ("gpu", "cpu")
+HEAD_ROWS_PER_BLOCK = 16384  # lm_head rows computed at a time (K2.5: 235 MB of bf16 per block)
 
 
 def select_device(name: str | None) -> mx.Device:
@@ -112,8 +113,13 @@ class Model:
             layers.append(done)
             yield done
         hidden = rms_norm(x[-1:], w.final_norm(), text.rms_norm_eps)  # (1, hidden)
-        logits = linear(hidden, w.lm_head_linear())                    # (1, vocab)
-        mx.eval(hidden, logits)
+        mx.eval(hidden)
+        pieces = []
+        for block in w.lm_head_chunks(HEAD_ROWS_PER_BLOCK):
+            pieces.append(linear(hidden, block))                        # (1, rows of this block)
+            mx.eval(pieces[-1])
+        logits = mx.concatenate(pieces, axis=-1)                        # (1, vocab)
+        mx.eval(logits)
         self.reader.drop_prefetched()  # reads of tensors no computation used are not carried into the next step
         hidden_np, logits_np = np.array(hidden[0]), np.array(logits[0])
         token = int(np.argmax(logits_np))  # first maximum: ties go to the lower id

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .safetensors_write import BF16, save, to_bf16
+from .safetensors_write import Lazy, save, to_bf16
 from .tokenizer import SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS
 
 PREFIX = "language_model."
@@ -100,41 +100,66 @@ def config_json(spec: SynthSpec) -> dict:
     }
 
 
+CHUNK_BYTES = 64 << 20  # large tensors are generated and written this many float32 bytes at a time
+# Output projections are damped so the residual stream grows slowly over 61 layers. A constant (not a
+# function of the layer count) so a layer's shard is the same whatever the checkpoint's depth.
+OUT_GAIN = 4.0 / np.sqrt(2.0 * 61)
+
+
 class _Weights:
-    """Seeded random tensors, scaled so activations keep unit-order size through the layers."""
+    """Seeded random tensors for one shard, drawn as they are written, scaled so activations keep
+    unit-order size through the layers. Each shard has its own stream (`stream`), so a layer's tensors do
+    not depend on which other layers the checkpoint has."""
 
-    def __init__(self, spec: SynthSpec, seed: int):
+    def __init__(self, spec: SynthSpec, seed: int, stream: int):
         self.spec = spec
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng([seed, stream])
 
-    def normal(self, shape, std: float) -> np.ndarray:
-        return (self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+    def _rows(self, dtype: str, shape: tuple[int, ...], make) -> Lazy:
+        """A tensor drawn `rows` at a time by make(rows) -> array of shape (rows, *shape[1:])."""
+        per_row = max(int(np.prod(shape[1:], dtype=np.int64)) * 4, 1)
+        step = max(CHUNK_BYTES // per_row, 1)
 
-    def linear(self, out: int, inp: int, gain: float = 1.0) -> BF16:
-        return to_bf16(self.normal((out, inp), gain / np.sqrt(inp)))
+        def produce():
+            for start in range(0, shape[0], step):
+                yield make(min(step, shape[0] - start))
+        return Lazy(dtype, shape, produce)
 
-    def norm(self, n: int) -> BF16:
-        return to_bf16(1.0 + self.normal((n,), 0.1))
+    def normal(self, shape: tuple[int, ...], std: float, dtype: str = "F32") -> Lazy:
+        def make(rows):
+            x = self.rng.standard_normal((rows, *shape[1:]), dtype=np.float32) * np.float32(std)
+            return to_bf16(x) if dtype == "BF16" else x
+        return self._rows(dtype, shape, make)
 
-    def packed_experts(self, name: str, out: int, inp: int, gain: float) -> dict[str, np.ndarray | BF16]:
+    def linear(self, out: int, inp: int, gain: float = 1.0) -> Lazy:
+        return self.normal((out, inp), gain / np.sqrt(inp), "BF16")
+
+    def norm(self, n: int) -> Lazy:
+        return Lazy("BF16", (n,), lambda: [to_bf16(1.0 + self.rng.standard_normal(n, dtype=np.float32)
+                                                   * np.float32(0.1))])
+
+    def packed_experts(self, name: str, out: int, inp: int, gain: float) -> dict[str, Lazy | np.ndarray]:
         """One int4 expert projection: random nibbles (q + 8) packed 8 per int32 along the input dim."""
-        words = self.rng.integers(0, 2**32, size=(out, inp // 8), dtype=np.uint32)
-        # Uniform q in [-8, 7] has std ~4.6; pick scales so the weight has std gain / sqrt(in).
-        scale = np.abs(self.normal((out, inp // self.spec.group_size), 0.25)) + 0.75
-        scale *= np.float32(gain / np.sqrt(inp) / 4.6)
-        return {f"{name}.weight_packed": words.view(np.int32), f"{name}.weight_scale": to_bf16(scale),
+        def words(rows):
+            return self.rng.integers(0, 2**32, size=(rows, inp // 8), dtype=np.uint32).view(np.int32)
+
+        def scales(rows):
+            # Uniform q in [-8, 7] has std ~4.6; pick scales so the weight has std gain / sqrt(in).
+            s = np.abs(self.rng.standard_normal((rows, inp // self.spec.group_size), dtype=np.float32)
+                       * np.float32(0.25)) + np.float32(0.75)
+            return to_bf16(s * np.float32(gain / np.sqrt(inp) / 4.6))
+        return {f"{name}.weight_packed": self._rows("I32", (out, inp // 8), words),
+                f"{name}.weight_scale": self._rows("BF16", (out, inp // self.spec.group_size), scales),
                 f"{name}.weight_shape": np.array([out, inp], dtype=np.int32)}
 
 
-def layer_tensors(w: _Weights, layer: int) -> dict[str, np.ndarray | BF16]:
+def layer_tensors(w: _Weights, layer: int) -> dict[str, Lazy | np.ndarray]:
     s = w.spec
-    H, L = s.hidden_size, s.num_hidden_layers
-    # Output projections are damped so the residual stream grows slowly over many layers.
-    out_gain = 1.0 / np.sqrt(2.0 * L) * 4
+    H = s.hidden_size
     pre = f"{PREFIX}model.layers.{layer}."
     a = pre + "self_attn."
     qh = s.qk_nope_head_dim + s.qk_rope_head_dim
-    t: dict[str, np.ndarray | BF16] = {
+    t: dict[str, Lazy | np.ndarray] = {
         pre + "input_layernorm.weight": w.norm(H),
         pre + "post_attention_layernorm.weight": w.norm(H),
         a + "q_a_proj.weight": w.linear(s.q_lora_rank, H),
@@ -144,41 +169,54 @@ def layer_tensors(w: _Weights, layer: int) -> dict[str, np.ndarray | BF16]:
         a + "kv_a_layernorm.weight": w.norm(s.kv_lora_rank),
         a + "kv_b_proj.weight": w.linear(s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim),
                                          s.kv_lora_rank),
-        a + "o_proj.weight": w.linear(H, s.num_attention_heads * s.v_head_dim, out_gain),
+        a + "o_proj.weight": w.linear(H, s.num_attention_heads * s.v_head_dim, OUT_GAIN),
     }
     m = pre + "mlp."
     if layer < s.first_k_dense_replace:
         t[m + "gate_proj.weight"] = w.linear(s.intermediate_size, H)
         t[m + "up_proj.weight"] = w.linear(s.intermediate_size, H)
-        t[m + "down_proj.weight"] = w.linear(H, s.intermediate_size, out_gain)
+        t[m + "down_proj.weight"] = w.linear(H, s.intermediate_size, OUT_GAIN)
         return t
     t[m + "gate.weight"] = w.linear(s.n_routed_experts, H)
     t[m + "gate.e_score_correction_bias"] = w.normal((s.n_routed_experts,), 0.02)
     shared = s.moe_intermediate_size * s.n_shared_experts
     t[m + "shared_experts.gate_proj.weight"] = w.linear(shared, H)
     t[m + "shared_experts.up_proj.weight"] = w.linear(shared, H)
-    t[m + "shared_experts.down_proj.weight"] = w.linear(H, shared, out_gain)
+    t[m + "shared_experts.down_proj.weight"] = w.linear(H, shared, OUT_GAIN)
     for e in range(s.n_routed_experts):
         x = f"{m}experts.{e}."
         t.update(w.packed_experts(x + "gate_proj", s.moe_intermediate_size, H, 1.0))
         t.update(w.packed_experts(x + "up_proj", s.moe_intermediate_size, H, 1.0))
-        t.update(w.packed_experts(x + "down_proj", H, s.moe_intermediate_size, out_gain))
+        t.update(w.packed_experts(x + "down_proj", H, s.moe_intermediate_size, OUT_GAIN))
     return t
 
 
-def vision_tensors(w: _Weights) -> tuple[dict, dict]:
-    projector = {"mm_projector.pre_norm.weight": w.norm(16),
-                 "mm_projector.pre_norm.bias": to_bf16(w.normal((16,), 0.1)),
-                 "mm_projector.proj.0.weight": w.linear(64, 64),
-                 "mm_projector.proj.0.bias": to_bf16(w.normal((64,), 0.1)),
-                 "mm_projector.proj.2.weight": w.linear(w.spec.hidden_size, 64),
-                 "mm_projector.proj.2.bias": to_bf16(w.normal((w.spec.hidden_size,), 0.1))}
-    vision = {"vision_tower.patch_embed.proj.weight": to_bf16(w.normal((16, 3, 14, 14), 0.05)),
-              "vision_tower.patch_embed.proj.bias": to_bf16(w.normal((16,), 0.05)),
-              "vision_tower.encoder.blocks.0.wqkv.weight": w.linear(48, 16),
-              "vision_tower.encoder.blocks.0.wo.weight": w.linear(16, 16),
-              "vision_tower.encoder.final_layernorm.weight": w.norm(16)}
-    return projector, vision
+def head_tensors(w: _Weights) -> dict[str, Lazy]:
+    s = w.spec
+    return {f"{PREFIX}model.embed_tokens.weight": w.normal((s.vocab_size, s.hidden_size), 1.0, "BF16"),
+            f"{PREFIX}model.norm.weight": w.norm(s.hidden_size),
+            f"{PREFIX}lm_head.weight": w.linear(s.vocab_size, s.hidden_size, 4.0)}
+
+
+def projector_tensors(w: _Weights) -> dict[str, Lazy]:
+    return {"mm_projector.pre_norm.weight": w.norm(16),
+            "mm_projector.pre_norm.bias": w.normal((16,), 0.1, "BF16"),
+            "mm_projector.proj.0.weight": w.linear(64, 64),
+            "mm_projector.proj.0.bias": w.normal((64,), 0.1, "BF16"),
+            "mm_projector.proj.2.weight": w.linear(w.spec.hidden_size, 64),
+            "mm_projector.proj.2.bias": w.normal((w.spec.hidden_size,), 0.1, "BF16")}
+
+
+def vision_tensors(w: _Weights) -> dict[str, Lazy]:
+    return {"vision_tower.patch_embed.proj.weight": w.normal((16, 3, 14, 14), 0.05, "BF16"),
+            "vision_tower.patch_embed.proj.bias": w.normal((16,), 0.05, "BF16"),
+            "vision_tower.encoder.blocks.0.wqkv.weight": w.linear(48, 16),
+            "vision_tower.encoder.blocks.0.wo.weight": w.linear(16, 16),
+            "vision_tower.encoder.final_layernorm.weight": w.norm(16)}
+
+
+# Streams of the shards that are not layers (layers use their index).
+HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM = 1000, 1001, 1002
 
 
 def write_tokenizer(path: Path, vocab_size: int, seed: int) -> None:
@@ -213,35 +251,46 @@ def write_tokenizer(path: Path, vocab_size: int, seed: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec()) -> Path:
-    """Write the checkpoint into `path` (created; must not hold a checkpoint already). Returns the path."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    w = _Weights(spec, seed)
+def shard_name(i: int, n_shards: int) -> str:
+    return f"model-{i:05d}-of-{n_shards:06d}.safetensors"  # K2.5's 5-digit index, 6-digit total
+
+
+def shard_plan(spec: SynthSpec):
+    """(shard number, stream, tensors-maker) for every shard: one per layer, then head and embeddings,
+    projector, vision (64 shards for 61 layers)."""
+    for layer in range(spec.num_hidden_layers):
+        yield layer + 1, layer, lambda w, layer=layer: layer_tensors(w, layer)
     L = spec.num_hidden_layers
-    n_shards = L + 3  # one shard per layer, then head/embeddings, projector, vision (64 for 61 layers)
-    shard = lambda i: f"model-{i:05d}-of-{n_shards:06d}.safetensors"  # noqa: E731  (K2.5's 5/6 digits)
-    weight_map: dict[str, str] = {}
-    total = 0
+    yield L + 1, HEAD_STREAM, head_tensors
+    yield L + 2, PROJECTOR_STREAM, projector_tensors
+    yield L + 3, VISION_STREAM, vision_tensors
 
-    def emit(i: int, tensors: dict) -> None:
-        nonlocal total
-        total += save(path / shard(i), tensors)
-        weight_map.update({name: shard(i) for name in tensors})
 
-    for layer in range(L):
-        emit(layer + 1, layer_tensors(w, layer))
-    H = spec.hidden_size
-    emit(L + 1, {f"{PREFIX}model.embed_tokens.weight": to_bf16(w.normal((spec.vocab_size, H), 1.0)),
-                 f"{PREFIX}model.norm.weight": w.norm(H),
-                 f"{PREFIX}lm_head.weight": w.linear(spec.vocab_size, H, 4.0)})
-    projector, vision = vision_tensors(w)
-    emit(L + 2, projector)
-    emit(L + 3, vision)
+def write_shard(path: Path, spec: SynthSpec, seed: int, stream: int, make) -> tuple[list[str], int]:
+    """Write one shard; returns its tensor names and data bytes."""
+    tensors = make(_Weights(spec, seed, stream))
+    return list(tensors), save(path, tensors)
+
+
+def write_index_and_config(path: Path, spec: SynthSpec, weight_map: dict[str, str], total: int, seed: int) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(config_json(spec), indent=2) + "\n")
     write_tokenizer(path, spec.vocab_size, seed)
+
+
+def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec()) -> Path:
+    """Write the checkpoint into `path` (created; must not hold a checkpoint already). Returns the path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n_shards = spec.num_hidden_layers + 3
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, stream, make in shard_plan(spec):
+        names, nbytes = write_shard(path / shard_name(i, n_shards), spec, seed, stream, make)
+        weight_map.update({name: shard_name(i, n_shards) for name in names})
+        total += nbytes
+    write_index_and_config(path, spec, weight_map, total, seed)
     return path
 
 
@@ -250,9 +299,14 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "mlx_k2"
 
 
+def default_checkpoint_name(seed: int = 0) -> str:
+    """The cache entry of the default checkpoint; the version changes whenever its bytes would."""
+    return f"synthetic-k25-seed{seed}-v2"
+
+
 def default_checkpoint(seed: int = 0) -> Path:
     """The embedded default: the synthetic checkpoint, built once into the cache directory."""
-    target = cache_root() / f"synthetic-k25-seed{seed}-v1"
+    target = cache_root() / default_checkpoint_name(seed)
     if (target / "config.json").exists():
         return target
     staging = target.with_name(target.name + f".building-{os.getpid()}")

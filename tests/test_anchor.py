@@ -32,6 +32,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from mlx_k2.synth import default_checkpoint_name
 from mlx_k2.anchor_pass import run_anchor_pass
 from mlx_k2.runner import Model
 from tests.foreign_checkpoint import write_foreign_checkpoint
@@ -90,7 +91,7 @@ def shared_model(opened_synth, monkeypatch):
 def cache(synth_dir, tmp_path_factory) -> Path:
     """An MLX_K2_CACHE holding the session's synthetic checkpoint where the default checkpoint lives."""
     root = tmp_path_factory.mktemp("cache")
-    (root / "synthetic-k25-seed0-v1").symlink_to(synth_dir, target_is_directory=True)
+    (root / default_checkpoint_name()).symlink_to(synth_dir, target_is_directory=True)
     return root
 
 
@@ -145,7 +146,7 @@ def test_cli_anchor_default_checkpoint(cache):
     assert said(result.output, "anchor", "reproduced", SYNTH_ANCHOR)
     assert set(verdicts(result.output, "non-perturbation: capture off").values()) == {"ok"}
     assert verdicts(result.output, f"anchor {SYNTH_ANCHOR}") == {f: "ok" for f in FIELDS}
-    assert sorted(p.name for p in cache.iterdir()) == ["synthetic-k25-seed0-v1"]   # nothing rebuilt
+    assert sorted(p.name for p in cache.iterdir()) == [default_checkpoint_name()]   # nothing rebuilt
 
 
 def _edit(field: str, value):

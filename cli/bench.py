@@ -1,0 +1,102 @@
+"""`mlx-k2 bench`: build a full-width K2.5-format checkpoint once, then measure steps cold and warm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlx_k2.bench import build_full_width, raw_read_gbps, shard_files
+from mlx_k2.errors import UsageError
+from mlx_k2.synth import cache_root
+
+from .main import app, guarded
+
+FIELDS = ("name", "cold", "bytes_read", "bytes_min", "read_s", "read_gbps", "raw_read_gbps", "compute_s",
+          "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb", "os_read_bytes")
+
+
+def _part(model_dir: Path, tokens: int, cold: bool, part: str, method: str) -> dict:
+    cmd = [sys.executable, "-m", "cli.bench_case", str(model_dir), str(tokens), "cold" if cold else "warm", part,
+           method]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UsageError(f"bench {part} ({tokens} tokens) failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _case(name: str, model_dir: Path, tokens: int, cold: bool, raw: float, method: str) -> dict:
+    step = _part(model_dir, tokens, cold, "step", method)
+    reads = _part(model_dir, tokens, cold, "reads", method)
+    compute = _part(model_dir, tokens, cold, "compute", method)
+    return {"name": name, "cold": cold, "tokens": tokens, "method": method, **step, **reads, **compute,
+            "read_gbps": step["bytes_read"] / reads["read_s"] / 1e9, "raw_read_gbps": raw,
+            "compute_gbps": step["bytes_read"] / compute["compute_s"] / 1e9}
+
+
+def _table(result: dict) -> Table:
+    table = Table(title=f"bench: {result['layers']} layers, {result['checkpoint_bytes'] / 1e9:.1f} GB checkpoint",
+                  title_justify="left")
+    for f in FIELDS:
+        table.add_column(f, justify="left" if f == "name" else "right")
+    for c in result["cases"]:
+        row = []
+        for f in FIELDS:
+            v = c.get(f)
+            row.append(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool)
+                       else f"{v:.3f}" if isinstance(v, float) else str(v))
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+@guarded
+def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width checkpoint (1 dense + N-1 MoE).")] = 3,
+          tokens: Annotated[int, typer.Option(help="Context length of the multi-token case.")] = 3,
+          json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures here.")] = None,
+          directory: Annotated[Optional[Path], typer.Option("--dir", help="Where checkpoints are built once "
+                                                                          "(default: the cache).")] = None,
+          peer: Annotated[bool, typer.Option(help="Compare with mlx-lm on a 2-layer checkpoint.")] = True,
+          methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap"):
+    """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json"""
+    if layers < 2 or tokens < 1:
+        raise UsageError("--layers must be at least 2 (1 dense + MoE) and --tokens at least 1")
+    console = Console()
+    directory = directory or cache_root() / "bench"
+    console.print(f"building (once) a full-width {layers}-layer checkpoint under {directory} ...")
+    model_dir = build_full_width(directory, layers)
+    files = shard_files(model_dir)
+    raw = raw_read_gbps(files)
+    result = {"layers": layers, "tokens": tokens, "checkpoint": str(model_dir),
+              "checkpoint_bytes": sum(f.stat().st_size for f in files), "raw_read_gbps": raw, "cases": []}
+    for method in methods.split(","):
+        for name, t, cold in ((f"1-token cold {method}", 1, True), (f"1-token warm {method}", 1, False),
+                              (f"{tokens}-token cold {method}", tokens, True)):
+            console.print(f"case {name} ...")
+            result["cases"].append(_case(name, model_dir, t, cold, raw, method))
+    if peer:
+        small = build_full_width(directory, 2)
+        ours = _part(small, 1, False, "step", "pread")
+        try:
+            theirs = _part(small, 1, False, "mlx-lm", "pread")
+        except UsageError as e:
+            theirs = {"error": str(e)}
+        result["peer"] = {"checkpoint": str(small), "mlx_k2": ours, "mlx_lm": theirs,
+                          "tokens_agree": theirs.get("token_id") == ours["token_id"]}
+    console.print(_table(result))
+    if peer:
+        p = result["peer"]
+        console.print(f"peer on {p['checkpoint']}: mlx_k2 token {p['mlx_k2']['token_id']} "
+                      f"{p['mlx_k2']['wall_s']:.2f}s RSS {p['mlx_k2']['peak_rss_gb']:.2f} GB | mlx-lm "
+                      + (f"token {p['mlx_lm']['token_id']} {p['mlx_lm']['wall_s']:.2f}s (+{p['mlx_lm']['load_s']:.1f}s "
+                         f"load) RSS {p['mlx_lm']['peak_rss_gb']:.2f} GB" if "token_id" in p["mlx_lm"]
+                         else p["mlx_lm"]["error"]) + f" | tokens agree: {p['tokens_agree']}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")

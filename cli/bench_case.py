@@ -1,0 +1,25 @@
+"""One benchmark measurement in its own process: `python -m cli.bench_case DIR TOKENS COLD PART`; prints
+the figures as one JSON line (see mlx_k2.bench.measure; PART "mlx-lm" runs the peer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from mlx_k2.bench import measure, mlx_lm_step
+from mlx_k2.reader import ReadPolicy
+
+
+def main() -> None:
+    model_dir, tokens, cold, part = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "cold", sys.argv[4]
+    method = sys.argv[5] if len(sys.argv) > 5 else "pread"
+    if part == "mlx-lm":
+        result = mlx_lm_step(model_dir, tokens)
+    else:
+        result = measure(model_dir, tokens, cold, part, ReadPolicy(method=method))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The streaming benchmark: full-width K2.5-format checkpoints, and what one step costs in bytes, time, RAM.
+
+`build_full_width(dir, layers)` writes K2.5's real widths (hidden 7168, 384 experts of 2048, MLA dims,
+vocab 163840) with `layers` layers, once: each shard is generated into `dir/pool/` from its own seed
+stream, and a checkpoint of N layers is a directory of links to the first N layer shards plus the
+head, named as K2.5 names them, so checkpoints of different depths share the disk.
+`measure(...)` runs one case (a step with a T-token context, cold or warm) and returns its figures:
+`bytes_read` (the ledger's), `bytes_min` (from the routing and the headers, independently),
+`read_s` (the same reads with no compute), `compute_s` (the same step with every weight in memory),
+`wall_s`, `peak_rss_gb`, `largest_layer_gb`, `os_read_bytes` (the kernel's counter). Each case runs in
+its own process (see cli/bench_case.py) so peak RSS and the page cache state are its own. Never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .checkpoint import Checkpoint, read_header
+from .events import LayerDone, StepDone
+from .inventory import role
+from .reader import ReadPolicy, WeightReader
+from .runner import Model, select_device
+from .synth import (HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM, full_width, head_tensors, layer_tensors,
+                    projector_tensors, shard_name, vision_tensors, write_index_and_config, write_shard)
+
+BOS = 163584
+
+
+def _pool_file(pool: Path, stream: int, make, spec, seed: int) -> Path:
+    path = pool / f"stream-{stream}.safetensors"
+    if not path.exists():
+        tmp = path.with_suffix(".partial")
+        write_shard(tmp, spec, seed, stream, make)
+        os.replace(tmp, path)
+    return path
+
+
+def build_full_width(directory: str | Path, layers: int, seed: int = 0) -> Path:
+    """The N-layer full-width checkpoint under `directory` (built once, reused); returns its path."""
+    directory = Path(directory)
+    target = directory / f"k25-full-L{layers}"
+    if (target / "config.json").exists():
+        return target
+    pool = directory / "pool"
+    pool.mkdir(parents=True, exist_ok=True)
+    spec = full_width(layers)
+    plan = [(layer, lambda w, layer=layer: layer_tensors(w, layer)) for layer in range(layers)]
+    plan += [(HEAD_STREAM, head_tensors), (PROJECTOR_STREAM, projector_tensors), (VISION_STREAM, vision_tensors)]
+    staging = directory / f"{target.name}.building"
+    staging.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, (stream, make) in enumerate(plan, 1):
+        source = _pool_file(pool, stream, make, spec, seed)
+        name = shard_name(i, len(plan))
+        link = staging / name
+        if not link.exists():
+            link.symlink_to(os.path.relpath(source, staging))
+        for tensor, info in read_header(link).items():
+            weight_map[tensor] = name
+            total += info.nbytes
+    write_index_and_config(staging, spec, weight_map, total, seed)
+    staging.rename(target)
+    return target
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("model-*.safetensors"))
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Evict the files' pages from the page cache (POSIX_FADV_DONTNEED needs no privileges)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def os_read_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_gb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if os.uname().sysname == "Linux" else 1 / 1024) / 1e6  # Linux: KiB; macOS: bytes
+
+
+def raw_read_gbps(paths: list[Path], limit: int = 2 << 30) -> float:
+    """Plain sequential read (16 MiB buffered reads, one file after another) of up to `limit` bytes, cold."""
+    drop_cache(paths)
+    buf = bytearray(16 << 20)
+    done, start = 0, time.perf_counter()
+    for p in sorted(paths, key=lambda q: -q.stat().st_size):
+        with open(p, "rb", buffering=0) as f:
+            while done < limit:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                done += n
+        if done >= limit:
+            break
+    return done / (time.perf_counter() - start) / 1e9
+
+
+def context_ids(tokens: int) -> list[int]:
+    """BOS then fixed ids: a T-token context whose positions route differently."""
+    return [BOS] + [1000 + 7919 * i % 150000 for i in range(1, tokens)]
+
+
+class _Recorder(WeightReader):
+    """A reader that remembers each request, to replay the same reads without compute."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.requests: list[tuple] = []
+
+    def prefetch(self, names):
+        self.requests.append(("prefetch", list(names)))
+        return super().prefetch(names)
+
+    def tensor(self, name):
+        self.requests.append(("tensor", name))
+        return super().tensor(name)
+
+    def stacked(self, groups):
+        self.requests.append(("stacked", [list(g) for g in groups]))
+        return super().stacked(groups)
+
+    def rows(self, name, rows):
+        self.requests.append(("rows", name, list(rows)))
+        return super().rows(name, rows)
+
+
+class _InMemory(WeightReader):
+    """A reader that serves every request from arrays read beforehand (compute-only timing)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.cache: dict = {}
+
+    def prefetch(self, names):
+        pass
+
+    def _key(self, kind, *args):
+        return (kind, json.dumps(args))
+
+    def tensor(self, name):
+        key = self._key("t", name)
+        if key not in self.cache:
+            self.cache[key] = super().tensor(name)
+        return self.cache[key]
+
+    def stacked(self, groups):
+        key = self._key("s", [list(g) for g in groups])
+        if key not in self.cache:
+            self.cache[key] = super().stacked(groups)
+        return self.cache[key]
+
+    def rows(self, name, rows):
+        key = self._key("r", name, list(rows))
+        if key not in self.cache:
+            self.cache[key] = super().rows(name, rows)
+        return self.cache[key]
+
+
+def _run_step(model: Model, ids: list[int]) -> tuple[StepDone, float]:
+    start = time.perf_counter()
+    for event in model.step(0, ids, capture=True):
+        pass
+    return event, time.perf_counter() - start
+
+
+def bytes_min(checkpoint: Checkpoint, prefix: str, ids: list[int], step: StepDone) -> int:
+    """What the step had to read, from the headers and its routing alone (not from the reader's count)."""
+    experts_by_layer = {e.layer: set(np.asarray(e.routed).reshape(-1).tolist())
+                        for e in step.layers if isinstance(e, LayerDone) and e.routed is not None}
+    total = 0
+    for name, info in checkpoint.tensors.items():
+        group, layer, expert = role(name, prefix)
+        if group == "embedding":
+            total += info.row_bytes * len(set(ids))
+        elif group in ("lm_head", "final norm", "layer norms", "attention", "router", "shared experts", "dense MLP"):
+            total += info.nbytes
+        elif group == "routed experts" and expert in experts_by_layer.get(layer, ()):
+            total += info.nbytes
+    return total
+
+
+def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPolicy = ReadPolicy()) -> dict:
+    """One part of a case in this process: "step" (wall, bytes, RSS, OS bytes), "reads" (the same reads
+    with no compute) or "compute" (the step with every weight already in memory)."""
+    mx.set_default_device(select_device("cpu"))
+    ids = context_ids(tokens)
+    model = Model(model_dir, policy)
+    files = shard_files(model_dir)
+    out: dict = {}
+    try:
+        if part == "step":
+            if cold:
+                drop_cache(files)
+            before = os_read_bytes()
+            step, wall = _run_step(model, ids)
+            after = os_read_bytes()
+            out = {"wall_s": wall, "bytes_read": step.bytes_read, "token_id": step.token_id,
+                   "bytes_min": bytes_min(model.checkpoint, model.config.weight_prefix, ids, step),
+                   "largest_layer_gb": max(e.bytes_read for e in step.layers) / 1e9,
+                   "os_read_bytes": None if before is None else after - before, "peak_rss_gb": peak_rss_gb()}
+        elif part == "reads":
+            recorder = _Recorder(model.checkpoint, policy)
+            model.reader = model.weights.reader = recorder
+            _run_step(model, ids)                      # learn the requests (routing decides the experts)
+            replay = WeightReader(model.checkpoint, policy)
+            if cold:
+                drop_cache(files)
+            start = time.perf_counter()
+            for kind, *args in recorder.requests:
+                arrays = getattr(replay, kind)(*args)
+                del arrays
+            out = {"read_s": time.perf_counter() - start, "replayed_bytes": replay.bytes_read}
+            replay.close()
+            recorder.close()
+        elif part == "compute":
+            memory = _InMemory(model.checkpoint, policy)
+            model.reader = model.weights.reader = memory
+            _run_step(model, ids)                      # fills the cache (untimed)
+            _, compute = _run_step(model, ids)
+            out = {"compute_s": compute}
+            memory.close()
+        else:
+            raise ValueError(part)
+    finally:
+        model.close()
+    return out
+
+
+def mlx_lm_step(model_dir: Path, tokens: int) -> dict:
+    """The peer: mlx-lm's own Kimi K2.5 model on the same checkpoint, one forward pass of the context."""
+    from mlx_lm.utils import load_model
+
+    mx.set_default_device(select_device("cpu"))
+    start = time.perf_counter()
+    model, _ = load_model(Path(model_dir))
+    load = time.perf_counter() - start
+    ids = mx.array([context_ids(tokens)])
+    start = time.perf_counter()
+    logits = model(ids)[0, -1]
+    mx.eval(logits)
+    wall = time.perf_counter() - start
+    return {"token_id": int(mx.argmax(logits).item()), "logit": float(logits.max().item()), "load_s": load,
+            "wall_s": wall, "peak_rss_gb": peak_rss_gb()}

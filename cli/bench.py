@@ -41,17 +41,19 @@ def _case(name: str, model_dir: Path, tokens: int, cold: bool, raw: float, metho
 
 
 def _table(result: dict) -> Table:
+    """Fields down, cases across: readable in a terminal of ordinary width."""
     table = Table(title=f"bench: {result['layers']} layers, {result['checkpoint_bytes'] / 1e9:.1f} GB checkpoint",
                   title_justify="left")
-    for f in FIELDS:
-        table.add_column(f, justify="left" if f == "name" else "right")
+    table.add_column("field")
     for c in result["cases"]:
+        table.add_column(c["name"], justify="right")
+    for f in FIELDS[1:]:
         row = []
-        for f in FIELDS:
+        for c in result["cases"]:
             v = c.get(f)
             row.append(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool)
                        else f"{v:.3f}" if isinstance(v, float) else str(v))
-        table.add_row(*row)
+        table.add_row(f, *row)
     return table
 
 
@@ -67,7 +69,7 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
     """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json"""
     if layers < 2 or tokens < 1:
         raise UsageError("--layers must be at least 2 (1 dense + MoE) and --tokens at least 1")
-    console = Console()
+    console = Console(width=max(Console().width, 160))
     directory = directory or cache_root() / "bench"
     console.print(f"building (once) a full-width {layers}-layer checkpoint under {directory} ...")
     model_dir = build_full_width(directory, layers)

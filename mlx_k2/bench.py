@@ -140,9 +140,9 @@ class _Recorder(WeightReader):
         self.requests.append(("stacked", [list(g) for g in groups]))
         return super().stacked(groups)
 
-    def rows(self, name, rows):
-        self.requests.append(("rows", name, list(rows)))
-        return super().rows(name, rows)
+    def start_rows(self, name, rows):
+        self.requests.append(("start_rows", name, list(rows)))
+        return super().start_rows(name, rows)
 
 
 class _InMemory(WeightReader):
@@ -170,11 +170,11 @@ class _InMemory(WeightReader):
             self.cache[key] = super().stacked(groups)
         return self.cache[key]
 
-    def rows(self, name, rows):
+    def start_rows(self, name, rows):
         key = self._key("r", name, list(rows))
         if key not in self.cache:
-            self.cache[key] = super().rows(name, rows)
-        return self.cache[key]
+            self.cache[key] = super().start_rows(name, rows)()
+        return lambda: self.cache[key]
 
 
 def _run_step(model: Model, ids: list[int]) -> tuple[StepDone, float]:
@@ -223,16 +223,23 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
             recorder = _Recorder(model.checkpoint, policy)
             model.reader = model.weights.reader = recorder
             _run_step(model, ids)                      # learn the requests (routing decides the experts)
+            recorder.close()                           # unmapped: mapped pages cannot be dropped
             replay = WeightReader(model.checkpoint, policy)
             if cold:
                 drop_cache(files)
             start = time.perf_counter()
+            pending = []  # issued row reads, waited for in order, two in flight as the step has them
             for kind, *args in recorder.requests:
-                arrays = getattr(replay, kind)(*args)
-                del arrays
+                if kind == "start_rows":
+                    pending.append(replay.start_rows(*args))
+                    if len(pending) > 1:
+                        pending.pop(0)()
+                else:
+                    getattr(replay, kind)(*args)
+            for wait in pending:
+                wait()
             out = {"read_s": time.perf_counter() - start, "replayed_bytes": replay.bytes_read}
             replay.close()
-            recorder.close()
         elif part == "compute":
             memory = _InMemory(model.checkpoint, policy)
             model.reader = model.weights.reader = memory

@@ -11,3 +11,25 @@ from mlx_k2.synth import write_synthetic
 def synth_dir(tmp_path_factory):
     """The default synthetic checkpoint (seed 0), the same bytes `mlx-k2 run` uses."""
     return write_synthetic(tmp_path_factory.mktemp("synth") / "k25", seed=0)
+
+
+def share_opened_model(monkeypatch, opened, target: str) -> None:
+    """Make `target` (a module's `Model` name) hand out `opened` for its checkpoint instead of reopening
+    it: the same files and computation, without parsing 208k headers again. Closing stays with the owner."""
+    from pathlib import Path
+
+    from mlx_k2.runner import Model
+
+    class Shared(Model):
+        def __init__(self, inner: Model):
+            self.__dict__ = inner.__dict__
+
+        def close(self) -> None:
+            pass
+
+    def open_model(model_dir, *args, **kwargs):
+        if Path(model_dir).resolve() != opened.dir.resolve():
+            return Model(model_dir, *args, **kwargs)    # another checkpoint: opened the ordinary way
+        return Shared(opened)
+
+    monkeypatch.setattr(target, open_model)

@@ -29,6 +29,8 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
+
+from conftest import share_opened_model
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -72,19 +74,7 @@ def opened_synth(synth_dir):
 def shared_model(opened_synth, monkeypatch):
     """Anchor passes in this test reuse the opened checkpoint: the same files, the same computation, only
     the header parsing is not repeated. Closing it is left to the fixture."""
-    class Shared(Model):
-        def __init__(self, inner: Model):
-            self.__dict__ = inner.__dict__
-
-        def close(self) -> None:
-            pass
-
-    def open_model(model_dir, *args, **kwargs):
-        if Path(model_dir).resolve() != opened_synth.dir.resolve():
-            return Model(model_dir, *args, **kwargs)    # another checkpoint: opened the ordinary way
-        return Shared(opened_synth)
-
-    monkeypatch.setattr("mlx_k2.anchor_pass.Model", open_model)
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.anchor_pass.Model")
 
 
 @pytest.fixture(scope="module")

@@ -71,12 +71,14 @@ class ReadLog:
             original = getattr(WeightReader, method)
 
             def logged(reader, names, *args, **kwargs):
-                rows = tuple(int(i) for i in args[0]) if method == "rows" else None
-                self.calls.append((method, _flat([names] if isinstance(names, str) else names), rows))
+                rows = tuple(int(i) for i in args[0]) if method == "start_rows" else None
+                kind = "rows" if method == "start_rows" else method
+                self.calls.append((kind, _flat([names] if isinstance(names, str) else names), rows))
                 return original(reader, names, *args, **kwargs)
             monkeypatch.setattr(WeightReader, method, logged)
 
-        for method in ("tensor", "rows", "stacked", "prefetch"):
+        # `rows` reads through `start_rows`, so logging the latter sees every row read exactly once.
+        for method in ("tensor", "start_rows", "stacked", "prefetch"):
             if hasattr(WeightReader, method):
                 wrap(method)
 

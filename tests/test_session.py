@@ -25,6 +25,8 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
+
+from conftest import share_opened_model
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
@@ -73,19 +75,7 @@ def opened_synth(synth_dir):
 @pytest.fixture
 def shared_session_model(opened_synth, monkeypatch):
     """In this test, session.run opens the checkpoint as this one opened Model (closed by its fixture)."""
-    class Shared(Model):
-        def __init__(self, inner: Model):
-            self.__dict__ = inner.__dict__
-
-        def close(self) -> None:
-            pass
-
-    def open_model(model_dir, *args, **kwargs):
-        if Path(model_dir).resolve() != opened_synth.dir.resolve():
-            return Model(model_dir, *args, **kwargs)    # another checkpoint: opened the ordinary way
-        return Shared(opened_synth)
-
-    monkeypatch.setattr("mlx_k2.session.Model", open_model)
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.session.Model")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ ARGS ?=
 
 DEVICE ?= cpu
 
-.PHONY: install run test anchor clean
+.PHONY: install run test anchor bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ run:
 # Reproduce the frozen anchor (capture off and on, bit for bit). MODEL=DIR for a real checkpoint.
 anchor:
 	$(BIN)/mlx-k2 anchor --device $(DEVICE) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+# Full-width streaming benchmark (builds ~35 GB once in the cache; minutes). Not part of the tests.
+bench:
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/mlx-k2 bench --layers 3 --tokens 3 --json bench.json $(ARGS)
 
 test:
 	$(BIN)/python -m pytest -q

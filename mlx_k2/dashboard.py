@@ -115,6 +115,8 @@ class DashboardState:
         return (done[-1] if done else []), (done[-2] if len(done) > 1 else [])
 
     def eta_step(self) -> float | None:
+        if self.status != "running":
+            return 0.0
         if not self.layer_times:
             return self.step_times[-1] if self.step_times else None
         per_layer = sum(self.layer_times) / len(self.layer_times)

@@ -43,6 +43,8 @@ FaultHook = Callable[[Path, int, int, int], "int | None"]
 class ReadError(K2Error):
     """Reading a tensor failed after every retry (storage error, short read, file gone)."""
 
+    exit_code = 1  # the run failed; the ledger ends with a `failed` footer and can be resumed
+
 
 @dataclass(frozen=True)
 class ReadPolicy:

@@ -13,6 +13,16 @@ def synth_dir(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("synth") / "k25", seed=0)
 
 
+@pytest.fixture(scope="module")
+def opened_synth(synth_dir):
+    """The synthetic checkpoint opened once (parsing its 64 shard headers is most of a pass's cost)."""
+    from mlx_k2.runner import Model
+
+    model = Model(synth_dir)
+    yield model
+    model.close()
+
+
 def share_opened_model(monkeypatch, opened, target: str) -> None:
     """Make `target` (a module's `Model` name) hand out `opened` for its checkpoint instead of reopening
     it: the same files and computation, without parsing 208k headers again. Closing stays with the owner."""

@@ -36,7 +36,6 @@ from typer.testing import CliRunner
 from cli.main import app
 from mlx_k2.synth import default_checkpoint_name
 from mlx_k2.anchor_pass import run_anchor_pass
-from mlx_k2.runner import Model
 from tests.foreign_checkpoint import write_foreign_checkpoint
 from tests.reference import reference_generate
 
@@ -60,14 +59,6 @@ def frozen_anchor() -> dict:
 def identity_of(model_dir: Path) -> dict:
     return {"config_blake3": b3((model_dir / "config.json").read_bytes()),
             "index_blake3": b3((model_dir / "model.safetensors.index.json").read_bytes())}
-
-
-@pytest.fixture(scope="module")
-def opened_synth(synth_dir):
-    """The synthetic checkpoint opened once (parsing its 64 shard headers is most of a pass's cost)."""
-    model = Model(synth_dir)
-    yield model
-    model.close()
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from mlx_k2.events import StepDone
-from mlx_k2.runner import Model
 from mlx_k2.session import run
 from mlx_k2.tokenizer import load_tokenizer
 from mlx_k2.verify import verify
@@ -63,13 +62,6 @@ def raise_at_step(n: int, exc: BaseException):
             if len(seen) == n:
                 raise exc
     return sink
-
-
-@pytest.fixture(scope="module")
-def opened_synth(synth_dir):
-    model = Model(synth_dir)
-    yield model
-    model.close()
 
 
 @pytest.fixture

@@ -88,10 +88,13 @@ class Model:
         mx.eval(x)  # the same evaluation points with capture on or off: every layer starts from evaluated x
         cos, sin = rope_tables(text, len(input_ids))
         layers = []
+        # Capture reads the already-evaluated residual of the last position; it adds no op to the graph.
+        # What leaves layer i is what enters layer i + 1, so each is read once.
+        residual_out = np.array(x[-1]) if capture else None
+        norm_out = None if residual_out is None else l2_norm(residual_out)
         for i in range(text.num_hidden_layers):
             t0, b0 = time.perf_counter(), self.reader.bytes_read
-            # Capture reads the already-evaluated residual; it adds no op to the graph that is computed.
-            residual_in = np.array(x[-1]) if capture else None
+            residual_in, norm_in = residual_out, norm_out
             weights = w.layer(i)
             w.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
             result = decoder_layer(x, weights, text, cos, sin, lambda ids, i=i: w.experts(i, ids))
@@ -99,12 +102,12 @@ class Model:
             x = result.hidden
             mx.eval(x)
             residual_out = np.array(x[-1]) if capture else None
+            norm_out = None if residual_out is None else l2_norm(residual_out)
             routing = result.routing if capture else None
             last = None if routing is None else np.argsort(routing.experts[-1])  # ascending expert ids
             done = LayerDone(
                 step=step, layer=i, kind="dense" if result.routing is None else "moe",
-                norm_in=None if residual_in is None else l2_norm(residual_in),
-                norm_out=None if residual_out is None else l2_norm(residual_out),
+                norm_in=norm_in, norm_out=norm_out,
                 experts=None if routing is None else tuple(int(e) for e in routing.experts[-1][last]),
                 routing_scores=None if routing is None else tuple(float(v) for v in routing.scores[-1][last]),
                 routed=None if routing is None else routing.experts,

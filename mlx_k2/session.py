@@ -100,8 +100,8 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         writer.write(header_record(model_dir, identity, model.config.model_type, text.num_hidden_layers,
                                    text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
                                    capture, dev))
-        return _drive(model, writer, bundle, list(prompt_ids), 0, max_new_tokens, [], dev, capture, sinks,
-                      tokenizer, anchors_dir)
+        return _drive(model, identity, writer, bundle, list(prompt_ids), 0, max_new_tokens, [], dev, capture,
+                      sinks, tokenizer, anchors_dir)
     finally:
         model.close()
 
@@ -153,15 +153,15 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
         size = sum(len(line) + 1 for line in lines)
         writer = LedgerWriter(ledger_path, resume_at=(size, line_digest(lines[-1])))
         bundle = BundleWriter(bundle_dir) if bundle_dir is not None else None
-        result = _drive(model, writer, bundle, context, len(steps), max_new, steps, dev, capture, sinks,
-                        tokenizer, anchors_dir)
+        result = _drive(model, identity, writer, bundle, context, len(steps), max_new, steps, dev, capture,
+                        sinks, tokenizer, anchors_dir)
         result.resumed_from = len(steps)
         return result
     finally:
         model.close()
 
 
-def _drive(model: Model, writer: LedgerWriter, bundle: BundleWriter | None, context: list[int], first_step: int,
+def _drive(model: Model, identity: dict[str, str], writer: LedgerWriter, bundle: BundleWriter | None, context: list[int], first_step: int,
            max_new_tokens: int, records: list[dict], dev: str, capture: bool,
            sinks: tuple[Callable[[Event], None], ...], tokenizer: Tokenizer | None,
            anchors_dir: Path | None) -> RunResult:
@@ -170,8 +170,8 @@ def _drive(model: Model, writer: LedgerWriter, bundle: BundleWriter | None, cont
         tokenizer = load_tokenizer(model.dir)
     anchor = None
     if first_step == 0:
-        anchor = find_anchor(load_anchors(anchors_dir), model.checkpoint.identity(), model_signature(model.config),
-                             context, dev, BACKEND, DTYPE)
+        anchor = find_anchor(load_anchors(anchors_dir), identity, model_signature(model.config), context, dev,
+                             BACKEND, DTYPE)
     result = RunResult(writer.path, "failed", anchor=anchor)
     records = list(records)
 

@@ -273,6 +273,15 @@ def _model_prefix(W: Tensors) -> str:
     raise KeyError("no model.embed_tokens.weight in the checkpoint")
 
 
+def entropy_nats(logits: np.ndarray) -> float:
+    """Shannon entropy (nats) of softmax(logits) in float64, via log-sum-exp (not the product's formula)."""
+    x = np.asarray(logits, np.float64)
+    m = x.max()
+    log_z = m + math.log(float(np.exp(x - m).sum()))
+    p = np.exp(x - log_z)
+    return float(log_z - (p * x).sum())
+
+
 def reference_generate(model_dir, prompt_ids: list[int], max_new_tokens: int) -> list[dict]:
     """Greedy generation without a KV cache; one record per generated token (see module docstring)."""
     tc, quant = load_config(model_dir)

@@ -35,6 +35,7 @@ from mlx_k2.events import StepDone
 from mlx_k2.session import run
 from mlx_k2.tokenizer import load_tokenizer
 from mlx_k2.verify import verify
+from tests.reference import entropy_nats
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
 SYNTH_ANCHOR = "synthetic-k25-seed0-cpu"
@@ -154,13 +155,6 @@ def test_bundle_manifest_is_current(interrupted, status):
         assert digest == b3((path / name).read_bytes()), name
 
 
-def _entropy64(logits: np.ndarray) -> float:
-    x = np.asarray(logits, np.float64)
-    m = x.max()
-    log_z = m + math.log(float(np.exp(x - m).sum()))
-    p = np.exp(x - log_z)
-    return float(log_z - (p * x).sum())
-
 
 def test_bundle_tensors_reproduce_the_ledger(interrupted, tokenizer):
     """Every recomputable ledger value from the saved tensors, read with the safetensors library."""
@@ -177,7 +171,7 @@ def test_bundle_tensors_reproduce_the_ledger(interrupted, tokenizer):
         assert s["token_id"] == ranked[0] and s["logit"] == float(logits[ranked[0]])
         assert s["top16"] == [[i, float(logits[i])] for i in ranked[:16]]
         assert s["margin"] == float(logits[ranked[0]]) - float(logits[ranked[1]])
-        assert math.isclose(s["entropy"], _entropy64(logits), rel_tol=1e-12)
+        assert math.isclose(s["entropy"], entropy_nats(logits), rel_tol=1e-12)
         assert s["token_text"] == tokenizer.token_text(s["token_id"])
         assert residuals.shape == (header["model"]["num_layers"] + 1, hidden.size)
         for i, x in enumerate(s["layers"]):

@@ -41,6 +41,7 @@ from mlx_k2.session import run
 from mlx_k2.tokenizer import load_tokenizer
 from mlx_k2.verify import verify
 from tests.foreign_checkpoint import write_foreign_checkpoint
+from tests.reference import entropy_nats
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
 SYNTH_BOS = 163584
@@ -502,13 +503,6 @@ def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     save_file(tensors, str(path), metadata={"format": "mlx-k2.bundle/1"})
 
 
-def _entropy64(logits: np.ndarray) -> float:
-    x = np.asarray(logits, np.float64)
-    m = x.max()
-    log_z = m + np.log(np.exp(x - m).sum())
-    p = np.exp(x - log_z)
-    return float(log_z - (p * x).sum())
-
 
 @dataclass
 class Forgery:
@@ -580,9 +574,9 @@ def _forge_logits_tensor(target, recs, good):
     r16, r17 = order[15], order[16]
     new = np.float32((np.float64(logits[r16]) + np.float64(logits[r17])) / 2)
     assert logits[r17] < new < logits[r16], "need a gap between ranks 16 and 17"
-    before = _entropy64(logits)
+    before = entropy_nats(logits)
     logits[r17] = new
-    assert abs(_entropy64(logits) - before) > 1e-6 * before   # the forgery changes the entropy
+    assert abs(entropy_nats(logits) - before) > 1e-6 * before   # the forgery changes the entropy
     t["logits"] = logits
     _save_tensors(path, t)
     s = recs[1 + EDIT_STEP]

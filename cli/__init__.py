@@ -1,1 +1,1 @@
-"""The `mlx-k2` command line: thin typer commands over the mlx_k2 library."""
+"""The `mlx-k2` command line (installed as the package `mlx_k2_cli`): thin typer commands over the library."""

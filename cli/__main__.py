@@ -1,3 +1,4 @@
+"""`python -m mlx_k2_cli`: the same as the `mlx-k2` command."""
 from .main import main
 
 main()

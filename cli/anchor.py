@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass
 from mlx_k2.anchors import anchor_record, default_dir, freeze
-from mlx_k2.synth import BOS, default_checkpoint
+from mlx_k2.config import load_config
+from mlx_k2.synth import default_checkpoint
+from mlx_k2.tokenizer import default_bos
 
-from .main import app, guarded
+from .app import app, guarded
+from .plain import progress_lines
 from .run import parse_ids
 from .tables import rows_table
 
@@ -26,9 +28,11 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
            name: Annotated[Optional[str], typer.Option(help="Anchor name for --freeze.")] = None,
            anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None):
     """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
+    from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
+
     console = Console()
-    ids = parse_ids(prompt_ids) or [BOS]
-    model_dir = model if model is not None else default_checkpoint()
+    model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
+    ids = parse_ids(prompt_ids) or [default_bos(model_dir, load_config(model_dir))]
     report = run_anchor_pass(model_dir, ids, device, anchors)
     console.print(f"checkpoint {model_dir}  config {report.identity['config_blake3'][:16]}…  "
                   f"index {report.identity['index_blake3'][:16]}…  {BACKEND}/{report.device}/{DTYPE}")

@@ -12,18 +12,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlx_k2.bench import build_full_width, raw_read_gbps, shard_files
 from mlx_k2.errors import UsageError
 from mlx_k2.synth import cache_root
 
-from .main import app, guarded
+from .app import app, guarded
 
 FIELDS = ("name", "cold", "bytes_read", "bytes_min", "read_s", "read_gbps", "raw_read_gbps", "compute_s",
           "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb", "os_read_bytes")
 
 
 def _part(model_dir: Path, tokens: int, cold: bool, part: str, method: str) -> dict:
-    cmd = [sys.executable, "-m", "cli.bench_case", str(model_dir), str(tokens), "cold" if cold else "warm", part,
+    cmd = [sys.executable, "-m", "mlx_k2_cli.bench_case", str(model_dir), str(tokens), "cold" if cold else "warm", part,
            method]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -67,6 +66,8 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
           peer: Annotated[bool, typer.Option(help="Compare with mlx-lm on a 2-layer checkpoint.")] = True,
           methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap"):
     """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json"""
+    from mlx_k2.bench import build_full_width, raw_read_gbps, shard_files  # needs MLX: imported when asked for
+
     if layers < 2 or tokens < 1:
         raise UsageError("--layers must be at least 2 (1 dense + MoE) and --tokens at least 1")
     console = Console(width=max(Console().width, 160))

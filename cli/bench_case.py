@@ -1,4 +1,4 @@
-"""One benchmark measurement in its own process: `python -m cli.bench_case DIR TOKENS COLD PART`; prints
+"""One benchmark measurement in its own process: `python -m mlx_k2_cli.bench_case DIR TOKENS COLD PART`; prints
 the figures as one JSON line (see mlx_k2.bench.measure; PART "mlx-lm" runs the peer)."""
 
 from __future__ import annotations

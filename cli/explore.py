@@ -12,7 +12,7 @@ from mlx_k2.errors import UsageError
 from mlx_k2.explorer import build_explorer, read_ledger, recorded_model_dir
 from mlx_k2.tokenizer import load_tokenizer
 
-from .main import app, guarded
+from .app import app, guarded
 
 
 def default_output(path: Path) -> Path:

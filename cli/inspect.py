@@ -14,7 +14,7 @@ from mlx_k2.config import load_config
 from mlx_k2.inventory import take_inventory
 from mlx_k2.synth import default_checkpoint
 
-from .main import app, guarded
+from .app import app, guarded
 
 
 @app.command()

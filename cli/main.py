@@ -1,54 +1,11 @@
-"""The typer app: global options, one-line errors, and the command modules it mounts."""
+"""The `mlx-k2` entry point: the app with every command mounted."""
 
 from __future__ import annotations
 
 import sys
-import traceback
-from typing import Annotated
 
-import typer
-
-from mlx_k2.errors import K2Error
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run Kimi K2.5-class MoE checkpoints layer by layer, streaming weights, with a ledger.")
-state = {"debug": False}
-
-
-@app.callback()
-def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False):
-    state["debug"] = debug
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one error line to stderr and exit with `code`."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def guarded(fn):
-    """Run a command body: project errors become one line and exit 2, Ctrl-C exits 130."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except K2Error as e:
-            if state["debug"]:
-                traceback.print_exc()
-            fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
-    return wrapper
-
-
-def _register() -> None:
-    from . import anchor, bench, explore, inspect, run, synth, verify  # noqa: F401  (each module adds its command to `app`)
-
-
-_register()
+from . import anchor, bench, explore, inspect, run, synth, verify  # noqa: F401  (each adds its command)
+from .app import app
 
 
 def main() -> None:

@@ -11,21 +11,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlx_k2.checkpoint import Checkpoint
 from mlx_k2.config import load_config
 from mlx_k2.dashboard import DashboardState
 from mlx_k2.errors import UsageError
-from mlx_k2.events import Event, LayerDone, StepDone
-from mlx_k2.inventory import take_inventory
-from mlx_k2.runner import device_name, select_device
-from mlx_k2.reader import ReadPolicy
-from mlx_k2.session import resume as resume_session
-from mlx_k2.session import run as run_session
-from mlx_k2.synth import BOS, default_checkpoint
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.synth import default_checkpoint
+from mlx_k2.tokenizer import default_bos, load_tokenizer
 
+from .app import app, guarded
 from .live import live_dashboard
-from .main import app, guarded
+from .plain import plain_lines, progress_lines
 
 
 def parse_ids(values: list[str] | None) -> list[int]:
@@ -52,22 +46,6 @@ def read_header_line(path: Path) -> dict:
         raise UsageError(f"{ledger}: not a ledger with a header to resume ({e})") from None
 
 
-def plain_lines(tokenizer):
-    """A sink printing one line per layer and a summary per step (no terminal control codes)."""
-    def sink(event: Event) -> None:
-        if isinstance(event, LayerDone):
-            experts = "" if event.experts is None else " experts " + ",".join(map(str, event.experts))
-            norms = "" if event.norm_in is None else f" norm {event.norm_in:.3f}->{event.norm_out:.3f}"
-            typer.echo(f"step {event.step} layer {event.layer:2d} {event.kind:5s}{norms}{experts} "
-                       f"{event.bytes_read} B {event.wall_s:.3f}s")
-        elif isinstance(event, StepDone):
-            text = tokenizer.token_text(event.token_id) if tokenizer else None
-            shown = "" if text is None else f" {text!r}"
-            typer.echo(f"step {event.step} token {event.token_id}{shown} logit {event.logit:.6f} "
-                       f"bytes {event.bytes_read} {event.wall_s:.2f}s")
-    return sink
-
-
 @app.command()
 @guarded
 def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: the embedded "
@@ -91,6 +69,10 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
         read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread"):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
+    from mlx_k2.reader import ReadPolicy  # the session needs MLX: imported when a run is asked for
+    from mlx_k2.session import resume as resume_session
+    from mlx_k2.session import run as run_session
+
     if read_retries < 0:
         raise UsageError(f"--read-retries must be 0 or more, got {read_retries}")
     policy = ReadPolicy(method=read_method, retries=read_retries)
@@ -99,41 +81,31 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         if model is None:
             model = Path(header["model"]["path"])
         ids, max_new_tokens = header["run"]["prompt_ids"], header["run"]["max_new_tokens"]
-    model_dir = model if model is not None else default_checkpoint()
-    cfg = load_config(model_dir)  # a missing or bad checkpoint is reported before anything else
-    tokenizer = load_tokenizer(model_dir)
-    ids = parse_ids(prompt_ids) if resume is None else ids
-    if prompt is not None and resume is None:
-        if tokenizer is None:
-            raise UsageError(f"--prompt: {model_dir} has no tiktoken.model; give --prompt-ids instead")
-        if ids:
-            raise UsageError("give --prompt or --prompt-ids, not both")
-        ids = ([tokenizer.bos_token_id] if bos else []) + tokenizer.encode(prompt)
-    ids = ids or [BOS]
-    if tokenizer is None and not quiet:
-        typer.echo(f"warning: {model_dir} has no tiktoken.model; tokens are shown as ids", err=True)
-    if ledger is None and bundle is None:
-        ledger = Path("runs") / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.jsonl"
+    dashboard = None if quiet or no_dashboard or not sys.stdout.isatty() else DashboardState()
+    progress = None if quiet else dashboard.progress if dashboard else progress_lines()
 
     def go(sinks):
+        model_dir = model if model is not None else default_checkpoint(progress=progress)
+        cfg = load_config(model_dir)  # a missing or bad checkpoint is reported before anything else
+        tokenizer = load_tokenizer(model_dir)
+        if dashboard is not None:
+            dashboard.token_text = tokenizer.token_text if tokenizer else None
+        sinks = sinks or ((plain_lines(tokenizer),) if progress else ())
         if resume is not None:
-            return resume_session(resume, model_dir, device, sinks=sinks, tokenizer=tokenizer, policy=policy)
-        return run_session(model_dir, ids, max_new_tokens, ledger, bundle, device=device, overwrite=overwrite,
-                           sinks=sinks, tokenizer=tokenizer, policy=policy)
+            return tokenizer, resume_session(resume, model_dir, device, sinks=sinks, tokenizer=tokenizer,
+                                             policy=policy, progress=progress)
+        ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
+        if tokenizer is None and not quiet:
+            typer.echo(f"warning: {model_dir} has no tiktoken.model; tokens are shown as ids", err=True)
+        return tokenizer, run_session(model_dir, ids, max_new_tokens, ledger or default_ledger(bundle), bundle,
+                                      device=device, overwrite=overwrite, sinks=sinks, tokenizer=tokenizer,
+                                      policy=policy, progress=progress)
 
-    if quiet:
-        result = go(())
-    elif no_dashboard or not sys.stdout.isatty():
-        result = go((plain_lines(tokenizer),))
+    if dashboard is not None:
+        with live_dashboard(dashboard) as sink:
+            tokenizer, result = go((sink,))
     else:
-        state = DashboardState(
-            model_path=str(model_dir), model_type=cfg.model_type, device=device_name(select_device(device)),
-            num_layers=cfg.text.num_hidden_layers, n_routed_experts=cfg.text.n_routed_experts,
-            max_new_tokens=max_new_tokens, context_len=len(ids),
-            step_bytes_estimate=take_inventory(Checkpoint(model_dir), cfg).one_token_step_bytes(),
-            token_text=tokenizer.token_text if tokenizer else None)
-        with live_dashboard(state) as sink:
-            result = go((sink,))
+        tokenizer, result = go(())
     tokens = " ".join(str(s.token_id) for s in result.steps)
     resumed = f" (resumed after {result.resumed_from} recorded steps)" if resume is not None else ""
     typer.echo(f"{result.status}: {len(result.steps)} tokens [{tokens}]{resumed} ledger {result.ledger}")
@@ -146,3 +118,20 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         raise typer.Exit(130 if result.status == "stopped" else 1)
     if result.anchor_ok is False:
         raise typer.Exit(1)
+
+
+def default_ledger(bundle: Path | None) -> Path | None:
+    """runs/<UTC time>.jsonl when neither a ledger nor a bundle is given."""
+    return None if bundle is not None else Path("runs") / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.jsonl"
+
+
+def prompt_from(prompt: str | None, bos: bool, ids: list[int], model_dir: Path, cfg, tokenizer) -> list[int]:
+    """The prompt's token ids: --prompt-ids, or --prompt encoded (after BOS with --bos), else the checkpoint's
+    own BOS."""
+    if prompt is not None:
+        if tokenizer is None:
+            raise UsageError(f"--prompt: {model_dir} has no tiktoken.model; give --prompt-ids instead")
+        if ids:
+            raise UsageError("give --prompt or --prompt-ids, not both")
+        return ([default_bos(model_dir, cfg)] if bos else []) + tokenizer.encode(prompt)
+    return ids or [default_bos(model_dir, cfg)]

@@ -9,7 +9,7 @@ import typer
 
 from mlx_k2.synth import write_synthetic
 
-from .main import app, fail, guarded
+from .app import app, fail, guarded
 
 
 @app.command()

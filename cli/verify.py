@@ -14,7 +14,7 @@ from mlx_k2.bundle import LEDGER_NAME
 from mlx_k2.tokenizer import load_tokenizer
 from mlx_k2.verify import verify as verify_path
 
-from .main import app, guarded
+from .app import app, guarded
 
 MARK = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skip/warn[/]"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
 class Checkpoint:
     """The tensor map of one checkpoint directory, plus the identity of its config and index files."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, progress: Callable[[str, int, int], None] | None = None):
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
@@ -131,10 +132,12 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
         self.tensors: dict[str, TensorInfo] = {}
         self.shards = [self.dir / s for s in shards]
-        for shard in self.shards:
+        for done, shard in enumerate(self.shards, 1):
             for name, info in read_header(shard).items():
                 if weight_map is None or weight_map.get(name) == shard.name:
                     self.tensors[name] = info
+            if progress:
+                progress("reading headers", done, len(self.shards))
         if weight_map is not None:
             for name, shard in weight_map.items():
                 if name not in self.tensors:

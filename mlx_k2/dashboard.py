@@ -3,7 +3,9 @@
 `DashboardState.update(event)` folds run events into what the screen shows: step k of N, layer progress
 with per-layer times and ETAs, the residual norm trajectory (this step beside the previous one), the
 current MoE layer's experts and weights, a strip over all experts counting selections this run, I/O, and
-the token timeline. `render` only reads the state; driving it (rich `Live`) is the CLI's job.
+the token timeline. Before the run starts, `progress` shows the work before step 0 (building the default
+checkpoint, reading headers, validating). A figure not known yet is left out, never shown as a guess.
+`render` only reads the state; driving it (rich `Live`) is the CLI's job.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .derived import entropy, margin
-from .events import Event, LayerDone, RunDone, StepDone
+from .events import Event, LayerDone, RunDone, RunStarted, StepDone
 
 SPARK = "▁▂▃▄▅▆▇█"
 SHADE = " ░▒▓█"
@@ -38,13 +40,13 @@ class TokenRow:
 
 @dataclass
 class DashboardState:
-    model_path: str
-    model_type: str
-    device: str
-    num_layers: int
-    n_routed_experts: int
-    max_new_tokens: int
-    context_len: int
+    model_path: str = ""                    # this and the fields up to step_bytes_estimate: from RunStarted
+    model_type: str = ""
+    device: str = ""
+    num_layers: int = 0
+    n_routed_experts: int = 0
+    max_new_tokens: int = 0
+    context_len: int = 0
     step_bytes_estimate: int | None = None  # from the headers, before the first step has run
     token_text: object = None               # callable id -> str | None
     clock: object = time.perf_counter       # injectable for tests
@@ -64,16 +66,29 @@ class DashboardState:
     step_times: list[float] = field(default_factory=list)
     step_started: float | None = None
     tokens: list[TokenRow] = field(default_factory=list)
-    status: str = "running"
+    status: str = "running"                 # "starting" until RunStarted when made empty, then the run's
+    preparing: tuple[str, int, int] | None = None   # (what, done, total) of the work before step 0
 
     def __post_init__(self):
+        if not self.num_layers:
+            self.status = "starting"
         if self.expert_counts is None:
             self.expert_counts = np.zeros(self.n_routed_experts, dtype=np.int64)
         if self.step_started is None:
             self.step_started = self.clock()
 
+    def progress(self, what: str, done: int, total: int) -> None:
+        self.preparing = (what, done, total)
+
     def update(self, event: Event) -> None:
-        if isinstance(event, LayerDone):
+        if isinstance(event, RunStarted):
+            self.model_path, self.model_type, self.device = event.model_path, event.model_type, event.device
+            self.num_layers, self.n_routed_experts = event.num_layers, event.n_routed_experts
+            self.max_new_tokens, self.context_len = event.max_new_tokens, event.context_len
+            self.step, self.step_bytes_estimate = event.first_step, event.step_bytes_estimate
+            self.expert_counts = np.zeros(self.n_routed_experts, dtype=np.int64)
+            self.status, self.preparing, self.step_started = "running", None, self.clock()
+        elif isinstance(event, LayerDone):
             self.layers_done = event.layer + 1
             self.layer_kind = event.kind
             self.layer_times.append(event.wall_s)
@@ -136,16 +151,17 @@ class DashboardState:
         return self.bytes_step / elapsed if elapsed > 0 and self.bytes_step else None
 
 
-def _gb(n: int | None) -> str:
-    if n is None:
-        return "?"
+def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _secs(s: float | None) -> str:
-    if s is None:
-        return "?"
+def _secs(s: float) -> str:
     return f"{s:.1f}s" if s < 120 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def _known(label: str, value, fmt) -> str:
+    """`  label value`, or nothing while the value is not known."""
+    return "" if value is None else f"  {label} {fmt(value)}"
 
 
 def sparkline(values: list[float | None], top: float, width: int) -> str:
@@ -176,6 +192,8 @@ def _bar(fraction: float, width: int) -> str:
 def render(state: DashboardState, width: int = 120):
     """The whole screen for `state` (pure: reads the state, returns rich renderables)."""
     inner = max(width - 6, 40)
+    if state.status == "starting":
+        return Panel(_preparing(state, inner), title="output formation", width=width)
     head = Text.assemble(("mlx-k2 ", "bold"), f"{state.model_type}  {state.model_path}  device {state.device}  ",
                          ("step ", "bold"), f"{min(state.step + 1, state.max_new_tokens)}/{state.max_new_tokens}  ",
                          ("context ", "bold"), f"{state.context_len} tokens  ", (state.status, "italic"))
@@ -184,8 +202,8 @@ def render(state: DashboardState, width: int = 120):
     progress = Text.assemble(
         ("layers ", "bold"), _bar(state.layers_done / state.num_layers, min(61, inner - 60)),
         f" {state.layers_done}/{state.num_layers}",
-        f"  {state.layer_kind or '-'}  last layer {_secs(last_time)}  ETA step {_secs(state.eta_step())}"
-        f"  ETA run {_secs(state.eta_run())}")
+        f"  {state.layer_kind or '-'}" + _known("last layer", last_time, _secs)
+        + _known("ETA step", state.eta_step(), _secs) + _known("ETA run", state.eta_run(), _secs))
 
     this, previous = state.trajectories()
     known = [v for v in this + previous if v is not None]
@@ -210,9 +228,13 @@ def render(state: DashboardState, width: int = 120):
     strip = Text.assemble((f"selections across layers this run, {state.n_routed_experts} experts "
                            f"({per_cell} per cell): ", "bold"), "\n", expert_strip(state.expert_counts, strip_w))
 
-    io = Text.assemble(("I/O ", "bold"), f"this step {_gb(state.bytes_step)}  total {_gb(state.bytes_total)}  ",
-                       f"rate {_gb(int(state.throughput())) + '/s' if state.throughput() else '?'}  ",
-                       f"a step reads ~{_gb(state.last_step_bytes or state.step_bytes_estimate)}")
+    # Between steps and after the last one, the figure shown is the last finished step's.
+    this_step = ("this step", state.bytes_step) if state.layers_done and state.status == "running" \
+        else ("last step", state.last_step_bytes)
+    rate = state.throughput()
+    io = Text.assemble(("I/O ", "bold"), _known(*this_step, _gb).lstrip(), _known("total", state.bytes_total, _gb),
+                       _known("rate", rate, lambda r: _gb(int(r)) + "/s"),
+                       _known("a step reads", state.last_step_bytes or state.step_bytes_estimate, lambda n: "~" + _gb(n)))
 
     timeline = Table(box=None, padding=(0, 1), header_style="bold")
     for col in ("step", "token", "text", "logit", "margin", "entropy", "bytes", "time"):
@@ -224,3 +246,12 @@ def render(state: DashboardState, width: int = 120):
 
     return Panel(Group(head, progress, Text(""), norms, Text(""), Text(title, style="bold"), routing, strip,
                        Text(""), io, Text(""), timeline), title="output formation", width=width)
+
+
+def _preparing(state: DashboardState, inner: int) -> Text:
+    """The screen before step 0: what is being prepared, with a bar when its size is known."""
+    if state.preparing is None:
+        return Text("starting", style="italic")
+    what, done, total = state.preparing
+    return Text.assemble((f"{what} ", "bold"), _bar(done / total if total else 0.0, min(40, inner - 40)),
+                         f" {done}/{total}")

@@ -1,4 +1,5 @@
-"""The typed events a run emits: one LayerDone per layer, one StepDone per generated token, one RunDone.
+"""The typed events a run emits: RunStarted, one LayerDone per layer, one StepDone per generated token, one
+RunDone.
 
 They carry the values the runner measured (and, with capture off, only what the computation itself
 produces). Sinks (ledger writer, dashboard) consume them; nothing flows back into the run.
@@ -6,11 +7,27 @@ produces). Sinks (ledger writer, dashboard) consume them; nothing flows back int
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .derived import distinct_experts, normalise
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """The model is open and checked; step `first_step` is about to run."""
+
+    model_path: str
+    model_type: str
+    device: str
+    num_layers: int
+    n_routed_experts: int
+    max_new_tokens: int
+    context_len: int
+    first_step: int
+    step_bytes_estimate: int     # bytes a one-token step reads, from the headers
 
 
 @dataclass(frozen=True)
@@ -61,4 +78,9 @@ class RunDone:
     error: str | None = None
 
 
-Event = LayerDone | StepDone | RunDone
+Event = RunStarted | LayerDone | StepDone | RunDone
+
+
+# Progress of the work before step 0 (building the default checkpoint, reading headers, validating):
+# (what, done, total), called as each piece finishes.
+Progress = Callable[[str, int, int], None]

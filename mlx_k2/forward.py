@@ -9,7 +9,6 @@ calls once routing is known. Nothing here prints, times or counts bytes.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -169,46 +168,55 @@ class Experts:
     down_proj: Linear
 
 
-def routed_experts(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig,
-                   streams: list | None = None) -> mx.array:
-    """sum_k scaled_weight[t, k] * expert_k(x[t]). x (T, hidden) -> (T, hidden).
+def moe(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig, streams: list) -> mx.array:
+    """y[t] = sum_j routed_scaling_factor * weights[t, j] * expert_{experts[t, j]}(x[t]). x (T, hidden).
 
-    The (position, expert) pairs are split over `streams` (MLX's CPU quantized kernel uses one core per
-    call; separate streams run in parallel), each group scatter-added into the output.
+    Every (position, expert) pair is one row of work; rows of one expert sit together so its weights are
+    read once. The float32 sum over a position's experts is taken in a fixed order (`sum_by_position`),
+    so a step's bits never depend on how many `streams` computed the rows.
     """
     T, k = routing.experts.shape
-    slots = np.searchsorted(experts.ids, routing.experts).reshape(-1)                 # (T*k,) into the stack
-    scale = (routing.weights * np.float32(cfg.routed_scaling_factor)).reshape(-1)     # (T*k,)
-    order = np.argsort(slots, kind="stable")  # pairs of one expert together: its weights are read once
-    groups = np.array_split(order, len(streams)) if streams else [order]
-    out = None
-    for i, pairs in enumerate(groups):
-        if not len(pairs):
-            continue
-        with mx.stream(streams[i] if streams else mx.default_stream(mx.default_device())):
-            rows = mx.array((pairs // k).astype(np.uint32))                           # (P,) positions
-            xe = x[rows][:, None, None, :]                                            # (P, 1, 1, hidden)
-            idx = mx.array(slots[pairs].astype(np.uint32))[:, None]                   # (P, 1)
+    slots = np.searchsorted(experts.ids, routing.experts).reshape(-1)              # (T*k,) into the stacks
+    scale = (routing.weights * np.float32(cfg.routed_scaling_factor)).reshape(-1)  # (T*k,)
+    order = np.argsort(slots, kind="stable")                                       # (P,) pairs by expert
+    positions = order // k                                                         # (P,) the pair's position
+    y = expert_rows(x, positions, slots[order], experts, streams)                  # (P, hidden)
+    y = y * mx.array(scale[order])[:, None]
+    return sum_by_position(y, positions, T)
+
+
+def expert_rows(x: mx.array, positions: np.ndarray, slots: np.ndarray, experts: Experts,
+                streams: list) -> mx.array:
+    """expert_{slots[p]}(x[positions[p]]) for every pair p: (P, hidden).
+
+    MLX's CPU quantized kernel uses one core per call and separate streams run in parallel, so the rows
+    are cut into one piece per stream. A row's result does not depend on which piece computed it.
+    """
+    pieces = []
+    for rows in np.array_split(np.arange(len(slots)), max(1, min(len(streams), len(slots)))):
+        with mx.stream(streams[len(pieces)]):
+            xe = x[mx.array(positions[rows].astype(np.uint32))][:, None, None, :]   # (R, 1, 1, hidden)
+            idx = mx.array(slots[rows].astype(np.uint32))[:, None]                   # (R, 1)
             hidden = silu(gather_linear(xe, experts.gate_proj, idx)) * gather_linear(xe, experts.up_proj, idx)
-            y = gather_linear(hidden, experts.down_proj, idx).reshape(len(pairs), -1)  # (P, hidden)
-            y = y * mx.array(scale[pairs])[:, None]
-            part = mx.zeros((T, y.shape[-1]), dtype=y.dtype).at[rows].add(y)
-        out = part if out is None else out + part
+            pieces.append(gather_linear(hidden, experts.down_proj, idx).reshape(len(rows), -1))  # (R, hidden)
+    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+
+
+# A position's expert outputs are summed within each half of the pairs, then the halves are added: a
+# fixed function of the step, never of the machine (it is the order the frozen anchors were taken in).
+SUM_PARTS = 2
+
+
+def sum_by_position(y: mx.array, positions: np.ndarray, T: int) -> mx.array:
+    """out[t] = the sum of the rows y[p] with positions[p] == t, in a fixed order. y (P, hidden) -> (T, hidden)."""
+    out = None
+    for part in np.array_split(np.arange(len(positions)), SUM_PARTS):
+        if not len(part):
+            continue
+        rows = mx.array(part.astype(np.uint32))
+        partial = mx.zeros((T, y.shape[-1]), dtype=y.dtype).at[mx.array(positions[part].astype(np.uint32))].add(y[rows])
+        out = partial if out is None else out + partial
     return out
-
-
-_STREAMS: dict = {}
-
-
-def compute_streams() -> list | None:
-    """One MLX stream per core on the CPU device (made once); None on the GPU, which parallelises itself."""
-    device = mx.default_device()
-    if device.type != mx.DeviceType.cpu:
-        return None
-    key = str(device)
-    if key not in _STREAMS:
-        _STREAMS[key] = [mx.new_stream(device) for _ in range(max(1, min(os.cpu_count() or 1, 8)))]
-    return _STREAMS[key]
 
 
 # ---------------------------------------------------------------------------------------------- layer
@@ -241,15 +249,16 @@ class LayerResult:
 
 
 def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx.array,
-                  fetch_experts: Callable[[np.ndarray], Experts]) -> LayerResult:
-    """h = x + attn(norm(x)); out = h + mlp(norm(h)). x (T, hidden)."""
+                  fetch_experts: Callable[[np.ndarray], Experts], streams: list) -> LayerResult:
+    """h = x + attn(norm(x)); out = h + mlp(norm(h)). x (T, hidden). A MoE layer reads its routed experts
+    through `fetch_experts` once routing is known and computes them on `streams`."""
     h = x + mla_attention(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps), w.self_attn, cfg, cos, sin)
     hn = rms_norm(h, w.post_attention_layernorm, cfg.rms_norm_eps)
     if isinstance(w.mlp, DenseMLP):
         return LayerResult(h + mlp(hn, w.mlp.gate_proj, w.mlp.up_proj, w.mlp.down_proj), None)
     routing = route(hn, w.mlp.gate_weight, w.mlp.e_score_correction_bias, cfg)
     experts = fetch_experts(np.unique(routing.experts))
-    y = routed_experts(hn, routing, experts, cfg, compute_streams())
+    y = moe(hn, routing, experts, cfg, streams)
     if w.mlp.shared_experts is not None:
         s = w.mlp.shared_experts
         y = y + mlp(hn, s.gate_proj, s.up_proj, s.down_proj)

@@ -8,6 +8,7 @@ of the last position) but evaluates at exactly the same points, so the computati
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,8 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
 from .derived import l2_norm
 from .errors import UsageError
-from .events import Event, LayerDone, RunDone, StepDone
-from .forward import decoder_layer, rms_norm, rope_tables
+from .events import Event, LayerDone, Progress, RunDone, StepDone
+from .forward import LayerResult, Routing, decoder_layer, rms_norm, rope_tables
 from .int4 import linear
 from .layers import ModelWeights
 from .reader import FaultHook, ReadPolicy, WeightReader
@@ -46,19 +47,42 @@ def device_name(device: mx.Device) -> str:
     return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
 
 
+def compute_streams(device: mx.Device, count: int | None = None) -> list:
+    """The streams a layer's expert rows are spread over: on the CPU one per core (up to 8), since MLX's
+    CPU kernels use one core per call; on the GPU its default stream. Results do not depend on the count."""
+    if device.type != mx.DeviceType.cpu:
+        return [mx.default_stream(device)]
+    count = count or max(1, min(os.cpu_count() or 1, 8))
+    return [mx.new_stream(device) for _ in range(count)]
+
+
 class Model:
     """An opened checkpoint: config, tensor map and reader. Holds no weights between layers."""
 
-    def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None):
+    def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
+                 progress: Progress | None = None):
         self.dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.dir)
-        self.checkpoint = Checkpoint(self.dir)
+        self.checkpoint = Checkpoint(self.dir, progress)
+        if progress:
+            progress("validating", 0, 1)
         validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
+        if progress:
+            progress("validating", 1, 1)
         self.reader = WeightReader(self.checkpoint, policy, fault)
         self.weights = ModelWeights(self.config, self.reader)
+        self._streams: dict[str, list] = {}
+        self.stream_count: int | None = None  # None: one per core; set it to pin the count (tests do)
 
     def close(self) -> None:
         self.reader.close()
+
+    def streams(self) -> list:
+        device = mx.default_device()
+        key = f"{device}/{self.stream_count}"
+        if key not in self._streams:
+            self._streams[key] = compute_streams(device, self.stream_count)
+        return self._streams[key]
 
     def check_prompt(self, ids: list[int]) -> None:
         text = self.config.text
@@ -78,57 +102,87 @@ class Model:
         self.check_prompt(list(context))
         self.check_prompt(list(context) + [0] * (max_new_tokens - first_step - 1))  # the last step's too
 
-    def step(self, step: int, input_ids: list[int], capture: bool = True) -> Iterator[LayerDone | StepDone]:
-        """Run the whole context through every layer; yields one LayerDone per layer, then the StepDone."""
-        text = self.config.text
-        w = self.weights
-        start, start_bytes = time.perf_counter(), self.reader.bytes_read
-        x = w.embedding(input_ids)  # (T, hidden) float32 below
-        x = x.astype(mx.float32)
-        mx.eval(x)  # the same evaluation points with capture on or off: every layer starts from evaluated x
-        cos, sin = rope_tables(text, len(input_ids))
-        layers = []
-        # Capture reads the already-evaluated residual of the last position; it adds no op to the graph.
-        # What leaves layer i is what enters layer i + 1, so each is read once.
-        residual_out = np.array(x[-1]) if capture else None
-        norm_out = None if residual_out is None else l2_norm(residual_out)
-        for i in range(text.num_hidden_layers):
-            t0, b0 = time.perf_counter(), self.reader.bytes_read
-            residual_in, norm_in = residual_out, norm_out
-            weights = w.layer(i)
-            w.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
-            result = decoder_layer(x, weights, text, cos, sin, lambda ids, i=i: w.experts(i, ids))
-            del weights
-            x = result.hidden
-            mx.eval(x)
-            residual_out = np.array(x[-1]) if capture else None
-            norm_out = None if residual_out is None else l2_norm(residual_out)
-            routing = result.routing if capture else None
-            last = None if routing is None else np.argsort(routing.experts[-1])  # ascending expert ids
-            done = LayerDone(
-                step=step, layer=i, kind="dense" if result.routing is None else "moe",
-                norm_in=norm_in, norm_out=norm_out,
-                experts=None if routing is None else tuple(int(e) for e in routing.experts[-1][last]),
-                routing_scores=None if routing is None else tuple(float(v) for v in routing.scores[-1][last]),
-                routed=None if routing is None else routing.experts,
-                residual_in=residual_in, residual_out=residual_out,
-                bytes_read=self.reader.bytes_read - b0, wall_s=time.perf_counter() - t0)
-            layers.append(done)
-            yield done
-        hidden = rms_norm(x[-1:], w.final_norm(), text.rms_norm_eps)  # (1, hidden)
+    # ------------------------------------------------------------------ the forward pass, piece by piece
+    def embed(self, input_ids: list[int]) -> mx.array:
+        x = self.weights.embedding(input_ids).astype(mx.float32)  # (T, hidden)
+        mx.eval(x)  # every layer starts from an evaluated x, with capture on or off
+        return x
+
+    def layer(self, i: int, x: mx.array, cos: mx.array, sin: mx.array) -> LayerResult:
+        """Read layer i's weights (its routed experts once routing is known), compute it, drop the weights."""
+        weights = self.weights.layer(i)
+        self.weights.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
+        result = decoder_layer(x, weights, self.config.text, cos, sin,
+                               lambda ids: self.weights.experts(i, ids), self.streams())
+        mx.eval(result.hidden)
+        return result
+
+    def head(self, x: mx.array) -> tuple[np.ndarray, np.ndarray]:
+        """Final norm and lm_head of the last position: (hidden,), (vocab,) float32."""
+        hidden = rms_norm(x[-1:], self.weights.final_norm(), self.config.text.rms_norm_eps)  # (1, hidden)
         mx.eval(hidden)
         pieces = []
-        for block in w.lm_head_chunks(HEAD_ROWS_PER_BLOCK):
-            pieces.append(linear(hidden, block))                        # (1, rows of this block)
+        for block in self.weights.lm_head_chunks(HEAD_ROWS_PER_BLOCK):
+            pieces.append(linear(hidden, block))  # (1, rows of this block)
             mx.eval(pieces[-1])
-        logits = mx.concatenate(pieces, axis=-1)                        # (1, vocab)
+        logits = mx.concatenate(pieces, axis=-1)  # (1, vocab)
         mx.eval(logits)
+        return np.array(hidden[0]), np.array(logits[0])
+
+    def step(self, step: int, input_ids: list[int], capture: bool = True) -> Iterator[LayerDone | StepDone]:
+        """embed -> every layer -> final norm -> lm_head for the whole context (no KV cache); yields one
+        LayerDone per layer, then the StepDone. `watch` observes beside the computation, never in it."""
+        watch = StepWatch(self.reader, step, capture)
+        x = self.embed(input_ids)
+        cos, sin = rope_tables(self.config.text, len(input_ids))
+        watch.start(x)
+        for i in range(self.config.text.num_hidden_layers):
+            watch.layer_start()
+            result = self.layer(i, x, cos, sin)
+            x = result.hidden
+            yield watch.layer_done(i, x, result.routing)
+        hidden, logits = self.head(x)
         self.reader.drop_prefetched()  # reads of tensors no computation used are not carried into the next step
-        hidden_np, logits_np = np.array(hidden[0]), np.array(logits[0])
-        token = int(np.argmax(logits_np))  # first maximum: ties go to the lower id
-        yield StepDone(step=step, input_ids=tuple(input_ids), token_id=token, logit=float(logits_np[token]),
-                       hidden=hidden_np, logits=logits_np, bytes_read=self.reader.bytes_read - start_bytes,
-                       wall_s=time.perf_counter() - start, layers=tuple(layers))
+        yield watch.step_done(input_ids, hidden, logits)
+
+
+class StepWatch:
+    """What a step's observer records: times, bytes, and (with capture) the last position's residual norms
+    and routing. It reads arrays the runner has already evaluated and adds no op to the computation."""
+
+    def __init__(self, reader: WeightReader, step: int, capture: bool):
+        self.reader, self.step, self.capture = reader, step, capture
+        self.started, self.bytes_at_start = time.perf_counter(), reader.bytes_read
+        self.layers: list[LayerDone] = []
+
+    def start(self, x: mx.array) -> None:
+        self.residual = np.array(x[-1]) if self.capture else None  # what enters layer 0
+
+    def layer_start(self) -> None:
+        self.layer_started, self.layer_bytes = time.perf_counter(), self.reader.bytes_read
+
+    def layer_done(self, i: int, x: mx.array, routing: Routing | None) -> LayerDone:
+        residual_in = self.residual
+        self.residual = np.array(x[-1]) if self.capture else None  # what leaves layer i enters layer i + 1
+        observed = routing if self.capture else None
+        last = None if observed is None else np.argsort(observed.experts[-1])  # ascending expert ids
+        done = LayerDone(
+            step=self.step, layer=i, kind="dense" if routing is None else "moe",
+            norm_in=None if residual_in is None else l2_norm(residual_in),
+            norm_out=None if self.residual is None else l2_norm(self.residual),
+            experts=None if observed is None else tuple(int(e) for e in observed.experts[-1][last]),
+            routing_scores=None if observed is None else tuple(float(v) for v in observed.scores[-1][last]),
+            routed=None if observed is None else observed.experts,
+            residual_in=residual_in, residual_out=self.residual,
+            bytes_read=self.reader.bytes_read - self.layer_bytes, wall_s=time.perf_counter() - self.layer_started)
+        self.layers.append(done)
+        return done
+
+    def step_done(self, input_ids: list[int], hidden: np.ndarray, logits: np.ndarray) -> StepDone:
+        token = int(np.argmax(logits))  # first maximum: ties go to the lower id
+        return StepDone(step=self.step, input_ids=tuple(input_ids), token_id=token, logit=float(logits[token]),
+                        hidden=hidden, logits=logits, bytes_read=self.reader.bytes_read - self.bytes_at_start,
+                        wall_s=time.perf_counter() - self.started, layers=tuple(self.layers))
 
 
 def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: int, device: str | None = None,

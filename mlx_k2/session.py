@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .anchor_pass import BACKEND, DTYPE
-from .anchors import Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values
-from .bundle import LEDGER_NAME, BundleWriter
+from .anchors import Anchor, Row, find_anchor, load_anchors, model_signature
+from .bundle import LEDGER_NAME
 from .errors import K2Error, UsageError
-from .events import Event, RunDone, StepDone
-from .ledger import LedgerWriter, footer_record, header_record, line_digest, step_record
+from .events import Progress, RunDone, RunStarted, StepDone
+from .inventory import take_inventory
+from .ledger import LedgerWriter, header_record, line_digest
 from .reader import FaultHook, ReadPolicy
 from .runner import Model, device_name, generate, select_device
+from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
 from .tokenizer import Tokenizer, load_tokenizer
 
 # Rough bytes per layer record and per step line besides them, for the free-space check.
@@ -60,8 +61,8 @@ def _check_space(directory: Path, model: Model, steps: int, bundle: bool) -> Non
 
 
 def _open_model(model_dir: Path, policy: ReadPolicy, fault: FaultHook | None, context: list[int],
-                max_new_tokens: int, first_step: int) -> Model:
-    model = Model(model_dir, policy, fault)  # config and every shard header are checked first
+                max_new_tokens: int, first_step: int, progress: Progress | None) -> Model:
+    model = Model(model_dir, policy, fault, progress)  # config and every shard header are checked first
     try:
         model.check_run(context, max_new_tokens, first_step)
     except K2Error:
@@ -72,9 +73,10 @@ def _open_model(model_dir: Path, policy: ReadPolicy, fault: FaultHook | None, co
 
 def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledger_path: str | Path | None = None,
         bundle_dir: str | Path | None = None, device: str | None = None, capture: bool = True,
-        overwrite: bool = False, sinks: tuple[Callable[[Event], None], ...] = (),
+        overwrite: bool = False, sinks: tuple[Sink, ...] = (),
         tokenizer: Tokenizer | None = None, anchors_dir: Path | None = None,
-        policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None) -> RunResult:
+        policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
+        progress: Progress | None = None) -> RunResult:
     model_dir = Path(model_dir)
     if bundle_dir is not None:
         bundle_dir = Path(bundle_dir)
@@ -87,11 +89,11 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
     if ledger_path.exists() and not overwrite:
         raise UsageError(f"{ledger_path}: ledger already exists (choose another path or pass --overwrite)")
     dev = device_name(select_device(device))
-    model = _open_model(model_dir, policy, fault, prompt_ids, max_new_tokens, 0)
+    model = _open_model(model_dir, policy, fault, prompt_ids, max_new_tokens, 0, progress)
     try:
         try:
             ledger_path.parent.mkdir(parents=True, exist_ok=True)
-            bundle = BundleWriter(bundle_dir) if bundle_dir is not None else None
+            bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
             _check_space(ledger_path.parent, model, max_new_tokens, bundle is not None)
             writer = LedgerWriter(ledger_path)
         except OSError as e:
@@ -100,16 +102,17 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         writer.write(header_record(model_dir, identity, model.config.model_type, text.num_hidden_layers,
                                    text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
                                    capture, dev))
-        return _drive(model, identity, writer, bundle, list(prompt_ids), 0, max_new_tokens, [], dev, capture,
-                      sinks, tokenizer, anchors_dir)
+        tokenizer = tokenizer or load_tokenizer(model_dir)
+        return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
+                      max_new_tokens, dev, capture, sinks, anchors_dir)
     finally:
         model.close()
 
 
 def resume(path: str | Path, model_dir: str | Path | None = None, device: str | None = None,
-           sinks: tuple[Callable[[Event], None], ...] = (), tokenizer: Tokenizer | None = None,
+           sinks: tuple[Sink, ...] = (), tokenizer: Tokenizer | None = None,
            anchors_dir: Path | None = None, policy: ReadPolicy = ReadPolicy(),
-           fault: FaultHook | None = None) -> RunResult:
+           fault: FaultHook | None = None, progress: Progress | None = None) -> RunResult:
     """Continue the run recorded in a ledger (or bundle) that did not complete."""
     from .verify import verify
 
@@ -138,7 +141,7 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
     context = steps[-1]["input_ids"] + [steps[-1]["token_id"]] if steps else list(run_info["prompt_ids"])
     if len(steps) >= max_new:
         raise UsageError(f"{ledger_path}: all {max_new} steps are recorded; nothing to resume")
-    model = Model(model_dir, policy, fault)
+    model = Model(model_dir, policy, fault, progress)
     try:
         identity = model.checkpoint.identity()
         recorded = {k: model_info.get(k) for k in identity}
@@ -152,57 +155,67 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
             raise UsageError(f"{ledger_path}: the run ended at EOS; nothing to resume")
         size = sum(len(line) + 1 for line in lines)
         writer = LedgerWriter(ledger_path, resume_at=(size, line_digest(lines[-1])))
-        bundle = BundleWriter(bundle_dir) if bundle_dir is not None else None
-        result = _drive(model, identity, writer, bundle, context, len(steps), max_new, steps, dev, capture,
-                        sinks, tokenizer, anchors_dir)
+        bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
+        ledger = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), steps)
+        result = _drive(model, identity, ledger, bundle, context, len(steps), max_new, dev, capture, sinks,
+                        anchors_dir)
         result.resumed_from = len(steps)
         return result
     finally:
         model.close()
 
 
-def _drive(model: Model, identity: dict[str, str], writer: LedgerWriter, bundle: BundleWriter | None, context: list[int], first_step: int,
-           max_new_tokens: int, records: list[dict], dev: str, capture: bool,
-           sinks: tuple[Callable[[Event], None], ...], tokenizer: Tokenizer | None,
-           anchors_dir: Path | None) -> RunResult:
-    """Run steps first_step.. and write them after `records` (the steps already in the ledger)."""
-    if tokenizer is None:
-        tokenizer = load_tokenizer(model.dir)
+def _drive(model: Model, identity: dict[str, str], ledger: LedgerSink, bundle: BundleSink | None,
+           context: list[int], first_step: int, max_new_tokens: int, dev: str, capture: bool,
+           sinks: tuple[Sink, ...], anchors_dir: Path | None) -> RunResult:
+    """Run steps first_step.. and hand every event to the sinks, the ledger first; every sink is closed with
+    the run's status (a RunDone), whatever ends it."""
     anchor = None
     if first_step == 0:
         anchor = find_anchor(load_anchors(anchors_dir), identity, model_signature(model.config), context, dev,
                              BACKEND, DTYPE)
-    result = RunResult(writer.path, "failed", anchor=anchor)
-    records = list(records)
-
-    def end(status: str, error: str | None) -> None:
-        result.status, result.error = status, error
-        writer.write(footer_record(records, status, error))
-
+    check = AnchorCheck(anchor, BACKEND, dev, DTYPE)
+    result = RunResult(ledger.writer.path, "failed", anchor=anchor)
+    subscribers = [ledger, *([bundle] if bundle else []), check, *sinks]
+    end = RunDone(steps=0, bytes_read=0, wall_s=0.0, status="failed", error="the run did not finish")
+    text = model.config.text
+    started = RunStarted(str(model.dir), model.config.model_type, dev, text.num_hidden_layers, text.n_routed_experts,
+                         max_new_tokens, len(context), first_step,
+                         take_inventory(model.checkpoint, model.config).one_token_step_bytes())
     try:
+        for sink in subscribers:
+            sink(started)
         for event in generate(model, context, max_new_tokens, dev, capture, first_step=first_step):
+            if isinstance(event, RunDone):
+                end = event
+                break
             if isinstance(event, StepDone):
-                if bundle is not None:
-                    bundle.add_step(event)
-                token_text = tokenizer.token_text(event.token_id) if tokenizer else None
-                records.append(step_record(event, token_text))
-                writer.write(records[-1])
-                if bundle is not None:
-                    bundle.write_manifest()
                 result.steps.append(event)
-                if event.step == 0 and anchor is not None:
-                    result.anchor_rows = compare(anchor, observed_values(event), BACKEND, dev, DTYPE)
-            elif isinstance(event, RunDone):
-                end(event.status, event.error)
-            for sink in sinks:
+            for sink in subscribers:
                 sink(event)
     except KeyboardInterrupt:
-        end("stopped", "interrupted")
+        end = _ending(result, "stopped", "interrupted")
     except Exception as e:  # whatever went wrong, the ledger ends with a footer saying so
-        end("failed", str(e) or type(e).__name__)
+        end = _ending(result, "failed", str(e) or type(e).__name__)
         raise
     finally:
-        writer.close()
-        if bundle is not None:
-            bundle.write_manifest()
+        result.status, result.error, result.anchor_rows = end.status, end.error, check.rows
+        _close(subscribers, end)
     return result
+
+
+def _close(subscribers: list[Sink], end: RunDone) -> None:
+    """Every sink sees the RunDone, even when one before it fails; the first failure is raised after."""
+    failure = None
+    for sink in subscribers:
+        try:
+            sink(end)
+        except Exception as e:  # noqa: BLE001
+            failure = failure or e
+    if failure is not None:
+        raise failure
+
+
+def _ending(result: RunResult, status: str, error: str) -> RunDone:
+    return RunDone(steps=len(result.steps), bytes_read=sum(s.bytes_read for s in result.steps),
+                   wall_s=sum(s.wall_s for s in result.steps), status=status, error=error)

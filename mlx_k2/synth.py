@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,8 +280,10 @@ def write_index_and_config(path: Path, spec: SynthSpec, weight_map: dict[str, st
     write_tokenizer(path, spec.vocab_size, seed)
 
 
-def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec()) -> Path:
-    """Write the checkpoint into `path` (created; must not hold a checkpoint already). Returns the path."""
+def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec(),
+                    progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Write the checkpoint into `path` (created; must not hold a checkpoint already). Returns the path.
+    `progress(what, shards written, shards)` is called after each shard."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     n_shards = spec.num_hidden_layers + 3
@@ -290,6 +293,8 @@ def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec
         names, nbytes = write_shard(path / shard_name(i, n_shards), spec, seed, stream, make)
         weight_map.update({name: shard_name(i, n_shards) for name in names})
         total += nbytes
+        if progress:
+            progress("building the default checkpoint", i, n_shards)
     write_index_and_config(path, spec, weight_map, total, seed)
     return path
 
@@ -304,14 +309,14 @@ def default_checkpoint_name(seed: int = 0) -> str:
     return f"synthetic-k25-seed{seed}-v2"
 
 
-def default_checkpoint(seed: int = 0) -> Path:
+def default_checkpoint(seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """The embedded default: the synthetic checkpoint, built once into the cache directory."""
     target = cache_root() / default_checkpoint_name(seed)
     if (target / "config.json").exists():
         return target
     staging = target.with_name(target.name + f".building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    write_synthetic(staging, seed)
+    write_synthetic(staging, seed, progress=progress)
     try:
         staging.rename(target)  # atomic: an interrupted build never looks finished
     except OSError:

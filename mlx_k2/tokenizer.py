@@ -2,7 +2,8 @@
 
 K2.5's split pattern and its 256 reserved special tokens after the base vocabulary (BOS 163584, named
 from `added_tokens_decoder`, else `<|reserved_token_N|>`). Encoding never adds BOS by itself (K2.5's
-`encode` does not). A checkpoint without `tiktoken.model` has no tokenizer: `load_tokenizer` returns None.
+`encode` does not). A checkpoint without `tiktoken.model` has no tokenizer: `load_tokenizer` returns None. `default_bos` is the
+checkpoint's own BOS id, the default prompt of `run` and `anchor`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CheckpointError
+from .config import ModelConfig
+from .errors import CheckpointError, UsageError
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 PAT_STR = "|".join([
@@ -78,3 +80,22 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
     if not vocab.exists():
         return None
     return Tokenizer(vocab, model_dir / "tokenizer_config.json")
+
+
+def default_bos(model_dir: str | Path, cfg: ModelConfig) -> int:
+    """The checkpoint's own BOS id: config.json's `bos_token_id`, else tokenizer_config.json's `bos_token`
+    looked up in its `added_tokens_decoder`."""
+    if cfg.text.bos_token_id is not None:
+        return cfg.text.bos_token_id
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        raw = json.loads(path.read_bytes()) if path.exists() else {}
+        bos = raw.get("bos_token")
+        content = bos.get("content") if isinstance(bos, dict) else bos
+        for token_id, entry in (raw.get("added_tokens_decoder") or {}).items():
+            if content is not None and entry.get("content") == content:
+                return int(token_id)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read its bos_token ({e})") from None
+    raise UsageError(f"{model_dir}: no bos_token_id in config.json nor a bos_token in tokenizer_config.json; "
+                     "give --prompt-ids")

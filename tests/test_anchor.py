@@ -33,7 +33,7 @@ import pytest
 from conftest import share_opened_model
 from typer.testing import CliRunner
 
-from cli.main import app
+from mlx_k2_cli.main import app
 from mlx_k2.synth import default_checkpoint_name
 from mlx_k2.anchor_pass import run_anchor_pass
 from tests.foreign_checkpoint import write_foreign_checkpoint

@@ -12,7 +12,7 @@ import blake3
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from mlx_k2_cli.main import app
 from tests.foreign_checkpoint import write_foreign_checkpoint
 
 BOS = 163584  # K25_FORMAT section 4

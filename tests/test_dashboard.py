@@ -108,7 +108,7 @@ def _strip_times(path: Path) -> list[dict]:
 def test_run_under_a_pseudo_terminal(synth_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "140", "LINES": "45", "TERM": "xterm-256color"}
     tty_ledger, plain_ledger = tmp_path / "tty.jsonl", tmp_path / "plain.jsonl"
-    cmd = [sys.executable, "-m", "cli", "run", "--model", str(synth_dir), "--max-new-tokens", "2",
+    cmd = [sys.executable, "-m", "mlx_k2_cli", "run", "--model", str(synth_dir), "--max-new-tokens", "2",
            "--device", "cpu"]
     master, slave = pty.openpty()
     proc = subprocess.Popen(cmd + ["--ledger", str(tty_ledger)], stdin=slave, stdout=slave, stderr=slave,

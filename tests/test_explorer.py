@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from mlx_k2_cli.main import app
 from mlx_k2.bundle import LEDGER_NAME
 from mlx_k2.explorer import build_explorer, read_ledger
 from mlx_k2.session import run

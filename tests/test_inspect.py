@@ -13,7 +13,7 @@ import struct
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from mlx_k2_cli.main import app
 from mlx_k2.checkpoint import Checkpoint
 from mlx_k2.config import load_config
 from mlx_k2.inventory import take_inventory

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from mlx_k2_cli.main import app
 from mlx_k2.derived import distinct_experts, entropy, l2_norm, margin, normalise, top16
 from mlx_k2.digest import tensor_digest
 from mlx_k2.ledger import PROVENANCE, LedgerWriter

@@ -30,7 +30,7 @@ from conftest import share_opened_model
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from cli.main import app
+from mlx_k2_cli.main import app
 from mlx_k2.events import StepDone
 from mlx_k2.session import run
 from mlx_k2.tokenizer import load_tokenizer

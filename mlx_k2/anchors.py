@@ -27,8 +27,14 @@ class AnchorError(K2Error):
 
 
 def default_dir() -> Path:
+    """$MLX_K2_ANCHORS, else the anchors a regular install ships in the package (mlx_k2/anchors/), else the
+    source tree's anchors/ folder (an editable install), which is where they are kept."""
     env = os.environ.get("MLX_K2_ANCHORS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "anchors"
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parent
+    shipped = package / "anchors"
+    return shipped if shipped.is_dir() else package.parent / "anchors"
 
 
 def model_signature(cfg: ModelConfig) -> dict[str, Any]:

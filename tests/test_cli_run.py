@@ -159,3 +159,50 @@ def test_synth_into_non_empty_dir(cli, tmp_path):
     _assert_one_line_error(result, str(target), "not empty")
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert (target / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------- the default prompt
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _default_prompt(cli, model_dir: Path, tmp_path: Path, command: str = "run"):
+    ledger = tmp_path / f"{command}.jsonl"
+    args = ["run", "--model", str(model_dir), "--max-new-tokens", "1", "--ledger", str(ledger), "--device", "cpu",
+            "--quiet"] if command == "run" else ["anchor", "--model", str(model_dir), "--device", "cpu"]
+    return cli.invoke(app, args), ledger
+
+
+def test_default_prompt_is_the_checkpoints_own_bos(cli, tmp_path):
+    """A DeepSeek-V3 checkpoint's BOS is 0 (flat config.json), not Kimi's 163584 (outside its vocabulary)."""
+    model_dir = tmp_path / "dsv3"
+    write_foreign_checkpoint(model_dir, "deepseek_v3", seed=3)
+    result, ledger = _default_prompt(cli, model_dir, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(_lines(ledger)[0])["run"]["prompt_ids"] == [0]
+    anchor, _ = _default_prompt(cli, model_dir, tmp_path, "anchor")
+    assert "outside the vocabulary" not in anchor.output and "identical, bit for bit" in anchor.output
+
+
+def test_default_bos_from_the_tokenizer_config(cli, tmp_path):
+    """No bos_token_id in config.json: tokenizer_config.json's bos_token, looked up in added_tokens_decoder."""
+    model_dir = tmp_path / "k25"
+    write_foreign_checkpoint(model_dir, "kimi_k25", seed=4)
+    _edit_json(model_dir / "config.json", lambda c: (c.pop("bos_token_id"), c["text_config"].pop("bos_token_id")))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "[BOS]", "added_tokens_decoder": {"507": {"content": "[EOS]"}, "506": {"content": "[BOS]"}}}))
+    result, ledger = _default_prompt(cli, model_dir, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(_lines(ledger)[0])["run"]["prompt_ids"] == [506]
+
+
+def test_no_bos_anywhere_is_one_line_error(cli, tmp_path):
+    model_dir = tmp_path / "k25"
+    write_foreign_checkpoint(model_dir, "kimi_k25", seed=4)
+    _edit_json(model_dir / "config.json", lambda c: (c.pop("bos_token_id"), c["text_config"].pop("bos_token_id")))
+    result, ledger = _default_prompt(cli, model_dir, tmp_path)
+    _assert_one_line_error(result, str(model_dir), "bos_token_id", "--prompt-ids")
+    assert not ledger.exists()

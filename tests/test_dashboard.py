@@ -15,7 +15,7 @@ import numpy as np
 from rich.console import Console
 
 from mlx_k2.dashboard import DashboardState, expert_strip, render, sparkline
-from mlx_k2.events import LayerDone, RunDone, StepDone
+from mlx_k2.events import LayerDone, RunDone, RunStarted, StepDone
 
 WIDTH = 140
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,35 @@ def test_end_of_step_frame():
     assert "4.5 MB" in text
     assert "norm_out prev step " + sparkline([2.0, 3.0, 4.0, 5.0], 5.0, 4) in text
     state.update(RunDone(steps=1, bytes_read=4_500_000, wall_s=2.0, status="complete"))
-    assert "complete" in screen(state)
+    text = screen(state)
+    assert "complete" in text
+    # After the last step the I/O line shows that step's bytes, not an empty "this step".
+    assert "I/O last step 4.5 MB" in text and "I/O this step" not in text and "0.0 MB" not in text
+
+
+def test_unknown_figures_are_left_out():
+    """Before any layer has run there is no layer time, rate or ETA: they are not shown, and no '?' is."""
+    state = make_state()
+    text = screen(state)
+    assert "?" not in text
+    assert "last layer" not in text and "rate" not in text and "ETA" not in text
+    assert "a step reads ~5.0 MB" in text
+
+
+def test_work_before_step_0_is_shown_as_progress():
+    state = DashboardState(clock=lambda: 0.0)   # made empty: the run fills it in with RunStarted
+    assert "starting" in screen(state) and "?" not in screen(state)
+    state.progress("building the default checkpoint", 16, 64)
+    text = screen(state)
+    assert "building the default checkpoint" in text and "16/64" in text and "█" in text
+    state.progress("reading headers", 64, 64)
+    assert "reading headers" in screen(state) and "64/64" in screen(state)
+    state.update(RunStarted(model_path="/models/k25", model_type="kimi_k25", device="cpu", num_layers=4,
+                            n_routed_experts=16, max_new_tokens=2, context_len=1, first_step=0,
+                            step_bytes_estimate=5_000_000))
+    text = screen(state)
+    assert "reading headers" not in text and "step 1/2" in text and "a step reads ~5.0 MB" in text
+    assert state.expert_counts.shape == (16,) and state.status == "running"
 
 
 def test_sparkline_and_strip_scale():

@@ -1,12 +1,13 @@
 """One run from checkpoint to ledger, new or resumed.
 
-`run` opens the model (every header and the config checked first), writes the ledger header, drives the
-runner, writes each step (and, for a bundle, its tensors and the manifest), hands every event to the
-caller's sinks (dashboard, progress lines), checks step 0 against the checkpoint's anchor, and always ends
-the ledger with a footer: "stopped" for Ctrl-C, "failed" with the error text for anything else. Every
-finished step is on disk before the next starts. `resume` continues a partial, stopped or failed ledger
-(or bundle): it checks the chain and the checkpoint identity, keeps the recorded steps, cuts off the old
-footer and appends, so the result verifies as one run. Sinks only read events.
+`run` opens the model (every header and the config checked first), writes the ledger header, and drives
+the runner, handing every event to its subscribers in order: the ledger, the bundle (when asked for), the
+step-0 anchor check (`sinks.py`), then the caller's sinks (dashboard, plain lines). Every subscriber is
+closed with a RunDone carrying the run's status: "complete", "stopped" for Ctrl-C, "failed" with the error
+text for anything else, so the ledger always ends with its footer. Every finished step is on disk before
+the next starts. `resume` continues a partial, stopped or failed ledger (or bundle): it checks the chain
+and the checkpoint identity, keeps the recorded steps, cuts off the old footer and appends, so the result
+verifies as one run. Subscribers only read events.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass
-from mlx_k2.anchors import anchor_record, default_dir, freeze
+from mlx_k2.evidence.anchors import anchor_record, default_dir, freeze
 from mlx_k2.synth import BOS, default_checkpoint
 
 from .main import app, guarded

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .derived import entropy, margin
+from .evidence.derived import entropy, margin
 from .events import Event, LayerDone, RunDone, StepDone
 
 SPARK = "▁▂▃▄▅▆▇█"

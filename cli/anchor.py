@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlx_k2.anchors import anchor_record, default_dir, freeze
 from mlx_k2.config import load_config
+from mlx_k2.evidence.anchors import anchor_record, default_dir, freeze
 from mlx_k2.synth import default_checkpoint
 from mlx_k2.tokenizer import default_bos
 

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_k2.errors import UsageError
-from mlx_k2.explorer import build_explorer, read_ledger, recorded_model_dir
+from mlx_k2.evidence.explorer import build_explorer
+from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.tokenizer import load_tokenizer
 
 from .app import app, guarded
@@ -35,7 +36,7 @@ def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bu
     out = output if output is not None else default_output(path)
     if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
         raise UsageError(f"{out}: would overwrite the ledger or add a file to the bundle; write it elsewhere")
-    tok_dir = model if model is not None else recorded_model_dir(read_ledger(path).header)
+    tok_dir = model if model is not None else read_ledger(path).model_dir
     tokenizer = load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
     page = build_explorer(path, anchors, tokenizer).encode("utf-8")
     tmp = out.with_name(out.name + ".tmp")

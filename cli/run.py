@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import sys
 from pathlib import Path
@@ -13,7 +12,9 @@ import typer
 
 from mlx_k2.config import load_config
 from mlx_k2.dashboard import DashboardState
-from mlx_k2.errors import UsageError
+from mlx_k2.errors import K2Error, UsageError
+from mlx_k2.evidence.ledger import read_ledger
+from mlx_k2.evidence.schema import ledger_file
 from mlx_k2.synth import default_checkpoint
 from mlx_k2.tokenizer import default_bos, load_tokenizer
 
@@ -36,14 +37,12 @@ def parse_ids(values: list[str] | None) -> list[int]:
 
 def read_header_line(path: Path) -> dict:
     """The header of a ledger or bundle (for --resume), or a one-line error."""
-    ledger = path / "ledger.jsonl" if path.is_dir() else path
     try:
-        with open(ledger, "rb") as f:
-            header = json.loads(f.readline())
+        header = read_ledger(path).header
         header["model"]["path"], header["run"]["prompt_ids"], header["run"]["max_new_tokens"]
         return header
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{ledger}: not a ledger with a header to resume ({e})") from None
+    except (K2Error, KeyError, TypeError) as e:
+        raise UsageError(f"{ledger_file(path)}: not a ledger with a header to resume ({e})") from None
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from mlx_k2.anchors import Row
+from mlx_k2.evidence.anchors import Row
 
 MARK = {True: "[green]ok[/]", False: "[red]MISMATCH[/]", None: "[yellow]shown[/]"}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,25 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlx_k2.bundle import LEDGER_NAME
+from mlx_k2.evidence.ledger import read_ledger
+from mlx_k2.evidence.verify import verify as verify_path
 from mlx_k2.tokenizer import load_tokenizer
-from mlx_k2.verify import verify as verify_path
 
 from .app import app, guarded
 
 MARK = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skip/warn[/]"}
-
-
-def _tokenizer_dir(path: Path, model: Path | None) -> Path | None:
-    if model is not None:
-        return model
-    ledger = path / LEDGER_NAME if path.is_dir() else path
-    try:
-        with open(ledger, "rb") as f:
-            header = json.loads(f.readline())
-        return Path(header["model"]["path"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 @app.command()
@@ -38,7 +25,7 @@ def verify(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bun
                                                                "header's model.path, if present).")] = None,
            anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None):
     """Check a ledger or bundle: chain, manifest, recomputed values, anchor. Example: mlx-k2 verify runs/b1"""
-    tok_dir = _tokenizer_dir(path, model)
+    tok_dir = model if model is not None else read_ledger(path).model_dir
     tokenizer = load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
     report = verify_path(path, anchors, tokenizer)
     table = Table(title=f"verify {path}", title_justify="left")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .anchors import Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values
+from .evidence.anchors import Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values
 from .events import StepDone
 from .runner import Model, device_name, generate, select_device
 

@@ -19,8 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .derived import entropy, margin
 from .events import Event, LayerDone, RunDone, RunStarted, StepDone
+from .evidence.derived import entropy, margin
 
 SPARK = "▁▂▃▄▅▆▇█"
 SHADE = " ░▒▓█"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .derived import distinct_experts, normalise
+from .evidence.derived import distinct_experts, normalise
 
 
 @dataclass(frozen=True)

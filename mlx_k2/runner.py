@@ -18,7 +18,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
-from .derived import l2_norm
+from .evidence.derived import l2_norm
 from .errors import UsageError
 from .events import Event, LayerDone, Progress, RunDone, StepDone
 from .forward import LayerResult, Routing, decoder_layer, rms_norm, rope_tables

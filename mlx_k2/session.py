@@ -12,18 +12,23 @@ verifies as one run. Subscribers only read events.
 
 from __future__ import annotations
 
-import json
+import platform
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
+
+from . import __version__
 from .anchor_pass import BACKEND, DTYPE
-from .anchors import Anchor, Row, find_anchor, load_anchors, model_signature
-from .bundle import LEDGER_NAME
 from .errors import K2Error, UsageError
 from .events import Progress, RunDone, RunStarted, StepDone
+from .evidence.anchors import Anchor, Row, find_anchor, load_anchors, model_signature
+from .evidence.derived import line_digest
+from .evidence.ledger import LedgerWriter, read_ledger
+from .evidence.records import header_record
+from .evidence.schema import LEDGER_NAME
 from .inventory import take_inventory
-from .ledger import LedgerWriter, header_record, line_digest
 from .reader import FaultHook, ReadPolicy
 from .runner import Model, device_name, generate, select_device
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
@@ -102,7 +107,8 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         identity, text = model.checkpoint.identity(), model.config.text
         writer.write(header_record(model_dir, identity, model.config.model_type, text.num_hidden_layers,
                                    text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
-                                   capture, dev))
+                                   capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
+                                                  "python": platform.python_version()}))
         tokenizer = tokenizer or load_tokenizer(model_dir)
         return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
                       max_new_tokens, dev, capture, sinks, anchors_dir)
@@ -115,7 +121,7 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
            anchors_dir: Path | None = None, policy: ReadPolicy = ReadPolicy(),
            fault: FaultHook | None = None, progress: Progress | None = None) -> RunResult:
     """Continue the run recorded in a ledger (or bundle) that did not complete."""
-    from .verify import verify
+    from .evidence.verify import verify
 
     path = Path(path)
     bundle_dir = path if path.is_dir() else None
@@ -125,14 +131,12 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
         c = next((c for c in report.checks if c.name == name), None)
         if c is not None and c.ok is False:
             raise UsageError(f"{ledger_path}: cannot resume: check {name} fails ({c.detail})")
-    lines = ledger_path.read_bytes().split(b"\n")[:-1]
-    records = [json.loads(line) for line in lines]
-    header, last = records[0], records[-1]
-    if last.get("kind") == "footer":
-        if last.get("status") == "complete":
+    ledger = read_ledger(path)
+    header, steps, lines = ledger.header, ledger.steps, ledger.raw_lines
+    if ledger.footer is not None:
+        if ledger.footer.get("status") == "complete":
             raise UsageError(f"{ledger_path}: the run is complete; nothing to resume")
-        lines, records = lines[:-1], records[:-1]
-    steps = records[1:]
+        lines = lines[:-1]
     run_info, model_info = header["run"], header["model"]
     model_dir = Path(model_dir) if model_dir is not None else Path(model_info["path"])
     dev = device_name(select_device(device or run_info["device"]))
@@ -157,8 +161,8 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
         size = sum(len(line) + 1 for line in lines)
         writer = LedgerWriter(ledger_path, resume_at=(size, line_digest(lines[-1])))
         bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
-        ledger = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), steps)
-        result = _drive(model, identity, ledger, bundle, context, len(steps), max_new, dev, capture, sinks,
+        ledger_sink = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), steps)
+        result = _drive(model, identity, ledger_sink, bundle, context, len(steps), max_new, dev, capture, sinks,
                         anchors_dir)
         result.resumed_from = len(steps)
         return result

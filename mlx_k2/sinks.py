@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .anchors import Anchor, Row, compare, observed_values
-from .bundle import BundleWriter
 from .events import Event, RunDone, StepDone
-from .ledger import LedgerWriter, footer_record, step_record
+from .evidence.anchors import Anchor, Row, compare, observed_values
+from .evidence.bundle import BundleWriter
+from .evidence.ledger import LedgerWriter
+from .evidence.records import footer_record, step_record
 from .tokenizer import Tokenizer
 
 Sink = Callable[[Event], None]

@@ -21,10 +21,11 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.bundle import LEDGER_NAME
-from mlx_k2.explorer import build_explorer, read_ledger
+from mlx_k2.evidence.explorer import build_explorer
+from mlx_k2.evidence.ledger import read_ledger
+from mlx_k2.evidence.schema import LEDGER_NAME
+from mlx_k2.evidence.verify import verify
 from mlx_k2.session import run
-from mlx_k2.verify import verify
 
 CHROMIUM = Path("/usr/bin/chromium")
 BOS = 163584
@@ -238,14 +239,20 @@ def test_no_network_resources(ledger5, bundle5, tmp_path):
         assert "default-src 'none'" in page
 
 
-def test_read_ledger_rejects_non_ledgers(tmp_path):
-    from mlx_k2.explorer import ExplorerError
+def test_non_ledgers_are_refused(tmp_path):
+    from mlx_k2.evidence.explorer import ExplorerError
+    from mlx_k2.evidence.ledger import LedgerReadError
 
     (tmp_path / "not.jsonl").write_text('{"kind": "step"}\n')
-    for path, message in ((tmp_path / "missing.jsonl", "no such file"), (tmp_path, "not a bundle"),
-                          (tmp_path / "not.jsonl", "not a ledger")):
-        with pytest.raises(ExplorerError, match=message):
+    for path, message in ((tmp_path / "missing.jsonl", "no such file"), (tmp_path, "not a bundle")):
+        with pytest.raises(LedgerReadError, match=message):
             read_ledger(path)
+        with pytest.raises(LedgerReadError, match=message):
+            build_explorer(path)
+    # The reader is tolerant of a first line that is no header (verify reports it); the explorer refuses it.
+    assert read_ledger(tmp_path / "not.jsonl").header is None
+    with pytest.raises(ExplorerError, match="not a ledger"):
+        build_explorer(tmp_path / "not.jsonl")
 
 
 # ---- the command ------------------------------------------------------------------------------------------

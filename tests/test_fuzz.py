@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from mlx_k2.checkpoint import read_header
 from mlx_k2.config import parse_config
 from mlx_k2.errors import K2Error
+from mlx_k2.evidence.verify import verify
 from mlx_k2.synth import config_json, SynthSpec
-from mlx_k2.verify import verify
 
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)

@@ -5,7 +5,7 @@
   are strict UTF-8 JSON.
 - The header's provenance map is LEDGER.md's "Provenance classes", written out by hand below; a real run's
   header, step, layer and footer records hold exactly the fields LEDGER.md lists.
-- derived.py (top16 with ties, entropy, margin, norms, routing normalisation, distinct experts) against
+- evidence/derived.py (top16 with ties, entropy, margin, norms, routing normalisation, distinct experts) against
   plain numpy float64 formulas on random logits; tensor_digest against BLAKE3 of '<f4' bytes.
 - Determinism: two CLI runs of the same command give ledgers equal except `created`, every `wall_s`, and
   the `prev` digests that hash lines containing them.
@@ -23,9 +23,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.derived import distinct_experts, entropy, l2_norm, margin, normalise, top16
-from mlx_k2.digest import tensor_digest
-from mlx_k2.ledger import PROVENANCE, LedgerWriter
+from mlx_k2.evidence.derived import distinct_experts, entropy, l2_norm, margin, normalise, tensor_digest, top16
+from mlx_k2.evidence.ledger import LedgerWriter
+from mlx_k2.evidence.schema import PROVENANCE
 from tests.reference import entropy_nats
 
 N_STEPS = 3

@@ -32,9 +32,9 @@ from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
 from mlx_k2.events import StepDone
+from mlx_k2.evidence.verify import verify
 from mlx_k2.session import run
 from mlx_k2.tokenizer import load_tokenizer
-from mlx_k2.verify import verify
 from tests.reference import entropy_nats
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"

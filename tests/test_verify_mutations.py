@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from mlx_k2.evidence.verify import verify
 from mlx_k2.session import run
 from mlx_k2.tokenizer import load_tokenizer
-from mlx_k2.verify import verify
 from tests.foreign_checkpoint import write_foreign_checkpoint
 from tests.reference import entropy_nats
 

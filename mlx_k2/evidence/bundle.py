@@ -1,6 +1,6 @@
 """A run bundle: the ledger, the tensors behind every digest and recomputable value, and a manifest.
 
-Layout of DIR:
+Layout of DIR (the names are `schema.py`'s):
   ledger.jsonl                     the ledger (LEDGER.md)
   tensors/step-NNNN.safetensors    per step, float32 unless noted:
       hidden [hidden]               final hidden state of the last position (-> hidden_digest)
@@ -11,8 +11,9 @@ Layout of DIR:
                                     (-> routing_weights)
       layers.L.routed [T, k] int32  MoE layer L: every position's selected experts (-> unique_experts)
   manifest.json                    {"files": {relative path: BLAKE3 hex}} of every other file
-With these, anyone can recompute every derived value and digest without the model (`verify.py`).
-The manifest is rewritten (atomically) after every step, so an interrupted run leaves a checkable bundle.
+With these, anyone can recompute every derived value and digest without the model (`verify.py`), reading
+a step's tensors with numpy alone (`read_step_tensors`). The manifest is rewritten (atomically) after every
+step, so an interrupted run leaves a checkable bundle. The ledger itself is written by `LedgerWriter`.
 """
 
 from __future__ import annotations
@@ -21,27 +22,13 @@ import json
 import os
 from pathlib import Path
 
-import blake3
 import numpy as np
 
-from .events import StepDone
-from .safetensors_write import save
-
-LEDGER_NAME = "ledger.jsonl"
-MANIFEST_NAME = "manifest.json"
-TENSORS_DIR = "tensors"
-
-
-def step_tensor_path(step: int) -> str:
-    return f"{TENSORS_DIR}/step-{step:04d}.safetensors"
-
-
-def file_blake3(path: Path) -> str:
-    h = blake3.blake3()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ..checkpoint import read_header
+from ..events import StepDone
+from ..safetensors_write import bf16_to_f32, save
+from .derived import file_blake3
+from .schema import LEDGER_NAME, MANIFEST_NAME, TENSORS_DIR, step_tensor_path
 
 
 def step_tensors(e: StepDone) -> dict[str, np.ndarray]:
@@ -55,6 +42,19 @@ def step_tensors(e: StepDone) -> dict[str, np.ndarray]:
             tensors[f"layers.{layer.layer}.routing_scores"] = np.asarray(layer.routing_scores, np.float32)
             tensors[f"layers.{layer.layer}.routed"] = np.asarray(layer.routed, np.int32)
     return tensors
+
+
+def read_step_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Read a bundle's step file (as `BundleWriter.add_step` wrote it) with numpy, without MLX."""
+    out = {}
+    dtypes = {"F32": np.float32, "I32": np.int32, "BF16": np.uint16}
+    with open(path, "rb") as f:
+        data = f.read()
+    for name, info in read_header(path).items():
+        arr = np.frombuffer(data, dtypes[info.dtype], info.nbytes // np.dtype(dtypes[info.dtype]).itemsize,
+                            info.offset).reshape(info.shape)
+        out[name] = bf16_to_f32(arr) if info.dtype == "BF16" else arr
+    return out
 
 
 class BundleWriter:

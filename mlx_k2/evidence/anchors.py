@@ -5,7 +5,8 @@ or for a published anchor taken elsewhere, `model`: the architecture's signature
 backend/device/dtype its digests were taken on, and the expected token, logit, digests and bytes. Where
 backend, device and dtype match, every value must be equal, bit for bit. Across implementations (a
 published anchor) only the token must be equal and the logit within the anchor's stated tolerance; digests
-and bytes are shown, with the reason they differ. Writing an anchor file is `freeze`, nothing else.
+and bytes are shown, with the reason they differ. Writing an anchor file is `freeze`, nothing else. Running
+the pass an anchor freezes is `mlx_k2.anchor_pass`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
-from .errors import K2Error
+from ..config import ModelConfig
+from ..errors import K2Error
+from .derived import tensor_digest
 
 FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")
 
@@ -32,7 +34,7 @@ def default_dir() -> Path:
     env = os.environ.get("MLX_K2_ANCHORS")
     if env:
         return Path(env)
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     shipped = package / "anchors"
     return shipped if shipped.is_dir() else package.parent / "anchors"
 
@@ -157,7 +159,5 @@ def freeze(directory: Path, record: dict[str, Any]) -> Path:
 
 def observed_values(step) -> dict[str, Any]:
     """The anchor fields of a StepDone (digests from the one digest function)."""
-    from .digest import tensor_digest
-
     return {"token_id": step.token_id, "logit": step.logit, "hidden_digest": tensor_digest(step.hidden),
             "logits_digest": tensor_digest(step.logits), "bytes_read": step.bytes_read}

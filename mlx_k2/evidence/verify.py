@@ -1,8 +1,9 @@
 """Check a ledger or a bundle: structure, chain, manifest, recomputed values, context, anchor.
 
-Each check is a named row (pass, fail, or skipped/warned with a reason). On a bundle, every derived value
-and digest is recomputed from the saved tensors with the same functions that wrote it (`derived.py`,
-`digest.py`), and the measured values that have a saved witness (token and logit from the logits, norms
+Each check is a named row (pass, fail, or skipped/warned with a reason). The ledger is read by
+`ledger.read_ledger`, which keeps every line; deciding which of them is a failure happens here. On a bundle,
+every derived value and digest is recomputed from the saved tensors with the same functions that wrote it
+(`derived.py`), and the measured values that have a saved witness (token and logit from the logits, norms
 from the residuals, experts from the routing) are checked against it; so a forgery that rewrites the chain
 and the manifest consistently is still caught. A ledger without a footer is reported as partial and still
 checked. Prints nothing.
@@ -14,39 +15,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ..errors import K2Error
 from .anchors import Anchor, compare, find_anchor, load_anchors
-from .bundle import LEDGER_NAME, MANIFEST_NAME, file_blake3, step_tensor_path
-from .derived import distinct_experts, entropy, l2_norm, margin, normalise, top16
-from .digest import tensor_digest
-from .errors import K2Error
-from .ledger import PROVENANCE, SCHEMA, line_digest
-from .safetensors_write import bf16_to_f32
+from .bundle import read_step_tensors
+from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
+                      tensor_digest, top16)
+from .ledger import read_ledger
+from .schema import (FOOTER_FIELDS, LAYER_FIELDS, LEDGER_NAME, MANIFEST_NAME, PROVENANCE, SCHEMA, STEP_FIELDS,
+                     has_type, step_tensor_path)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
 FLOAT_RTOL = 1e-9
-
-@dataclass(frozen=True)
-class ListOf:
-    """A JSON list whose items all have type `item` (which may itself be a ListOf)."""
-
-    item: Any
-    length: int | None = None
-
-
-NONE = type(None)
-PAIR = ListOf((int, float), 2)  # [token id, logit]; the id's int-ness is checked where it is used
-STEP_FIELDS = {"kind": str, "step": int, "prev": str, "input_ids": ListOf(int), "token_id": int,
-               "token_text": (str, NONE), "logit": float, "top16": ListOf(PAIR), "entropy": float, "margin": float,
-               "hidden_digest": str, "logits_digest": str, "bytes_read": int, "wall_s": float, "layers": ListOf(dict)}
-LAYER_FIELDS = {"layer": int, "kind": str, "norm_in": (float, NONE), "norm_out": (float, NONE),
-                "experts": (ListOf(int), NONE), "routing_weights": (ListOf(float), NONE),
-                "unique_experts": (int, NONE), "bytes_read": int, "wall_s": float}
-FOOTER_FIELDS = {"kind": str, "prev": str, "steps": int, "bytes_read": int, "wall_s": float, "status": str,
-                 "error": (str, NONE)}
 
 
 @dataclass
@@ -82,71 +64,27 @@ class Report:
         return next(c for c in self.checks if c.name == name)
 
 
-class VerifyError(K2Error):
-    """The path is neither a ledger nor a bundle."""
-
-
-def _typed(value: Any, kind: Any) -> bool:
-    if isinstance(kind, tuple) and not all(isinstance(k, type) for k in kind):
-        return any(_typed(value, k) for k in kind)
-    if isinstance(kind, ListOf):
-        return (isinstance(value, list) and (kind.length is None or len(value) == kind.length)
-                and all(_typed(v, kind.item) for v in value))
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool):
-        return bool in kinds
-    if float in kinds and isinstance(value, int):
-        return True  # JSON writes 2.0 as 2.0, but a tool may write 2
-    if float in kinds and isinstance(value, float) and not math.isfinite(value):
-        return False
-    return isinstance(value, kinds)
-
-
 def _close(a: float, b: float) -> bool:
     return a == b or math.isclose(a, b, rel_tol=FLOAT_RTOL, abs_tol=0.0)
 
 
-def _load_step_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Read a bundle's step file (written by safetensors_write) without MLX."""
-    from .checkpoint import read_header
-
-    out = {}
-    dtypes = {"F32": np.float32, "I32": np.int32, "BF16": np.uint16}
-    with open(path, "rb") as f:
-        data = f.read()
-    for name, info in read_header(path).items():
-        arr = np.frombuffer(data, dtypes[info.dtype], info.nbytes // np.dtype(dtypes[info.dtype]).itemsize,
-                            info.offset).reshape(info.shape)
-        out[name] = bf16_to_f32(arr) if info.dtype == "BF16" else arr
-    return out
-
-
 def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) -> Report:
-    path = Path(path)
-    bundle = path.is_dir()
-    ledger_path = path / LEDGER_NAME if bundle else path
-    if not ledger_path.is_file():
-        raise VerifyError(f"{path}: not a ledger file nor a bundle directory with {LEDGER_NAME}")
-    raw_lines = ledger_path.read_bytes().split(b"\n")
-    truncated_tail = raw_lines[-1] != b""
-    raw_lines = [line for line in raw_lines if line] if not truncated_tail else raw_lines
+    """Every check on the ledger file or bundle directory at `path`; raises only when it holds no ledger."""
+    ledger = read_ledger(path)
+    path, bundle = ledger.path, ledger.bundle
+    # A blank line in a whole file is passed over; in a file cut off mid-write every line counts.
+    lines = [line for line in ledger.lines if line.raw or ledger.cut_off]
 
     parse, schema, chain = Check("parse"), Check("schema"), Check("chain")
-    records: list[dict] = []
-    for i, line in enumerate(raw_lines, 1):
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-            records.append(rec)
-        except (ValueError, UnicodeDecodeError) as e:
-            parse.fail(f"line {i}: not a JSON object ({e})")
-            records.append({})
-    if truncated_tail:
-        parse.fail(f"line {len(raw_lines)}: has no newline (truncated write)")
-    for i in range(1, len(raw_lines)):
-        if records[i].get("prev") != line_digest(raw_lines[i - 1]):
-            chain.fail(f"line {i + 1}: prev does not match BLAKE3 of line {i}")
+    records = [line.record if line.record is not None else {} for line in lines]
+    for line in lines:
+        if line.record is None:
+            parse.fail(f"line {line.number}: not a JSON object ({line.problem})")
+    if ledger.cut_off:
+        parse.fail(f"line {lines[-1].number}: has no newline (truncated write)")
+    for before, line, rec in zip(lines, lines[1:], records[1:]):
+        if rec.get("prev") != line_digest(before.raw):
+            chain.fail(f"line {line.number}: prev does not match BLAKE3 of line {before.number}")
 
     header = records[0] if records else {}
     if header.get("kind") != "header":
@@ -160,26 +98,26 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
         schema.fail("header: 'model' and 'run' must be objects")
         model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     for key in ("num_layers", "n_routed_experts", "experts_per_token"):
-        if not _typed(model.get(key), int):
+        if not has_type(model.get(key), int):
             schema.fail(f"header: model.{key} missing")
     # Only well-formed records go on to the checks below; the malformed ones fail `schema` here.
     steps: list[dict] = []
     footer = None
-    for i, rec in enumerate(records[1:], 2):
-        kind = rec.get("kind")
+    for line, rec in zip(lines[1:], records[1:]):
+        kind, where = rec.get("kind"), f"line {line.number}"
         if kind == "step":
-            ok = _check_fields(schema, rec, STEP_FIELDS, f"line {i}")
+            ok = _check_fields(schema, rec, STEP_FIELDS, where)
             for layer in rec.get("layers") if ok else []:
-                ok = _check_fields(schema, layer, LAYER_FIELDS, f"line {i} layer {layer.get('layer')}") and ok
+                ok = _check_fields(schema, layer, LAYER_FIELDS, f"{where} layer {layer.get('layer')}") and ok
             if ok:
                 steps.append(rec)
         elif kind == "footer":
-            if i != len(records):
-                schema.fail(f"line {i}: footer before the last line")
-            elif _check_fields(schema, rec, FOOTER_FIELDS, f"line {i}"):
+            if line is not lines[-1]:
+                schema.fail(f"{where}: footer before the last line")
+            elif _check_fields(schema, rec, FOOTER_FIELDS, where):
                 footer = rec
         elif rec:
-            schema.fail(f"line {i}: unknown kind {kind!r}")
+            schema.fail(f"{where}: unknown kind {kind!r}")
     if not isinstance(run.get("prompt_ids"), list):
         schema.fail("header: run.prompt_ids is not a list")
         run = {**run, "prompt_ids": []}
@@ -195,7 +133,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
         for s in steps:
             p = path / step_tensor_path(s.get("step", -1))
             try:
-                tensors[s.get("step")] = _load_step_tensors(p)
+                tensors[s.get("step")] = read_step_tensors(p)
             except (K2Error, OSError, KeyError, ValueError):
                 tensors[s.get("step")] = None
     checks += _check_recomputed(steps, tensors, bundle, tokenizer)
@@ -218,7 +156,7 @@ def _check_fields(check: Check, rec: dict, fields: dict, where: str) -> bool:
         if name not in rec:
             check.fail(f"{where}: field {name!r} missing")
             ok = False
-        elif not _typed(rec[name], kind):
+        elif not has_type(rec[name], kind):
             check.fail(f"{where}: field {name!r} has the wrong type ({type(rec[name]).__name__})")
             ok = False
     extra = set(rec) - set(fields)
@@ -278,8 +216,8 @@ def _check_totals(steps: list[dict], footer: dict | None) -> Check:
         total = sum(s.get("bytes_read", 0) for s in steps if isinstance(s.get("bytes_read"), int))
         if footer.get("bytes_read") != total:
             check.fail(f"footer: bytes_read {footer.get('bytes_read')} but the steps sum to {total}")
-        wall = round(sum(s.get("wall_s", 0) for s in steps if _typed(s.get("wall_s"), float)), 6)
-        if not _typed(footer.get("wall_s"), float) or abs(footer["wall_s"] - wall) > 1e-6:
+        wall = round(sum(s.get("wall_s", 0) for s in steps if has_type(s.get("wall_s"), float)), 6)
+        if not has_type(footer.get("wall_s"), float) or abs(footer["wall_s"] - wall) > 1e-6:
             check.fail(f"footer: wall_s {footer.get('wall_s')} but the steps sum to {wall}")
         status, error = footer.get("status"), footer.get("error")
         if status not in ("complete", "stopped", "failed"):

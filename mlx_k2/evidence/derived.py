@@ -1,11 +1,16 @@
-"""The derived (D) ledger values, each computed from measured data by exactly one function here.
+"""The derived (D) ledger values and every digest, each computed by exactly one function here.
 
-The ledger writer calls them while writing and `verify` calls them again to recompute, so a derived field
-has one definition. Inputs are the float32 logits / routing values the run measured.
+The record builders call them while a run writes and `verify` calls them again to recompute, so a derived
+field or a digest has one definition. Inputs are the float32 logits / routing values the run measured.
+Digests: `tensor_digest` for tensors (LEDGER.md: one function computes every digest), `line_digest` for the
+chain's `prev`, `file_blake3` for a bundle's manifest.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import blake3
 import numpy as np
 
 TOP_K = 16
@@ -50,3 +55,23 @@ def normalise(weights: list[float]) -> list[float]:
 def distinct_experts(routed: np.ndarray) -> int:
     """How many distinct experts the positions of a step selected at one layer."""
     return int(np.unique(np.asarray(routed)).size)
+
+
+def tensor_digest(values: np.ndarray) -> str:
+    """BLAKE3 of a tensor as contiguous little-endian float32 bytes (hidden_digest, logits_digest)."""
+    data = np.ascontiguousarray(values, dtype="<f4")
+    return blake3.blake3(data.tobytes()).hexdigest()
+
+
+def line_digest(line: bytes) -> str:
+    """BLAKE3 of a ledger line's exact bytes, without its newline: the next line's `prev`."""
+    return blake3.blake3(line).hexdigest()
+
+
+def file_blake3(path: Path) -> str:
+    """BLAKE3 of a whole file, read in 1 MiB pieces: a bundle manifest's entry."""
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -6,23 +6,24 @@ expert routing grid, and marks every value with its provenance class from the he
 The header of the page, written here, says whether the ledger is complete or partial and shows the table of
 `verify` checks, run at build time. A ledger without a footer is shown as partial; a final line cut off
 mid-write is skipped and the page says so. It renders what the ledger holds and nothing more: no values
-computed beyond the ledger's own, no interpretation. Prints nothing; the page (its CSS, script and
-placeholders) is the template `explorer_page.html` beside this module.
+computed beyond the ledger's own, no interpretation. The ledger is read by `ledger.read_ledger`. Prints
+nothing; the page (its CSS, script and placeholders) is the template `explorer_page.html` beside this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
+import math
 import re
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .bundle import LEDGER_NAME
-from .errors import K2Error
+from .. import __version__
+from ..errors import K2Error
+from .ledger import Ledger, read_ledger
 from .verify import Report, verify
 
 TEMPLATE = "explorer_page.html"
@@ -34,82 +35,18 @@ class ExplorerError(K2Error):
     """The path is not a readable ledger or bundle."""
 
 
-@dataclass
-class LedgerRead:
-    """A ledger as the explorer reads it: tolerant of a missing footer and a cut-off final line."""
-
-    path: Path
-    bundle: bool
-    header: dict[str, Any]
-    steps: list[dict[str, Any]]
-    footer: dict[str, Any] | None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        """The footer's status ("complete", "stopped", "failed"), or "partial" when there is no footer."""
-        if self.footer is None:
-            return "partial"
-        return str(self.footer.get("status"))
-
-
-def _constant(name: str) -> str:
-    # NaN/Infinity are not JSON; the writer never emits them, an edited ledger might. Keep them visible as text.
-    return name
-
-
-def read_ledger(path: str | Path) -> LedgerRead:
-    path = Path(path)
-    if not path.exists():
-        raise ExplorerError(f"{path}: no such file or directory")
-    bundle = path.is_dir()
-    ledger_path = path / LEDGER_NAME if bundle else path
-    if not ledger_path.is_file():
-        raise ExplorerError(f"{path}: a directory without {LEDGER_NAME} (not a bundle)")
-    try:
-        raw = ledger_path.read_bytes()
-    except OSError as e:
-        raise ExplorerError(f"{ledger_path}: cannot read ({e.strerror})") from None
-    lines = raw.split(b"\n")
-    cut = lines.pop()  # b"" when the file ends with a newline, as every complete write does
-    notes: list[str] = []
-    records: list[tuple[int, dict]] = []
-    for number, line in enumerate(lines + ([cut] if cut else []), 1):
-        last_cut = bool(cut) and number == len(lines) + 1
-        if not line.strip():
-            notes.append(f"line {number}: empty, skipped")
-            continue
-        try:
-            rec = json.loads(line, parse_constant=_constant)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            if last_cut:
-                notes.append(f"line {number}: cut off mid-write ({len(line):,} bytes, no newline), skipped")
-            else:
-                notes.append(f"line {number}: not a JSON object ({e}), skipped")
-            continue
-        if last_cut:
-            notes.append(f"line {number}: no final newline (the write may not have finished)")
-        records.append((number, rec))
-    if not records or records[0][0] != 1 or records[0][1].get("kind") != "header":
-        raise ExplorerError(f"{ledger_path}: not a ledger (line 1 is not a readable header)")
-    header = records[0][1]
-    steps: list[dict] = []
-    footer = None
-    for number, rec in records[1:]:
-        kind = rec.get("kind")
-        if footer is not None:
-            notes.append(f"line {number}: a {kind!r} line after the footer, skipped")
-        elif kind == "step":
-            steps.append(rec)
-        elif kind == "footer":
-            footer = rec
-        else:
-            notes.append(f"line {number}: unknown kind {kind!r}, skipped")
-    if not isinstance(header.get("provenance"), dict):
-        notes.append("header: no provenance map, so values carry no provenance marks")
-    return LedgerRead(path, bundle, header, steps, footer, notes)
+def _constants_as_text(value: Any) -> Any:
+    """NaN and ±Infinity as their names, so they stay visible: they are not JSON (the writer never emits
+    them; an edited ledger might)."""
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, float) and math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _constants_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_constants_as_text(v) for v in value]
+    return value
 
 
 def _json_for_script(value: Any) -> str:
@@ -119,7 +56,7 @@ def _json_for_script(value: Any) -> str:
 
 
 def _template() -> str:
-    return resources.files("mlx_k2").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -132,19 +69,13 @@ def _obj(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def recorded_model_dir(header: dict) -> Path | None:
-    """The checkpoint directory the header names (where its tokenizer is), if it names one."""
-    path = _obj(header.get("model")).get("path")
-    return Path(path) if isinstance(path, str) and path else None
-
-
 def page_title(header: dict) -> str:
     model_type = _obj(header.get("model")).get("model_type")
     name = MODEL_NAMES.get(model_type, model_type) if isinstance(model_type, str) and model_type else "Model"
     return f"{name} Output Formation Ledger"
 
 
-def _status_html(ledger: LedgerRead) -> str:
+def _status_html(ledger: Ledger) -> str:
     n = len(ledger.steps)
     steps = f"{n} step{'s' if n != 1 else ''}"
     if ledger.footer is None:
@@ -190,7 +121,7 @@ def _verify_html(report: Report | None, error: str | None, bundle: bool) -> str:
             f'<tbody>{rows}</tbody></table></section>')
 
 
-def _meta_html(ledger: LedgerRead) -> str:
+def _meta_html(ledger: Ledger) -> str:
     h = ledger.header
     model, run = _obj(h.get("model")), _obj(h.get("run"))
     versions = _obj(run.get("versions"))
@@ -224,6 +155,14 @@ def _notes_html(notes: list[str]) -> str:
 def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) -> str:
     """The explorer page (HTML) for a ledger file or a bundle directory."""
     ledger = read_ledger(path)
+    if ledger.header is None:
+        raise ExplorerError(f"{ledger.ledger_path}: not a ledger (line 1 is not a readable header)")
+    notes = list(ledger.notes)
+    if not isinstance(ledger.header.get("provenance"), dict):
+        notes.append("header: no provenance map, so values carry no provenance marks")
+    ledger = dataclasses.replace(ledger, header=_constants_as_text(ledger.header),
+                                 steps=_constants_as_text(ledger.steps), footer=_constants_as_text(ledger.footer),
+                                 notes=notes)
     report, verify_error = None, None
     try:
         report = verify(ledger.path, anchors_dir, tokenizer)

@@ -1,0 +1,58 @@
+"""The ledger's records (LEDGER.md), built from a run's events: header, layer, step and footer.
+
+Each builder returns a dict whose key order is the line's order on disk; derived values come from
+`derived.py`, the schema and provenance map from `schema.py`. The caller supplies what only the running
+process knows (the versions of mlx_k2, MLX and Python), so nothing here imports MLX. Writing the records,
+with the chain's `prev`, is `ledger.py`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..events import LayerDone, StepDone
+from .derived import entropy, margin, tensor_digest, top16
+from .schema import PROVENANCE, SCHEMA
+
+
+def header_record(model_dir: Path, identity: dict[str, str], model_type: str, num_layers: int,
+                  n_routed_experts: int, experts_per_token: int, prompt_ids: list[int], max_new_tokens: int,
+                  capture: bool, device: str, versions: dict[str, str]) -> dict[str, Any]:
+    """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given."""
+    return {
+        "kind": "header", "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "model": {"path": str(model_dir), "model_type": model_type, "num_layers": num_layers,
+                  "n_routed_experts": n_routed_experts, "experts_per_token": experts_per_token, **identity},
+        "run": {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": False,
+                "capture": capture, "backend": "mlx", "device": device, "compute_dtype": "float32",
+                "versions": dict(versions)},
+        "provenance": dict(PROVENANCE),
+    }
+
+
+def layer_record(e: LayerDone) -> dict[str, Any]:
+    return {"layer": e.layer, "kind": e.kind, "norm_in": e.norm_in, "norm_out": e.norm_out,
+            "experts": None if e.experts is None else list(e.experts),
+            "routing_weights": e.routing_weights, "unique_experts": e.unique_experts,
+            "bytes_read": e.bytes_read, "wall_s": round(e.wall_s, 6)}
+
+
+def step_record(e: StepDone, token_text: str | None) -> dict[str, Any]:
+    logits = np.asarray(e.logits, dtype=np.float32)
+    return {"kind": "step", "step": e.step, "input_ids": list(e.input_ids), "token_id": e.token_id,
+            "token_text": token_text, "logit": e.logit, "top16": top16(logits), "entropy": entropy(logits),
+            "margin": margin(logits), "hidden_digest": tensor_digest(e.hidden),
+            "logits_digest": tensor_digest(logits), "bytes_read": e.bytes_read, "wall_s": round(e.wall_s, 6),
+            "layers": [layer_record(layer) for layer in e.layers]}
+
+
+def footer_record(step_records: list[dict[str, Any]], status: str, error: str | None) -> dict[str, Any]:
+    """The footer's totals are the sums of the step lines' (so a reader can check them)."""
+    return {"kind": "footer", "steps": len(step_records),
+            "bytes_read": sum(r["bytes_read"] for r in step_records),
+            "wall_s": round(sum(r["wall_s"] for r in step_records), 6), "status": status, "error": error}

@@ -1,0 +1,76 @@
+"""The ledger's schema (LEDGER.md), defined once: its version, the provenance class of every field, the
+fields of each record with their JSON types, and the file names inside a bundle.
+
+The record builders (`records.py`), the reader (`ledger.py`), the bundle writer and `verify` all take these
+from here. This module builds, reads and checks nothing beyond testing one JSON value against a type.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "mlx-k2.ledger/1"
+
+MEASURED, DERIVED = "M", "D"
+# Structural classification of every field a step or layer record can hold (LEDGER.md, "Provenance").
+PROVENANCE: dict[str, str] = {
+    "token_id": MEASURED, "logit": MEASURED, "norm_in": MEASURED, "norm_out": MEASURED, "experts": MEASURED,
+    "bytes_read": MEASURED, "wall_s": MEASURED, "input_ids": MEASURED,
+    "top16": DERIVED, "entropy": DERIVED, "margin": DERIVED, "routing_weights": DERIVED,
+    "unique_experts": DERIVED, "hidden_digest": DERIVED, "logits_digest": DERIVED, "token_text": DERIVED,
+}
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A JSON list whose items all have type `item` (which may itself be a ListOf)."""
+
+    item: Any
+    length: int | None = None
+
+
+NONE = type(None)
+PAIR = ListOf((int, float), 2)  # [token id, logit]; the id's int-ness is checked where it is used
+STEP_FIELDS = {"kind": str, "step": int, "prev": str, "input_ids": ListOf(int), "token_id": int,
+               "token_text": (str, NONE), "logit": float, "top16": ListOf(PAIR), "entropy": float, "margin": float,
+               "hidden_digest": str, "logits_digest": str, "bytes_read": int, "wall_s": float, "layers": ListOf(dict)}
+LAYER_FIELDS = {"layer": int, "kind": str, "norm_in": (float, NONE), "norm_out": (float, NONE),
+                "experts": (ListOf(int), NONE), "routing_weights": (ListOf(float), NONE),
+                "unique_experts": (int, NONE), "bytes_read": int, "wall_s": float}
+FOOTER_FIELDS = {"kind": str, "prev": str, "steps": int, "bytes_read": int, "wall_s": float, "status": str,
+                 "error": (str, NONE)}
+
+
+def has_type(value: Any, kind: Any) -> bool:
+    """Whether a parsed JSON value has the type a field table gives (a type, a tuple of them, a ListOf)."""
+    if isinstance(kind, tuple) and not all(isinstance(k, type) for k in kind):
+        return any(has_type(value, k) for k in kind)
+    if isinstance(kind, ListOf):
+        return (isinstance(value, list) and (kind.length is None or len(value) == kind.length)
+                and all(has_type(v, kind.item) for v in value))
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if float in kinds and isinstance(value, int):
+        return True  # JSON writes 2.0 as 2.0, but a tool may write 2
+    if float in kinds and isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, kinds)
+
+
+# A bundle directory: the ledger, one tensor file per step, and a manifest of both (see bundle.py).
+LEDGER_NAME = "ledger.jsonl"
+MANIFEST_NAME = "manifest.json"
+TENSORS_DIR = "tensors"
+
+
+def step_tensor_path(step: int) -> str:
+    return f"{TENSORS_DIR}/step-{step:04d}.safetensors"
+
+
+def ledger_file(path: Path) -> Path:
+    """The ledger file of a path: a bundle directory's ledger.jsonl, else the path itself."""
+    return path / LEDGER_NAME if path.is_dir() else path

@@ -18,7 +18,7 @@ from mlx_k2.errors import UsageError
 from mlx_k2.events import Event, LayerDone, StepDone
 from mlx_k2.inventory import take_inventory
 from mlx_k2.runner import device_name, select_device
-from mlx_k2.reader import ReadPolicy
+from mlx_k2.storage import ReadPolicy
 from mlx_k2.session import resume as resume_session
 from mlx_k2.session import run as run_session
 from mlx_k2.synth import BOS, default_checkpoint

@@ -21,10 +21,11 @@ from .derived import l2_norm
 from .errors import UsageError
 from .events import Event, LayerDone, RunDone, StepDone
 from .forward import decoder_layer, rms_norm, rope_tables
-from .int4 import linear
-from .layers import ModelWeights
-from .reader import FaultHook, ReadPolicy, WeightReader
+from .linear import linear
+from .storage import FaultHook, ReadPolicy, Storage
+from .tensors import TensorReader
 from .validate import validate
+from .weights import WeightFetcher
 
 DEVICES = ("gpu", "cpu")
 HEAD_ROWS_PER_BLOCK = 16384  # lm_head rows computed at a time (K2.5: 235 MB of bf16 per block)
@@ -54,8 +55,8 @@ class Model:
         self.config: ModelConfig = load_config(self.dir)
         self.checkpoint = Checkpoint(self.dir)
         validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
-        self.reader = WeightReader(self.checkpoint, policy, fault)
-        self.weights = ModelWeights(self.config, self.reader)
+        self.reader = TensorReader(self.checkpoint, Storage(policy, fault))
+        self.weights = WeightFetcher(self.config, self.reader)
 
     def close(self) -> None:
         self.reader.close()

@@ -23,7 +23,7 @@ from .bundle import LEDGER_NAME, BundleWriter
 from .errors import K2Error, UsageError
 from .events import Event, RunDone, StepDone
 from .ledger import LedgerWriter, footer_record, header_record, line_digest, step_record
-from .reader import FaultHook, ReadPolicy
+from .storage import FaultHook, ReadPolicy
 from .runner import Model, device_name, generate, select_device
 from .tokenizer import Tokenizer, load_tokenizer
 

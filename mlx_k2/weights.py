@@ -27,7 +27,7 @@ class WeightFetcher:
         self.cfg = cfg
         self.reader = reader
         self.checkpoint = reader.checkpoint
-        self.names = names.TensorNames(cfg.weight_prefix)
+        self.tensor_names = names.TensorNames(cfg.weight_prefix)
         self._non_expert: dict[int, list[str]] | None = None
 
     def _quant(self, base: str):
@@ -59,7 +59,7 @@ class WeightFetcher:
     def prefetch_layer(self, layer: int) -> None:
         """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
         if layer >= self.cfg.text.num_hidden_layers:
-            self.reader.prefetch([self.names.norm])
+            self.reader.prefetch([self.tensor_names.norm])
             return
         self.reader.prefetch(self._layer_tensors().get(layer, []))
 
@@ -68,7 +68,7 @@ class WeightFetcher:
         if self._non_expert is None:
             self._non_expert = {}
             for name in self.checkpoint.tensors:
-                role, layer, _ = self.names.role(name)
+                role, layer, _ = self.tensor_names.role(name)
                 if role in names.LAYER_ROLES:
                     self._non_expert.setdefault(layer, []).append(name)
         return self._non_expert
@@ -77,12 +77,12 @@ class WeightFetcher:
     def embedding(self, token_ids: list[int]) -> mx.array:
         """Embedding rows of `token_ids` (T, hidden), reading each distinct id's row once."""
         distinct = sorted(set(token_ids))
-        rows = self.reader.rows(self.names.embed_tokens, distinct)  # (U, hidden)
+        rows = self.reader.rows(self.tensor_names.embed_tokens, distinct)  # (U, hidden)
         return rows[mx.array(np.searchsorted(distinct, token_ids))]
 
     def layer(self, layer: int) -> Layer:
         self.prefetch_layer(layer)  # everything in flight at once; no-op for what is already on its way
-        n = self.names.layer(layer)
+        n = self.tensor_names.layer(layer)
         text = self.cfg.text
         tensor = self.reader.tensor
         if text.q_lora_rank:
@@ -110,17 +110,17 @@ class WeightFetcher:
 
     def experts(self, layer: int, ids: np.ndarray) -> Experts:
         """The routed experts `ids` (ascending, distinct) of `layer`, each read once."""
-        n = self.names.layer(layer)
+        n = self.tensor_names.layer(layer)
         stacks = self.stacked_linears([[n.experts(int(e), m) for e in ids] for m in names.MLP_PROJECTIONS])
         return Experts(ids=ids, **dict(zip(names.MLP_PROJECTIONS, stacks)))
 
     def final_norm(self) -> mx.array:
-        return self.reader.tensor(self.names.norm)
+        return self.reader.tensor(self.tensor_names.norm)
 
     def lm_head_chunks(self, rows_per_chunk: int):
         """The lm_head as consecutive row blocks (vocab rows), each block's read issued while the previous
         one is used: the head never sits in memory whole (it is the largest tensor a step reads)."""
-        base = self.names.lm_head
+        base = self.tensor_names.lm_head
         if names.packed_weight(base) in self.checkpoint:
             yield self.linear(base)  # packed heads are small: one block
             return

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mlx_k2.bench import measure, mlx_lm_step
-from mlx_k2.reader import ReadPolicy
+from mlx_k2.storage import ReadPolicy
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""`mlx-k2 inspect`: what a checkpoint holds and what a step reads, from the headers only."""
+"""`mlx-k2 inspect`: what a checkpoint holds and what a step reads, from the headers only; `--deep` also
+checks every tensor against the config, reading the experts' `weight_shape` values."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from mlx_k2.checkpoint import Checkpoint
 from mlx_k2.config import load_config
 from mlx_k2.inventory import take_inventory
 from mlx_k2.synth import default_checkpoint
+from mlx_k2.validate import problems
 
 from .app import app, guarded
 
 
 @app.command()
 @guarded
-def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the embedded synthetic).")] = None):
+def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the embedded synthetic).")] = None,
+            deep: Annotated[bool, typer.Option("--deep", help="Also check every tensor against the config, "
+                                               "reading each packed expert's weight_shape (one read each).")] = False):
     """Architecture, tensor groups, shards and the bytes a step reads, from headers. Example: mlx-k2 inspect --model DIR"""
     model_dir = model if model is not None else default_checkpoint()
     cfg = load_config(model_dir)
@@ -54,3 +58,11 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
     if never:
         console.print("never read by a text run: " + ", ".join(f"{k} ({g.tensors:,} tensors, {g.nbytes:,} bytes)"
                                                              for k, g in never.items()))
+    if deep:
+        found = list(problems(ckpt, cfg, deep=True))
+        for problem in found:
+            typer.echo(f"problem: {problem}", err=True)
+        if found:
+            typer.echo(f"deep check: {len(found)} problem(s)", err=True)
+            raise typer.Exit(1)
+        console.print("deep check: every tensor agrees with the config, weight_shape values included")

@@ -15,6 +15,7 @@ from mlx_k2.dashboard import DashboardState
 from mlx_k2.errors import K2Error, UsageError
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
+from mlx_k2.storage import ReadPolicy
 from mlx_k2.synth import default_checkpoint
 from mlx_k2.tokenizer import default_bos, load_tokenizer
 
@@ -68,8 +69,7 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
         read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread"):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
-    from mlx_k2.reader import ReadPolicy  # the session needs MLX: imported when a run is asked for
-    from mlx_k2.session import resume as resume_session
+    from mlx_k2.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.session import run as run_session
 
     if read_retries < 0:

@@ -24,11 +24,12 @@ import numpy as np
 
 from .checkpoint import Checkpoint, read_header
 from .events import LayerDone, StepDone
-from .inventory import role
-from .reader import ReadPolicy, WeightReader
+from . import names
 from .runner import Model, select_device
+from .storage import ReadPolicy, Storage
 from .synth import (HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM, full_width, head_tensors, layer_tensors,
                     projector_tensors, shard_name, vision_tensors, write_index_and_config, write_shard)
+from .tensors import TensorReader
 
 BOS = 163584
 
@@ -121,7 +122,7 @@ def context_ids(tokens: int) -> list[int]:
     return [BOS] + [1000 + 7919 * i % 150000 for i in range(1, tokens)]
 
 
-class _Recorder(WeightReader):
+class _Recorder(TensorReader):
     """A reader that remembers each request, to replay the same reads without compute."""
 
     def __init__(self, *a, **kw):
@@ -145,7 +146,7 @@ class _Recorder(WeightReader):
         return super().start_rows(name, rows)
 
 
-class _InMemory(WeightReader):
+class _InMemory(TensorReader):
     """A reader that serves every request from arrays read beforehand (compute-only timing)."""
 
     def __init__(self, *a, **kw):
@@ -173,8 +174,18 @@ class _InMemory(WeightReader):
     def start_rows(self, name, rows):
         key = self._key("r", name, list(rows))
         if key not in self.cache:
-            self.cache[key] = super().start_rows(name, rows)()
-        return lambda: self.cache[key]
+            self.cache[key] = super().start_rows(name, rows).wait()
+        return _Ready(self.cache[key])
+
+
+class _Ready:
+    """An array already in memory, handed out like a pending read."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def wait(self):
+        return self.array
 
 
 def _run_step(model: Model, ids: list[int]) -> tuple[StepDone, float]:
@@ -189,13 +200,14 @@ def bytes_min(checkpoint: Checkpoint, prefix: str, ids: list[int], step: StepDon
     experts_by_layer = {e.layer: set(np.asarray(e.routed).reshape(-1).tolist())
                         for e in step.layers if isinstance(e, LayerDone) and e.routed is not None}
     total = 0
+    tensor_names = names.TensorNames(prefix)
     for name, info in checkpoint.tensors.items():
-        group, layer, expert = role(name, prefix)
-        if group == "embedding":
+        group, layer, expert = tensor_names.role(name)
+        if group == names.EMBEDDING:
             total += info.row_bytes * len(set(ids))
-        elif group in ("lm_head", "final norm", "layer norms", "attention", "router", "shared experts", "dense MLP"):
+        elif group in (names.LM_HEAD, names.FINAL_NORM, *names.LAYER_ROLES):
             total += info.nbytes
-        elif group == "routed experts" and expert in experts_by_layer.get(layer, ()):
+        elif group == names.ROUTED_EXPERTS and expert in experts_by_layer.get(layer, ()):
             total += info.nbytes
     return total
 
@@ -220,11 +232,11 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
                    "largest_layer_gb": max(e.bytes_read for e in step.layers) / 1e9,
                    "os_read_bytes": None if before is None else after - before, "peak_rss_gb": peak_rss_gb()}
         elif part == "reads":
-            recorder = _Recorder(model.checkpoint, policy)
+            recorder = _Recorder(model.checkpoint, Storage(policy))
             model.reader = model.weights.reader = recorder
             _run_step(model, ids)                      # learn the requests (routing decides the experts)
             recorder.close()                           # unmapped: mapped pages cannot be dropped
-            replay = WeightReader(model.checkpoint, policy)
+            replay = TensorReader(model.checkpoint, Storage(policy))
             if cold:
                 drop_cache(files)
             start = time.perf_counter()
@@ -233,15 +245,15 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
                 if kind == "start_rows":
                     pending.append(replay.start_rows(*args))
                     if len(pending) > 1:
-                        pending.pop(0)()
+                        pending.pop(0).wait()
                 else:
                     getattr(replay, kind)(*args)
-            for wait in pending:
-                wait()
+            for rows in pending:
+                rows.wait()
             out = {"read_s": time.perf_counter() - start, "replayed_bytes": replay.bytes_read}
             replay.close()
         elif part == "compute":
-            memory = _InMemory(model.checkpoint, policy)
+            memory = _InMemory(model.checkpoint, Storage(policy))
             model.reader = model.weights.reader = memory
             _run_step(model, ids)                      # fills the cache (untimed)
             _, compute = _run_step(model, ids)

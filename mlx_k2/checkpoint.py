@@ -2,7 +2,7 @@
 
 Built from `model.safetensors.index.json` (or a single `model.safetensors`) and the safetensors headers only:
 no tensor data is read here. The directory may be any mounted path (a NAS share is a directory) and is
-only ever opened for reading. Reading tensor bytes is the job of `reader.py`.
+only ever opened for reading. Reading tensor bytes is the job of `storage.py` and `tensors.py`.
 """
 
 from __future__ import annotations

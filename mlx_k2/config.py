@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .names import FLAT_PREFIX, WRAPPED_PREFIX
 
 TEXT_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 WRAPPED_MODEL_TYPES = ("kimi_k25",)
@@ -233,10 +234,10 @@ def parse_config(raw: Any, where: str = "config.json") -> ModelConfig:
         quant = text_raw.get("quantization_config", raw.get("quantization_config"))
         text = _text_config({**{k: raw[k] for k in ("bos_token_id", "eos_token_id") if k in raw}, **text_raw},
                             f"{where} text_config")
-        return ModelConfig(model_type, text, _quantization(quant, where), "language_model.")
+        return ModelConfig(model_type, text, _quantization(quant, where), WRAPPED_PREFIX)
     if model_type in TEXT_MODEL_TYPES:
         return ModelConfig(model_type, _text_config(raw, where),
-                           _quantization(raw.get("quantization_config"), where), "")
+                           _quantization(raw.get("quantization_config"), where), FLAT_PREFIX)
     raise ConfigError(f"{where}: unsupported model_type {model_type!r} "
                       f"(supported: {', '.join(WRAPPED_MODEL_TYPES + TEXT_MODEL_TYPES)})")
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import TextConfig, yarn_get_mscale
-from .int4 import COMPUTE_DTYPE, Linear, gather_linear, linear
+from .linear import COMPUTE_DTYPE, Linear, gather_linear, linear
 
 # q_a_layernorm and kv_a_layernorm are built without an eps argument in the reference code, so they use
 # the RMSNorm default 1e-6, not config.rms_norm_eps (K25_FORMAT.md, hazard 1).

@@ -22,10 +22,11 @@ from .evidence.derived import l2_norm
 from .errors import UsageError
 from .events import Event, LayerDone, Progress, RunDone, StepDone
 from .forward import LayerResult, Routing, decoder_layer, rms_norm, rope_tables
-from .int4 import linear
-from .layers import ModelWeights
-from .reader import FaultHook, ReadPolicy, WeightReader
+from .linear import linear
+from .storage import FaultHook, ReadPolicy, Storage
+from .tensors import TensorReader
 from .validate import validate
+from .weights import WeightFetcher
 
 DEVICES = ("gpu", "cpu")
 HEAD_ROWS_PER_BLOCK = 16384  # lm_head rows computed at a time (K2.5: 235 MB of bf16 per block)
@@ -69,8 +70,8 @@ class Model:
         validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
         if progress:
             progress("validating", 1, 1)
-        self.reader = WeightReader(self.checkpoint, policy, fault)
-        self.weights = ModelWeights(self.config, self.reader)
+        self.reader = TensorReader(self.checkpoint, Storage(policy, fault))
+        self.weights = WeightFetcher(self.config, self.reader)
         self._streams: dict[str, list] = {}
         self.stream_count: int | None = None  # None: one per core; set it to pin the count (tests do)
 
@@ -150,7 +151,7 @@ class StepWatch:
     """What a step's observer records: times, bytes, and (with capture) the last position's residual norms
     and routing. It reads arrays the runner has already evaluated and adds no op to the computation."""
 
-    def __init__(self, reader: WeightReader, step: int, capture: bool):
+    def __init__(self, reader: TensorReader, step: int, capture: bool):
         self.reader, self.step, self.capture = reader, step, capture
         self.started, self.bytes_at_start = time.perf_counter(), reader.bytes_read
         self.layers: list[LayerDone] = []

@@ -1,7 +1,7 @@
 """Write safetensors files from numpy arrays, bf16 included, without any ML framework.
 
 Used by the synthetic checkpoint generator and the benchmark's full-width checkpoint. Reading is
-`checkpoint.py` + `reader.py`; this module only writes.
+`checkpoint.py` + `tensors.py`; this module only writes.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from .evidence.ledger import LedgerWriter, read_ledger
 from .evidence.records import header_record
 from .evidence.schema import LEDGER_NAME
 from .inventory import take_inventory
-from .reader import FaultHook, ReadPolicy
+from .storage import FaultHook, ReadPolicy
 from .runner import Model, device_name, generate, select_device
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
 from .tokenizer import Tokenizer, load_tokenizer

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import names
 from .safetensors_write import Lazy, save, to_bf16
 from .tokenizer import SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS
 
-PREFIX = "language_model."
+PREFIX = names.WRAPPED_PREFIX
+NAMES = names.TensorNames(PREFIX)
 BOS, EOS, PAD = 163584, 163585, 163839
 
 
@@ -149,54 +151,51 @@ class _Weights:
             s = np.abs(self.rng.standard_normal((rows, inp // self.spec.group_size), dtype=np.float32)
                        * np.float32(0.25)) + np.float32(0.75)
             return to_bf16(s * np.float32(gain / np.sqrt(inp) / 4.6))
-        return {f"{name}.weight_packed": self._rows("I32", (out, inp // 8), words),
-                f"{name}.weight_scale": self._rows("BF16", (out, inp // self.spec.group_size), scales),
-                f"{name}.weight_shape": np.array([out, inp], dtype=np.int32)}
+        return {names.packed_weight(name): self._rows("I32", (out, inp // 8), words),
+                names.weight_scale(name): self._rows("BF16", (out, inp // self.spec.group_size), scales),
+                names.weight_shape(name): np.array([out, inp], dtype=np.int32)}
 
 
 def layer_tensors(w: _Weights, layer: int) -> dict[str, Lazy | np.ndarray]:
     s = w.spec
     H = s.hidden_size
-    pre = f"{PREFIX}model.layers.{layer}."
-    a = pre + "self_attn."
+    n = NAMES.layer(layer)
+    dense = names.dense_weight
     qh = s.qk_nope_head_dim + s.qk_rope_head_dim
     t: dict[str, Lazy | np.ndarray] = {
-        pre + "input_layernorm.weight": w.norm(H),
-        pre + "post_attention_layernorm.weight": w.norm(H),
-        a + "q_a_proj.weight": w.linear(s.q_lora_rank, H),
-        a + "q_a_layernorm.weight": w.norm(s.q_lora_rank),
-        a + "q_b_proj.weight": w.linear(s.num_attention_heads * qh, s.q_lora_rank),
-        a + "kv_a_proj_with_mqa.weight": w.linear(s.kv_lora_rank + s.qk_rope_head_dim, H),
-        a + "kv_a_layernorm.weight": w.norm(s.kv_lora_rank),
-        a + "kv_b_proj.weight": w.linear(s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim),
-                                         s.kv_lora_rank),
-        a + "o_proj.weight": w.linear(H, s.num_attention_heads * s.v_head_dim, OUT_GAIN),
+        n.input_layernorm: w.norm(H),
+        n.post_attention_layernorm: w.norm(H),
+        dense(n.q_a_proj): w.linear(s.q_lora_rank, H),
+        n.q_a_layernorm: w.norm(s.q_lora_rank),
+        dense(n.q_b_proj): w.linear(s.num_attention_heads * qh, s.q_lora_rank),
+        dense(n.kv_a_proj_with_mqa): w.linear(s.kv_lora_rank + s.qk_rope_head_dim, H),
+        n.kv_a_layernorm: w.norm(s.kv_lora_rank),
+        dense(n.kv_b_proj): w.linear(s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank),
+        dense(n.o_proj): w.linear(H, s.num_attention_heads * s.v_head_dim, OUT_GAIN),
     }
-    m = pre + "mlp."
     if layer < s.first_k_dense_replace:
-        t[m + "gate_proj.weight"] = w.linear(s.intermediate_size, H)
-        t[m + "up_proj.weight"] = w.linear(s.intermediate_size, H)
-        t[m + "down_proj.weight"] = w.linear(H, s.intermediate_size, OUT_GAIN)
+        t[dense(n.mlp("gate_proj"))] = w.linear(s.intermediate_size, H)
+        t[dense(n.mlp("up_proj"))] = w.linear(s.intermediate_size, H)
+        t[dense(n.mlp("down_proj"))] = w.linear(H, s.intermediate_size, OUT_GAIN)
         return t
-    t[m + "gate.weight"] = w.linear(s.n_routed_experts, H)
-    t[m + "gate.e_score_correction_bias"] = w.normal((s.n_routed_experts,), 0.02)
+    t[n.gate] = w.linear(s.n_routed_experts, H)
+    t[n.e_score_correction_bias] = w.normal((s.n_routed_experts,), 0.02)
     shared = s.moe_intermediate_size * s.n_shared_experts
-    t[m + "shared_experts.gate_proj.weight"] = w.linear(shared, H)
-    t[m + "shared_experts.up_proj.weight"] = w.linear(shared, H)
-    t[m + "shared_experts.down_proj.weight"] = w.linear(H, shared, OUT_GAIN)
+    t[dense(n.shared_experts("gate_proj"))] = w.linear(shared, H)
+    t[dense(n.shared_experts("up_proj"))] = w.linear(shared, H)
+    t[dense(n.shared_experts("down_proj"))] = w.linear(H, shared, OUT_GAIN)
     for e in range(s.n_routed_experts):
-        x = f"{m}experts.{e}."
-        t.update(w.packed_experts(x + "gate_proj", s.moe_intermediate_size, H, 1.0))
-        t.update(w.packed_experts(x + "up_proj", s.moe_intermediate_size, H, 1.0))
-        t.update(w.packed_experts(x + "down_proj", H, s.moe_intermediate_size, OUT_GAIN))
+        t.update(w.packed_experts(n.experts(e, "gate_proj"), s.moe_intermediate_size, H, 1.0))
+        t.update(w.packed_experts(n.experts(e, "up_proj"), s.moe_intermediate_size, H, 1.0))
+        t.update(w.packed_experts(n.experts(e, "down_proj"), H, s.moe_intermediate_size, OUT_GAIN))
     return t
 
 
 def head_tensors(w: _Weights) -> dict[str, Lazy]:
     s = w.spec
-    return {f"{PREFIX}model.embed_tokens.weight": w.normal((s.vocab_size, s.hidden_size), 1.0, "BF16"),
-            f"{PREFIX}model.norm.weight": w.norm(s.hidden_size),
-            f"{PREFIX}lm_head.weight": w.linear(s.vocab_size, s.hidden_size, 4.0)}
+    return {NAMES.embed_tokens: w.normal((s.vocab_size, s.hidden_size), 1.0, "BF16"),
+            NAMES.norm: w.norm(s.hidden_size),
+            names.dense_weight(NAMES.lm_head): w.linear(s.vocab_size, s.hidden_size, 4.0)}
 
 
 def projector_tensors(w: _Weights) -> dict[str, Lazy]:

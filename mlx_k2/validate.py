@@ -1,10 +1,12 @@
 """Check, before any compute, that the checkpoint holds every tensor the config implies, with the shapes
-and dtypes it implies, and that each packed expert's `weight_shape` agrees with its `weight_packed`.
+and dtypes it implies; on request (`deep`), also that each packed expert's `weight_shape` value agrees
+with its `weight_packed`.
 
-Everything is decided from the headers and config.json, except the `weight_shape` values (8 bytes each),
-which are read here once; those reads are validation, not a step's, and are not counted in `bytes_read`.
-The first problem raises CheckpointError naming the file, the tensor and the config fields involved;
-`problems()` lists them all (what `mlx-k2 inspect` reports).
+The ordinary check is decided from the headers and config.json alone: it reads no tensor data, so opening
+a checkpoint on a NAS costs no round trip per expert. The deep check also reads the `weight_shape` values
+(8 bytes each; K2.5 has ~69,000), which is validation, not a step's reading, and is not counted in
+`bytes_read`. The first problem raises CheckpointError naming the file, the tensor and the config fields
+involved; `problems()` lists them all (what `mlx-k2 inspect --deep` reports).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from . import names
 from .checkpoint import Checkpoint, TensorInfo
 from .config import ModelConfig
 from .errors import CheckpointError
@@ -22,62 +25,62 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 def expected_linears(cfg: ModelConfig) -> Iterator[tuple[str, int, int, str]]:
     """(base name, out, in, which config fields imply it) of every linear the forward pass uses."""
-    t, p = cfg.text, cfg.weight_prefix
+    t, tensor_names = cfg.text, names.TensorNames(cfg.weight_prefix)
     H, heads = t.hidden_size, t.num_attention_heads
     qk = f"num_attention_heads {heads} x (qk_nope_head_dim {t.qk_nope_head_dim} + qk_rope_head_dim {t.qk_rope_head_dim})"
     for layer in range(t.num_hidden_layers):
-        a = f"{p}model.layers.{layer}.self_attn."
+        n = tensor_names.layer(layer)
         if t.q_lora_rank:
-            yield a + "q_a_proj", t.q_lora_rank, H, "q_lora_rank x hidden_size"
-            yield a + "q_b_proj", heads * t.q_head_dim, t.q_lora_rank, qk + " x q_lora_rank"
+            yield n.q_a_proj, t.q_lora_rank, H, "q_lora_rank x hidden_size"
+            yield n.q_b_proj, heads * t.q_head_dim, t.q_lora_rank, qk + " x q_lora_rank"
         else:
-            yield a + "q_proj", heads * t.q_head_dim, H, qk + " x hidden_size"
-        yield (a + "kv_a_proj_with_mqa", t.kv_lora_rank + t.qk_rope_head_dim, H,
+            yield n.q_proj, heads * t.q_head_dim, H, qk + " x hidden_size"
+        yield (n.kv_a_proj_with_mqa, t.kv_lora_rank + t.qk_rope_head_dim, H,
                "(kv_lora_rank + qk_rope_head_dim) x hidden_size")
-        yield (a + "kv_b_proj", heads * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank,
+        yield (n.kv_b_proj, heads * (t.qk_nope_head_dim + t.v_head_dim), t.kv_lora_rank,
                "num_attention_heads x (qk_nope_head_dim + v_head_dim) x kv_lora_rank")
-        yield a + "o_proj", H, heads * t.v_head_dim, "hidden_size x num_attention_heads x v_head_dim"
-        m = f"{p}model.layers.{layer}.mlp."
+        yield n.o_proj, H, heads * t.v_head_dim, "hidden_size x num_attention_heads x v_head_dim"
         if not t.is_moe_layer(layer):
             for proj, out, inp in (("gate_proj", t.intermediate_size, H), ("up_proj", t.intermediate_size, H),
                                    ("down_proj", H, t.intermediate_size)):
-                yield m + proj, out, inp, "intermediate_size and hidden_size"
+                yield n.mlp(proj), out, inp, "intermediate_size and hidden_size"
             continue
         shared = t.shared_intermediate_size
         if shared:
             for proj, out, inp in (("gate_proj", shared, H), ("up_proj", shared, H), ("down_proj", H, shared)):
-                yield m + "shared_experts." + proj, out, inp, "moe_intermediate_size x n_shared_experts"
+                yield n.shared_experts(proj), out, inp, "moe_intermediate_size x n_shared_experts"
         for e in range(t.n_routed_experts):
             for proj, out, inp in (("gate_proj", t.moe_intermediate_size, H),
                                    ("up_proj", t.moe_intermediate_size, H),
                                    ("down_proj", H, t.moe_intermediate_size)):
-                yield f"{m}experts.{e}.{proj}", out, inp, "moe_intermediate_size and hidden_size"
-    yield f"{p}lm_head", t.vocab_size, H, "vocab_size x hidden_size"
+                yield n.experts(e, proj), out, inp, "moe_intermediate_size and hidden_size"
+    yield tensor_names.lm_head, t.vocab_size, H, "vocab_size x hidden_size"
 
 
 def expected_vectors(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
     """(name, shape, config fields, allowed dtypes) of the norms, router, embedding."""
-    t, p = cfg.text, cfg.weight_prefix
+    t, tensor_names = cfg.text, names.TensorNames(cfg.weight_prefix)
     H = t.hidden_size
-    yield f"{p}model.embed_tokens.weight", (t.vocab_size, H), "vocab_size x hidden_size", FLOAT_DTYPES
-    yield f"{p}model.norm.weight", (H,), "hidden_size", FLOAT_DTYPES
+    yield tensor_names.embed_tokens, (t.vocab_size, H), "vocab_size x hidden_size", FLOAT_DTYPES
+    yield tensor_names.norm, (H,), "hidden_size", FLOAT_DTYPES
     for layer in range(t.num_hidden_layers):
-        pre = f"{p}model.layers.{layer}."
-        yield pre + "input_layernorm.weight", (H,), "hidden_size", FLOAT_DTYPES
-        yield pre + "post_attention_layernorm.weight", (H,), "hidden_size", FLOAT_DTYPES
+        n = tensor_names.layer(layer)
+        yield n.input_layernorm, (H,), "hidden_size", FLOAT_DTYPES
+        yield n.post_attention_layernorm, (H,), "hidden_size", FLOAT_DTYPES
         if t.q_lora_rank:
-            yield pre + "self_attn.q_a_layernorm.weight", (t.q_lora_rank,), "q_lora_rank", FLOAT_DTYPES
-        yield pre + "self_attn.kv_a_layernorm.weight", (t.kv_lora_rank,), "kv_lora_rank", FLOAT_DTYPES
+            yield n.q_a_layernorm, (t.q_lora_rank,), "q_lora_rank", FLOAT_DTYPES
+        yield n.kv_a_layernorm, (t.kv_lora_rank,), "kv_lora_rank", FLOAT_DTYPES
         if t.is_moe_layer(layer):
-            yield pre + "mlp.gate.weight", (t.n_routed_experts, H), "n_routed_experts x hidden_size", FLOAT_DTYPES
+            yield n.gate, (t.n_routed_experts, H), "n_routed_experts x hidden_size", FLOAT_DTYPES
 
 
 def _where(info: TensorInfo) -> str:
     return f"{info.path}: tensor {info.name}"
 
 
-def problems(checkpoint: Checkpoint, cfg: ModelConfig, read_weight_shapes: bool = True) -> Iterator[str]:
-    """Every disagreement between config and checkpoint, one line each."""
+def problems(checkpoint: Checkpoint, cfg: ModelConfig, deep: bool = False) -> Iterator[str]:
+    """Every disagreement between config and checkpoint, one line each; `deep` also reads and checks the
+    `weight_shape` values."""
     tensors = checkpoint.tensors
     where_missing = f"{checkpoint.dir}: tensor"
     for name, shape, fields, dtypes in expected_vectors(cfg):
@@ -92,7 +95,7 @@ def problems(checkpoint: Checkpoint, cfg: ModelConfig, read_weight_shapes: bool 
     for layer in range(t.num_hidden_layers):
         if not t.is_moe_layer(layer):
             continue
-        bias_name = f"{cfg.weight_prefix}model.layers.{layer}.mlp.gate.e_score_correction_bias"
+        bias_name = names.TensorNames(cfg.weight_prefix).layer(layer).e_score_correction_bias
         bias = tensors.get(bias_name)
         if bias is None and t.topk_method == "noaux_tc":
             yield f"{where_missing} {bias_name} not found (config.json topk_method 'noaux_tc' routes with it)"
@@ -101,11 +104,11 @@ def problems(checkpoint: Checkpoint, cfg: ModelConfig, read_weight_shapes: bool 
                   f"[{t.n_routed_experts}]"
     shapes_to_read: list[tuple[TensorInfo, int, int]] = []
     for base, out, inp, fields in expected_linears(cfg):
-        packed = tensors.get(base + ".weight_packed")
+        packed = tensors.get(names.packed_weight(base))
         if packed is None:
-            dense = tensors.get(base + ".weight")
+            dense = tensors.get(names.dense_weight(base))
             if dense is None:
-                yield f"{where_missing} {base}.weight not found (config.json implies it)"
+                yield f"{where_missing} {names.dense_weight(base)} not found (config.json implies it)"
             elif dense.shape != (out, inp):
                 yield f"{_where(dense)}: shape {list(dense.shape)} but config.json {fields} gives [{out}, {inp}]"
             elif dense.dtype not in FLOAT_DTYPES:
@@ -116,23 +119,23 @@ def problems(checkpoint: Checkpoint, cfg: ModelConfig, read_weight_shapes: bool 
         if q is None:
             yield f"{_where(packed)}: packed weight but config.json has no quantization_config"
             continue
-        scale = tensors.get(base + ".weight_scale")
+        scale = tensors.get(names.weight_scale(base))
         words = inp * q.num_bits // 32
         if packed.dtype != "I32" or packed.shape != (out, words):
             yield (f"{_where(packed)}: {packed.dtype} {list(packed.shape)} but config.json {fields} with "
                    f"num_bits {q.num_bits} gives I32 [{out}, {words}]")
         if scale is None:
-            yield f"{where_missing} {base}.weight_scale not found (its weight_packed exists)"
+            yield f"{where_missing} {names.weight_scale(base)} not found (its weight_packed exists)"
         elif scale.dtype not in FLOAT_DTYPES or scale.shape != (out, inp // q.group_size):
             yield (f"{_where(scale)}: {scale.dtype} {list(scale.shape)} but group_size {q.group_size} gives "
                    f"[{out}, {inp // q.group_size}]")
-        shape_info = tensors.get(base + ".weight_shape")
+        shape_info = tensors.get(names.weight_shape(base))
         if shape_info is not None:
             if shape_info.dtype not in ("I32", "I64") or shape_info.shape != (2,):
                 yield f"{_where(shape_info)}: {shape_info.dtype} {list(shape_info.shape)}, expected I32 [2]"
             else:
                 shapes_to_read.append((shape_info, out, inp))
-    if read_weight_shapes and shapes_to_read:
+    if deep and shapes_to_read:
         yield from _weight_shape_values(shapes_to_read)
 
 
@@ -157,7 +160,7 @@ def _weight_shape_values(items: list[tuple[TensorInfo, int, int]]) -> Iterator[s
             yield f"{path}: cannot read ({e.strerror})"
 
 
-def validate(checkpoint: Checkpoint, cfg: ModelConfig) -> None:
-    """Raise CheckpointError on the first problem."""
-    for problem in problems(checkpoint, cfg):
+def validate(checkpoint: Checkpoint, cfg: ModelConfig, deep: bool = False) -> None:
+    """Raise CheckpointError on the first problem (`deep`: see `problems`)."""
+    for problem in problems(checkpoint, cfg, deep):
         raise CheckpointError(problem)

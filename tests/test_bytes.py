@@ -3,7 +3,7 @@ only; each routed expert once per layer per step however many positions pick it;
 with the context exactly as the extra embedding rows and extra distinct experts (sized from the
 safetensors headers) say they must.
 
-Every read is logged by wrapping WeightReader.tensor / rows / stacked; the expectations come from the
+Every read is logged by wrapping TensorReader.tensor / rows / stacked; the expectations come from the
 checkpoint's own headers and index and from the token contexts chosen here.
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from mlx_k2.events import LayerDone, RunDone, StepDone
-from mlx_k2.reader import WeightReader
 from mlx_k2.runner import Model, generate
+from mlx_k2.tensors import TensorReader
 from tests.foreign_checkpoint import make_config, write_foreign_checkpoint
 
 PRE = "language_model."
@@ -68,18 +68,18 @@ class ReadLog:
         self.calls: list[tuple[str, tuple[str, ...], tuple[int, ...] | None]] = []
 
         def wrap(method: str):
-            original = getattr(WeightReader, method)
+            original = getattr(TensorReader, method)
 
             def logged(reader, names, *args, **kwargs):
                 rows = tuple(int(i) for i in args[0]) if method == "start_rows" else None
                 kind = "rows" if method == "start_rows" else method
                 self.calls.append((kind, _flat([names] if isinstance(names, str) else names), rows))
                 return original(reader, names, *args, **kwargs)
-            monkeypatch.setattr(WeightReader, method, logged)
+            monkeypatch.setattr(TensorReader, method, logged)
 
         # `rows` reads through `start_rows`, so logging the latter sees every row read exactly once.
         for method in ("tensor", "start_rows", "stacked", "prefetch"):
-            if hasattr(WeightReader, method):
+            if hasattr(TensorReader, method):
                 wrap(method)
 
     def take(self):

@@ -17,8 +17,8 @@ import pytest
 from mlx_k2.errors import K2Error
 from mlx_k2.evidence.ledger import LedgerWriteError, LedgerWriter
 from mlx_k2.evidence.verify import verify
-from mlx_k2.reader import ReadError, ReadPolicy
 from mlx_k2.session import resume, run
+from mlx_k2.storage import ReadError, ReadPolicy
 
 FAST = ReadPolicy(retries=2, backoff_s=0.001)
 STEPS = 4

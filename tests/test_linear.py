@@ -1,4 +1,4 @@
-"""Packed-int and dense linears (mlx_k2.int4) against a float64 numpy unpack-then-matmul written here
+"""Packed-int and dense linears (mlx_k2.linear) against a float64 numpy unpack-then-matmul written here
 from K25_FORMAT.md section 3: value i of int32 word w sits at bits `bits*i`, q = value - 2^(bits-1),
 W[r, c] = q[r, c] * scale[r, c // group]. Random packed words and random bf16 scales, at K2.5's real
 expert shapes (gate/up [2048, 7168], down [7168, 2048]) and at small shapes for 2/8 bits and other groups.
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_k2.int4 import Linear, gather_linear, linear
+from mlx_k2.linear import Linear, gather_linear, linear
 from mlx_k2.safetensors_write import to_bf16
 
 # The product accumulates in float32. Over 7168 products of unit-order terms the rounding error grows
@@ -51,7 +51,7 @@ def dequant_ref(words: np.ndarray, scale_bits: np.ndarray, bits: int, group: int
 
 
 def to_mx_bf16(bits: np.ndarray) -> mx.array:
-    # The way reader.py makes a bf16 tensor: the stored uint16 bits viewed as bfloat16.
+    # The way tensors.py makes a bf16 tensor: the stored uint16 bits viewed as bfloat16.
     return mx.array(bits).view(mx.bfloat16)
 
 

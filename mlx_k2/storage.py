@@ -1,0 +1,179 @@
+"""Read byte ranges of files into caller-provided buffers: positional reads or a memory map, retried.
+
+Two ways to pull bytes, same results: `pread` (default) reads each range into the buffer with positional
+reads, large requests split in pieces with several in flight on a thread pool; `mmap` maps the files
+read-only and copies out of the map. A failed read (EIO, a short read, a vanished file) is retried with
+backoff `retries` times, reopening the file, then raised as `ReadError` naming the file and what was being
+read. A fault hook (tests) is called before every attempt. `bytes_transferred` counts every byte brought
+in, whether or not anyone used it (the ledger's `bytes_read` is counted by `tensors.py`, when consumed).
+This module knows (path, offset, length) and a destination buffer only: no tensors, no dtypes, no MLX.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import K2Error
+
+METHODS = ("pread", "mmap")
+CHUNK_BYTES = 8 << 20  # large requests are read in 8 MiB pieces so several are in flight at once
+INLINE_BYTES = 1 << 20  # smaller requests are read on the calling thread: a pool hand-off costs more
+
+# A fault hook for tests: (path, offset, length, attempt) -> None, or raise OSError, or return a shorter
+# length to simulate a short read.
+FaultHook = Callable[[Path, int, int, int], "int | None"]
+
+
+class ReadError(K2Error):
+    """Reading failed after every retry (storage error, short read, file gone)."""
+
+    exit_code = 1  # the run failed; the ledger ends with a `failed` footer and can be resumed
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    method: str = "pread"
+    retries: int = 3          # attempts after the first
+    backoff_s: float = 0.05   # first wait; doubles each retry
+    workers: int = 8          # reads in flight at once
+
+
+class ByteRange(NamedTuple):
+    path: Path
+    offset: int   # absolute byte offset in the file
+    length: int
+
+
+class PendingRead:
+    """Reads in flight into one buffer. `wait()` returns when all have landed, or raises ReadError."""
+
+    def __init__(self, pieces: list[Future]):
+        self._pieces = pieces
+
+    def wait(self) -> None:
+        for piece in self._pieces:
+            piece.result()  # re-raises ReadError
+
+    def cancel(self) -> None:
+        """Stop the pieces not started yet and wait for the running ones (their buffer must outlive them);
+        errors are dropped: nobody wants these bytes any more."""
+        for piece in self._pieces:
+            piece.cancel()
+        for piece in self._pieces:
+            if not piece.cancelled():
+                piece.exception()
+
+
+class Storage:
+    """Open files (or maps) of one reader, its thread pool, and the retry policy."""
+
+    def __init__(self, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None):
+        if policy.method not in METHODS:
+            raise K2Error(f"read method {policy.method!r} unknown (choose from {', '.join(METHODS)})")
+        self.policy = policy
+        self.fault = fault
+        self.bytes_transferred = 0
+        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="mlx-k2-read")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+    def submit(self, ranges: Sequence[ByteRange], dest: memoryview, what: str, ahead: bool = False) -> PendingRead:
+        """Read `ranges` back to back into `dest` (bytes). `what` names the request in errors.
+
+        Requests under INLINE_BYTES are read on the calling thread before this returns, unless `ahead`
+        (the caller issues them before it needs them and must not wait): then they are one pool job.
+        Larger requests go to the pool in CHUNK_BYTES pieces."""
+        total = sum(r.length for r in ranges)
+        if total < INLINE_BYTES:
+            if ahead:
+                return PendingRead([self._pool.submit(self._read_all, ranges, dest, what)])
+            self._read_all(ranges, dest, what)
+            return PendingRead([])
+        pieces, at = [], 0
+        for r in ranges:
+            for start in range(0, r.length, CHUNK_BYTES):
+                n = min(CHUNK_BYTES, r.length - start)
+                pieces.append(self._pool.submit(self._read_into, r.path, r.offset + start,
+                                                dest[at + start:at + start + n], what))
+            at += r.length
+        return PendingRead(pieces)
+
+    # ------------------------------------------------------------------ one range, retried
+    def _read_all(self, ranges: Sequence[ByteRange], dest: memoryview, what: str) -> None:
+        at = 0
+        for r in ranges:
+            self._read_into(r.path, r.offset, dest[at:at + r.length], what)
+            at += r.length
+
+    def _read_into(self, path: Path, offset: int, buf: memoryview, what: str) -> None:
+        """Fill `buf` from absolute file `offset`, retrying failures; raises ReadError at the end."""
+        attempts = 1 + self.policy.retries
+        for attempt in range(attempts):
+            try:
+                self._read_once(path, buf, offset, attempt)
+                with self._lock:
+                    self.bytes_transferred += len(buf)
+                return
+            except OSError as e:
+                error = e.strerror or str(e)
+                if attempt + 1 < attempts:
+                    time.sleep(self.policy.backoff_s * (2 ** attempt))
+                    try:
+                        self._fd(path, reopen=True)
+                    except OSError:
+                        pass  # still gone: the next attempt fails and is counted
+        raise ReadError(f"{path}: {what}: read failed after {attempts} attempts ({error})")
+
+    def _read_once(self, path: Path, buf: memoryview, offset: int, attempt: int) -> None:
+        length = len(buf)
+        limit = self.fault(path, offset, length, attempt) if self.fault else None
+        if self.policy.method == "mmap":
+            buf[:] = self._map(path)[offset:offset + length]
+            return
+        fd = self._fd(path)
+        done = 0
+        while done < length:
+            want = length - done if limit is None else min(length - done, max(limit - done, 0))
+            n = os.preadv(fd, [buf[done:done + want]], offset + done) if want else 0
+            if n == 0:
+                raise OSError(errno.EIO, f"short read: {done} of {length} bytes at offset {offset}")
+            done += n
+
+    def _fd(self, path: Path, reopen: bool = False) -> int:
+        with self._lock:
+            fd = self._fds.pop(path, None) if reopen else self._fds.get(path)
+            if reopen and fd is not None:
+                os.close(fd)
+                fd = None
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+            return fd
+
+    def _map(self, path: Path) -> mmap.mmap:
+        with self._lock:
+            m = self._maps.get(path)
+            if m is None:
+                with open(path, "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[path] = m
+            return m

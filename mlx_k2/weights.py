@@ -1,0 +1,136 @@
+"""Fetch one piece of the model at a time (embedding rows, a layer, its routed experts, final norm,
+lm_head blocks) as the arrays `forward.py` computes with.
+
+Names come from `names.py`, bytes from `tensors.py`. The checkpoint's storage choices are resolved here:
+linears stored dense or packed int (packed needs config.json's quantization), the dense MLP of the first
+`first_k_dense_replace` layers, an optional router bias. Only what a step computes with is fetched: never
+vision tensors or the experts' `weight_shape` metadata. Holds no weights between calls.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from . import names
+from .config import ModelConfig
+from .errors import CheckpointError
+from .forward import Attention, DenseMLP, Experts, Layer, MoE
+from .linear import Linear
+from .tensors import TensorReader
+
+
+class WeightFetcher:
+    """Resolves names and fetches one piece of the model at a time; holds nothing between calls."""
+
+    def __init__(self, cfg: ModelConfig, reader: TensorReader):
+        self.cfg = cfg
+        self.reader = reader
+        self.checkpoint = reader.checkpoint
+        self.tensor_names = names.TensorNames(cfg.weight_prefix)
+        self._non_expert: dict[int, list[str]] | None = None
+
+    def _quant(self, base: str):
+        q = self.cfg.quantization
+        if q is None:
+            raise CheckpointError(f"{self.checkpoint.dir}: tensor {names.packed_weight(base)} is packed but "
+                                  "config.json has no quantization_config")
+        return q
+
+    def linear(self, base: str) -> Linear:
+        parts = names.linear_parts(base, self.checkpoint)
+        if len(parts) == 1:
+            return Linear.dense(self.reader.tensor(parts[0]))
+        q = self._quant(base)
+        return Linear.packed(self.reader.tensor(parts[0]), self.reader.tensor(parts[1]), q.num_bits, q.group_size)
+
+    def stacked_linears(self, projections: list[list[str]]) -> list[Linear]:
+        """Per projection, its linears (routed experts) stacked: weights (E, out, in). One batch of reads."""
+        parts = [[names.linear_parts(b, self.checkpoint) for b in bases] for bases in projections]
+        packed = len(parts[0][0]) == 2
+        groups = [[p[part] for p in group] for group in parts for part in range(2 if packed else 1)]
+        arrays = self.reader.stacked(groups)
+        if not packed:
+            return [Linear.dense(a) for a in arrays]
+        q = self._quant(projections[0][0])
+        return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size)
+                for i in range(len(projections))]
+
+    def prefetch_layer(self, layer: int) -> None:
+        """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
+        if layer >= self.cfg.text.num_hidden_layers:
+            self.reader.prefetch([self.tensor_names.norm])
+            return
+        self.reader.prefetch(self._layer_tensors().get(layer, []))
+
+    def _layer_tensors(self) -> dict[int, list[str]]:
+        """Layer -> names of its non-expert tensors, from one pass over the tensor map."""
+        if self._non_expert is None:
+            self._non_expert = {}
+            for name in self.checkpoint.tensors:
+                role, layer, _ = self.tensor_names.role(name)
+                if role in names.LAYER_ROLES:
+                    self._non_expert.setdefault(layer, []).append(name)
+        return self._non_expert
+
+    # ------------------------------------------------------------------ the pieces of a step
+    def embedding(self, token_ids: list[int]) -> mx.array:
+        """Embedding rows of `token_ids` (T, hidden), reading each distinct id's row once."""
+        distinct = sorted(set(token_ids))
+        rows = self.reader.rows(self.tensor_names.embed_tokens, distinct)  # (U, hidden)
+        return rows[mx.array(np.searchsorted(distinct, token_ids))]
+
+    def layer(self, layer: int) -> Layer:
+        self.prefetch_layer(layer)  # everything in flight at once; no-op for what is already on its way
+        n = self.tensor_names.layer(layer)
+        text = self.cfg.text
+        tensor = self.reader.tensor
+        if text.q_lora_rank:
+            q = dict(q_a_proj=self.linear(n.q_a_proj), q_a_layernorm=tensor(n.q_a_layernorm),
+                     q_b_proj=self.linear(n.q_b_proj))
+        else:
+            q = dict(q_proj=self.linear(n.q_proj))
+        self_attn = Attention(kv_a_proj_with_mqa=self.linear(n.kv_a_proj_with_mqa),
+                              kv_a_layernorm=tensor(n.kv_a_layernorm),
+                              kv_b_proj=self.linear(n.kv_b_proj),
+                              o_proj=self.linear(n.o_proj), **q)
+        if text.is_moe_layer(layer):
+            shared = None
+            if text.n_shared_experts:
+                shared = DenseMLP(*(self.linear(n.shared_experts(m)) for m in names.MLP_PROJECTIONS))
+            bias = n.e_score_correction_bias
+            mlp = MoE(gate_weight=tensor(n.gate),
+                      e_score_correction_bias=tensor(bias) if bias in self.checkpoint else None,
+                      shared_experts=shared)
+        else:
+            mlp = DenseMLP(*(self.linear(n.mlp(m)) for m in names.MLP_PROJECTIONS))
+        return Layer(input_layernorm=tensor(n.input_layernorm),
+                     post_attention_layernorm=tensor(n.post_attention_layernorm),
+                     self_attn=self_attn, mlp=mlp)
+
+    def experts(self, layer: int, ids: np.ndarray) -> Experts:
+        """The routed experts `ids` (ascending, distinct) of `layer`, each read once."""
+        n = self.tensor_names.layer(layer)
+        stacks = self.stacked_linears([[n.experts(int(e), m) for e in ids] for m in names.MLP_PROJECTIONS])
+        return Experts(ids=ids, **dict(zip(names.MLP_PROJECTIONS, stacks)))
+
+    def final_norm(self) -> mx.array:
+        return self.reader.tensor(self.tensor_names.norm)
+
+    def lm_head_chunks(self, rows_per_chunk: int):
+        """The lm_head as consecutive row blocks (vocab rows), each block's read issued while the previous
+        one is used: the head never sits in memory whole (it is the largest tensor a step reads)."""
+        base = self.tensor_names.lm_head
+        if names.packed_weight(base) in self.checkpoint:
+            yield self.linear(base)  # packed heads are small: one block
+            return
+        head = names.dense_weight(base)
+        vocab = self.checkpoint.info(head).shape[0]
+        starts = list(range(0, vocab, rows_per_chunk))
+        pending = self.reader.start_rows(head, list(range(0, min(rows_per_chunk, vocab))))
+        for i, start in enumerate(starts):
+            block = pending.wait()
+            if i + 1 < len(starts):
+                nxt = starts[i + 1]
+                pending = self.reader.start_rows(head, list(range(nxt, min(nxt + rows_per_chunk, vocab))))
+            yield Linear.dense(block)

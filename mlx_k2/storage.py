@@ -83,15 +83,17 @@ class Storage:
         self.fault = fault
         self.bytes_transferred = 0
         self._fds: dict[Path, int] = {}
+        self._retired: list[int] = []  # replaced by a reopen; other threads may still be reading from them
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="mlx-k2-read")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._retired]:
             os.close(fd)
         self._fds.clear()
+        self._retired.clear()
         for m in self._maps.values():
             m.close()
         self._maps.clear()
@@ -162,7 +164,9 @@ class Storage:
         with self._lock:
             fd = self._fds.pop(path, None) if reopen else self._fds.get(path)
             if reopen and fd is not None:
-                os.close(fd)
+                # Not closed yet: another thread may be in a pread on it, and a closed number can be reused
+                # by the next open, so that pread would fail (EBADF) or read another file.
+                self._retired.append(fd)
                 fd = None
             if fd is None:
                 fd = os.open(path, os.O_RDONLY)

@@ -5,7 +5,8 @@ A bundle (2 steps, CPU) and its ledger alone are made here with the real runner 
 checkpoint. A fresh interpreter with a finder that refuses `mlx` and `mlx.*` then runs `verify` and
 `build_explorer` on both; its checks must equal, name for name and detail for detail, those of `verify`
 run here with MLX loaded, and must pass. Another fresh interpreter imports every module of
-mlx_k2/evidence/ and must end with no `mlx` module loaded.
+mlx_k2/evidence/ and must end with no `mlx` module loaded. The command line does the same: `mlx-k2 verify`
+and `mlx-k2 explore` run to the end with MLX blocked (the commands that need MLX import it when run).
 """
 
 from __future__ import annotations
@@ -125,3 +126,26 @@ def test_no_evidence_module_imports_mlx():
     names = sorted(f"mlx_k2.evidence.{m.name}" for m in pkgutil.iter_modules(mlx_k2.evidence.__path__))
     assert {"mlx_k2.evidence.verify", "mlx_k2.evidence.explorer", "mlx_k2.evidence.records"} <= set(names)
     assert json.loads(python(IMPORT_EVERY_MODULE, "mlx_k2.evidence", *names)) == []
+
+
+CLI = BLOCK_MLX + '''
+from mlx_k2_cli.main import app
+
+try:
+    app(sys.argv[1:])
+finally:
+    loaded = sorted(m for m in sys.modules if m == "mlx" or m.startswith("mlx."))
+    print("mlx modules:", loaded)
+'''
+
+
+def test_cli_verify_and_explore_run_with_mlx_blocked(synth_dir, evidence, tmp_path):
+    bundle, ledger = evidence
+    for path in (bundle, ledger):
+        out = python(CLI, "verify", str(path), "--model", str(synth_dir), "--anchors", str(REPO_ANCHORS))
+        assert "all checks pass" in out and "mlx modules: []" in out
+    page = tmp_path / "page.html"
+    out = python(CLI, "explore", str(bundle), "-o", str(page), "--model", str(synth_dir),
+                 "--anchors", str(REPO_ANCHORS))
+    assert f"wrote {page}" in out and "mlx modules: []" in out
+    assert 'data-status="complete"' in page.read_text()

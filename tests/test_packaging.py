@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,15 @@ def test_each_command_module_imports_alone(module, tmp_path):
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """`pip install --no-deps --target DIR .`: the project as a regular install would lay it out."""
+    """`pip install --no-deps --target DIR .`: the project as a regular install would lay it out. Built from
+    a copy of the sources, so setuptools' build/ folder neither lands in the work tree nor feeds the wheel
+    stale modules from an earlier build."""
+    source = tmp_path_factory.mktemp("source") / "mlx_k2"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", ".ci-cache",
+                                                                "runs", "artifacts", "__pycache__"))
     target = tmp_path_factory.mktemp("site")
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                           str(ROOT)], capture_output=True, text=True, timeout=600)
+                           str(source)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return target
 

@@ -1,4 +1,4 @@
-"""`mlx-k2 anchor`: the single-token BOS pass, capture off and on, compared with the frozen anchor."""
+"""`mlx-k2 anchor`: the single-token pass from the checkpoint's own BOS, capture off and on, compared with the frozen anchor."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`mlx-k2 anchor`: the single-token pass from the checkpoint's own BOS, capture off and on, compared with the frozen anchor."""
+"""`mlx-k2 anchor`: the single-token pass from the checkpoint's own BOS, capture off and on, compared with
+the frozen anchor."""
 
 from __future__ import annotations
 

@@ -132,6 +132,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
         self.tensors: dict[str, TensorInfo] = {}
         self.shards = [self.dir / s for s in shards]
+        if progress:
+            progress("reading headers", 0, len(self.shards))
         for done, shard in enumerate(self.shards, 1):
             for name, info in read_header(shard).items():
                 if weight_map is None or weight_map.get(name) == shard.name:

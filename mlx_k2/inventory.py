@@ -35,9 +35,12 @@ class Inventory:
 
     def one_token_step_bytes(self) -> int:
         """Bytes a one-token step reads: assumes the k experts of a MoE layer are of its typical size."""
+        by_layer: dict[int, list[int]] = defaultdict(list)
+        for (layer, _), nbytes in self.expert_bytes.items():
+            by_layer[layer].append(nbytes)
         total = self.row_bytes + self.head_bytes + sum(self.layer_bytes.values())
         for layer in self.moe_layers:
-            sizes = sorted(v for (l, _), v in self.expert_bytes.items() if l == layer)
+            sizes = sorted(by_layer[layer])
             total += self.experts_per_token * (sizes[len(sizes) // 2] if sizes else 0)
         return total
 

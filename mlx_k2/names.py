@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Container
 from dataclasses import dataclass
+from functools import cached_property
 
 WRAPPED_PREFIX = "language_model."  # K2.5's multimodal wrapper around the text model
 FLAT_PREFIX = ""
@@ -161,19 +162,20 @@ class TensorNames:
     def layer(self, index: int) -> LayerNames:
         return LayerNames(index, f"{self.prefix}model.layers.{index}.")
 
+    @cached_property
+    def _whole_model(self) -> dict[str, str]:
+        # role() runs once per tensor (200k of them in K2.5): these names are spelled once, not per call
+        return {self.embed_tokens: EMBEDDING, dense_weight(self.lm_head): LM_HEAD, self.norm: FINAL_NORM}
+
     def role(self, name: str) -> tuple[str, int | None, int | None]:
         """(role, layer, expert) of one tensor name; layer and expert are None where they do not apply."""
         if name.startswith(VISION_PREFIXES):
             return VISION, None, None
         if not name.startswith(self.prefix):
             return OTHER, None, None
+        if name in self._whole_model:
+            return self._whole_model[name], None, None
         rest = name[len(self.prefix):]
-        if name == self.embed_tokens:
-            return EMBEDDING, None, None
-        if name == dense_weight(self.lm_head):
-            return LM_HEAD, None, None
-        if name == self.norm:
-            return FINAL_NORM, None, None
         m = _LAYER.match(rest)
         if not m:
             return OTHER, None, None

@@ -82,7 +82,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     else:
         raise CheckpointError(f"{path}: tensor {name}: header entry is not an object")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or object is not a dtype either
         raise CheckpointError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
     count = 1
     if type(shape) is not list:

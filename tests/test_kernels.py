@@ -71,7 +71,8 @@ def scale_array(scales: np.ndarray, dtype) -> mx.array:
 INT4_CASES = [  # (T, in, out, group)
     (1, 96, 37, 32), (3, 96, 37, 32), (17, 256, 300, 32), (256, 192, 45, 64),
     (5, 100, 13, 32),     # in not a multiple of 8 nor of the group: a partial last word and group
-    (4, 96, 9, 24),       # a group that is not a power of two (scalar path under any simd)
+    (4, 96, 9, 24),       # a group that is not a power of two (the AVX2 path, by whole groups)
+    (3, 100, 7, 12),      # a group that is not a multiple of 8 (the scalar path under any simd)
     (2, 7168, 11, 32),    # K2.5's hidden width
 ]
 

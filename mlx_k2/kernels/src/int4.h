@@ -2,7 +2,8 @@
 //
 // Weights as stored: words (out, ceil(in/8)) uint32, column c at bits 4*(c % 8) of word c / 8, value q + 8;
 // scales (out, ceil(in/group)) bf16 or float32. Column c's weight is float32(q - 8) * scale[c / group]
-// (one float32 multiply), then the fixed reduction of common.h. No activation quantisation.
+// (one float32 multiply), then the fixed reduction of common.h. No activation quantisation. The AVX2 path
+// needs group % 8 == 0; other groups run the scalar path whatever simd says.
 // The gathered form: x (P, in), a stack (E, out, ..), indices (P,): row p = x[p] @ W[indices[p]].T. Positions
 // sharing an expert are multiplied together (that expert's rows are read once); an index >= E gives a NaN row.
 #pragma once

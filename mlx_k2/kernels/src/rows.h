@@ -1,9 +1,10 @@
-// The row kernels every family shares, templated on a weight loader (int4 or dense), in two instruction sets.
+// The row kernels, templated on a weight loader, in two instruction sets: the scalar path of every family and
+// the AVX2 path of the dense one (int4.cpp tiles its AVX2 path by scale group, with the same reduction).
 //
 // A loader L gives, for output row o, `L::Row r = w.row(o)`, the float32 weight `w.at(r, i)` of column i, and
 // (x86) `w.vec(r, k)`: columns 8k..8k+7 as one __m256 whose lane l equals w.at(r, 8k + l) exactly. With that,
 // the scalar and AVX2 paths below compute the same fixed reduction (common.h) and agree bit for bit. A loader
-// whose `w.vec_ok()` is false (an int4 group that is not a power of two >= 8) always takes the scalar path.
+// whose `w.vec_ok()` is false always takes the scalar path.
 #pragma once
 
 #include <algorithm>

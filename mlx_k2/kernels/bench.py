@@ -54,10 +54,15 @@ def memory_read_ceiling_gbps(nbytes: int = 1 << 30, repeats: int = 3) -> float:
     return best
 
 
-def _int4_weights(rng, out: int, inp: int, lead: tuple = ()):
-    words = mx.array(rng.integers(0, 2**32, size=(*lead, out, inp // 8), dtype=np.uint64).astype(np.uint32))
-    scales = mx.array((rng.standard_normal((*lead, out, inp // GROUP)) * 0.02).astype(np.float32))
-    return words, scales.astype(mx.bfloat16)
+# Inputs come from mx.random, not numpy: a numpy call that wakes OpenBLAS leaves its threads spinning for a
+# while, on the same cores the kernels are being timed on.
+def _int4_weights(out: int, inp: int):
+    words = mx.random.randint(-(2**31), 2**31 - 1, (out, inp // 8), dtype=mx.int32).view(mx.uint32)
+    return words, (mx.random.normal((out, inp // GROUP)) * 0.02).astype(mx.bfloat16)
+
+
+def _x(T: int, inp: int) -> mx.array:
+    return mx.random.normal((T, inp))
 
 
 def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKENS,
@@ -68,7 +73,8 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
     if not st.available:
         raise RuntimeError(f"CPU kernels unavailable: {st.reason}")
     say = progress or (lambda _msg: None)
-    rng = np.random.default_rng(0)
+    mx.random.seed(0)
+    rng = np.random.default_rng(0)   # only to draw expert indices
     cases: list[dict] = []
 
     def case(kernel: str, T: int, shape: tuple[int, int], nbytes: int, ours, builtin) -> None:
@@ -81,13 +87,13 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
 
     with mx.stream(mx.default_stream(mx.cpu)):
         for inp, out in ((HIDDEN, MOE_INTER), (MOE_INTER, HIDDEN)):
-            words, scales = _int4_weights(rng, out, inp)
+            words, scales = _int4_weights(out, inp)
             s32 = scales.astype(mx.float32)
             b32 = -8 * s32
             mx.eval(words, scales, s32, b32)
             nbytes = words.nbytes + scales.nbytes
             for T in tokens:
-                x = mx.array(rng.standard_normal((T, inp)).astype(np.float32))
+                x = _x(T, inp)
                 case("int4", T, (inp, out), nbytes, lambda: int4_matmul(x, words, scales, GROUP),
                      lambda: mx.quantized_matmul(x, words, s32, b32, transpose=True, group_size=GROUP, bits=4))
             del words, scales, s32, b32
@@ -101,7 +107,7 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
         per_expert = (words.nbytes + scales.nbytes) // N_EXPERTS
         for T in tokens:
             idx = np.stack([rng.choice(N_EXPERTS, TOP_K, replace=False) for _ in range(T)]).astype(np.uint32)
-            x = mx.array(rng.standard_normal((T, HIDDEN)).astype(np.float32))
+            x = _x(T, HIDDEN)
             xp = mx.repeat(x, TOP_K, axis=0)                           # (T*k, in): one row per pair
             flat, pairs = mx.array(idx.reshape(-1)), mx.array(idx)    # (T*k,), (T, k)
             x4 = x[:, None, None, :]                                   # (T, 1, 1, in) as linear.gather_linear
@@ -112,10 +118,10 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
                                        bits=4))
         del words, scales, s32, b32
 
-        w = mx.array(rng.standard_normal((MOE_INTER, HIDDEN)).astype(np.float32)).astype(mx.bfloat16)
+        w = mx.random.normal((MOE_INTER, HIDDEN)).astype(mx.bfloat16)
         mx.eval(w)
         for T in tokens:
-            x = mx.array(rng.standard_normal((T, HIDDEN)).astype(np.float32))
+            x = _x(T, HIDDEN)
             case("bf16", T, (HIDDEN, MOE_INTER), w.nbytes, lambda: dense_matmul(x, w),
                  lambda: x @ w.astype(mx.float32).T)
         del w

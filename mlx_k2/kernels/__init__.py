@@ -15,16 +15,21 @@ raises KernelsUnavailable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx  # first: the extension's types live in mlx.core's nanobind domain
 
-try:
-    from . import _ext
-except Exception as e:  # not built, or built against another mlx
+if not any(Path(__file__).parent.glob("_ext*")):
     _ext = None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    _IMPORT_ERROR = "the extension is not built"
 else:
-    _IMPORT_ERROR = ""
+    try:
+        from . import _ext
+    except Exception as e:  # built against another mlx, or a broken build
+        _ext = None
+        _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    else:
+        _IMPORT_ERROR = ""
 
 NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/1"
 _SIMD = {None: 0, "auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
@@ -44,8 +49,7 @@ class KernelStatus:
 
 def status() -> KernelStatus:
     if _ext is None:
-        return KernelStatus(False, NAME, "", f"extension not importable ({_IMPORT_ERROR}); "
-                                            "build it with `python -m mlx_k2.kernels.build`")
+        return KernelStatus(False, NAME, "", f"{_IMPORT_ERROR}; build it with `python -m mlx_k2.kernels.build`")
     return KernelStatus(True, NAME, _ext.best_simd(), "")
 
 

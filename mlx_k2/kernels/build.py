@@ -79,6 +79,8 @@ def check_nanobind() -> None:
 
 def build() -> Path:
     """Build and return the path of the module; raises BuildError with a one-line reason."""
+    for old in HERE.glob("_ext*.so"):
+        old.unlink()  # first: a failed build must not leave a module built against another mlx
     import mlx
 
     check_nanobind()
@@ -87,8 +89,6 @@ def build() -> Path:
         raise BuildError(f"the installed mlx has no CMake package ({mlx_dir})")
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    for old in HERE.glob("_ext*.so"):
-        old.unlink()  # never leave a module built against another mlx
     cmake = cmake_exe()
     configure = [cmake, "-S", str(HERE), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DPython_EXECUTABLE={sys.executable}", f"-DMLX_DIR={mlx_dir}", f"-DMLX_K2_OUTPUT_DIR={HERE}"]

@@ -13,6 +13,7 @@ install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/python -m mlx_k2.kernels.build
 
 # The default job: 5 tokens from BOS on the embedded synthetic checkpoint (built once into the cache).
 run:

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from mlx_k2.config import load_config
 from mlx_k2.evidence.anchors import anchor_record, default_dir, freeze
+from mlx_k2.evidence.schema import BUILTIN_KERNELS
 from mlx_k2.synth import default_checkpoint
 from mlx_k2.tokenizer import default_bos
 
@@ -27,16 +28,18 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
            prompt_ids: Annotated[Optional[list[str]], typer.Option("--prompt-ids", help="Default: BOS.")] = None,
            freeze_: Annotated[bool, typer.Option("--freeze", help="Write the anchor file from this pass.")] = False,
            name: Annotated[Optional[str], typer.Option(help="Anchor name for --freeze.")] = None,
-           anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None):
+           anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None,
+           kernels: Annotated[Optional[str], typer.Option(help="builtin (MLX's, default), own (the product's CPU "
+                                                                "kernels) or auto.")] = None):
     """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
     from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
 
     console = Console()
     model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
     ids = parse_ids(prompt_ids) or [default_bos(model_dir, load_config(model_dir))]
-    report = run_anchor_pass(model_dir, ids, device, anchors)
+    report = run_anchor_pass(model_dir, ids, device, anchors, kernels)
     console.print(f"checkpoint {model_dir}  config {report.identity['config_blake3'][:16]}…  "
-                  f"index {report.identity['index_blake3'][:16]}…  {BACKEND}/{report.device}/{DTYPE}")
+                  f"index {report.identity['index_blake3'][:16]}…  {BACKEND}/{report.device}/{DTYPE}  kernels {report.kernels}")
     console.print(rows_table("non-perturbation: capture off vs capture on", report.non_perturbation,
                              "capture off", "capture on"))
     console.print("non-perturbation: " + ("[green]identical, bit for bit[/]" if report.non_perturbing
@@ -44,11 +47,13 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
     if freeze_:
         if not report.non_perturbing:
             raise typer.Exit(1)
-        anchor_name = name or (f"{model_dir.name}-{report.device}" if model is not None
-                               else f"synthetic-k25-seed0-{report.device}")
+        suffix = "" if report.kernels == BUILTIN_KERNELS else "-" + report.kernels.split("/")[0]
+        anchor_name = name or (f"{model_dir.name}-{report.device}{suffix}" if model is not None
+                               else f"synthetic-k25-seed0-{report.device}{suffix}")
         source = f"frozen by `mlx-k2 anchor --freeze` from {'the embedded synthetic checkpoint' if model is None else model_dir}"
         path = freeze(anchors or default_dir(), anchor_record(anchor_name, source, report.identity, report.signature,
-                                                              ids, BACKEND, report.device, DTYPE, report.capture_off))
+                                                              ids, BACKEND, report.device, DTYPE, report.capture_off,
+                                                              report.kernels))
         console.print(f"froze {path}")
         return
     if report.anchor is None:

@@ -1,4 +1,7 @@
-"""`mlx-k2 bench`: build a full-width K2.5-format checkpoint once, then measure steps cold and warm."""
+"""`mlx-k2 bench`: build a full-width K2.5-format checkpoint once, then measure steps cold and warm.
+
+`--kernels` instead measures only the CPU kernels against MLX's built-ins (mlx_k2.kernels.bench), no checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +59,33 @@ def _table(result: dict) -> Table:
     return table
 
 
+def _kernel_table(result: dict) -> Table:
+    table = Table(title=f"kernels {result['kernel_name']} ({result['simd']}, {result['threads']} threads); "
+                        f"memory-read ceiling {result['ceiling_gbps']:.2f} GB/s", title_justify="left")
+    for col in ("kernel", "T", "in -> out", "GB/s", "built-in GB/s", "speedup", "of ceiling"):
+        table.add_column(col, justify="left" if col in ("kernel", "in -> out") else "right")
+    for c in result["cases"]:
+        table.add_row(c["kernel"], str(c["T"]), f"{c['shape'][0]} -> {c['shape'][1]}", f"{c['gbps']:.2f}",
+                      f"{c['builtin_gbps']:.2f}", f"{c['speedup']:.1f}x", f"{c['gbps'] / result['ceiling_gbps']:.2f}")
+    return table
+
+
+def _kernels(json_out: Optional[Path]) -> None:
+    from mlx_k2.kernels import status  # needs MLX: imported when asked for
+
+    st = status()
+    if not st.available:
+        raise UsageError(f"the CPU kernels are not built: {st.reason}")
+    from mlx_k2.kernels.bench import run
+
+    console = Console(width=max(Console().width, 120))
+    result = run(progress=lambda msg: console.print(f"case {msg} ..."))
+    console.print(_kernel_table(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
 @app.command()
 @guarded
 def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width checkpoint (1 dense + N-1 MoE).")] = 3,
@@ -64,8 +94,13 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
           directory: Annotated[Optional[Path], typer.Option("--dir", help="Where checkpoints are built once "
                                                                           "(default: the cache).")] = None,
           peer: Annotated[bool, typer.Option(help="Compare with mlx-lm on a 2-layer checkpoint.")] = True,
-          methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap"):
+          methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap",
+          kernels: Annotated[bool, typer.Option("--kernels", help="Only the CPU kernels vs MLX's built-ins "
+                                                                  "(GB/s of weight bytes); no checkpoint.")] = False):
     """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json"""
+    if kernels:
+        _kernels(json_out)
+        return
     from mlx_k2.bench import build_full_width, raw_read_gbps, shard_files  # needs MLX: imported when asked for
 
     if layers < 2 or tokens < 1:

@@ -67,7 +67,9 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         resume: Annotated[Optional[Path], typer.Option(help="Continue a partial, stopped or failed ledger or "
                                                             "bundle (its prompt, length and device).")] = None,
         read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
-        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread"):
+        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread",
+        kernels: Annotated[Optional[str], typer.Option(help="builtin (MLX's, default), own (the product's CPU "
+                                                            "kernels) or auto; a resumed run keeps its own.")] = None):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
     from mlx_k2.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.session import run as run_session
@@ -98,7 +100,7 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
             typer.echo(f"warning: {model_dir} has no tiktoken.model; tokens are shown as ids", err=True)
         return tokenizer, run_session(model_dir, ids, max_new_tokens, ledger or default_ledger(bundle), bundle,
                                       device=device, overwrite=overwrite, sinks=sinks, tokenizer=tokenizer,
-                                      policy=policy, progress=progress)
+                                      policy=policy, progress=progress, kernels=kernels)
 
     if dashboard is not None:
         with live_dashboard(dashboard) as sink:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .evidence.anchors import Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values
 from .events import StepDone
+from .linear import choose_kernels
 from .runner import Model, device_name, generate, select_device
 
 BACKEND, DTYPE = "mlx", "float32"
@@ -19,6 +20,7 @@ class AnchorReport:
     identity: dict[str, str]
     signature: dict
     device: str
+    kernels: str
     capture_off: dict
     capture_on: dict
     non_perturbation: list[Row]
@@ -42,17 +44,18 @@ def single_step(model: Model, prompt_ids: list[int], device: str | None, capture
 
 
 def run_anchor_pass(model_dir: Path, prompt_ids: list[int], device: str | None = None,
-                    anchors_dir: Path | None = None) -> AnchorReport:
+                    anchors_dir: Path | None = None, kernels: str | None = None) -> AnchorReport:
+    """`kernels`: "builtin" (default), "own" or "auto" (linear.choose_kernels)."""
     dev = device_name(select_device(device))
-    model = Model(model_dir)
+    model = Model(model_dir, kernels=choose_kernels(kernels, dev))
     try:
         off = observed_values(single_step(model, prompt_ids, dev, capture=False))
         on = observed_values(single_step(model, prompt_ids, dev, capture=True))
-        identity, signature = model.checkpoint.identity(), model_signature(model.config)
+        identity, signature, used = model.checkpoint.identity(), model_signature(model.config), model.kernels
     finally:
         model.close()
     non_perturbation = [Row(f, off[f], on[f], off[f] == on[f], "capture off vs on, bit for bit")
                         for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read")]
-    anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, dev, BACKEND, DTYPE)
-    rows = compare(anchor, off, BACKEND, dev, DTYPE) if anchor else []
-    return AnchorReport(identity, signature, dev, off, on, non_perturbation, anchor, rows)
+    anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, dev, BACKEND, DTYPE, used)
+    rows = compare(anchor, off, BACKEND, dev, DTYPE, used) if anchor else []
+    return AnchorReport(identity, signature, dev, used, off, on, non_perturbation, anchor, rows)

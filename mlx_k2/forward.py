@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import TextConfig, yarn_get_mscale
-from .linear import COMPUTE_DTYPE, Linear, gather_linear, linear
+from .linear import COMPUTE_DTYPE, Linear, gather_rows, linear
 
 # q_a_layernorm and kv_a_layernorm are built without an eps argument in the reference code, so they use
 # the RMSNorm default 1e-6, not config.rms_norm_eps (K25_FORMAT.md, hazard 1).
@@ -189,16 +189,18 @@ def expert_rows(x: mx.array, positions: np.ndarray, slots: np.ndarray, experts: 
                 streams: list) -> mx.array:
     """expert_{slots[p]}(x[positions[p]]) for every pair p: (P, hidden).
 
-    MLX's CPU quantized kernel uses one core per call and separate streams run in parallel, so the rows
-    are cut into one piece per stream. A row's result does not depend on which piece computed it.
+    MLX's CPU quantized kernel uses one core per call and separate streams run in parallel, so with MLX's
+    built-ins the rows are cut into one piece per stream; the product's own kernels spread one launch over
+    the cores themselves. A row's result does not depend on which piece computed it.
     """
+    n_pieces = 1 if experts.gate_proj.own else max(1, min(len(streams), len(slots)))
     pieces = []
-    for rows in np.array_split(np.arange(len(slots)), max(1, min(len(streams), len(slots)))):
+    for rows in np.array_split(np.arange(len(slots)), n_pieces):
         with mx.stream(streams[len(pieces)]):
-            xe = x[mx.array(positions[rows].astype(np.uint32))][:, None, None, :]   # (R, 1, 1, hidden)
-            idx = mx.array(slots[rows].astype(np.uint32))[:, None]                   # (R, 1)
-            hidden = silu(gather_linear(xe, experts.gate_proj, idx)) * gather_linear(xe, experts.up_proj, idx)
-            pieces.append(gather_linear(hidden, experts.down_proj, idx).reshape(len(rows), -1))  # (R, hidden)
+            xe = x[mx.array(positions[rows].astype(np.uint32))]   # (R, hidden)
+            idx = mx.array(slots[rows].astype(np.uint32))          # (R,)
+            hidden = silu(gather_rows(xe, experts.gate_proj, idx)) * gather_rows(xe, experts.up_proj, idx)
+            pieces.append(gather_rows(hidden, experts.down_proj, idx))  # (R, hidden)
     return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
 
 

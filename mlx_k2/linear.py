@@ -5,6 +5,11 @@ q + 2^(bits-1), element c at bits `bits*(c % per_word)` of word c // per_word) a
 [out, in/group]. That is exactly MLX's affine layout, so the words are viewed as uint32 and passed to
 `mx.quantized_matmul` / `mx.gather_qmm` with biases = -2^(bits-1) * scale: no repacking, no dequantized copy.
 Activations and scales are float32 (MLX's CPU kernel accumulates in bf16 when both are bf16).
+
+Each Linear carries the kernels that compute it: MLX's built-ins (`mlx-builtin`, every device) or the
+product's own CPU kernels (`mlx_k2/kernels/`: multithreaded, SIMD, a fixed reduction order, so bits do not
+depend on the thread count). Both compute x @ W.T in float32 from the same stored bytes; they differ in the
+last bits, so the ledger records which ran and an anchor is keyed by it. `choose_kernels` resolves a request.
 This module computes; it does not decide which weights to read.
 """
 
@@ -14,7 +19,40 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .errors import UsageError
+from .evidence.schema import BUILTIN_KERNELS
+
 COMPUTE_DTYPE = mx.float32
+KERNEL_REQUESTS = ("builtin", "own", "auto")
+
+
+def choose_kernels(request: str | None, device: str) -> str:
+    """The kernels a run uses: `builtin` (MLX's, the default), `own` (the product's CPU kernels; an error
+    where they are not built or the device is not the CPU), `auto` (own where they can run, else builtin)."""
+    request = request or "builtin"
+    if request not in KERNEL_REQUESTS:
+        raise UsageError(f"--kernels: unknown kernels {request!r} (choose from {', '.join(KERNEL_REQUESTS)})")
+    if request == "builtin":
+        return BUILTIN_KERNELS
+    from . import kernels
+
+    status = kernels.status()
+    if device == "cpu" and status.available:
+        return status.name
+    if request == "auto":
+        return BUILTIN_KERNELS
+    why = "they run on the CPU device only" if device != "cpu" else status.reason
+    raise UsageError(f"--kernels own: the product's kernels cannot run here ({why})")
+
+
+def kernels_label(kernels: str) -> str:
+    """What the ledger header records: `mlx-builtin`, or the own kernels' name with the SIMD path that ran
+    (`mlx_k2-cpu/1:avx2`; the paths agree bit for bit, so an anchor is keyed by the name alone)."""
+    if kernels == BUILTIN_KERNELS:
+        return kernels
+    from . import kernels as own
+
+    return f"{kernels}:{own.status().simd}"
 
 
 @dataclass(frozen=True)
@@ -29,32 +67,56 @@ class Linear:
     biases: mx.array | None = None
     bits: int = 0
     group_size: int = 0
+    kernels: str = BUILTIN_KERNELS
 
     @property
     def is_packed(self) -> bool:
         return self.scales is not None
 
     @classmethod
-    def dense(cls, weight: mx.array) -> "Linear":
-        return cls(weight)
+    def dense(cls, weight: mx.array, kernels: str = BUILTIN_KERNELS) -> "Linear":
+        return cls(weight, kernels=kernels)
 
     @classmethod
-    def packed(cls, weight_packed: mx.array, weight_scale: mx.array, bits: int, group_size: int) -> "Linear":
+    def packed(cls, weight_packed: mx.array, weight_scale: mx.array, bits: int, group_size: int,
+               kernels: str = BUILTIN_KERNELS) -> "Linear":
         scales = weight_scale.astype(COMPUTE_DTYPE)
         offset = 1 << (bits - 1)
-        return cls(weight_packed.view(mx.uint32), scales, -offset * scales, bits, group_size)
+        if bits != 4:
+            kernels = BUILTIN_KERNELS  # the product's packed kernel is int4; other widths stay on MLX's
+        return cls(weight_packed.view(mx.uint32), scales, -offset * scales, bits, group_size, kernels)
+
+    @property
+    def own(self) -> bool:
+        return self.kernels != BUILTIN_KERNELS
 
 
 def linear(x: mx.array, w: Linear) -> mx.array:
-    """x @ W.T for x (..., in) -> (..., out), float32."""
+    """x @ W.T for x (T, in) -> (T, out), float32."""
+    if w.own:
+        from . import kernels
+
+        if w.is_packed:
+            return kernels.int4_matmul(x, w.weight, w.scales, w.group_size)
+        return kernels.dense_matmul(x, w.weight)
     if w.is_packed:
         return mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
                                    group_size=w.group_size, bits=w.bits)
     return x @ w.weight.astype(COMPUTE_DTYPE).T
 
 
+def gather_rows(x: mx.array, w: Linear, indices: mx.array) -> mx.array:
+    """Row p times the stacked matrix indices[p]: x (P, in), w a stack (E, out, in), indices (P,) -> (P, out)."""
+    if w.own and w.is_packed:
+        from . import kernels
+
+        return kernels.int4_gather_matmul(x, w.weight, w.scales, indices, w.group_size)
+    out = gather_linear(x[:, None, None, :], w, indices[:, None])  # (P, 1, 1, out)
+    return out.reshape(x.shape[0], -1)
+
+
 def gather_linear(x: mx.array, w: Linear, indices: mx.array) -> mx.array:
-    """Per-row expert matmuls in one call.
+    """Per-row expert matmuls in one call with MLX's built-ins.
 
     x (T, k or 1, 1, in), w a stack (E, out, in), indices (T, k) into the stack -> (T, k, 1, out):
     row t, slot j is x[t, j or 0] @ W[indices[t, j]].T.

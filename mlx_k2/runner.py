@@ -19,6 +19,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
 from .evidence.derived import l2_norm
+from .evidence.schema import BUILTIN_KERNELS
 from .errors import UsageError
 from .events import Event, LayerDone, Progress, RunDone, StepDone
 from .forward import LayerResult, Routing, decoder_layer, rms_norm, rope_tables
@@ -61,7 +62,7 @@ class Model:
     """An opened checkpoint: config, tensor map and reader. Holds no weights between layers."""
 
     def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, kernels: str = BUILTIN_KERNELS):
         self.dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.dir)
         self.checkpoint = Checkpoint(self.dir, progress)
@@ -71,7 +72,8 @@ class Model:
         if progress:
             progress("validating", 1, 1)
         self.reader = TensorReader(self.checkpoint, Storage(policy, fault))
-        self.weights = WeightFetcher(self.config, self.reader)
+        self.kernels = kernels  # resolved by linear.choose_kernels; part of the ledger header and the anchor key
+        self.weights = WeightFetcher(self.config, self.reader, kernels)
         self._streams: dict[str, list] = {}
         self.stream_count: int | None = None  # None: one per core; set it to pin the count (tests do)
 

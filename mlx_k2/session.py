@@ -23,12 +23,13 @@ from . import __version__
 from .anchor_pass import BACKEND, DTYPE
 from .errors import K2Error, UsageError
 from .events import Progress, RunDone, RunStarted, StepDone
-from .evidence.anchors import Anchor, Row, find_anchor, load_anchors, model_signature
+from .evidence.anchors import Anchor, Row, find_anchor, kernel_key, load_anchors, model_signature
 from .evidence.derived import line_digest
 from .evidence.ledger import LedgerWriter, read_ledger
 from .evidence.records import header_record
-from .evidence.schema import LEDGER_NAME
+from .evidence.schema import BUILTIN_KERNELS, LEDGER_NAME
 from .inventory import take_inventory
+from .linear import choose_kernels, kernels_label
 from .storage import FaultHook, ReadPolicy
 from .runner import Model, device_name, generate, select_device
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
@@ -67,8 +68,8 @@ def _check_space(directory: Path, model: Model, steps: int, bundle: bool) -> Non
 
 
 def _open_model(model_dir: Path, policy: ReadPolicy, fault: FaultHook | None, context: list[int],
-                max_new_tokens: int, first_step: int, progress: Progress | None) -> Model:
-    model = Model(model_dir, policy, fault, progress)  # config and every shard header are checked first
+                max_new_tokens: int, first_step: int, progress: Progress | None, kernels: str) -> Model:
+    model = Model(model_dir, policy, fault, progress, kernels)  # config and every shard header are checked first
     try:
         model.check_run(context, max_new_tokens, first_step)
     except K2Error:
@@ -82,7 +83,8 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         overwrite: bool = False, sinks: tuple[Sink, ...] = (),
         tokenizer: Tokenizer | None = None, anchors_dir: Path | None = None,
         policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
-        progress: Progress | None = None) -> RunResult:
+        progress: Progress | None = None, kernels: str | None = None) -> RunResult:
+    """`kernels`: "builtin" (default), "own" or "auto" (linear.choose_kernels)."""
     model_dir = Path(model_dir)
     if bundle_dir is not None:
         bundle_dir = Path(bundle_dir)
@@ -95,7 +97,8 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
     if ledger_path.exists() and not overwrite:
         raise UsageError(f"{ledger_path}: ledger already exists (choose another path or pass --overwrite)")
     dev = device_name(select_device(device))
-    model = _open_model(model_dir, policy, fault, prompt_ids, max_new_tokens, 0, progress)
+    model = _open_model(model_dir, policy, fault, prompt_ids, max_new_tokens, 0, progress,
+                        choose_kernels(kernels, dev))
     try:
         try:
             ledger_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,8 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         writer.write(header_record(model_dir, identity, model.config.model_type, text.num_hidden_layers,
                                    text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
                                    capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
-                                                  "python": platform.python_version()}))
+                                                  "python": platform.python_version()},
+                                   kernels_label(model.kernels)))
         tokenizer = tokenizer or load_tokenizer(model_dir)
         return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
                       max_new_tokens, dev, capture, sinks, anchors_dir)
@@ -146,7 +150,11 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
     context = steps[-1]["input_ids"] + [steps[-1]["token_id"]] if steps else list(run_info["prompt_ids"])
     if len(steps) >= max_new:
         raise UsageError(f"{ledger_path}: all {max_new} steps are recorded; nothing to resume")
-    model = Model(model_dir, policy, fault, progress)
+    recorded_kernels = kernel_key(run_info.get("kernels", BUILTIN_KERNELS))
+    kernels = choose_kernels("builtin" if recorded_kernels == BUILTIN_KERNELS else "own", dev)
+    if kernels != recorded_kernels:
+        raise UsageError(f"{ledger_path}: recorded with kernels {recorded_kernels}, this install has {kernels}")
+    model = Model(model_dir, policy, fault, progress, kernels)
     try:
         identity = model.checkpoint.identity()
         recorded = {k: model_info.get(k) for k in identity}
@@ -178,8 +186,8 @@ def _drive(model: Model, identity: dict[str, str], ledger: LedgerSink, bundle: B
     anchor = None
     if first_step == 0:
         anchor = find_anchor(load_anchors(anchors_dir), identity, model_signature(model.config), context, dev,
-                             BACKEND, DTYPE)
-    check = AnchorCheck(anchor, BACKEND, dev, DTYPE)
+                             BACKEND, DTYPE, model.kernels)
+    check = AnchorCheck(anchor, BACKEND, dev, DTYPE, model.kernels)
     result = RunResult(ledger.writer.path, "failed", anchor=anchor)
     subscribers = [ledger, *([bundle] if bundle else []), check, *sinks]
     end = RunDone(steps=0, bytes_read=0, wall_s=0.0, status="failed", error="the run did not finish")

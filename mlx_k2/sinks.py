@@ -55,8 +55,8 @@ class BundleSink:
 class AnchorCheck:
     """Compares step 0 with the checkpoint's anchor, where one applies."""
 
-    def __init__(self, anchor: Anchor | None, backend: str, device: str, dtype: str):
-        self.anchor, self.platform = anchor, (backend, device, dtype)
+    def __init__(self, anchor: Anchor | None, backend: str, device: str, dtype: str, kernels: str):
+        self.anchor, self.platform = anchor, (backend, device, dtype, kernels)
         self.rows: list[Row] = []
 
     def __call__(self, event: Event) -> None:

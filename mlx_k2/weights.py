@@ -15,6 +15,7 @@ import numpy as np
 from . import names
 from .config import ModelConfig
 from .errors import CheckpointError
+from .evidence.schema import BUILTIN_KERNELS
 from .forward import Attention, DenseMLP, Experts, Layer, MoE
 from .linear import Linear
 from .tensors import TensorReader
@@ -23,8 +24,9 @@ from .tensors import TensorReader
 class WeightFetcher:
     """Resolves names and fetches one piece of the model at a time; holds nothing between calls."""
 
-    def __init__(self, cfg: ModelConfig, reader: TensorReader):
+    def __init__(self, cfg: ModelConfig, reader: TensorReader, kernels: str = BUILTIN_KERNELS):
         self.cfg = cfg
+        self.kernels = kernels  # the kernels every Linear fetched here is computed with
         self.reader = reader
         self.checkpoint = reader.checkpoint
         self.tensor_names = names.TensorNames(cfg.weight_prefix)
@@ -40,9 +42,10 @@ class WeightFetcher:
     def linear(self, base: str) -> Linear:
         parts = names.linear_parts(base, self.checkpoint)
         if len(parts) == 1:
-            return Linear.dense(self.reader.tensor(parts[0]))
+            return Linear.dense(self.reader.tensor(parts[0]), self.kernels)
         q = self._quant(base)
-        return Linear.packed(self.reader.tensor(parts[0]), self.reader.tensor(parts[1]), q.num_bits, q.group_size)
+        return Linear.packed(self.reader.tensor(parts[0]), self.reader.tensor(parts[1]), q.num_bits, q.group_size,
+                             self.kernels)
 
     def stacked_linears(self, projections: list[list[str]]) -> list[Linear]:
         """Per projection, its linears (routed experts) stacked: weights (E, out, in). One batch of reads."""
@@ -51,9 +54,9 @@ class WeightFetcher:
         groups = [[p[part] for p in group] for group in parts for part in range(2 if packed else 1)]
         arrays = self.reader.stacked(groups)
         if not packed:
-            return [Linear.dense(a) for a in arrays]
+            return [Linear.dense(a, self.kernels) for a in arrays]
         q = self._quant(projections[0][0])
-        return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size)
+        return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size, self.kernels)
                 for i in range(len(projections))]
 
     def prefetch_layer(self, layer: int) -> None:
@@ -133,4 +136,4 @@ class WeightFetcher:
             if i + 1 < len(starts):
                 nxt = starts[i + 1]
                 pending = self.reader.start_rows(head, list(range(nxt, min(nxt + rows_per_chunk, vocab))))
-            yield Linear.dense(block)
+            yield Linear.dense(block, self.kernels)

@@ -38,8 +38,8 @@ def share_opened_model(monkeypatch, opened, target: str) -> None:
             pass
 
     def open_model(model_dir, *args, **kwargs):
-        if Path(model_dir).resolve() != opened.dir.resolve():
-            return Model(model_dir, *args, **kwargs)    # another checkpoint: opened the ordinary way
+        if Path(model_dir).resolve() != opened.dir.resolve() or kwargs.get("kernels", opened.kernels) != opened.kernels:
+            return Model(model_dir, *args, **kwargs)    # another checkpoint or kernels: opened the ordinary way
         return Shared(opened)
 
     monkeypatch.setattr(target, open_model)

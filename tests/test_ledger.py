@@ -38,7 +38,8 @@ EXPECTED_PROVENANCE = {**{f: "M" for f in MEASURED}, **{f: "D" for f in DERIVED}
 HEADER_KEYS = {"kind", "schema", "created", "model", "run", "provenance"}
 MODEL_KEYS = {"path", "model_type", "num_layers", "n_routed_experts", "experts_per_token", "config_blake3",
               "index_blake3"}
-RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "versions"}
+RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
+            "versions"}
 VERSION_KEYS = {"mlx_k2", "mlx", "python"}
 STEP_KEYS = {"kind", "step", "prev", "input_ids", "token_id", "token_text", "logit", "top16", "entropy", "margin",
              "hidden_digest", "logits_digest", "bytes_read", "wall_s", "layers"}
@@ -200,7 +201,8 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     header, steps, footer = recs[0], recs[1:-1], recs[-1]
     assert set(header) == HEADER_KEYS and set(header["model"]) == MODEL_KEYS
     assert set(header["run"]) == RUN_KEYS and set(header["run"]["versions"]) == VERSION_KEYS
-    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/1"
+    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/2"
+    assert header["run"]["kernels"] == "mlx-builtin"  # the default; LEDGER.md schema 2
     assert header["provenance"] == EXPECTED_PROVENANCE
     assert header["model"]["config_blake3"] == b3((synth_dir / "config.json").read_bytes())
     assert header["model"]["index_blake3"] == b3((synth_dir / "model.safetensors.index.json").read_bytes())

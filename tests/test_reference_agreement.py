@@ -6,6 +6,9 @@ formats, sharded and single-file) and the product's own synthetic K2.5 generator
 step is compared: token, context, last-position logits and final hidden state, and per layer the kind,
 residual norms, selected experts and their routing weights.
 
+The foreign checkpoints run twice: with MLX's built-in matmuls and with the product's own CPU kernels
+(skipped where they are not built); both must agree with the reference within the same tolerances.
+
 Byte accounting is checked against a sum taken straight from the safetensors headers, so the count is
 tied to the file layout rather than to the product's own bookkeeping. It does not test timing, the ledger
 or the dashboard.
@@ -26,14 +29,21 @@ NEW_TOKENS = 2
 REL_TOL = 1e-4      # float32 product vs float64 reference, a handful of layers deep
 WEIGHT_TOL = 1e-4   # absolute, on routing weights that sum to 1
 
-FOREIGN_CASES = [("kimi_k25", False), ("kimi_k25", True), ("kimi_k2", False), ("deepseek_v3", False)]
+FOREIGN_CASES = [("kimi_k25", False, "builtin"), ("kimi_k25", True, "builtin"), ("kimi_k2", False, "builtin"),
+                 ("deepseek_v3", False, "builtin"), ("kimi_k25", False, "own"), ("kimi_k2", False, "own"),
+                 ("deepseek_v3", False, "own")]
 
 
-def _run_product(model_dir: Path, prompt: list[int]):
+def _run_product(model_dir: Path, prompt: list[int], kernels: str = "builtin"):
     from mlx_k2.events import RunDone, StepDone
-    from mlx_k2.runner import generate
+    from mlx_k2.linear import choose_kernels
+    from mlx_k2.runner import Model, generate
 
-    events = list(generate(str(model_dir), list(prompt), NEW_TOKENS, device="cpu"))
+    model = Model(model_dir, kernels=choose_kernels(kernels, "cpu"))
+    try:
+        events = list(generate(model, list(prompt), NEW_TOKENS, device="cpu"))
+    finally:
+        model.close()
     steps = [e for e in events if isinstance(e, StepDone)]
     done = [e for e in events if isinstance(e, RunDone)]
     assert len(done) == 1, f"expected one RunDone, got {len(done)}"
@@ -53,14 +63,19 @@ def _bos(model_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module", params=FOREIGN_CASES,
-                ids=[f"{s}{'-single' if single else ''}" for s, single in FOREIGN_CASES])
+                ids=[f"{s}{'-single' if single else ''}-{k}" for s, single, k in FOREIGN_CASES])
 def foreign_run(request, tmp_path_factory):
-    shape, single = request.param
+    shape, single, kernels = request.param
+    if kernels == "own":
+        from mlx_k2 import kernels as own
+
+        if not own.status().available:
+            pytest.skip(f"the product's kernels are not built here: {own.status().reason}")
     model_dir = tmp_path_factory.mktemp(f"{shape}{'_single' if single else ''}")
     write_foreign_checkpoint(model_dir, shape, seed=3, single_file=single)
     # A repeated token, so "one embedding row per distinct id" differs from "one per position".
     prompt = [_bos(model_dir), 42, 42]
-    return model_dir, _run_product(model_dir, prompt), reference_generate(model_dir, prompt, NEW_TOKENS)
+    return model_dir, _run_product(model_dir, prompt, kernels), reference_generate(model_dir, prompt, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -243,6 +243,7 @@ PLAIN_EDITS: list[Edit] = [
     Edit("header.run.backend", "header", _set(("run", "backend"), lambda v, r: "numpy")),
     Edit("header.run.device", "header", _set(("run", "device"), lambda v, r: "gpu")),
     Edit("header.run.compute_dtype", "header", _set(("run", "compute_dtype"), lambda v, r: "bfloat16")),
+    Edit("header.run.kernels", "header", _set(("run", "kernels"), lambda v, r: "mlx_k2-cpu/1:avx2")),
     Edit("header.run.versions.mlx_k2", "header", _set(("run", "versions", "mlx_k2"), lambda v, r: "9.9.9")),
     Edit("header.run.versions.mlx", "header", _set(("run", "versions", "mlx"), lambda v, r: "9.9.9")),
     Edit("header.run.versions.python", "header", _set(("run", "versions", "python"), lambda v, r: "2.7.18")),
@@ -308,7 +309,7 @@ def test_plain_edits_cover_the_contract():
     header = {"kind", "schema", "created"}
     model = {"path", "model_type", "num_layers", "n_routed_experts", "experts_per_token", "config_blake3",
              "index_blake3"}
-    run_ = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype",
+    run_ = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
             "versions.mlx_k2", "versions.mlx", "versions.python"}
     step = {"kind", "step", "prev", "input_ids", "token_id", "token_text", "logit", "top16", "entropy", "margin",
             "hidden_digest", "logits_digest", "bytes_read", "wall_s", "layers"}

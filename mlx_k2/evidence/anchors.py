@@ -20,6 +20,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import K2Error
 from .derived import tensor_digest
+from .schema import BUILTIN_KERNELS
 
 FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")
 
@@ -62,9 +63,20 @@ class Anchor:
     def expected(self) -> dict[str, Any]:
         return self.data["expected"]
 
-    def same_platform(self, backend: str, device: str, dtype: str) -> bool:
+    @property
+    def kernels(self) -> str:
+        """The kernels its digests were taken with (anchors frozen before the field: MLX's built-ins)."""
+        return self.data.get("kernels", BUILTIN_KERNELS)
+
+    def same_platform(self, backend: str, device: str, dtype: str, kernels: str = BUILTIN_KERNELS) -> bool:
         d = self.data
-        return (d.get("backend"), d.get("device"), d.get("compute_dtype")) == (backend, device, dtype)
+        return ((d.get("backend"), d.get("device"), d.get("compute_dtype"), self.kernels)
+                == (backend, device, dtype, kernel_key(kernels)))
+
+
+def kernel_key(kernels: str) -> str:
+    """`mlx_k2-cpu/1:avx2` -> `mlx_k2-cpu/1`: the SIMD paths of one kernel version agree bit for bit."""
+    return kernels.split(":")[0]
 
 
 def load_anchors(directory: Path | None = None) -> list[Anchor]:
@@ -87,13 +99,13 @@ def load_anchors(directory: Path | None = None) -> list[Anchor]:
 
 def find_anchor(anchors: list[Anchor], identity: dict[str, str], signature: dict[str, Any],
                 prompt_ids: list[int], device: str, backend: str = "mlx",
-                dtype: str = "float32") -> Anchor | None:
+                dtype: str = "float32", kernels: str = BUILTIN_KERNELS) -> Anchor | None:
     """The anchor for this checkpoint and prompt: one frozen for its exact files (preferring the same
     platform), else a published one for its architecture."""
     prompt = list(prompt_ids)
     frozen = [a for a in anchors if not a.published and a.data.get("checkpoint") == identity
               and a.data["prompt_ids"] == prompt]
-    frozen.sort(key=lambda a: not a.same_platform(backend, device, dtype))
+    frozen.sort(key=lambda a: not a.same_platform(backend, device, dtype, kernels))
     if frozen:
         return frozen[0]
     published = [a for a in anchors if a.published and a.data.get("model") == signature
@@ -110,13 +122,15 @@ class Row:
     note: str = ""
 
 
-def compare(anchor: Anchor, observed: dict[str, Any], backend: str, device: str, dtype: str) -> list[Row]:
+def compare(anchor: Anchor, observed: dict[str, Any], backend: str, device: str, dtype: str,
+            kernels: str = BUILTIN_KERNELS) -> list[Row]:
     exp = anchor.expected
-    if not anchor.published and anchor.same_platform(backend, device, dtype):
+    if not anchor.published and anchor.same_platform(backend, device, dtype, kernels):
         return [Row(f, exp[f], observed[f], exp[f] == observed[f], "exact") for f in FIELDS]
     if not anchor.published:
         why = (f"anchor taken on {anchor.data.get('backend')}/{anchor.data.get('device')}/"
-               f"{anchor.data.get('compute_dtype')}, this run on {backend}/{device}/{dtype}")
+               f"{anchor.data.get('compute_dtype')}/{anchor.kernels}, "
+               f"this run on {backend}/{device}/{dtype}/{kernel_key(kernels)}")
         rows = [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"],
                     "exact across platforms")]
         rows += [Row(f, exp[f], observed[f], None, why) for f in FIELDS[1:4]]
@@ -142,10 +156,10 @@ def compare(anchor: Anchor, observed: dict[str, Any], backend: str, device: str,
 
 def anchor_record(name: str, source: str, identity: dict[str, str], signature: dict[str, Any],
                   prompt_ids: list[int], backend: str, device: str, dtype: str,
-                  values: dict[str, Any]) -> dict[str, Any]:
+                  values: dict[str, Any], kernels: str = BUILTIN_KERNELS) -> dict[str, Any]:
     return {"name": name, "kind": "frozen", "source": source, "checkpoint": identity, "model": signature,
             "prompt_ids": list(prompt_ids), "backend": backend, "device": device, "compute_dtype": dtype,
-            "expected": {f: values[f] for f in FIELDS}}
+            "kernels": kernel_key(kernels), "expected": {f: values[f] for f in FIELDS}}
 
 
 def freeze(directory: Path, record: dict[str, Any]) -> Path:

@@ -134,6 +134,7 @@ def _meta_html(ledger: Ledger) -> str:
                              f"top-{model.get('experts_per_token', '?')}"),
         ("run", f"{run.get('backend', '?')} {run.get('device', '?')} {run.get('compute_dtype', '?')}, "
                 f"kv_cache {json.dumps(run.get('kv_cache'))}, capture {json.dumps(run.get('capture'))}"),
+        ("kernels", str(run.get("kernels", "mlx-builtin (schema 1)"))),
         ("prompt_ids", json.dumps(prompt) if prompt is not None else "?"),
         ("max_new_tokens", str(run.get("max_new_tokens", "?"))),
         ("created", str(h.get("created", "?"))),

@@ -21,8 +21,9 @@ from .schema import PROVENANCE, SCHEMA
 
 def header_record(model_dir: Path, identity: dict[str, str], model_type: str, num_layers: int,
                   n_routed_experts: int, experts_per_token: int, prompt_ids: list[int], max_new_tokens: int,
-                  capture: bool, device: str, versions: dict[str, str]) -> dict[str, Any]:
-    """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given."""
+                  capture: bool, device: str, versions: dict[str, str], kernels: str) -> dict[str, Any]:
+    """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given; `kernels` names the matmul
+    kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`)."""
     return {
         "kind": "header", "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -30,7 +31,7 @@ def header_record(model_dir: Path, identity: dict[str, str], model_type: str, nu
                   "n_routed_experts": n_routed_experts, "experts_per_token": experts_per_token, **identity},
         "run": {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": False,
                 "capture": capture, "backend": "mlx", "device": device, "compute_dtype": "float32",
-                "versions": dict(versions)},
+                "kernels": kernels, "versions": dict(versions)},
         "provenance": dict(PROVENANCE),
     }
 

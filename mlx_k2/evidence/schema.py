@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "mlx-k2.ledger/1"
+SCHEMA = "mlx-k2.ledger/2"
+SCHEMAS = ("mlx-k2.ledger/1", SCHEMA)  # every version verify reads (LEDGER.md: schema 2 adds fields only)
+# header run.kernels: which matmul kernels ran. Schema 1 ledgers (before the field) ran MLX's built-ins.
+BUILTIN_KERNELS = "mlx-builtin"
 
 MEASURED, DERIVED = "M", "D"
 # Structural classification of every field a step or layer record can hold (LEDGER.md, "Provenance").

@@ -24,8 +24,8 @@ from .bundle import read_step_tensors
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
                       tensor_digest, top16)
 from .ledger import read_ledger
-from .schema import (FOOTER_FIELDS, LAYER_FIELDS, LEDGER_NAME, MANIFEST_NAME, PROVENANCE, SCHEMA, STEP_FIELDS,
-                     has_type, step_tensor_path)
+from .schema import (BUILTIN_KERNELS, FOOTER_FIELDS, LAYER_FIELDS, LEDGER_NAME, MANIFEST_NAME, PROVENANCE, SCHEMAS,
+                     STEP_FIELDS, has_type, step_tensor_path)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
 FLOAT_RTOL = 1e-9
@@ -89,8 +89,8 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
     header = records[0] if records else {}
     if header.get("kind") != "header":
         schema.fail("line 1: not a header")
-    if header.get("schema") != SCHEMA:
-        schema.fail(f"header: schema {header.get('schema')!r}, expected {SCHEMA!r}")
+    if header.get("schema") not in SCHEMAS:
+        schema.fail(f"header: schema {header.get('schema')!r}, expected one of {', '.join(SCHEMAS)}")
     if header.get("provenance") != PROVENANCE:
         schema.fail("header: provenance map differs from the schema's")
     model, run = header.get("model"), header.get("run")
@@ -346,7 +346,12 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
     model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     identity = {"config_blake3": model.get("config_blake3"), "index_blake3": model.get("index_blake3")}
     anchors = [a for a in load_anchors(anchors_dir) if not a.published]
-    anchor: Anchor | None = find_anchor(anchors, identity, {}, run.get("prompt_ids") or [], run.get("device"))
+    kernels = run.get("kernels", BUILTIN_KERNELS)  # schema 1 ledgers ran MLX's built-ins
+    if not isinstance(kernels, str):
+        check.fail(f"header: run.kernels is {type(kernels).__name__}, expected a string")
+        return check
+    anchor: Anchor | None = find_anchor(anchors, identity, {}, run.get("prompt_ids") or [], run.get("device"),
+                                        kernels=kernels)
     if anchor is None:
         check.ok, check.detail = None, "no anchor for this checkpoint and prompt"
         return check
@@ -355,7 +360,7 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
         return check
     s = steps[0]
     observed = {f: s.get(f) for f in ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")}
-    for row in compare(anchor, observed, run.get("backend"), run.get("device"), run.get("compute_dtype")):
+    for row in compare(anchor, observed, run.get("backend"), run.get("device"), run.get("compute_dtype"), kernels):
         if row.ok is False:
             check.fail(f"step 0 {row.field}: {row.observed!r}, anchor {anchor.name} has {row.expected!r}")
     if check.ok:

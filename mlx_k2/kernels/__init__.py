@@ -1,0 +1,95 @@
+"""mlx_k2's CPU kernels: packed-int4 and dense matmuls as lazy MLX ops (an MLX C++ extension, `_ext`).
+
+Every op returns an unevaluated float32 mx.array computed on a CPU stream (the one given, else the default
+stream when the default device is the CPU, else the CPU's default stream). Activations and accumulation are
+float32; int4 weights dequantise exactly to float32 (q - 8) * scale, with no activation quantisation. Each
+output element is reduced in one fixed order (8 fused-multiply-add lanes, i -> lane i % 8, then a fixed
+pairwise sum; see src/common.h), so results are bit-identical whatever `threads` is and between
+simd="avx2" and simd="scalar".
+
+This module does not decide where the kernels are used (linear.py does), and does not build them
+(`python -m mlx_k2.kernels.build` does). If the extension is missing, `status()` says why and every op
+raises KernelsUnavailable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx  # first: the extension's types live in mlx.core's nanobind domain
+
+if not any(Path(__file__).parent.glob("_ext*")):
+    _ext = None
+    _IMPORT_ERROR = "the extension is not built"
+else:
+    try:
+        from . import _ext
+    except Exception as e:  # built against another mlx, or a broken build
+        _ext = None
+        _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    else:
+        _IMPORT_ERROR = ""
+
+NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/1"
+_SIMD = {None: 0, "auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
+
+
+class KernelsUnavailable(RuntimeError):
+    """The compiled extension is missing; `status().reason` says why."""
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    available: bool
+    name: str      # the kernels' arithmetic version, e.g. "mlx_k2-cpu/1"
+    simd: str      # the path chosen at run time: "avx2", "neon" or "scalar" ("" if unavailable)
+    reason: str    # why unavailable ("" if available)
+
+
+def status() -> KernelStatus:
+    if _ext is None:
+        return KernelStatus(False, NAME, "", f"{_IMPORT_ERROR}; build it with `python -m mlx_k2.kernels.build`")
+    return KernelStatus(True, NAME, _ext.best_simd(), "")
+
+
+def _require():
+    if _ext is None:
+        raise KernelsUnavailable(status().reason)
+    return _ext
+
+
+def _options(threads: int | None, simd: str | None) -> tuple[int, int]:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
+    if simd not in _SIMD:
+        raise ValueError(f"simd must be one of 'avx2', 'neon', 'scalar' or None, not {simd!r}")
+    return threads or 0, _SIMD[simd]
+
+
+def int4_matmul(x: mx.array, weight_packed: mx.array, weight_scale: mx.array, group_size: int, *,
+                threads: int | None = None, simd: str | None = None, stream=None) -> mx.array:
+    """x (T, in) @ W.T -> (T, out) float32, W from compressed-tensors int4: weight_packed (out, in/8) uint32
+    or int32 (column c at bits 4*(c % 8) of word c // 8, value q + 8), weight_scale (out, in/group) bf16 or
+    float32, W[o, c] = (q - 8) * scale[o, c // group]. `in` need not be a multiple of 8 or of the group
+    (ceil(in/8) words, ceil(in/group) scales per row). threads None = all cores; simd None = the best path."""
+    t, s = _options(threads, simd)
+    return _require().int4_matmul(x, weight_packed, weight_scale, group_size, t, s, stream=stream)
+
+
+def int4_gather_matmul(x: mx.array, weight_packed: mx.array, weight_scale: mx.array, indices: mx.array,
+                       group_size: int, *, threads: int | None = None, simd: str | None = None,
+                       stream=None) -> mx.array:
+    """Routed experts in one launch: x (P, in), stacks weight_packed (E, out, in/8) and weight_scale
+    (E, out, in/group), indices (P,) into the stack -> (P, out): row p = x[p] @ W[indices[p]].T. The stack is
+    read in place (no copy); positions on the same expert share one pass over its rows. An index >= E gives
+    a row of NaN."""
+    t, s = _options(threads, simd)
+    return _require().int4_gather_matmul(x, weight_packed, weight_scale, indices, group_size, t, s, stream=stream)
+
+
+def dense_matmul(x: mx.array, weight: mx.array, *, threads: int | None = None, simd: str | None = None,
+                 stream=None) -> mx.array:
+    """x (T, in) @ weight.T -> (T, out) float32, weight (out, in) bf16, f16 or f32 widened exactly."""
+    t, s = _options(threads, simd)
+    return _require().dense_matmul(x, weight, t, s, stream=stream)

@@ -1,0 +1,283 @@
+"""The CPU kernels (mlx_k2.kernels) against a float64 numpy reference written here from the formula, against
+MLX's built-ins, and against themselves: thread counts and SIMD paths as bits, laziness, streams.
+
+Reference: value c of a row sits at bits 4*(c % 8) of uint32 word c // 8 and is q + 8; W[o, c] =
+(q - 8) * scale[o, c // group]; out = x @ W.T. Shapes are awkward on purpose: T = 1, 3, 17, 256; in and out
+not multiples of 8, of the group or of 256; groups that are not powers of two (the SIMD path's condition);
+one expert; every position on one expert.
+"""
+
+from __future__ import annotations
+
+import io
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_k2.kernels as kernels
+
+STATUS = kernels.status()
+pytestmark = pytest.mark.skipif(not STATUS.available,
+                                reason=f"CPU kernels not built ({STATUS.reason})")
+
+REL_TOL = 1e-5
+THREADS = (1, 2, 3, 4, 16)
+
+
+# ------------------------------------------------------------------------------------------ inputs, reference
+
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bf16 (ties to even), returned as float32 (exactly representable in bf16)."""
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+def random_int4(rng, lead: tuple, out: int, inp: int, group: int):
+    """Random words (lead..., out, ceil(in/8)) uint32 and bf16-valued float32 scales (lead..., out, ceil(in/g))."""
+    words = rng.integers(0, 2**32, size=(*lead, out, -(-inp // 8)), dtype=np.uint64).astype(np.uint32)
+    scales = bf16_round(rng.standard_normal((*lead, out, -(-inp // group))).astype(np.float32) * 0.02)
+    return words, scales
+
+
+def dequant(words: np.ndarray, scales: np.ndarray, inp: int, group: int) -> np.ndarray:
+    """(out, in) float64 from one matrix's words and scales, unpacked here nibble by nibble."""
+    out = words.shape[0]
+    q = np.empty((out, words.shape[1] * 8), dtype=np.int64)
+    for i in range(8):
+        q[:, i::8] = (words >> np.uint32(4 * i)) & np.uint32(0xF)
+    q = q[:, :inp] - 8
+    s = np.repeat(scales.astype(np.float64), group, axis=1)[:, :inp]
+    return q * s
+
+
+def assert_close(got: mx.array, ref: np.ndarray, tol: float = REL_TOL) -> None:
+    got = np.array(got).astype(np.float64)
+    assert got.shape == ref.shape, f"shape {got.shape} != {ref.shape}"
+    scale = float(np.max(np.abs(ref)))
+    err = float(np.max(np.abs(got - ref)))
+    assert scale > 0 and err <= tol * scale, f"max|diff| {err:.3g} > {tol} * max|ref| {scale:.3g}"
+
+
+def same_bits(a: mx.array, b: mx.array) -> bool:
+    return np.array_equal(np.array(a).view(np.uint32), np.array(b).view(np.uint32))
+
+
+def scale_array(scales: np.ndarray, dtype) -> mx.array:
+    return mx.array(scales).astype(dtype)   # bf16-valued already: the cast to bf16 is exact
+
+
+INT4_CASES = [  # (T, in, out, group)
+    (1, 96, 37, 32), (3, 96, 37, 32), (17, 256, 300, 32), (256, 192, 45, 64),
+    (5, 100, 13, 32),     # in not a multiple of 8 nor of the group: a partial last word and group
+    (4, 96, 9, 24),       # a group that is not a power of two (the AVX2 path, by whole groups)
+    (3, 100, 7, 12),      # a group that is not a multiple of 8 (the scalar path under any simd)
+    (2, 7168, 11, 32),    # K2.5's hidden width
+]
+
+
+@pytest.mark.parametrize("T,inp,out,group", INT4_CASES)
+@pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float32])
+def test_int4_matches_float64_reference(T, inp, out, group, scale_dtype):
+    rng = np.random.default_rng(T * 1000 + inp + out)
+    words, scales = random_int4(rng, (), out, inp, group)
+    x = rng.standard_normal((T, inp)).astype(np.float32)
+    ref = x.astype(np.float64) @ dequant(words, scales, inp, group).T
+    y = kernels.int4_matmul(mx.array(x), mx.array(words).view(mx.int32), scale_array(scales, scale_dtype), group)
+    assert y.dtype == mx.float32
+    assert_close(y, ref)
+
+
+GATHER_CASES = [  # (P, E, in, out, group, how the indices are drawn)
+    (17, 5, 96, 37, 32, "random"),
+    (8, 384, 64, 24, 32, "random"),      # many experts, few used
+    (6, 1, 100, 13, 32, "random"),       # a single expert
+    (9, 4, 96, 37, 32, "one"),           # every position on one expert
+    (1, 3, 256, 19, 32, "random"),
+]
+
+
+def gather_inputs(P, E, inp, out, group, how, seed=0):
+    rng = np.random.default_rng(seed + P + E + inp)
+    words, scales = random_int4(rng, (E,), out, inp, group)
+    x = rng.standard_normal((P, inp)).astype(np.float32)
+    idx = (rng.integers(0, E, size=P) if how == "random" else np.full(P, E - 1)).astype(np.uint32)
+    return x, words, scales, idx
+
+
+@pytest.mark.parametrize("P,E,inp,out,group,how", GATHER_CASES)
+def test_int4_gather_matches_float64_reference(P, E, inp, out, group, how):
+    x, words, scales, idx = gather_inputs(P, E, inp, out, group, how)
+    ref = np.stack([x[p].astype(np.float64) @ dequant(words[idx[p]], scales[idx[p]], inp, group).T
+                    for p in range(P)])
+    y = kernels.int4_gather_matmul(mx.array(x), mx.array(words), scale_array(scales, mx.bfloat16),
+                                   mx.array(idx), group)
+    assert_close(y, ref)
+
+
+def test_int4_gather_row_equals_plain_matmul_bits():
+    """Gathering changes which rows go together, never a row's bits."""
+    x, words, scales, idx = gather_inputs(12, 3, 96, 37, 32, "random")
+    g = kernels.int4_gather_matmul(mx.array(x), mx.array(words), mx.array(scales), mx.array(idx), 32)
+    for p in range(len(idx)):
+        plain = kernels.int4_matmul(mx.array(x[p:p + 1]), mx.array(words[idx[p]]), mx.array(scales[idx[p]]), 32)
+        assert same_bits(g[p:p + 1], plain)
+
+
+def test_int4_gather_out_of_range_index_is_nan():
+    x, words, scales, idx = gather_inputs(3, 2, 96, 5, 32, "random")
+    idx[1] = 7
+    y = np.array(kernels.int4_gather_matmul(mx.array(x), mx.array(words), mx.array(scales), mx.array(idx), 32))
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
+DENSE_CASES = [(1, 96, 37), (3, 100, 13), (17, 256, 300), (256, 70, 9), (2, 7168, 11)]
+
+
+@pytest.mark.parametrize("T,inp,out", DENSE_CASES)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_dense_matches_float64_reference(T, inp, out, dtype):
+    rng = np.random.default_rng(T + inp + out)
+    w = mx.array(rng.standard_normal((out, inp)).astype(np.float32)).astype(dtype)
+    x = rng.standard_normal((T, inp)).astype(np.float32)
+    ref = x.astype(np.float64) @ np.array(w.astype(mx.float32)).astype(np.float64).T   # widening is exact
+    assert_close(kernels.dense_matmul(mx.array(x), w), ref)
+
+
+# ------------------------------------------------------------------------------------------ MLX's built-ins
+
+@pytest.mark.parametrize("T,inp,out,group", [(1, 96, 37, 32), (17, 256, 300, 32), (3, 7168, 40, 32),
+                                              (64, 256, 24, 64)])
+def test_int4_matches_quantized_matmul(T, inp, out, group):
+    rng = np.random.default_rng(7 + T)
+    words, scales = random_int4(rng, (), out, inp, group)
+    x = mx.array(rng.standard_normal((T, inp)).astype(np.float32))
+    s = mx.array(scales)
+    ref = mx.quantized_matmul(x, mx.array(words), s, -8 * s, transpose=True, group_size=group, bits=4)
+    assert_close(kernels.int4_matmul(x, mx.array(words), s.astype(mx.bfloat16), group), np.array(ref, np.float64))
+
+
+@pytest.mark.parametrize("P,E,inp,out,group,how", [c for c in GATHER_CASES if c[2] % c[4] == 0])
+def test_int4_gather_matches_gather_qmm(P, E, inp, out, group, how):
+    x, words, scales, idx = gather_inputs(P, E, inp, out, group, how)
+    s = mx.array(scales)
+    ref = mx.gather_qmm(mx.array(x)[:, None, :], mx.array(words), s, -8 * s, rhs_indices=mx.array(idx),
+                        transpose=True, group_size=group, bits=4)     # (P, 1, out)
+    got = kernels.int4_gather_matmul(mx.array(x), mx.array(words), s, mx.array(idx), group)
+    assert_close(got, np.array(ref, np.float64)[:, 0, :])
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_dense_matches_mlx_matmul(dtype):
+    rng = np.random.default_rng(3)
+    w = mx.array(rng.standard_normal((45, 200)).astype(np.float32)).astype(dtype)
+    x = mx.array(rng.standard_normal((17, 200)).astype(np.float32))
+    assert_close(kernels.dense_matmul(x, w), np.array(x @ w.astype(mx.float32).T, np.float64))
+
+
+# ------------------------------------------------------------------------------------------ bits
+
+def all_ops(simd=None, threads=None):
+    """Each op on fixed awkward inputs, evaluated: {name: array}."""
+    rng = np.random.default_rng(11)
+    words, scales = random_int4(rng, (), 53, 1000, 32)
+    x = mx.array(rng.standard_normal((19, 1000)).astype(np.float32))
+    gx, gw, gs, gi = gather_inputs(19, 6, 1000, 53, 32, "random")
+    w = mx.array(rng.standard_normal((53, 1000)).astype(np.float32))
+    opts = dict(simd=simd, threads=threads)
+    out = {"int4": kernels.int4_matmul(x, mx.array(words), mx.array(scales).astype(mx.bfloat16), 32, **opts),
+           "int4_gather": kernels.int4_gather_matmul(mx.array(gx), mx.array(gw), mx.array(gs), mx.array(gi), 32,
+                                                     **opts)}
+    for dt in (mx.bfloat16, mx.float16, mx.float32):
+        out[f"dense_{dt}"] = kernels.dense_matmul(x, w.astype(dt), **opts)
+    mx.eval(*out.values())
+    return out
+
+
+def test_bits_independent_of_thread_count():
+    base = all_ops(threads=1)
+    for n in THREADS[1:]:
+        other = all_ops(threads=n)
+        for name in base:
+            assert same_bits(base[name], other[name]), f"{name}: threads=1 vs threads={n}"
+
+
+@pytest.mark.skipif(STATUS.simd != "avx2", reason="this CPU has no AVX2/FMA")
+def test_scalar_and_avx2_agree_bit_for_bit():
+    scalar, avx2 = all_ops(simd="scalar", threads=2), all_ops(simd="avx2", threads=3)
+    for name in scalar:
+        assert same_bits(scalar[name], avx2[name]), name
+
+
+def test_default_simd_is_the_reported_one():
+    auto, chosen = all_ops(), all_ops(simd=STATUS.simd)
+    assert all(same_bits(auto[n], chosen[n]) for n in auto)
+
+
+# ------------------------------------------------------------------------------------------ laziness, streams
+
+def graph(a: mx.array) -> str:
+    f = io.StringIO()
+    mx.export_to_dot(f, a)
+    return f.getvalue()
+
+
+def test_ops_are_lazy():
+    rng = np.random.default_rng(5)
+    words, scales = random_int4(rng, (2,), 16, 64, 32)
+    x = mx.array(rng.standard_normal((3, 64)).astype(np.float32))
+    ops = {"MlxK2Int4Matmul": kernels.int4_matmul(x, mx.array(words[0]), mx.array(scales[0]), 32),
+           "MlxK2Int4GatherMatmul": kernels.int4_gather_matmul(x, mx.array(words), mx.array(scales),
+                                                               mx.array([1, 0, 1], dtype=mx.uint32), 32),
+           "MlxK2DenseMatmul": kernels.dense_matmul(x, mx.ones((16, 64), dtype=mx.bfloat16))}
+    for name, y in ops.items():
+        assert name in graph(y), f"{name} was computed before it was asked for"
+        mx.eval(y)
+        assert name not in graph(y)
+
+
+def test_runs_on_a_new_cpu_stream():
+    base = all_ops()
+    with mx.stream(mx.new_stream(mx.cpu)):
+        other = all_ops()
+    assert all(same_bits(base[n], other[n]) for n in base)
+
+
+def test_explicit_stream_and_gpu_refusal():
+    x, w = mx.ones((2, 8)), mx.ones((3, 8))
+    y = kernels.dense_matmul(x, w, stream=mx.new_stream(mx.cpu))
+    assert np.array(y).tolist() == [[8.0] * 3] * 2
+    with pytest.raises(ValueError, match="CPU|gpu"):   # ours, or MLX without a GPU backend
+        kernels.dense_matmul(x, w, stream=mx.gpu)
+
+
+# ------------------------------------------------------------------------------------------ API
+
+def test_status():
+    assert STATUS.name == kernels.NAME and STATUS.name.startswith("mlx_k2-cpu/")
+    assert STATUS.simd in ("avx2", "neon", "scalar") and STATUS.reason == ""
+
+
+def test_bad_arguments_are_refused():
+    x = mx.ones((2, 96))
+    words, scales = mx.zeros((5, 12), dtype=mx.uint32), mx.ones((5, 3))
+    with pytest.raises(ValueError, match="ceil"):
+        kernels.int4_matmul(x, words[:, :11], scales, 32)
+    with pytest.raises(ValueError, match="ceil"):
+        kernels.int4_matmul(x, words, scales, 64)
+    with pytest.raises(ValueError, match="indices"):
+        kernels.int4_gather_matmul(x, words[None], scales[None], mx.zeros((3,), dtype=mx.uint32), 32)
+    with pytest.raises(ValueError, match="threads"):
+        kernels.dense_matmul(x, mx.ones((4, 96)), threads=0)
+    with pytest.raises(ValueError, match="simd"):
+        kernels.dense_matmul(x, mx.ones((4, 96)), simd="sse")
+
+
+def test_missing_extension_raises_clearly(monkeypatch):
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_IMPORT_ERROR", "ImportError: no _ext")
+    st = kernels.status()
+    assert not st.available and "mlx_k2.kernels.build" in st.reason
+    with pytest.raises(kernels.KernelsUnavailable, match="no _ext"):
+        kernels.dense_matmul(mx.ones((1, 8)), mx.ones((1, 8)))

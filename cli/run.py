@@ -81,7 +81,7 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         header = read_header_line(resume)
         if model is None:
             model = Path(header["model"]["path"])
-        ids, max_new_tokens = header["run"]["prompt_ids"], header["run"]["max_new_tokens"]
+        max_new_tokens = header["run"]["max_new_tokens"]  # the recorded run's length (its prompt is in the ledger)
     dashboard = None if quiet or no_dashboard or not sys.stdout.isatty() else DashboardState()
     progress = None if quiet else dashboard.progress if dashboard else progress_lines()
 

@@ -29,8 +29,8 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
            freeze_: Annotated[bool, typer.Option("--freeze", help="Write the anchor file from this pass.")] = False,
            name: Annotated[Optional[str], typer.Option(help="Anchor name for --freeze.")] = None,
            anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None,
-           kernels: Annotated[Optional[str], typer.Option(help="builtin (MLX's, default), own (the product's CPU "
-                                                                "kernels) or auto.")] = None):
+           kernels: Annotated[Optional[str], typer.Option(help="auto (default: the product's CPU kernels on "
+                                                            "--device cpu where built, else MLX's), builtin or own.")] = None):
     """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
     from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mlx_k2.checkpoint import Checkpoint
 from mlx_k2.config import load_config
-from mlx_k2.inventory import take_inventory
+from mlx_k2.inventory import one_token_step_bytes, take_inventory
 from mlx_k2.synth import default_checkpoint
 from mlx_k2.validate import problems
 
@@ -33,7 +33,7 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
     console = Console()
     q = cfg.quantization
     console.print(f"[bold]{model_dir}[/]  model_type {cfg.model_type}  prefix '{cfg.weight_prefix}'")
-    console.print(f"layers {t.num_hidden_layers} ({t.first_k_dense_replace} dense, {len(inv.moe_layers)} MoE)  "
+    console.print(f"layers {t.num_hidden_layers} ({t.first_k_dense_replace} dense, {sum(map(t.is_moe_layer, range(t.num_hidden_layers)))} MoE)  "
                   f"hidden {t.hidden_size}  heads {t.num_attention_heads}  q_lora {t.q_lora_rank}  "
                   f"kv_lora {t.kv_lora_rank}  vocab {t.vocab_size}")
     console.print(f"experts {t.n_routed_experts} routed, top-{t.num_experts_per_tok}, {t.n_shared_experts} shared, "
@@ -52,8 +52,9 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
     console.print(table)
     console.print(f"shards {len(ckpt.shards)}  tensors {len(ckpt.tensors):,}  total {ckpt.total_bytes:,} bytes "
                   f"({ckpt.total_bytes / 2**30:.2f} GiB)")
-    console.print(f"a one-token step reads [bold]{inv.one_token_step_bytes():,}[/] bytes "
-                  f"({inv.one_token_step_bytes() / ckpt.total_bytes:.1%} of the checkpoint)")
+    step_bytes = one_token_step_bytes(ckpt, cfg)
+    console.print(f"a one-token step reads [bold]{step_bytes:,}[/] bytes "
+                  f"({step_bytes / ckpt.total_bytes:.1%} of the checkpoint)")
     never = inv.never_read
     if never:
         console.print("never read by a text run: " + ", ".join(f"{k} ({g.tensors:,} tensors, {g.nbytes:,} bytes)"

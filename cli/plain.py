@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from mlx_k2.events import Event, LayerDone, StepDone
+from mlx_k2.events import Event, LayerDone, RunStarted, StepDone
 
 BAR_WIDTH = 24
 
@@ -25,9 +25,12 @@ def progress_lines():
 
 
 def plain_lines(tokenizer):
-    """A sink printing one line per layer and a summary per step."""
+    """A sink printing what runs, one line per layer and a summary per step."""
     def sink(event: Event) -> None:
-        if isinstance(event, LayerDone):
+        if isinstance(event, RunStarted):
+            typer.echo(f"{event.model_type} on {event.device}, kernels {event.kernels}: {event.num_layers} layers, "
+                       f"{event.max_new_tokens} steps from a {event.context_len}-token context")
+        elif isinstance(event, LayerDone):
             experts = "" if event.experts is None else " experts " + ",".join(map(str, event.experts))
             norms = "" if event.norm_in is None else f" norm {event.norm_in:.3f}->{event.norm_out:.3f}"
             typer.echo(f"step {event.step} layer {event.layer:2d} {event.kind:5s}{norms}{experts} "

@@ -68,8 +68,9 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
                                                             "bundle (its prompt, length and device).")] = None,
         read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
         read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread",
-        kernels: Annotated[Optional[str], typer.Option(help="builtin (MLX's, default), own (the product's CPU "
-                                                            "kernels) or auto; a resumed run keeps its own.")] = None):
+        kernels: Annotated[Optional[str], typer.Option(help="auto (default: the product's CPU kernels on "
+                                                            "--device cpu where built, else MLX's), builtin or own; "
+                                                            "a resumed run keeps its own.")] = None):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
     from mlx_k2.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.session import run as run_session

@@ -45,7 +45,7 @@ def single_step(model: Model, prompt_ids: list[int], device: str | None, capture
 
 def run_anchor_pass(model_dir: Path, prompt_ids: list[int], device: str | None = None,
                     anchors_dir: Path | None = None, kernels: str | None = None) -> AnchorReport:
-    """`kernels`: "builtin" (default), "own" or "auto" (linear.choose_kernels)."""
+    """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels)."""
     dev = device_name(select_device(device))
     model = Model(model_dir, kernels=choose_kernels(kernels, dev))
     try:

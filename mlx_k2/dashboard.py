@@ -43,6 +43,7 @@ class DashboardState:
     model_path: str = ""                    # this and the fields up to step_bytes_estimate: from RunStarted
     model_type: str = ""
     device: str = ""
+    kernels: str = ""
     num_layers: int = 0
     n_routed_experts: int = 0
     max_new_tokens: int = 0
@@ -83,6 +84,7 @@ class DashboardState:
     def update(self, event: Event) -> None:
         if isinstance(event, RunStarted):
             self.model_path, self.model_type, self.device = event.model_path, event.model_type, event.device
+            self.kernels = event.kernels
             self.num_layers, self.n_routed_experts = event.num_layers, event.n_routed_experts
             self.max_new_tokens, self.context_len = event.max_new_tokens, event.context_len
             self.step, self.step_bytes_estimate = event.first_step, event.step_bytes_estimate
@@ -195,6 +197,7 @@ def render(state: DashboardState, width: int = 120):
     if state.status == "starting":
         return Panel(_preparing(state, inner), title="output formation", width=width)
     head = Text.assemble(("mlx-k2 ", "bold"), f"{state.model_type}  {state.model_path}  device {state.device}  ",
+                         *((("kernels ", "bold"), f"{state.kernels}  ") if state.kernels else ()),
                          ("step ", "bold"), f"{min(state.step + 1, state.max_new_tokens)}/{state.max_new_tokens}  ",
                          ("context ", "bold"), f"{state.context_len} tokens  ", (state.status, "italic"))
 

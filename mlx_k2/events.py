@@ -28,6 +28,7 @@ class RunStarted:
     context_len: int
     first_step: int
     step_bytes_estimate: int     # bytes a one-token step reads, from the headers
+    kernels: str = ""            # the ledger header's run.kernels: which matmuls compute the run
 
 
 @dataclass(frozen=True)

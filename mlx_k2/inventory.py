@@ -3,8 +3,10 @@
 Groups are the roles `names.py` gives: embedding, lm_head, final norm, per-layer norms, attention, dense
 MLP, router, shared experts, routed experts (data, and `weight_shape` metadata), vision/projector, other.
 From them: sizes and dtypes
-per group, and the bytes a one-token step must read (one embedding row, every layer's non-expert tensors,
-`num_experts_per_tok` experts per MoE layer, final norm, lm_head). What `mlx-k2 inspect` prints.
+per group (a pass over every name), what `mlx-k2 inspect` prints. Apart from the groups, and without that
+pass: the tensors a step reads from a layer besides its routed experts, and the bytes a one-token step must
+read (one embedding row, every layer's non-expert tensors, `num_experts_per_tok` experts per MoE layer,
+final norm, lm_head), from the names `names.py` spells and a few hundred headers.
 """
 
 from __future__ import annotations
@@ -26,23 +28,6 @@ class Group:
 @dataclass
 class Inventory:
     groups: dict[str, Group]
-    expert_bytes: dict[tuple[int, int], int]    # (layer, expert) -> bytes of its data tensors
-    layer_bytes: dict[int, int]                 # layer -> bytes of its non-expert tensors
-    row_bytes: int                              # one embedding row
-    head_bytes: int                             # lm_head + final norm
-    moe_layers: list[int]
-    experts_per_token: int
-
-    def one_token_step_bytes(self) -> int:
-        """Bytes a one-token step reads: assumes the k experts of a MoE layer are of its typical size."""
-        by_layer: dict[int, list[int]] = defaultdict(list)
-        for (layer, _), nbytes in self.expert_bytes.items():
-            by_layer[layer].append(nbytes)
-        total = self.row_bytes + self.head_bytes + sum(self.layer_bytes.values())
-        for layer in self.moe_layers:
-            sizes = sorted(by_layer[layer])
-            total += self.experts_per_token * (sizes[len(sizes) // 2] if sizes else 0)
-        return total
 
     @property
     def never_read(self) -> dict[str, Group]:
@@ -51,25 +36,37 @@ class Inventory:
 
 def take_inventory(checkpoint: Checkpoint, cfg: ModelConfig) -> Inventory:
     groups: dict[str, Group] = defaultdict(Group)
-    expert_bytes: dict[tuple[int, int], int] = defaultdict(int)
-    layer_bytes: dict[int, int] = defaultdict(int)
-    row_bytes = head_bytes = 0
     tensor_names = names.TensorNames(cfg.weight_prefix)
     for name, info in checkpoint.tensors.items():
-        group, layer, expert = tensor_names.role(name)
-        g = groups[group]
+        g = groups[tensor_names.role(name)[0]]
         g.tensors += 1
         g.nbytes += info.nbytes
         g.dtypes.add(info.dtype)
-        if group == names.ROUTED_EXPERTS:
-            expert_bytes[(layer, expert)] += info.nbytes
-        elif group in names.LAYER_ROLES:
-            layer_bytes[layer] += info.nbytes
-        elif group == names.EMBEDDING:
-            row_bytes = info.row_bytes
-        elif group in (names.LM_HEAD, names.FINAL_NORM):
-            head_bytes += info.nbytes
+    return Inventory(dict(groups))
+
+
+def layer_tensors(checkpoint: Checkpoint, cfg: ModelConfig, layer: int) -> list[str]:
+    """The tensors a step reads from `layer` apart from its routed experts."""
     text = cfg.text
-    moe = [i for i in range(text.num_hidden_layers) if text.is_moe_layer(i)]
-    return Inventory(dict(groups), dict(expert_bytes), dict(layer_bytes), row_bytes, head_bytes, moe,
-                     text.num_experts_per_tok)
+    return names.TensorNames(cfg.weight_prefix).layer(layer).non_expert(
+        q_lora=bool(text.q_lora_rank), moe=text.is_moe_layer(layer), shared_experts=bool(text.n_shared_experts),
+        stored=checkpoint)
+
+
+def one_token_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> int:
+    """Bytes a one-token step reads: one embedding row, every layer's non-expert tensors, k experts of each
+    MoE layer (each the size of its expert 0, as every expert of a layer is), the final norm and the lm_head."""
+    tensor_names, text = names.TensorNames(cfg.weight_prefix), cfg.text
+
+    def size(tensors: list[str]) -> int:
+        return sum(checkpoint.info(t).nbytes for t in tensors)
+
+    total = checkpoint.info(tensor_names.embed_tokens).row_bytes
+    total += size([tensor_names.norm, *names.linear_parts(tensor_names.lm_head, checkpoint)])
+    for layer in range(text.num_hidden_layers):
+        total += size(layer_tensors(checkpoint, cfg, layer))
+        if text.is_moe_layer(layer):
+            n = tensor_names.layer(layer)
+            expert0 = [part for m in names.MLP_PROJECTIONS for part in names.linear_parts(n.experts(0, m), checkpoint)]
+            total += text.num_experts_per_tok * size(expert0)
+    return total

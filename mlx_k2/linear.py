@@ -27,9 +27,10 @@ KERNEL_REQUESTS = ("builtin", "own", "auto")
 
 
 def choose_kernels(request: str | None, device: str) -> str:
-    """The kernels a run uses: `builtin` (MLX's, the default), `own` (the product's CPU kernels; an error
-    where they are not built or the device is not the CPU), `auto` (own where they can run, else builtin)."""
-    request = request or "builtin"
+    """The kernels a run uses: `auto` (the default: the product's own on the CPU device where the extension is
+    built, else MLX's), `builtin` (MLX's), `own` (the product's CPU kernels; an error where they are not built
+    or the device is not the CPU)."""
+    request = request or "auto"
     if request not in KERNEL_REQUESTS:
         raise UsageError(f"--kernels: unknown kernels {request!r} (choose from {', '.join(KERNEL_REQUESTS)})")
     if request == "builtin":
@@ -59,7 +60,8 @@ def kernels_label(kernels: str) -> str:
 class Linear:
     """One weight matrix W[out, in] (or a stack of them, [E, out, in], for routed experts).
 
-    Dense: `weight` holds W as stored. Packed: `weight` holds the uint32 words, with `scales`/`biases`.
+    Dense: `weight` holds W as stored. Packed: `weight` holds the uint32 words and `scales` the group scales
+    (as stored for the product's kernels; float32 with MLX's, which also take `biases`).
     """
 
     weight: mx.array
@@ -80,11 +82,14 @@ class Linear:
     @classmethod
     def packed(cls, weight_packed: mx.array, weight_scale: mx.array, bits: int, group_size: int,
                kernels: str = BUILTIN_KERNELS) -> "Linear":
-        scales = weight_scale.astype(COMPUTE_DTYPE)
-        offset = 1 << (bits - 1)
+        words = weight_packed.view(mx.uint32)
         if bits != 4:
             kernels = BUILTIN_KERNELS  # the product's packed kernel is int4; other widths stay on MLX's
-        return cls(weight_packed.view(mx.uint32), scales, -offset * scales, bits, group_size, kernels)
+        if kernels != BUILTIN_KERNELS:
+            return cls(words, weight_scale, None, bits, group_size, kernels)  # the kernel reads the stored scales
+        scales = weight_scale.astype(COMPUTE_DTYPE)
+        offset = 1 << (bits - 1)  # MLX's affine form: w = scale * q + bias, bias = -offset * scale
+        return cls(words, scales, -offset * scales, bits, group_size, kernels)
 
     @property
     def own(self) -> bool:

@@ -139,6 +139,24 @@ class LayerNames:
         """Routed expert `expert`'s linear."""
         return f"{self.prefix}mlp.experts.{expert}.{projection}"
 
+    def non_expert(self, *, q_lora: bool, moe: bool, shared_experts: bool, stored: Container[str]) -> list[str]:
+        """Every tensor a step reads from this layer apart from its routed experts: the norms, the attention
+        (with or without a q LoRA), and the router (with its bias where `stored` has one) and shared experts of
+        a MoE layer, or the dense MLP. Linears in their stored parts (`linear_parts`)."""
+        whole = [self.input_layernorm, self.post_attention_layernorm, self.kv_a_layernorm]  # named in full
+        linears = [self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj]
+        if q_lora:
+            whole.append(self.q_a_layernorm)
+            linears += [self.q_a_proj, self.q_b_proj]
+        else:
+            linears.append(self.q_proj)
+        if moe:
+            whole += [self.gate] + ([self.e_score_correction_bias] if self.e_score_correction_bias in stored else [])
+            linears += [self.shared_experts(m) for m in MLP_PROJECTIONS] if shared_experts else []
+        else:
+            linears += [self.mlp(m) for m in MLP_PROJECTIONS]
+        return whole + [part for base in linears for part in linear_parts(base, stored)]
+
 
 @dataclass(frozen=True)
 class TensorNames:

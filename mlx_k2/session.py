@@ -28,7 +28,7 @@ from .evidence.derived import line_digest
 from .evidence.ledger import LedgerWriter, read_ledger
 from .evidence.records import header_record
 from .evidence.schema import BUILTIN_KERNELS, LEDGER_NAME
-from .inventory import take_inventory
+from .inventory import one_token_step_bytes
 from .linear import choose_kernels, kernels_label
 from .storage import FaultHook, ReadPolicy
 from .runner import Model, device_name, generate, select_device
@@ -84,7 +84,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         tokenizer: Tokenizer | None = None, anchors_dir: Path | None = None,
         policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
         progress: Progress | None = None, kernels: str | None = None) -> RunResult:
-    """`kernels`: "builtin" (default), "own" or "auto" (linear.choose_kernels)."""
+    """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels)."""
     model_dir = Path(model_dir)
     if bundle_dir is not None:
         bundle_dir = Path(bundle_dir)
@@ -194,7 +194,7 @@ def _drive(model: Model, identity: dict[str, str], ledger: LedgerSink, bundle: B
     text = model.config.text
     started = RunStarted(str(model.dir), model.config.model_type, dev, text.num_hidden_layers, text.n_routed_experts,
                          max_new_tokens, len(context), first_step,
-                         take_inventory(model.checkpoint, model.config).one_token_step_bytes())
+                         one_token_step_bytes(model.checkpoint, model.config), kernels_label(model.kernels))
     try:
         for sink in subscribers:
             sink(started)

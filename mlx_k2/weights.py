@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .evidence.schema import BUILTIN_KERNELS
 from .forward import Attention, DenseMLP, Experts, Layer, MoE
+from .inventory import layer_tensors
 from .linear import Linear
 from .tensors import TensorReader
 
@@ -30,7 +31,6 @@ class WeightFetcher:
         self.reader = reader
         self.checkpoint = reader.checkpoint
         self.tensor_names = names.TensorNames(cfg.weight_prefix)
-        self._non_expert: dict[int, list[str]] | None = None
 
     def _quant(self, base: str):
         q = self.cfg.quantization
@@ -64,17 +64,7 @@ class WeightFetcher:
         if layer >= self.cfg.text.num_hidden_layers:
             self.reader.prefetch([self.tensor_names.norm])
             return
-        self.reader.prefetch(self._layer_tensors().get(layer, []))
-
-    def _layer_tensors(self) -> dict[int, list[str]]:
-        """Layer -> names of its non-expert tensors, from one pass over the tensor map."""
-        if self._non_expert is None:
-            self._non_expert = {}
-            for name in self.checkpoint.tensors:
-                role, layer, _ = self.tensor_names.role(name)
-                if role in names.LAYER_ROLES:
-                    self._non_expert.setdefault(layer, []).append(name)
-        return self._non_expert
+        self.reader.prefetch(layer_tensors(self.checkpoint, self.cfg, layer))
 
     # ------------------------------------------------------------------ the pieces of a step
     def embedding(self, token_ids: list[int]) -> mx.array:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from mlx_k2 import kernels as own_kernels
 from mlx_k2.synth import write_synthetic
+
+# The anchor a default run on --device cpu is checked against: the one frozen for the product's own kernels
+# where they are built (the default), else MLX's built-ins'.
+BUILTIN_ANCHOR = "synthetic-k25-seed0-cpu"
+DEFAULT_ANCHOR = BUILTIN_ANCHOR + ("-mlx_k2-cpu" if own_kernels.status().available else "")
 
 
 @pytest.fixture(scope="session")
@@ -13,12 +19,35 @@ def synth_dir(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("synth") / "k25", seed=0)
 
 
+SYNTH_RUN_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def synth_run(synth_dir, tmp_path_factory):
+    """(bundle, ledger) of one 3-step default run from BOS on the CPU (the ledger is the bundle's, copied on
+    its own). Read-only: a test that edits them works on a copy."""
+    import shutil
+    from pathlib import Path
+
+    from mlx_k2.evidence.schema import LEDGER_NAME
+    from mlx_k2.session import run
+
+    root = tmp_path_factory.mktemp("synth-run")
+    bundle, ledger = root / "bundle", root / "ledger.jsonl"
+    anchors = Path(__file__).resolve().parents[1] / "anchors"
+    result = run(synth_dir, [163584], SYNTH_RUN_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=anchors)
+    assert result.status == "complete" and len(result.steps) == SYNTH_RUN_STEPS
+    shutil.copyfile(bundle / LEDGER_NAME, ledger)
+    return bundle, ledger
+
+
 @pytest.fixture(scope="module")
 def opened_synth(synth_dir):
     """The synthetic checkpoint opened once (parsing its 64 shard headers is most of a pass's cost)."""
+    from mlx_k2.linear import choose_kernels
     from mlx_k2.runner import Model
 
-    model = Model(synth_dir)
+    model = Model(synth_dir, kernels=choose_kernels(None, "cpu"))  # what a default CPU run opens
     yield model
     model.close()
 

@@ -30,7 +30,7 @@ import blake3
 import numpy as np
 import pytest
 
-from conftest import share_opened_model
+from conftest import DEFAULT_ANCHOR, share_opened_model
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
@@ -41,7 +41,7 @@ from tests.reference import reference_generate
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ANCHORS = REPO / "anchors"
-SYNTH_ANCHOR = "synthetic-k25-seed0-cpu"
+SYNTH_ANCHOR = DEFAULT_ANCHOR  # what a default CPU run reproduces
 BOS = 163584
 FOREIGN_BOS = 508
 FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")

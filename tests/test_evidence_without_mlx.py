@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import json
 import pkgutil
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import mlx_k2.evidence
-from mlx_k2.evidence.schema import LEDGER_NAME
+from conftest import SYNTH_RUN_STEPS
 from mlx_k2.evidence.verify import verify
-from mlx_k2.session import run
 from mlx_k2.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ANCHORS = REPO / "anchors"
-BOS = 163584
-N_STEPS = 2
 
 BLOCK_MLX = '''
 import sys
@@ -88,20 +82,8 @@ def python(script: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def evidence(synth_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """A bundle and a plain ledger (the bundle's ledger on its own), from a real run."""
-    root = tmp_path_factory.mktemp("without-mlx")
-    bundle = root / "bundle"
-    result = run(synth_dir, [BOS], N_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=REPO_ANCHORS)
-    assert result.status == "complete" and len(result.steps) == N_STEPS
-    ledger = root / "ledger.jsonl"
-    shutil.copyfile(bundle / LEDGER_NAME, ledger)
-    return bundle, ledger
-
-
-def test_verify_and_explorer_run_with_mlx_blocked(synth_dir, evidence):
-    bundle, ledger = evidence
+def test_verify_and_explorer_run_with_mlx_blocked(synth_dir, synth_run):
+    bundle, ledger = synth_run
     out = json.loads(python(VERIFY_AND_EXPLORE, str(synth_dir), str(REPO_ANCHORS), str(bundle), str(ledger)))
     assert out["mlx_modules"] == []
     tokenizer = load_tokenizer(synth_dir)
@@ -115,7 +97,7 @@ def test_verify_and_explorer_run_with_mlx_blocked(synth_dir, evidence):
         if is_bundle:
             must_pass |= {"manifest", "measured", "digests"}
         assert {name for name, ok in checks.items() if ok is True} >= must_pass
-        assert got["steps"] == N_STEPS and got["partial"] is False
+        assert got["steps"] == SYNTH_RUN_STEPS and got["partial"] is False
         page = got["page"]
         assert "<title>Kimi K2.5 Output Formation Ledger</title>" in page
         assert 'data-status="complete"' in page
@@ -139,8 +121,8 @@ finally:
 '''
 
 
-def test_cli_verify_and_explore_run_with_mlx_blocked(synth_dir, evidence, tmp_path):
-    bundle, ledger = evidence
+def test_cli_verify_and_explore_run_with_mlx_blocked(synth_dir, synth_run, tmp_path):
+    bundle, ledger = synth_run
     for path in (bundle, ledger):
         out = python(CLI, "verify", str(path), "--model", str(synth_dir), "--anchors", str(REPO_ANCHORS))
         assert "all checks pass" in out and "mlx modules: []" in out

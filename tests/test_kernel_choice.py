@@ -1,7 +1,8 @@
 """Which matmul kernels a run uses, and how the evidence records it.
 
-- `choose_kernels`: builtin by default; own only on the CPU device and where the extension is built (a
-  clear error otherwise); auto falls back to builtin; an unknown name is a usage error.
+- `choose_kernels`: auto by default: own on the CPU device where the extension is built, else builtin; own
+  only on the CPU device and where the extension is built (a clear error otherwise); an unknown name is a
+  usage error.
 - `mlx-k2 run --kernels own` on the synthetic checkpoint: the ledger header (schema 2) names the kernels and
   the SIMD path that ran, the ledger verifies, and step 0 reproduces the anchor frozen for those kernels
   exactly (anchors are keyed by kernels: the built-in anchor is not the one used). Its token equals the
@@ -34,14 +35,15 @@ needs_own = pytest.mark.skipif(not own.status().available, reason=f"kernels not 
 
 
 def test_choose_kernels():
-    assert choose_kernels(None, "cpu") == choose_kernels("builtin", "gpu") == BUILTIN_KERNELS
+    assert choose_kernels("builtin", "cpu") == choose_kernels("builtin", "gpu") == BUILTIN_KERNELS
     with pytest.raises(UsageError, match="--kernels: unknown kernels 'fast'"):
         choose_kernels("fast", "cpu")
     with pytest.raises(UsageError, match="CPU device only"):
         choose_kernels("own", "gpu")
     assert choose_kernels("auto", "gpu") == BUILTIN_KERNELS
     expected = own.status().name if own.status().available else BUILTIN_KERNELS
-    assert choose_kernels("auto", "cpu") == expected
+    assert choose_kernels("auto", "cpu") == choose_kernels(None, "cpu") == expected
+    assert choose_kernels(None, "gpu") == BUILTIN_KERNELS
 
 
 def _records(path: Path) -> list[dict]:

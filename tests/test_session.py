@@ -26,7 +26,7 @@ import blake3
 import numpy as np
 import pytest
 
-from conftest import share_opened_model
+from conftest import DEFAULT_ANCHOR, share_opened_model
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
@@ -38,7 +38,7 @@ from mlx_k2.tokenizer import load_tokenizer
 from tests.reference import entropy_nats
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
-SYNTH_ANCHOR = "synthetic-k25-seed0-cpu"
+SYNTH_ANCHOR = DEFAULT_ANCHOR  # what a default CPU run reproduces
 BOS = 163584
 MAX_NEW = 3
 STOP_AT = 2          # the sink raises when it sees the 2nd StepDone, which is already in the ledger

@@ -44,7 +44,6 @@ from tests.foreign_checkpoint import write_foreign_checkpoint
 from tests.reference import entropy_nats
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
-SYNTH_BOS = 163584
 FOREIGN_BOS = 508          # foreign_checkpoint.py keeps K2.5's special ids inside its 512-token vocab
 N_STEPS = 3
 EDIT_STEP = 1              # the middle step: a line with lines both before and after it
@@ -84,13 +83,9 @@ class Good:
 
 
 @pytest.fixture(scope="module")
-def goods(synth_dir, tmp_path_factory) -> dict[str, Good]:
+def goods(synth_dir, synth_run, tmp_path_factory) -> dict[str, Good]:
     root = tmp_path_factory.mktemp("mutation-goods")
-    synth_bundle = root / "synth-bundle"
-    result = run(synth_dir, [SYNTH_BOS], N_STEPS, bundle_dir=synth_bundle, device="cpu", anchors_dir=REPO_ANCHORS)
-    assert result.status == "complete" and len(result.steps) == N_STEPS
-    synth_ledger = root / "synth-ledger.jsonl"
-    shutil.copyfile(synth_bundle / "ledger.jsonl", synth_ledger)
+    synth_bundle, synth_ledger = synth_run  # each mutation edits a copy (Good.copy_to)
 
     foreign_dir = root / "foreign-k25"
     write_foreign_checkpoint(foreign_dir, "kimi_k25", seed=0)

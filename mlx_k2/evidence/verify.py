@@ -30,7 +30,7 @@ from ..errors import K2Error
 from .anchors import Anchor, compare, find_anchor, kernel_key, load_anchors
 from .bundle import MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
-                      tensor_digest, top16)
+                      root_digest, tensor_digest, top16)
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .schema import (BUILTIN_KERNELS, FOOTER_FIELDS, LAYER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
@@ -130,9 +130,10 @@ def _close(a: float, b: float) -> bool:
 
 
 def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
-           replay: Replay | None = None) -> Report:
+           replay: Replay | None = None, digest: str | None = None) -> Report:
     """Every check on the ledger file or bundle directory at `path`; raises only when it holds no ledger.
-    `tokenizer` (tokenizer.Tokenizer) checks token_text; `replay` (mlx_k2.replay) adds identity and replay."""
+    `tokenizer` (tokenizer.Tokenizer) checks token_text; `replay` (mlx_k2.replay) adds identity and replay;
+    `digest` (a published root digest, hex) adds a check that this is the run it names."""
     ledger = read_ledger(path)
     path, bundle = ledger.path, ledger.bundle
     # A blank line in a whole file is passed over; in a file cut off mid-write every line counts.
@@ -208,6 +209,14 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     anchor = _check_anchor(header, steps, anchors_dir)
     checks.append(anchor)
     checks.append(_check_complete(model, run, steps, footer))
+    if digest is not None:
+        published = Check("digest")
+        ours = root_digest(path)
+        if digest.strip().lower() != ours:
+            published.fail(f"root digest {ours} is not the published {digest.strip()}")
+        else:
+            published.detail = f"root digest {ours} (BLAKE3 of {MANIFEST_NAME if bundle else 'the ledger'})"
+        checks.append(published)
     report_replay = None
     if replay is not None:
         report_replay = compare_replay(header, steps, tensors if bundle else None, replay)

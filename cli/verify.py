@@ -51,32 +51,36 @@ def tokenizer_for(path: Path, model: Path | None):
     return load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
 
 
+def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | None, device: str | None,
+              echo=typer.echo):
+    """Re-execute the chosen steps of the run at `path` (the one place the CLI needs MLX here)."""
+    from mlx_k2.replay import choose_steps, replay  # needs MLX: imported only for --replay
+
+    ledger = read_ledger(path)
+    model_dir = model if model is not None else ledger.model_dir
+    if model_dir is None or not model_dir.is_dir():
+        raise UsageError(f"--replay: no checkpoint at {model_dir} (give --model DIR)")
+    if ledger.header is None:
+        raise UsageError(f"{ledger.ledger_path}: no header, nothing to re-execute")
+    chosen = choose_steps(steps, sample, len(ledger.steps))
+    echo(f"re-executing steps {', '.join(map(str, chosen)) or '(none)'} of {len(ledger.steps)} from {model_dir}")
+
+    def progress(done, seconds):
+        what = f"{len(done.record['input_ids'])} positions" if done.record else done.error
+        echo(f"  step {done.step}: re-executed ({what}, {seconds:.1f} s)")
+
+    return replay(ledger.header, ledger.steps, chosen, model_dir, device, on_step=progress)
+
+
 def run_checks(path: Path, model: Path | None, anchors: Path | None, replay: bool, steps: str | None,
                sample: int | None, device: str | None, digest: str | None, echo=typer.echo) -> Report:
-    """verify, after re-executing the chosen steps when `replay` (the one place the CLI needs MLX here)."""
+    """verify, after re-executing the chosen steps when `replay`; prints how each replayed step compared."""
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
     if not replay and (steps is not None or sample is not None or device is not None):
         raise UsageError("--steps, --sample and --device go with --replay")
-    ledger = read_ledger(path)
     tokenizer = tokenizer_for(path, model)
-    replayed = None
-    if replay:
-        from mlx_k2.replay import choose_steps, replay as replay_steps  # needs MLX: imported only for --replay
-
-        model_dir = model if model is not None else ledger.model_dir
-        if model_dir is None or not model_dir.is_dir():
-            raise UsageError(f"--replay: no checkpoint at {model_dir} (give --model DIR)")
-        if ledger.header is None:
-            raise UsageError(f"{ledger.ledger_path}: no header, nothing to re-execute")
-        chosen = choose_steps(steps, sample, len(ledger.steps))
-        echo(f"re-executing steps {', '.join(map(str, chosen)) or '(none)'} of {len(ledger.steps)} from {model_dir}")
-
-        def progress(done, seconds):
-            what = f"{len(done.record['input_ids'])} positions" if done.record else done.error
-            echo(f"  step {done.step}: re-executed ({what}, {seconds:.1f} s)")
-
-        replayed = replay_steps(ledger.header, ledger.steps, chosen, model_dir, device, on_step=progress)
+    replayed = reexecute(path, model, steps, sample, device, echo) if replay else None
     report = verify_path(path, anchors, tokenizer, replay=replayed, digest=digest)
     if report.replay is not None:
         for r in report.replay.results:

@@ -379,6 +379,8 @@ def test_structural_forgery_is_caught_without_the_model(ctx, tmp_path, forgery):
     assert report.check("chain").ok is True   # the forger kept the chain: it is not what catches these
     assert forgery.caught_by in failed(report), {c.name: c.detail for c in report.checks}
     assert not report.summary(lenient=True)[0]
+    if forgery.forge is _sparse_tail:  # refused by its size on disk, before a byte of the tail is read
+        assert "more than the" in failed(report)["tensors"]
 
 
 @pytest.mark.parametrize("forgery,replay_caught_by", UNPROVEN_FORGERIES, ids=[f.name for f, _ in UNPROVEN_FORGERIES])
@@ -400,12 +402,6 @@ def test_platform_and_identity_forgery_is_not_proven(ctx, tmp_path, forgery, rep
         assert "recorded on mlx" in replayed.summary()[1]
     else:
         assert replay_caught_by in failed(replayed), failed(replayed)
-
-
-def test_sparse_tail_is_refused_by_its_size(ctx, tmp_path):
-    target = forged_copy(ctx, tmp_path, STRUCTURAL_FORGERIES[5])
-    detail = failed(verify(target, ANCHORS, ctx["tokenizer"]))["tensors"]
-    assert "more than the" in detail and "step-0001.safetensors" in detail
 
 
 def test_sixty_layers_caught_by_replay_identity(ctx, tmp_path):

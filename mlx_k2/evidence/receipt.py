@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,9 +220,12 @@ def check_receipt(path: Path, bundle: Path | None = None, pubkey: Path | None = 
     form, signature = Check("receipt"), Check("signature")
     claim, public, sig = data.get("claim"), data.get("public_key"), data.get("signature")
     report = ReceiptReport(path, [form, signature])
+    # Lowercase hex only: one spelling per key and signature, so no flipped bit leaves a receipt valid.
     if not isinstance(claim, dict) or not isinstance(public, str) or not isinstance(sig, str) \
-            or set(data) != {"kind", "claim", "public_key", "signature"}:
-        form.fail("receipt: needs exactly kind, claim (an object), public_key and signature (hex)")
+            or set(data) != {"kind", "claim", "public_key", "signature"} \
+            or not re.fullmatch(r"[0-9a-f]{64}", public) or not re.fullmatch(r"[0-9a-f]{128}", sig):
+        form.fail("receipt: needs exactly kind, claim (an object), public_key (64 lowercase hex) and signature "
+                  "(128 lowercase hex)")
         signature.ok, signature.detail = None, "not checked (malformed receipt)"
         return report
     report.claim, report.public_key = claim, public

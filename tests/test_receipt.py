@@ -176,3 +176,13 @@ def test_user_errors_are_one_line(signed, args, message):
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith("error: ") and message.format(**fill) in lines[0]
+
+
+def test_explorer_shows_the_receipt(signed):
+    from mlx_k2.evidence.explorer import build_explorer
+
+    page = build_explorer(signed["bundle"], ANCHORS, None,
+                          receipt=check_receipt(signed["receipt"], signed["bundle"], signed["pub"]))
+    section = page[page.index('<div id="receipt"'):]
+    assert section.startswith('<div id="receipt" class="receipt" data-ok="pass">')
+    assert "receipt valid: signed by key" in section and 'data-check="signature"' in section

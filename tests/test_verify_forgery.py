@@ -434,3 +434,34 @@ def test_replay_in_another_process_through_the_cli(synth_dir, synth_run):
     assert "re-executed 3/3 steps: identical (bit for bit" in done.stdout
     for k in range(3):
         assert f"step {k}: {k + 1} positions -> token " in done.stdout
+
+
+def test_explorer_shows_replay_step_by_step(ctx, tmp_path):
+    from mlx_k2.evidence.explorer import build_explorer
+    from mlx_k2.replay import replay
+
+    target = forged_copy(ctx, tmp_path, VALUE_FORGERIES[0])   # top-2 swapped at the last step
+    recs = read_records(target)
+    page = build_explorer(target, ANCHORS, ctx["tokenizer"],
+                          replay=replay(recs[0], recs[1:-1], [0, LAST], ctx["model"]))
+    section = page[page.index('<div id="replay"'):]
+    assert section.startswith('<div id="replay" class="replay" data-ok="fail">')
+    assert "re-executed 2/3 steps: 1 differ (step 2)" in section
+    step0 = section[section.index('data-step="0"'):section.index('data-step="2"')]
+    step2 = section[section.index('data-step="2"'):section.index("</table>")]
+    assert ">identical<" in step0 and ">DIFFERS<" in step2 and "token_id: recorded" in step2
+    assert 'data-proven="no"' in page and "verification FAILED" in page
+
+
+def test_schema_2_bundle_still_verifies(ctx, tmp_path):
+    """A bundle whose header has no model facts (schema 2): shapes checked against step 0's, and it passes."""
+    def to_schema_2(bundle, recs, c):
+        recs[0]["schema"] = "mlx-k2.ledger/2"
+        for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
+                     "moe_layer_freq", "tokenizer_blake3"):
+            del recs[0]["model"][name]
+
+    target = forged_copy(ctx, tmp_path, Forgery("schema 2", to_schema_2, ""))
+    report = verify(target, ANCHORS, ctx["tokenizer"])
+    assert report.ok and report.summary()[0], failed(report)
+    assert "shapes against step 0's" in report.check("tensors").detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -79,6 +80,8 @@ def run_checks(path: Path, model: Path | None, anchors: Path | None, replay: boo
         raise UsageError(f"{path}: no such file or directory")
     if not replay and (steps is not None or sample is not None or device is not None):
         raise UsageError("--steps, --sample and --device go with --replay")
+    if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest.strip()):
+        raise UsageError(f"--digest: {digest!r} is not a BLAKE3 digest (64 hex digits)")
     tokenizer = tokenizer_for(path, model)
     replayed = reexecute(path, model, steps, sample, device, echo) if replay else None
     report = verify_path(path, anchors, tokenizer, replay=replayed, digest=digest)

@@ -166,6 +166,7 @@ def test_published_digest(signed):
     (["verify", "{receipt}", "--replay"], "a receipt; --replay and --digest apply to a bundle or ledger"),
     (["verify", "{bundle}", "--pubkey", "{pub}"], "--bundle and --pubkey go with a receipt"),
     (["verify", "{bundle}", "--steps", "0"], "--steps, --sample and --device go with --replay"),
+    (["verify", "{bundle}", "--digest", "abc"], "--digest: 'abc' is not a BLAKE3 digest (64 hex digits)"),
     (["verify", "{bundle}", "--replay", "--steps", "7"], "--steps: step 7 is not in the ledger (it holds steps 0..2)"),
     (["receipt", "{bundle}", "-o", "{root}/r2.json", "--key", "{root}/missing"], "{root}/missing: cannot read the key"),
     (["receipt", "{bundle}", "-o", "{root}/r2.json", "--key", "{pub}"], "not an unencrypted PEM private key"),

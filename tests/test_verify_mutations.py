@@ -641,7 +641,8 @@ FORGERIES = [
     Forgery("measured.bytes_read-step0", _forge_bytes_step0, FS({"anchor"}), synth_only=True),
     Forgery("tensor.hidden+digest-step1", _forge_hidden_tensor(EDIT_STEP), FS({"digests"}),
             gap="the final hidden state has no witness but its own digest: without the model nothing "
-                "recomputes it, and only step 0 is pinned (by the anchor)"),
+                "recomputes it, and only step 0 is pinned (by the anchor); replay catches it "
+                "(tests/test_verify_forgery.py)"),
 ]
 
 

@@ -287,7 +287,7 @@ def _check_manifest(path: Path, n_steps: int) -> Check:
     for name in files:
         pure = PurePosixPath(name)
         if pure.is_absolute() or ".." in pure.parts or "\\" in name or name != pure.as_posix():
-            check.fail(f"{name!r}: a manifest path that leaves the bundle or is not plain (no /, .., \\)")
+            check.fail(f"{name!r}: a manifest path that is absolute, climbs out with '..' or is not plain POSIX")
         else:
             inside[name] = files[name]
     expected = {LEDGER_NAME} | {step_tensor_path(k) for k in range(n_steps)}

@@ -76,7 +76,7 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
     run = header.get("run") if isinstance(header.get("run"), dict) else {}
     dev = _device(run.get("device"), device)
     mx.set_default_device(select_device(dev))
-    owned = not isinstance(model, Model)
+    owned = isinstance(model, (str, Path))
     if owned:
         model = Model(model, kernels=_kernels(str(run.get("kernels", BUILTIN_KERNELS)), dev))
     try:

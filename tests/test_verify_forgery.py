@@ -8,8 +8,9 @@ that now catches it.
   and names what differs.
 - Forgeries of the run's platform, identity or prompt leave step 0 without a full anchor comparison: strict
   verify does not pass them ("NOT PROVEN"), and replay names the identity or the values.
-An untouched bundle replays bit for bit, here and in a separate process through the CLI. All work on copies
-of the session's 3-step run (`synth_run`); replay shares the opened checkpoint (`opened_synth`).
+An untouched bundle replays bit for bit, and so does one `mlx-k2 run` wrote in another process (through the
+CLI). All work on copies of the session's 3-step run (`synth_run`); replay shares the opened checkpoint
+(`opened_synth`).
 """
 
 from __future__ import annotations
@@ -425,15 +426,25 @@ def test_no_anchor_not_proven(ctx, tmp_path):
     assert report.ok and not passes and "no anchor applies" in line
 
 
-def test_replay_in_another_process_through_the_cli(synth_dir, synth_run):
-    """`mlx-k2 verify --replay` in a fresh process re-executes the bundle this process wrote, bit for bit."""
-    bundle, _ = synth_run
-    done = subprocess.run([sys.executable, "-m", "mlx_k2_cli", "verify", str(bundle), "--replay", "--model",
-                           str(synth_dir), "--anchors", str(ANCHORS)], capture_output=True, text=True, timeout=600)
+def test_replay_of_a_bundle_another_process_wrote(synth_dir, opened_synth, tmp_path, monkeypatch):
+    """A bundle written by `mlx-k2 run` in a fresh process replays bit for bit here, through the CLI."""
+    from typer.testing import CliRunner
+
+    from conftest import share_opened_model
+    from mlx_k2_cli.main import app
+
+    bundle = tmp_path / "bundle"
+    done = subprocess.run([sys.executable, "-m", "mlx_k2_cli", "run", "--model", str(synth_dir), "--max-new-tokens",
+                           "2", "--bundle", str(bundle), "--device", "cpu", "--quiet"],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "re-executed 3/3 steps: identical (bit for bit" in done.stdout
-    for k in range(3):
-        assert f"step {k}: {k + 1} positions -> token " in done.stdout
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.replay.Model")   # the same files, opened once
+    result = CliRunner().invoke(app, ["verify", str(bundle), "--replay", "--model", str(synth_dir), "--anchors",
+                                      str(ANCHORS)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "re-executed 2/2 steps: identical (bit for bit" in result.output
+    for k in range(2):
+        assert f"step {k}: {k + 1} positions -> token " in result.output
 
 
 def test_explorer_shows_replay_step_by_step(ctx, tmp_path):

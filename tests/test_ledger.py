@@ -23,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
+from mlx_k2.linear import choose_kernels, kernels_label
 from mlx_k2.evidence.derived import distinct_experts, entropy, l2_norm, margin, normalise, tensor_digest, top16
 from mlx_k2.evidence.ledger import LedgerWriter
 from mlx_k2.evidence.schema import PROVENANCE
@@ -209,7 +210,7 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     for name in ("vocab_size", "hidden_size", "first_k_dense_replace"):
         assert header["model"][name] == text[name], name
     assert header["model"]["tokenizer_blake3"] == b3((synth_dir / "tiktoken.model").read_bytes())
-    assert header["run"]["kernels"] == "mlx-builtin"  # the default; LEDGER.md schema 2
+    assert header["run"]["kernels"] == kernels_label(choose_kernels(None, "cpu"))  # the default; schema 2
     assert header["provenance"] == EXPECTED_PROVENANCE
     assert header["model"]["config_blake3"] == b3((synth_dir / "config.json").read_bytes())
     assert header["model"]["index_blake3"] == b3((synth_dir / "model.safetensors.index.json").read_bytes())

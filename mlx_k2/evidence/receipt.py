@@ -153,16 +153,15 @@ def write_receipt(receipt: dict[str, Any], out: Path) -> None:
 
 
 def looks_like_receipt(path: Path) -> bool:
-    """Whether `path` is a receipt file (as opposed to a ledger): a JSON object of kind RECEIPT_KIND."""
-    if not path.is_file():
-        return False
+    """Whether `path` is a receipt (as opposed to a ledger or a bundle): one JSON object of kind RECEIPT_KIND,
+    within a receipt's size. A ledger is several lines, or one header line; neither parses as that."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-    except OSError:
+        if not path.is_file() or path.stat().st_size > MAX_RECEIPT_BYTES:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
         return False
-    return head.lstrip().startswith(b"{") and RECEIPT_KIND.encode() in head and b'"kind"' in head \
-        and b'"header"' not in head
+    return isinstance(data, dict) and data.get("kind") == RECEIPT_KIND
 
 
 # ------------------------------------------------------------------------------------------- checking

@@ -71,6 +71,12 @@ class ReplayReport:
     results: list[StepResult]
     total_steps: int              # steps the ledger holds
     wall_s: float
+    text_checked: bool = False    # token_text was re-made with the checkpoint's own tokenizer
+
+    @property
+    def covers_text(self) -> bool:
+        """Every step's token_text re-made from the checkpoint's tokenizer and found equal."""
+        return self.ok and self.text_checked and len(self.results) == self.total_steps
 
     @property
     def ok(self) -> bool:
@@ -133,6 +139,7 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
         result.token_id = r.record.get("token_id")
         diffs: list[str] = []
         replayed = dict(r.record)
+        report.text_checked = report.text_checked or replayed.get("token_text") is not None
         if replayed.get("token_text") is None and s.get("token_text") is not None:
             replayed["token_text"] = s.get("token_text")  # no tokenizer in DIR: the text is verify's to check
         result.compared = _compare(s, replayed, f"step {r.step}", exact, diffs)

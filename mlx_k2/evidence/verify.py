@@ -222,6 +222,8 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
         report_replay = compare_replay(header, steps, tensors if bundle else None, replay)
         checks += _replay_checks(report_replay)
     text_gap = text_unchecked if any(s.get("token_text") is not None for s in steps) else ""
+    if report_replay is not None and report_replay.covers_text:
+        text_gap = ""  # replay re-made every token_text with the checkpoint's tokenizer
     return Report(path, [c.finish() for c in checks], len(steps), footer is None, bundle,
                   getattr(anchor, "state", "none"), getattr(anchor, "anchor_name", None), text_gap, report_replay)
 

@@ -187,7 +187,7 @@ class ReceiptReport:
             return False, f"receipt verification FAILED: {', '.join(bad)}"
         signer = f"key {self.public_key[:16]}…" + (" (pinned by --pubkey)" if self.pinned else "")
         verified = (self.claim.get("verified") or {}).get("summary", "?")
-        what = (f"the bundle matches its digest and verifies" if self.bundle is not None and self.bundle.bundle
+        what = ("the bundle matches its digest and verifies" if self.bundle is not None and self.bundle.bundle
                 else "the ledger matches its digest and verifies" if self.bundle is not None
                 else "run not checked (give --bundle DIR)")
         line = f"receipt valid: signed by {signer}; {what}; the signer recorded: {verified}"

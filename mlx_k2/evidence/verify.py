@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import K2Error
-from .anchors import Anchor, compare, find_anchor, kernel_key, load_anchors
+from .anchors import Anchor, compare, find_anchor, load_anchors
 from .bundle import MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
                       root_digest, tensor_digest, top16)

@@ -161,7 +161,8 @@ def _compare(recorded: Any, replayed: Any, where: str, exact: bool, diffs: list[
     """Walk both values; note every difference at its path. Returns how many leaf values were compared."""
     if isinstance(recorded, dict) and isinstance(replayed, dict):
         n = 0
-        for k in sorted(set(recorded) | set(replayed)):
+        # In the ledger's own order (token_id before its digests), then whatever only the re-execution has.
+        for k in list(recorded) + [k for k in replayed if k not in recorded]:
             if k in IGNORED:
                 continue
             if k not in recorded or k not in replayed:

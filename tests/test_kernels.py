@@ -10,6 +10,7 @@ one expert; every position on one expert.
 from __future__ import annotations
 
 import io
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -201,6 +202,34 @@ def test_bits_independent_of_thread_count():
         other = all_ops(threads=n)
         for name in base:
             assert same_bits(base[name], other[name]), f"{name}: threads=1 vs threads={n}"
+
+
+def test_concurrent_launches_from_two_streams():
+    """Two CPU streams run their launches at once and share the worker pool (a launch that finds it busy runs
+    alone): no deadlock, and every result has the bits of the same op run by itself."""
+    rng = np.random.default_rng(13)
+    words, scales = random_int4(rng, (), 301, 1000, 32)
+    xs = [mx.array(rng.standard_normal((T, 1000)).astype(np.float32)) for T in (1, 5)]
+    w, s = mx.array(words), mx.array(scales).astype(mx.bfloat16)
+    solo = {(i, th): kernels.int4_matmul(x, w, s, 32, threads=th) for i, x in enumerate(xs) for th in (1, 2, 3)}
+    mx.eval(*solo.values())
+    outs = []
+    done = threading.Event()
+
+    def launch_and_evaluate():   # in a thread of its own (MLX streams belong to the thread that makes them),
+        streams = [mx.new_stream(mx.cpu) for _ in range(2)]   # so a deadlock fails the test, not the run
+        for rep in range(40):
+            for (i, th) in solo:
+                with mx.stream(streams[rep % 2]):
+                    outs.append(((i, th), kernels.int4_matmul(xs[i], w, s, 32, threads=th)))
+        mx.eval(*[y for _, y in outs])
+        done.set()
+
+    threading.Thread(target=launch_and_evaluate, daemon=True).start()
+    assert done.wait(120), "concurrent launches did not finish in 120 s (deadlock?)"
+    assert len(outs) == 40 * len(solo)
+    for key, y in outs:
+        assert same_bits(y, solo[key]), key
 
 
 @pytest.mark.skipif(STATUS.simd != "avx2", reason="this CPU has no AVX2/FMA")

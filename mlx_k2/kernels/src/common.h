@@ -41,7 +41,10 @@ int resolve_threads(int requested);    // 0 -> hardware threads; >= 1 otherwise
 // else the CPU's default stream (on a GPU machine the kernels still run on the CPU).
 mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
 
-// fn(begin, end) over contiguous chunks of [0, n) on up to `threads` threads (the caller runs chunk 0).
+// fn(begin, end) over chunks of [0, n) (multiples of 4 rows, the widest row tile), on the calling thread and up
+// to `threads - 1` workers of a pool made once; each thread claims the next chunk when it finishes one, so a
+// descheduled CPU takes fewer. When another launch holds the pool (a second MLX stream), the caller runs
+// every chunk itself. Which thread runs a chunk never changes its bits: fn computes each row whole.
 void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_t)>& fn);
 
 inline float hsum8(const float* a) {

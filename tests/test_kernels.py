@@ -146,6 +146,40 @@ def test_dense_matches_float64_reference(T, inp, out, dtype):
     assert_close(kernels.dense_matmul(mx.array(x), w), ref)
 
 
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma through float64: a * b is exact there, and a * b + c then rounds once more, which differs
+    from one rounding only when that lands exactly on a float32 midpoint (about 2^-29 of cases)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def int4_reduction(x: np.ndarray, words: np.ndarray, scales: np.ndarray, inp: int, group: int) -> np.ndarray:
+    """The int4 reduction as src/common.h defines it, in float32: (T, out)."""
+    q = np.empty((words.shape[0], words.shape[1] * 8), dtype=np.float32)
+    for i in range(8):
+        q[:, i::8] = ((words >> np.uint32(4 * i)) & np.uint32(0xF)).astype(np.float32) - 8
+    T, out = x.shape[0], words.shape[0]
+    acc = np.zeros((T, out, 8), dtype=np.float32)
+    for g, c0 in enumerate(range(0, inp, group)):
+        p = np.zeros((T, out, 8), dtype=np.float32)
+        for i in range(c0, min(inp, c0 + group)):
+            p[:, :, i % 8] = fma32(x[:, None, i], q[None, :, i], p[:, :, i % 8])
+        acc = fma32(p, scales[None, :, g, None].astype(np.float32), acc)
+    a = [acc[:, :, l] for l in range(8)]
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
+@pytest.mark.parametrize("T,inp,out,group", [(2, 100, 5, 32), (3, 110, 4, 24), (1, 96, 3, 12), (2, 64, 3, 8)])
+@pytest.mark.parametrize("simd", ["scalar", None])
+def test_int4_computes_the_documented_reduction(T, inp, out, group, simd):
+    """Bit for bit the reduction common.h writes down (group sums of x * (q - 8), scaled once a group), not
+    merely something close to the product."""
+    rng = np.random.default_rng(T + inp + group)
+    words, scales = random_int4(rng, (), out, inp, group)
+    x = rng.standard_normal((T, inp)).astype(np.float32)
+    got = kernels.int4_matmul(mx.array(x), mx.array(words), mx.array(scales), group, simd=simd)
+    assert np.array_equal(np.array(got).view(np.uint32), int4_reduction(x, words, scales, inp, group).view(np.uint32))
+
+
 # ------------------------------------------------------------------------------------------ MLX's built-ins
 
 @pytest.mark.parametrize("T,inp,out,group", [(1, 96, 37, 32), (17, 256, 300, 32), (3, 7168, 40, 32),
@@ -237,6 +271,28 @@ def test_scalar_and_avx2_agree_bit_for_bit():
     scalar, avx2 = all_ops(simd="scalar", threads=2), all_ops(simd="avx2", threads=3)
     for name in scalar:
         assert same_bits(scalar[name], avx2[name]), name
+
+
+# (T, in, out, group): a tail of in % 8 columns alone in its group or sharing it with whole chunks; groups of
+# 8, 24 (3 chunks), 40 (a block of 4 and one chunk), 64; T around the tile widths (1, 2, 4, 8).
+AWKWARD_INT4 = [(1, 1001, 13, 32), (3, 110, 9, 32), (9, 1003, 7, 24), (13, 100, 5, 40), (5, 7168, 6, 32),
+                (17, 256, 37, 64), (8, 64, 11, 8), (2, 7, 3, 8), (4, 36, 5, 32)]
+
+
+@pytest.mark.skipif(STATUS.simd == "scalar", reason="this CPU runs the scalar path only")
+@pytest.mark.parametrize("T,inp,out,group", AWKWARD_INT4)
+def test_int4_simd_equals_scalar_on_awkward_shapes(T, inp, out, group):
+    rng = np.random.default_rng(inp * 7 + group)
+    words, scales = random_int4(rng, (), out, inp, group)
+    x = mx.array(rng.standard_normal((T, inp)).astype(np.float32))
+    w, s = mx.array(words), mx.array(scales).astype(mx.bfloat16)
+    scalar = kernels.int4_matmul(x, w, s, group, simd="scalar", threads=1)
+    for threads in (1, 3):
+        assert same_bits(scalar, kernels.int4_matmul(x, w, s, group, simd=STATUS.simd, threads=threads))
+    gw, gs = mx.stack([w, w[::-1]]), mx.stack([s, s[::-1]])
+    idx = mx.array(rng.integers(0, 2, size=T).astype(np.uint32))
+    assert same_bits(kernels.int4_gather_matmul(x, gw, gs, idx, group, simd="scalar"),
+                     kernels.int4_gather_matmul(x, gw, gs, idx, group, simd=STATUS.simd))
 
 
 def test_default_simd_is_the_reported_one():

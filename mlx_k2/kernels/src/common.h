@@ -1,12 +1,21 @@
-// Shared by every kernel family: SIMD selection, the thread split, the CPU stream, the fixed reduction.
+// Shared by every kernel family: SIMD selection, the thread split, the CPU stream, the fixed reductions.
 //
-// THE REDUCTION (every op, every SIMD path, every thread count): for one output element
-//   out[t, o] = sum_i x[t, i] * w[o, i]      (i = 0 .. in-1, w dequantised or widened to float32 first)
-// eight float32 lane accumulators acc[0..7] start at +0.0f; for i = 0, 1, ..., in-1 in increasing order
-//   acc[i % 8] = fma(x[i], w[i], acc[i % 8])           (fused: one rounding per step)
-// and the result is ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)).
-// A SIMD register's lane l is acc[l]; the elements past the last full group of 8 go through the same scalar
-// rule. Threads split output rows only, so neither the thread count nor the SIMD path changes any sum.
+// THE REDUCTIONS (every SIMD path, every thread count). For one output element
+//   out[t, o] = sum_i x[t, i] * w[o, i]      (i = 0 .. in-1)
+// eight float32 lane accumulators acc[0..7] start at +0.0f, every fma is fused (one rounding), and the result
+// is hsum8(acc) = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)).
+// - dense (w widened exactly to float32): for i = 0, 1, ..., in-1 in increasing order
+//     acc[i % 8] = fma(x[i], w[i], acc[i % 8]).
+// - int4 (w[i] = (q_i - 8) * scale[i / G], group size G): for each group g = 0, 1, .. in increasing order,
+//   over its columns i = gG .. min(in, gG + G) - 1: eight partials p[0..7] start at +0.0f, then in increasing i
+//     p[i % 8] = fma(x[i], float(q_i - 8), p[i % 8])        (float(q_i - 8) is exact)
+//   and at the group's end, for l = 0 .. 7 (every lane, whether or not the group has a column on it)
+//     acc[l] = fma(p[l], scale[g], acc[l]).
+//   The scale multiplies once per group rather than once per weight: fewer operations a weight, and the
+//   weight's (q - 8) * scale is never rounded on its own.
+// A SIMD register's lane l is acc[l] (or p[l]); columns past the last full group of 8 follow the same rule
+// (the int4 SIMD paths load x there as +0.0f in the lanes past the row's end, which leaves p as it was: p
+// is never -0). Threads split output rows only, so neither the thread count nor the SIMD path changes a sum.
 #pragma once
 
 #include <cstddef>
@@ -21,6 +30,9 @@
 #define MLX_K2_X86 1
 // Functions with this attribute may use AVX2/FMA/F16C; they run only after a run-time CPU check.
 #define MLX_K2_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MLX_K2_SIMD MLX_K2_AVX2
+#else
+#define MLX_K2_SIMD
 #endif
 
 namespace mlx_k2 {
@@ -28,7 +40,7 @@ namespace mlx_k2 {
 namespace mx = mlx::core;
 
 // Bump when the arithmetic of any kernel changes: anchors are keyed by it.
-inline constexpr const char* kKernelName = "mlx_k2-cpu/1";
+inline constexpr const char* kKernelName = "mlx_k2-cpu/2";
 
 enum class Simd : int { Auto = 0, Scalar = 1, Avx2 = 2, Neon = 3 };
 

@@ -20,7 +20,6 @@ struct DenseLoader {
   size_t in;
 
   using Row = const void*;
-  bool vec_ok() const { return true; }
   Row row(size_t o) const {
     const size_t bytes = K == Kind::F32 ? 4 : 2;
     return static_cast<const char*>(w) + o * in * bytes;
@@ -56,7 +55,7 @@ void run_dense(const float* x, size_t T, size_t in, const void* w, size_t O, flo
   for (size_t t = 0; t < T; ++t) order[t] = uint32_t(t);
   DenseLoader<K> loader{w, in};
   RowSet rs{x, order.data(), T, in, out, O};
-  parallel_rows(O, threads, [&](size_t o0, size_t o1) { rows(loader, rs, o0, o1, simd); });
+  parallel_rows(O, threads, [&](size_t o0, size_t o1) { dense_rows(loader, rs, o0, o1, simd); });
 }
 
 }  // namespace

@@ -25,131 +25,160 @@ struct Int4Loader {
   const S* scales;
   size_t spr;          // scales per row
   size_t group;
-  int group_shift;     // log2(group) when a power of two, else -1 (division)
 
   struct Row {
     const uint32_t* w;
     const S* s;
   };
   Row row(size_t o) const { return {words + o * wpr, scales + o * spr}; }
-  // The SIMD path walks whole groups of 8-column chunks; other groups take the scalar path.
+  // The SIMD paths walk whole groups of 8-column chunks; other groups take the scalar path.
   bool vec_ok() const { return group % 8 == 0; }
-  size_t group_of(size_t i) const { return group_shift >= 0 ? i >> group_shift : i / group; }
-  float at(const Row& r, size_t i) const {
-    const int q = int((r.w[i >> 3] >> (4 * (i & 7))) & 0xFu) - 8;
-    return float(q) * scale_f32(r.s[group_of(i)]);
-  }
+  static int q(const Row& r, size_t i) { return int((r.w[i >> 3] >> (4 * (i & 7))) & 0xFu) - 8; }
+  static float scale(const Row& r, size_t g) { return scale_f32(r.s[g]); }
 };
 
-#if defined(MLX_K2_X86)
-// One tile: R weight rows x TB x rows, a group at a time so each row's scale is broadcast once per group.
-// A chunk's weights are fma(float(q), s, -8 s): the exact real (q - 8) s rounded once, the same float as the
-// scalar path's float(q - 8) * s (also (q - 8) s rounded once, since -8 s and q - 8 are exact), one
-// instruction fewer. Then the fixed reduction of common.h, lane l = column 8k + l.
-template <int R, int TB, class S>
-MLX_K2_AVX2 inline void int4_tile_avx2(const Int4Loader<S>& w, size_t o, const RowSet& s, size_t t0) {
-  typename Int4Loader<S>::Row r[R];
-  for (int a = 0; a < R; ++a) r[a] = w.row(o + a);
-  const float* x[TB];
-  for (int b = 0; b < TB; ++b) x[b] = s.x + size_t(s.rows[t0 + b]) * s.in;
-  __m256 acc[R][TB];
-  for (int a = 0; a < R; ++a)
-    for (int b = 0; b < TB; ++b) acc[a][b] = _mm256_setzero_ps();
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i mask = _mm256_set1_epi32(0xF);
-  const size_t n8 = s.in / 8, cpg = w.group / 8;
-  for (size_t k0 = 0, g = 0; k0 < n8; k0 += cpg, ++g) {
-    const size_t k1 = std::min(n8, k0 + cpg);
-    __m256 sv[R], mv[R];
-    for (int a = 0; a < R; ++a) {
-      const float sc = scale_f32(r[a].s[g]);
-      sv[a] = _mm256_set1_ps(sc);
-      mv[a] = _mm256_set1_ps(-8.0f * sc);
-    }
-    size_t k = k0;
-    // Four words (32 columns) at a time: split each byte's two nibbles and interleave them, which lays the
-    // 32 values out as bytes in column order; each chunk then widens 8 of them (cheaper than a variable
-    // shift per chunk on cores that split 256-bit ops).
-    for (; k + 4 <= k1; k += 4) {
-      alignas(32) uint8_t q8[R][32];
-      for (int a = 0; a < R; ++a) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[a].w + k));
-        const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
-        _mm_store_si128(reinterpret_cast<__m128i*>(q8[a]), _mm_unpacklo_epi8(lo, hi));
-        _mm_store_si128(reinterpret_cast<__m128i*>(q8[a] + 16), _mm_unpackhi_epi8(lo, hi));
+// ------------------------------------------------------------------------------------------------ scalar
+// The int4 reduction of common.h, written out.
+template <class S>
+void int4_rows_scalar(const Int4Loader<S>& w, const RowSet& s, size_t o0, size_t o1) {
+  std::vector<float> q(s.in);  // one weight row's q - 8 as float32 (exact), used for every x row
+  for (size_t o = o0; o < o1; ++o) {
+    const auto r = w.row(o);
+    for (size_t i = 0; i < s.in; ++i) q[i] = float(w.q(r, i));
+    for (size_t t = 0; t < s.T; ++t) {
+      const float* x = s.x + size_t(s.rows[t]) * s.in;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (size_t c0 = 0, g = 0; c0 < s.in; c0 += w.group, ++g) {
+        float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (size_t i = c0; i < std::min(s.in, c0 + w.group); ++i) p[i & 7] = std::fma(x[i], q[i], p[i & 7]);
+        const float sc = w.scale(r, g);
+        for (int l = 0; l < 8; ++l) acc[l] = std::fma(p[l], sc, acc[l]);
       }
-      for (int j = 0; j < 4; ++j) {
-        __m256 wv[R];
-        for (int a = 0; a < R; ++a) {
-          const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q8[a] + 8 * j)));
-          wv[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), sv[a], mv[a]);
-        }
-        for (int b = 0; b < TB; ++b) {
-          const __m256 xv = _mm256_loadu_ps(x[b] + 8 * (k + j));
-          for (int a = 0; a < R; ++a) acc[a][b] = _mm256_fmadd_ps(xv, wv[a], acc[a][b]);
-        }
-      }
-    }
-    for (; k < k1; ++k) {  // the group's last 1-3 chunks: one word each
-      __m256 wv[R];
-      for (int a = 0; a < R; ++a) {
-        const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(r[a].w[k])), shifts), mask);
-        wv[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), sv[a], mv[a]);
-      }
-      for (int b = 0; b < TB; ++b) {
-        const __m256 xv = _mm256_loadu_ps(x[b] + 8 * k);
-        for (int a = 0; a < R; ++a) acc[a][b] = _mm256_fmadd_ps(xv, wv[a], acc[a][b]);
-      }
-    }
-  }
-  for (int a = 0; a < R; ++a) {
-    for (int b = 0; b < TB; ++b) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, acc[a][b]);
-      for (size_t i = 8 * n8; i < s.in; ++i) lanes[i & 7] = std::fma(x[b][i], w.at(r[a], i), lanes[i & 7]);
-      s.out[size_t(s.rows[t0 + b]) * s.out_cols + o + a] = hsum8(lanes);
+      s.out[size_t(s.rows[t]) * s.out_cols + o] = hsum8(acc);
     }
   }
 }
 
-// Same tiling as rows.h's rows_avx2: 32 weight rows (L2-resident) against every block of 4 x rows.
-template <class S>
-MLX_K2_AVX2 void int4_rows_avx2(const Int4Loader<S>& w, const RowSet& s, size_t o0, size_t o1) {
-  constexpr size_t OC = 32;
-  for (size_t c0 = o0; c0 < o1; c0 += OC) {
-    const size_t c1 = std::min(o1, c0 + OC);
-    size_t t = 0;
-    for (; t + 4 <= s.T; t += 4) {
-      size_t o = c0;
-      for (; o + 2 <= c1; o += 2) int4_tile_avx2<2, 4>(w, o, s, t);
-      for (; o < c1; ++o) int4_tile_avx2<1, 4>(w, o, s, t);
+#if defined(MLX_K2_X86)
+// ------------------------------------------------------------------------------------------------ AVX2
+// q - 8 for nibbles 0..15 as the high byte of a half float (the low byte is 0): looked up with pshufb, then
+// widened exactly to float32 by F16C, two instructions fewer per 8 columns than int8 -> int32 -> float.
+MLX_K2_AVX2 inline __m128i half_hi_table() {
+  return _mm_setr_epi8(char(0xC8), char(0xC7), char(0xC6), char(0xC5), char(0xC4), char(0xC2), char(0xC0),
+                       char(0xBC), 0x00, 0x3C, 0x40, 0x42, 0x44, 0x45, 0x46, 0x47);
+}
+
+// Columns 32k' .. 32k'+31 from the four words at w: each byte's two nibbles split and interleaved (the 32
+// nibbles as bytes in column order), looked up, and widened 8 columns to a register: q[j] lane l = column
+// 8j + l.
+MLX_K2_AVX2 inline void q32_avx2(const uint32_t* w, __m256 q[4]) {
+  const __m128i m = _mm_set1_epi8(0x0F), z = _mm_setzero_si128(), tab = half_hi_table();
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+  const __m128i h0 = _mm_shuffle_epi8(tab, _mm_unpacklo_epi8(lo, hi));   // columns 0..15
+  const __m128i h1 = _mm_shuffle_epi8(tab, _mm_unpackhi_epi8(lo, hi));   // columns 16..31
+  q[0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(z, h0));
+  q[1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(z, h0));
+  q[2] = _mm256_cvtph_ps(_mm_unpacklo_epi8(z, h1));
+  q[3] = _mm256_cvtph_ps(_mm_unpackhi_epi8(z, h1));
+}
+
+// The 8 columns of one word, the same way.
+MLX_K2_AVX2 inline __m256 q8_avx2(uint32_t word) {
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_cvtsi32_si128(int(word));
+  const __m128i n = _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+  return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_shuffle_epi8(half_hi_table(), n)));
+}
+
+// The int4 tile: R weight rows x TB x rows, a scale group at a time. Within a group, lane l of p[a][b] sums
+// x * (q - 8) over the group's columns 8k + l; at the group's end acc = fma(p, scale, acc) (common.h).
+// G: the group size when known at compile time (K2.5's 32: a group is one straight block), else 0.
+template <class S, size_t G>
+struct Int4TilesAvx2 {
+  static constexpr int kWideX = 8, kWideRows = 1, kFourRows = 1, kOneRows = 2;
+  using Row = typename Int4Loader<S>::Row;
+  const Int4Loader<S>& w;
+
+  template <int R, int TB>
+  MLX_K2_AVX2 void tile(size_t o, const RowSet& s, size_t t0) const {
+    Row r[R];
+    for (int a = 0; a < R; ++a) r[a] = w.row(o + a);
+    const float* x[TB];
+    for (int b = 0; b < TB; ++b) x[b] = s.x + size_t(s.rows[t0 + b]) * s.in;
+    __m256 acc[R][TB];
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < TB; ++b) acc[a][b] = _mm256_setzero_ps();
+    const size_t group = G ? G : w.group, cpg = group / 8, n8 = s.in / 8;
+    size_t g = 0;
+    if constexpr (G != 0) {  // the groups of whole chunks, straight-line
+      for (const size_t whole = n8 / cpg; g < whole; ++g) group_step<R, TB, false>(r, x, acc, g, g * cpg, G / 8, s.in);
     }
-    for (; t < s.T; ++t) {
-      size_t o = c0;
-      for (; o + 2 <= c1; o += 2) int4_tile_avx2<2, 1>(w, o, s, t);
-      for (; o < c1; ++o) int4_tile_avx2<1, 1>(w, o, s, t);
+    for (; g * group < s.in; ++g) group_step<R, TB, true>(r, x, acc, g, g * cpg, std::min(n8, g * cpg + cpg) - g * cpg, s.in);
+    for (int a = 0; a < R; ++a) {
+      for (int b = 0; b < TB; ++b) {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, acc[a][b]);
+        s.out[size_t(s.rows[t0 + b]) * s.out_cols + o + a] = hsum8(lanes);
+      }
     }
   }
-}
+
+  // Group g: its nk whole chunks from chunk k0, then (Tail, last group only) the row's last in % 8 columns.
+  template <int R, int TB, bool Tail>
+  MLX_K2_AVX2 inline void group_step(const Row* r, const float* const* x, __m256 (&acc)[R][TB], size_t g,
+                                     size_t k0, size_t nk, size_t in) const {
+    __m256 p[R][TB];
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < TB; ++b) p[a][b] = _mm256_setzero_ps();
+    size_t k = k0;
+    for (size_t blocks = nk / 4; blocks > 0; --blocks, k += 4) {
+      for (int a = 0; a < R; ++a) {
+        _mm_prefetch(reinterpret_cast<const char*>(r[a].w + k + 64), _MM_HINT_T0);
+        __m256 q[4];
+        q32_avx2(r[a].w + k, q);
+        for (int j = 0; j < 4; ++j)
+          for (int b = 0; b < TB; ++b) p[a][b] = _mm256_fmadd_ps(_mm256_loadu_ps(x[b] + 8 * (k + j)), q[j], p[a][b]);
+      }
+    }
+    for (size_t rest = nk % 4; rest > 0; --rest, ++k) {  // groups of 8, 16, 24 .. columns
+      for (int a = 0; a < R; ++a) {
+        const __m256 q = q8_avx2(r[a].w[k]);
+        for (int b = 0; b < TB; ++b) p[a][b] = _mm256_fmadd_ps(_mm256_loadu_ps(x[b] + 8 * k), q, p[a][b]);
+      }
+    }
+    if constexpr (Tail) {
+      if (in % 8 != 0 && 8 * (k + 1) > in) {
+        // The last word's first in % 8 columns: x past the row's end loads as +0, and p + 0 * (q - 8) = p
+        // (p is never -0), so the other lanes keep their values.
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(in % 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int a = 0; a < R; ++a) {
+          const __m256 q = q8_avx2(r[a].w[k]);
+          for (int b = 0; b < TB; ++b) p[a][b] = _mm256_fmadd_ps(_mm256_maskload_ps(x[b] + 8 * k, keep), q, p[a][b]);
+        }
+      }
+    }
+    for (int a = 0; a < R; ++a) {
+      const __m256 sc = _mm256_set1_ps(w.scale(r[a], g));
+      for (int b = 0; b < TB; ++b) acc[a][b] = _mm256_fmadd_ps(p[a][b], sc, acc[a][b]);
+    }
+  }
+};
 #endif
 
 template <class S>
 void int4_rows(const Int4Loader<S>& w, const RowSet& s, size_t o0, size_t o1, Simd simd) {
 #if defined(MLX_K2_X86)
   if (simd == Simd::Avx2 && w.vec_ok()) {
-    int4_rows_avx2(w, s, o0, o1);
+    if (w.group == 32) {
+      tiled_rows(Int4TilesAvx2<S, 32>{w}, s, o0, o1);
+    } else {
+      tiled_rows(Int4TilesAvx2<S, 0>{w}, s, o0, o1);
+    }
     return;
   }
 #endif
-  rows_scalar(w, s, o0, o1);
-}
-
-int log2_exact(size_t g) {
-  if (g == 0 || (g & (g - 1)) != 0) return -1;
-  int s = 0;
-  while ((size_t(1) << s) < g) ++s;
-  return s;
+  int4_rows_scalar(w, s, o0, o1);
 }
 
 template <class S>
@@ -188,11 +217,10 @@ void run_int4(const float* x, size_t in, const uint32_t* words, const S* scales,
     for (size_t p = 0; p < T; ++p)
       if (indices[p] < n_experts) order[at[indices[p]]++] = uint32_t(p);
   }
-  const int shift = log2_exact(group);
   parallel_rows(out_rows, threads, [&](size_t o0, size_t o1) {
     for (size_t g = 0; g + 1 < starts.size(); ++g) {
       const size_t e = experts[g];
-      Int4Loader<S> w{words + e * out_rows * wpr, wpr, scales + e * out_rows * spr, spr, group, shift};
+      Int4Loader<S> w{words + e * out_rows * wpr, wpr, scales + e * out_rows * spr, spr, group};
       RowSet rs{x, order.data() + starts[g], starts[g + 1] - starts[g], in, out, out_rows};
       int4_rows(w, rs, o0, o1, simd);
     }

@@ -54,7 +54,7 @@ void int4_rows_scalar(const Int4Loader<S>& w, const RowSet& s, size_t o0, size_t
         const float sc = w.scale(r, g);
         for (int l = 0; l < 8; ++l) acc[l] = std::fma(p[l], sc, acc[l]);
       }
-      s.out[size_t(s.rows[t]) * s.out_cols + o] = hsum8(acc);
+      out_at(s, t, o) = hsum8(acc);
     }
   }
 }
@@ -105,10 +105,8 @@ struct Int4TilesAvx2 {
     Row r[R];
     for (int a = 0; a < R; ++a) r[a] = w.row(o + a);
     const float* x[TB];
-    for (int b = 0; b < TB; ++b) x[b] = s.x + size_t(s.rows[t0 + b]) * s.in;
-    __m256 acc[R][TB];
-    for (int a = 0; a < R; ++a)
-      for (int b = 0; b < TB; ++b) acc[a][b] = _mm256_setzero_ps();
+    tile_x(s, t0, x);
+    __m256 acc[R][TB] = {};
     const size_t group = G ? G : w.group, cpg = group / 8, n8 = s.in / 8;
     size_t g = 0;
     if constexpr (G != 0) {  // the groups of whole chunks, straight-line
@@ -119,7 +117,7 @@ struct Int4TilesAvx2 {
       for (int b = 0; b < TB; ++b) {
         alignas(32) float lanes[8];
         _mm256_store_ps(lanes, acc[a][b]);
-        s.out[size_t(s.rows[t0 + b]) * s.out_cols + o + a] = hsum8(lanes);
+        out_at(s, t0 + b, o + a) = hsum8(lanes);
       }
     }
   }
@@ -128,9 +126,7 @@ struct Int4TilesAvx2 {
   template <int R, int TB, bool Tail>
   MLX_K2_AVX2 inline void group_step(const Row* r, const float* const* x, __m256 (&acc)[R][TB], size_t g,
                                      size_t k0, size_t nk, size_t in) const {
-    __m256 p[R][TB];
-    for (int a = 0; a < R; ++a)
-      for (int b = 0; b < TB; ++b) p[a][b] = _mm256_setzero_ps();
+    __m256 p[R][TB] = {};
     size_t k = k0;
     for (size_t blocks = nk / 4; blocks > 0; --blocks, k += 4) {
       for (int a = 0; a < R; ++a) {

@@ -13,6 +13,13 @@
 
 namespace mlx_k2 {
 
+// A tile's x rows (x[b] is row s.rows[t0 + b] of x) and where output element (x row t, weight row o) goes.
+template <int TB>
+inline void tile_x(const RowSet& s, size_t t0, const float* (&x)[TB]) {
+  for (int b = 0; b < TB; ++b) x[b] = s.x + size_t(s.rows[t0 + b]) * s.in;
+}
+inline float& out_at(const RowSet& s, size_t t, size_t o) { return s.out[size_t(s.rows[t]) * s.out_cols + o]; }
+
 // ------------------------------------------------------------------------------------------------ scalar
 template <class L>
 void dense_rows_scalar(const L& w, const RowSet& s, size_t o0, size_t o1) {
@@ -24,12 +31,13 @@ void dense_rows_scalar(const L& w, const RowSet& s, size_t o0, size_t o1) {
       const float* x = s.x + size_t(s.rows[t]) * s.in;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (size_t i = 0; i < s.in; ++i) acc[i & 7] = std::fma(x[i], wrow[i], acc[i & 7]);
-      s.out[size_t(s.rows[t]) * s.out_cols + o] = hsum8(acc);
+      out_at(s, t, o) = hsum8(acc);
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------ tiling
+
 // Every family's SIMD path walks rows the same way. A tile kernel K gives `k.tile<R, TB>(o, s, t0)`: weight
 // rows o .. o+R-1 against x rows t0 .. t0+TB-1 of s (each output element computed whole, in the fixed
 // order), and the tile sizes it runs best at: K::kWideX x rows with K::kWideRows weight rows, then blocks of
@@ -71,10 +79,8 @@ struct DenseTilesAvx2 {
     typename L::Row r[R];
     for (int a = 0; a < R; ++a) r[a] = w.row(o + a);
     const float* x[TB];
-    for (int b = 0; b < TB; ++b) x[b] = s.x + size_t(s.rows[t0 + b]) * s.in;
-    __m256 acc[R][TB];
-    for (int a = 0; a < R; ++a)
-      for (int b = 0; b < TB; ++b) acc[a][b] = _mm256_setzero_ps();
+    tile_x(s, t0, x);
+    __m256 acc[R][TB] = {};
     const size_t n8 = s.in / 8;
     for (size_t k = 0; k < n8; ++k) {
       __m256 wv[R];
@@ -89,7 +95,7 @@ struct DenseTilesAvx2 {
         alignas(32) float lanes[8];
         _mm256_store_ps(lanes, acc[a][b]);
         for (size_t i = 8 * n8; i < s.in; ++i) lanes[i & 7] = std::fma(x[b][i], w.at(r[a], i), lanes[i & 7]);
-        s.out[size_t(s.rows[t0 + b]) * s.out_cols + o + a] = hsum8(lanes);
+        out_at(s, t0 + b, o + a) = hsum8(lanes);
       }
     }
   }

@@ -10,7 +10,10 @@ one expert; every position on one expert.
 from __future__ import annotations
 
 import io
+import platform
+import re
 import threading
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -266,11 +269,27 @@ def test_concurrent_launches_from_two_streams():
         assert same_bits(y, solo[key]), key
 
 
-@pytest.mark.skipif(STATUS.simd != "avx2", reason="this CPU has no AVX2/FMA")
-def test_scalar_and_avx2_agree_bit_for_bit():
-    scalar, avx2 = all_ops(simd="scalar", threads=2), all_ops(simd="avx2", threads=3)
+@pytest.mark.skipif(STATUS.simd == "scalar", reason="this CPU runs the scalar path only")
+def test_scalar_and_simd_agree_bit_for_bit():
+    scalar, simd = all_ops(simd="scalar", threads=2), all_ops(simd=STATUS.simd, threads=3)
     for name in scalar:
-        assert same_bits(scalar[name], avx2[name]), name
+        assert same_bits(scalar[name], simd[name]), name
+
+
+def test_best_simd_follows_the_machine():
+    """NEON on arm64; on x86-64, AVX2 where the CPU has AVX2, FMA and F16C; and a path the CPU lacks is refused."""
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        assert STATUS.simd == "neon"
+        missing = "avx2"
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        if machine in ("x86_64", "amd64") and cpuinfo.is_file():
+            flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
+            assert STATUS.simd == ("avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar")
+        missing = "neon"
+    with pytest.raises(ValueError, match=missing):
+        mx.eval(kernels.dense_matmul(mx.ones((1, 8)), mx.ones((2, 8)), simd=missing))
 
 
 # (T, in, out, group): a tail of in % 8 columns alone in its group or sharing it with whole chunks; groups of

@@ -5,7 +5,7 @@ stream when the default device is the CPU, else the CPU's default stream). Activ
 float32, with no activation quantisation. Each output element is reduced in one fixed order (8 fused-
 multiply-add lanes, i -> lane i % 8, then a fixed pairwise sum; int4 sums x * (q - 8) within a scale group and
 multiplies by the group's scale once; see src/common.h), so results are bit-identical whatever `threads` is
-and between simd="avx2" and simd="scalar".
+and between the SIMD path (simd="avx2" on x86-64, "neon" on arm64) and simd="scalar".
 
 This module does not decide where the kernels are used (linear.py does), and does not build them
 (`python -m mlx_k2.kernels.build` does). If the extension is missing, `status()` says why and every op

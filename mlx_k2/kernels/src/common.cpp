@@ -25,9 +25,15 @@ bool cpu_has_avx2() {
   return false;
 #endif
 }
+
+#if defined(MLX_K2_NEON)
+constexpr bool kHasNeon = true;   // part of every arm64 CPU
+#else
+constexpr bool kHasNeon = false;
+#endif
 }  // namespace
 
-Simd best_simd() { return cpu_has_avx2() ? Simd::Avx2 : Simd::Scalar; }
+Simd best_simd() { return kHasNeon ? Simd::Neon : cpu_has_avx2() ? Simd::Avx2 : Simd::Scalar; }
 
 Simd resolve_simd(int requested) {
   switch (static_cast<Simd>(requested)) {
@@ -37,7 +43,8 @@ Simd resolve_simd(int requested) {
       if (!cpu_has_avx2()) throw std::invalid_argument("[mlx_k2] simd='avx2': this CPU lacks AVX2/FMA/F16C");
       return Simd::Avx2;
     case Simd::Neon:
-      throw std::invalid_argument("[mlx_k2] simd='neon' is not built into this extension");
+      if (!kHasNeon) throw std::invalid_argument("[mlx_k2] simd='neon' runs on arm64 only");
+      return Simd::Neon;
   }
   throw std::invalid_argument("[mlx_k2] unknown simd path " + std::to_string(requested));
 }

@@ -18,22 +18,11 @@
 // is never -0). Threads split output rows only, so neither the thread count nor the SIMD path changes a sum.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
 #include <functional>
 
+#include "lanes.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define MLX_K2_X86 1
-// Functions with this attribute may use AVX2/FMA/F16C; they run only after a run-time CPU check.
-#define MLX_K2_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define MLX_K2_SIMD MLX_K2_AVX2
-#else
-#define MLX_K2_SIMD
-#endif
 
 namespace mlx_k2 {
 
@@ -41,8 +30,6 @@ namespace mx = mlx::core;
 
 // Bump when the arithmetic of any kernel changes: anchors are keyed by it.
 inline constexpr const char* kKernelName = "mlx_k2-cpu/2";
-
-enum class Simd : int { Auto = 0, Scalar = 1, Avx2 = 2, Neon = 3 };
 
 Simd best_simd();                      // what this CPU runs with Auto
 Simd resolve_simd(int requested);      // Auto -> best; throws if the CPU lacks the requested path
@@ -58,24 +45,5 @@ mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
 // descheduled CPU takes fewer. When another launch holds the pool (a second MLX stream), the caller runs
 // every chunk itself. Which thread runs a chunk never changes its bits: fn computes each row whole.
 void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_t)>& fn);
-
-inline float hsum8(const float* a) {
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-inline float bf16_to_f32(uint16_t b) {
-  union { uint32_t u; float f; } v{static_cast<uint32_t>(b) << 16};  // exact: bf16 is float32's top half
-  return v.f;
-}
-
-// Which x rows one launch multiplies: x row rows[t] (t < T) goes to out row rows[t].
-struct RowSet {
-  const float* x;          // (.., in) row-major
-  const uint32_t* rows;    // (T,)
-  size_t T;
-  size_t in;
-  float* out;              // (.., out_cols) row-major
-  size_t out_cols;
-};
 
 }  // namespace mlx_k2

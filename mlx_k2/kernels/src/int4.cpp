@@ -1,4 +1,5 @@
-// Packed int4 group-quant matmul (see int4.h): the weight loader, the ops' checks, the primitive.
+// Packed int4 group-quant matmul (see int4.h): the launch (positions grouped by expert), the ops' checks,
+// the primitive. The row kernels: int4_rows.h.
 #include "int4.h"
 
 #include <limits>
@@ -6,176 +7,13 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "int4_rows.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
-#include "rows.h"
 
 namespace mlx_k2 {
 
 namespace {
-
-inline float scale_f32(float s) { return s; }
-inline float scale_f32(uint16_t s) { return bf16_to_f32(s); }
-
-// S: float (float32 scales) or uint16_t (bf16 bits).
-template <class S>
-struct Int4Loader {
-  const uint32_t* words;
-  size_t wpr;          // words per row
-  const S* scales;
-  size_t spr;          // scales per row
-  size_t group;
-
-  struct Row {
-    const uint32_t* w;
-    const S* s;
-  };
-  Row row(size_t o) const { return {words + o * wpr, scales + o * spr}; }
-  // The SIMD paths walk whole groups of 8-column chunks; other groups take the scalar path.
-  bool vec_ok() const { return group % 8 == 0; }
-  static int q(const Row& r, size_t i) { return int((r.w[i >> 3] >> (4 * (i & 7))) & 0xFu) - 8; }
-  static float scale(const Row& r, size_t g) { return scale_f32(r.s[g]); }
-};
-
-// ------------------------------------------------------------------------------------------------ scalar
-// The int4 reduction of common.h, written out.
-template <class S>
-void int4_rows_scalar(const Int4Loader<S>& w, const RowSet& s, size_t o0, size_t o1) {
-  std::vector<float> q(s.in);  // one weight row's q - 8 as float32 (exact), used for every x row
-  for (size_t o = o0; o < o1; ++o) {
-    const auto r = w.row(o);
-    for (size_t i = 0; i < s.in; ++i) q[i] = float(w.q(r, i));
-    for (size_t t = 0; t < s.T; ++t) {
-      const float* x = s.x + size_t(s.rows[t]) * s.in;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (size_t c0 = 0, g = 0; c0 < s.in; c0 += w.group, ++g) {
-        float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (size_t i = c0; i < std::min(s.in, c0 + w.group); ++i) p[i & 7] = std::fma(x[i], q[i], p[i & 7]);
-        const float sc = w.scale(r, g);
-        for (int l = 0; l < 8; ++l) acc[l] = std::fma(p[l], sc, acc[l]);
-      }
-      out_at(s, t, o) = hsum8(acc);
-    }
-  }
-}
-
-#if defined(MLX_K2_X86)
-// ------------------------------------------------------------------------------------------------ AVX2
-// q - 8 for nibbles 0..15 as the high byte of a half float (the low byte is 0): looked up with pshufb, then
-// widened exactly to float32 by F16C, two instructions fewer per 8 columns than int8 -> int32 -> float.
-MLX_K2_AVX2 inline __m128i half_hi_table() {
-  return _mm_setr_epi8(char(0xC8), char(0xC7), char(0xC6), char(0xC5), char(0xC4), char(0xC2), char(0xC0),
-                       char(0xBC), 0x00, 0x3C, 0x40, 0x42, 0x44, 0x45, 0x46, 0x47);
-}
-
-// Columns 32k' .. 32k'+31 from the four words at w: each byte's two nibbles split and interleaved (the 32
-// nibbles as bytes in column order), looked up, and widened 8 columns to a register: q[j] lane l = column
-// 8j + l.
-MLX_K2_AVX2 inline void q32_avx2(const uint32_t* w, __m256 q[4]) {
-  const __m128i m = _mm_set1_epi8(0x0F), z = _mm_setzero_si128(), tab = half_hi_table();
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-  const __m128i h0 = _mm_shuffle_epi8(tab, _mm_unpacklo_epi8(lo, hi));   // columns 0..15
-  const __m128i h1 = _mm_shuffle_epi8(tab, _mm_unpackhi_epi8(lo, hi));   // columns 16..31
-  q[0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(z, h0));
-  q[1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(z, h0));
-  q[2] = _mm256_cvtph_ps(_mm_unpacklo_epi8(z, h1));
-  q[3] = _mm256_cvtph_ps(_mm_unpackhi_epi8(z, h1));
-}
-
-// The 8 columns of one word, the same way.
-MLX_K2_AVX2 inline __m256 q8_avx2(uint32_t word) {
-  const __m128i m = _mm_set1_epi8(0x0F);
-  const __m128i v = _mm_cvtsi32_si128(int(word));
-  const __m128i n = _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
-  return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_shuffle_epi8(half_hi_table(), n)));
-}
-
-// The int4 tile: R weight rows x TB x rows, a scale group at a time. Within a group, lane l of p[a][b] sums
-// x * (q - 8) over the group's columns 8k + l; at the group's end acc = fma(p, scale, acc) (common.h).
-// G: the group size when known at compile time (K2.5's 32: a group is one straight block), else 0.
-template <class S, size_t G>
-struct Int4TilesAvx2 {
-  static constexpr int kWideX = 8, kWideRows = 1, kFourRows = 1, kOneRows = 2;
-  using Row = typename Int4Loader<S>::Row;
-  const Int4Loader<S>& w;
-
-  template <int R, int TB>
-  MLX_K2_AVX2 void tile(size_t o, const RowSet& s, size_t t0) const {
-    Row r[R];
-    for (int a = 0; a < R; ++a) r[a] = w.row(o + a);
-    const float* x[TB];
-    tile_x(s, t0, x);
-    __m256 acc[R][TB] = {};
-    const size_t group = G ? G : w.group, cpg = group / 8, n8 = s.in / 8;
-    size_t g = 0;
-    if constexpr (G != 0) {  // the groups of whole chunks, straight-line
-      for (const size_t whole = n8 / cpg; g < whole; ++g) group_step<R, TB, false>(r, x, acc, g, g * cpg, G / 8, s.in);
-    }
-    for (; g * group < s.in; ++g) group_step<R, TB, true>(r, x, acc, g, g * cpg, std::min(n8, g * cpg + cpg) - g * cpg, s.in);
-    for (int a = 0; a < R; ++a) {
-      for (int b = 0; b < TB; ++b) {
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, acc[a][b]);
-        out_at(s, t0 + b, o + a) = hsum8(lanes);
-      }
-    }
-  }
-
-  // Group g: its nk whole chunks from chunk k0, then (Tail, last group only) the row's last in % 8 columns.
-  template <int R, int TB, bool Tail>
-  MLX_K2_AVX2 inline void group_step(const Row* r, const float* const* x, __m256 (&acc)[R][TB], size_t g,
-                                     size_t k0, size_t nk, size_t in) const {
-    __m256 p[R][TB] = {};
-    size_t k = k0;
-    for (size_t blocks = nk / 4; blocks > 0; --blocks, k += 4) {
-      for (int a = 0; a < R; ++a) {
-        _mm_prefetch(reinterpret_cast<const char*>(r[a].w + k + 64), _MM_HINT_T0);
-        __m256 q[4];
-        q32_avx2(r[a].w + k, q);
-        for (int j = 0; j < 4; ++j)
-          for (int b = 0; b < TB; ++b) p[a][b] = _mm256_fmadd_ps(_mm256_loadu_ps(x[b] + 8 * (k + j)), q[j], p[a][b]);
-      }
-    }
-    for (size_t rest = nk % 4; rest > 0; --rest, ++k) {  // groups of 8, 16, 24 .. columns
-      for (int a = 0; a < R; ++a) {
-        const __m256 q = q8_avx2(r[a].w[k]);
-        for (int b = 0; b < TB; ++b) p[a][b] = _mm256_fmadd_ps(_mm256_loadu_ps(x[b] + 8 * k), q, p[a][b]);
-      }
-    }
-    if constexpr (Tail) {
-      if (in % 8 != 0 && 8 * (k + 1) > in) {
-        // The last word's first in % 8 columns: x past the row's end loads as +0, and p + 0 * (q - 8) = p
-        // (p is never -0), so the other lanes keep their values.
-        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(in % 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (int a = 0; a < R; ++a) {
-          const __m256 q = q8_avx2(r[a].w[k]);
-          for (int b = 0; b < TB; ++b) p[a][b] = _mm256_fmadd_ps(_mm256_maskload_ps(x[b] + 8 * k, keep), q, p[a][b]);
-        }
-      }
-    }
-    for (int a = 0; a < R; ++a) {
-      const __m256 sc = _mm256_set1_ps(w.scale(r[a], g));
-      for (int b = 0; b < TB; ++b) acc[a][b] = _mm256_fmadd_ps(p[a][b], sc, acc[a][b]);
-    }
-  }
-};
-#endif
-
-template <class S>
-void int4_rows(const Int4Loader<S>& w, const RowSet& s, size_t o0, size_t o1, Simd simd) {
-#if defined(MLX_K2_X86)
-  if (simd == Simd::Avx2 && w.vec_ok()) {
-    if (w.group == 32) {
-      tiled_rows(Int4TilesAvx2<S, 32>{w}, s, o0, o1);
-    } else {
-      tiled_rows(Int4TilesAvx2<S, 0>{w}, s, o0, o1);
-    }
-    return;
-  }
-#endif
-  int4_rows_scalar(w, s, o0, o1);
-}
 
 template <class S>
 void run_int4(const float* x, size_t in, const uint32_t* words, const S* scales, size_t out_rows,

@@ -239,7 +239,7 @@ PLAIN_EDITS: list[Edit] = [
     Edit("header.run.device", "header", _set(("run", "device"), lambda v, r: "gpu")),
     Edit("header.run.compute_dtype", "header", _set(("run", "compute_dtype"), lambda v, r: "bfloat16")),
     Edit("header.run.kernels", "header", _set(("run", "kernels"),
-                                                    lambda v, r: "mlx_k2-cpu/1:avx2" if v == "mlx-builtin" else "mlx-builtin")),
+                                                    lambda v, r: "mlx_k2-cpu/2:avx2" if v == "mlx-builtin" else "mlx-builtin")),
     Edit("header.run.versions.mlx_k2", "header", _set(("run", "versions", "mlx_k2"), lambda v, r: "9.9.9")),
     Edit("header.run.versions.mlx", "header", _set(("run", "versions", "mlx"), lambda v, r: "9.9.9")),
     Edit("header.run.versions.python", "header", _set(("run", "versions", "python"), lambda v, r: "2.7.18")),

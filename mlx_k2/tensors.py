@@ -76,11 +76,14 @@ class TensorReader:
     def _start(self, names: list[str], ahead: bool = False) -> PendingTensor:
         """Begin reading whole tensors `names` (same dtype and shape) stacked into one array
         (len(names), *shape)."""
-        return self.start_stacked([names], ahead)[0]
+        return self._start_stacks([names], ahead)[0]
 
-    def start_stacked(self, groups: list[list[str]], ahead: bool = False) -> list[PendingTensor]:
+    def start_stacked(self, groups: list[list[str]]) -> list[PendingTensor]:
         """Issue the reads of `stacked(groups)`, slot by slot (tensor 0 of every group, then tensor 1, ...), so
         a slot's tensors land together and in order: `wait_part(u)` on every result gives slot u."""
+        return self._start_stacks(groups)
+
+    def _start_stacks(self, groups: list[list[str]], ahead: bool = False) -> list[PendingTensor]:
         stacks = []
         for names in groups:
             infos = [self.checkpoint.info(n) for n in names]

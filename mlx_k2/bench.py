@@ -25,6 +25,7 @@ import numpy as np
 from .checkpoint import Checkpoint, read_header
 from .events import LayerDone, StepDone
 from . import names
+from .linear import choose_kernels, kernels_label
 from .runner import Model, select_device
 from .storage import ReadPolicy, Storage
 from .synth import (HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM, full_width, head_tensors, layer_tensors,
@@ -137,9 +138,9 @@ class _Recorder(TensorReader):
         self.requests.append(("tensor", name))
         return super().tensor(name)
 
-    def stacked(self, groups):
+    def start_stacked(self, groups):
         self.requests.append(("stacked", [list(g) for g in groups]))
-        return super().stacked(groups)
+        return super().start_stacked(groups)
 
     def start_rows(self, name, rows):
         self.requests.append(("start_rows", name, list(rows)))
@@ -165,11 +166,11 @@ class _InMemory(TensorReader):
             self.cache[key] = super().tensor(name)
         return self.cache[key]
 
-    def stacked(self, groups):
+    def start_stacked(self, groups):
         key = self._key("s", [list(g) for g in groups])
         if key not in self.cache:
-            self.cache[key] = super().stacked(groups)
-        return self.cache[key]
+            self.cache[key] = [pending.wait() for pending in super().start_stacked(groups)]
+        return [_Ready(array) for array in self.cache[key]]
 
     def start_rows(self, name, rows):
         key = self._key("r", name, list(rows))
@@ -186,6 +187,9 @@ class _Ready:
 
     def wait(self):
         return self.array
+
+    def wait_part(self, slot):
+        pass
 
 
 def _run_step(model: Model, ids: list[int]) -> tuple[StepDone, float]:
@@ -212,14 +216,16 @@ def bytes_min(checkpoint: Checkpoint, prefix: str, ids: list[int], step: StepDon
     return total
 
 
-def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPolicy = ReadPolicy()) -> dict:
+def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPolicy = ReadPolicy(),
+            kernels: str | None = None) -> dict:
     """One part of a case in this process: "step" (wall, bytes, RSS, OS bytes), "reads" (the same reads
-    with no compute) or "compute" (the step with every weight already in memory)."""
+    with no compute) or "compute" (the step with every weight already in memory). `kernels` as `run` takes
+    them (default: auto)."""
     mx.set_default_device(select_device("cpu"))
     ids = context_ids(tokens)
-    model = Model(model_dir, policy)
+    model = Model(model_dir, policy, kernels=choose_kernels(kernels, "cpu"))
     files = shard_files(model_dir)
-    out: dict = {}
+    out: dict = {"kernels": kernels_label(model.kernels)}
     try:
         if part == "step":
             if cold:
@@ -227,7 +233,7 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
             before = os_read_bytes()
             step, wall = _run_step(model, ids)
             after = os_read_bytes()
-            out = {"wall_s": wall, "bytes_read": step.bytes_read, "token_id": step.token_id,
+            out |= {"wall_s": wall, "bytes_read": step.bytes_read, "token_id": step.token_id,
                    "bytes_min": bytes_min(model.checkpoint, model.config.weight_prefix, ids, step),
                    "largest_layer_gb": max(e.bytes_read for e in step.layers) / 1e9,
                    "os_read_bytes": None if before is None else after - before, "peak_rss_gb": peak_rss_gb()}
@@ -250,14 +256,14 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
                     getattr(replay, kind)(*args)
             for rows in pending:
                 rows.wait()
-            out = {"read_s": time.perf_counter() - start, "replayed_bytes": replay.bytes_read}
+            out |= {"read_s": time.perf_counter() - start, "replayed_bytes": replay.bytes_read}
             replay.close()
         elif part == "compute":
             memory = _InMemory(model.checkpoint, Storage(policy))
             model.reader = model.weights.reader = memory
             _run_step(model, ids)                      # fills the cache (untimed)
             _, compute = _run_step(model, ids)
-            out = {"compute_s": compute}
+            out |= {"compute_s": compute}
             memory.close()
         else:
             raise ValueError(part)

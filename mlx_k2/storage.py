@@ -1,7 +1,8 @@
 """Read byte ranges of files into caller-provided buffers: positional reads or a memory map, retried.
 
 Two ways to pull bytes, same results: `pread` (default) reads each range into the buffer with positional
-reads, large requests split in pieces with several in flight on a thread pool; `mmap` maps the files
+reads, large requests split in pieces with several in flight on a few threads (reads wanted now before
+reads issued ahead); `mmap` maps the files
 read-only and copies out of the map. A failed read (EIO, a short read, a vanished file) is retried with
 backoff `retries` times, reopening the file, then raised as `ReadError` naming the file and what was being
 read. A fault hook (tests) is called before every attempt. `bytes_transferred` counts every byte brought
@@ -17,7 +18,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import itertools
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -73,6 +76,45 @@ class PendingRead:
                 piece.exception()
 
 
+class _Workers:
+    """The threads that run reads: reads a computation waits for now go before reads issued ahead (the next
+    layer's weights), each kind first come, first served. Without that, a layer's routed experts would
+    queue behind the whole next layer, and the disk would sit idle while they are computed."""
+
+    NOW, AHEAD, STOP = 0, 1, 2
+
+    def __init__(self, count: int, name: str):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # ties within a priority go by arrival (and never compare a Future)
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, ahead: bool, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((self.AHEAD if ahead else self.NOW, next(self._order), future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop every thread."""
+        for _ in self._threads:
+            self._queue.put((self.STOP, next(self._order), None, None, None))
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, fn, args = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+
 class Storage:
     """Open files (or maps) of one reader, its thread pool, and the retry policy."""
 
@@ -86,10 +128,10 @@ class Storage:
         self._retired: list[int] = []  # replaced by a reopen; other threads may still be reading from them
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="mlx-k2-read")
+        self._pool = _Workers(policy.workers, "mlx-k2-read")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         for fd in [*self._fds.values(), *self._retired]:
             os.close(fd)
         self._fds.clear()
@@ -107,14 +149,14 @@ class Storage:
         total = sum(r.length for r in ranges)
         if total < INLINE_BYTES:
             if ahead:
-                return PendingRead([self._pool.submit(self._read_all, ranges, dest, what)])
+                return PendingRead([self._pool.submit(ahead, self._read_all, ranges, dest, what)])
             self._read_all(ranges, dest, what)
             return PendingRead([])
         pieces, at = [], 0
         for r in ranges:
             for start in range(0, r.length, CHUNK_BYTES):
                 n = min(CHUNK_BYTES, r.length - start)
-                pieces.append(self._pool.submit(self._read_into, r.path, r.offset + start,
+                pieces.append(self._pool.submit(ahead, self._read_into, r.path, r.offset + start,
                                                 dest[at + start:at + start + n], what))
             at += r.length
         return PendingRead(pieces)

@@ -24,17 +24,25 @@ _DTYPES = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.in
 
 
 class PendingTensor:
-    """An array whose bytes are on their way. `wait()` returns it once they have landed and counts them
-    as consumed; call it once."""
+    """An array whose bytes are on their way, in parts (a stack's tensors, one part each; else one part).
+    `wait()` returns it once every part has landed; `wait_part(i)` waits for one. Each part's bytes are
+    counted as consumed once, when first waited for."""
 
     def __init__(self, reader: "TensorReader", array: mx.array, reads: list[PendingRead], nbytes: int, dtype: str):
-        self._reader, self._array, self._reads, self._nbytes, self._dtype = reader, array, reads, nbytes, dtype
+        self._reader, self._reads, self._nbytes = reader, reads, nbytes
+        self.array = array.view(mx.bfloat16) if dtype == "BF16" else array  # read it only after waiting
+        self._waited = [False] * len(reads)
+
+    def wait_part(self, i: int) -> None:
+        if not self._waited[i]:
+            self._reads[i].wait()  # raises ReadError
+            self._waited[i] = True
+            self._reader.bytes_read += self._nbytes // len(self._reads)
 
     def wait(self) -> mx.array:
-        for read in self._reads:
-            read.wait()  # raises ReadError
-        self._reader.bytes_read += self._nbytes
-        return self._array.view(mx.bfloat16) if self._dtype == "BF16" else self._array
+        for i in range(len(self._reads)):
+            self.wait_part(i)
+        return self.array
 
     def cancel(self) -> None:
         """Nobody will use these bytes: stop what has not started, never count them."""
@@ -68,17 +76,32 @@ class TensorReader:
     def _start(self, names: list[str], ahead: bool = False) -> PendingTensor:
         """Begin reading whole tensors `names` (same dtype and shape) stacked into one array
         (len(names), *shape)."""
-        infos = [self.checkpoint.info(n) for n in names]
-        first = infos[0]
-        for info in infos[1:]:
-            if (info.dtype, info.shape) != (first.dtype, first.shape):
-                raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} differs "
-                                      f"from {first.name}: {first.dtype} {list(first.shape)}")
-        arr, dest = self._alloc(first, (len(infos), *first.shape))
-        reads = [self.storage.submit([ByteRange(info.path, info.offset, info.nbytes)],
-                                     dest[i * first.nbytes:(i + 1) * first.nbytes], f"tensor {info.name}", ahead)
-                 for i, info in enumerate(infos)]
-        return PendingTensor(self, arr, reads, sum(i.nbytes for i in infos), first.dtype)
+        return self._start_stacks([names], ahead)[0]
+
+    def start_stacked(self, groups: list[list[str]]) -> list[PendingTensor]:
+        """Issue the reads of `stacked(groups)`, slot by slot (tensor 0 of every group, then tensor 1, ...), so
+        a slot's tensors land together and in order: `wait_part(u)` on every result gives slot u."""
+        return self._start_stacks(groups)
+
+    def _start_stacks(self, groups: list[list[str]], ahead: bool = False) -> list[PendingTensor]:
+        stacks = []
+        for names in groups:
+            infos = [self.checkpoint.info(n) for n in names]
+            first = infos[0]
+            for info in infos[1:]:
+                if (info.dtype, info.shape) != (first.dtype, first.shape):
+                    raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} "
+                                          f"differs from {first.name}: {first.dtype} {list(first.shape)}")
+            stacks.append((infos, *self._alloc(first, (len(infos), *first.shape))))
+        reads: list[list[PendingRead]] = [[] for _ in groups]
+        for slot in range(max(len(infos) for infos, _, _ in stacks)):
+            for g, (infos, _, dest) in enumerate(stacks):
+                if slot < len(infos):
+                    info, n = infos[slot], infos[slot].nbytes
+                    reads[g].append(self.storage.submit([ByteRange(info.path, info.offset, n)],
+                                                        dest[slot * n:(slot + 1) * n], f"tensor {info.name}", ahead))
+        return [PendingTensor(self, arr, reads[g], sum(i.nbytes for i in infos), infos[0].dtype)
+                for g, (infos, arr, _) in enumerate(stacks)]
 
     def prefetch(self, names: list[str]) -> None:
         """Start reading whole tensors now; `tensor(name)` later takes the bytes (and counts them)."""
@@ -99,8 +122,7 @@ class TensorReader:
     def stacked(self, groups: list[list[str]]) -> list[mx.array]:
         """For each group of same-dtype, same-shape tensors, one array stacking them on a new leading axis
         (len(group), *shape). All groups' reads are in flight together."""
-        started = [self._start(names) for names in groups]
-        return [pending.wait() for pending in started]
+        return [pending.wait() for pending in self.start_stacked(groups)]
 
     def rows(self, name: str, rows: list[int]) -> mx.array:
         """Rows `rows` of a tensor, in that order: (len(rows), *rest). Reads only those rows; runs of

@@ -9,6 +9,8 @@ vision tensors or the experts' `weight_shape` metadata. Holds no weights between
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 
@@ -47,17 +49,24 @@ class WeightFetcher:
         return Linear.packed(self.reader.tensor(parts[0]), self.reader.tensor(parts[1]), q.num_bits, q.group_size,
                              self.kernels)
 
-    def stacked_linears(self, projections: list[list[str]]) -> list[Linear]:
-        """Per projection, its linears (routed experts) stacked: weights (E, out, in). One batch of reads."""
+    def start_stacked_linears(self, projections: list[list[str]]) -> tuple[list[Linear], Callable[[int], None]]:
+        """Per projection, its linears (routed experts) stacked: weights (E, out, in), their reads issued slot
+        by slot. Nothing may compute from slot u before `arrived(u)` has returned."""
         parts = [[names.linear_parts(b, self.checkpoint) for b in bases] for bases in projections]
         packed = len(parts[0][0]) == 2
         groups = [[p[part] for p in group] for group in parts for part in range(2 if packed else 1)]
-        arrays = self.reader.stacked(groups)
+        pending = self.reader.start_stacked(groups)
+
+        def arrived(slot: int) -> None:
+            for stack in pending:
+                stack.wait_part(slot)
+
+        arrays = [stack.array for stack in pending]
         if not packed:
-            return [Linear.dense(a, self.kernels) for a in arrays]
+            return [Linear.dense(a, self.kernels) for a in arrays], arrived
         q = self._quant(projections[0][0])
         return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size, self.kernels)
-                for i in range(len(projections))]
+                for i in range(len(projections))], arrived
 
     def prefetch_layer(self, layer: int) -> None:
         """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
@@ -92,7 +101,7 @@ class WeightFetcher:
             if text.n_shared_experts:
                 shared = DenseMLP(*(self.linear(n.shared_experts(m)) for m in names.MLP_PROJECTIONS))
             bias = n.e_score_correction_bias
-            mlp = MoE(gate_weight=tensor(n.gate),
+            mlp = MoE(gate=Linear.dense(tensor(n.gate), self.kernels),
                       e_score_correction_bias=tensor(bias) if bias in self.checkpoint else None,
                       shared_experts=shared)
         else:
@@ -102,10 +111,12 @@ class WeightFetcher:
                      self_attn=self_attn, mlp=mlp)
 
     def experts(self, layer: int, ids: np.ndarray) -> Experts:
-        """The routed experts `ids` (ascending, distinct) of `layer`, each read once."""
+        """The routed experts `ids` (ascending, distinct) of `layer`, each read once; their reads are in flight
+        on return, in the order of `ids` (see `Experts.arrived`)."""
         n = self.tensor_names.layer(layer)
-        stacks = self.stacked_linears([[n.experts(int(e), m) for e in ids] for m in names.MLP_PROJECTIONS])
-        return Experts(ids=ids, **dict(zip(names.MLP_PROJECTIONS, stacks)))
+        stacks, arrived = self.start_stacked_linears([[n.experts(int(e), m) for e in ids]
+                                                      for m in names.MLP_PROJECTIONS])
+        return Experts(ids, *stacks, arrived=arrived)
 
     def final_norm(self) -> mx.array:
         return self.reader.tensor(self.tensor_names.norm)

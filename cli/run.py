@@ -67,7 +67,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         resume: Annotated[Optional[Path], typer.Option(help="Continue a partial, stopped or failed ledger or "
                                                             "bundle (its prompt, length and device).")] = None,
         read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
-        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread",
+        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads), direct (the same, "
+                                                         "bypassing the page cache) or mmap.")] = "pread",
         kernels: Annotated[Optional[str], typer.Option(help="builtin (MLX's, default), own (the product's CPU "
                                                             "kernels) or auto; a resumed run keeps its own.")] = None):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""

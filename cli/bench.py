@@ -21,7 +21,7 @@ from mlx_k2.synth import cache_root
 from .app import app, guarded
 
 FIELDS = ("name", "cold", "bytes_read", "bytes_min", "read_s", "read_gbps", "read_first_s", "direct_bytes",
-          "raw_read_gbps", "compute_s", "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb", "os_read_bytes")
+          "staged_bytes", "raw_read_gbps", "compute_s", "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb", "os_read_bytes")
 
 
 def _part(model_dir: Path, tokens: int, cold: bool, part: str, method: str) -> dict:

@@ -297,11 +297,12 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
             for _ in range(2):  # the first grows the reader's buffers, as a run's first step does
                 if cold:
                     drop_cache(files)
-                start, before, direct = time.perf_counter(), replay.bytes_read, replay.storage.bytes_direct
+                store = replay.storage
+                start, before, direct, staged = time.perf_counter(), replay.bytes_read, store.bytes_direct, store.bytes_staged
                 _replay(replay, recorder.requests)
                 times.append(time.perf_counter() - start)
             out = {"read_s": times[1], "read_first_s": times[0], "replayed_bytes": replay.bytes_read - before,
-                   "direct_bytes": replay.storage.bytes_direct - direct}
+                   "direct_bytes": store.bytes_direct - direct, "staged_bytes": store.bytes_staged - staged}
             replay.close()
         elif part == "compute":
             memory = _InMemory(model.checkpoint, Storage(policy))

@@ -1,17 +1,17 @@
 """Read byte ranges of files into caller-provided buffers: positional reads, direct I/O or a memory map, retried.
 
 Three ways to pull bytes, same results: `pread` (default) reads each range into the buffer with positional
-reads, large requests split in pieces with several in flight on a thread pool; `direct` does the same
-but bypasses the page cache (O_DIRECT on Linux, F_NOCACHE on macOS), saving the kernel's copy: the
-page-aligned middle of a range is read straight into the buffer when the buffer's address has the same
-phase modulo ALIGN as the file offset (the caller arranges that), and the unaligned edges (under ALIGN
-bytes each) or a range whose phases differ are read buffered; a filesystem that refuses direct I/O
-(EINVAL, e.g. tmpfs) is read buffered after one logged line. `mmap` maps the files read-only and copies
-out of the map. A failed read (EIO, a short read, a vanished file) is retried with
-backoff `retries` times, reopening the file, then raised as `ReadError` naming the file and what was being
-read. A fault hook (tests) is called before every attempt. `bytes_transferred` counts every byte brought
-in, whether or not anyone used it, and `bytes_direct` the part of it read with direct I/O (the ledger's
-`bytes_read` is counted by `tensors.py`, when consumed).
+reads, large requests split in pieces with several in flight on a thread pool; `direct` does the same but
+bypasses the page cache (O_DIRECT on Linux, F_NOCACHE on macOS): where the buffer's address has the file
+offset's phase modulo ALIGN (the caller arranges that) the page-aligned middle of a range lands in place
+and its edges (under ALIGN bytes each) are read buffered; a range whose phases differ is read direct into a
+staging buffer and copied out; a filesystem that refuses direct I/O (EINVAL, e.g. tmpfs) is read buffered
+after one logged line. `mmap` maps the files read-only and copies out of the map. A failed read (EIO, a
+short read, a vanished file) is retried with backoff `retries` times, reopening the file, then raised as
+`ReadError` naming the file and what was being read. A fault hook (tests) is called before every attempt.
+`bytes_transferred` counts every byte brought in, whether or not anyone used it, `bytes_direct` the part
+of it read with direct I/O and `bytes_staged` the part of that copied out of a staging buffer (the
+ledger's `bytes_read` is counted by `tensors.py`, when consumed).
 This module knows (path, offset, length) and a destination buffer only: no tensors, no dtypes, no MLX.
 """
 
@@ -93,7 +93,9 @@ class Storage:
         self.policy = policy
         self.fault = fault
         self.bytes_transferred = 0
-        self.bytes_direct = 0
+        self.bytes_direct = 0    # bytes delivered by direct I/O ...
+        self.bytes_staged = 0    # ... of which copied out of a staging buffer (phases differed)
+        self._local = threading.local()  # each reading thread's staging buffer
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int] = {}
         self._no_direct: set[Path] = set()  # files whose filesystem refused direct I/O: read buffered
@@ -127,8 +129,11 @@ class Storage:
             return PendingRead([])
         pieces, at = [], 0
         for r in ranges:
-            for start in range(0, r.length, CHUNK_BYTES):
-                n = min(CHUNK_BYTES, r.length - start)
+            # Pieces after the first start at page-aligned file offsets: a direct read of each covers all
+            # of its aligned bytes, and only the range's own edges are read buffered.
+            first = CHUNK_BYTES - r.offset % ALIGN
+            for start in [0, *range(first, r.length, CHUNK_BYTES)]:
+                n = min(first if start == 0 else CHUNK_BYTES, r.length - start)
                 pieces.append(self._pool.submit(self._read_into, r.path, r.offset + start,
                                                 dest[at + start:at + start + n], what))
             at += r.length
@@ -183,31 +188,54 @@ class Storage:
             done += n
 
     def _read_direct(self, path: Path, buf: memoryview, offset: int) -> bool:
-        """Read buf's page-aligned middle with direct I/O, its edges buffered. False (nothing read) when the
-        buffer's phase differs from the file offset's or the file cannot be read direct: read it buffered."""
+        """Read `buf` with direct I/O; False (nothing read) when the file cannot be: read it buffered.
+
+        Where the buffer's address has the file offset's phase, the aligned middle lands in place and the
+        edges (under ALIGN bytes each) are read buffered. Otherwise (stacked experts: one array, offsets of
+        every phase) the aligned superset is read into this thread's staging buffer and copied out: one
+        copy, as a buffered read makes, without the page cache."""
         length = len(buf)
-        head = -offset % ALIGN                              # bytes before the first aligned file offset
-        middle = max(length - head, 0) // ALIGN * ALIGN     # aligned bytes after them
-        if middle == 0 or (_address(buf) - offset) % ALIGN or path in self._no_direct:
+        if path in self._no_direct:
             return False
         dfd = self._direct_fd(path)
         if dfd is None:
             return False
+        head = -offset % ALIGN                              # bytes before the first aligned file offset
+        middle = max(length - head, 0) // ALIGN * ALIGN     # aligned bytes after them
         fd = self._fd(path)
         try:
-            done = os.preadv(dfd, [buf[head:head + middle]], offset + head)
+            if middle and (_address(buf) - offset) % ALIGN == 0:
+                done = os.preadv(dfd, [buf[head:head + middle]], offset + head)
+                done -= done % ALIGN  # short only at the end of the file: the rest is read buffered below
+                self._pread(fd, buf, offset, 0, head)
+                self._pread(fd, buf, offset, head + done, length)
+                staged = 0
+            else:
+                done = staged = self._read_staged(dfd, buf, offset)
+                self._pread(fd, buf, offset, done, length)  # only if the file ended early: EIO
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             self._refuse_direct(path, e)
             return False
-        if done % ALIGN:  # only at the end of the file; what is left (none, for a valid range) goes buffered
-            done = done // ALIGN * ALIGN
         with self._lock:
             self.bytes_direct += done
-        self._pread(fd, buf, offset, 0, head)
-        self._pread(fd, buf, offset, head + done, length)
+            self.bytes_staged += staged
         return True
+
+    def _read_staged(self, dfd: int, buf: memoryview, offset: int) -> int:
+        """Direct-read the page-aligned superset of the range into the staging buffer, copy the range's bytes
+        into `buf`; returns how many it had (fewer only at the end of the file)."""
+        start = offset - offset % ALIGN
+        end = -(-(offset + len(buf)) // ALIGN) * ALIGN
+        stage = getattr(self._local, "stage", None)
+        if stage is None or len(stage) < end - start:
+            stage = self._local.stage = mmap.mmap(-1, max(end - start, CHUNK_BYTES + 2 * ALIGN))  # page-aligned
+        n = os.preadv(dfd, [memoryview(stage)[:end - start]], start)
+        got = max(min(n - (offset - start), len(buf)), 0)
+        if got:
+            ctypes.memmove(_address(buf), _address(memoryview(stage)) + offset - start, got)  # drops the GIL
+        return got
 
     def _direct_fd(self, path: Path) -> int | None:
         """The file opened for direct I/O (O_DIRECT, or F_NOCACHE on macOS), or None when refused."""

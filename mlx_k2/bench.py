@@ -294,7 +294,10 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
             recorder.close()                           # unmapped: mapped pages cannot be dropped
             replay = TensorReader(model.checkpoint, Storage(policy))
             times = []
-            for _ in range(2):  # the first grows the reader's buffers, as a run's first step does
+            for i in range(2):  # the first grows the reader's buffers, as a run's first step does
+                if i:  # same buffers, new files: pages still mapped by the first replay cannot be dropped
+                    replay.storage.close()
+                    replay.storage = Storage(policy)
                 if cold:
                     drop_cache(files)
                 store = replay.storage

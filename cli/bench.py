@@ -21,7 +21,8 @@ from mlx_k2.synth import cache_root
 from .app import app, guarded
 
 FIELDS = ("name", "cold", "bytes_read", "bytes_min", "read_s", "read_gbps", "read_first_s", "direct_bytes",
-          "staged_bytes", "raw_read_gbps", "compute_s", "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb", "os_read_bytes")
+          "staged_bytes", "raw_read_gbps", "compute_s", "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb",
+          "os_read_bytes")
 
 
 def _part(model_dir: Path, tokens: int, cold: bool, part: str, method: str) -> dict:
@@ -68,8 +69,9 @@ def _goals_table(result: dict) -> Table:
     for col in ("method", "cold GB/s", "of raw", "warm GB/s", "of copy"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for g in result["goals"]:
-        table.add_row(g["method"], f"{g['cold_gbps']:.2f}", f"{g['cold_of_raw']:.2f} {'ok' if g['cold_ok'] else 'short'}",
-                      f"{g['warm_gbps']:.2f}", f"{g['warm_of_memcopy']:.2f} {'ok' if g['warm_ok'] else 'short'}")
+        verdict = {True: "ok", False: "short"}
+        table.add_row(g["method"], f"{g['cold_gbps']:.2f}", f"{g['cold_of_raw']:.2f} {verdict[g['cold_ok']]}",
+                      f"{g['warm_gbps']:.2f}", f"{g['warm_of_memcopy']:.2f} {verdict[g['warm_ok']]}")
     return table
 
 

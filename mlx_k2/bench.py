@@ -301,7 +301,8 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
                 if cold:
                     drop_cache(files)
                 store = replay.storage
-                start, before, direct, staged = time.perf_counter(), replay.bytes_read, store.bytes_direct, store.bytes_staged
+                before, direct, staged = replay.bytes_read, store.bytes_direct, store.bytes_staged
+                start = time.perf_counter()
                 _replay(replay, recorder.requests)
                 times.append(time.perf_counter() - start)
             out = {"read_s": times[1], "read_first_s": times[0], "replayed_bytes": replay.bytes_read - before,

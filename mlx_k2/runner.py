@@ -2,9 +2,10 @@
 
 Step k recomputes the whole context through every layer, reading each layer's tensors (and the routed
 experts its positions select) just before computing it and dropping them after: once a layer (or an
-lm_head block) is evaluated, the runner releases its read buffers to the reader, which reuses them. It yields typed events
-(`events.py`) and never prints. With `capture` off it skips the per-layer observations (norms, routing
-of the last position) but evaluates at exactly the same points, so the computation is the same.
+lm_head block) is evaluated, the runner releases its read buffers to the reader, which reuses them. It
+yields typed events (`events.py`) and never prints. With `capture` off it skips the per-layer observations
+(norms, routing of the last position) but evaluates at exactly the same points, so the computation is the
+same.
 """
 
 from __future__ import annotations

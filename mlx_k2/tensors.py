@@ -168,11 +168,12 @@ class TensorReader:
         if bad.size:
             raise CheckpointError(f"{info.path}: tensor {name}: row {bad[0]} outside its {n_rows} rows")
         rb = info.row_bytes
-        arr, dest = self._alloc(info, (len(ids), *info.shape[1:]), slot, info.offset + (int(ids[0]) * rb if ids.size else 0))
+        first = info.offset + (int(ids[0]) * rb if ids.size else 0)
+        arr, dest = self._alloc(info, (len(ids), *info.shape[1:]), slot, first)
         # Runs of consecutive rows (a 16k-row lm_head block is one) found with numpy: a Python loop over
         # the rows cost more than reading them from the page cache.
         starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)
         ends = np.append(starts[1:], len(ids))
-        ranges = [ByteRange(info.path, info.offset + int(ids[a]) * rb, int(b - a) * rb) for a, b in zip(starts, ends)]
+        ranges = [ByteRange(info.path, info.offset + int(ids[i]) * rb, int(j - i) * rb) for i, j in zip(starts, ends)]
         read = self.storage.submit(ranges, dest, f"tensor {name}")
         return PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot)

@@ -50,14 +50,21 @@ class Arena:
         self.poison = os.environ.get(POISON_ENV, "") not in ("", "0") if poison is None else poison
         self._chunks: list[_Chunk] = []
         self._takes = 0
+        self._regrow = 0  # bytes of the single chunk the next take replaces the chunks with (0: keep them)
 
     @property
     def capacity(self) -> int:
-        return sum(c.size for c in self._chunks)
+        return self._regrow or sum(c.size for c in self._chunks)
 
     def take(self, nbytes: int, phase: int = 0) -> tuple[mx.array, memoryview]:
         """`nbytes` bytes whose address is `phase` modulo PAGE: an MLX uint8 view (nbytes,) sharing the
         arena's memory, and a writable memoryview of the same bytes."""
+        if self._regrow:
+            # Done at the next use, not at release: the released layer's arrays (and so its chunks) are
+            # still alive where release is called, and old plus new chunks at once raised peak RSS.
+            self._chunks = []  # dropped before the new one is allocated
+            self._chunks = [_Chunk(self._regrow)]
+            self._regrow = 0
         chunk = self._chunks[-1] if self._chunks else None
         start = None if chunk is None else self._place(chunk, phase)
         if chunk is None or start + nbytes > chunk.size:
@@ -77,15 +84,14 @@ class Arena:
         return chunk.end + (phase - (chunk.address + chunk.end)) % PAGE
 
     def release(self) -> None:
-        """Everything taken may be overwritten from now on. An arena that needed several chunks becomes one
-        chunk large enough for all of it, so the next use of the same size allocates nothing."""
+        """Everything taken may be overwritten from now on. An arena that needed several chunks becomes (at
+        its next use) one chunk large enough for all of it, so a use of the same size allocates nothing."""
         if self.poison:
             for c in self._chunks:
                 np.frombuffer(c.bytes, dtype=np.uint8)[:] = 0xFF
         if len(self._chunks) > 1:
             # Each take wastes under PAGE to its phase; the sum of the ends already includes that once.
-            need = sum(c.end for c in self._chunks) + self._takes * PAGE
-            self._chunks = [_Chunk(need)]
+            self._regrow = sum(c.end for c in self._chunks) + self._takes * PAGE
         for c in self._chunks:
             c.end = 0
         self._takes = 0

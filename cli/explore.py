@@ -10,10 +10,10 @@ import typer
 
 from mlx_k2.errors import UsageError
 from mlx_k2.evidence.explorer import build_explorer
-from mlx_k2.evidence.ledger import read_ledger
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.evidence.receipt import check_receipt
 
 from .app import app, guarded
+from .verify import reexecute, tokenizer_for
 
 
 def default_output(path: Path) -> Path:
@@ -29,16 +29,28 @@ def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bu
             model: Annotated[Optional[Path], typer.Option(help="Checkpoint for verify's token_text check "
                                                                "(default: the header's model.path).")] = None,
             anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory for verify (default: "
-                                                                 "anchors/).")] = None):
+                                                                 "anchors/).")] = None,
+            replay: Annotated[bool, typer.Option("--replay", help="Re-execute steps from the checkpoint (--model) "
+                                                                  "and show how each compared (needs MLX).")] = False,
+            steps: Annotated[Optional[str], typer.Option(help="With --replay: all (default) or e.g. 0,2,4.")] = None,
+            sample: Annotated[Optional[int], typer.Option(help="With --replay: N steps at random.")] = None,
+            device: Annotated[Optional[str], typer.Option(help="With --replay: gpu or cpu.")] = None,
+            receipt: Annotated[Optional[Path], typer.Option(help="A receipt of this run to check and show.")] = None,
+            pubkey: Annotated[Optional[Path], typer.Option(help="With --receipt: the signer's public key.")] = None):
     """Write a self-contained HTML explorer of a ledger or bundle. Example: mlx-k2 explore runs/b1 -o b1.html"""
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
     out = output if output is not None else default_output(path)
     if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
         raise UsageError(f"{out}: would overwrite the ledger or add a file to the bundle; write it elsewhere")
-    tok_dir = model if model is not None else read_ledger(path).model_dir
-    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
-    page = build_explorer(path, anchors, tokenizer).encode("utf-8")
+    if not replay and (steps is not None or sample is not None or device is not None):
+        raise UsageError("--steps, --sample and --device go with --replay")
+    if receipt is None and pubkey is not None:
+        raise UsageError("--pubkey goes with --receipt")
+    tokenizer = tokenizer_for(path, model)
+    replayed = reexecute(path, model, steps, sample, device) if replay else None
+    checked = check_receipt(receipt, path, pubkey, anchors, tokenizer) if receipt is not None else None
+    page = build_explorer(path, anchors, tokenizer, replayed, checked).encode("utf-8")
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_bytes(page)

@@ -26,7 +26,7 @@ from .events import Progress, RunDone, RunStarted, StepDone
 from .evidence.anchors import Anchor, Row, find_anchor, kernel_key, load_anchors, model_signature
 from .evidence.derived import line_digest
 from .evidence.ledger import LedgerWriter, read_ledger
-from .evidence.records import header_record
+from .evidence.records import header_record, model_facts
 from .evidence.schema import BUILTIN_KERNELS, LEDGER_NAME
 from .inventory import one_token_step_bytes
 from .linear import choose_kernels, kernels_label
@@ -112,7 +112,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
                                    text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
                                    capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
                                                   "python": platform.python_version()},
-                                   kernels_label(model.kernels)))
+                                   kernels_label(model.kernels), model_facts(model_dir, text)))
         tokenizer = tokenizer or load_tokenizer(model_dir)
         return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
                       max_new_tokens, dev, capture, sinks, anchors_dir)

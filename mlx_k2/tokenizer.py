@@ -53,6 +53,7 @@ class Tokenizer:
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError,
                     ValueError) as e:
                 raise CheckpointError(f"{tokenizer_config}: bad added_tokens_decoder ({e})") from None
+        self.vocab_file = vocab_file  # what a ledger header's tokenizer_blake3 hashes
         base = len(ranks)
         self.special_tokens = {named.get(i, f"<|reserved_token_{i}|>"): i
                                for i in range(base, base + NUM_RESERVED_SPECIAL_TOKENS)}

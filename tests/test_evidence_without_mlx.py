@@ -125,9 +125,22 @@ def test_cli_verify_and_explore_run_with_mlx_blocked(synth_dir, synth_run, tmp_p
     bundle, ledger = synth_run
     for path in (bundle, ledger):
         out = python(CLI, "verify", str(path), "--model", str(synth_dir), "--anchors", str(REPO_ANCHORS))
-        assert "all checks pass" in out and "mlx modules: []" in out
+        assert f"not re-executed: {SYNTH_RUN_STEPS} steps (complete), all " in out and "mlx modules: []" in out
     page = tmp_path / "page.html"
     out = python(CLI, "explore", str(bundle), "-o", str(page), "--model", str(synth_dir),
                  "--anchors", str(REPO_ANCHORS))
     assert f"wrote {page}" in out and "mlx modules: []" in out
     assert 'data-status="complete"' in page.read_text()
+
+
+def test_cli_receipt_and_its_verify_run_with_mlx_blocked(synth_dir, synth_run, tmp_path):
+    """Signing and checking a receipt need no MLX either (the checks are verify's, the signature Ed25519's)."""
+    bundle, _ = synth_run
+    key, receipt = tmp_path / "key", tmp_path / "receipt.json"
+    assert "wrote" in python(CLI, "keygen", "-o", str(key))
+    out = python(CLI, "receipt", str(bundle), "-o", str(receipt), "--key", str(key), "--model", str(synth_dir),
+                 "--anchors", str(REPO_ANCHORS))
+    assert f"wrote {receipt}" in out and "mlx modules: []" in out
+    out = python(CLI, "verify", str(receipt), "--bundle", str(bundle), "--pubkey", str(key) + ".pub",
+                 "--model", str(synth_dir), "--anchors", str(REPO_ANCHORS))
+    assert "receipt valid: signed by key" in out and "mlx modules: []" in out

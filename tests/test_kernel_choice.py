@@ -66,7 +66,7 @@ def runs(synth_dir, tmp_path_factory) -> dict[str, Path]:
 @needs_own
 def test_run_with_own_kernels(runs, synth_dir):
     header, step0, *_ = _records(runs["own"])
-    assert header["schema"] == "mlx-k2.ledger/2"
+    assert header["schema"] == "mlx-k2.ledger/3"
     name, simd = header["run"]["kernels"].split(":")
     assert name == own.status().name and simd == own.status().simd
     report = verify(runs["own"], anchors_dir=REPO_ANCHORS)
@@ -96,12 +96,18 @@ def test_anchor_with_own_kernels(synth_dir):
     assert "shown" not in result.output  # every row compared exactly, none only shown
 
 
-def test_schema_1_ledger_still_verifies(runs, tmp_path):
-    """The ledger as schema 1 wrote it: no run.kernels, chain rewritten; compared with the built-in anchor."""
+@pytest.mark.parametrize("schema", [1, 2])
+def test_older_schema_ledger_still_verifies(runs, tmp_path, schema):
+    """The ledger as schema 1 or 2 wrote it (schema 3 added the model facts, schema 2 run.kernels), chain
+    rewritten; compared with the built-in anchor."""
     lines = runs["builtin"].read_bytes().splitlines()
     header = json.loads(lines[0])
-    header["schema"] = "mlx-k2.ledger/1"
-    del header["run"]["kernels"]
+    header["schema"] = f"mlx-k2.ledger/{schema}"
+    for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
+                 "moe_layer_freq", "tokenizer_blake3"):
+        del header["model"][name]
+    if schema == 1:
+        del header["run"]["kernels"]
     out, prev = [], None
     for line in [json.dumps(header).encode()] + lines[1:]:
         if prev is not None:
@@ -110,7 +116,7 @@ def test_schema_1_ledger_still_verifies(runs, tmp_path):
             line = json.dumps(rec, ensure_ascii=False).encode()
         out.append(line)
         prev = blake3.blake3(line).hexdigest()
-    old = tmp_path / "schema1.jsonl"
+    old = tmp_path / f"schema{schema}.jsonl"
     old.write_bytes(b"\n".join(out) + b"\n")
     report = verify(old, anchors_dir=REPO_ANCHORS)
     assert report.ok, [(c.name, c.detail) for c in report.checks if c.ok is False]

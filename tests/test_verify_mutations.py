@@ -96,6 +96,9 @@ def goods(synth_dir, synth_run, tmp_path_factory) -> dict[str, Good]:
 
     tok = load_tokenizer(synth_dir)
     assert tok is not None
+    for bundle in (synth_bundle, foreign_bundle):
+        header, step0 = (json.loads(line) for line in read_lines(bundle / "ledger.jsonl")[:2])
+        _STEP0_TOKEN[header["model"]["path"]] = step0["token_id"]
     return {
         "synth-bundle": Good("synth-bundle", synth_bundle, True, tok, REPO_ANCHORS, True),
         "synth-ledger": Good("synth-ledger", synth_ledger, False, tok, REPO_ANCHORS, True),
@@ -213,6 +216,8 @@ def _norm_in_edit(v, _):
 
 
 FS = frozenset
+# Set by the `goods` fixture: checkpoint path -> the token its run generated at step 0 (the eos_token_id edit).
+_STEP0_TOKEN: dict[str, int] = {}
 
 PLAIN_EDITS: list[Edit] = [
     # header (line 1): line 2's prev covers it
@@ -240,6 +245,20 @@ PLAIN_EDITS: list[Edit] = [
     Edit("header.run.compute_dtype", "header", _set(("run", "compute_dtype"), lambda v, r: "bfloat16")),
     Edit("header.run.kernels", "header", _set(("run", "kernels"),
                                                     lambda v, r: "mlx_k2-cpu/2:avx2" if v == "mlx-builtin" else "mlx-builtin")),
+    # schema 3 model facts: each is what a structural check measures the run against
+    Edit("header.model.vocab_size", "header", _set(("model", "vocab_size"), lambda v, r: v + 1), bundle=FS({"tensors"})),
+    Edit("header.model.hidden_size", "header", _set(("model", "hidden_size"), lambda v, r: v + 1),
+         bundle=FS({"tensors"})),
+    # step 0's token made the EOS: the run went on after EOS
+    Edit("header.model.eos_token_id", "header", _set(("model", "eos_token_id"), lambda v, r: _STEP0_TOKEN[r["model"]["path"]]),
+         FS({"complete"})),
+    Edit("header.model.bos_token_id", "header", _set(("model", "bos_token_id"), lambda v, r: (v or 0) + 1)),
+    Edit("header.model.first_k_dense_replace", "header", _set(("model", "first_k_dense_replace"),
+                                                              lambda v, r: v + 1), FS({"layers"})),
+    Edit("header.model.moe_layer_freq", "header", _set(("model", "moe_layer_freq"), lambda v, r: v + 1),
+         FS({"layers"})),
+    Edit("header.model.tokenizer_blake3", "header", _set(("model", "tokenizer_blake3"),
+                                                         lambda v, r: flip_hex(v or "00"))),
     Edit("header.run.versions.mlx_k2", "header", _set(("run", "versions", "mlx_k2"), lambda v, r: "9.9.9")),
     Edit("header.run.versions.mlx", "header", _set(("run", "versions", "mlx"), lambda v, r: "9.9.9")),
     Edit("header.run.versions.python", "header", _set(("run", "versions", "python"), lambda v, r: "2.7.18")),
@@ -304,7 +323,8 @@ def test_plain_edits_cover_the_contract():
     names = {e.name for e in PLAIN_EDITS}
     header = {"kind", "schema", "created"}
     model = {"path", "model_type", "num_layers", "n_routed_experts", "experts_per_token", "config_blake3",
-             "index_blake3"}
+             "index_blake3", "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
+             "moe_layer_freq", "tokenizer_blake3"}
     run_ = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
             "versions.mlx_k2", "versions.mlx", "versions.python"}
     step = {"kind", "step", "prev", "input_ids", "token_id", "token_text", "logit", "top16", "entropy", "margin",
@@ -621,7 +641,8 @@ FORGERIES = [
     Forgery("measured.bytes_read-step0", _forge_bytes_step0, FS({"anchor"}), synth_only=True),
     Forgery("tensor.hidden+digest-step1", _forge_hidden_tensor(EDIT_STEP), FS({"digests"}),
             gap="the final hidden state has no witness but its own digest: without the model nothing "
-                "recomputes it, and only step 0 is pinned (by the anchor)"),
+                "recomputes it, and only step 0 is pinned (by the anchor); replay catches it "
+                "(tests/test_verify_forgery.py)"),
 ]
 
 

@@ -12,7 +12,10 @@ Layout of DIR (the names are `schema.py`'s):
       layers.L.routed [T, k] int32  MoE layer L: every position's selected experts (-> unique_experts)
   manifest.json                    {"files": {relative path: BLAKE3 hex}} of every other file
 With these, anyone can recompute every derived value and digest without the model (`verify.py`), reading
-a step's tensors with numpy alone (`read_step_tensors`). The manifest is rewritten (atomically) after every
+a step's tensors with numpy alone: `read_step_file` reads one as an untrusted file (a regular file, no
+symlink; its size capped by what a step of the model can hold before anything is read; a strict header;
+tensors packed end to end with no gap, overlap or trailing byte; exactly the names, dtypes and shapes
+`expected_step_tensors` derives from the ledger header), `read_step_tensors` as the writer wrote it. The manifest is rewritten (atomically) after every
 step, so an interrupted run leaves a checkable bundle. The ledger itself is written by `LedgerWriter`.
 """
 
@@ -20,15 +23,24 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import read_header
+from ..errors import K2Error
 from ..events import StepDone
 from ..safetensors_write import bf16_to_f32, save
 from .derived import file_blake3
-from .schema import LEDGER_NAME, MANIFEST_NAME, TENSORS_DIR, step_tensor_path
+from .schema import LEDGER_NAME, MANIFEST_NAME, TENSORS_DIR, step_tensor_path, strict_loads
+
+# A step file's JSON header is a few kB (one entry per MoE layer); 1 MiB is far above any real one.
+MAX_STEP_HEADER_BYTES = 1 << 20
+# Where the header does not give the model's widths (schema 1 and 2): no step file is larger than this.
+MAX_STEP_FILE_BYTES = 1 << 30
+STEP_DTYPES = {"F32": np.dtype("<f4"), "I32": np.dtype("<i4")}
 
 
 def step_tensors(e: StepDone) -> dict[str, np.ndarray]:
@@ -54,6 +66,94 @@ def read_step_tensors(path: Path) -> dict[str, np.ndarray]:
         arr = np.frombuffer(data, dtypes[info.dtype], info.nbytes // np.dtype(dtypes[info.dtype]).itemsize,
                             info.offset).reshape(info.shape)
         out[name] = bf16_to_f32(arr) if info.dtype == "BF16" else arr
+    return out
+
+
+class StepFileError(K2Error):
+    """A bundle's step file is not what the writer writes (size, header, layout, names or shapes)."""
+
+
+def expected_step_tensors(hidden: int, vocab: int, num_layers: int, moe_layers: list[int], positions: int,
+                          experts_per_token: int, capture: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor a step file holds, from the model's widths and the step's
+    context length (`positions`); `moe_layers` are the layers whose routing was captured."""
+    out = {"hidden": ("F32", (hidden,)), "logits": ("F32", (vocab,))}
+    if capture:
+        out["residuals"] = ("F32", (num_layers + 1, hidden))  # entering layer 0, then leaving each layer
+        for i in moe_layers:
+            out[f"layers.{i}.routing_scores"] = ("F32", (experts_per_token,))
+            out[f"layers.{i}.routed"] = ("I32", (positions, experts_per_token))
+    return out
+
+
+def step_file_bytes(expected: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """The most bytes a step file holding `expected` can take (its data plus the header cap)."""
+    data = sum(4 * int(np.prod(shape, dtype=np.int64)) for _, shape in expected.values())
+    return 8 + MAX_STEP_HEADER_BYTES + data
+
+
+def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] | None,
+                   max_bytes: int = MAX_STEP_FILE_BYTES) -> dict[str, np.ndarray]:
+    """A step file read as untrusted input; raises StepFileError naming what is wrong. `expected`
+    (expected_step_tensors) None checks the layout only."""
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        raise StepFileError(f"{path.name}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise StepFileError(f"{path.name}: not a regular file (a symlink or a directory)")
+    size = info.st_size  # st_size counts a sparse tail too, without reading it
+    if size > max_bytes:
+        raise StepFileError(f"{path.name}: {size:,} bytes, more than the {max_bytes:,} a step of this model "
+                            f"can hold")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) < 8:
+        raise StepFileError(f"{path.name}: {len(data)} bytes, no safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_STEP_HEADER_BYTES or 8 + n > len(data):
+        raise StepFileError(f"{path.name}: header length {n:,} is beyond the file or the cap")
+    try:
+        header = strict_loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StepFileError(f"{path.name}: header is not strict JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise StepFileError(f"{path.name}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    body = memoryview(data)[8 + n:]
+    spans, out = [], {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (dtype in STEP_DTYPES and isinstance(shape, list) and len(entry) == 3
+                  and all(type(d) is int and d >= 0 for d in shape) and type(start) is int and type(end) is int)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise StepFileError(f"{path.name}: tensor {name!r}: not an F32/I32 entry with shape and data_offsets")
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= start <= end <= len(body) or end - start != 4 * count:
+            raise StepFileError(f"{path.name}: tensor {name!r}: data_offsets [{start}, {end}] do not hold "
+                                f"{dtype} {shape} inside the file")
+        spans.append((start, end, name))
+        out[name] = np.frombuffer(body, STEP_DTYPES[dtype], count, start).reshape(shape)
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            raise StepFileError(f"{path.name}: tensor {name!r} starts at {start}, expected {at} (a gap or an "
+                                f"overlap)")
+        at = end
+    if at != len(body):
+        raise StepFileError(f"{path.name}: {len(body) - at:,} bytes after the last tensor")
+    if expected is not None:
+        missing, extra = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
+        if missing or extra:
+            what = f"lacks {missing[0]!r}" if missing else f"has an unexpected tensor {extra[0]!r}"
+            raise StepFileError(f"{path.name}: {what}")
+        for name, (dtype, shape) in expected.items():
+            if header[name]["dtype"] != dtype or tuple(out[name].shape) != tuple(shape):
+                raise StepFileError(f"{path.name}: {name} is {header[name]['dtype']} {list(out[name].shape)}, "
+                                    f"the header's model needs {dtype} {list(shape)}")
     return out
 
 

@@ -3,7 +3,8 @@
 The record builders call them while a run writes and `verify` calls them again to recompute, so a derived
 field or a digest has one definition. Inputs are the float32 logits / routing values the run measured.
 Digests: `tensor_digest` for tensors (LEDGER.md: one function computes every digest), `line_digest` for the
-chain's `prev`, `file_blake3` for a bundle's manifest.
+chain's `prev`, `file_blake3` for a bundle's manifest, `root_digest` for a whole bundle or ledger (what a
+receipt signs and `verify --digest` checks).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import blake3
 import numpy as np
+
+from .schema import MANIFEST_NAME
 
 TOP_K = 16
 
@@ -75,3 +78,9 @@ def file_blake3(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def root_digest(path: Path) -> str:
+    """One BLAKE3 for a whole run: of a bundle's manifest.json bytes (the manifest pins the BLAKE3 of every
+    other file, the ledger and so its footer included), or of a bare ledger file's bytes."""
+    return file_blake3(path / MANIFEST_NAME if path.is_dir() else path)

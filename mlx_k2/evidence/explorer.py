@@ -4,7 +4,8 @@ The page holds everything inline (CSS, JS, the ledger records as JSON) and fetch
 draws a token timeline, the residual norm trajectory (SVG), the layer table of the selected step and the
 expert routing grid, and marks every value with its provenance class from the header's provenance map.
 The header of the page, written here, says whether the ledger is complete or partial and shows the table of
-`verify` checks, run at build time. A ledger without a footer is shown as partial; a final line cut off
+`verify` checks, run at build time, with verify's summary line; given a re-execution (`mlx_k2.replay`) or a
+checked receipt (`receipt.check_receipt`), it shows their results too, step by step and check by check. A ledger without a footer is shown as partial; a final line cut off
 mid-write is skipped and the page says so. It renders what the ledger holds and nothing more: no values
 computed beyond the ledger's own, no interpretation. The ledger is read by `ledger.read_ledger`. Prints
 nothing; the page (its CSS, script and placeholders) is the template `explorer_page.html` beside this module.
@@ -24,7 +25,9 @@ from typing import Any
 from .. import __version__
 from ..errors import K2Error
 from .ledger import Ledger, read_ledger
-from .verify import Report, verify
+from .receipt import ReceiptReport
+from .replayed import Replay, ReplayReport
+from .verify import Check, Report, verify
 
 TEMPLATE = "explorer_page.html"
 # Display names for the header's model_type; anything else is shown as written.
@@ -96,29 +99,59 @@ def _status_html(ledger: Ledger) -> str:
 RESULT = {True: ("pass", "pass"), False: ("FAIL", "fail"), None: ("skip/warn", "skip")}
 
 
-def _verify_html(report: Report | None, error: str | None, bundle: bool) -> str:
-    what = "bundle" if bundle else "ledger"
-    if report is None:
-        return (f'<section id="verify" class="verify" data-ok="error"><h2>verify</h2>'
-                f'<p class="verify-summary fail">verify did not finish on this {what}: {html.escape(error or "")}</p>'
-                f'</section>')
-    failed = sum(c.ok is False for c in report.checks)
-    summary = (f"all {len(report.checks)} checks pass" if failed == 0 else
-               f"{failed} of {len(report.checks)} checks FAIL")
-    if not bundle:
-        summary += " (ledger only; a bundle also recomputes every value from its tensors)"
+def _checks_table(checks: list[Check]) -> str:
     rows = "".join(
         f'<tr class="check-{RESULT[c.ok][1]}" data-check="{html.escape(c.name)}">'
         f'<td class="check-name">{html.escape(c.name)}</td>'
         f'<td class="check-result"><span class="res res-{RESULT[c.ok][1]}">{RESULT[c.ok][0]}</span></td>'
         f'<td class="check-detail">{html.escape(c.detail)}</td></tr>'
-        for c in report.checks)
-    state = "pass" if failed == 0 else "fail"
-    return (f'<section id="verify" class="verify" data-ok="{state}">'
+        for c in checks)
+    return (f'<table class="checks"><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
+
+
+def _replay_html(replay: ReplayReport | None) -> str:
+    if replay is None:
+        return ""
+    rows = "".join(
+        f'<tr class="check-{"pass" if r.ok else "fail"}" data-step="{r.step}">'
+        f'<td>{r.step}</td><td>{r.positions}</td><td>{"" if r.token_id is None else r.token_id}</td>'
+        f'<td class="check-result"><span class="res res-{"pass" if r.ok else "fail"}">'
+        f'{("identical" if replay.exact else "agrees") if r.ok else "DIFFERS"}</span></td>'
+        f'<td>{r.compared:,}</td><td class="check-detail">{html.escape("; ".join(r.differences[:3]))}</td></tr>'
+        for r in replay.results)
+    problems = "".join(f"<li>{html.escape(p)}</li>" for p in replay.identity_problems)
+    return (f'<div id="replay" class="replay" data-ok="{"pass" if replay.ok else "fail"}">'
+            f'<h2>replay <span class="verify-what">re-executed from {html.escape(replay.model_dir)} '
+            f'in {replay.wall_s:.1f} s</span></h2>'
+            f'<p class="verify-summary {"pass" if replay.ok else "fail"}">{html.escape(replay.summary())}</p>'
+            + (f'<ul class="identity-problems">{problems}</ul>' if problems else "")
+            + f'<table class="checks"><thead><tr><th>step</th><th>positions</th><th>token</th><th>result</th>'
+              f'<th>values compared</th><th>differences</th></tr></thead><tbody>{rows}</tbody></table></div>')
+
+
+def _receipt_html(receipt: ReceiptReport | None) -> str:
+    if receipt is None:
+        return ""
+    passes, line = receipt.summary()
+    state = "pass" if passes else "fail"
+    return (f'<div id="receipt" class="receipt" data-ok="{state}">'
+            f'<h2>receipt <span class="verify-what">{html.escape(str(receipt.path))}</span></h2>'
+            f'<p class="verify-summary {state}">{html.escape(line)}</p>{_checks_table(receipt.checks)}</div>')
+
+
+def _verify_html(report: Report | None, error: str | None, bundle: bool, receipt: ReceiptReport | None = None) -> str:
+    what = "bundle" if bundle else "ledger"
+    if report is None:
+        return (f'<section id="verify" class="verify" data-ok="error"><h2>verify</h2>'
+                f'<p class="verify-summary fail">verify did not finish on this {what}: {html.escape(error or "")}</p>'
+                f'</section>')
+    proven, summary = report.summary()
+    state = "pass" if report.ok else "fail"
+    return (f'<section id="verify" class="verify" data-ok="{state}" data-proven="{"yes" if proven else "no"}">'
             f'<h2>verify <span class="verify-what">{what}, run when this page was built</span></h2>'
-            f'<p class="verify-summary {state}">{html.escape(summary)}</p>'
-            f'<table class="checks"><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead>'
-            f'<tbody>{rows}</tbody></table></section>')
+            f'<p class="verify-summary {"pass" if proven else "fail"}">{html.escape(summary)}</p>'
+            f'{_checks_table(report.checks)}{_replay_html(report.replay)}{_receipt_html(receipt)}</section>')
 
 
 def _meta_html(ledger: Ledger) -> str:
@@ -153,8 +186,10 @@ def _notes_html(notes: list[str]) -> str:
     return f'<div id="read-notes" class="notes"><strong>Read notes</strong><ul>{items}</ul></div>'
 
 
-def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) -> str:
-    """The explorer page (HTML) for a ledger file or a bundle directory."""
+def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=None, replay: Replay | None = None,
+                   receipt: ReceiptReport | None = None) -> str:
+    """The explorer page (HTML) for a ledger file or a bundle directory; `replay` and `receipt`, when given,
+    are shown with verify's checks."""
     ledger = read_ledger(path)
     if ledger.header is None:
         raise ExplorerError(f"{ledger.ledger_path}: not a ledger (line 1 is not a readable header)")
@@ -166,7 +201,7 @@ def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=
                                  notes=notes)
     report, verify_error = None, None
     try:
-        report = verify(ledger.path, anchors_dir, tokenizer)
+        report = verify(ledger.path, anchors_dir, tokenizer, replay=replay)
     except K2Error as e:
         verify_error = str(e)
     except Exception as e:  # noqa: BLE001  verify's own bug on an odd ledger: show it, still render the ledger
@@ -179,7 +214,7 @@ def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=
         "STATUS": _status_html(ledger),
         "META": _meta_html(ledger),
         "NOTES": _notes_html(ledger.notes),
-        "VERIFY": _verify_html(report, verify_error, ledger.bundle),
+        "VERIFY": _verify_html(report, verify_error, ledger.bundle, receipt),
         "VERSION": html.escape(__version__),
         "DATA": _json_for_script(data),
     })

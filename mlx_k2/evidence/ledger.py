@@ -19,6 +19,10 @@ from ..errors import K2Error
 from .derived import line_digest
 from .schema import LEDGER_NAME, ledger_file
 
+# A ledger line is ~40 kB for K2.5's 61 layers; a million-token run stays under this. A larger file is not
+# one this writer made, and is refused before it is read, so a crafted file cannot exhaust memory.
+MAX_LEDGER_BYTES = 1 << 30
+
 
 class LedgerWriteError(K2Error):
     """A ledger line could not be written; the file was cut back to its last whole line."""
@@ -147,6 +151,10 @@ def read_ledger(path: str | Path) -> Ledger:
     if not ledger_path.is_file():
         raise LedgerReadError(f"{path}: a directory without {LEDGER_NAME} (not a bundle)")
     try:
+        size = ledger_path.stat().st_size
+        if size > MAX_LEDGER_BYTES:
+            raise LedgerReadError(f"{ledger_path}: {size:,} bytes, more than the {MAX_LEDGER_BYTES:,} a ledger "
+                                  "can hold; not read")
         data = ledger_path.read_bytes()
     except OSError as e:
         raise LedgerReadError(f"{ledger_path}: cannot read ({e.strerror})") from None

@@ -15,20 +15,30 @@ from typing import Any
 import numpy as np
 
 from ..events import LayerDone, StepDone
-from .derived import entropy, margin, tensor_digest, top16
-from .schema import PROVENANCE, SCHEMA
+from .derived import entropy, file_blake3, margin, tensor_digest, top16
+from .schema import MODEL_FACTS, PROVENANCE, SCHEMA, TOKENIZER_FILE
+
+
+def model_facts(model_dir: Path, text) -> dict[str, Any]:
+    """The header's schema-3 model facts (schema.MODEL_FACTS) from a text config (config.TextConfig) and the
+    checkpoint's tokenizer file: what verify's structural checks need without the model."""
+    tokenizer = Path(model_dir) / TOKENIZER_FILE
+    facts = {name: getattr(text, name) for name in MODEL_FACTS if name != "tokenizer_blake3"}
+    facts["tokenizer_blake3"] = file_blake3(tokenizer) if tokenizer.is_file() else None
+    return facts
 
 
 def header_record(model_dir: Path, identity: dict[str, str], model_type: str, num_layers: int,
                   n_routed_experts: int, experts_per_token: int, prompt_ids: list[int], max_new_tokens: int,
-                  capture: bool, device: str, versions: dict[str, str], kernels: str) -> dict[str, Any]:
+                  capture: bool, device: str, versions: dict[str, str], kernels: str,
+                  facts: dict[str, Any]) -> dict[str, Any]:
     """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given; `kernels` names the matmul
-    kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`)."""
+    kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`); `facts` is `model_facts`."""
     return {
         "kind": "header", "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "model": {"path": str(model_dir), "model_type": model_type, "num_layers": num_layers,
-                  "n_routed_experts": n_routed_experts, "experts_per_token": experts_per_token, **identity},
+                  "n_routed_experts": n_routed_experts, "experts_per_token": experts_per_token, **identity, **facts},
         "run": {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": False,
                 "capture": capture, "backend": "mlx", "device": device, "compute_dtype": "float32",
                 "kernels": kernels, "versions": dict(versions)},

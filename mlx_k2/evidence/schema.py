@@ -7,13 +7,28 @@ from here. This module builds, reads and checks nothing beyond testing one JSON 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "mlx-k2.ledger/2"
-SCHEMAS = ("mlx-k2.ledger/1", SCHEMA)  # every version verify reads (LEDGER.md: schema 2 adds fields only)
+SCHEMA = "mlx-k2.ledger/3"
+# Every version verify reads; each adds fields only. 2: header run.kernels. 3: the model facts the structural
+# checks need, in header `model` (MODEL_FACTS): vocab_size, hidden_size, eos_token_id, bos_token_id,
+# first_k_dense_replace, moe_layer_freq (which layers are MoE) and tokenizer_blake3 (BLAKE3 of the
+# checkpoint's tiktoken.model, or null where it has none).
+SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", SCHEMA)
+MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
+               "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
+               "tokenizer_blake3": (str, type(None))}
+TOKENIZER_FILE = "tiktoken.model"  # the file tokenizer_blake3 hashes
+
+
+def schema_number(header: dict) -> int:
+    """1, 2, 3...: the version number of a header's schema (0 when it is not one verify reads)."""
+    name = header.get("schema")
+    return SCHEMAS.index(name) + 1 if name in SCHEMAS else 0
 # header run.kernels: which matmul kernels ran. Schema 1 ledgers (before the field) ran MLX's built-ins.
 BUILTIN_KERNELS = "mlx-builtin"
 
@@ -62,6 +77,30 @@ def has_type(value: Any, kind: Any) -> bool:
     if float in kinds and isinstance(value, float) and not math.isfinite(value):
         return False
     return isinstance(value, kinds)
+
+
+class StrictJSONError(ValueError):
+    """JSON that a lenient parser would accept but readers disagree on: a repeated key, NaN or Infinity."""
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            # Python's json keeps the last value, other readers the first: the line means two things.
+            raise StrictJSONError(f"key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not JSON")
+
+
+def strict_loads(data: bytes | str) -> Any:
+    """Parse JSON as RFC 8259 has it: no repeated keys in an object, no NaN / Infinity (the writer emits
+    neither, so either means the file was edited). Raises ValueError (StrictJSONError for these two)."""
+    return json.loads(data, object_pairs_hook=_no_repeats, parse_constant=_no_constant)
 
 
 # A bundle directory: the ledger, one tensor file per step, and a manifest of both (see bundle.py).

@@ -1,4 +1,5 @@
-"""Check a ledger or a bundle: structure, chain, manifest, recomputed values, context, anchor.
+"""Check a ledger or a bundle: structure, chain, manifest, tensors, recomputed values, context, anchor,
+and (given a re-execution from `mlx_k2.replay`) the replay; then say in one line what that proves.
 
 Each check is a named row (pass, fail, or skipped/warned with a reason). The ledger is read by
 `ledger.read_ledger`, which keeps every line; deciding which of them is a failure happens here. On a bundle,
@@ -6,29 +7,44 @@ every derived value and digest is recomputed from the saved tensors with the sam
 (`derived.py`), and the measured values that have a saved witness (token and logit from the logits, norms
 from the residuals, experts from the routing) are checked against it; so a forgery that rewrites the chain
 and the manifest consistently is still caught. A ledger without a footer is reported as partial and still
-checked. Prints nothing.
+checked. Structural checks need no model: strict JSON (no repeated keys, no NaN/Infinity), types, the
+tensors' shapes against the header's model widths, MoE layers carrying experts, a complete run ending at
+max_new_tokens or EOS, no negative bytes or times, manifest paths inside the bundle, no symlinks, no
+trailing bytes, size caps. What the checks cannot prove without re-execution (a value forged together with
+its tensors, chain and manifest) is what `summary` states: "consistent, not re-executed" unless a replay
+was given; strict by default, a run with no applicable anchor and no replay, an anchor compared only in
+part, or a text check that could not run does not pass. Prints nothing.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from ..errors import K2Error
 from .anchors import Anchor, compare, find_anchor, load_anchors
-from .bundle import read_step_tensors
+from .bundle import MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
-                      tensor_digest, top16)
+                      root_digest, tensor_digest, top16)
 from .ledger import read_ledger
-from .schema import (BUILTIN_KERNELS, FOOTER_FIELDS, LAYER_FIELDS, LEDGER_NAME, MANIFEST_NAME, PROVENANCE, SCHEMAS,
-                     STEP_FIELDS, has_type, step_tensor_path)
+from .replayed import Replay, ReplayReport, compare_replay
+from .schema import (BUILTIN_KERNELS, FOOTER_FIELDS, LAYER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
+                     PROVENANCE, SCHEMAS, STEP_FIELDS, TOKENIZER_FILE, ListOf, has_type, schema_number,
+                     step_tensor_path, strict_loads)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
 FLOAT_RTOL = 1e-9
+# A manifest lists a ledger and one file per step: a few kB per hundred steps.
+MAX_MANIFEST_BYTES = 16 << 20
+MODEL_FIELDS = {"path": str, "model_type": str, "num_layers": int, "n_routed_experts": int, "experts_per_token": int,
+                "config_blake3": str, "index_blake3": str}
+RUN_FIELDS = {"prompt_ids": ListOf(int), "max_new_tokens": int, "kv_cache": bool, "capture": bool, "backend": str,
+              "device": str, "compute_dtype": str, "versions": dict}
 
 
 @dataclass
@@ -55,6 +71,11 @@ class Report:
     checks: list[Check]
     steps: int
     partial: bool
+    bundle: bool = False
+    anchor: str = "none"              # step 0 against an anchor: matched, partial, none, failed, no-steps
+    anchor_name: str | None = None
+    text_unchecked: str = ""          # why token_text could not be checked ("" when it was, or there is none)
+    replay: ReplayReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -63,13 +84,56 @@ class Report:
     def check(self, name: str) -> Check:
         return next(c for c in self.checks if c.name == name)
 
+    @property
+    def replayed(self) -> bool:
+        return self.replay is not None and self.replay.ok
+
+    @property
+    def gaps(self) -> list[str]:
+        """What this verification could not establish, each a reason a strict verify does not pass."""
+        gaps = []
+        if not self.replayed and self.steps:
+            if self.anchor == "none":
+                gaps.append("no anchor applies to this checkpoint and prompt, and nothing was re-executed "
+                            "(--replay --model DIR re-executes)")
+            elif self.anchor == "partial":
+                gaps.append(f"anchor {self.anchor_name} compared only in part (recorded on another platform), "
+                            "and nothing was re-executed (--replay --model DIR re-executes)")
+        if self.text_unchecked:
+            gaps.append(f"token_text not checked: {self.text_unchecked}")
+        return gaps
+
+    def summary(self, lenient: bool = False) -> tuple[bool, str]:
+        """(passes, the one line that says exactly what was proven)."""
+        if not self.ok:
+            bad = [c.name for c in self.checks if c.ok is False]
+            return False, f"verification FAILED: {len(bad)} of {len(self.checks)} checks fail ({', '.join(bad)})"
+        state = "partial: no footer" if self.partial else "complete"
+        what = f"{self.steps} step{'s' if self.steps != 1 else ''} ({state}), all {len(self.checks)} checks pass"
+        if self.replayed:
+            line = f"{self.replay.summary()}; {what}"
+        else:
+            kind = "consistent" if self.bundle else "consistent as a ledger (no tensors to recompute from)"
+            line = f"{kind}, not re-executed: {what}"
+            if self.anchor == "matched":
+                line += f"; step 0 matches anchor {self.anchor_name}"
+        gaps = self.gaps
+        if gaps and not lenient:
+            return False, f"NOT PROVEN ({'; '.join(gaps)}; --lenient accepts): {line}"
+        if gaps:
+            return True, f"{line} (lenient: {'; '.join(gaps)})"
+        return True, line
+
 
 def _close(a: float, b: float) -> bool:
     return a == b or math.isclose(a, b, rel_tol=FLOAT_RTOL, abs_tol=0.0)
 
 
-def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) -> Report:
-    """Every check on the ledger file or bundle directory at `path`; raises only when it holds no ledger."""
+def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
+           replay: Replay | None = None, digest: str | None = None) -> Report:
+    """Every check on the ledger file or bundle directory at `path`; raises only when it holds no ledger.
+    `tokenizer` (tokenizer.Tokenizer) checks token_text; `replay` (mlx_k2.replay) adds identity and replay;
+    `digest` (a published root digest, hex) adds a check that this is the run it names."""
     ledger = read_ledger(path)
     path, bundle = ledger.path, ledger.bundle
     # A blank line in a whole file is passed over; in a file cut off mid-write every line counts.
@@ -80,6 +144,11 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
     for line in lines:
         if line.record is None:
             parse.fail(f"line {line.number}: not a JSON object ({line.problem})")
+        else:
+            try:
+                strict_loads(line.raw)
+            except ValueError as e:  # a repeated key or NaN/Infinity: readers disagree on what it says
+                parse.fail(f"line {line.number}: {e}")
     if ledger.cut_off:
         parse.fail(f"line {lines[-1].number}: has no newline (truncated write)")
     for before, line, rec in zip(lines, lines[1:], records[1:]):
@@ -97,9 +166,8 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
     if not isinstance(model, dict) or not isinstance(run, dict):
         schema.fail("header: 'model' and 'run' must be objects")
         model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
-    for key in ("num_layers", "n_routed_experts", "experts_per_token"):
-        if not has_type(model.get(key), int):
-            schema.fail(f"header: model.{key} missing")
+    version = schema_number(header)
+    _check_header(schema, model, run, version)
     # Only well-formed records go on to the checks below; the malformed ones fail `schema` here.
     steps: list[dict] = []
     footer = None
@@ -119,7 +187,6 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
         elif rec:
             schema.fail(f"{where}: unknown kind {kind!r}")
     if not isinstance(run.get("prompt_ids"), list):
-        schema.fail("header: run.prompt_ids is not a list")
         run = {**run, "prompt_ids": []}
 
     checks = [parse, schema, chain]
@@ -127,26 +194,62 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None) ->
         checks.append(_check_manifest(path, len(steps)))
     checks.append(_check_context(run, steps))
     checks.append(_check_totals(steps, footer))
-    checks.append(_check_layers(model, steps))
-    tensors = {}
+    checks.append(_check_layers(model, run, steps, version))
+    tensors: dict = {}
     if bundle:
-        for s in steps:
-            p = path / step_tensor_path(s.get("step", -1))
-            try:
-                tensors[s.get("step")] = read_step_tensors(p)
-            except (K2Error, OSError, KeyError, ValueError):
-                tensors[s.get("step")] = None
-    checks += _check_recomputed(steps, tensors, bundle, tokenizer)
-    checks.append(_check_anchor(header, steps, anchors_dir))
-    complete = Check("complete")
-    if footer is None:
-        complete.ok, complete.detail = None, "partial: no footer (the run did not end normally)"
-    elif footer.get("status") != "complete":
-        complete.ok, complete.detail = None, f"run ended {footer.get('status')}: {footer.get('error')}"
-    else:
-        complete.detail = f"{len(steps)} steps, footer complete"
-    checks.append(complete)
-    return Report(path, [c.finish() for c in checks], len(steps), footer is None)
+        shapes = Check("tensors")
+        tensors = _read_tensors(path, model, run, steps, shapes)
+        checks.append(shapes)
+    text_unchecked = _tokenizer_problem(model, steps, tokenizer)
+    recomputed = _check_recomputed(steps, tensors, bundle, None if text_unchecked else tokenizer)
+    if text_unchecked and any(s.get("token_text") is not None for s in steps):
+        recomputed[0].detail = "; ".join(filter(None, [recomputed[0].detail, f"token_text not checked: "
+                                                       f"{text_unchecked}"]))
+    checks += recomputed
+    anchor = _check_anchor(header, steps, anchors_dir)
+    checks.append(anchor)
+    checks.append(_check_complete(model, run, steps, footer))
+    if digest is not None:
+        published = Check("digest")
+        ours = root_digest(path)
+        if digest.strip().lower() != ours:
+            published.fail(f"root digest {ours} is not the published {digest.strip()}")
+        else:
+            published.detail = f"root digest {ours} (BLAKE3 of {MANIFEST_NAME if bundle else 'the ledger'})"
+        checks.append(published)
+    report_replay = None
+    if replay is not None:
+        report_replay = compare_replay(header, steps, tensors if bundle else None, replay)
+        checks += _replay_checks(report_replay)
+    text_gap = text_unchecked if any(s.get("token_text") is not None for s in steps) else ""
+    if report_replay is not None and report_replay.covers_text:
+        text_gap = ""  # replay re-made every token_text with the checkpoint's tokenizer
+    return Report(path, [c.finish() for c in checks], len(steps), footer is None, bundle,
+                  getattr(anchor, "state", "none"), getattr(anchor, "anchor_name", None), text_gap, report_replay)
+
+
+def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
+    """Types of the header fields the checks rely on; schema 3 adds the model facts (MODEL_FACTS)."""
+    for name, kind in MODEL_FIELDS.items():
+        if not has_type(model.get(name), kind):
+            schema.fail(f"header: model.{name} missing or not {getattr(kind, '__name__', kind)}")
+    for name, kind in RUN_FIELDS.items():
+        if not has_type(run.get(name), kind):
+            schema.fail(f"header: run.{name} missing or of the wrong type")
+    if version >= 2 and not has_type(run.get("kernels"), str):
+        schema.fail("header: run.kernels missing or not a string")
+    if version >= 3:
+        for name, kind in MODEL_FACTS.items():
+            if name not in model or not has_type(model[name], kind):
+                schema.fail(f"header: model.{name} missing or of the wrong type (schema 3)")
+    for name in ("num_layers", "n_routed_experts", "experts_per_token", "vocab_size", "hidden_size",
+                 "moe_layer_freq"):
+        if has_type(model.get(name), int) and model[name] < 1:
+            schema.fail(f"header: model.{name} is {model[name]}, must be at least 1")
+    if has_type(run.get("max_new_tokens"), int) and run["max_new_tokens"] < 1:
+        schema.fail(f"header: run.max_new_tokens is {run['max_new_tokens']}, must be at least 1")
+    if run.get("device") not in (None, "cpu", "gpu"):
+        schema.fail(f"header: run.device {run.get('device')!r} is not cpu or gpu")
 
 
 def _check_fields(check: Check, rec: dict, fields: dict, where: str) -> bool:
@@ -167,24 +270,54 @@ def _check_fields(check: Check, rec: dict, fields: dict, where: str) -> bool:
 
 def _check_manifest(path: Path, n_steps: int) -> Check:
     check = Check("manifest")
+    manifest = path / MANIFEST_NAME
     try:
-        files = json.loads((path / MANIFEST_NAME).read_bytes())["files"]
+        info = os.lstat(manifest)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{info.st_size:,} bytes, more than {MAX_MANIFEST_BYTES:,}")
+        files = strict_loads(manifest.read_bytes())["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise ValueError("'files' is not an object of BLAKE3 hex strings")
     except (OSError, ValueError, KeyError, TypeError) as e:
         check.fail(f"{MANIFEST_NAME}: unreadable ({e})")
         return check
+    for link in _symlinks(path):
+        check.fail(f"{link}: a symlink (a bundle holds its files itself)")
+    inside = {}
+    for name in files:
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in name or name != pure.as_posix():
+            check.fail(f"{name!r}: a manifest path that is absolute, climbs out with '..' or is not plain POSIX")
+        else:
+            inside[name] = files[name]
     expected = {LEDGER_NAME} | {step_tensor_path(k) for k in range(n_steps)}
     for name in sorted(expected - set(files)):
         check.fail(f"{name}: not in the manifest")
-    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    present = set()
+    for root, dirs, names in os.walk(path):  # never follows a symlinked directory
+        for n in names:
+            present.add((Path(root) / n).relative_to(path).as_posix())
+    present -= {MANIFEST_NAME}
     for name in sorted(present - set(files)):
         check.fail(f"{name}: in the bundle but not in the manifest")
-    for name, digest in sorted(files.items()):
+    for name, digest in sorted(inside.items()):
         p = path / name
-        if not p.is_file():
+        if p.is_symlink() or not p.is_file():
             check.fail(f"{name}: listed in the manifest but missing")
         elif file_blake3(p) != digest:
             check.fail(f"{name}: BLAKE3 differs from the manifest")
     return check
+
+
+def _symlinks(path: Path) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(path):
+        for n in dirs + names:
+            if (Path(root) / n).is_symlink():
+                found.append((Path(root) / n).relative_to(path).as_posix())
+    return sorted(found)
 
 
 def _check_context(run: dict, steps: list[dict]) -> Check:
@@ -206,11 +339,19 @@ def _check_totals(steps: list[dict], footer: dict | None) -> Check:
     check = Check("totals")
     for s in steps:
         layers = s.get("layers") or []
+        for where, rec in [(f"step {s.get('step')}", s)] + [(f"step {s.get('step')} layer {x.get('layer')}", x)
+                                                            for x in layers if isinstance(x, dict)]:
+            for name in ("bytes_read", "wall_s"):
+                if isinstance(rec.get(name), (int, float)) and rec[name] < 0:
+                    check.fail(f"{where}: {name} {rec[name]} is negative")
         layer_bytes = sum(x.get("bytes_read", 0) for x in layers if isinstance(x, dict))
         if isinstance(s.get("bytes_read"), int) and layer_bytes > s["bytes_read"]:
             check.fail(f"step {s.get('step')}: layers read {layer_bytes} bytes, more than the step's "
                        f"{s['bytes_read']}")
     if footer is not None:
+        for name in ("bytes_read", "wall_s"):
+            if isinstance(footer.get(name), (int, float)) and footer[name] < 0:
+                check.fail(f"footer: {name} {footer[name]} is negative")
         if footer.get("steps") != len(steps):
             check.fail(f"footer: steps {footer.get('steps')} but {len(steps)} step lines")
         total = sum(s.get("bytes_read", 0) for s in steps if isinstance(s.get("bytes_read"), int))
@@ -228,9 +369,19 @@ def _check_totals(steps: list[dict], footer: dict | None) -> Check:
     return check
 
 
-def _check_layers(model: dict, steps: list[dict]) -> Check:
+def moe_layers(model: dict, n_layers: int) -> list[int] | None:
+    """The MoE layers by the header's facts (schema 3), None where the header does not say."""
+    first, freq = model.get("first_k_dense_replace"), model.get("moe_layer_freq")
+    if not has_type(first, int) or not has_type(freq, int) or freq < 1:
+        return None
+    return [i for i in range(n_layers) if i >= first and i % freq == 0]
+
+
+def _check_layers(model: dict, run: dict, steps: list[dict], version: int) -> Check:
     check = Check("layers")
     n_layers, n_experts, k = model.get("num_layers"), model.get("n_routed_experts"), model.get("experts_per_token")
+    moe = moe_layers(model, n_layers) if isinstance(n_layers, int) else None
+    capture = run.get("capture") is not False
     for s in steps:
         step, layers = s.get("step"), [x for x in (s.get("layers") or []) if isinstance(x, dict)]
         if len(layers) != n_layers:
@@ -241,15 +392,84 @@ def _check_layers(model: dict, steps: list[dict]) -> Check:
                 check.fail(f"{where}: out of order (position {i})")
             if x.get("kind") not in ("dense", "moe"):
                 check.fail(f"{where}: kind {x.get('kind')!r}")
+            elif moe is not None and (x["kind"] == "moe") != (i in moe):
+                check.fail(f"{where}: kind {x['kind']!r}, the header's first_k_dense_replace/moe_layer_freq "
+                           f"make it {'moe' if i in moe else 'dense'}")
             experts = x.get("experts")
             if x.get("kind") == "dense" and (experts is not None or x.get("unique_experts") is not None):
                 check.fail(f"{where}: a dense layer with experts")
+            if capture and x.get("kind") == "moe" and (experts is None or x.get("routing_weights") is None
+                                                       or x.get("unique_experts") is None):
+                check.fail(f"{where}: a MoE layer of a captured run without experts, routing_weights or "
+                           "unique_experts")
+            if capture and (x.get("norm_in") is None or x.get("norm_out") is None):
+                check.fail(f"{where}: a captured run without norm_in/norm_out")
             if experts is not None and (len(experts) != k or experts != sorted(set(experts))
                                         or not all(isinstance(e, int) and 0 <= e < n_experts for e in experts)):
                 check.fail(f"{where}: experts must be {k} distinct ascending ids below {n_experts}")
+            unique = x.get("unique_experts")
+            if isinstance(unique, int) and experts is not None and isinstance(k, int) and isinstance(n_experts, int):
+                positions = len(s.get("input_ids") or [])
+                if not k <= unique <= min(n_experts, k * positions):
+                    check.fail(f"{where}: unique_experts {unique} outside {k}..{min(n_experts, k * positions)}")
             if i + 1 < len(layers) and x.get("norm_out") != layers[i + 1].get("norm_in"):
                 check.fail(f"{where}: norm_out differs from the next layer's norm_in")
+    if moe is None and version < 3:
+        check.detail = f"schema {version}: the header does not say which layers are MoE"
     return check
+
+
+def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: Check) -> dict:
+    """Every step's tensor file, read as untrusted input against the shapes the header's model needs."""
+    hidden, vocab, n_layers = model.get("hidden_size"), model.get("vocab_size"), model.get("num_layers")
+    k = model.get("experts_per_token")
+    widths = all(has_type(v, int) for v in (hidden, vocab, n_layers, k))
+    if not widths:
+        check.detail = "the header does not give hidden_size/vocab_size (schema < 3): layout checked, shapes " \
+                       "against step 0's"
+    capture = run.get("capture") is not False
+    moe = moe_layers(model, n_layers) if isinstance(n_layers, int) else None
+    tensors: dict = {}
+    first: dict | None = None
+    for s in steps:
+        step = s.get("step")
+        p = path / step_tensor_path(step if isinstance(step, int) else -1)
+        expected, cap = None, MAX_STEP_FILE_BYTES
+        if widths:
+            layers = moe if moe is not None else [x.get("layer") for x in s.get("layers") or []
+                                                  if isinstance(x, dict) and x.get("experts") is not None]
+            expected = expected_step_tensors(hidden, vocab, n_layers, layers, len(s.get("input_ids") or []), k,
+                                             capture)
+            cap = step_file_bytes(expected)
+        try:
+            t = read_step_file(p, expected, cap)
+        except K2Error as e:
+            check.fail(f"step {step}: {e}")
+            tensors[step] = None
+            continue
+        if expected is None:
+            # Schema 1/2: shapes must at least agree with each other and with the ledger.
+            first = first or {n: a.shape for n, a in t.items() if n in ("hidden", "logits")}
+            for n, shape in first.items():
+                if t.get(n) is None or t[n].shape != shape:
+                    check.fail(f"step {step}: {n} shape differs from step 0's")
+            res = t.get("residuals")
+            if res is not None and (res.ndim != 2 or res.shape[0] != len(s.get("layers") or []) + 1
+                                    or res.shape[1:] != t["hidden"].shape):
+                check.fail(f"step {step}: residuals shape {list(res.shape)} is not (layers + 1, hidden)")
+        tensors[step] = t
+    return tensors
+
+
+def _tokenizer_problem(model: dict, steps: list[dict], tokenizer) -> str:
+    """Why token_text cannot be checked with `tokenizer` ("" when it can, or when there is none to check)."""
+    if tokenizer is None:
+        return "no tokenizer (give --model DIR, the checkpoint with its tiktoken.model)"
+    recorded = model.get("tokenizer_blake3")
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if isinstance(recorded, str) and vocab_file is not None and file_blake3(Path(vocab_file)) != recorded:
+        return f"{vocab_file} is not the {TOKENIZER_FILE} the header names (its BLAKE3 differs)"
+    return ""
 
 
 def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer) -> list[Check]:
@@ -340,8 +560,20 @@ def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured
             derived.fail(f"{where}: unique_experts differs from the saved routing")
 
 
-def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> Check:
-    check = Check("anchor")
+class AnchorCheck(Check):
+    """The anchor row, with what it established for the summary."""
+
+    state: str = "none"               # matched, partial, none, failed, no-steps
+    anchor_name: str | None = None
+
+
+# Header model facts and the anchor's `model` signature, by their names in each.
+SIGNATURE = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "n_routed_experts": "n_routed_experts",
+             "vocab_size": "vocab_size", "model_type": "model_type"}
+
+
+def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> AnchorCheck:
+    check = AnchorCheck("anchor")
     model, run = header.get("model"), header.get("run")
     model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     identity = {"config_blake3": model.get("config_blake3"), "index_blake3": model.get("index_blake3")}
@@ -349,20 +581,88 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
     kernels = run.get("kernels", BUILTIN_KERNELS)  # schema 1 ledgers ran MLX's built-ins
     if not isinstance(kernels, str):
         check.fail(f"header: run.kernels is {type(kernels).__name__}, expected a string")
+        check.state = "failed"
         return check
     anchor: Anchor | None = find_anchor(anchors, identity, {}, run.get("prompt_ids") or [], run.get("device"),
                                         kernels=kernels)
     if anchor is None:
         check.ok, check.detail = None, "no anchor for this checkpoint and prompt"
         return check
+    check.anchor_name = anchor.name
+    # The anchor knows this checkpoint's shape: a header that shrinks the model (a 60-layer ledger of a
+    # 61-layer checkpoint) contradicts it without the model at hand.
+    signature = anchor.data.get("model") if isinstance(anchor.data.get("model"), dict) else {}
+    for ours, theirs in SIGNATURE.items():
+        if ours in model and theirs in signature and model[ours] != signature[theirs]:
+            check.fail(f"header: model.{ours} {model[ours]!r}, but anchor {anchor.name} says this checkpoint "
+                       f"has {signature[theirs]!r}")
     if not steps:
-        check.ok, check.detail = None, f"{anchor.name}: no step to compare"
+        check.ok, check.detail, check.state = (None if check.ok else False), f"{anchor.name}: no step to compare", \
+            "no-steps"
         return check
     s = steps[0]
     observed = {f: s.get(f) for f in ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")}
-    for row in compare(anchor, observed, run.get("backend"), run.get("device"), run.get("compute_dtype"), kernels):
+    rows = compare(anchor, observed, run.get("backend"), run.get("device"), run.get("compute_dtype"), kernels)
+    for row in rows:
         if row.ok is False:
             check.fail(f"step 0 {row.field}: {row.observed!r}, anchor {anchor.name} has {row.expected!r}")
-    if check.ok:
-        check.detail = f"step 0 matches {anchor.name}"
+    skipped = [row for row in rows if row.ok is None]
+    if check.ok is False:
+        check.state = "failed"
+    elif skipped:
+        compared = [row.field for row in rows if row.ok is True]
+        check.ok, check.state = None, "partial"
+        check.detail = (f"step 0 matches {anchor.name} only in part: {', '.join(compared)} compared; "
+                        f"{', '.join(r.field for r in skipped)} not ({skipped[0].note})")
+    else:
+        check.state, check.detail = "matched", f"step 0 matches {anchor.name}"
     return check
+
+
+def _check_complete(model: dict, run: dict, steps: list[dict], footer: dict | None) -> Check:
+    """A complete run generated max_new_tokens tokens or stopped at EOS, and generated nothing after EOS."""
+    complete = Check("complete")
+    eos, max_new = model.get("eos_token_id"), run.get("max_new_tokens")
+    eos_known = "eos_token_id" in model
+    for s in steps[:-1]:
+        if eos_known and eos is not None and s.get("token_id") == eos:
+            complete.fail(f"step {s.get('step')}: generated EOS ({eos}), yet the run went on")
+    if footer is None:
+        complete.ok, complete.detail = (None if complete.ok else False), "partial: no footer (the run did not end " \
+                                                                         "normally)"
+        return complete
+    if footer.get("status") != "complete":
+        if complete.ok:
+            complete.ok, complete.detail = None, f"run ended {footer.get('status')}: {footer.get('error')}"
+        return complete
+    ended_at_eos = bool(steps) and eos is not None and steps[-1].get("token_id") == eos
+    if isinstance(max_new, int) and len(steps) < max_new and not ended_at_eos:
+        if eos_known:
+            complete.fail(f"footer complete after {len(steps)} of max_new_tokens {max_new} steps, and the last "
+                          f"token is not EOS {eos}")
+        elif complete.ok:
+            complete.ok = None
+            complete.detail = (f"{len(steps)} of max_new_tokens {max_new} steps: the header (schema < 3) has no "
+                               "eos_token_id to tell whether it ended at EOS")
+            return complete
+    if complete.ok:
+        complete.detail = f"{len(steps)} steps, footer complete" + (" (ended at EOS)" if ended_at_eos else "")
+    return complete
+
+
+def _replay_checks(report: ReplayReport) -> list[Check]:
+    identity, replay = Check("identity"), Check("replay")
+    for problem in report.identity_problems:
+        identity.fail(f"{report.model_dir}: {problem}")
+    if identity.ok:
+        identity.detail = f"{report.model_dir} is the checkpoint the header names"
+    for r in report.results:
+        for d in r.differences:
+            replay.fail(d)
+    if replay.ok and not report.results and not report.identity_problems:
+        replay.fail("nothing was re-executed")
+    if report.identity_problems:
+        replay.fail("not re-executed: another checkpoint")
+    if replay.ok:
+        replay.detail = report.summary()
+    return [identity, replay]

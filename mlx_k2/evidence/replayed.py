@@ -1,0 +1,222 @@
+"""Comparing a re-execution with what a ledger records: the replay's verdict, without MLX.
+
+`mlx_k2.replay` re-executes chosen steps from the checkpoint (that needs MLX) and hands back a `Replay`:
+the checkpoint it opened (identity and model facts), the platform it ran on, and per step the record and
+tensors the run's own builders (`records.step_record`, `bundle.step_tensors`) make from the re-executed
+step. `compare_replay` holds them against the ledger's header, step lines and saved tensors: bit for bit
+where backend, device, compute dtype and kernels equal the header's; otherwise ids, tokens, experts and
+bytes exactly, floats within CROSS_PLATFORM_RTOL, digests not compared (they hash the floats), and the
+result says which. Wall times are never compared (they are not a property of the computation). Prints
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .anchors import kernel_key
+from .schema import BUILTIN_KERNELS, MODEL_FACTS
+
+# README: the product's kernels and MLX's agree within 1e-5 relative on the logits; 10x headroom, taken
+# relative to the larger magnitude (and at least 1, so values near 0 compare absolutely).
+CROSS_PLATFORM_RTOL = 1e-4
+IGNORED = frozenset({"prev", "wall_s"})
+DIGESTS = frozenset({"hidden_digest", "logits_digest"})
+# Header facts the opened checkpoint must agree with (schema 1/2 headers lack the MODEL_FACTS ones).
+IDENTITY = ("config_blake3", "index_blake3", "model_type", "num_layers", "n_routed_experts", "experts_per_token",
+            *MODEL_FACTS)
+PLATFORM = ("backend", "device", "compute_dtype", "kernels")
+
+
+@dataclass
+class ReplayedStep:
+    step: int
+    record: dict[str, Any] | None          # the re-executed step's record (no `prev`), None when it could not run
+    tensors: dict[str, np.ndarray] | None  # its bundle tensors
+    error: str = ""                        # why it could not run
+
+
+@dataclass
+class Replay:
+    """What `mlx_k2.replay.replay` re-executed, and where."""
+
+    model_dir: str
+    identity: dict[str, Any]      # IDENTITY of the opened checkpoint (same names as the header's model)
+    platform: dict[str, str]      # PLATFORM it ran on
+    steps: list[ReplayedStep]
+    wall_s: float
+
+
+@dataclass
+class StepResult:
+    step: int
+    ok: bool
+    positions: int                # context length the step recomputed
+    token_id: int | None          # the re-executed token
+    compared: int                 # values compared (fields and tensor elements)
+    differences: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReplayReport:
+    model_dir: str
+    exact: bool                   # bit for bit (same platform) or within tolerance
+    platform: str                 # what it ran on, as one phrase
+    why: str                      # when not exact: how the recorded platform differs
+    identity_problems: list[str]
+    results: list[StepResult]
+    total_steps: int              # steps the ledger holds
+    wall_s: float
+    text_checked: bool = False    # token_text was re-made with the checkpoint's own tokenizer
+
+    @property
+    def covers_text(self) -> bool:
+        """Every step's token_text re-made from the checkpoint's tokenizer and found equal."""
+        return self.ok and self.text_checked and len(self.results) == self.total_steps
+
+    @property
+    def ok(self) -> bool:
+        return not self.identity_problems and bool(self.results) and all(r.ok for r in self.results)
+
+    @property
+    def mode(self) -> str:
+        return (f"bit for bit: {self.platform}" if self.exact else
+                f"within tolerance {CROSS_PLATFORM_RTOL:g}, digests not compared: {self.why}")
+
+    def summary(self) -> str:
+        """One phrase: what was re-executed and how it compared."""
+        if self.identity_problems:
+            return f"not re-executed: {self.model_dir} is not the checkpoint the header names " \
+                   f"({self.identity_problems[0]})"
+        n, bad = len(self.results), [r.step for r in self.results if not r.ok]
+        head = f"re-executed {n}/{self.total_steps} steps"
+        if not self.results:
+            return f"{head}: nothing to compare"
+        if bad:
+            return f"{head}: {len(bad)} differ (step{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))})"
+        return f"{head}: {'identical' if self.exact else 'agree'} ({self.mode})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok, "summary": self.summary()}
+
+
+def _platform(run: dict) -> tuple:
+    return (run.get("backend"), run.get("device"), run.get("compute_dtype"),
+            kernel_key(str(run.get("kernels", BUILTIN_KERNELS))))
+
+
+def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | None] | None,
+                   replay: Replay) -> ReplayReport:
+    """`steps` are the ledger's well-formed step records; `tensors` the bundle's saved tensors by step
+    (None for a bare ledger)."""
+    model = header.get("model") if isinstance(header.get("model"), dict) else {}
+    run = header.get("run") if isinstance(header.get("run"), dict) else {}
+    problems = [f"{k}: header {model[k]!r}, checkpoint {replay.identity.get(k)!r}"
+                for k in IDENTITY if k in model and model[k] != replay.identity.get(k)]
+    recorded, ran = _platform(run), _platform(replay.platform)
+    exact = recorded == ran
+    why = "" if exact else (f"recorded on {' '.join(map(str, recorded))}, re-executed on {' '.join(map(str, ran))}")
+    report = ReplayReport(replay.model_dir, exact, " ".join(map(str, ran)), why, problems, [], len(steps),
+                          replay.wall_s)
+    if problems:
+        return report
+    by_step = {s.get("step"): s for s in steps}
+    for r in replay.steps:
+        result = StepResult(r.step, False, 0, None, 0)
+        report.results.append(result)
+        s = by_step.get(r.step)
+        if s is None:
+            result.differences.append(f"step {r.step}: not in the ledger")
+            continue
+        result.positions = len(s.get("input_ids") or [])
+        if r.record is None:
+            result.differences.append(f"step {r.step}: could not be re-executed ({r.error})")
+            continue
+        result.token_id = r.record.get("token_id")
+        diffs: list[str] = []
+        replayed = dict(r.record)
+        report.text_checked = report.text_checked or replayed.get("token_text") is not None
+        if replayed.get("token_text") is None and s.get("token_text") is not None:
+            replayed["token_text"] = s.get("token_text")  # no tokenizer in DIR: the text is verify's to check
+        result.compared = _compare(s, replayed, f"step {r.step}", exact, diffs)
+        saved = (tensors or {}).get(r.step) if tensors is not None else None
+        if tensors is not None:
+            if saved is None:
+                diffs.append(f"step {r.step}: no readable saved tensors to compare")
+            else:
+                result.compared += _compare_tensors(saved, r.tensors or {}, f"step {r.step}", exact, diffs)
+        result.differences, result.ok = diffs, not diffs
+    return report
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= CROSS_PLATFORM_RTOL * max(abs(a), abs(b), 1.0)
+
+
+def _compare(recorded: Any, replayed: Any, where: str, exact: bool, diffs: list[str], key: str = "") -> int:
+    """Walk both values; note every difference at its path. Returns how many leaf values were compared."""
+    if isinstance(recorded, dict) and isinstance(replayed, dict):
+        n = 0
+        # In the ledger's own order (token_id before its digests), then whatever only the re-execution has.
+        for k in list(recorded) + [k for k in replayed if k not in recorded]:
+            if k in IGNORED:
+                continue
+            if k not in recorded or k not in replayed:
+                diffs.append(f"{where} {k}: {'missing from the ledger' if k not in recorded else 'not re-executed'}")
+                continue
+            n += _compare(recorded[k], replayed[k], where if k == "layers" else f"{where} {k}", exact, diffs, k)
+        return n
+    if key == "layers" and isinstance(recorded, list) and isinstance(replayed, list):
+        if len(recorded) != len(replayed):
+            diffs.append(f"{where}: {len(recorded)} layer records, re-executed {len(replayed)}")
+            return 1
+        return sum(_compare(a, b, f"{where} layer {i}", exact, diffs) for i, (a, b) in
+                   enumerate(zip(recorded, replayed)))
+    if isinstance(recorded, list) and isinstance(replayed, list) and len(recorded) == len(replayed) \
+            and any(isinstance(v, (list, float)) for v in recorded + replayed):
+        n, first = 0, len(diffs)
+        for a, b in zip(recorded, replayed):
+            n += _compare(a, b, where, exact, diffs, key)
+        if len(diffs) > first + 1:  # one line per field, not per element
+            del diffs[first + 1:]
+        return n
+    if not exact and key in DIGESTS:
+        return 0
+    same = recorded == replayed and type(recorded) is type(replayed)
+    if not same and not exact and isinstance(recorded, (int, float)) and isinstance(replayed, float) \
+            and not isinstance(recorded, bool) and math.isfinite(recorded):
+        same = _close(float(recorded), replayed)
+    if not same:
+        diffs.append(f"{where}: recorded {_short(recorded)}, re-executed {_short(replayed)}")
+    return 1
+
+
+def _compare_tensors(saved: dict, replayed: dict, where: str, exact: bool, diffs: list[str]) -> int:
+    n = 0
+    for name in sorted(set(saved) | set(replayed)):
+        if name not in saved or name not in replayed:
+            diffs.append(f"{where} tensor {name}: {'not saved' if name not in saved else 'not re-executed'}")
+            continue
+        a, b = np.asarray(saved[name]), np.asarray(replayed[name])
+        n += a.size
+        if a.shape != b.shape:
+            diffs.append(f"{where} tensor {name}: saved shape {list(a.shape)}, re-executed {list(b.shape)}")
+        elif exact or a.dtype.kind in "iu":
+            if a.dtype != b.dtype or a.tobytes() != b.tobytes():
+                differ = int(np.count_nonzero(a != b)) if a.dtype == b.dtype else a.size
+                diffs.append(f"{where} tensor {name}: {differ} of {a.size} values differ")
+        else:
+            x, y = a.astype(np.float64), b.astype(np.float64)
+            bad = ~(np.abs(x - y) <= CROSS_PLATFORM_RTOL * np.maximum(np.maximum(np.abs(x), np.abs(y)), 1.0))
+            if bad.any():
+                diffs.append(f"{where} tensor {name}: {int(bad.sum())} of {a.size} values beyond tolerance")
+    return n
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -20,8 +20,9 @@ from mlx_k2.synth import cache_root
 
 from .app import app, guarded
 
-FIELDS = ("name", "cold", "bytes_read", "bytes_min", "read_s", "read_gbps", "raw_read_gbps", "compute_s",
-          "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb", "os_read_bytes")
+FIELDS = ("name", "cold", "bytes_read", "bytes_min", "read_s", "read_gbps", "read_first_s", "direct_bytes",
+          "staged_bytes", "raw_read_gbps", "compute_s", "compute_gbps", "wall_s", "peak_rss_gb", "largest_layer_gb",
+          "os_read_bytes")
 
 
 def _part(model_dir: Path, tokens: int, cold: bool, part: str, method: str) -> dict:
@@ -56,6 +57,21 @@ def _table(result: dict) -> Table:
             row.append(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool)
                        else f"{v:.3f}" if isinstance(v, float) else str(v))
         table.add_row(f, *row)
+    return table
+
+
+def _goals_table(result: dict) -> Table:
+    from mlx_k2.bench import COLD_GOAL, WARM_GOAL
+
+    table = Table(title=f"reads vs ceilings: raw sequential cold {result['raw_read_gbps']:.2f} GB/s, memory copy "
+                        f"{result['memcopy_gbps']:.2f} GB/s; goals cold >= {COLD_GOAL}x raw, warm >= {WARM_GOAL}x copy",
+                  title_justify="left")
+    for col in ("method", "cold GB/s", "of raw", "warm GB/s", "of copy"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for g in result["goals"]:
+        verdict = {True: "ok", False: "short"}
+        table.add_row(g["method"], f"{g['cold_gbps']:.2f}", f"{g['cold_of_raw']:.2f} {verdict[g['cold_ok']]}",
+                      f"{g['warm_gbps']:.2f}", f"{g['warm_of_memcopy']:.2f} {verdict[g['warm_ok']]}")
     return table
 
 
@@ -94,17 +110,21 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
           directory: Annotated[Optional[Path], typer.Option("--dir", help="Where checkpoints are built once "
                                                                           "(default: the cache).")] = None,
           peer: Annotated[bool, typer.Option(help="Compare with mlx-lm on a 2-layer checkpoint.")] = True,
-          methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap",
+          methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap,direct",
           kernels: Annotated[bool, typer.Option("--kernels", help="Only the CPU kernels vs MLX's built-ins "
                                                                   "(GB/s of weight bytes); no checkpoint.")] = False):
     """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json"""
     if kernels:
         _kernels(json_out)
         return
-    from mlx_k2.bench import build_full_width, raw_read_gbps, shard_files  # needs MLX: imported when asked for
+    from mlx_k2.bench import build_full_width, goals, memcopy_gbps, raw_read_gbps, shard_files  # needs MLX
+    from mlx_k2.storage import METHODS
 
     if layers < 2 or tokens < 1:
         raise UsageError("--layers must be at least 2 (1 dense + MoE) and --tokens at least 1")
+    unknown = [m for m in methods.split(",") if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown read method {unknown[0]!r} (choose from {', '.join(METHODS)})")
     console = Console(width=max(Console().width, 160))
     directory = directory or cache_root() / "bench"
     console.print(f"building (once) a full-width {layers}-layer checkpoint under {directory} ...")
@@ -112,7 +132,8 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
     files = shard_files(model_dir)
     raw = raw_read_gbps(files)
     result = {"layers": layers, "tokens": tokens, "checkpoint": str(model_dir),
-              "checkpoint_bytes": sum(f.stat().st_size for f in files), "raw_read_gbps": raw, "cases": []}
+              "checkpoint_bytes": sum(f.stat().st_size for f in files), "raw_read_gbps": raw,
+              "memcopy_gbps": memcopy_gbps(), "cases": []}
     for method in methods.split(","):
         for name, t, cold in ((f"1-token cold {method}", 1, True), (f"1-token warm {method}", 1, False),
                               (f"{tokens}-token cold {method}", tokens, True)):
@@ -127,7 +148,9 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
             theirs = {"error": str(e)}
         result["peer"] = {"checkpoint": str(small), "mlx_k2": ours, "mlx_lm": theirs,
                           "tokens_agree": theirs.get("token_id") == ours["token_id"]}
+    result["goals"] = goals(result)
     console.print(_table(result))
+    console.print(_goals_table(result))
     if peer:
         p = result["peer"]
         console.print(f"peer on {p['checkpoint']}: mlx_k2 token {p['mlx_k2']['token_id']} "

@@ -67,7 +67,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         resume: Annotated[Optional[Path], typer.Option(help="Continue a partial, stopped or failed ledger or "
                                                             "bundle (its prompt, length and device).")] = None,
         read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
-        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads) or mmap.")] = "pread",
+        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads), direct (the same, "
+                                                         "bypassing the page cache) or mmap.")] = "pread",
         kernels: Annotated[Optional[str], typer.Option(help="auto (default: the product's CPU kernels on "
                                                             "--device cpu where built, else MLX's), builtin or own; "
                                                             "a resumed run keeps its own.")] = None):

@@ -132,14 +132,13 @@ class Routing:
     weights: np.ndarray
 
 
-def route(x: mx.array, gate_weight: mx.array, e_score_correction_bias: mx.array | None,
-          cfg: TextConfig) -> Routing:
+def route(x: mx.array, gate: Linear, e_score_correction_bias: mx.array | None, cfg: TextConfig) -> Routing:
     """Sigmoid router: the bias shifts the selection only; group-limited when n_group > 1.
 
     The matmul runs in float32 (as the reference code does); selection runs in numpy because the experts
     chosen decide what is read next. Ties go to the lower expert id.
     """
-    scores = np.array(mx.sigmoid(x @ gate_weight.astype(COMPUTE_DTYPE).T))  # (T, E) float32
+    scores = np.array(mx.sigmoid(linear(x, gate)))  # (T, E) float32
     choice = scores if e_score_correction_bias is None else scores + np.array(e_score_correction_bias, np.float32)
     T, E = choice.shape
     if cfg.n_group > 1 and cfg.topk_method != "greedy":
@@ -158,14 +157,20 @@ def route(x: mx.array, gate_weight: mx.array, e_score_correction_bias: mx.array 
     return Routing(experts, chosen, weights.astype(np.float32))
 
 
+def _all_here(slot: int) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Experts:
-    """The routed experts read for one layer and step: stacks (U, out, in) over `ids` (ascending)."""
+    """The routed experts read for one layer and step: stacks (U, out, in) over `ids` (ascending). Their
+    bytes may still be arriving: nothing computes from slot u (expert ids[u]) before `arrived(u)` returns."""
 
     ids: np.ndarray
     gate_proj: Linear
     up_proj: Linear
     down_proj: Linear
+    arrived: Callable[[int], None] = _all_here
 
 
 def moe(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig, streams: list) -> mx.array:
@@ -187,21 +192,32 @@ def moe(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig, stream
 
 def expert_rows(x: mx.array, positions: np.ndarray, slots: np.ndarray, experts: Experts,
                 streams: list) -> mx.array:
-    """expert_{slots[p]}(x[positions[p]]) for every pair p: (P, hidden).
+    """expert_{slots[p]}(x[positions[p]]) for every pair p, pairs ordered by slot: (P, hidden).
 
+    The product's own kernels spread a launch over the cores themselves, so each expert's rows are one
+    piece, started as soon as that expert's weights have arrived: the layer's reads and compute overlap.
     MLX's CPU quantized kernel uses one core per call and separate streams run in parallel, so with MLX's
-    built-ins the rows are cut into one piece per stream; the product's own kernels spread one launch over
-    the cores themselves. A row's result does not depend on which piece computed it.
+    built-ins the rows are cut into one piece per stream once every expert is in. A row's result does not
+    depend on which piece computed it.
     """
-    n_pieces = 1 if experts.gate_proj.own else max(1, min(len(streams), len(slots)))
-    pieces = []
-    for rows in np.array_split(np.arange(len(slots)), n_pieces):
-        with mx.stream(streams[len(pieces)]):
+    if experts.gate_proj.own:
+        bounds = np.flatnonzero(np.diff(slots)) + 1     # pairs of one slot are contiguous
+        pieces = np.split(np.arange(len(slots)), bounds)
+    else:
+        for slot in range(len(experts.ids)):
+            experts.arrived(slot)
+        pieces = np.array_split(np.arange(len(slots)), max(1, min(len(streams), len(slots))))
+    out = []
+    for i, rows in enumerate(pieces):
+        if experts.gate_proj.own:
+            experts.arrived(int(slots[rows[0]]))
+        with mx.stream(streams[0 if experts.gate_proj.own else i]):  # own launches one after another
             xe = x[mx.array(positions[rows].astype(np.uint32))]   # (R, hidden)
             idx = mx.array(slots[rows].astype(np.uint32))          # (R,)
             hidden = silu(gather_rows(xe, experts.gate_proj, idx)) * gather_rows(xe, experts.up_proj, idx)
-            pieces.append(gather_rows(hidden, experts.down_proj, idx))  # (R, hidden)
-    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+            out.append(gather_rows(hidden, experts.down_proj, idx))  # (R, hidden)
+        mx.async_eval(out[-1])
+    return out[0] if len(out) == 1 else mx.concatenate(out)
 
 
 # A position's expert outputs are summed within each half of the pairs, then the halves are added: a
@@ -231,7 +247,7 @@ class DenseMLP:
 
 @dataclass(frozen=True)
 class MoE:
-    gate_weight: mx.array                    # mlp.gate.weight (E, hidden)
+    gate: Linear                             # mlp.gate.weight (E, hidden): the router
     e_score_correction_bias: mx.array | None
     shared_experts: DenseMLP | None
 
@@ -258,10 +274,12 @@ def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx
     hn = rms_norm(h, w.post_attention_layernorm, cfg.rms_norm_eps)
     if isinstance(w.mlp, DenseMLP):
         return LayerResult(h + mlp(hn, w.mlp.gate_proj, w.mlp.up_proj, w.mlp.down_proj), None)
-    routing = route(hn, w.mlp.gate_weight, w.mlp.e_score_correction_bias, cfg)
-    experts = fetch_experts(np.unique(routing.experts))
-    y = moe(hn, routing, experts, cfg, streams)
+    routing = route(hn, w.mlp.gate, w.mlp.e_score_correction_bias, cfg)
+    experts = fetch_experts(np.unique(routing.experts))  # their reads are in flight
+    shared = None
     if w.mlp.shared_experts is not None:
         s = w.mlp.shared_experts
-        y = y + mlp(hn, s.gate_proj, s.up_proj, s.down_proj)
-    return LayerResult(h + y, routing)
+        shared = mlp(hn, s.gate_proj, s.up_proj, s.down_proj)
+        mx.async_eval(shared)  # computed while the routed experts are still being read
+    y = moe(hn, routing, experts, cfg, streams)
+    return LayerResult(h + (y if shared is None else y + shared), routing)

@@ -1,9 +1,11 @@
 """Greedy autoregressive generation with no KV cache, one layer's weights resident at a time.
 
 Step k recomputes the whole context through every layer, reading each layer's tensors (and the routed
-experts its positions select) just before computing it and dropping them after. It yields typed events
-(`events.py`) and never prints. With `capture` off it skips the per-layer observations (norms, routing
-of the last position) but evaluates at exactly the same points, so the computation is the same.
+experts its positions select) just before computing it and dropping them after: once a layer (or an
+lm_head block) is evaluated, the runner releases its read buffers to the reader, which reuses them. It
+yields typed events (`events.py`) and never prints. With `capture` off it skips the per-layer observations
+(norms, routing of the last position) but evaluates at exactly the same points, so the computation is the
+same.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Model:
     """An opened checkpoint: config, tensor map and reader. Holds no weights between layers."""
 
     def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
-                 progress: Progress | None = None, kernels: str = BUILTIN_KERNELS):
+                 progress: Progress | None = None, kernels: str = BUILTIN_KERNELS, reuse_buffers: bool = True):
         self.dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.dir)
         self.checkpoint = Checkpoint(self.dir, progress)
@@ -71,7 +73,8 @@ class Model:
         validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
         if progress:
             progress("validating", 1, 1)
-        self.reader = TensorReader(self.checkpoint, Storage(policy, fault))
+        # reuse_buffers=False: a fresh array per read (the plain path the tests compare the arenas with)
+        self.reader = TensorReader(self.checkpoint, Storage(policy, fault), reuse=reuse_buffers)
         self.kernels = kernels  # resolved by linear.choose_kernels; part of the ledger header and the anchor key
         self.weights = WeightFetcher(self.config, self.reader, kernels)
         self._streams: dict[str, list] = {}
@@ -118,6 +121,7 @@ class Model:
         result = decoder_layer(x, weights, self.config.text, cos, sin,
                                lambda ids: self.weights.experts(i, ids), self.streams())
         mx.eval(result.hidden)
+        self.reader.release(i)  # nothing computed from layer i's weights is pending any more
         return result
 
     def head(self, x: mx.array) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +129,11 @@ class Model:
         hidden = rms_norm(x[-1:], self.weights.final_norm(), self.config.text.rms_norm_eps)  # (1, hidden)
         mx.eval(hidden)
         pieces = []
-        for block in self.weights.lm_head_chunks(HEAD_ROWS_PER_BLOCK):
+        first = self.config.text.num_hidden_layers  # the final norm's slot, and lm_head block 0's
+        for j, block in enumerate(self.weights.lm_head_chunks(HEAD_ROWS_PER_BLOCK)):
             pieces.append(linear(hidden, block))  # (1, rows of this block)
             mx.eval(pieces[-1])
+            self.reader.release(first + j)  # before the next block's read is issued into the same buffers
         logits = mx.concatenate(pieces, axis=-1)  # (1, vocab)
         mx.eval(logits)
         return np.array(hidden[0]), np.array(logits[0])
@@ -136,16 +142,20 @@ class Model:
         """embed -> every layer -> final norm -> lm_head for the whole context (no KV cache); yields one
         LayerDone per layer, then the StepDone. `watch` observes beside the computation, never in it."""
         watch = StepWatch(self.reader, step, capture)
-        x = self.embed(input_ids)
-        cos, sin = rope_tables(self.config.text, len(input_ids))
-        watch.start(x)
-        for i in range(self.config.text.num_hidden_layers):
-            watch.layer_start()
-            result = self.layer(i, x, cos, sin)
-            x = result.hidden
-            yield watch.layer_done(i, x, result.routing)
-        hidden, logits = self.head(x)
-        self.reader.drop_prefetched()  # reads of tensors no computation used are not carried into the next step
+        try:
+            x = self.embed(input_ids)
+            cos, sin = rope_tables(self.config.text, len(input_ids))
+            watch.start(x)
+            for i in range(self.config.text.num_hidden_layers):
+                watch.layer_start()
+                result = self.layer(i, x, cos, sin)
+                x = result.hidden
+                yield watch.layer_done(i, x, result.routing)
+            hidden, logits = self.head(x)
+        finally:
+            # Reads no computation used are not carried into the next step, and a step abandoned midway
+            # (an error, a consumer that stopped) leaves no buffer claimed.
+            self.reader.end_step()
         yield watch.step_done(input_ids, hidden, logits)
 
 

@@ -1,36 +1,50 @@
-"""Read byte ranges of files into caller-provided buffers: positional reads or a memory map, retried.
+"""Read byte ranges of files into caller-provided buffers: positional reads, direct I/O or a memory map, retried.
 
-Two ways to pull bytes, same results: `pread` (default) reads each range into the buffer with positional
-reads, large requests split in pieces with several in flight on a thread pool; `mmap` maps the files
-read-only and copies out of the map. A failed read (EIO, a short read, a vanished file) is retried with
-backoff `retries` times, reopening the file, then raised as `ReadError` naming the file and what was being
-read. A fault hook (tests) is called before every attempt. `bytes_transferred` counts every byte brought
-in, whether or not anyone used it (the ledger's `bytes_read` is counted by `tensors.py`, when consumed).
+Three ways to pull bytes, same results: `pread` (default) reads each range into the buffer with positional
+reads, large requests split in pieces with several in flight on a few threads (reads wanted now
+before reads issued ahead); `direct` does the same but
+bypasses the page cache (O_DIRECT on Linux, F_NOCACHE on macOS): where the buffer's address has the file
+offset's phase modulo ALIGN (the caller arranges that) the page-aligned middle of a range lands in place
+and its edges (under ALIGN bytes each) are read buffered; a range whose phases differ is read direct into a
+staging buffer and copied out; a filesystem that refuses direct I/O (EINVAL, e.g. tmpfs) is read buffered
+after one logged line. `mmap` maps the files read-only and copies out of the map. A failed read (EIO, a
+short read, a vanished file) is retried with backoff `retries` times, reopening the file, then raised as
+`ReadError` naming the file and what was being read. A fault hook (tests) is called before every attempt.
+`bytes_transferred` counts every byte brought in, whether or not anyone used it, `bytes_direct` the part
+of it read with direct I/O and `bytes_staged` the part of that copied out of a staging buffer (the
+ledger's `bytes_read` is counted by `tensors.py`, when consumed).
 This module knows (path, offset, length) and a destination buffer only: no tensors, no dtypes, no MLX.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import logging
 import mmap
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import itertools
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import K2Error
 
-METHODS = ("pread", "mmap")
+METHODS = ("pread", "mmap", "direct")
+ALIGN = 4096  # direct I/O: buffer address, file offset and length multiples of this (safe on every filesystem)
 CHUNK_BYTES = 8 << 20  # large requests are read in 8 MiB pieces so several are in flight at once
 INLINE_BYTES = 1 << 20  # smaller requests are read on the calling thread: a pool hand-off costs more
 
 # A fault hook for tests: (path, offset, length, attempt) -> None, or raise OSError, or return a shorter
 # length to simulate a short read.
 FaultHook = Callable[[Path, int, int, int], "int | None"]
+
+log = logging.getLogger(__name__)
 
 
 class ReadError(K2Error):
@@ -73,6 +87,45 @@ class PendingRead:
                 piece.exception()
 
 
+class _Workers:
+    """The threads that run reads: reads a computation waits for now go before reads issued ahead (the next
+    layer's weights), each kind first come, first served. Without that, a layer's routed experts would
+    queue behind the whole next layer, and the disk would sit idle while they are computed."""
+
+    NOW, AHEAD, STOP = 0, 1, 2
+
+    def __init__(self, count: int, name: str):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # ties within a priority go by arrival (and never compare a Future)
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, ahead: bool, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((self.AHEAD if ahead else self.NOW, next(self._order), future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop every thread."""
+        for _ in self._threads:
+            self._queue.put((self.STOP, next(self._order), None, None, None))
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, fn, args = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+
 class Storage:
     """Open files (or maps) of one reader, its thread pool, and the retry policy."""
 
@@ -82,17 +135,23 @@ class Storage:
         self.policy = policy
         self.fault = fault
         self.bytes_transferred = 0
+        self.bytes_direct = 0    # bytes delivered by direct I/O ...
+        self.bytes_staged = 0    # ... of which copied out of a staging buffer (phases differed)
+        self._local = threading.local()  # each reading thread's staging buffer
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int] = {}
+        self._no_direct: set[Path] = set()  # files whose filesystem refused direct I/O: read buffered
         self._retired: list[int] = []  # replaced by a reopen; other threads may still be reading from them
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="mlx-k2-read")
+        self._pool = _Workers(policy.workers, "mlx-k2-read")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        for fd in [*self._fds.values(), *self._retired]:
+        self._pool.shutdown()
+        for fd in [*self._fds.values(), *self._direct_fds.values(), *self._retired]:
             os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
         self._retired.clear()
         for m in self._maps.values():
             m.close()
@@ -107,14 +166,17 @@ class Storage:
         total = sum(r.length for r in ranges)
         if total < INLINE_BYTES:
             if ahead:
-                return PendingRead([self._pool.submit(self._read_all, ranges, dest, what)])
+                return PendingRead([self._pool.submit(ahead, self._read_all, ranges, dest, what)])
             self._read_all(ranges, dest, what)
             return PendingRead([])
         pieces, at = [], 0
         for r in ranges:
-            for start in range(0, r.length, CHUNK_BYTES):
-                n = min(CHUNK_BYTES, r.length - start)
-                pieces.append(self._pool.submit(self._read_into, r.path, r.offset + start,
+            # Pieces after the first start at page-aligned file offsets: a direct read of each covers all
+            # of its aligned bytes, and only the range's own edges are read buffered.
+            first = CHUNK_BYTES - r.offset % ALIGN
+            for start in [0, *range(first, r.length, CHUNK_BYTES)]:
+                n = min(first if start == 0 else CHUNK_BYTES, r.length - start)
+                pieces.append(self._pool.submit(ahead, self._read_into, r.path, r.offset + start,
                                                 dest[at + start:at + start + n], what))
             at += r.length
         return PendingRead(pieces)
@@ -151,14 +213,105 @@ class Storage:
         if self.policy.method == "mmap":
             buf[:] = self._map(path)[offset:offset + length]
             return
-        fd = self._fd(path)
-        done = 0
-        while done < length:
-            want = length - done if limit is None else min(length - done, max(limit - done, 0))
+        # A simulated short read (limit) takes the buffered path, where it is cut short the same way.
+        if self.policy.method == "direct" and limit is None and self._read_direct(path, buf, offset):
+            return
+        self._pread(self._fd(path), buf, offset, 0, length, limit)
+
+    @staticmethod
+    def _pread(fd: int, buf: memoryview, offset: int, start: int, end: int, limit: int | None = None) -> None:
+        """Fill buf[start:end] from file offset `offset + start`; a read that returns nothing is an EIO."""
+        done = start
+        while done < end:
+            want = end - done if limit is None else min(end - done, max(limit - done, 0))
             n = os.preadv(fd, [buf[done:done + want]], offset + done) if want else 0
             if n == 0:
-                raise OSError(errno.EIO, f"short read: {done} of {length} bytes at offset {offset}")
+                raise OSError(errno.EIO, f"short read: {done} of {len(buf)} bytes at offset {offset}")
             done += n
+
+    def _read_direct(self, path: Path, buf: memoryview, offset: int) -> bool:
+        """Read `buf` with direct I/O; False (nothing read) when the file cannot be: read it buffered.
+
+        Where the buffer's address has the file offset's phase, the aligned middle lands in place and the
+        edges (under ALIGN bytes each) are read buffered. Otherwise (stacked experts: one array, offsets of
+        every phase) the aligned superset is read into this thread's staging buffer and copied out: one
+        copy, as a buffered read makes, without the page cache."""
+        length = len(buf)
+        if path in self._no_direct:
+            return False
+        dfd = self._direct_fd(path)
+        if dfd is None:
+            return False
+        head = -offset % ALIGN                              # bytes before the first aligned file offset
+        middle = max(length - head, 0) // ALIGN * ALIGN     # aligned bytes after them
+        fd = self._fd(path)
+        try:
+            if middle and (_address(buf) - offset) % ALIGN == 0:
+                done = os.preadv(dfd, [buf[head:head + middle]], offset + head)
+                done -= done % ALIGN  # short only at the end of the file: the rest is read buffered below
+                self._pread(fd, buf, offset, 0, head)
+                self._pread(fd, buf, offset, head + done, length)
+                staged = 0
+            else:
+                done = staged = self._read_staged(dfd, buf, offset)
+                self._pread(fd, buf, offset, done, length)  # only if the file ended early: EIO
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(path, e)
+            return False
+        with self._lock:
+            self.bytes_direct += done
+            self.bytes_staged += staged
+        return True
+
+    def _read_staged(self, dfd: int, buf: memoryview, offset: int) -> int:
+        """Direct-read the page-aligned superset of the range into the staging buffer, copy the range's bytes
+        into `buf`; returns how many it had (fewer only at the end of the file)."""
+        start = offset - offset % ALIGN
+        end = -(-(offset + len(buf)) // ALIGN) * ALIGN
+        stage = getattr(self._local, "stage", None)
+        if stage is None or len(stage) < end - start:
+            stage = self._local.stage = mmap.mmap(-1, max(end - start, CHUNK_BYTES + 2 * ALIGN))  # page-aligned
+        n = os.preadv(dfd, [memoryview(stage)[:end - start]], start)
+        got = max(min(n - (offset - start), len(buf)), 0)
+        if got:
+            ctypes.memmove(_address(buf), _address(memoryview(stage)) + offset - start, got)  # drops the GIL
+        return got
+
+    def _direct_fd(self, path: Path) -> int | None:
+        """The file opened for direct I/O (O_DIRECT, or F_NOCACHE on macOS), or None when refused."""
+        with self._lock:
+            fd = self._direct_fds.get(path)
+            if fd is not None:
+                return fd
+        try:
+            if hasattr(os, "O_DIRECT"):
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            else:
+                import fcntl
+
+                fd = os.open(path, os.O_RDONLY)
+                fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)  # macOS: no page-cache copy, no alignment needed
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(path, e)
+            return None
+        with self._lock:
+            if path in self._direct_fds:  # another thread opened it meanwhile: keep one
+                os.close(fd)
+                return self._direct_fds[path]
+            self._direct_fds[path] = fd
+            return fd
+
+    def _refuse_direct(self, path: Path, e: OSError) -> None:
+        with self._lock:
+            first = path not in self._no_direct
+            self._no_direct.add(path)
+        if first:
+            log.warning("%s: the filesystem refuses direct I/O (%s); reading it through the page cache",
+                        path, e.strerror or e)
 
     def _fd(self, path: Path, reopen: bool = False) -> int:
         with self._lock:
@@ -168,6 +321,8 @@ class Storage:
                 # by the next open, so that pread would fail (EBADF) or read another file.
                 self._retired.append(fd)
                 fd = None
+            if reopen and path in self._direct_fds:
+                self._retired.append(self._direct_fds.pop(path))  # reopened on its next use
             if fd is None:
                 fd = os.open(path, os.O_RDONLY)
                 self._fds[path] = fd
@@ -181,3 +336,8 @@ class Storage:
                     m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._maps[path] = m
             return m
+
+
+def _address(buf: memoryview) -> int:
+    """Address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0

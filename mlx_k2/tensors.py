@@ -1,13 +1,20 @@
 """Assemble checkpoint tensors into MLX arrays, reading their bytes through `storage.py`, and count them.
 
-A tensor's bytes land directly in the memory of the MLX array that computes from them (no second copy):
-the array is allocated with the stored dtype (BF16 as uint16, viewed as bfloat16 afterwards) and its
-buffer handed to the storage. Whole tensors, stacks of same-shape tensors (routed experts) and row subsets
-(embedding rows, lm_head blocks). `bytes_read` counts the tensor bytes a computation consumed (the
-ledger's `bytes_read`), once each, whatever the page cache, retries or prefetching did. Reads can be issued
-ahead (`prefetch`) so storage works while the previous layer computes; they are counted when consumed,
-and prefetched tensors never consumed are never counted. Which tensors to read is decided elsewhere
-(`weights.py`); how bytes come off the disk is `storage.py`'s.
+A tensor's bytes land directly in the memory of the MLX array that computes from them (no second copy).
+Reads for a layer go into reused buffers (`arena.py`): one arena per parity of a `slot` (the layer, or
+the head block, that computes from them), so layer i computes from one arena while layer i+1's reads land
+in the other. The caller says when a slot's computation has been evaluated (`release(slot)`); only then is
+its arena overwritten, and taking from an arena whose previous slot was not released is an error, not a
+silent overwrite. Reads without a slot (embedding rows) get a fresh array each, as everything did before
+(`reuse=False` makes every read fresh: the plain path tests compare against). Each tensor sits at the
+address its file offset has modulo the page size, so a direct read lands in place.
+
+Whole tensors, stacks of same-shape tensors (routed experts) and row subsets (embedding rows, lm_head
+blocks). `bytes_read` counts the tensor bytes a computation consumed (the ledger's `bytes_read`), once
+each, whatever the page cache, retries or prefetching did. Reads can be issued ahead (`prefetch`) so
+storage works while the previous layer computes; they are counted when consumed, and prefetched tensors
+never consumed are never counted. Which tensors to read is decided elsewhere (`weights.py`); how bytes
+come off the disk is `storage.py`'s.
 """
 
 from __future__ import annotations
@@ -15,26 +22,37 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from .arena import PAGE, Arena
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
 from .storage import ByteRange, PendingRead, Storage
 
 # safetensors dtype -> the MLX dtype an array holding its bytes is allocated as (bf16 is viewed afterwards)
 _DTYPES = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32, "U32": mx.uint32}
+_ITEM = 8  # a file offset this aligned keeps the array aligned for every dtype above at the same phase
 
 
 class PendingTensor:
-    """An array whose bytes are on their way. `wait()` returns it once they have landed and counts them
-    as consumed; call it once."""
+    """An array whose bytes are on their way, in parts (a stack's tensors, one part each; else one part).
+    `wait()` returns it once every part has landed; `wait_part(i)` waits for one. Each part's bytes are
+    counted as consumed once, when first waited for."""
 
-    def __init__(self, reader: "TensorReader", array: mx.array, reads: list[PendingRead], nbytes: int, dtype: str):
-        self._reader, self._array, self._reads, self._nbytes, self._dtype = reader, array, reads, nbytes, dtype
+    def __init__(self, reader: "TensorReader", array: mx.array, reads: list[PendingRead], nbytes: int, dtype: str,
+                 slot: int | None):
+        self._reader, self._reads, self._nbytes, self.slot = reader, reads, nbytes, slot
+        self.array = array.view(mx.bfloat16) if dtype == "BF16" else array  # read it only after waiting
+        self._waited = [False] * len(reads)
+
+    def wait_part(self, i: int) -> None:
+        if not self._waited[i]:
+            self._reads[i].wait()  # raises ReadError
+            self._waited[i] = True
+            self._reader.bytes_read += self._nbytes // len(self._reads)
 
     def wait(self) -> mx.array:
-        for read in self._reads:
-            read.wait()  # raises ReadError
-        self._reader.bytes_read += self._nbytes
-        return self._array.view(mx.bfloat16) if self._dtype == "BF16" else self._array
+        for i in range(len(self._reads)):
+            self.wait_part(i)
+        return self.array
 
     def cancel(self) -> None:
         """Nobody will use these bytes: stop what has not started, never count them."""
@@ -43,48 +61,102 @@ class PendingTensor:
 
 
 class TensorReader:
-    """Tensors of one checkpoint by name. Owns its storage (closed with it)."""
+    """Tensors of one checkpoint by name. Owns its storage (closed with it) and its two arenas."""
 
-    def __init__(self, checkpoint: Checkpoint, storage: Storage):
+    def __init__(self, checkpoint: Checkpoint, storage: Storage, reuse: bool = True):
         self.checkpoint = checkpoint
         self.storage = storage
+        self.reuse = reuse
         self.bytes_read = 0
         self._ahead: dict[str, PendingTensor] = {}
+        self._arenas = [Arena(), Arena()]
+        self._owner: list[int | None] = [None, None]  # the slot each arena's bytes belong to, until released
 
     def close(self) -> None:
         self.drop_prefetched()
         self.storage.close()
 
-    def _alloc(self, info: TensorInfo, shape: tuple[int, ...]) -> tuple[mx.array, memoryview]:
-        """An MLX array to read into, and a writable byte view of its memory: the bytes land where MLX
-        computes from them, with no second copy."""
+    # ------------------------------------------------------------------ buffers
+    def _alloc(self, info: TensorInfo, shape: tuple[int, ...], slot: int | None,
+               offset: int) -> tuple[mx.array, memoryview]:
+        """An MLX array of `shape` to read into, and a writable byte view of its memory: the bytes land where
+        MLX computes from them, with no second copy. From the slot's arena when there is one."""
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"{info.path}: tensor {info.name}: dtype {info.dtype} is not supported "
                                   f"for computation (supported: {', '.join(_DTYPES)})")
-        arr = mx.zeros(shape, dtype=_DTYPES[info.dtype])
-        mx.eval(arr)
-        return arr, memoryview(np.asarray(memoryview(arr))).cast("B")
+        dtype = _DTYPES[info.dtype]
+        if slot is None or not self.reuse:
+            arr = mx.zeros(shape, dtype=dtype)
+            mx.eval(arr)
+            return arr, memoryview(np.asarray(memoryview(arr))).cast("B")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.size
+        # Same address as the file offset modulo the page: the aligned middle of every range can be read
+        # with direct I/O straight into place (storage checks, per range, and reads buffered otherwise).
+        phase = offset % PAGE if offset % _ITEM == 0 else 0
+        raw, dest = self._arena(slot).take(nbytes, phase)
+        return raw.view(dtype).reshape(shape), dest  # lazy; evaluated, they share the arena's buffer
 
-    def _start(self, names: list[str], ahead: bool = False) -> PendingTensor:
+    def _arena(self, slot: int) -> Arena:
+        i = slot % 2
+        if self._owner[i] is None:
+            self._owner[i] = slot
+        elif self._owner[i] != slot:
+            raise RuntimeError(f"reads for slot {slot} would overwrite slot {self._owner[i]}, not released yet")
+        return self._arenas[i]
+
+    def release(self, slot: int) -> None:
+        """Everything computed from `slot`'s tensors has been evaluated: its arena may be overwritten."""
+        i = slot % 2
+        if self._owner[i] == slot:
+            for name in [n for n, p in self._ahead.items() if p.slot == slot]:
+                self._ahead.pop(name).cancel()  # never poison or overwrite a buffer a read is still filling
+            self._arenas[i].release()
+            self._owner[i] = None
+
+    def end_step(self) -> None:
+        """Between steps (or after a step was abandoned): cancel reads issued ahead, free both arenas."""
+        self.drop_prefetched()
+        for owner in list(self._owner):
+            if owner is not None:
+                self.release(owner)
+
+    # ------------------------------------------------------------------ reads
+    def _start(self, names: list[str], slot: int | None, ahead: bool = False) -> PendingTensor:
         """Begin reading whole tensors `names` (same dtype and shape) stacked into one array
         (len(names), *shape)."""
-        infos = [self.checkpoint.info(n) for n in names]
-        first = infos[0]
-        for info in infos[1:]:
-            if (info.dtype, info.shape) != (first.dtype, first.shape):
-                raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} differs "
-                                      f"from {first.name}: {first.dtype} {list(first.shape)}")
-        arr, dest = self._alloc(first, (len(infos), *first.shape))
-        reads = [self.storage.submit([ByteRange(info.path, info.offset, info.nbytes)],
-                                     dest[i * first.nbytes:(i + 1) * first.nbytes], f"tensor {info.name}", ahead)
-                 for i, info in enumerate(infos)]
-        return PendingTensor(self, arr, reads, sum(i.nbytes for i in infos), first.dtype)
+        return self._start_stacks([names], slot, ahead)[0]
 
-    def prefetch(self, names: list[str]) -> None:
-        """Start reading whole tensors now; `tensor(name)` later takes the bytes (and counts them)."""
+    def start_stacked(self, groups: list[list[str]], slot: int | None = None) -> list[PendingTensor]:
+        """Issue the reads of `stacked(groups, slot)` one stack position at a time (tensor 0 of every group, then
+        tensor 1, ...), so a position's tensors land together and in order: `wait_part(u)` on every result
+        gives position u."""
+        return self._start_stacks(groups, slot)
+
+    def _start_stacks(self, groups: list[list[str]], slot: int | None, ahead: bool = False) -> list[PendingTensor]:
+        stacks = []
+        for names in groups:
+            infos = [self.checkpoint.info(n) for n in names]
+            first = infos[0]
+            for info in infos[1:]:
+                if (info.dtype, info.shape) != (first.dtype, first.shape):
+                    raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} "
+                                          f"differs from {first.name}: {first.dtype} {list(first.shape)}")
+            stacks.append((infos, *self._alloc(first, (len(infos), *first.shape), slot, first.offset)))
+        reads: list[list[PendingRead]] = [[] for _ in groups]
+        for u in range(max(len(infos) for infos, _, _ in stacks)):
+            for g, (infos, _, dest) in enumerate(stacks):
+                if u < len(infos):
+                    info, n = infos[u], infos[u].nbytes
+                    reads[g].append(self.storage.submit([ByteRange(info.path, info.offset, n)],
+                                                        dest[u * n:(u + 1) * n], f"tensor {info.name}", ahead))
+        return [PendingTensor(self, arr, reads[g], sum(i.nbytes for i in infos), infos[0].dtype, slot)
+                for g, (infos, arr, _) in enumerate(stacks)]
+
+    def prefetch(self, names: list[str], slot: int | None = None) -> None:
+        """Start reading whole tensors now; `tensor(name, slot)` later takes the bytes (and counts them)."""
         for name in names:
             if name not in self._ahead:
-                self._ahead[name] = self._start([name], ahead=True)
+                self._ahead[name] = self._start([name], slot, ahead=True)
 
     def drop_prefetched(self) -> None:
         """Forget reads issued ahead but never consumed (they are not counted)."""
@@ -92,35 +164,38 @@ class TensorReader:
             pending.cancel()
         self._ahead.clear()
 
-    def tensor(self, name: str) -> mx.array:
-        pending = self._ahead.pop(name, None) or self._start([name])
-        return pending.wait()[0]  # (1, *shape) -> shape
+    def tensor(self, name: str, slot: int | None = None) -> mx.array:
+        pending = self._ahead.pop(name, None)
+        if pending is not None and pending.slot != slot:
+            pending.cancel()  # issued ahead for another slot: its buffer's lifetime is not this caller's
+            pending = None
+        return (pending or self._start([name], slot)).wait()[0]  # (1, *shape) -> shape
 
-    def stacked(self, groups: list[list[str]]) -> list[mx.array]:
+    def stacked(self, groups: list[list[str]], slot: int | None = None) -> list[mx.array]:
         """For each group of same-dtype, same-shape tensors, one array stacking them on a new leading axis
         (len(group), *shape). All groups' reads are in flight together."""
-        started = [self._start(names) for names in groups]
-        return [pending.wait() for pending in started]
+        return [pending.wait() for pending in self.start_stacked(groups, slot)]
 
-    def rows(self, name: str, rows: list[int]) -> mx.array:
+    def rows(self, name: str, rows: list[int], slot: int | None = None) -> mx.array:
         """Rows `rows` of a tensor, in that order: (len(rows), *rest). Reads only those rows; runs of
         consecutive rows are read as one range."""
-        return self.start_rows(name, rows).wait()
+        return self.start_rows(name, rows, slot).wait()
 
-    def start_rows(self, name: str, rows: list[int]) -> PendingTensor:
+    def start_rows(self, name: str, rows: list[int], slot: int | None = None) -> PendingTensor:
         """Issue the reads of `rows(name, rows)` now; `wait()` on the result gives the array."""
         info = self.checkpoint.info(name)
         n_rows = info.shape[0] if info.shape else 0
-        bad = [r for r in rows if not 0 <= r < n_rows]
-        if bad:
+        ids = np.asarray(rows, dtype=np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= n_rows)]
+        if bad.size:
             raise CheckpointError(f"{info.path}: tensor {name}: row {bad[0]} outside its {n_rows} rows")
-        arr, dest = self._alloc(info, (len(rows), *info.shape[1:]))
         rb = info.row_bytes
-        ranges: list[ByteRange] = []
-        for i, r in enumerate(rows):
-            if i and r == rows[i - 1] + 1:
-                ranges[-1] = ranges[-1]._replace(length=ranges[-1].length + rb)
-            else:
-                ranges.append(ByteRange(info.path, info.offset + r * rb, rb))
+        first = info.offset + (int(ids[0]) * rb if ids.size else 0)
+        arr, dest = self._alloc(info, (len(ids), *info.shape[1:]), slot, first)
+        # Runs of consecutive rows (a 16k-row lm_head block is one) found with numpy: a Python loop over
+        # the rows cost more than reading them from the page cache.
+        starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)
+        ends = np.append(starts[1:], len(ids))
+        ranges = [ByteRange(info.path, info.offset + int(ids[i]) * rb, int(j - i) * rb) for i, j in zip(starts, ends)]
         read = self.storage.submit(ranges, dest, f"tensor {name}")
-        return PendingTensor(self, arr, [read], rb * len(rows), info.dtype)
+        return PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot)

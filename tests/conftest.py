@@ -1,8 +1,16 @@
-"""Shared fixtures: the synthetic K2.5-format checkpoint, written once per test session."""
+"""Shared fixtures: the synthetic K2.5-format checkpoint, written once per test session.
+
+Every test runs with released read buffers poisoned (NaN bytes): an array computed from a buffer after its
+layer was released gives NaN and fails whatever test compares it, instead of passing on stale bytes.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("MLX_K2_POISON_ARENAS", "1")  # inherited by the CLI subprocesses tests start
 
 from mlx_k2 import kernels as own_kernels
 from mlx_k2.synth import write_synthetic

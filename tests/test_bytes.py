@@ -3,8 +3,8 @@ only; each routed expert once per layer per step however many positions pick it;
 with the context exactly as the extra embedding rows and extra distinct experts (sized from the
 safetensors headers) say they must.
 
-Every read is logged by wrapping TensorReader.tensor / rows / stacked; the expectations come from the
-checkpoint's own headers and index and from the token contexts chosen here.
+Every read is logged by wrapping TensorReader.tensor / start_rows / start_stacked / prefetch; the
+expectations come from the checkpoint's own headers and index and from the token contexts chosen here.
 """
 
 from __future__ import annotations
@@ -72,13 +72,14 @@ class ReadLog:
 
             def logged(reader, names, *args, **kwargs):
                 rows = tuple(int(i) for i in args[0]) if method == "start_rows" else None
-                kind = "rows" if method == "start_rows" else method
+                kind = {"start_rows": "rows", "start_stacked": "stacked"}.get(method, method)
                 self.calls.append((kind, _flat([names] if isinstance(names, str) else names), rows))
                 return original(reader, names, *args, **kwargs)
             monkeypatch.setattr(TensorReader, method, logged)
 
-        # `rows` reads through `start_rows`, so logging the latter sees every row read exactly once.
-        for method in ("tensor", "start_rows", "stacked", "prefetch"):
+        # `rows` reads through `start_rows` and `stacked` through `start_stacked`, so logging the latter two
+        # sees every read exactly once.
+        for method in ("tensor", "start_rows", "start_stacked", "prefetch"):
             if hasattr(TensorReader, method):
                 wrap(method)
 

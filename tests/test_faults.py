@@ -83,19 +83,24 @@ def test_eio_mid_step_then_resume(synth_dir, tmp_path, uninterrupted, bundle):
     assert report.ok and not report.partial, [(c.name, c.detail) for c in report.checks if c.ok is False]
 
 
-def test_transient_fault_is_retried(synth_dir, tmp_path, uninterrupted):
+@pytest.mark.parametrize("method", ["pread", "direct"])
+def test_transient_fault_is_retried(synth_dir, tmp_path, uninterrupted, method):
     fault = FailAfter(after=300, transient=True)
-    result = run(synth_dir, [163584], STEPS, ledger_path=tmp_path / "l.jsonl", device="cpu", policy=FAST, fault=fault)
+    policy = ReadPolicy(method=method, retries=FAST.retries, backoff_s=FAST.backoff_s)
+    result = run(synth_dir, [163584], STEPS, ledger_path=tmp_path / "l.jsonl", device="cpu", policy=policy,
+                 fault=fault)
     assert fault.failed > 0 and result.status == "complete"
     assert [s.token_id for s in result.steps] == uninterrupted[0]
 
 
-def test_short_read_is_retried_then_reported(synth_dir, tmp_path):
+@pytest.mark.parametrize("method", ["pread", "direct"])
+def test_short_read_is_retried_then_reported(synth_dir, tmp_path, method):
     def short(path, offset, length, attempt):
         return length // 2 if path.name == "model-00005-of-000064.safetensors" else None
 
+    policy = ReadPolicy(method=method, retries=FAST.retries, backoff_s=FAST.backoff_s)
     with pytest.raises(ReadError, match=r"model-00005-of-000064\.safetensors: tensor .*short read"):
-        run(synth_dir, [163584], 1, ledger_path=tmp_path / "l.jsonl", device="cpu", policy=FAST, fault=short)
+        run(synth_dir, [163584], 1, ledger_path=tmp_path / "l.jsonl", device="cpu", policy=policy, fault=short)
     assert lines(tmp_path / "l.jsonl")[-1]["status"] == "failed"
 
 

@@ -10,6 +10,10 @@ one expert; every position on one expert.
 from __future__ import annotations
 
 import io
+import platform
+import re
+import threading
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -145,6 +149,40 @@ def test_dense_matches_float64_reference(T, inp, out, dtype):
     assert_close(kernels.dense_matmul(mx.array(x), w), ref)
 
 
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma through float64: a * b is exact there, and a * b + c then rounds once more, which differs
+    from one rounding only when that lands exactly on a float32 midpoint (about 2^-29 of cases)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def int4_reduction(x: np.ndarray, words: np.ndarray, scales: np.ndarray, inp: int, group: int) -> np.ndarray:
+    """The int4 reduction as src/common.h defines it, in float32: (T, out)."""
+    q = np.empty((words.shape[0], words.shape[1] * 8), dtype=np.float32)
+    for i in range(8):
+        q[:, i::8] = ((words >> np.uint32(4 * i)) & np.uint32(0xF)).astype(np.float32) - 8
+    T, out = x.shape[0], words.shape[0]
+    acc = np.zeros((T, out, 8), dtype=np.float32)
+    for g, c0 in enumerate(range(0, inp, group)):
+        p = np.zeros((T, out, 8), dtype=np.float32)
+        for i in range(c0, min(inp, c0 + group)):
+            p[:, :, i % 8] = fma32(x[:, None, i], q[None, :, i], p[:, :, i % 8])
+        acc = fma32(p, scales[None, :, g, None].astype(np.float32), acc)
+    a = [acc[:, :, l] for l in range(8)]
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
+@pytest.mark.parametrize("T,inp,out,group", [(2, 100, 5, 32), (3, 110, 4, 24), (1, 96, 3, 12), (2, 64, 3, 8)])
+@pytest.mark.parametrize("simd", ["scalar", None])
+def test_int4_computes_the_documented_reduction(T, inp, out, group, simd):
+    """Bit for bit the reduction common.h writes down (group sums of x * (q - 8), scaled once a group), not
+    merely something close to the product."""
+    rng = np.random.default_rng(T + inp + group)
+    words, scales = random_int4(rng, (), out, inp, group)
+    x = rng.standard_normal((T, inp)).astype(np.float32)
+    got = kernels.int4_matmul(mx.array(x), mx.array(words), mx.array(scales), group, simd=simd)
+    assert np.array_equal(np.array(got).view(np.uint32), int4_reduction(x, words, scales, inp, group).view(np.uint32))
+
+
 # ------------------------------------------------------------------------------------------ MLX's built-ins
 
 @pytest.mark.parametrize("T,inp,out,group", [(1, 96, 37, 32), (17, 256, 300, 32), (3, 7168, 40, 32),
@@ -203,11 +241,77 @@ def test_bits_independent_of_thread_count():
             assert same_bits(base[name], other[name]), f"{name}: threads=1 vs threads={n}"
 
 
-@pytest.mark.skipif(STATUS.simd != "avx2", reason="this CPU has no AVX2/FMA")
-def test_scalar_and_avx2_agree_bit_for_bit():
-    scalar, avx2 = all_ops(simd="scalar", threads=2), all_ops(simd="avx2", threads=3)
+def test_concurrent_launches_from_two_streams():
+    """Two CPU streams run their launches at once and share the worker pool (a launch that finds it busy runs
+    alone): no deadlock, and every result has the bits of the same op run by itself."""
+    rng = np.random.default_rng(13)
+    words, scales = random_int4(rng, (), 301, 1000, 32)
+    xs = [mx.array(rng.standard_normal((T, 1000)).astype(np.float32)) for T in (1, 5)]
+    w, s = mx.array(words), mx.array(scales).astype(mx.bfloat16)
+    solo = {(i, th): kernels.int4_matmul(x, w, s, 32, threads=th) for i, x in enumerate(xs) for th in (1, 2, 3)}
+    mx.eval(*solo.values())
+    outs = []
+    done = threading.Event()
+
+    def launch_and_evaluate():   # in a thread of its own (MLX streams belong to the thread that makes them),
+        streams = [mx.new_stream(mx.cpu) for _ in range(2)]   # so a deadlock fails the test, not the run
+        for rep in range(40):
+            for (i, th) in solo:
+                with mx.stream(streams[rep % 2]):
+                    outs.append(((i, th), kernels.int4_matmul(xs[i], w, s, 32, threads=th)))
+        mx.eval(*[y for _, y in outs])
+        done.set()
+
+    threading.Thread(target=launch_and_evaluate, daemon=True).start()
+    assert done.wait(120), "concurrent launches did not finish in 120 s (deadlock?)"
+    assert len(outs) == 40 * len(solo)
+    for key, y in outs:
+        assert same_bits(y, solo[key]), key
+
+
+@pytest.mark.skipif(STATUS.simd == "scalar", reason="this CPU runs the scalar path only")
+def test_scalar_and_simd_agree_bit_for_bit():
+    scalar, simd = all_ops(simd="scalar", threads=2), all_ops(simd=STATUS.simd, threads=3)
     for name in scalar:
-        assert same_bits(scalar[name], avx2[name]), name
+        assert same_bits(scalar[name], simd[name]), name
+
+
+def test_best_simd_follows_the_machine():
+    """NEON on arm64; on x86-64, AVX2 where the CPU has AVX2, FMA and F16C; and a path the CPU lacks is refused."""
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        assert STATUS.simd == "neon"
+        missing = "avx2"
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        if machine in ("x86_64", "amd64") and cpuinfo.is_file():
+            flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
+            assert STATUS.simd == ("avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar")
+        missing = "neon"
+    with pytest.raises(ValueError, match=missing):
+        mx.eval(kernels.dense_matmul(mx.ones((1, 8)), mx.ones((2, 8)), simd=missing))
+
+
+# (T, in, out, group): a tail of in % 8 columns alone in its group or sharing it with whole chunks; groups of
+# 8, 24 (3 chunks), 40 (a block of 4 and one chunk), 64; T around the tile widths (1, 2, 4, 8).
+AWKWARD_INT4 = [(1, 1001, 13, 32), (3, 110, 9, 32), (9, 1003, 7, 24), (13, 100, 5, 40), (5, 7168, 6, 32),
+                (17, 256, 37, 64), (8, 64, 11, 8), (2, 7, 3, 8), (4, 36, 5, 32)]
+
+
+@pytest.mark.skipif(STATUS.simd == "scalar", reason="this CPU runs the scalar path only")
+@pytest.mark.parametrize("T,inp,out,group", AWKWARD_INT4)
+def test_int4_simd_equals_scalar_on_awkward_shapes(T, inp, out, group):
+    rng = np.random.default_rng(inp * 7 + group)
+    words, scales = random_int4(rng, (), out, inp, group)
+    x = mx.array(rng.standard_normal((T, inp)).astype(np.float32))
+    w, s = mx.array(words), mx.array(scales).astype(mx.bfloat16)
+    scalar = kernels.int4_matmul(x, w, s, group, simd="scalar", threads=1)
+    for threads in (1, 3):
+        assert same_bits(scalar, kernels.int4_matmul(x, w, s, group, simd=STATUS.simd, threads=threads))
+    gw, gs = mx.stack([w, w[::-1]]), mx.stack([s, s[::-1]])
+    idx = mx.array(rng.integers(0, 2, size=T).astype(np.uint32))
+    assert same_bits(kernels.int4_gather_matmul(x, gw, gs, idx, group, simd="scalar"),
+                     kernels.int4_gather_matmul(x, gw, gs, idx, group, simd=STATUS.simd))
 
 
 def test_default_simd_is_the_reported_one():

@@ -75,7 +75,7 @@ class Anchor:
 
 
 def kernel_key(kernels: str) -> str:
-    """`mlx_k2-cpu/1:avx2` -> `mlx_k2-cpu/1`: the SIMD paths of one kernel version agree bit for bit."""
+    """`mlx_k2-cpu/2:avx2` -> `mlx_k2-cpu/2`: the SIMD paths of one kernel version agree bit for bit."""
     return kernels.split(":")[0]
 
 

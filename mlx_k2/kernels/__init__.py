@@ -2,10 +2,10 @@
 
 Every op returns an unevaluated float32 mx.array computed on a CPU stream (the one given, else the default
 stream when the default device is the CPU, else the CPU's default stream). Activations and accumulation are
-float32; int4 weights dequantise exactly to float32 (q - 8) * scale, with no activation quantisation. Each
-output element is reduced in one fixed order (8 fused-multiply-add lanes, i -> lane i % 8, then a fixed
-pairwise sum; see src/common.h), so results are bit-identical whatever `threads` is and between
-simd="avx2" and simd="scalar".
+float32, with no activation quantisation. Each output element is reduced in one fixed order (8 fused-
+multiply-add lanes, i -> lane i % 8, then a fixed pairwise sum; int4 sums x * (q - 8) within a scale group and
+multiplies by the group's scale once; see src/common.h), so results are bit-identical whatever `threads` is
+and between the SIMD path (simd="avx2" on x86-64, "neon" on arm64) and simd="scalar".
 
 This module does not decide where the kernels are used (linear.py does), and does not build them
 (`python -m mlx_k2.kernels.build` does). If the extension is missing, `status()` says why and every op
@@ -31,7 +31,7 @@ else:
     else:
         _IMPORT_ERROR = ""
 
-NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/1"
+NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/2"
 _SIMD = {None: 0, "auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
 
 
@@ -42,7 +42,7 @@ class KernelsUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class KernelStatus:
     available: bool
-    name: str      # the kernels' arithmetic version, e.g. "mlx_k2-cpu/1"
+    name: str      # the kernels' arithmetic version, e.g. "mlx_k2-cpu/2"
     simd: str      # the path chosen at run time: "avx2", "neon" or "scalar" ("" if unavailable)
     reason: str    # why unavailable ("" if available)
 

@@ -85,7 +85,8 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
                       "gbps": nbytes / s / 1e9, "builtin_seconds": b, "builtin_gbps": nbytes / b / 1e9,
                       "speedup": b / s})
 
-    with mx.stream(mx.default_stream(mx.cpu)):
+    # Each family in its own function: its arrays (the expert stack is 3 GB) are freed when it returns.
+    def int4_cases() -> None:
         for inp, out in ((HIDDEN, MOE_INTER), (MOE_INTER, HIDDEN)):
             words, scales = _int4_weights(out, inp)
             s32 = scales.astype(mx.float32)
@@ -96,8 +97,8 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
                 x = _x(T, inp)
                 case("int4", T, (inp, out), nbytes, lambda: int4_matmul(x, words, scales, GROUP),
                      lambda: mx.quantized_matmul(x, words, s32, b32, transpose=True, group_size=GROUP, bits=4))
-            del words, scales, s32, b32
 
+    def gather_cases() -> None:
         # The whole stack of routed experts, as a layer's gathered call sees it; zeros (values do not matter).
         words = mx.zeros((N_EXPERTS, MOE_INTER, HIDDEN // 8), dtype=mx.uint32)
         scales = mx.zeros((N_EXPERTS, MOE_INTER, HIDDEN // GROUP), dtype=mx.bfloat16)
@@ -116,15 +117,19 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
                  lambda: int4_gather_matmul(xp, words, scales, flat, GROUP),
                  lambda: mx.gather_qmm(x4, words, s32, b32, rhs_indices=pairs, transpose=True, group_size=GROUP,
                                        bits=4))
-        del words, scales, s32, b32
 
+    def bf16_cases() -> None:
         w = mx.random.normal((MOE_INTER, HIDDEN)).astype(mx.bfloat16)
         mx.eval(w)
         for T in tokens:
             x = _x(T, HIDDEN)
             case("bf16", T, (HIDDEN, MOE_INTER), w.nbytes, lambda: dense_matmul(x, w),
                  lambda: x @ w.astype(mx.float32).T)
-        del w
+
+    with mx.stream(mx.default_stream(mx.cpu)):
+        int4_cases()
+        gather_cases()
+        bf16_cases()
 
     say("memory-read ceiling")
     return {"ceiling_gbps": memory_read_ceiling_gbps(), "kernel_name": st.name, "simd": st.simd,

@@ -1,7 +1,13 @@
 // SIMD selection, the thread split and the CPU stream (see common.h).
 #include "common.h"
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -19,9 +25,15 @@ bool cpu_has_avx2() {
   return false;
 #endif
 }
+
+#if defined(MLX_K2_NEON)
+constexpr bool kHasNeon = true;   // part of every arm64 CPU
+#else
+constexpr bool kHasNeon = false;
+#endif
 }  // namespace
 
-Simd best_simd() { return cpu_has_avx2() ? Simd::Avx2 : Simd::Scalar; }
+Simd best_simd() { return kHasNeon ? Simd::Neon : cpu_has_avx2() ? Simd::Avx2 : Simd::Scalar; }
 
 Simd resolve_simd(int requested) {
   switch (static_cast<Simd>(requested)) {
@@ -31,7 +43,8 @@ Simd resolve_simd(int requested) {
       if (!cpu_has_avx2()) throw std::invalid_argument("[mlx_k2] simd='avx2': this CPU lacks AVX2/FMA/F16C");
       return Simd::Avx2;
     case Simd::Neon:
-      throw std::invalid_argument("[mlx_k2] simd='neon' is not built into this extension");
+      if (!kHasNeon) throw std::invalid_argument("[mlx_k2] simd='neon' runs on arm64 only");
+      return Simd::Neon;
   }
   throw std::invalid_argument("[mlx_k2] unknown simd path " + std::to_string(requested));
 }
@@ -63,19 +76,124 @@ mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
   return st;
 }
 
+namespace {
+
+// One launch: chunks [c * chunk, (c + 1) * chunk) of [0, n), claimed in increasing c.
+struct Job {
+  const std::function<void(size_t, size_t)>* fn;
+  size_t n, chunk, n_chunks;
+  std::atomic<size_t> next{0};
+  std::exception_ptr error;  // the first exception a worker hit (under Pool::m)
+};
+
+void work(Job& job) {
+  for (size_t c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.n_chunks;) {
+    (*job.fn)(c * job.chunk, std::min(job.n, (c + 1) * job.chunk));
+  }
+}
+
+// Workers park on a condition variable between launches. A launch posts its job with a generation number;
+// up to `want` workers join it; the caller claims chunks too, then withdraws the job (no more joins) and
+// waits for the joined ones to leave. A worker that wakes after that finds no job and parks again.
+class Pool {
+ public:
+  void run(Job& job, int threads) {
+    std::unique_lock<std::mutex> busy(launch_, std::try_to_lock);
+    if (!busy.owns_lock()) {  // another stream's launch has the workers: run alone rather than queue
+      work(job);
+      return;
+    }
+    const int want = threads - 1;
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      while (int(workers_) < want) {
+        std::thread(&Pool::loop, this).detach();  // never joined: parked workers cost nothing at exit
+        ++workers_;
+      }
+      job_ = &job;
+      want_ = want;
+      joined_ = 0;
+      ++gen_;
+    }
+    if (want >= int(workers_)) {
+      wake_.notify_all();
+    } else {
+      for (int i = 0; i < want; ++i) wake_.notify_one();
+    }
+    std::exception_ptr mine;
+    try {
+      work(job);
+    } catch (...) {
+      mine = std::current_exception();
+      job.next.store(job.n_chunks);  // the others stop claiming
+    }
+    std::unique_lock<std::mutex> lk(m_);
+    job_ = nullptr;
+    done_.wait(lk, [&] { return active_ == 0; });
+    if (mine) std::rethrow_exception(mine);
+    if (job.error) std::rethrow_exception(job.error);
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      wake_.wait(lk, [&] { return job_ != nullptr && gen_ != seen; });
+      seen = gen_;
+      if (joined_ >= want_) continue;
+      ++joined_;
+      ++active_;
+      Job* job = job_;
+      lk.unlock();
+      try {
+        work(*job);
+      } catch (...) {
+        lk.lock();
+        if (!job->error) job->error = std::current_exception();
+        job->next.store(job->n_chunks);
+        lk.unlock();
+      }
+      lk.lock();
+      if (--active_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex launch_;  // one launch at a time uses the workers
+  std::mutex m_;       // guards what follows
+  std::condition_variable wake_, done_;
+  Job* job_ = nullptr;
+  uint64_t gen_ = 0;
+  int want_ = 0, joined_ = 0, active_ = 0;
+  size_t workers_ = 0;
+};
+
+Pool* g_pool = nullptr;
+std::once_flag g_pool_once;
+
+// Made on first use and never destroyed (workers may still be parked at exit). A forked child has none of
+// the parent's threads, so it starts a new pool (the old one's memory is left as it was).
+Pool& pool() {
+  std::call_once(g_pool_once, [] {
+    g_pool = new Pool;
+    pthread_atfork(nullptr, nullptr, [] { g_pool = new Pool; });
+  });
+  return *g_pool;
+}
+
+}  // namespace
+
 void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_t)>& fn) {
   if (n == 0) return;
-  // Chunks of a multiple of 4 rows (the widest row tile); fewer threads than chunks of 4 is pointless.
-  size_t nt = std::max<size_t>(1, std::min<size_t>(threads, (n + 3) / 4));
-  size_t chunk = ((n + nt - 1) / nt + 3) & ~size_t(3);
-  if (nt == 1 || chunk >= n) {
+  // About eight chunks a thread, so a slow CPU's share can move to the others; a multiple of 4 rows.
+  const size_t nt = std::max(1, threads);
+  const size_t chunk = std::max<size_t>(4, (n / (8 * nt) + 3) & ~size_t(3));
+  Job job{&fn, n, chunk, (n + chunk - 1) / chunk};
+  if (nt == 1 || job.n_chunks == 1) {
     fn(0, n);
     return;
   }
-  std::vector<std::thread> pool;
-  for (size_t b = chunk; b < n; b += chunk) pool.emplace_back(fn, b, std::min(n, b + chunk));
-  fn(0, chunk);  // the MLX stream's own thread takes the first chunk
-  for (auto& th : pool) th.join();
+  pool().run(job, int(std::min(nt, job.n_chunks)));
 }
 
 }  // namespace mlx_k2

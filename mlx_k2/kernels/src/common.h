@@ -1,36 +1,35 @@
-// Shared by every kernel family: SIMD selection, the thread split, the CPU stream, the fixed reduction.
+// Shared by every kernel family: SIMD selection, the thread split, the CPU stream, the fixed reductions.
 //
-// THE REDUCTION (every op, every SIMD path, every thread count): for one output element
-//   out[t, o] = sum_i x[t, i] * w[o, i]      (i = 0 .. in-1, w dequantised or widened to float32 first)
-// eight float32 lane accumulators acc[0..7] start at +0.0f; for i = 0, 1, ..., in-1 in increasing order
-//   acc[i % 8] = fma(x[i], w[i], acc[i % 8])           (fused: one rounding per step)
-// and the result is ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)).
-// A SIMD register's lane l is acc[l]; the elements past the last full group of 8 go through the same scalar
-// rule. Threads split output rows only, so neither the thread count nor the SIMD path changes any sum.
+// THE REDUCTIONS (every SIMD path, every thread count). For one output element
+//   out[t, o] = sum_i x[t, i] * w[o, i]      (i = 0 .. in-1)
+// eight float32 lane accumulators acc[0..7] start at +0.0f, every fma is fused (one rounding), and the result
+// is hsum8(acc) = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)).
+// - dense (w widened exactly to float32): for i = 0, 1, ..., in-1 in increasing order
+//     acc[i % 8] = fma(x[i], w[i], acc[i % 8]).
+// - int4 (w[i] = (q_i - 8) * scale[i / G], group size G): for each group g = 0, 1, .. in increasing order,
+//   over its columns i = gG .. min(in, gG + G) - 1: eight partials p[0..7] start at +0.0f, then in increasing i
+//     p[i % 8] = fma(x[i], float(q_i - 8), p[i % 8])        (float(q_i - 8) is exact)
+//   and at the group's end, for l = 0 .. 7 (every lane, whether or not the group has a column on it)
+//     acc[l] = fma(p[l], scale[g], acc[l]).
+//   The scale multiplies once per group rather than once per weight: fewer operations a weight, and the
+//   weight's (q - 8) * scale is never rounded on its own.
+// A SIMD register's lane l is acc[l] (or p[l]); columns past the last full group of 8 follow the same rule
+// (the int4 SIMD paths load x there as +0.0f in the lanes past the row's end, which leaves p as it was: p
+// is never -0). Threads split output rows only, so neither the thread count nor the SIMD path changes a sum.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
 #include <functional>
 
+#include "lanes.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define MLX_K2_X86 1
-// Functions with this attribute may use AVX2/FMA/F16C; they run only after a run-time CPU check.
-#define MLX_K2_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
 
 namespace mlx_k2 {
 
 namespace mx = mlx::core;
 
 // Bump when the arithmetic of any kernel changes: anchors are keyed by it.
-inline constexpr const char* kKernelName = "mlx_k2-cpu/1";
-
-enum class Simd : int { Auto = 0, Scalar = 1, Avx2 = 2, Neon = 3 };
+inline constexpr const char* kKernelName = "mlx_k2-cpu/2";
 
 Simd best_simd();                      // what this CPU runs with Auto
 Simd resolve_simd(int requested);      // Auto -> best; throws if the CPU lacks the requested path
@@ -41,26 +40,10 @@ int resolve_threads(int requested);    // 0 -> hardware threads; >= 1 otherwise
 // else the CPU's default stream (on a GPU machine the kernels still run on the CPU).
 mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
 
-// fn(begin, end) over contiguous chunks of [0, n) on up to `threads` threads (the caller runs chunk 0).
+// fn(begin, end) over chunks of [0, n) (multiples of 4 rows, the widest row tile), on the calling thread and up
+// to `threads - 1` workers of a pool made once; each thread claims the next chunk when it finishes one, so a
+// descheduled CPU takes fewer. When another launch holds the pool (a second MLX stream), the caller runs
+// every chunk itself. Which thread runs a chunk never changes its bits: fn computes each row whole.
 void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_t)>& fn);
-
-inline float hsum8(const float* a) {
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-inline float bf16_to_f32(uint16_t b) {
-  union { uint32_t u; float f; } v{static_cast<uint32_t>(b) << 16};  // exact: bf16 is float32's top half
-  return v.f;
-}
-
-// Which x rows one launch multiplies: x row rows[t] (t < T) goes to out row rows[t].
-struct RowSet {
-  const float* x;          // (.., in) row-major
-  const uint32_t* rows;    // (T,)
-  size_t T;
-  size_t in;
-  float* out;              // (.., out_cols) row-major
-  size_t out_cols;
-};
 
 }  // namespace mlx_k2

@@ -1,54 +1,16 @@
-// Dense matmul (see dense.h): the bf16/f16/f32 weight loaders, the op's checks, the primitive.
+// Dense matmul (see dense.h): the launch, the op's checks, the primitive. The row kernels: dense_rows.h.
 #include "dense.h"
 
 #include <stdexcept>
 #include <string>
 
+#include "dense_rows.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
-#include "rows.h"
 
 namespace mlx_k2 {
 
 namespace {
-
-enum class Kind { F32, BF16, F16 };
-
-template <Kind K>
-struct DenseLoader {
-  const void* w;
-  size_t in;
-
-  using Row = const void*;
-  bool vec_ok() const { return true; }
-  Row row(size_t o) const {
-    const size_t bytes = K == Kind::F32 ? 4 : 2;
-    return static_cast<const char*>(w) + o * in * bytes;
-  }
-  float at(const Row& r, size_t i) const {
-    if constexpr (K == Kind::F32) {
-      return static_cast<const float*>(r)[i];
-    } else if constexpr (K == Kind::BF16) {
-      return bf16_to_f32(static_cast<const uint16_t*>(r)[i]);
-    } else {
-      return static_cast<float>(static_cast<const mx::float16_t*>(r)[i]);  // exact widening
-    }
-  }
-#if defined(MLX_K2_X86)
-  MLX_K2_AVX2 __m256 vec(const Row& r, size_t k) const {
-    if constexpr (K == Kind::F32) {
-      return _mm256_loadu_ps(static_cast<const float*>(r) + 8 * k);
-    } else {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(r) + 8 * k));
-      if constexpr (K == Kind::BF16) {
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-      } else {
-        return _mm256_cvtph_ps(raw);  // exact widening
-      }
-    }
-  }
-#endif
-};
 
 template <Kind K>
 void run_dense(const float* x, size_t T, size_t in, const void* w, size_t O, float* out, int threads, Simd simd) {
@@ -56,7 +18,7 @@ void run_dense(const float* x, size_t T, size_t in, const void* w, size_t O, flo
   for (size_t t = 0; t < T; ++t) order[t] = uint32_t(t);
   DenseLoader<K> loader{w, in};
   RowSet rs{x, order.data(), T, in, out, O};
-  parallel_rows(O, threads, [&](size_t o0, size_t o1) { rows(loader, rs, o0, o1, simd); });
+  parallel_rows(O, threads, [&](size_t o0, size_t o1) { dense_rows(loader, rs, o0, o1, simd); });
 }
 
 }  // namespace

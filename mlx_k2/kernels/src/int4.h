@@ -1,9 +1,10 @@
 // Packed int4 group-quant matmul, plain and gathered over a stack of experts (compressed-tensors layout).
 //
 // Weights as stored: words (out, ceil(in/8)) uint32, column c at bits 4*(c % 8) of word c / 8, value q + 8;
-// scales (out, ceil(in/group)) bf16 or float32. Column c's weight is float32(q - 8) * scale[c / group]
-// (one float32 multiply), then the fixed reduction of common.h. No activation quantisation. The AVX2 path
-// needs group % 8 == 0; other groups run the scalar path whatever simd says.
+// scales (out, ceil(in/group)) bf16 or float32. Column c's weight is (q - 8) * scale[c / group], reduced by the
+// int4 reduction of common.h: x * (q - 8) summed within each scale group, then scaled once per group. No
+// activation quantisation. The SIMD paths need group % 8 == 0; other groups run the scalar path whatever
+// simd says.
 // The gathered form: x (P, in), a stack (E, out, ..), indices (P,): row p = x[p] @ W[indices[p]].T. Positions
 // sharing an expert are multiplied together (that expert's rows are read once); an index >= E gives a NaN row.
 #pragma once

@@ -1,0 +1,60 @@
+// Test-only: the kernels' NEON path built on this x86 CPU through SIMDe (MLX_K2_SIMDE_NEON), as a small C
+// library that test_kernels_neon.py loads with ctypes and compares, bit for bit, with the extension's scalar
+// path. No MLX here: the row kernels' headers need none.
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "dense_rows.h"
+#include "int4_rows.h"
+
+#if !defined(MLX_K2_NEON) || !defined(SIMDE_X86_FMA_NATIVE)
+#error "build with -DMLX_K2_SIMDE_NEON -mfma: without FMA, SIMDe's vfmaq_f32 is a multiply then an add"
+#endif
+
+using namespace mlx_k2;
+
+namespace {
+RowSet all_rows(std::vector<uint32_t>& rows, const float* x, size_t T, size_t in, float* out, size_t out_rows) {
+  rows.resize(T);
+  std::iota(rows.begin(), rows.end(), 0u);
+  return {x, rows.data(), T, in, out, out_rows};
+}
+}  // namespace
+
+extern "C" {
+
+// 1 when vfmaq_f32 rounds once, as std::fma: b * c = 1 - 2^-46 is lost to 1 by a separate multiply.
+int neon_fma_is_fused() {
+  const float b = 1.0f + 0x1p-23f, c = 1.0f - 0x1p-23f;
+  float got[4];
+  vst1q_f32(got, vfmaq_f32(vdupq_n_f32(-1.0f), vdupq_n_f32(b), vdupq_n_f32(c)));
+  return got[0] == std::fma(b, c, -1.0f) && got[0] == -0x1p-46f;
+}
+
+// out (T, out_rows) = x (T, in) @ W.T on the NEON path (the scalar one where group % 8 != 0, as the
+// extension); scales are bf16 bits when bf16 != 0, else float32.
+void neon_int4_matmul(const float* x, size_t T, size_t in, const uint32_t* words, const void* scales, int bf16,
+                      size_t out_rows, size_t group, float* out) {
+  std::vector<uint32_t> rows;
+  const RowSet rs = all_rows(rows, x, T, in, out, out_rows);
+  const size_t wpr = (in + 7) / 8, spr = (in + group - 1) / group;
+  if (bf16) {
+    int4_rows(Int4Loader<uint16_t>{words, wpr, static_cast<const uint16_t*>(scales), spr, group}, rs, 0, out_rows,
+              Simd::Neon);
+  } else {
+    int4_rows(Int4Loader<float>{words, wpr, static_cast<const float*>(scales), spr, group}, rs, 0, out_rows,
+              Simd::Neon);
+  }
+}
+
+// out (T, out_rows) = x (T, in) @ w.T on the NEON path; kind 0 float32, 1 bf16, 2 f16 weights.
+void neon_dense_matmul(const float* x, size_t T, size_t in, const void* w, int kind, size_t out_rows, float* out) {
+  std::vector<uint32_t> rows;
+  const RowSet rs = all_rows(rows, x, T, in, out, out_rows);
+  if (kind == 0) dense_rows(DenseLoader<Kind::F32>{w, in}, rs, 0, out_rows, Simd::Neon);
+  if (kind == 1) dense_rows(DenseLoader<Kind::BF16>{w, in}, rs, 0, out_rows, Simd::Neon);
+  if (kind == 2) dense_rows(DenseLoader<Kind::F16>{w, in}, rs, 0, out_rows, Simd::Neon);
+}
+
+}  // extern "C"

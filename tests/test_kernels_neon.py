@@ -1,0 +1,101 @@
+"""The CPU kernels' NEON path (arm64), checked on this x86 machine: tests/neon_simde.cpp builds the same row
+kernels with NEON intrinsics from SIMDe (simde-py, a dev extra) into a small library, and its results must
+equal the extension's scalar path bit for bit, on the awkward shapes test_kernels.py uses for AVX2.
+
+SIMDe's vfmaq_f32 is one fused operation only when built with -mfma (else a multiply then an add, which would
+pass for the wrong reason or fail for one): the build asks for it, the source refuses to build without it,
+and a test checks the rounding. Skipped, with the reason, where simde-py, a C++ compiler or FMA is missing,
+and on arm64 (there the extension runs NEON itself and test_kernels.py compares it with scalar).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_k2.kernels as kernels
+
+STATUS = kernels.status()
+SRC = Path(__file__).resolve().parent / "neon_simde.cpp"
+KERNELS_SRC = Path(kernels.__file__).resolve().parent / "src"
+try:
+    import simde_py
+except ImportError:
+    simde_py = None
+
+pytestmark = [
+    pytest.mark.skipif(not STATUS.available, reason=f"CPU kernels not built ({STATUS.reason})"),
+    pytest.mark.skipif(simde_py is None, reason="simde-py is not installed (pip install -e '.[dev]')"),
+    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                       reason="SIMDe stands in for NEON on x86-64 only; on arm64 test_kernels.py checks it"),
+    pytest.mark.skipif(STATUS.simd != "avx2", reason="this CPU has no FMA, which SIMDe needs for vfmaq_f32"),
+]
+CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.fixture(scope="module")
+def neon(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    lib = tmp_path_factory.mktemp("neon") / "neon_simde.so"
+    cmd = [CXX, "-O2", "-std=c++20", "-mavx2", "-mfma", "-mf16c", "-fno-fast-math", "-ffp-contract=off",
+           "-shared", "-fPIC", "-DMLX_K2_SIMDE_NEON", f"-I{KERNELS_SRC}", f"-I{simde_py.get_include()}",
+           str(SRC), "-o", str(lib)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    so = ctypes.CDLL(str(lib))
+    p, z = ctypes.c_void_p, ctypes.c_size_t
+    so.neon_int4_matmul.argtypes = [p, z, z, p, p, ctypes.c_int, z, z, p]
+    so.neon_dense_matmul.argtypes = [p, z, z, p, ctypes.c_int, z, p]
+    return so
+
+
+def ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def test_simde_vfmaq_f32_is_fused(neon):
+    assert neon.neon_fma_is_fused() == 1
+
+
+# (T, in, out, group), as test_kernels.AWKWARD_INT4 plus K2.5's widths: tails alone in a group or sharing
+# it, groups of 8/24/40/64, a group that is not a multiple of 8 (the scalar path on every simd), T around
+# the tile widths.
+INT4_CASES = [(1, 1001, 13, 32), (3, 110, 9, 32), (9, 1003, 7, 24), (13, 100, 5, 40), (5, 7168, 6, 32),
+              (17, 256, 37, 64), (8, 64, 11, 8), (2, 7, 3, 8), (4, 36, 5, 32), (1, 2048, 9, 32),
+              (3, 100, 7, 12)]
+
+
+@pytest.mark.parametrize("T,inp,out,group", INT4_CASES)
+@pytest.mark.parametrize("bf16", [True, False])
+def test_neon_int4_equals_scalar(neon, T, inp, out, group, bf16):
+    rng = np.random.default_rng(inp + 31 * group + T)
+    words = rng.integers(0, 2**32, size=(out, -(-inp // 8)), dtype=np.uint64).astype(np.uint32)
+    scales = (rng.standard_normal((out, -(-inp // group))) * 0.02).astype(np.float32)
+    s = mx.array(scales).astype(mx.bfloat16 if bf16 else mx.float32)
+    x = rng.standard_normal((T, inp)).astype(np.float32)
+    want = np.array(kernels.int4_matmul(mx.array(x), mx.array(words), s, group, simd="scalar"))
+    s_np = np.array(s.view(mx.uint16)) if bf16 else np.array(s)
+    got = np.empty((T, out), dtype=np.float32)
+    neon.neon_int4_matmul(ptr(x), T, inp, ptr(words), ptr(s_np), int(bf16), out, group, ptr(got))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("T,inp,out", [(1, 96, 37), (3, 100, 13), (17, 256, 30), (5, 7, 9), (2, 7168, 5)])
+@pytest.mark.parametrize("kind,dtype", [(0, mx.float32), (1, mx.bfloat16), (2, mx.float16)])
+def test_neon_dense_equals_scalar(neon, T, inp, out, kind, dtype):
+    rng = np.random.default_rng(T + inp + out + kind)
+    w = mx.array(rng.standard_normal((out, inp)).astype(np.float32)).astype(dtype)
+    x = rng.standard_normal((T, inp)).astype(np.float32)
+    want = np.array(kernels.dense_matmul(mx.array(x), w, simd="scalar"))
+    w_np = np.array(w) if kind == 0 else np.array(w.view(mx.uint16))
+    got = np.empty((T, out), dtype=np.float32)
+    neon.neon_dense_matmul(ptr(x), T, inp, ptr(w_np), kind, out, ptr(got))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

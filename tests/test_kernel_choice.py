@@ -66,7 +66,7 @@ def runs(synth_dir, tmp_path_factory) -> dict[str, Path]:
 @needs_own
 def test_run_with_own_kernels(runs, synth_dir):
     header, step0, *_ = _records(runs["own"])
-    assert header["schema"] == "mlx-k2.ledger/3"
+    assert header["schema"] == "mlx-k2.ledger/2"
     name, simd = header["run"]["kernels"].split(":")
     assert name == own.status().name and simd == own.status().simd
     report = verify(runs["own"], anchors_dir=REPO_ANCHORS)
@@ -98,8 +98,8 @@ def test_anchor_with_own_kernels(synth_dir):
 
 @pytest.mark.parametrize("schema", [1, 2])
 def test_older_schema_ledger_still_verifies(runs, tmp_path, schema):
-    """The ledger as schema 1 or 2 wrote it (schema 3 added the model facts, schema 2 run.kernels), chain
-    rewritten; compared with the built-in anchor."""
+    """The ledger as schema 1 or the first release's schema 2 wrote it (no model facts; schema 1 no
+    run.kernels either), chain rewritten; compared with the built-in anchor."""
     lines = runs["builtin"].read_bytes().splitlines()
     header = json.loads(lines[0])
     header["schema"] = f"mlx-k2.ledger/{schema}"

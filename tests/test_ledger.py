@@ -39,7 +39,7 @@ EXPECTED_PROVENANCE = {**{f: "M" for f in MEASURED}, **{f: "D" for f in DERIVED}
 HEADER_KEYS = {"kind", "schema", "created", "model", "run", "provenance"}
 MODEL_KEYS = {"path", "model_type", "num_layers", "n_routed_experts", "experts_per_token", "config_blake3",
               "index_blake3",
-              # schema 3: what verify's structural checks need without the model
+              # schema 2's model facts: what verify's structural checks need without the model
               "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace", "moe_layer_freq",
               "tokenizer_blake3"}
 RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
@@ -205,7 +205,7 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     header, steps, footer = recs[0], recs[1:-1], recs[-1]
     assert set(header) == HEADER_KEYS and set(header["model"]) == MODEL_KEYS
     assert set(header["run"]) == RUN_KEYS and set(header["run"]["versions"]) == VERSION_KEYS
-    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/3"
+    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/2"
     text = json.loads((synth_dir / "config.json").read_text())["text_config"]
     for name in ("vocab_size", "hidden_size", "first_k_dense_replace"):
         assert header["model"][name] == text[name], name

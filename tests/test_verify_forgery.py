@@ -465,7 +465,8 @@ def test_explorer_shows_replay_step_by_step(ctx, tmp_path):
 
 
 def test_schema_2_bundle_still_verifies(ctx, tmp_path):
-    """A bundle whose header has no model facts (schema 2): shapes checked against step 0's, and it passes."""
+    """A bundle whose header has no model facts (schema 2 as the first release wrote it): shapes checked
+    against step 0's, and it passes."""
     def to_schema_2(bundle, recs, c):
         recs[0]["schema"] = "mlx-k2.ledger/2"
         for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",

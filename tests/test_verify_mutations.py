@@ -245,7 +245,7 @@ PLAIN_EDITS: list[Edit] = [
     Edit("header.run.compute_dtype", "header", _set(("run", "compute_dtype"), lambda v, r: "bfloat16")),
     Edit("header.run.kernels", "header", _set(("run", "kernels"),
                                                     lambda v, r: "mlx_k2-cpu/2:avx2" if v == "mlx-builtin" else "mlx-builtin")),
-    # schema 3 model facts: each is what a structural check measures the run against
+    # schema 2 model facts: each is what a structural check measures the run against
     Edit("header.model.vocab_size", "header", _set(("model", "vocab_size"), lambda v, r: v + 1), bundle=FS({"tensors"})),
     Edit("header.model.hidden_size", "header", _set(("model", "hidden_size"), lambda v, r: v + 1),
          bundle=FS({"tensors"})),

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "mlx-k2.ledger/3"
-# Every version verify reads; each adds fields only. 2: header run.kernels. 3: the model facts the structural
+SCHEMA = "mlx-k2.ledger/2"
+# Every version verify reads (LEDGER.md). Schema 2 adds fields to schema 1, each written by the capability that
+# needs it (a reader ignores fields it does not know): header run.kernels, and the model facts the structural
 # checks need, in header `model` (MODEL_FACTS): vocab_size, hidden_size, eos_token_id, bos_token_id,
 # first_k_dense_replace, moe_layer_freq (which layers are MoE) and tokenizer_blake3 (BLAKE3 of the
-# checkpoint's tiktoken.model, or null where it has none).
-SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", SCHEMA)
+# checkpoint's tiktoken.model, or null where it has none). Schema 2 ledgers of the first release carry
+# run.kernels only: a header has either all the model facts or none.
+SCHEMAS = ("mlx-k2.ledger/1", SCHEMA)
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
                "tokenizer_blake3": (str, type(None))}
@@ -26,7 +28,7 @@ TOKENIZER_FILE = "tiktoken.model"  # the file tokenizer_blake3 hashes
 
 
 def schema_number(header: dict) -> int:
-    """1, 2, 3...: the version number of a header's schema (0 when it is not one verify reads)."""
+    """1, 2: the version number of a header's schema (0 when it is not one verify reads)."""
     name = header.get("schema")
     return SCHEMAS.index(name) + 1 if name in SCHEMAS else 0
 # header run.kernels: which matmul kernels ran. Schema 1 ledgers (before the field) ran MLX's built-ins.

@@ -229,7 +229,8 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
 
 
 def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
-    """Types of the header fields the checks rely on; schema 3 adds the model facts (MODEL_FACTS)."""
+    """Types of the header fields the checks rely on; a schema 2 header has all the model facts (MODEL_FACTS)
+    or none (the first release's)."""
     for name, kind in MODEL_FIELDS.items():
         if not has_type(model.get(name), kind):
             schema.fail(f"header: model.{name} missing or not {getattr(kind, '__name__', kind)}")
@@ -238,10 +239,10 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
             schema.fail(f"header: run.{name} missing or of the wrong type")
     if version >= 2 and not has_type(run.get("kernels"), str):
         schema.fail("header: run.kernels missing or not a string")
-    if version >= 3:
+    if version >= 2 and any(name in model for name in MODEL_FACTS):
         for name, kind in MODEL_FACTS.items():
             if name not in model or not has_type(model[name], kind):
-                schema.fail(f"header: model.{name} missing or of the wrong type (schema 3)")
+                schema.fail(f"header: model.{name} missing or of the wrong type (the model facts come together)")
     for name in ("num_layers", "n_routed_experts", "experts_per_token", "vocab_size", "hidden_size",
                  "moe_layer_freq"):
         if has_type(model.get(name), int) and model[name] < 1:
@@ -370,7 +371,7 @@ def _check_totals(steps: list[dict], footer: dict | None) -> Check:
 
 
 def moe_layers(model: dict, n_layers: int) -> list[int] | None:
-    """The MoE layers by the header's facts (schema 3), None where the header does not say."""
+    """The MoE layers by the header's model facts, None where the header does not say."""
     first, freq = model.get("first_k_dense_replace"), model.get("moe_layer_freq")
     if not has_type(first, int) or not has_type(freq, int) or freq < 1:
         return None
@@ -414,8 +415,8 @@ def _check_layers(model: dict, run: dict, steps: list[dict], version: int) -> Ch
                     check.fail(f"{where}: unique_experts {unique} outside {k}..{min(n_experts, k * positions)}")
             if i + 1 < len(layers) and x.get("norm_out") != layers[i + 1].get("norm_in"):
                 check.fail(f"{where}: norm_out differs from the next layer's norm_in")
-    if moe is None and version < 3:
-        check.detail = f"schema {version}: the header does not say which layers are MoE"
+    if moe is None:
+        check.detail = f"schema {version}: the header has no model facts to say which layers are MoE"
     return check
 
 
@@ -425,7 +426,7 @@ def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: 
     k = model.get("experts_per_token")
     widths = all(has_type(v, int) for v in (hidden, vocab, n_layers, k))
     if not widths:
-        check.detail = "the header does not give hidden_size/vocab_size (schema < 3): layout checked, shapes " \
+        check.detail = "the header does not give hidden_size/vocab_size (no model facts): layout checked, shapes " \
                        "against step 0's"
     capture = run.get("capture") is not False
     moe = moe_layers(model, n_layers) if isinstance(n_layers, int) else None
@@ -642,7 +643,7 @@ def _check_complete(model: dict, run: dict, steps: list[dict], footer: dict | No
                           f"token is not EOS {eos}")
         elif complete.ok:
             complete.ok = None
-            complete.detail = (f"{len(steps)} of max_new_tokens {max_new} steps: the header (schema < 3) has no "
+            complete.detail = (f"{len(steps)} of max_new_tokens {max_new} steps: the header (no model facts) has no "
                                "eos_token_id to tell whether it ended at EOS")
             return complete
     if complete.ok:

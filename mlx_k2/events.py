@@ -29,6 +29,9 @@ class RunStarted:
     first_step: int
     step_bytes_estimate: int     # bytes a one-token step reads, from the headers
     kernels: str = ""            # the ledger header's run.kernels: which matmuls compute the run
+    kv_cache: bool = False       # decode one new position per step over cached attention state
+    cache_budget: int = 0        # bytes the in-process weight cache may hold (0: no cache)
+    lookahead: bool = False      # the next layer's experts are guessed and read ahead
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class LayerDone:
     residual_out: np.ndarray | None             # (hidden,) float32: ... and leaving it
     bytes_read: int
     wall_s: float
+    bytes_cached: int = 0                       # bytes the weight cache served instead of storage
+    experts_used: int | None = None             # distinct routed experts this layer computed (MoE layers)
+    lookahead_guessed: int | None = None        # experts read ahead for this layer on a guess (None: no guess)
+    lookahead_hits: int | None = None           # how many of the experts it used were among them
 
     @property
     def routing_weights(self) -> list[float] | None:
@@ -60,7 +67,7 @@ class LayerDone:
 @dataclass(frozen=True)
 class StepDone:
     step: int
-    input_ids: tuple[int, ...]   # the whole context this step recomputed
+    input_ids: tuple[int, ...]   # the whole context the token was generated from
     token_id: int
     logit: float
     hidden: np.ndarray           # (hidden_size,) float32: last position after the final norm
@@ -68,6 +75,10 @@ class StepDone:
     bytes_read: int              # all layers + embedding rows + final norm + lm_head
     wall_s: float
     layers: tuple[LayerDone, ...]
+    positions: int = 0           # positions computed: the whole context without a KV cache, the new ones with it
+    bytes_cached: int = 0        # bytes the weight cache served instead of storage
+    cache_held: int = 0          # bytes the weight cache holds after the step
+    reads_s: float = 0.0         # time spent waiting for reads a computation needed (not hidden behind compute)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ From them: sizes and dtypes
 per group (a pass over every name), what `mlx-k2 inspect` prints. Apart from the groups, and without that
 pass: the tensors a step reads from a layer besides its routed experts, and the bytes a one-token step must
 read (one embedding row, every layer's non-expert tensors, `num_experts_per_tok` experts per MoE layer,
-final norm, lm_head), from the names `names.py` spells and a few hundred headers.
+final norm, lm_head) and its parts, from the names `names.py` spells and a few hundred headers.
 """
 
 from __future__ import annotations
@@ -53,20 +53,27 @@ def layer_tensors(checkpoint: Checkpoint, cfg: ModelConfig, layer: int) -> list[
         stored=checkpoint)
 
 
-def one_token_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> int:
-    """Bytes a one-token step reads: one embedding row, every layer's non-expert tensors, k experts of each
-    MoE layer (each the size of its expert 0, as every expert of a layer is), the final norm and the lm_head."""
+def step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[int, int, int]:
+    """What a one-token step reads, in three parts: (one embedding row, the non-expert tensors: every
+    layer's apart from its routed experts, the final norm and the lm_head, one routed expert of each MoE
+    layer: each layer's expert 0, as every expert of a layer has its size)."""
     tensor_names, text = names.TensorNames(cfg.weight_prefix), cfg.text
 
     def size(tensors: list[str]) -> int:
         return sum(checkpoint.info(t).nbytes for t in tensors)
 
-    total = checkpoint.info(tensor_names.embed_tokens).row_bytes
-    total += size([tensor_names.norm, *names.linear_parts(tensor_names.lm_head, checkpoint)])
+    non_expert = size([tensor_names.norm, *names.linear_parts(tensor_names.lm_head, checkpoint)])
+    experts = 0
     for layer in range(text.num_hidden_layers):
-        total += size(layer_tensors(checkpoint, cfg, layer))
+        non_expert += size(layer_tensors(checkpoint, cfg, layer))
         if text.is_moe_layer(layer):
             n = tensor_names.layer(layer)
-            expert0 = [part for m in names.MLP_PROJECTIONS for part in names.linear_parts(n.experts(0, m), checkpoint)]
-            total += text.num_experts_per_tok * size(expert0)
-    return total
+            experts += size([part for m in names.MLP_PROJECTIONS for part in names.linear_parts(n.experts(0, m), checkpoint)])
+    return checkpoint.info(tensor_names.embed_tokens).row_bytes, non_expert, experts
+
+
+def one_token_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> int:
+    """Bytes a one-token step reads: one embedding row, every layer's non-expert tensors, k experts of each
+    MoE layer, the final norm and the lm_head."""
+    row, non_expert, experts = step_bytes(checkpoint, cfg)
+    return row + non_expert + cfg.text.num_experts_per_tok * experts

@@ -110,6 +110,15 @@ def linear(x: mx.array, w: Linear) -> mx.array:
     return x @ w.weight.astype(COMPUTE_DTYPE).T
 
 
+def dense_weight(w: Linear) -> mx.array:
+    """W[out, in] as float32 (exact: bf16/f16 widen, packed int values times their group scale)."""
+    if not w.is_packed:
+        return w.weight.astype(COMPUTE_DTYPE)
+    scales = w.scales.astype(COMPUTE_DTYPE)
+    biases = w.biases if w.biases is not None else -(1 << (w.bits - 1)) * scales
+    return mx.dequantize(w.weight, scales, biases, group_size=w.group_size, bits=w.bits)
+
+
 def gather_rows(x: mx.array, w: Linear, indices: mx.array) -> mx.array:
     """Row p times the stacked matrix indices[p]: x (P, in), w a stack (E, out, in), indices (P,) -> (P, out)."""
     if w.own and w.is_packed:

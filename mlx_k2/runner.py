@@ -1,11 +1,15 @@
-"""Greedy autoregressive generation with no KV cache, one layer's weights resident at a time.
+"""Greedy autoregressive generation, one layer's weights resident at a time (beside the weight cache's).
 
-Step k recomputes the whole context through every layer, reading each layer's tensors (and the routed
-experts its positions select) just before computing it and dropping them after: once a layer (or an
-lm_head block) is evaluated, the runner releases its read buffers to the reader, which reuses them. It
-yields typed events (`events.py`) and never prints. With `capture` off it skips the per-layer observations
-(norms, routing of the last position) but evaluates at exactly the same points, so the computation is the
-same.
+Without a KV cache (the default, and the anchor's mode) step k recomputes the whole context through every
+layer. With one (`kv_cache=True`) step 0 computes the prompt exactly as the no-KV step 0 does and keeps
+each layer's latent attention state (`KVCache`); every later step computes only the new position, which
+attends over that state. Either way each layer's tensors (and the routed experts its positions select)
+are read just before computing it and dropped after: once a layer (or an lm_head block) is evaluated, the
+runner releases its read buffers to the reader, which reuses them, and hands what the weight cache takes
+to it. With look-ahead, each MoE layer guesses the next layer's experts (the next router on its residual)
+and starts reading them. It yields typed events (`events.py`) and never prints. With `capture` off it skips
+the per-layer observations (norms, routing of the last position) but evaluates at exactly the same points,
+so the computation is the same.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
 from .evidence.derived import l2_norm
 from .evidence.schema import BUILTIN_KERNELS
-from .errors import UsageError
+from .errors import K2Error, UsageError
 from .events import Event, LayerDone, Progress, RunDone, StepDone
-from .forward import LayerResult, Routing, decoder_layer, rms_norm, rope_tables
+from .forward import LatentKV, LayerResult, Routing, decoder_layer, rms_norm, rope_tables, route
+from .inventory import step_bytes
 from .linear import linear
 from .storage import FaultHook, ReadPolicy, Storage
 from .tensors import TensorReader
 from .validate import validate
+from .weight_cache import WeightCache
 from .weights import WeightFetcher
 
 DEVICES = ("gpu", "cpu")
@@ -60,11 +66,29 @@ def compute_streams(device: mx.Device, count: int | None = None) -> list:
     return [mx.new_stream(device) for _ in range(count)]
 
 
+class KVCache:
+    """The attention state of every layer for the positions computed so far (`forward.LatentKV` per layer).
+    A step's new states replace the old ones only once the whole step has been computed."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[LatentKV | None] = [None] * num_layers
+        self.length = 0  # positions held
+
+    def commit(self, layers: list[LatentKV], length: int) -> None:
+        self.layers, self.length = list(layers), length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kv.latent.nbytes + kv.k_pe.nbytes for kv in self.layers if kv is not None)
+
+
 class Model:
-    """An opened checkpoint: config, tensor map and reader. Holds no weights between layers."""
+    """An opened checkpoint: config, tensor map and reader. Holds no weights between layers, apart from
+    what its weight cache (`cache_bytes` > 0) keeps."""
 
     def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
-                 progress: Progress | None = None, kernels: str = BUILTIN_KERNELS, reuse_buffers: bool = True):
+                 progress: Progress | None = None, kernels: str = BUILTIN_KERNELS, reuse_buffers: bool = True,
+                 cache_bytes: int = 0, cache_policy: str = "lru", lookahead: bool = False):
         self.dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.dir)
         self.checkpoint = Checkpoint(self.dir, progress)
@@ -73,8 +97,12 @@ class Model:
         validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
         if progress:
             progress("validating", 1, 1)
+        cache = None
+        if cache_bytes > 0:
+            cache = WeightCache(cache_bytes, step_bytes(self.checkpoint, self.config)[1], cache_policy)
         # reuse_buffers=False: a fresh array per read (the plain path the tests compare the arenas with)
-        self.reader = TensorReader(self.checkpoint, Storage(policy, fault), reuse=reuse_buffers)
+        self.reader = TensorReader(self.checkpoint, Storage(policy, fault), reuse=reuse_buffers, cache=cache)
+        self.lookahead = lookahead
         self.kernels = kernels  # resolved by linear.choose_kernels; part of the ledger header and the anchor key
         self.weights = WeightFetcher(self.config, self.reader, kernels)
         self._streams: dict[str, list] = {}
@@ -114,15 +142,38 @@ class Model:
         mx.eval(x)  # every layer starts from an evaluated x, with capture on or off
         return x
 
-    def layer(self, i: int, x: mx.array, cos: mx.array, sin: mx.array) -> LayerResult:
-        """Read layer i's weights (its routed experts once routing is known), compute it, drop the weights."""
+    def layer(self, i: int, x: mx.array, cos: mx.array, sin: mx.array, past: LatentKV | None = None) -> LayerResult:
+        """Read layer i's weights (its routed experts once routing is known), compute it, drop the weights.
+        With `past` (a KV step) the new positions attend over it and the result's state is evaluated too."""
         weights = self.weights.layer(i)
         self.weights.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
         result = decoder_layer(x, weights, self.config.text, cos, sin,
-                               lambda ids: self.weights.experts(i, ids), self.streams())
-        mx.eval(result.hidden)
+                               lambda ids: self.weights.experts(i, ids), self.streams(), past,
+                               self._look_ahead(i + 1) if self.lookahead else None)
+        mx.eval(result.hidden, *((result.kv.latent, result.kv.k_pe) if past is not None else ()))
         self.reader.release(i)  # nothing computed from layer i's weights is pending any more
         return result
+
+    def _look_ahead(self, nxt: int):
+        """A guess of layer `nxt`'s experts from the residual h of the layer before: layer nxt's router on
+        h normed by layer nxt's post_attention_layernorm. Its reads start at once (after what the current
+        layer waits for); the real routing decides what is used."""
+        text = self.config.text
+        if nxt >= text.num_hidden_layers or not text.is_moe_layer(nxt):
+            return None
+
+        def guess(h: mx.array) -> None:
+            norm, gate, bias = self.weights.router(nxt)
+            with mx.stream(self._guess_stream()):  # not queued behind this layer's shared expert
+                routing = route(rms_norm(h, norm, text.rms_norm_eps), gate, bias, text)
+            self.weights.guess_experts(nxt, sorted(set(int(e) for e in routing.experts.reshape(-1))))
+        return guess
+
+    def _guess_stream(self):
+        key = f"{mx.default_device()}/guess"
+        if key not in self._streams:
+            self._streams[key] = [mx.new_stream(mx.default_device())]
+        return self._streams[key][0]
 
     def head(self, x: mx.array) -> tuple[np.ndarray, np.ndarray]:
         """Final norm and lm_head of the last position: (hidden,), (vocab,) float32."""
@@ -138,34 +189,50 @@ class Model:
         mx.eval(logits)
         return np.array(hidden[0]), np.array(logits[0])
 
-    def step(self, step: int, input_ids: list[int], capture: bool = True) -> Iterator[LayerDone | StepDone]:
-        """embed -> every layer -> final norm -> lm_head for the whole context (no KV cache); yields one
-        LayerDone per layer, then the StepDone. `watch` observes beside the computation, never in it."""
-        watch = StepWatch(self.reader, step, capture)
+    def step(self, step: int, input_ids: list[int], capture: bool = True,
+             kv: KVCache | None = None) -> Iterator[LayerDone | StepDone]:
+        """embed -> every layer -> final norm -> lm_head; yields one LayerDone per layer, then the StepDone.
+        Without `kv` the whole context is computed; with it, the positions `kv` does not hold yet (it is
+        updated once the step is done). `watch` observes beside the computation, never in it."""
+        past = 0 if kv is None else kv.length
+        if past >= len(input_ids):
+            raise UsageError(f"step {step}: the KV cache holds {past} positions, the context only {len(input_ids)}")
+        watch = StepWatch(self.reader, self.weights, step, capture)
+        states: list[LatentKV] = []
         try:
-            x = self.embed(input_ids)
+            x = self.embed(input_ids[past:])
             cos, sin = rope_tables(self.config.text, len(input_ids))
+            cos, sin = cos[past:], sin[past:]  # the new positions' rows
             watch.start(x)
             for i in range(self.config.text.num_hidden_layers):
                 watch.layer_start()
-                result = self.layer(i, x, cos, sin)
+                result = self.layer(i, x, cos, sin, None if kv is None else (kv.layers[i] or _EMPTY))
                 x = result.hidden
+                if kv is not None:
+                    states.append(result.kv)
                 yield watch.layer_done(i, x, result.routing)
             hidden, logits = self.head(x)
         finally:
             # Reads no computation used are not carried into the next step, and a step abandoned midway
             # (an error, a consumer that stopped) leaves no buffer claimed.
             self.reader.end_step()
-        yield watch.step_done(input_ids, hidden, logits)
+            self.weights.forget_guesses()
+        if kv is not None:
+            kv.commit(states, len(input_ids))
+        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits)
+
+
+_EMPTY = LatentKV(mx.zeros((0, 1)), mx.zeros((0, 1)))  # no position yet: the first step is the no-KV computation
 
 
 class StepWatch:
     """What a step's observer records: times, bytes, and (with capture) the last position's residual norms
     and routing. It reads arrays the runner has already evaluated and adds no op to the computation."""
 
-    def __init__(self, reader: TensorReader, step: int, capture: bool):
-        self.reader, self.step, self.capture = reader, step, capture
+    def __init__(self, reader: TensorReader, weights: WeightFetcher, step: int, capture: bool):
+        self.reader, self.weights, self.step, self.capture = reader, weights, step, capture
         self.started, self.bytes_at_start = time.perf_counter(), reader.bytes_read
+        self.cached_at_start, self.wait_at_start = reader.bytes_cached, reader.wait_s
         self.layers: list[LayerDone] = []
 
     def start(self, x: mx.array) -> None:
@@ -173,12 +240,14 @@ class StepWatch:
 
     def layer_start(self) -> None:
         self.layer_started, self.layer_bytes = time.perf_counter(), self.reader.bytes_read
+        self.layer_cached = self.reader.bytes_cached
 
     def layer_done(self, i: int, x: mx.array, routing: Routing | None) -> LayerDone:
         residual_in = self.residual
         self.residual = np.array(x[-1]) if self.capture else None  # what leaves layer i enters layer i + 1
         observed = routing if self.capture else None
         last = None if observed is None else np.argsort(observed.experts[-1])  # ascending expert ids
+        guessed, used, hits = self.weights.guess_stats.pop(i, (None, None, None))
         done = LayerDone(
             step=self.step, layer=i, kind="dense" if routing is None else "moe",
             norm_in=None if residual_in is None else l2_norm(residual_in),
@@ -187,25 +256,33 @@ class StepWatch:
             routing_scores=None if observed is None else tuple(float(v) for v in observed.scores[-1][last]),
             routed=None if observed is None else observed.experts,
             residual_in=residual_in, residual_out=self.residual,
-            bytes_read=self.reader.bytes_read - self.layer_bytes, wall_s=time.perf_counter() - self.layer_started)
+            bytes_read=self.reader.bytes_read - self.layer_bytes, wall_s=time.perf_counter() - self.layer_started,
+            bytes_cached=self.reader.bytes_cached - self.layer_cached, experts_used=used,
+            lookahead_guessed=guessed, lookahead_hits=hits)
         self.layers.append(done)
         return done
 
-    def step_done(self, input_ids: list[int], hidden: np.ndarray, logits: np.ndarray) -> StepDone:
+    def step_done(self, input_ids: list[int], positions: int, hidden: np.ndarray, logits: np.ndarray) -> StepDone:
         token = int(np.argmax(logits))  # first maximum: ties go to the lower id
+        cache = self.reader.cache
         return StepDone(step=self.step, input_ids=tuple(input_ids), token_id=token, logit=float(logits[token]),
                         hidden=hidden, logits=logits, bytes_read=self.reader.bytes_read - self.bytes_at_start,
-                        wall_s=time.perf_counter() - self.started, layers=tuple(self.layers))
+                        wall_s=time.perf_counter() - self.started, layers=tuple(self.layers), positions=positions,
+                        bytes_cached=self.reader.bytes_cached - self.cached_at_start,
+                        cache_held=0 if cache is None else cache.held, reads_s=self.reader.wait_s - self.wait_at_start)
 
 
 def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: int, device: str | None = None,
-             capture: bool = True, stop_at_eos: bool = True, first_step: int = 0) -> Iterator[Event]:
+             capture: bool = True, stop_at_eos: bool = True, first_step: int = 0,
+             kv_cache: bool = False) -> Iterator[Event]:
     """Greedy generation: yields LayerDone/StepDone events per step and a RunDone at the end.
 
     Steps `first_step` .. `max_new_tokens - 1` run, the first from context `prompt_ids` (a resumed run
-    passes the context its next step recomputes). A consumer that stops iterating (Ctrl-C, an error) gets
-    no RunDone; it writes its own ending. `model` is an opened Model or a checkpoint directory (then
-    opened and closed here).
+    passes the context its next step computes from). With `kv_cache`, a resumed run first rebuilds the
+    cache exactly as the run built it: it runs steps 0 .. first_step - 1 again from the original prompt (the
+    context without the first_step tokens generated since), silently, and checks each gives the token the
+    context holds. A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own
+    ending. `model` is an opened Model or a checkpoint directory (then opened and closed here).
     """
     mx.set_default_device(select_device(device))
     owned = not isinstance(model, Model)
@@ -214,9 +291,12 @@ def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: i
     try:
         model.check_run(prompt_ids, max_new_tokens, first_step)
         ids = list(prompt_ids)
+        kv = KVCache(model.config.text.num_hidden_layers) if kv_cache else None
+        if kv is not None and first_step:
+            rebuild(model, ids, first_step, kv)
         start, total, steps = time.perf_counter(), 0, 0
         for k in range(first_step, max_new_tokens):
-            for event in model.step(k, ids, capture):
+            for event in model.step(k, ids, capture, kv):
                 yield event
             total += event.bytes_read
             steps += 1
@@ -227,3 +307,15 @@ def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: i
     finally:
         if owned:
             model.close()
+
+
+def rebuild(model: Model, context: list[int], steps: int, kv: KVCache) -> None:
+    """Run steps 0 .. steps - 1 of a KV-cache run whose step `steps` computes from `context`, filling `kv` (and
+    the weight cache) as the run did; each must give the token the context holds."""
+    prompt = len(context) - steps
+    for k in range(steps):
+        for event in model.step(k, context[:prompt + k], capture=False, kv=kv):
+            pass
+        if event.token_id != context[prompt + k]:
+            raise K2Error(f"rebuilding the KV cache: step {k} gave token {event.token_id}, the context has "
+                          f"{context[prompt + k]}")

@@ -9,6 +9,10 @@ silent overwrite. Reads without a slot (embedding rows) get a fresh array each, 
 (`reuse=False` makes every read fresh: the plain path tests compare against). Each tensor sits at the
 address its file offset has modulo the page size, so a direct read lands in place.
 
+With a weight cache (`weight_cache.py`), a tensor the cache holds is served from it (counted in
+`bytes_cached`, not read), and a tensor the cache will take is read into an array of its own instead of an
+arena; it enters the cache when its slot is released, i.e. once the layer that used it was evaluated.
+
 Whole tensors, stacks of same-shape tensors (routed experts) and row subsets (embedding rows, lm_head
 blocks). `bytes_read` counts the tensor bytes a computation consumed (the ledger's `bytes_read`), once
 each, whatever the page cache, retries or prefetching did. Reads can be issued ahead (`prefetch`) so
@@ -22,10 +26,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+import time
+
 from .arena import PAGE, Arena
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
 from .storage import ByteRange, PendingRead, Storage
+from .weight_cache import WeightCache
 
 # safetensors dtype -> the MLX dtype an array holding its bytes is allocated as (bf16 is viewed afterwards)
 _DTYPES = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32, "U32": mx.uint32}
@@ -38,16 +45,25 @@ class PendingTensor:
     counted as consumed once, when first waited for."""
 
     def __init__(self, reader: "TensorReader", array: mx.array, reads: list[PendingRead], nbytes: int, dtype: str,
-                 slot: int | None):
+                 slot: int | None, own: bool = False):
         self._reader, self._reads, self._nbytes, self.slot = reader, reads, nbytes, slot
+        self.own = own  # in an array of its own (for the cache), not in the slot's arena
         self.array = array.view(mx.bfloat16) if dtype == "BF16" else array  # read it only after waiting
         self._waited = [False] * len(reads)
 
     def wait_part(self, i: int) -> None:
         if not self._waited[i]:
+            started = time.perf_counter()
             self._reads[i].wait()  # raises ReadError
+            self._reader.wait_s += time.perf_counter() - started
             self._waited[i] = True
             self._reader.bytes_read += self._nbytes // len(self._reads)
+
+    def peek(self) -> mx.array:
+        """The array once its bytes have landed, without consuming them (nothing is counted)."""
+        for read in self._reads:
+            read.wait()
+        return self.array
 
     def wait(self) -> mx.array:
         for i in range(len(self._reads)):
@@ -63,11 +79,16 @@ class PendingTensor:
 class TensorReader:
     """Tensors of one checkpoint by name. Owns its storage (closed with it) and its two arenas."""
 
-    def __init__(self, checkpoint: Checkpoint, storage: Storage, reuse: bool = True):
+    def __init__(self, checkpoint: Checkpoint, storage: Storage, reuse: bool = True, cache: WeightCache | None = None):
         self.checkpoint = checkpoint
         self.storage = storage
         self.reuse = reuse
+        self.cache = cache
         self.bytes_read = 0
+        self.bytes_cached = 0   # bytes the cache served instead of storage
+        self.wait_s = 0.0       # time spent waiting for bytes a computation needed
+        self._keep: list[tuple[int, str, tuple[mx.array, ...], int, bool]] = []  # for the cache, at release
+        self._guessed: list[PendingTensor] = []  # stacks read ahead on a guess, until their slot is released
         self._ahead: dict[str, PendingTensor] = {}
         self._arenas = [Arena(), Arena()]
         self._owner: list[int | None] = [None, None]  # the slot each arena's bytes belong to, until released
@@ -106,6 +127,13 @@ class TensorReader:
 
     def release(self, slot: int) -> None:
         """Everything computed from `slot`'s tensors has been evaluated: its arena may be overwritten."""
+        if self.cache is not None:
+            for entry in [e for e in self._keep if e[0] == slot]:
+                self.cache.put(*entry[1:])
+            self._keep = [e for e in self._keep if e[0] != slot]
+        for pending in [p for p in self._guessed if p.slot == slot]:
+            pending.cancel()  # a guess nobody used: its reads must end before the buffer is reused
+        self._guessed = [p for p in self._guessed if p.slot != slot]
         i = slot % 2
         if self._owner[i] == slot:
             for name in [n for n, p in self._ahead.items() if p.slot == slot]:
@@ -114,25 +142,36 @@ class TensorReader:
             self._owner[i] = None
 
     def end_step(self) -> None:
-        """Between steps (or after a step was abandoned): cancel reads issued ahead, free both arenas."""
+        """Between steps (or after a step was abandoned): cancel reads issued ahead, free both arenas. Bytes
+        meant for the cache whose slot was never released are dropped (their computation did not finish)."""
+        self._keep.clear()
+        for pending in self._guessed:
+            pending.cancel()
+        self._guessed.clear()
         self.drop_prefetched()
         for owner in list(self._owner):
             if owner is not None:
                 self.release(owner)
 
     # ------------------------------------------------------------------ reads
-    def _start(self, names: list[str], slot: int | None, ahead: bool = False) -> PendingTensor:
+    def _start(self, names: list[str], slot: int | None, ahead: bool = False, own: bool = False) -> PendingTensor:
         """Begin reading whole tensors `names` (same dtype and shape) stacked into one array
         (len(names), *shape)."""
-        return self._start_stacks([names], slot, ahead)[0]
+        return self._start_stacks([names], slot, ahead, own)[0]
 
-    def start_stacked(self, groups: list[list[str]], slot: int | None = None) -> list[PendingTensor]:
+    def start_stacked(self, groups: list[list[str]], slot: int | None = None, ahead: bool = False,
+                      own: bool = False) -> list[PendingTensor]:
         """Issue the reads of `stacked(groups, slot)` one stack position at a time (tensor 0 of every group, then
         tensor 1, ...), so a position's tensors land together and in order: `wait_part(u)` on every result
-        gives position u."""
-        return self._start_stacks(groups, slot)
+        gives position u. `own`: into arrays of their own (for the cache), not the slot's arena. Stacks issued
+        `ahead` (on a guess) may never be waited for: their reads are cancelled when the slot is released."""
+        stacks = self._start_stacks(groups, slot, ahead, own)
+        if ahead:
+            self._guessed += stacks
+        return stacks
 
-    def _start_stacks(self, groups: list[list[str]], slot: int | None, ahead: bool = False) -> list[PendingTensor]:
+    def _start_stacks(self, groups: list[list[str]], slot: int | None, ahead: bool = False,
+                      own: bool = False) -> list[PendingTensor]:
         stacks = []
         for names in groups:
             infos = [self.checkpoint.info(n) for n in names]
@@ -141,7 +180,8 @@ class TensorReader:
                 if (info.dtype, info.shape) != (first.dtype, first.shape):
                     raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} "
                                           f"differs from {first.name}: {first.dtype} {list(first.shape)}")
-            stacks.append((infos, *self._alloc(first, (len(infos), *first.shape), slot, first.offset)))
+            stacks.append((infos, *self._alloc(first, (len(infos), *first.shape), None if own else slot,
+                                               first.offset)))
         reads: list[list[PendingRead]] = [[] for _ in groups]
         for u in range(max(len(infos) for infos, _, _ in stacks)):
             for g, (infos, _, dest) in enumerate(stacks):
@@ -149,14 +189,37 @@ class TensorReader:
                     info, n = infos[u], infos[u].nbytes
                     reads[g].append(self.storage.submit([ByteRange(info.path, info.offset, n)],
                                                         dest[u * n:(u + 1) * n], f"tensor {info.name}", ahead))
-        return [PendingTensor(self, arr, reads[g], sum(i.nbytes for i in infos), infos[0].dtype, slot)
+        return [PendingTensor(self, arr, reads[g], sum(i.nbytes for i in infos), infos[0].dtype, slot, own)
                 for g, (infos, arr, _) in enumerate(stacks)]
 
     def prefetch(self, names: list[str], slot: int | None = None) -> None:
         """Start reading whole tensors now; `tensor(name, slot)` later takes the bytes (and counts them)."""
         for name in names:
-            if name not in self._ahead:
-                self._ahead[name] = self._start([name], slot, ahead=True)
+            if name not in self._ahead and not (self.cache is not None and name in self.cache):
+                self._ahead[name] = self._start([name], slot, ahead=True, own=self._cacheable(name))
+
+    def _cacheable(self, name: str) -> bool:
+        return self.cache is not None and self.cache.admits(self.checkpoint.info(name).nbytes, expert=False)
+
+    def keep(self, slot: int, key: str, arrays: tuple[mx.array, ...], nbytes: int, expert: bool) -> None:
+        """Offer arrays read into buffers of their own to the cache once `slot` is released (evaluated)."""
+        if self.cache is not None:
+            self._keep.append((slot, key, arrays, nbytes, expert))
+
+    def cached(self, key: str, nbytes: int, expert: bool = False) -> tuple[mx.array, ...] | None:
+        """The cache's arrays for `key` (its bytes counted as served from the cache), or None."""
+        arrays = None if self.cache is None else self.cache.get(key, expert)
+        if arrays is not None:
+            self.bytes_cached += nbytes
+        return arrays
+
+    def peek(self, name: str, slot: int) -> mx.array:
+        """A whole tensor for a look, not a computation: from the cache, or its read for `slot` (issued now
+        if it was not), waited for without counting its bytes: `tensor(name, slot)` still consumes them."""
+        if self.cache is not None and name in self.cache:
+            return self.cache.peek(name)[0]
+        self.prefetch([name], slot)
+        return self._ahead[name].peek()[0]
 
     def drop_prefetched(self) -> None:
         """Forget reads issued ahead but never consumed (they are not counted)."""
@@ -165,11 +228,19 @@ class TensorReader:
         self._ahead.clear()
 
     def tensor(self, name: str, slot: int | None = None) -> mx.array:
+        info = self.checkpoint.info(name)
+        arrays = self.cached(name, info.nbytes)
+        if arrays is not None:
+            return arrays[0]
         pending = self._ahead.pop(name, None)
         if pending is not None and pending.slot != slot:
             pending.cancel()  # issued ahead for another slot: its buffer's lifetime is not this caller's
             pending = None
-        return (pending or self._start([name], slot)).wait()[0]  # (1, *shape) -> shape
+        pending = pending or self._start([name], slot, own=slot is not None and self._cacheable(name))
+        array = pending.wait()[0]  # (1, *shape) -> shape
+        if pending.own and slot is not None:
+            self.keep(slot, name, (array,), info.nbytes, expert=False)
+        return array
 
     def stacked(self, groups: list[list[str]], slot: int | None = None) -> list[mx.array]:
         """For each group of same-dtype, same-shape tensors, one array stacking them on a new leading axis
@@ -181,8 +252,9 @@ class TensorReader:
         consecutive rows are read as one range."""
         return self.start_rows(name, rows, slot).wait()
 
-    def start_rows(self, name: str, rows: list[int], slot: int | None = None) -> PendingTensor:
-        """Issue the reads of `rows(name, rows)` now; `wait()` on the result gives the array."""
+    def start_rows(self, name: str, rows: list[int], slot: int | None = None, own: bool = False) -> PendingTensor:
+        """Issue the reads of `rows(name, rows)` now; `wait()` on the result gives the array. `own`: into an
+        array of its own (for the cache), not the slot's arena."""
         info = self.checkpoint.info(name)
         n_rows = info.shape[0] if info.shape else 0
         ids = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -191,11 +263,11 @@ class TensorReader:
             raise CheckpointError(f"{info.path}: tensor {name}: row {bad[0]} outside its {n_rows} rows")
         rb = info.row_bytes
         first = info.offset + (int(ids[0]) * rb if ids.size else 0)
-        arr, dest = self._alloc(info, (len(ids), *info.shape[1:]), slot, first)
+        arr, dest = self._alloc(info, (len(ids), *info.shape[1:]), None if own else slot, first)
         # Runs of consecutive rows (a 16k-row lm_head block is one) found with numpy: a Python loop over
         # the rows cost more than reading them from the page cache.
         starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)
         ends = np.append(starts[1:], len(ids))
         ranges = [ByteRange(info.path, info.offset + int(ids[i]) * rb, int(j - i) * rb) for i, j in zip(starts, ends)]
         read = self.storage.submit(ranges, dest, f"tensor {name}")
-        return PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot)
+        return PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot, own)

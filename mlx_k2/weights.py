@@ -11,7 +11,6 @@ for slot L (the layer count), lm_head block j for slot L + j; the embedding rows
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -20,10 +19,10 @@ from . import names
 from .config import ModelConfig
 from .errors import CheckpointError
 from .evidence.schema import BUILTIN_KERNELS
-from .forward import Attention, DenseMLP, Experts, Layer, MoE
+from .forward import Attention, DenseMLP, Experts, ExpertStack, Layer, MoE
 from .inventory import layer_tensors
 from .linear import Linear
-from .tensors import TensorReader
+from .tensors import PendingTensor, TensorReader
 
 
 class WeightFetcher:
@@ -35,6 +34,10 @@ class WeightFetcher:
         self.reader = reader
         self.checkpoint = reader.checkpoint
         self.tensor_names = names.TensorNames(cfg.weight_prefix)
+        self._expert_bytes: dict[int, int] = {}
+        self._guesses: dict[int, tuple[list[int], list]] = {}   # layer -> (guessed ids, stacks read ahead)
+        # layer -> (experts guessed or None, experts used, of them guessed or None), until the runner takes it
+        self.guess_stats: dict[int, tuple[int | None, int, int | None]] = {}
 
     def _quant(self, base: str):
         q = self.cfg.quantization
@@ -51,26 +54,51 @@ class WeightFetcher:
         return Linear.packed(self.reader.tensor(parts[0], slot), self.reader.tensor(parts[1], slot), q.num_bits,
                              q.group_size, self.kernels)
 
-    def start_stacked_linears(self, projections: list[list[str]],
-                              slot: int) -> tuple[list[Linear], Callable[[int], None]]:
-        """Per projection, its linears (routed experts) stacked: weights (E, out, in) in `slot`'s buffers, their
-        reads issued one expert at a time. Nothing may compute from stack position u before `arrived(u)` has
-        returned."""
+    def _stack_reads(self, projections: list[list[str]], slot: int, ahead: bool = False,
+                     own: bool = False) -> tuple[list[PendingTensor], bool]:
+        """Issue the reads of linears stacked per projection (routed experts), one expert at a time: the
+        pending arrays (weight, and scale when packed, per projection) and whether they are packed."""
         parts = [[names.linear_parts(b, self.checkpoint) for b in bases] for bases in projections]
         packed = len(parts[0][0]) == 2
         groups = [[p[part] for p in group] for group in parts for part in range(2 if packed else 1)]
-        pending = self.reader.start_stacked(groups, slot)
+        return self.reader.start_stacked(groups, slot, ahead, own), packed
 
-        def arrived(u: int) -> None:
-            for stack in pending:
-                stack.wait_part(u)
-
-        arrays = [stack.array for stack in pending]
+    def _stack_linears(self, arrays: list[mx.array] | tuple[mx.array, ...], packed: bool, base: str) -> list[Linear]:
         if not packed:
-            return [Linear.dense(a, self.kernels) for a in arrays], arrived
-        q = self._quant(projections[0][0])
+            return [Linear.dense(a, self.kernels) for a in arrays]
+        q = self._quant(base)
         return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size, self.kernels)
-                for i in range(len(projections))], arrived
+                for i in range(len(arrays) // 2)]
+
+    def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple]]:
+        """Start reading routed experts `ids` of `layer`: one stack in the layer's arena, or, where the cache
+        takes experts, one stack of one expert each in arrays of their own (with those arrays, to offer the
+        cache once used; else an empty tuple)."""
+        n = self.tensor_names.layer(layer)
+        own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
+        batches = [[e] for e in ids] if own else [list(ids)]
+        out = []
+        for batch in batches:
+            pending, packed = self._stack_reads([[n.experts(e, m) for e in batch] for m in names.MLP_PROJECTIONS],
+                                                layer, ahead, own)
+
+            def arrived(u: int, pending=pending) -> None:
+                for stack in pending:
+                    stack.wait_part(u)
+
+            arrays = tuple(p.array for p in pending)
+            linears = self._stack_linears(arrays, packed, n.experts(batch[0], names.MLP_PROJECTIONS[0]))
+            out.append((ExpertStack(np.array(batch, dtype=np.int64), *linears, arrived=arrived),
+                        arrays if own else ()))
+        return out
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one routed expert of `layer` (its three projections as stored)."""
+        if layer not in self._expert_bytes:
+            n = self.tensor_names.layer(layer)
+            self._expert_bytes[layer] = sum(self.checkpoint.info(t).nbytes for m in names.MLP_PROJECTIONS
+                                            for t in names.linear_parts(n.experts(0, m), self.checkpoint))
+        return self._expert_bytes[layer]
 
     def prefetch_layer(self, layer: int) -> None:
         """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
@@ -121,12 +149,63 @@ class WeightFetcher:
                      self_attn=self_attn, mlp=mlp)
 
     def experts(self, layer: int, ids: np.ndarray) -> Experts:
-        """The routed experts `ids` (ascending, distinct) of `layer`, each read once; their reads are in flight
-        on return, in the order of `ids` (see `Experts.arrived`)."""
+        """The routed experts `ids` (ascending, distinct) of `layer`: those the cache holds, those read ahead
+        on a guess, and the rest, read now (in flight on return, in the order of `ids`). Each is read once."""
+        n, nbytes = self.tensor_names.layer(layer), self.expert_bytes(layer)
+        packed = names.packed_weight(n.experts(0, names.MLP_PROJECTIONS[0])) in self.checkpoint
+        stacks: list[ExpertStack] = []
+        used: list[tuple[ExpertStack, tuple]] = []  # stacks read for this use, with arrays the cache may take
+        missing = []
+        for e in (int(e) for e in ids):
+            hit = self.reader.cached(self._expert_key(layer, e), nbytes, expert=True)
+            if hit is None:
+                missing.append(e)
+            else:
+                base = n.experts(e, names.MLP_PROJECTIONS[0])
+                stacks.append(ExpertStack(np.array([e]), *self._stack_linears(hit, packed, base)))
+        guess = self._guesses.pop(layer, None)
+        self.guess_stats[layer] = (None, len(ids), None)
+        if guess is not None:
+            guessed, read_ahead = guess
+            self.guess_stats[layer] = (len(guessed), len(ids), len(set(guessed) & set(int(e) for e in ids)))
+            taken = [(stack, arrays) for stack, arrays in read_ahead if set(stack.ids.tolist()) & set(missing)]
+            used += taken
+            missing = [e for e in missing if not any(e in stack.ids for stack, _ in taken)]
+        if missing:
+            used += self._read_experts(layer, missing)
+        stacks += [stack for stack, _ in used]
+        for stack, arrays in used:
+            if arrays and int(stack.ids[0]) in ids:  # one expert per stack when the cache takes them
+                self.reader.keep(layer, self._expert_key(layer, int(stack.ids[0])), arrays, nbytes, expert=True)
+        return Experts(tuple(stacks))
+
+    def guess_experts(self, layer: int, ids: list[int]) -> None:
+        """Read ahead the routed experts a guess says `layer` will use (router look-ahead). The real routing
+        decides what is used: a wrong guess costs a read, never counted, and the bytes are never kept."""
+        if layer >= self.cfg.text.num_hidden_layers or not self.cfg.text.is_moe_layer(layer):
+            return
+        cache = self.reader.cache
+        to_read = [e for e in ids if cache is None or self._expert_key(layer, e) not in cache]
+        self._guesses[layer] = (list(ids), self._read_experts(layer, to_read, ahead=True) if to_read else [])
+
+    def forget_guesses(self) -> None:
+        """Between steps: guesses not used (the reader cancels their reads at end_step)."""
+        self._guesses.clear()
+
+    def router(self, layer: int) -> tuple[mx.array, Linear, mx.array | None] | None:
+        """Layer `layer`'s post_attention_layernorm, router and router bias for a guess (looked at, not
+        consumed: the layer still reads and counts them), or None where it has no router."""
+        if layer >= self.cfg.text.num_hidden_layers or not self.cfg.text.is_moe_layer(layer):
+            return None
         n = self.tensor_names.layer(layer)
-        stacks, arrived = self.start_stacked_linears([[n.experts(int(e), m) for e in ids]
-                                                      for m in names.MLP_PROJECTIONS], layer)
-        return Experts(ids, *stacks, arrived=arrived)
+        bias = n.e_score_correction_bias
+        return (self.reader.peek(n.post_attention_layernorm, layer),
+                Linear.dense(self.reader.peek(n.gate, layer), self.kernels),
+                self.reader.peek(bias, layer) if bias in self.checkpoint else None)
+
+    @staticmethod
+    def _expert_key(layer: int, expert: int) -> str:
+        return f"layers.{layer}.experts.{expert}"
 
     def final_norm(self) -> mx.array:
         return self.reader.tensor(self.tensor_names.norm, self.cfg.text.num_hidden_layers)
@@ -134,20 +213,34 @@ class WeightFetcher:
     def lm_head_chunks(self, rows_per_chunk: int):
         """The lm_head as consecutive row blocks (vocab rows), each block's read issued while the previous
         one is used: the head never sits in memory whole (it is the largest tensor a step reads). Block j
-        is read for slot L + j: the caller releases each slot once its block's product is evaluated."""
+        is read for slot L + j: the caller releases each slot once its block's product is evaluated. Blocks
+        the weight cache holds are not read; blocks it will take are read into arrays of their own."""
         base = self.tensor_names.lm_head
         first = self.cfg.text.num_hidden_layers
         if names.packed_weight(base) in self.checkpoint:
             yield self.linear(base, first)  # packed heads are small: one block
             return
         head = names.dense_weight(base)
-        vocab = self.checkpoint.info(head).shape[0]
-        starts = list(range(0, vocab, rows_per_chunk))
-        pending = self.reader.start_rows(head, list(range(0, min(rows_per_chunk, vocab))), first)
-        for i, start in enumerate(starts):
-            block = pending.wait()
-            if i + 1 < len(starts):
-                nxt = starts[i + 1]
-                pending = self.reader.start_rows(head, list(range(nxt, min(nxt + rows_per_chunk, vocab))),
-                                                 first + i + 1)
+        info = self.checkpoint.info(head)
+        vocab = info.shape[0]
+        blocks = [(start, min(start + rows_per_chunk, vocab)) for start in range(0, vocab, rows_per_chunk)]
+
+        def start(j: int):
+            lo, hi = blocks[j]
+            key, nbytes = f"{head}[{lo}:{hi}]", (hi - lo) * info.row_bytes
+            hit = self.reader.cached(key, nbytes)
+            if hit is not None:
+                return key, nbytes, hit[0]
+            own = self.reader.cache is not None and self.reader.cache.admits(nbytes, expert=False)
+            return key, nbytes, self.reader.start_rows(head, list(range(lo, hi)), first + j, own)
+
+        pending = start(0)
+        for j in range(len(blocks)):
+            key, nbytes, block = pending
+            if not isinstance(block, mx.array):
+                if block.own:
+                    self.reader.keep(first + j, key, (block.array,), nbytes, expert=False)
+                block = block.wait()
+            if j + 1 < len(blocks):
+                pending = start(j + 1)
             yield Linear.dense(block, self.kernels)

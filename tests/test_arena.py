@@ -90,11 +90,11 @@ def test_poison_catches_a_release_before_evaluation(synth_dir, monkeypatch):
     from mlx_k2 import runner
     from mlx_k2.forward import decoder_layer
 
-    def layer_releasing_early(self, i, x, cos, sin):
+    def layer_releasing_early(self, i, x, cos, sin, past=None):
         weights = self.weights.layer(i)
         self.weights.prefetch_layer(i + 1)
         result = decoder_layer(x, weights, self.config.text, cos, sin, lambda ids: self.weights.experts(i, ids),
-                               self.streams())
+                               self.streams(), past)
         self.reader.release(i)  # the bug: the layer is still lazy here
         mx.eval(result.hidden)
         return result

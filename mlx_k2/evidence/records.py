@@ -31,17 +31,18 @@ def model_facts(model_dir: Path, text) -> dict[str, Any]:
 def header_record(model_dir: Path, identity: dict[str, str], model_type: str, num_layers: int,
                   n_routed_experts: int, experts_per_token: int, prompt_ids: list[int], max_new_tokens: int,
                   capture: bool, device: str, versions: dict[str, str], kernels: str,
-                  facts: dict[str, Any]) -> dict[str, Any]:
+                  facts: dict[str, Any], kv_cache: bool = False, expert_cache_bytes: int = 0) -> dict[str, Any]:
     """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given; `kernels` names the matmul
-    kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`); `facts` is `model_facts`."""
+    kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`); `facts` is `model_facts`;
+    `expert_cache_bytes` the weight cache's budget (0: none)."""
     return {
         "kind": "header", "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "model": {"path": str(model_dir), "model_type": model_type, "num_layers": num_layers,
                   "n_routed_experts": n_routed_experts, "experts_per_token": experts_per_token, **identity, **facts},
-        "run": {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": False,
+        "run": {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": kv_cache,
                 "capture": capture, "backend": "mlx", "device": device, "compute_dtype": "float32",
-                "kernels": kernels, "versions": dict(versions)},
+                "kernels": kernels, "expert_cache_bytes": expert_cache_bytes, "versions": dict(versions)},
         "provenance": dict(PROVENANCE),
     }
 
@@ -50,15 +51,17 @@ def layer_record(e: LayerDone) -> dict[str, Any]:
     return {"layer": e.layer, "kind": e.kind, "norm_in": e.norm_in, "norm_out": e.norm_out,
             "experts": None if e.experts is None else list(e.experts),
             "routing_weights": e.routing_weights, "unique_experts": e.unique_experts,
-            "bytes_read": e.bytes_read, "wall_s": round(e.wall_s, 6)}
+            "bytes_read": e.bytes_read, "bytes_cached": e.bytes_cached, "wall_s": round(e.wall_s, 6)}
 
 
 def step_record(e: StepDone, token_text: str | None) -> dict[str, Any]:
     logits = np.asarray(e.logits, dtype=np.float32)
-    return {"kind": "step", "step": e.step, "input_ids": list(e.input_ids), "token_id": e.token_id,
+    return {"kind": "step", "step": e.step, "input_ids": list(e.input_ids), "positions": e.positions,
+            "token_id": e.token_id,
             "token_text": token_text, "logit": e.logit, "top16": top16(logits), "entropy": entropy(logits),
             "margin": margin(logits), "hidden_digest": tensor_digest(e.hidden),
-            "logits_digest": tensor_digest(logits), "bytes_read": e.bytes_read, "wall_s": round(e.wall_s, 6),
+            "logits_digest": tensor_digest(logits), "bytes_read": e.bytes_read, "bytes_cached": e.bytes_cached,
+            "wall_s": round(e.wall_s, 6),
             "layers": [layer_record(layer) for layer in e.layers]}
 
 

@@ -71,7 +71,17 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
                                                          "bypassing the page cache) or mmap.")] = "pread",
         kernels: Annotated[Optional[str], typer.Option(help="auto (default: the product's CPU kernels on "
                                                             "--device cpu where built, else MLX's), builtin or own; "
-                                                            "a resumed run keeps its own.")] = None):
+                                                            "a resumed run keeps its own.")] = None,
+        kv_cache: Annotated[bool, typer.Option("--kv-cache", help="Compute only each new position, attending over "
+                                                                 "cached attention state (default: recompute the "
+                                                                 "whole context every step).")] = False,
+        cache: Annotated[Optional[float], typer.Option(help="Weight cache budget in GB (0: none; default: "
+                                                            "half the RAM free at start). Non-expert weights "
+                                                            "are kept first, then experts.")] = None,
+        cache_policy: Annotated[str, typer.Option(help="Which cached experts make room: lru or lfu.")] = "lru",
+        lookahead: Annotated[Optional[bool], typer.Option("--lookahead/--no-lookahead", help="Guess the next "
+                                                          "layer's experts and read them early (default: on with "
+                                                          "--kv-cache).")] = None):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
     from mlx_k2.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.session import run as run_session
@@ -79,6 +89,7 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     if read_retries < 0:
         raise UsageError(f"--read-retries must be 0 or more, got {read_retries}")
     policy = ReadPolicy(method=read_method, retries=read_retries)
+    decode = decode_options(kv_cache, cache, cache_policy, lookahead)
     if resume is not None:
         header = read_header_line(resume)
         if model is None:
@@ -96,13 +107,14 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         sinks = sinks or ((plain_lines(tokenizer),) if progress else ())
         if resume is not None:
             return tokenizer, resume_session(resume, model_dir, device, sinks=sinks, tokenizer=tokenizer,
-                                             policy=policy, progress=progress)
+                                             policy=policy, progress=progress, lookahead=decode.lookahead,
+                                             cache_policy=decode.cache_policy)
         ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
         if tokenizer is None and not quiet:
             typer.echo(f"warning: {model_dir} has no tiktoken.model; tokens are shown as ids", err=True)
         return tokenizer, run_session(model_dir, ids, max_new_tokens, ledger or default_ledger(bundle), bundle,
                                       device=device, overwrite=overwrite, sinks=sinks, tokenizer=tokenizer,
-                                      policy=policy, progress=progress, kernels=kernels)
+                                      policy=policy, progress=progress, kernels=kernels, decode=decode)
 
     if dashboard is not None:
         with live_dashboard(dashboard) as sink:
@@ -121,6 +133,19 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         raise typer.Exit(130 if result.status == "stopped" else 1)
     if result.anchor_ok is False:
         raise typer.Exit(1)
+
+
+def decode_options(kv_cache: bool, cache_gb: float | None, cache_policy: str, lookahead: bool | None):
+    """--kv-cache, --cache, --cache-policy and --lookahead as a session.Decode."""
+    from mlx_k2.session import Decode
+    from mlx_k2.weight_cache import POLICIES, default_budget
+
+    if cache_gb is not None and not cache_gb >= 0:
+        raise UsageError(f"--cache must be 0 or more GB, got {cache_gb}")
+    if cache_policy not in POLICIES:
+        raise UsageError(f"--cache-policy: unknown policy {cache_policy!r} (choose from {', '.join(POLICIES)})")
+    budget = default_budget() if cache_gb is None else int(cache_gb * 1e9)
+    return Decode(kv_cache, budget, cache_policy, kv_cache if lookahead is None else lookahead)
 
 
 def default_ledger(bundle: Path | None) -> Path | None:

@@ -67,9 +67,23 @@ def _check_space(directory: Path, model: Model, steps: int, bundle: bool) -> Non
         raise UsageError(f"{directory}: {free:,} bytes free, the ledger needs about {need:,} (x2 margin)")
 
 
+@dataclass(frozen=True)
+class Decode:
+    """How steps are computed: `kv_cache` (new positions over cached attention state, else the whole
+    context each step), the weight cache's budget in bytes (0: none) and eviction policy, and router
+    look-ahead. None of it changes a step's bits; the KV cache changes them within float32 rounding."""
+
+    kv_cache: bool = False
+    cache_bytes: int = 0
+    cache_policy: str = "lru"
+    lookahead: bool = False
+
+
 def _open_model(model_dir: Path, policy: ReadPolicy, fault: FaultHook | None, context: list[int],
-                max_new_tokens: int, first_step: int, progress: Progress | None, kernels: str) -> Model:
-    model = Model(model_dir, policy, fault, progress, kernels)  # config and every shard header are checked first
+                max_new_tokens: int, first_step: int, progress: Progress | None, kernels: str,
+                decode: Decode = Decode()) -> Model:
+    model = Model(model_dir, policy, fault, progress, kernels, cache_bytes=decode.cache_bytes,
+                  cache_policy=decode.cache_policy, lookahead=decode.lookahead)  # config and headers checked first
     try:
         model.check_run(context, max_new_tokens, first_step)
     except K2Error:
@@ -83,8 +97,9 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         overwrite: bool = False, sinks: tuple[Sink, ...] = (),
         tokenizer: Tokenizer | None = None, anchors_dir: Path | None = None,
         policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
-        progress: Progress | None = None, kernels: str | None = None) -> RunResult:
-    """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels)."""
+        progress: Progress | None = None, kernels: str | None = None, decode: Decode = Decode()) -> RunResult:
+    """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels); `decode`: the KV cache, weight
+    cache and look-ahead (none by default)."""
     model_dir = Path(model_dir)
     if bundle_dir is not None:
         bundle_dir = Path(bundle_dir)
@@ -98,7 +113,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         raise UsageError(f"{ledger_path}: ledger already exists (choose another path or pass --overwrite)")
     dev = device_name(select_device(device))
     model = _open_model(model_dir, policy, fault, prompt_ids, max_new_tokens, 0, progress,
-                        choose_kernels(kernels, dev))
+                        choose_kernels(kernels, dev), decode)
     try:
         try:
             ledger_path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,10 +127,11 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
                                    text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
                                    capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
                                                   "python": platform.python_version()},
-                                   kernels_label(model.kernels), model_facts(model_dir, text)))
+                                   kernels_label(model.kernels), model_facts(model_dir, text), decode.kv_cache,
+                                   decode.cache_bytes))
         tokenizer = tokenizer or load_tokenizer(model_dir)
         return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
-                      max_new_tokens, dev, capture, sinks, anchors_dir)
+                      max_new_tokens, dev, capture, sinks, anchors_dir, decode)
     finally:
         model.close()
 
@@ -123,8 +139,10 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
 def resume(path: str | Path, model_dir: str | Path | None = None, device: str | None = None,
            sinks: tuple[Sink, ...] = (), tokenizer: Tokenizer | None = None,
            anchors_dir: Path | None = None, policy: ReadPolicy = ReadPolicy(),
-           fault: FaultHook | None = None, progress: Progress | None = None) -> RunResult:
-    """Continue the run recorded in a ledger (or bundle) that did not complete."""
+           fault: FaultHook | None = None, progress: Progress | None = None, lookahead: bool = False,
+           cache_policy: str = "lru") -> RunResult:
+    """Continue the run recorded in a ledger (or bundle) that did not complete, in its recorded mode: with a
+    KV cache, steps 0.. are run again first to rebuild it (and the weight cache) exactly."""
     from .evidence.verify import verify
 
     path = Path(path)
@@ -154,7 +172,10 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
     kernels = choose_kernels("builtin" if recorded_kernels == BUILTIN_KERNELS else "own", dev)
     if kernels != recorded_kernels:
         raise UsageError(f"{ledger_path}: recorded with kernels {recorded_kernels}, this install has {kernels}")
-    model = Model(model_dir, policy, fault, progress, kernels)
+    decode = Decode(run_info.get("kv_cache") is True, int(run_info.get("expert_cache_bytes") or 0), cache_policy,
+                    lookahead)
+    model = Model(model_dir, policy, fault, progress, kernels, cache_bytes=decode.cache_bytes,
+                  cache_policy=decode.cache_policy, lookahead=decode.lookahead)
     try:
         identity = model.checkpoint.identity()
         recorded = {k: model_info.get(k) for k in identity}
@@ -171,7 +192,7 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
         bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
         ledger_sink = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), steps)
         result = _drive(model, identity, ledger_sink, bundle, context, len(steps), max_new, dev, capture, sinks,
-                        anchors_dir)
+                        anchors_dir, decode)
         result.resumed_from = len(steps)
         return result
     finally:
@@ -180,7 +201,7 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
 
 def _drive(model: Model, identity: dict[str, str], ledger: LedgerSink, bundle: BundleSink | None,
            context: list[int], first_step: int, max_new_tokens: int, dev: str, capture: bool,
-           sinks: tuple[Sink, ...], anchors_dir: Path | None) -> RunResult:
+           sinks: tuple[Sink, ...], anchors_dir: Path | None, decode: Decode = Decode()) -> RunResult:
     """Run steps first_step.. and hand every event to the sinks, the ledger first; every sink is closed with
     the run's status (a RunDone), whatever ends it."""
     anchor = None
@@ -194,11 +215,13 @@ def _drive(model: Model, identity: dict[str, str], ledger: LedgerSink, bundle: B
     text = model.config.text
     started = RunStarted(str(model.dir), model.config.model_type, dev, text.num_hidden_layers, text.n_routed_experts,
                          max_new_tokens, len(context), first_step,
-                         one_token_step_bytes(model.checkpoint, model.config), kernels_label(model.kernels))
+                         one_token_step_bytes(model.checkpoint, model.config), kernels_label(model.kernels),
+                         decode.kv_cache, decode.cache_bytes, decode.lookahead)
     try:
         for sink in subscribers:
             sink(started)
-        for event in generate(model, context, max_new_tokens, dev, capture, first_step=first_step):
+        for event in generate(model, context, max_new_tokens, dev, capture, first_step=first_step,
+                              kv_cache=decode.kv_cache):
             if isinstance(event, RunDone):
                 end = event
                 break

@@ -30,8 +30,10 @@ from mlx_k2.evidence.schema import PROVENANCE
 from tests.reference import entropy_nats
 
 N_STEPS = 3
-# LEDGER.md, "Provenance classes".
-MEASURED = ("token_id", "logit", "norm_in", "norm_out", "experts", "bytes_read", "wall_s", "input_ids")
+# LEDGER.md, "Provenance classes", and "Schema 2 (additions)": step positions and bytes_cached, layer
+# bytes_cached, all M.
+MEASURED = ("token_id", "logit", "norm_in", "norm_out", "experts", "bytes_read", "wall_s", "input_ids",
+            "positions", "bytes_cached")
 DERIVED = ("top16", "entropy", "margin", "routing_weights", "unique_experts", "hidden_digest", "logits_digest",
            "token_text")
 EXPECTED_PROVENANCE = {**{f: "M" for f in MEASURED}, **{f: "D" for f in DERIVED}}
@@ -43,12 +45,12 @@ MODEL_KEYS = {"path", "model_type", "num_layers", "n_routed_experts", "experts_p
               "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace", "moe_layer_freq",
               "tokenizer_blake3"}
 RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
-            "versions"}
+            "expert_cache_bytes", "versions"}
 VERSION_KEYS = {"mlx_k2", "mlx", "python"}
-STEP_KEYS = {"kind", "step", "prev", "input_ids", "token_id", "token_text", "logit", "top16", "entropy", "margin",
-             "hidden_digest", "logits_digest", "bytes_read", "wall_s", "layers"}
+STEP_KEYS = {"kind", "step", "prev", "input_ids", "positions", "token_id", "token_text", "logit", "top16", "entropy",
+             "margin", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached", "wall_s", "layers"}
 LAYER_KEYS = {"layer", "kind", "norm_in", "norm_out", "experts", "routing_weights", "unique_experts", "bytes_read",
-              "wall_s"}
+              "bytes_cached", "wall_s"}
 FOOTER_KEYS = {"kind", "prev", "steps", "bytes_read", "wall_s", "status", "error"}
 
 
@@ -183,14 +185,16 @@ def test_tensor_digest_is_blake3_of_le_f32():
 
 @pytest.fixture(scope="module")
 def cli_ledgers(synth_dir, tmp_path_factory):
-    """`mlx-k2 run --model SYNTH --max-new-tokens 3 --device cpu --no-dashboard --ledger A`, then `... B`."""
+    """`mlx-k2 run --model SYNTH --max-new-tokens 3 --device cpu --cache 1 --no-dashboard --ledger A`, then
+    `... B`. The weight cache's budget is given: the default is a share of the memory free at the start, which
+    differs between two runs."""
     out = tmp_path_factory.mktemp("determinism")
     runner = CliRunner()
     paths = []
     for name in ("A.jsonl", "B.jsonl"):
         path = out / name
         result = runner.invoke(app, ["run", "--model", str(synth_dir), "--max-new-tokens", str(N_STEPS),
-                                     "--device", "cpu", "--no-dashboard", "--ledger", str(path)],
+                                     "--device", "cpu", "--cache", "1", "--no-dashboard", "--ledger", str(path)],
                                env={"MLX_K2_ANCHORS": None})
         assert result.exit_code == 0, result.output
         assert "complete" in result.output
@@ -216,10 +220,12 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     assert header["model"]["index_blake3"] == b3((synth_dir / "model.safetensors.index.json").read_bytes())
     assert header["run"]["prompt_ids"] == [163584] and header["run"]["max_new_tokens"] == N_STEPS
     assert header["run"]["kv_cache"] is False and header["run"]["device"] == "cpu"
+    assert header["run"]["expert_cache_bytes"] == 10**9                            # --cache 1 (GB)
     assert len(steps) == N_STEPS and [s["step"] for s in steps] == list(range(N_STEPS))
     cfg = json.loads((synth_dir / "config.json").read_text())["text_config"]
     for s in steps:
         assert s["kind"] == "step" and set(s) == STEP_KEYS
+        assert s["positions"] == len(s["input_ids"])   # without a KV cache the whole context is computed
         assert len(s["layers"]) == cfg["num_hidden_layers"]
         assert all(set(x) == LAYER_KEYS for x in s["layers"])
         # every step field in the provenance map, and every data field of the records is classified

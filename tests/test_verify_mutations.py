@@ -52,7 +52,7 @@ ALL_CHECKS = ("parse", "schema", "chain", "manifest", "context", "totals", "laye
               "digests", "anchor", "complete")
 PROVENANCE_FIELDS = ("token_id", "logit", "norm_in", "norm_out", "experts", "bytes_read", "wall_s",
                      "input_ids", "top16", "entropy", "margin", "routing_weights", "unique_experts",
-                     "hidden_digest", "logits_digest", "token_text")
+                     "hidden_digest", "logits_digest", "token_text", "positions", "bytes_cached")
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -238,7 +238,11 @@ PLAIN_EDITS: list[Edit] = [
          FS({"context"})),
     Edit("header.run.max_new_tokens", "header", _set(("run", "max_new_tokens"), lambda v, r: N_STEPS - 1),
          FS({"context"})),
-    Edit("header.run.kv_cache", "header", _set(("run", "kv_cache"), lambda v, r: not v)),
+    # a KV-cache run computes 1 position after step 0: step 1's positions (and its saved routing) say 2
+    Edit("header.run.kv_cache", "header", _set(("run", "kv_cache"), lambda v, r: not v), FS({"context"}),
+         FS({"tensors"})),
+    Edit("header.run.expert_cache_bytes", "header", _set(("run", "expert_cache_bytes"), lambda v, r: -1),
+         FS({"schema"})),
     Edit("header.run.capture", "header", _set(("run", "capture"), lambda v, r: not v)),
     Edit("header.run.backend", "header", _set(("run", "backend"), lambda v, r: "numpy")),
     Edit("header.run.device", "header", _set(("run", "device"), lambda v, r: "gpu")),
@@ -269,6 +273,10 @@ PLAIN_EDITS: list[Edit] = [
     Edit("step.step", "step", _set(("step",), lambda v, r: v + 4), FS({"context"})),
     Edit("step.prev", "step", _set(("prev",), lambda v, r: flip_hex(v))),
     Edit("step.input_ids", "step", _set(("input_ids",), lambda v, r: v[:-1] + [v[-1] + 1]), FS({"context"})),
+    # without a KV cache a step computes its whole context
+    Edit("step.positions", "step", _set(("positions",), lambda v, r: v + 1), FS({"context"})),
+    # the run had no weight cache (expert_cache_bytes 0): nothing can have come from one
+    Edit("step.bytes_cached", "step", _set(("bytes_cached",), lambda v, r: v + 1), FS({"totals"})),
     # the runner-up token: the next step's context and top16[0] disagree, the saved logits' argmax too
     Edit("step.token_id", "step", _set(("token_id",), lambda v, r: r["top16"][1][0]), FS({"context", "derived"}),
          FS({"measured"})),
@@ -291,6 +299,8 @@ PLAIN_EDITS: list[Edit] = [
     Edit("layer.routing_weights", "step", _layer("routing_weights", _weights), FS({"derived"})),
     Edit("layer.unique_experts", "step", _layer("unique_experts", lambda v, r: v + 1), bundle=FS({"derived"})),
     Edit("layer.bytes_read", "step", _layer("bytes_read", lambda v, r: v + 1)),
+    # more than the step's bytes_cached, and from a cache the run did not have
+    Edit("layer.bytes_cached", "step", _layer("bytes_cached", lambda v, r: r["bytes_cached"] + 1), FS({"totals"})),
     Edit("layer.wall_s", "step", _layer("wall_s", lambda v, r: v + 1.0)),
     # footer (the last line: nothing after it holds its digest)
     Edit("footer.kind", "footer", _set(("kind",), lambda v, r: "end"), FS({"schema"})),
@@ -326,11 +336,11 @@ def test_plain_edits_cover_the_contract():
              "index_blake3", "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
              "moe_layer_freq", "tokenizer_blake3"}
     run_ = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
-            "versions.mlx_k2", "versions.mlx", "versions.python"}
-    step = {"kind", "step", "prev", "input_ids", "token_id", "token_text", "logit", "top16", "entropy", "margin",
-            "hidden_digest", "logits_digest", "bytes_read", "wall_s", "layers"}
+            "expert_cache_bytes", "versions.mlx_k2", "versions.mlx", "versions.python"}
+    step = {"kind", "step", "prev", "input_ids", "positions", "token_id", "token_text", "logit", "top16", "entropy",
+            "margin", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached", "wall_s", "layers"}
     layer = {"layer", "kind", "norm_in", "norm_out", "experts", "routing_weights", "unique_experts", "bytes_read",
-             "wall_s"}
+             "bytes_cached", "wall_s"}
     footer = {"kind", "prev", "steps", "bytes_read", "wall_s-lower", "wall_s-higher", "status", "error"}
     expected = ({f"header.{k}" for k in header} | {f"header.model.{k}" for k in model}
                 | {f"header.run.{k}" for k in run_} | {f"header.provenance.{k}" for k in PROVENANCE_FIELDS}

@@ -35,13 +35,22 @@ def schema_number(header: dict) -> int:
 BUILTIN_KERNELS = "mlx-builtin"
 
 MEASURED, DERIVED = "M", "D"
-# Structural classification of every field a step or layer record can hold (LEDGER.md, "Provenance").
-PROVENANCE: dict[str, str] = {
+# Structural classification of every field a step or layer record can hold (LEDGER.md, "Provenance"), as the
+# ledgers from before the KV cache and the weight cache have it.
+PROVENANCE_BEFORE_CACHE: dict[str, str] = {
     "token_id": MEASURED, "logit": MEASURED, "norm_in": MEASURED, "norm_out": MEASURED, "experts": MEASURED,
     "bytes_read": MEASURED, "wall_s": MEASURED, "input_ids": MEASURED,
     "top16": DERIVED, "entropy": DERIVED, "margin": DERIVED, "routing_weights": DERIVED,
     "unique_experts": DERIVED, "hidden_digest": DERIVED, "logits_digest": DERIVED, "token_text": DERIVED,
 }
+# Schema 2 additions of the KV cache and the weight cache (LEDGER.md): step `positions` (how many positions
+# the step computed) and `bytes_cached` (step and layer: bytes the weight cache served instead of storage).
+# Every run writes them since; a ledger from before them has none, and its header's provenance map lacks
+# them (the first runs that wrote them kept that map: under it the fields may be there or not).
+CACHE_PROVENANCE = {"positions": MEASURED, "bytes_cached": MEASURED}
+PROVENANCE: dict[str, str] = {**PROVENANCE_BEFORE_CACHE, **CACHE_PROVENANCE}
+# Every provenance map a header verify reads may hold: the current one first.
+PROVENANCES = (PROVENANCE, PROVENANCE_BEFORE_CACHE)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,20 @@ STEP_FIELDS = {"kind": str, "step": int, "prev": str, "input_ids": ListOf(int), 
 LAYER_FIELDS = {"layer": int, "kind": str, "norm_in": (float, NONE), "norm_out": (float, NONE),
                 "experts": (ListOf(int), NONE), "routing_weights": (ListOf(float), NONE),
                 "unique_experts": (int, NONE), "bytes_read": int, "wall_s": float}
+# The fields the cache additions bring (CACHE_PROVENANCE).
+STEP_CACHE_FIELDS = {"positions": int, "bytes_cached": int}
+LAYER_CACHE_FIELDS = {"bytes_cached": int}
+
+
+def record_fields(provenance: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(step fields, optional step fields, layer fields, optional layer fields) of the records of a ledger
+    whose header has this provenance map: the cache fields are required where the map classifies them,
+    optional where it is the map from before them."""
+    if isinstance(provenance, dict) and all(name in provenance for name in CACHE_PROVENANCE):
+        return {**STEP_FIELDS, **STEP_CACHE_FIELDS}, {}, {**LAYER_FIELDS, **LAYER_CACHE_FIELDS}, {}
+    return STEP_FIELDS, STEP_CACHE_FIELDS, LAYER_FIELDS, LAYER_CACHE_FIELDS
+
+
 FOOTER_FIELDS = {"kind": str, "prev": str, "steps": int, "bytes_read": int, "wall_s": float, "status": str,
                  "error": (str, NONE)}
 

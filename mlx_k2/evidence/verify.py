@@ -33,8 +33,8 @@ from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_dige
                       root_digest, tensor_digest, top16)
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
-from .schema import (BUILTIN_KERNELS, FOOTER_FIELDS, LAYER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
-                     PROVENANCE, SCHEMAS, STEP_FIELDS, TOKENIZER_FILE, ListOf, has_type, schema_number,
+from .schema import (BUILTIN_KERNELS, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
+                     PROVENANCES, SCHEMAS, TOKENIZER_FILE, ListOf, has_type, record_fields, schema_number,
                      step_tensor_path, strict_loads)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
@@ -160,8 +160,9 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
         schema.fail("line 1: not a header")
     if header.get("schema") not in SCHEMAS:
         schema.fail(f"header: schema {header.get('schema')!r}, expected one of {', '.join(SCHEMAS)}")
-    if header.get("provenance") != PROVENANCE:
+    if header.get("provenance") not in PROVENANCES:
         schema.fail("header: provenance map differs from the schema's")
+    step_fields, step_optional, layer_fields, layer_optional = record_fields(header.get("provenance"))
     model, run = header.get("model"), header.get("run")
     if not isinstance(model, dict) or not isinstance(run, dict):
         schema.fail("header: 'model' and 'run' must be objects")
@@ -174,9 +175,10 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     for line, rec in zip(lines[1:], records[1:]):
         kind, where = rec.get("kind"), f"line {line.number}"
         if kind == "step":
-            ok = _check_fields(schema, rec, STEP_FIELDS, where)
+            ok = _check_fields(schema, rec, step_fields, where, step_optional)
             for layer in rec.get("layers") if ok else []:
-                ok = _check_fields(schema, layer, LAYER_FIELDS, f"{where} layer {layer.get('layer')}") and ok
+                ok = _check_fields(schema, layer, layer_fields, f"{where} layer {layer.get('layer')}",
+                                   layer_optional) and ok
             if ok:
                 steps.append(rec)
         elif kind == "footer":
@@ -193,7 +195,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     if bundle:
         checks.append(_check_manifest(path, len(steps)))
     checks.append(_check_context(run, steps))
-    checks.append(_check_totals(steps, footer))
+    checks.append(_check_totals(run, steps, footer))
     checks.append(_check_layers(model, run, steps, version))
     tensors: dict = {}
     if bundle:
@@ -251,19 +253,25 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
         schema.fail(f"header: run.max_new_tokens is {run['max_new_tokens']}, must be at least 1")
     if run.get("device") not in (None, "cpu", "gpu"):
         schema.fail(f"header: run.device {run.get('device')!r} is not cpu or gpu")
+    budget = run.get("expert_cache_bytes", 0)
+    if not (has_type(budget, int) and budget >= 0):
+        schema.fail(f"header: run.expert_cache_bytes {budget!r} is not a byte count (an integer, 0 for no weight "
+                    "cache)")
 
 
-def _check_fields(check: Check, rec: dict, fields: dict, where: str) -> bool:
-    """Report missing, mistyped or unknown fields; True when the record is well formed."""
+def _check_fields(check: Check, rec: dict, fields: dict, where: str, optional: dict | None = None) -> bool:
+    """Report missing, mistyped or unknown fields (`optional` ones may be absent); True when the record is
+    well formed."""
     ok = True
-    for name, kind in fields.items():
+    for name, kind in {**fields, **(optional or {})}.items():
         if name not in rec:
-            check.fail(f"{where}: field {name!r} missing")
-            ok = False
+            if name in fields:
+                check.fail(f"{where}: field {name!r} missing")
+                ok = False
         elif not has_type(rec[name], kind):
             check.fail(f"{where}: field {name!r} has the wrong type ({type(rec[name]).__name__})")
             ok = False
-    extra = set(rec) - set(fields)
+    extra = set(rec) - set(fields) - set(optional or {})
     if extra:
         check.fail(f"{where}: unknown field {sorted(extra)[0]!r}")
     return ok
@@ -321,14 +329,24 @@ def _symlinks(path: Path) -> list[str]:
     return sorted(found)
 
 
+def computed_positions(run: dict, step: dict) -> int:
+    """How many positions a (well-formed) step computed, by the header's mode: its whole context without a KV
+    cache; with one, the prompt at step 0 and the one new position at every later step."""
+    return 1 if run.get("kv_cache") is True and step.get("step") != 0 else len(step.get("input_ids") or [])
+
+
 def _check_context(run: dict, steps: list[dict]) -> Check:
     check = Check("context")
     expected = run.get("prompt_ids")
+    mode = "a KV-cache run computes the prompt at step 0, then 1 position a step" if run.get("kv_cache") is True \
+        else "a run without a KV cache computes its whole context every step"
     for k, s in enumerate(steps):
         if s.get("step") != k:
             check.fail(f"step line {k + 1}: step number {s.get('step')!r}, expected {k}")
         if s.get("input_ids") != expected:
             check.fail(f"step {k}: input_ids is not the previous context plus its token")
+        if "positions" in s and s["positions"] != computed_positions(run, s):
+            check.fail(f"step {k}: positions {s['positions']}, expected {computed_positions(run, s)} ({mode})")
         expected = (s.get("input_ids") or []) + [s.get("token_id")]
     max_new = run.get("max_new_tokens")
     if isinstance(max_new, int) and len(steps) > max_new:
@@ -336,19 +354,24 @@ def _check_context(run: dict, steps: list[dict]) -> Check:
     return check
 
 
-def _check_totals(steps: list[dict], footer: dict | None) -> Check:
+def _check_totals(run: dict, steps: list[dict], footer: dict | None) -> Check:
     check = Check("totals")
+    no_cache = run.get("expert_cache_bytes") == 0
     for s in steps:
-        layers = s.get("layers") or []
+        layers = [x for x in s.get("layers") or [] if isinstance(x, dict)]
         for where, rec in [(f"step {s.get('step')}", s)] + [(f"step {s.get('step')} layer {x.get('layer')}", x)
-                                                            for x in layers if isinstance(x, dict)]:
-            for name in ("bytes_read", "wall_s"):
+                                                            for x in layers]:
+            for name in ("bytes_read", "bytes_cached", "wall_s"):
                 if isinstance(rec.get(name), (int, float)) and rec[name] < 0:
                     check.fail(f"{where}: {name} {rec[name]} is negative")
-        layer_bytes = sum(x.get("bytes_read", 0) for x in layers if isinstance(x, dict))
-        if isinstance(s.get("bytes_read"), int) and layer_bytes > s["bytes_read"]:
-            check.fail(f"step {s.get('step')}: layers read {layer_bytes} bytes, more than the step's "
-                       f"{s['bytes_read']}")
+            if no_cache and isinstance(rec.get("bytes_cached"), int) and rec["bytes_cached"] > 0:
+                check.fail(f"{where}: bytes_cached {rec['bytes_cached']} from a weight cache, but the header's "
+                           "run.expert_cache_bytes is 0 (no cache)")
+        for name, verb in (("bytes_read", "read"), ("bytes_cached", "used from the cache")):
+            in_layers = sum(x[name] for x in layers if isinstance(x.get(name), int))
+            if isinstance(s.get(name), int) and in_layers > s[name]:
+                check.fail(f"step {s.get('step')}: layers {verb} {in_layers} bytes, more than the step's {name} "
+                           f"{s[name]}")
     if footer is not None:
         for name in ("bytes_read", "wall_s"):
             if isinstance(footer.get(name), (int, float)) and footer[name] < 0:
@@ -410,7 +433,7 @@ def _check_layers(model: dict, run: dict, steps: list[dict], version: int) -> Ch
                 check.fail(f"{where}: experts must be {k} distinct ascending ids below {n_experts}")
             unique = x.get("unique_experts")
             if isinstance(unique, int) and experts is not None and isinstance(k, int) and isinstance(n_experts, int):
-                positions = len(s.get("input_ids") or [])
+                positions = computed_positions(run, s)  # a KV step's new positions load experts, not the context
                 if not k <= unique <= min(n_experts, k * positions):
                     check.fail(f"{where}: unique_experts {unique} outside {k}..{min(n_experts, k * positions)}")
             if i + 1 < len(layers) and x.get("norm_out") != layers[i + 1].get("norm_in"):
@@ -439,7 +462,7 @@ def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: 
         if widths:
             layers = moe if moe is not None else [x.get("layer") for x in s.get("layers") or []
                                                   if isinstance(x, dict) and x.get("experts") is not None]
-            expected = expected_step_tensors(hidden, vocab, n_layers, layers, len(s.get("input_ids") or []), k,
+            expected = expected_step_tensors(hidden, vocab, n_layers, layers, computed_positions(run, s), k,
                                              capture)
             cap = step_file_bytes(expected)
         try:

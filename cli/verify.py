@@ -67,7 +67,7 @@ def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | N
     echo(f"re-executing steps {', '.join(map(str, chosen)) or '(none)'} of {len(ledger.steps)} from {model_dir}")
 
     def progress(done, seconds):
-        what = f"{len(done.record['input_ids'])} positions" if done.record else done.error
+        what = f"{done.record.get('positions', len(done.record['input_ids']))} positions" if done.record else done.error
         echo(f"  step {done.step}: re-executed ({what}, {seconds:.1f} s)")
 
     return replay(ledger.header, ledger.steps, chosen, model_dir, device, on_step=progress)

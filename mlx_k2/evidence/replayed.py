@@ -6,8 +6,11 @@ tensors the run's own builders (`records.step_record`, `bundle.step_tensors`) ma
 step. `compare_replay` holds them against the ledger's header, step lines and saved tensors: bit for bit
 where backend, device, compute dtype and kernels equal the header's; otherwise ids, tokens, experts and
 bytes exactly, floats within CROSS_PLATFORM_RTOL, digests not compared (they hash the floats), and the
-result says which. Wall times are never compared (they are not a property of the computation). Prints
-nothing.
+result says which. Wall times are never compared (they are not a property of the computation). Where the
+re-execution could not have the run's weight cache state (`Replay.bytes_split` false), each step's and
+layer's bytes_read + bytes_cached (what the step consumed, whichever way it came) is compared instead of
+the two, and the result says so. A KV-cache run's steps were re-executed in order from step 0, which the
+result says too. Prints nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from .schema import BUILTIN_KERNELS, MODEL_FACTS
 # relative to the larger magnitude (and at least 1, so values near 0 compare absolutely).
 CROSS_PLATFORM_RTOL = 1e-4
 IGNORED = frozenset({"prev", "wall_s"})
+# Schema 2 additions a ledger from before them lacks (schema.CACHE_PROVENANCE): not compared where it does.
+CACHE_FIELDS = ("positions", "bytes_cached")
+SUMMED = "bytes_read + bytes_cached"  # the field compared where the split between the two is not reproducible
 DIGESTS = frozenset({"hidden_digest", "logits_digest"})
 # Header facts the opened checkpoint must agree with (schema 1/2 headers lack the MODEL_FACTS ones).
 IDENTITY = ("config_blake3", "index_blake3", "model_type", "num_layers", "n_routed_experts", "experts_per_token",
@@ -49,6 +55,9 @@ class Replay:
     platform: dict[str, str]      # PLATFORM it ran on
     steps: list[ReplayedStep]
     wall_s: float
+    kv_cache: bool = False        # re-executed in order from step 0 with one KV cache (the run's mode)
+    bytes_split: bool = True      # bytes_read and bytes_cached reproduce as recorded (else only their sum)
+    bytes_note: str = ""          # why they do not
 
 
 @dataclass
@@ -72,6 +81,8 @@ class ReplayReport:
     total_steps: int              # steps the ledger holds
     wall_s: float
     text_checked: bool = False    # token_text was re-made with the checkpoint's own tokenizer
+    kv_cache: bool = False        # a KV-cache run, re-executed in order from step 0
+    bytes_note: str = ""          # when only bytes_read + bytes_cached was compared: why
 
     @property
     def covers_text(self) -> bool:
@@ -84,8 +95,13 @@ class ReplayReport:
 
     @property
     def mode(self) -> str:
-        return (f"bit for bit: {self.platform}" if self.exact else
-                f"within tolerance {CROSS_PLATFORM_RTOL:g}, digests not compared: {self.why}")
+        how = (f"bit for bit: {self.platform}" if self.exact else
+               f"within tolerance {CROSS_PLATFORM_RTOL:g}, digests not compared: {self.why}")
+        if self.kv_cache:
+            how += "; KV cache rebuilt from step 0 in order, from the recorded input ids"
+        if self.bytes_note:
+            how += f"; {self.bytes_note}"
+        return how
 
     def summary(self) -> str:
         """One phrase: what was re-executed and how it compared."""
@@ -121,7 +137,9 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
     exact = recorded == ran
     why = "" if exact else (f"recorded on {' '.join(map(str, recorded))}, re-executed on {' '.join(map(str, ran))}")
     report = ReplayReport(replay.model_dir, exact, " ".join(map(str, ran)), why, problems, [], len(steps),
-                          replay.wall_s)
+                          replay.wall_s, kv_cache=replay.kv_cache,
+                          bytes_note="" if replay.bytes_split else replay.bytes_note or "bytes compared as "
+                                                                                     f"{SUMMED}")
     if problems:
         return report
     by_step = {s.get("step"): s for s in steps}
@@ -132,17 +150,18 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
         if s is None:
             result.differences.append(f"step {r.step}: not in the ledger")
             continue
-        result.positions = len(s.get("input_ids") or [])
+        positions = s.get("positions")
+        result.positions = positions if isinstance(positions, int) else len(s.get("input_ids") or [])
         if r.record is None:
             result.differences.append(f"step {r.step}: could not be re-executed ({r.error})")
             continue
         result.token_id = r.record.get("token_id")
         diffs: list[str] = []
-        replayed = dict(r.record)
+        recorded, replayed = _comparable(s, r.record, replay.bytes_split)
         report.text_checked = report.text_checked or replayed.get("token_text") is not None
         if replayed.get("token_text") is None and s.get("token_text") is not None:
             replayed["token_text"] = s.get("token_text")  # no tokenizer in DIR: the text is verify's to check
-        result.compared = _compare(s, replayed, f"step {r.step}", exact, diffs)
+        result.compared = _compare(recorded, replayed, f"step {r.step}", exact, diffs)
         saved = (tensors or {}).get(r.step) if tensors is not None else None
         if tensors is not None:
             if saved is None:
@@ -151,6 +170,28 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
                 result.compared += _compare_tensors(saved, r.tensors or {}, f"step {r.step}", exact, diffs)
         result.differences, result.ok = diffs, not diffs
     return report
+
+
+def _comparable(recorded: dict, replayed: dict, bytes_split: bool) -> tuple[dict, dict]:
+    """The recorded step and the re-executed record as they are compared: the cache fields only where the
+    ledger has them (a ledger from before them does not), and with `bytes_split` false, bytes_read and
+    bytes_cached of the step and of every layer as their sum."""
+    def shape(rec: dict, like: dict) -> dict:
+        out = {k: v for k, v in rec.items() if k not in CACHE_FIELDS or k in like}
+        if not bytes_split and isinstance(out.get("bytes_read"), int):
+            cached = out.pop("bytes_cached", 0)
+            out[SUMMED] = out.pop("bytes_read") + (cached if isinstance(cached, int) else 0)
+        return out
+
+    def with_layers(rec: dict, like: dict) -> dict:
+        out = shape(rec, like)
+        layers, like_layers = rec.get("layers"), like.get("layers")
+        if isinstance(layers, list) and isinstance(like_layers, list):
+            out["layers"] = [shape(x, y) if isinstance(x, dict) and isinstance(y, dict) else x
+                             for x, y in zip(layers, like_layers)] + layers[len(like_layers):]
+        return out
+
+    return with_layers(recorded, recorded), with_layers(replayed, recorded)
 
 
 def _close(a: float, b: float) -> bool:

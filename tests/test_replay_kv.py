@@ -1,0 +1,203 @@
+"""Replay of KV-cache and weight-cache runs: what `verify --replay` re-executes and how it compares.
+
+A KV-cache step depends on the attention state of the steps before it, so replay re-runs steps 0..max(chosen)
+in order with one KV cache, each from its recorded input ids, on a fresh weight cache of the header's budget;
+the weight cache then fills as the run's did, so bytes_read and bytes_cached reproduce exactly, and the
+whole comparison is bit for bit on the same platform. A step of a no-KV run with a weight cache is replayed
+alone with no cache: the split between bytes_read and bytes_cached then depends on a state the replay does
+not have, so their sum is compared, and the result says so.
+
+Two bundles are made once per module, 3 steps each from a 2-token prompt with a weight cache that holds the
+non-expert tensors and 400 experts (so experts are evicted): one with a KV cache, one without. Each tampered
+copy is rewritten as a forger would (every `prev` and the manifest), so `verify` alone passes it and only
+the re-execution can tell.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import share_opened_model
+from typer.testing import CliRunner
+
+from mlx_k2_cli.main import app
+from mlx_k2.evidence.verify import verify
+from mlx_k2.replay import replay
+from mlx_k2.session import Decode, run
+from mlx_k2.tokenizer import load_tokenizer
+from tests.test_verify_kv import PROMPT, cache_budget
+from tests.test_verify_mutations import dumps, read_lines, rechain, rewrite_manifest, write_lines
+
+REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
+N_STEPS = 3
+EDIT_LAYER = 2
+SUMMED = "bytes_read + bytes_cached"
+
+
+def failed(report) -> dict[str, str]:
+    return {c.name: c.detail for c in report.checks if c.ok is False}
+
+
+@pytest.fixture(scope="module")
+def bundles(synth_dir, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name, kv in (("kv", True), ("no-kv", False)):
+        bundle = tmp_path_factory.mktemp(f"replay-{name}") / "bundle"
+        result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=REPO_ANCHORS,
+                     decode=Decode(kv_cache=kv, cache_bytes=cache_budget(synth_dir)))
+        assert result.status == "complete" and len(result.steps) == N_STEPS
+        out[name] = bundle
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(synth_dir):
+    return load_tokenizer(synth_dir)
+
+
+def records(bundle: Path) -> list[dict]:
+    return [json.loads(line) for line in read_lines(bundle / "ledger.jsonl")]
+
+
+def tampered(bundle: Path, tmp_path: Path, edit) -> Path:
+    """A copy with `edit(records, copy)` applied, chain and manifest rewritten consistently."""
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle, target)
+    recs = records(target)
+    edit(recs, target)
+    write_lines(target / "ledger.jsonl", rechain([dumps(r) for r in recs]))
+    rewrite_manifest(target)
+    return target
+
+
+def replayed(path: Path, steps: list[int], model, tokenizer):
+    recs = records(path)
+    return verify(path, REPO_ANCHORS, tokenizer, replay=replay(recs[0], recs[1:-1], steps, model))
+
+
+# ----------------------------------------------------------------------------------------- a KV-cache run
+
+def test_kv_bundle_replays_bit_for_bit(bundles, synth_dir, tokenizer):
+    report = replayed(bundles["kv"], [0, 1, 2], synth_dir, tokenizer)
+    assert report.ok, failed(report)
+    assert report.replay.exact and report.replay.kv_cache and not report.replay.bytes_note
+    assert [(r.step, r.positions, r.ok) for r in report.replay.results] == [(0, 2, True), (1, 1, True), (2, 1, True)]
+    assert all(r.compared > 163840 for r in report.replay.results)   # the logits alone are 163,840 values
+    line = report.summary()[1]
+    assert line.startswith("re-executed 3/3 steps: identical (bit for bit: mlx cpu float32 ")
+    assert "KV cache rebuilt from step 0 in order" in line
+    # The weight cache served bytes at the later steps, and the split was compared as recorded.
+    assert all(s["bytes_cached"] > 0 for s in records(bundles["kv"])[2:-1])
+
+
+def _move_bytes_to_storage(recs: list[dict], bundle: Path) -> None:
+    """Step 2 claims one byte of layer EDIT_LAYER came from storage, not the cache: every total kept."""
+    s, footer = recs[3], recs[-1]
+    x = s["layers"][EDIT_LAYER]
+    moved = min(x["bytes_cached"], 1)
+    assert moved, "the cache served nothing at that layer"
+    for rec in (s, x):
+        rec["bytes_cached"] -= moved
+        rec["bytes_read"] += moved
+    footer["bytes_read"] += moved
+
+
+def _hidden_of_step_1(recs: list[dict], bundle: Path) -> None:
+    """Step 1's final hidden state moved by one ulp in its saved tensor, its digest rewritten to match."""
+    import blake3
+
+    path = bundle / "tensors" / "step-0001.safetensors"
+    t = dict(load_file(str(path)))
+    t["hidden"] = t["hidden"].copy()
+    t["hidden"][0] = np.nextafter(t["hidden"][0], np.float32(np.inf))
+    save_file(t, str(path), metadata={"format": "mlx-k2.bundle/1"})
+    recs[2]["hidden_digest"] = blake3.blake3(np.asarray(t["hidden"], "<f4").tobytes()).hexdigest()
+
+
+def test_tampered_kv_steps_are_caught_by_replay(bundles, synth_dir, tokenizer, tmp_path):
+    """Step 1's hidden state and step 2's bytes split tampered in one copy: each step names its own."""
+    def edit(recs, bundle):
+        _hidden_of_step_1(recs, bundle)
+        _move_bytes_to_storage(recs, bundle)
+    target = tampered(bundles["kv"], tmp_path, edit)
+    alone = verify(target, REPO_ANCHORS, tokenizer)
+    assert alone.ok, failed(alone)                     # consistent: nothing but re-execution can tell
+    report = replayed(target, [0, 1, 2], synth_dir, tokenizer)
+    assert set(failed(report)) == {"replay"}, failed(report)
+    step0, step1, step2 = report.replay.results
+    assert step0.ok and not step1.ok and not step2.ok
+    assert any(d.startswith("step 1 hidden_digest: recorded ") for d in step1.differences), step1.differences
+    assert any(d.startswith("step 1 tensor hidden: 1 of ") for d in step1.differences), step1.differences
+    assert not any("bytes" in d for d in step1.differences), step1.differences
+    assert set(d.split(":")[0] for d in step2.differences) == {"step 2 bytes_read", "step 2 bytes_cached",
+                                                               f"step 2 layer {EDIT_LAYER} bytes_read",
+                                                               f"step 2 layer {EDIT_LAYER} bytes_cached"}
+
+
+def test_kv_step_whose_context_does_not_extend_the_last(bundles, opened_synth, tokenizer, tmp_path):
+    """A step whose recorded input ids are not the previous step's plus one token cannot sit on the KV cache
+    the steps before it built: replay says so for it and every later chosen step (and `context` fails)."""
+    def splice(recs, bundle):
+        recs[2]["input_ids"][0] += 1
+    target = tampered(bundles["kv"], tmp_path, splice)
+    report = replayed(target, [1, 2], opened_synth, tokenizer)
+    assert {"context", "replay"} <= set(failed(report))
+    step1, step2 = report.replay.results
+    assert "do not extend step 0's" in step1.differences[0] and "could not be rebuilt" in step2.differences[0]
+
+
+def test_kv_bundle_on_a_model_without_its_cache_compares_the_sum(bundles, opened_synth, tokenizer):
+    """An opened checkpoint without the run's weight cache: the same bits, and bytes as their sum."""
+    report = replayed(bundles["kv"], [0, 1, 2], opened_synth, tokenizer)
+    assert report.ok and report.replay.exact, failed(report)
+    assert f"only {SUMMED} is compared" in report.summary()[1]
+
+
+def test_cli_replays_a_later_kv_step(bundles, synth_dir):
+    """`verify --replay --steps 2`: steps 0 and 1 run first (not compared), and step 2 is identical."""
+    result = CliRunner().invoke(app, ["verify", str(bundles["kv"]), "--replay", "--steps", "2", "--model",
+                                      str(synth_dir), "--anchors", str(REPO_ANCHORS)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "re-executed 1/3 steps: identical (bit for bit" in result.output
+    assert "step 2: 1 positions -> token " in result.output and "step 1:" not in result.output
+
+
+# ------------------------------------------------------------------------------ a no-KV run with a cache
+
+def test_cached_no_kv_bundle_replays_with_bytes_as_their_sum(bundles, opened_synth, tokenizer):
+    """(Replay opens a no-KV run's checkpoint without a weight cache: the shared opened one is that.)"""
+    recs = records(bundles["no-kv"])
+    assert recs[0]["run"]["kv_cache"] is False and recs[2]["bytes_cached"] > 0
+    report = replayed(bundles["no-kv"], [0, 1, 2], opened_synth, tokenizer)
+    assert report.ok and report.replay.exact and not report.replay.kv_cache, failed(report)
+    line = report.summary()[1]
+    assert line.startswith("re-executed 3/3 steps: identical (bit for bit")
+    assert f"re-executed alone, with no weight cache, so only {SUMMED} is compared" in line
+
+
+def test_cached_no_kv_bundle_with_a_byte_more_is_caught(bundles, opened_synth, tokenizer, tmp_path):
+    def one_byte_more(recs, bundle):
+        recs[2]["layers"][EDIT_LAYER]["bytes_cached"] += 1
+        recs[2]["bytes_cached"] += 1
+    target = tampered(bundles["no-kv"], tmp_path, one_byte_more)
+    assert verify(target, REPO_ANCHORS, tokenizer).ok
+    report = replayed(target, [1], opened_synth, tokenizer)
+    assert set(failed(report)) == {"replay"}, failed(report)
+    differences = report.replay.results[0].differences
+    assert any(d.startswith(f"step 1 {SUMMED}: recorded ") for d in differences), differences
+    assert any(d.startswith(f"step 1 layer {EDIT_LAYER} {SUMMED}: recorded ") for d in differences), differences
+
+
+def test_cli_replays_a_cached_no_kv_bundle(bundles, synth_dir, opened_synth, monkeypatch):
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.replay.Model")   # the same files, no cache
+    result = CliRunner().invoke(app, ["verify", str(bundles["no-kv"]), "--replay", "--model", str(synth_dir),
+                                      "--anchors", str(REPO_ANCHORS)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "re-executed 3/3 steps: identical (bit for bit" in result.output
+    assert f"only {SUMMED} is compared" in result.output

@@ -70,10 +70,11 @@ class PendingTensor:
             self.wait_part(i)
         return self.array
 
-    def cancel(self) -> None:
-        """Nobody will use these bytes: stop what has not started, never count them."""
-        for read in self._reads:
-            read.cancel()
+    def cancel(self, parts: list[int] | None = None) -> None:
+        """Nobody will use these bytes (all, or the given parts'): stop what has not started, never count them."""
+        for i in range(len(self._reads)) if parts is None else parts:
+            if not self._waited[i]:
+                self._reads[i].cancel()
 
 
 class TensorReader:

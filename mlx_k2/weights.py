@@ -11,6 +11,7 @@ for slot L (the layer count), lm_head block j for slot L + j; the embedding rows
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -70,10 +71,11 @@ class WeightFetcher:
         return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size, self.kernels)
                 for i in range(len(arrays) // 2)]
 
-    def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple]]:
+    def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple, Callable]]:
         """Start reading routed experts `ids` of `layer`: one stack in the layer's arena, or, where the cache
-        takes experts, one stack of one expert each in arrays of their own (with those arrays, to offer the
-        cache once used; else an empty tuple)."""
+        takes experts, one stack of one expert each in arrays of their own. Each stack comes with those
+        arrays (to offer the cache once used; else an empty tuple) and a function that cancels the reads of
+        the stack positions given (experts a guess read that nobody uses)."""
         n = self.tensor_names.layer(layer)
         own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
         batches = [[e] for e in ids] if own else [list(ids)]
@@ -86,10 +88,14 @@ class WeightFetcher:
                 for stack in pending:
                     stack.wait_part(u)
 
+            def unused(positions: list[int], pending=pending) -> None:
+                for stack in pending:
+                    stack.cancel(positions)
+
             arrays = tuple(p.array for p in pending)
             linears = self._stack_linears(arrays, packed, n.experts(batch[0], names.MLP_PROJECTIONS[0]))
             out.append((ExpertStack(np.array(batch, dtype=np.int64), *linears, arrived=arrived),
-                        arrays if own else ()))
+                        arrays if own else (), unused))
         return out
 
     def expert_bytes(self, layer: int) -> int:
@@ -168,11 +174,15 @@ class WeightFetcher:
         if guess is not None:
             guessed, read_ahead = guess
             self.guess_stats[layer] = (len(guessed), len(ids), len(set(guessed) & set(int(e) for e in ids)))
-            taken = [(stack, arrays) for stack, arrays in read_ahead if set(stack.ids.tolist()) & set(missing)]
-            used += taken
-            missing = [e for e in missing if not any(e in stack.ids for stack, _ in taken)]
+            for stack, arrays, unused in read_ahead:
+                wanted = [e in missing for e in stack.ids.tolist()]
+                unused([u for u, w in enumerate(wanted) if not w])  # wrong guesses: free the storage queue now
+                if any(wanted):
+                    used.append((stack, arrays))
+            served = {e for stack, _ in used for e in stack.ids.tolist()}
+            missing = [e for e in missing if e not in served]
         if missing:
-            used += self._read_experts(layer, missing)
+            used += [(stack, arrays) for stack, arrays, _ in self._read_experts(layer, missing)]
         stacks += [stack for stack, _ in used]
         for stack, arrays in used:
             if arrays and int(stack.ids[0]) in ids:  # one expert per stack when the cache takes them

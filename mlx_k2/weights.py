@@ -25,6 +25,8 @@ from .inventory import layer_tensors
 from .linear import Linear
 from .tensors import PendingTensor, TensorReader
 
+HEAD_ROWS_PER_BLOCK = 16384  # lm_head rows computed at a time (K2.5: 235 MB of bf16 per block)
+
 
 class WeightFetcher:
     """Resolves names and fetches one piece of the model at a time; holds nothing between calls."""
@@ -37,6 +39,7 @@ class WeightFetcher:
         self.tensor_names = names.TensorNames(cfg.weight_prefix)
         self._expert_bytes: dict[int, int] = {}
         self._guesses: dict[int, tuple[list[int], list]] = {}   # layer -> (guessed ids, stacks read ahead)
+        self._head_first = None                                 # lm_head block 0, read during the last layer
         # layer -> (experts guessed or None, experts used, of them guessed or None), until the runner takes it
         self.guess_stats: dict[int, tuple[int | None, int, int | None]] = {}
 
@@ -110,6 +113,7 @@ class WeightFetcher:
         """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
         if layer >= self.cfg.text.num_hidden_layers:
             self.reader.prefetch([self.tensor_names.norm], layer)
+            self._head_first = self._start_head_block(0, ahead=True)  # the lm_head's first block, same slot
             return
         self.reader.prefetch(layer_tensors(self.checkpoint, self.cfg, layer), layer)
 
@@ -199,8 +203,10 @@ class WeightFetcher:
         self._guesses[layer] = (list(ids), self._read_experts(layer, to_read, ahead=True) if to_read else [])
 
     def forget_guesses(self) -> None:
-        """Between steps: guesses not used (the reader cancels their reads at end_step)."""
+        """Between steps: guesses and a head block read ahead but not used (the reader cancels their reads
+        at end_step)."""
         self._guesses.clear()
+        self._head_first = None
 
     def router(self, layer: int) -> tuple[mx.array, Linear, mx.array | None] | None:
         """Layer `layer`'s post_attention_layernorm, router and router bias for a guess (looked at, not
@@ -220,37 +226,45 @@ class WeightFetcher:
     def final_norm(self) -> mx.array:
         return self.reader.tensor(self.tensor_names.norm, self.cfg.text.num_hidden_layers)
 
-    def lm_head_chunks(self, rows_per_chunk: int):
+    def _head_blocks(self, rows_per_chunk: int = HEAD_ROWS_PER_BLOCK) -> tuple[str, list[tuple[int, int]]]:
+        head = names.dense_weight(self.tensor_names.lm_head)
+        vocab = self.checkpoint.info(head).shape[0]
+        return head, [(start, min(start + rows_per_chunk, vocab)) for start in range(0, vocab, rows_per_chunk)]
+
+    def _start_head_block(self, j: int, ahead: bool = False):
+        """lm_head block j: (cache key, bytes, the cached array or its pending read for slot L + j), or None
+        for a packed head (read whole)."""
+        if names.packed_weight(self.tensor_names.lm_head) in self.checkpoint:
+            return None
+        head, blocks = self._head_blocks()
+        lo, hi = blocks[j]
+        key, nbytes = f"{head}[{lo}:{hi}]", (hi - lo) * self.checkpoint.info(head).row_bytes
+        cache = self.reader.cache
+        if cache is not None and key in cache:
+            return key, nbytes, None
+        own = cache is not None and cache.admits(nbytes, expert=False)
+        return key, nbytes, self.reader.start_rows(head, list(range(lo, hi)), self.cfg.text.num_hidden_layers + j,
+                                                   own, ahead)
+
+    def lm_head_chunks(self):
         """The lm_head as consecutive row blocks (vocab rows), each block's read issued while the previous
-        one is used: the head never sits in memory whole (it is the largest tensor a step reads). Block j
-        is read for slot L + j: the caller releases each slot once its block's product is evaluated. Blocks
-        the weight cache holds are not read; blocks it will take are read into arrays of their own."""
-        base = self.tensor_names.lm_head
-        first = self.cfg.text.num_hidden_layers
-        if names.packed_weight(base) in self.checkpoint:
-            yield self.linear(base, first)  # packed heads are small: one block
+        one is used (block 0's during the last layer): the head never sits in memory whole (it is the largest
+        tensor a step reads). Block j is read for slot L + j: the caller releases each slot once its block's
+        product is evaluated. Blocks the weight cache holds are not read; blocks it will take are read into
+        arrays of their own."""
+        if names.packed_weight(self.tensor_names.lm_head) in self.checkpoint:
+            yield self.linear(self.tensor_names.lm_head, self.cfg.text.num_hidden_layers)  # packed heads are small
             return
-        head = names.dense_weight(base)
-        info = self.checkpoint.info(head)
-        vocab = info.shape[0]
-        blocks = [(start, min(start + rows_per_chunk, vocab)) for start in range(0, vocab, rows_per_chunk)]
-
-        def start(j: int):
-            lo, hi = blocks[j]
-            key, nbytes = f"{head}[{lo}:{hi}]", (hi - lo) * info.row_bytes
-            hit = self.reader.cached(key, nbytes)
-            if hit is not None:
-                return key, nbytes, hit[0]
-            own = self.reader.cache is not None and self.reader.cache.admits(nbytes, expert=False)
-            return key, nbytes, self.reader.start_rows(head, list(range(lo, hi)), first + j, own)
-
-        pending = start(0)
+        _, blocks = self._head_blocks()
+        pending, self._head_first = self._head_first or self._start_head_block(0), None
         for j in range(len(blocks)):
             key, nbytes, block = pending
-            if not isinstance(block, mx.array):
+            if block is None:
+                block = self.reader.cached(key, nbytes)[0]
+            else:
                 if block.own:
-                    self.reader.keep(first + j, key, (block.array,), nbytes, expert=False)
+                    self.reader.keep(self.cfg.text.num_hidden_layers + j, key, (block.array,), nbytes, expert=False)
                 block = block.wait()
             if j + 1 < len(blocks):
-                pending = start(j + 1)
+                pending = self._start_head_block(j + 1)
             yield Linear.dense(block, self.kernels)

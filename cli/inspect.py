@@ -101,10 +101,8 @@ def _decode_modes(console: Console, b: DecodeBytes, text, cache_gb: float | None
                   f"{b.moe_layers * b.n_routed_experts:,}: {b.n_routed_experts} in each MoE layer")
     console.print(table)
     if cache_gb is None:
-        try:
-            from mlx_k2.weight_cache import default_budget  # the run's default (imports MLX)
-        except ImportError:
-            return
+        from mlx_k2.weight_cache import default_budget
+
         budget, how = default_budget(), "run's default: half the RAM free now"
     else:
         budget, how = int(cache_gb * 1e9), "--cache"

@@ -1,5 +1,6 @@
-"""`mlx-k2 inspect`: what a checkpoint holds and what a step reads, from the headers only; `--deep` also
-checks every tensor against the config, reading the experts' `weight_shape` values."""
+"""`mlx-k2 inspect`: what a checkpoint holds and what a step reads, from the headers only, in each decode mode
+(no-KV, --kv-cache) and under a weight cache budget (--cache); `--deep` also checks every tensor against the
+config, reading the experts' `weight_shape` values."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from rich.table import Table
 
 from mlx_k2.checkpoint import Checkpoint
 from mlx_k2.config import load_config
-from mlx_k2.inventory import one_token_step_bytes, take_inventory
+from mlx_k2.errors import UsageError
+from mlx_k2.inventory import DecodeBytes, decode_bytes, one_token_step_bytes, take_inventory
 from mlx_k2.synth import default_checkpoint
 from mlx_k2.validate import problems
 
@@ -23,8 +25,13 @@ from .app import app, guarded
 @guarded
 def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: the embedded synthetic).")] = None,
             deep: Annotated[bool, typer.Option("--deep", help="Also check every tensor against the config, "
-                                               "reading each packed expert's weight_shape (one read each).")] = False):
-    """Architecture, tensor groups, shards and the bytes a step reads, from headers. Example: mlx-k2 inspect --model DIR"""
+                                               "reading each packed expert's weight_shape (one read each).")] = False,
+            cache: Annotated[Optional[float], typer.Option(help="A weight cache budget in GB to show what it holds "
+                                                           "(default: run's default, half the RAM free now).")] = None):
+    """Architecture, tensor groups, shards and the bytes a step reads in each decode mode, from headers.
+    Example: mlx-k2 inspect --model DIR --cache 24"""
+    if cache is not None and not cache >= 0:
+        raise UsageError(f"--cache must be 0 or more GB, got {cache}")
     model_dir = model if model is not None else default_checkpoint()
     cfg = load_config(model_dir)
     ckpt = Checkpoint(model_dir)
@@ -55,6 +62,7 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
     step_bytes = one_token_step_bytes(ckpt, cfg)
     console.print(f"a one-token step reads [bold]{step_bytes:,}[/] bytes "
                   f"({step_bytes / ckpt.total_bytes:.1%} of the checkpoint)")
+    _decode_modes(console, decode_bytes(ckpt, cfg), t, cache)
     never = inv.never_read
     if never:
         console.print("never read by a text run: " + ", ".join(f"{k} ({g.tensors:,} tensors, {g.nbytes:,} bytes)"
@@ -67,3 +75,42 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
             typer.echo(f"deep check: {len(found)} problem(s)", err=True)
             raise typer.Exit(1)
         console.print("deep check: every tensor agrees with the config, weight_shape values included")
+
+
+NO_KV_EXAMPLES = (16, 64)  # context lengths the no-KV bound is shown for
+
+
+def _decode_modes(console: Console, b: DecodeBytes, text, cache_gb: float | None) -> None:
+    """What a step reads in each decode mode and what a weight cache budget holds, with this checkpoint's bytes."""
+    table = Table(title="decode modes: bytes a step reads", title_justify="left")
+    for col in ("part or mode", "bytes", "what"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    table.add_row("non-expert weights", f"{b.non_expert:,}", "every step, every mode: norms, attention, routers, "
+                  "shared experts, dense MLP, final norm, lm_head")
+    table.add_row("one position's experts", f"{b.one_position_experts:,}",
+                  f"{b.experts_per_token} x {b.expert:,} (one expert of each of {b.moe_layers} MoE layers)")
+    floats = text.kv_lora_rank + text.qk_rope_head_dim
+    table.add_row("--kv-cache step", f"{b.kv_step:,}", f"the new position only: its embedding row "
+                  f"({b.embedding_row:,}), non-expert, its experts; attends over {text.kv_lora_rank} + "
+                  f"{text.qk_rope_head_dim} = {floats} cached floats per position per layer")
+    table.add_row("no-KV step, T = 1", f"{b.kv_step:,}", "the default: computes the whole context every step")
+    for t in NO_KV_EXAMPLES:
+        table.add_row(f"no-KV step, T = {t}", f"<= {b.no_kv_step_at_most(t):,}",
+                      "T rows, non-expert, the union of the experts the T positions route to (data-dependent)")
+    table.add_row("all routed experts", f"{b.all_experts:,}",
+                  f"{b.moe_layers * b.n_routed_experts:,}: {b.n_routed_experts} in each MoE layer")
+    console.print(table)
+    if cache_gb is None:
+        from mlx_k2.weight_cache import default_budget
+
+        budget, how = default_budget(), "run's default: half the RAM free now"
+    else:
+        budget, how = int(cache_gb * 1e9), "--cache"
+    non_expert, experts = b.cache_cover(budget)
+    total_experts = b.moe_layers * b.n_routed_experts
+    if non_expert < b.non_expert:
+        held = f"{non_expert:,} of the {b.non_expert:,} non-expert bytes and no expert"
+    else:
+        share = f" ({experts / total_experts:.1%})" if total_experts else ""
+        held = f"all non-expert weights first, then {experts:,} of the {total_experts:,} routed experts{share}"
+    console.print(f"weight cache {budget / 1e9:.2f} GB ({how}) holds {held}; a hit costs no read and no copy")

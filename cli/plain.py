@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from mlx_k2.events import Event, LayerDone, RunStarted, StepDone
+from mlx_k2.events import Event, LayerDone, RunStarted, StepDone, hit_rate
 
 BAR_WIDTH = 24
 
@@ -25,19 +25,58 @@ def progress_lines():
 
 
 def plain_lines(tokenizer):
-    """A sink printing what runs, one line per layer and a summary per step."""
+    """A sink printing what runs, one line per layer and a summary per step: with a weight cache, the bytes it
+    served, its fill and hit rate (the step's and the run's); with look-ahead, how many of the experts used
+    were guessed (the step's and the run's)."""
+    run: dict = {"cache_budget": 0, "lookahead": False, "read": 0, "cached": 0, "right": 0, "used": 0}
+
     def sink(event: Event) -> None:
         if isinstance(event, RunStarted):
+            run.update(cache_budget=event.cache_budget, lookahead=event.lookahead)
+            cache = f"weight cache {event.cache_budget / 1e9:.2f} GB" if event.cache_budget else "no weight cache"
             typer.echo(f"{event.model_type} on {event.device}, kernels {event.kernels}: {event.num_layers} layers, "
-                       f"{event.max_new_tokens} steps from a {event.context_len}-token context")
+                       f"{event.max_new_tokens} steps from a {event.context_len}-token context; "
+                       f"decode {'KV cache' if event.kv_cache else 'no-KV'}, {cache}, "
+                       f"look-ahead {'on' if event.lookahead else 'off'}")
         elif isinstance(event, LayerDone):
             experts = "" if event.experts is None else " experts " + ",".join(map(str, event.experts))
             norms = "" if event.norm_in is None else f" norm {event.norm_in:.3f}->{event.norm_out:.3f}"
+            cached = f" cached {event.bytes_cached} B" if run["cache_budget"] else ""
+            guessed = "" if event.lookahead_guessed is None else \
+                f" look-ahead {event.lookahead_hits}/{event.experts_used}"
             typer.echo(f"step {event.step} layer {event.layer:2d} {event.kind:5s}{norms}{experts} "
-                       f"{event.bytes_read} B {event.wall_s:.3f}s")
+                       f"{event.bytes_read} B{cached}{guessed} {event.wall_s:.3f}s")
         elif isinstance(event, StepDone):
             text = tokenizer.token_text(event.token_id) if tokenizer else None
             shown = "" if text is None else f" {text!r}"
+            run["read"] += event.bytes_read
+            run["cached"] += event.bytes_cached
             typer.echo(f"step {event.step} token {event.token_id}{shown} logit {event.logit:.6f} "
-                       f"bytes {event.bytes_read} {event.wall_s:.2f}s")
+                       f"positions {event.positions} bytes {event.bytes_read}{_cache(event, run)}"
+                       f"{_lookahead(event, run)} {event.wall_s:.2f}s")
     return sink
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
+def _cache(step: StepDone, run: dict) -> str:
+    """` cached C (hit rate: the step's, the run's) cache holds H of B (fill)`, or nothing without a cache."""
+    budget = run["cache_budget"]
+    if not budget:
+        return ""
+    return (f" cached {step.bytes_cached} (hit rate {_percent(step.cache_hit_rate)}, run "
+            f"{_percent(hit_rate(run['read'], run['cached']))}) cache holds {step.cache_held} of {budget} B "
+            f"({step.cache_held / budget:.1%})")
+
+
+def _lookahead(step: StepDone, run: dict) -> str:
+    """` look-ahead right/used (share, run share)`, or nothing without look-ahead."""
+    if not run["lookahead"]:
+        return ""
+    right, used = step.lookahead_counts
+    run["right"] += right
+    run["used"] += used
+    return (f" look-ahead {right}/{used} ({_percent(right / used if used else None)}, run "
+            f"{_percent(run['right'] / run['used'] if run['used'] else None)})")

@@ -107,7 +107,7 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         sinks = sinks or ((plain_lines(tokenizer),) if progress else ())
         if resume is not None:
             return tokenizer, resume_session(resume, model_dir, device, sinks=sinks, tokenizer=tokenizer,
-                                             policy=policy, progress=progress, lookahead=decode.lookahead,
+                                             policy=policy, progress=progress, lookahead=lookahead,
                                              cache_policy=decode.cache_policy)
         ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
         if tokenizer is None and not quiet:

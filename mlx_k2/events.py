@@ -80,6 +80,33 @@ class StepDone:
     cache_held: int = 0          # bytes the weight cache holds after the step
     reads_s: float = 0.0         # time spent waiting for reads a computation needed (not hidden behind compute)
 
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Share of the step's weight bytes the cache served (derived; None when the step used none)."""
+        return hit_rate(self.bytes_read, self.bytes_cached)
+
+    @property
+    def lookahead_counts(self) -> tuple[int, int]:
+        """(experts guessed right, experts used) summed over the layers that had a guess (derived)."""
+        return lookahead_counts(self.layers)
+
+
+def hit_rate(bytes_read: int, bytes_cached: int) -> float | None:
+    """bytes_cached / (bytes_read + bytes_cached): the share of weight bytes served without a read."""
+    used = bytes_read + bytes_cached
+    return bytes_cached / used if used else None
+
+
+def lookahead_counts(layers) -> tuple[int, int]:
+    """(experts guessed right, experts used) over the LayerDones that had a look-ahead guess; a layer
+    without one (look-ahead off, a dense layer, a MoE layer after a dense one) counts in neither."""
+    hits = used = 0
+    for layer in layers:
+        if layer.lookahead_guessed is not None:
+            hits += layer.lookahead_hits or 0
+            used += layer.experts_used or 0
+    return hits, used
+
 
 @dataclass(frozen=True)
 class RunDone:

@@ -6,7 +6,8 @@ From them: sizes and dtypes
 per group (a pass over every name), what `mlx-k2 inspect` prints. Apart from the groups, and without that
 pass: the tensors a step reads from a layer besides its routed experts, and the bytes a one-token step must
 read (one embedding row, every layer's non-expert tensors, `num_experts_per_tok` experts per MoE layer,
-final norm, lm_head) and its parts, from the names `names.py` spells and a few hundred headers.
+final norm, lm_head) and its parts, from the names `names.py` spells and a few hundred headers; from those
+parts, what each decode mode reads per step and what a weight cache budget holds (`DecodeBytes`).
 """
 
 from __future__ import annotations
@@ -77,3 +78,56 @@ def one_token_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> int:
     MoE layer, the final norm and the lm_head."""
     row, non_expert, experts = step_bytes(checkpoint, cfg)
     return row + non_expert + cfg.text.num_experts_per_tok * experts
+
+
+@dataclass(frozen=True)
+class DecodeBytes:
+    """What a step reads in each decode mode, from the headers: the parts of `step_bytes` and the counts
+    that scale them. A no-KV step's bytes depend on the context (the union of the experts its positions
+    route to), so only its bounds are known before it runs."""
+
+    embedding_row: int       # one token's embedding row
+    non_expert: int          # what every step reads whatever the routing: layers' non-expert tensors, final norm, lm_head
+    expert: int              # one routed expert of each MoE layer, summed over the MoE layers
+    experts_per_token: int   # k
+    moe_layers: int
+    n_routed_experts: int
+
+    @property
+    def one_position_experts(self) -> int:
+        """The experts one position routes to: k of each MoE layer."""
+        return self.experts_per_token * self.expert
+
+    @property
+    def kv_step(self) -> int:
+        """A KV-cache decode step (one new position) with nothing cached: its row, the non-expert tensors
+        and its experts; the same bytes as a one-token step."""
+        return self.embedding_row + self.non_expert + self.one_position_experts
+
+    def no_kv_step_at_most(self, tokens: int) -> int:
+        """The most a no-KV step over `tokens` positions can read: a row per token, the non-expert tensors
+        and, per MoE layer, k experts per position up to all of them. It reads the union of the experts its
+        positions route to, so it is often much less."""
+        return (tokens * self.embedding_row + self.non_expert
+                + min(tokens * self.experts_per_token, self.n_routed_experts) * self.expert)
+
+    @property
+    def all_experts(self) -> int:
+        return self.n_routed_experts * self.expert
+
+    def cache_cover(self, budget: int) -> tuple[int, int]:
+        """What a weight cache of `budget` bytes holds at most: (non-expert bytes, routed experts). The
+        non-expert tensors come first; only the rest of the budget holds experts (of the average size of
+        an expert, as a budget has no say in which layers' experts it holds)."""
+        non_expert = min(max(budget, 0), self.non_expert)
+        if not self.moe_layers or not self.expert:
+            return non_expert, 0
+        experts = (max(budget, 0) - non_expert) * self.moe_layers // self.expert
+        return non_expert, min(experts, self.moe_layers * self.n_routed_experts)
+
+
+def decode_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> DecodeBytes:
+    row, non_expert, expert = step_bytes(checkpoint, cfg)
+    text = cfg.text
+    return DecodeBytes(row, non_expert, expert, text.num_experts_per_tok,
+                       sum(map(text.is_moe_layer, range(text.num_hidden_layers))), text.n_routed_experts)

@@ -38,7 +38,6 @@ from .weight_cache import WeightCache
 from .weights import WeightFetcher
 
 DEVICES = ("gpu", "cpu")
-HEAD_ROWS_PER_BLOCK = 16384  # lm_head rows computed at a time (K2.5: 235 MB of bf16 per block)
 
 
 def select_device(name: str | None) -> mx.Device:
@@ -181,7 +180,7 @@ class Model:
         mx.eval(hidden)
         pieces = []
         first = self.config.text.num_hidden_layers  # the final norm's slot, and lm_head block 0's
-        for j, block in enumerate(self.weights.lm_head_chunks(HEAD_ROWS_PER_BLOCK)):
+        for j, block in enumerate(self.weights.lm_head_chunks()):
             pieces.append(linear(hidden, block))  # (1, rows of this block)
             mx.eval(pieces[-1])
             self.reader.release(first + j)  # before the next block's read is issued into the same buffers

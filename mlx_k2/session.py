@@ -139,7 +139,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
 def resume(path: str | Path, model_dir: str | Path | None = None, device: str | None = None,
            sinks: tuple[Sink, ...] = (), tokenizer: Tokenizer | None = None,
            anchors_dir: Path | None = None, policy: ReadPolicy = ReadPolicy(),
-           fault: FaultHook | None = None, progress: Progress | None = None, lookahead: bool = False,
+           fault: FaultHook | None = None, progress: Progress | None = None, lookahead: bool | None = None,
            cache_policy: str = "lru") -> RunResult:
     """Continue the run recorded in a ledger (or bundle) that did not complete, in its recorded mode: with a
     KV cache, steps 0.. are run again first to rebuild it (and the weight cache) exactly."""
@@ -172,8 +172,9 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
     kernels = choose_kernels("builtin" if recorded_kernels == BUILTIN_KERNELS else "own", dev)
     if kernels != recorded_kernels:
         raise UsageError(f"{ledger_path}: recorded with kernels {recorded_kernels}, this install has {kernels}")
-    decode = Decode(run_info.get("kv_cache") is True, int(run_info.get("expert_cache_bytes") or 0), cache_policy,
-                    lookahead)
+    kv_cache = run_info.get("kv_cache") is True
+    decode = Decode(kv_cache, int(run_info.get("expert_cache_bytes") or 0), cache_policy,
+                    kv_cache if lookahead is None else lookahead)  # look-ahead changes no recorded value
     model = Model(model_dir, policy, fault, progress, kernels, cache_bytes=decode.cache_bytes,
                   cache_policy=decode.cache_policy, lookahead=decode.lookahead)
     try:

@@ -70,10 +70,11 @@ class PendingTensor:
             self.wait_part(i)
         return self.array
 
-    def cancel(self) -> None:
-        """Nobody will use these bytes: stop what has not started, never count them."""
-        for read in self._reads:
-            read.cancel()
+    def cancel(self, parts: list[int] | None = None) -> None:
+        """Nobody will use these bytes (all, or the given parts'): stop what has not started, never count them."""
+        for i in range(len(self._reads)) if parts is None else parts:
+            if not self._waited[i]:
+                self._reads[i].cancel()
 
 
 class TensorReader:
@@ -88,7 +89,7 @@ class TensorReader:
         self.bytes_cached = 0   # bytes the cache served instead of storage
         self.wait_s = 0.0       # time spent waiting for bytes a computation needed
         self._keep: list[tuple[int, str, tuple[mx.array, ...], int, bool]] = []  # for the cache, at release
-        self._guessed: list[PendingTensor] = []  # stacks read ahead on a guess, until their slot is released
+        self._unnamed_ahead: list[PendingTensor] = []  # stacks and row blocks read ahead, until their slot is released
         self._ahead: dict[str, PendingTensor] = {}
         self._arenas = [Arena(), Arena()]
         self._owner: list[int | None] = [None, None]  # the slot each arena's bytes belong to, until released
@@ -131,9 +132,9 @@ class TensorReader:
             for entry in [e for e in self._keep if e[0] == slot]:
                 self.cache.put(*entry[1:])
             self._keep = [e for e in self._keep if e[0] != slot]
-        for pending in [p for p in self._guessed if p.slot == slot]:
+        for pending in [p for p in self._unnamed_ahead if p.slot == slot]:
             pending.cancel()  # a guess nobody used: its reads must end before the buffer is reused
-        self._guessed = [p for p in self._guessed if p.slot != slot]
+        self._unnamed_ahead = [p for p in self._unnamed_ahead if p.slot != slot]
         i = slot % 2
         if self._owner[i] == slot:
             for name in [n for n, p in self._ahead.items() if p.slot == slot]:
@@ -145,9 +146,9 @@ class TensorReader:
         """Between steps (or after a step was abandoned): cancel reads issued ahead, free both arenas. Bytes
         meant for the cache whose slot was never released are dropped (their computation did not finish)."""
         self._keep.clear()
-        for pending in self._guessed:
+        for pending in self._unnamed_ahead:
             pending.cancel()
-        self._guessed.clear()
+        self._unnamed_ahead.clear()
         self.drop_prefetched()
         for owner in list(self._owner):
             if owner is not None:
@@ -167,7 +168,7 @@ class TensorReader:
         `ahead` (on a guess) may never be waited for: their reads are cancelled when the slot is released."""
         stacks = self._start_stacks(groups, slot, ahead, own)
         if ahead:
-            self._guessed += stacks
+            self._unnamed_ahead += stacks
         return stacks
 
     def _start_stacks(self, groups: list[list[str]], slot: int | None, ahead: bool = False,
@@ -252,9 +253,11 @@ class TensorReader:
         consecutive rows are read as one range."""
         return self.start_rows(name, rows, slot).wait()
 
-    def start_rows(self, name: str, rows: list[int], slot: int | None = None, own: bool = False) -> PendingTensor:
+    def start_rows(self, name: str, rows: list[int], slot: int | None = None, own: bool = False,
+                   ahead: bool = False) -> PendingTensor:
         """Issue the reads of `rows(name, rows)` now; `wait()` on the result gives the array. `own`: into an
-        array of its own (for the cache), not the slot's arena."""
+        array of its own (for the cache), not the slot's arena; `ahead`: behind reads a computation waits for
+        (cancelled when the slot is released unused)."""
         info = self.checkpoint.info(name)
         n_rows = info.shape[0] if info.shape else 0
         ids = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -269,5 +272,8 @@ class TensorReader:
         starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)
         ends = np.append(starts[1:], len(ids))
         ranges = [ByteRange(info.path, info.offset + int(ids[i]) * rb, int(j - i) * rb) for i, j in zip(starts, ends)]
-        read = self.storage.submit(ranges, dest, f"tensor {name}")
-        return PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot, own)
+        read = self.storage.submit(ranges, dest, f"tensor {name}", ahead)
+        pending = PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot, own)
+        if ahead:
+            self._unnamed_ahead.append(pending)
+        return pending

@@ -18,8 +18,10 @@ import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
+if TYPE_CHECKING:  # the cache only holds arrays: `inspect` uses the budget functions without MLX
+    import mlx.core as mx
 
 POLICIES = ("lru", "lfu")
 # The default budget is this share of the memory free when the run starts: the rest stays with the OS page

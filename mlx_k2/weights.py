@@ -11,6 +11,7 @@ for slot L (the layer count), lm_head block j for slot L + j; the embedding rows
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -24,6 +25,8 @@ from .inventory import layer_tensors
 from .linear import Linear
 from .tensors import PendingTensor, TensorReader
 
+HEAD_ROWS_PER_BLOCK = 16384  # lm_head rows computed at a time (K2.5: 235 MB of bf16 per block)
+
 
 class WeightFetcher:
     """Resolves names and fetches one piece of the model at a time; holds nothing between calls."""
@@ -36,6 +39,7 @@ class WeightFetcher:
         self.tensor_names = names.TensorNames(cfg.weight_prefix)
         self._expert_bytes: dict[int, int] = {}
         self._guesses: dict[int, tuple[list[int], list]] = {}   # layer -> (guessed ids, stacks read ahead)
+        self._head_first = None                                 # lm_head block 0, read during the last layer
         # layer -> (experts guessed or None, experts used, of them guessed or None), until the runner takes it
         self.guess_stats: dict[int, tuple[int | None, int, int | None]] = {}
 
@@ -70,10 +74,11 @@ class WeightFetcher:
         return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size, self.kernels)
                 for i in range(len(arrays) // 2)]
 
-    def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple]]:
+    def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple, Callable]]:
         """Start reading routed experts `ids` of `layer`: one stack in the layer's arena, or, where the cache
-        takes experts, one stack of one expert each in arrays of their own (with those arrays, to offer the
-        cache once used; else an empty tuple)."""
+        takes experts, one stack of one expert each in arrays of their own. Each stack comes with those
+        arrays (to offer the cache once used; else an empty tuple) and a function that cancels the reads of
+        the stack positions given (experts a guess read that nobody uses)."""
         n = self.tensor_names.layer(layer)
         own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
         batches = [[e] for e in ids] if own else [list(ids)]
@@ -86,10 +91,14 @@ class WeightFetcher:
                 for stack in pending:
                     stack.wait_part(u)
 
+            def unused(positions: list[int], pending=pending) -> None:
+                for stack in pending:
+                    stack.cancel(positions)
+
             arrays = tuple(p.array for p in pending)
             linears = self._stack_linears(arrays, packed, n.experts(batch[0], names.MLP_PROJECTIONS[0]))
             out.append((ExpertStack(np.array(batch, dtype=np.int64), *linears, arrived=arrived),
-                        arrays if own else ()))
+                        arrays if own else (), unused))
         return out
 
     def expert_bytes(self, layer: int) -> int:
@@ -104,6 +113,7 @@ class WeightFetcher:
         """Issue the reads of a layer's non-expert tensors (norms, attention, router, shared or dense MLP)."""
         if layer >= self.cfg.text.num_hidden_layers:
             self.reader.prefetch([self.tensor_names.norm], layer)
+            self._head_first = self._start_head_block(0, ahead=True)  # the lm_head's first block, same slot
             return
         self.reader.prefetch(layer_tensors(self.checkpoint, self.cfg, layer), layer)
 
@@ -168,11 +178,15 @@ class WeightFetcher:
         if guess is not None:
             guessed, read_ahead = guess
             self.guess_stats[layer] = (len(guessed), len(ids), len(set(guessed) & set(int(e) for e in ids)))
-            taken = [(stack, arrays) for stack, arrays in read_ahead if set(stack.ids.tolist()) & set(missing)]
-            used += taken
-            missing = [e for e in missing if not any(e in stack.ids for stack, _ in taken)]
+            for stack, arrays, unused in read_ahead:
+                wanted = [e in missing for e in stack.ids.tolist()]
+                unused([u for u, w in enumerate(wanted) if not w])  # wrong guesses: free the storage queue now
+                if any(wanted):
+                    used.append((stack, arrays))
+            served = {e for stack, _ in used for e in stack.ids.tolist()}
+            missing = [e for e in missing if e not in served]
         if missing:
-            used += self._read_experts(layer, missing)
+            used += [(stack, arrays) for stack, arrays, _ in self._read_experts(layer, missing)]
         stacks += [stack for stack, _ in used]
         for stack, arrays in used:
             if arrays and int(stack.ids[0]) in ids:  # one expert per stack when the cache takes them
@@ -189,8 +203,10 @@ class WeightFetcher:
         self._guesses[layer] = (list(ids), self._read_experts(layer, to_read, ahead=True) if to_read else [])
 
     def forget_guesses(self) -> None:
-        """Between steps: guesses not used (the reader cancels their reads at end_step)."""
+        """Between steps: guesses and a head block read ahead but not used (the reader cancels their reads
+        at end_step)."""
         self._guesses.clear()
+        self._head_first = None
 
     def router(self, layer: int) -> tuple[mx.array, Linear, mx.array | None] | None:
         """Layer `layer`'s post_attention_layernorm, router and router bias for a guess (looked at, not
@@ -210,37 +226,45 @@ class WeightFetcher:
     def final_norm(self) -> mx.array:
         return self.reader.tensor(self.tensor_names.norm, self.cfg.text.num_hidden_layers)
 
-    def lm_head_chunks(self, rows_per_chunk: int):
+    def _head_blocks(self, rows_per_chunk: int = HEAD_ROWS_PER_BLOCK) -> tuple[str, list[tuple[int, int]]]:
+        head = names.dense_weight(self.tensor_names.lm_head)
+        vocab = self.checkpoint.info(head).shape[0]
+        return head, [(start, min(start + rows_per_chunk, vocab)) for start in range(0, vocab, rows_per_chunk)]
+
+    def _start_head_block(self, j: int, ahead: bool = False):
+        """lm_head block j: (cache key, bytes, the cached array or its pending read for slot L + j), or None
+        for a packed head (read whole)."""
+        if names.packed_weight(self.tensor_names.lm_head) in self.checkpoint:
+            return None
+        head, blocks = self._head_blocks()
+        lo, hi = blocks[j]
+        key, nbytes = f"{head}[{lo}:{hi}]", (hi - lo) * self.checkpoint.info(head).row_bytes
+        cache = self.reader.cache
+        if cache is not None and key in cache:
+            return key, nbytes, None
+        own = cache is not None and cache.admits(nbytes, expert=False)
+        return key, nbytes, self.reader.start_rows(head, list(range(lo, hi)), self.cfg.text.num_hidden_layers + j,
+                                                   own, ahead)
+
+    def lm_head_chunks(self):
         """The lm_head as consecutive row blocks (vocab rows), each block's read issued while the previous
-        one is used: the head never sits in memory whole (it is the largest tensor a step reads). Block j
-        is read for slot L + j: the caller releases each slot once its block's product is evaluated. Blocks
-        the weight cache holds are not read; blocks it will take are read into arrays of their own."""
-        base = self.tensor_names.lm_head
-        first = self.cfg.text.num_hidden_layers
-        if names.packed_weight(base) in self.checkpoint:
-            yield self.linear(base, first)  # packed heads are small: one block
+        one is used (block 0's during the last layer): the head never sits in memory whole (it is the largest
+        tensor a step reads). Block j is read for slot L + j: the caller releases each slot once its block's
+        product is evaluated. Blocks the weight cache holds are not read; blocks it will take are read into
+        arrays of their own."""
+        if names.packed_weight(self.tensor_names.lm_head) in self.checkpoint:
+            yield self.linear(self.tensor_names.lm_head, self.cfg.text.num_hidden_layers)  # packed heads are small
             return
-        head = names.dense_weight(base)
-        info = self.checkpoint.info(head)
-        vocab = info.shape[0]
-        blocks = [(start, min(start + rows_per_chunk, vocab)) for start in range(0, vocab, rows_per_chunk)]
-
-        def start(j: int):
-            lo, hi = blocks[j]
-            key, nbytes = f"{head}[{lo}:{hi}]", (hi - lo) * info.row_bytes
-            hit = self.reader.cached(key, nbytes)
-            if hit is not None:
-                return key, nbytes, hit[0]
-            own = self.reader.cache is not None and self.reader.cache.admits(nbytes, expert=False)
-            return key, nbytes, self.reader.start_rows(head, list(range(lo, hi)), first + j, own)
-
-        pending = start(0)
+        _, blocks = self._head_blocks()
+        pending, self._head_first = self._head_first or self._start_head_block(0), None
         for j in range(len(blocks)):
             key, nbytes, block = pending
-            if not isinstance(block, mx.array):
+            if block is None:
+                block = self.reader.cached(key, nbytes)[0]
+            else:
                 if block.own:
-                    self.reader.keep(first + j, key, (block.array,), nbytes, expert=False)
+                    self.reader.keep(self.cfg.text.num_hidden_layers + j, key, (block.array,), nbytes, expert=False)
                 block = block.wait()
             if j + 1 < len(blocks):
-                pending = start(j + 1)
+                pending = self._start_head_block(j + 1)
             yield Linear.dense(block, self.kernels)

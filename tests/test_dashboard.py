@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 from mlx_k2.dashboard import DashboardState, expert_strip, render, sparkline
 from mlx_k2.events import LayerDone, RunDone, RunStarted, StepDone
+from mlx_k2_cli.plain import plain_lines
 
 WIDTH = 140
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,11 +37,11 @@ def make_state(clock_values=None) -> DashboardState:
                           token_text=lambda i: {7: "hello"}.get(i), clock=lambda: next(ticks))
 
 
-def layer(step, i, kind, norm_in, norm_out, experts=None, scores=None, nbytes=1_000_000, wall=0.5):
+def layer(step, i, kind, norm_in, norm_out, experts=None, scores=None, nbytes=1_000_000, wall=0.5, **decode):
     return LayerDone(step=step, layer=i, kind=kind, norm_in=norm_in, norm_out=norm_out,
                      experts=experts, routing_scores=scores,
                      routed=None if experts is None else np.array([experts]), residual_in=None, residual_out=None,
-                     bytes_read=nbytes, wall_s=wall)
+                     bytes_read=nbytes, wall_s=wall, **decode)
 
 
 def test_dense_layer_frame():
@@ -114,6 +117,121 @@ def test_work_before_step_0_is_shown_as_progress():
     assert state.expert_counts.shape == (16,) and state.status == "running"
 
 
+GB = 1_000_000_000
+
+
+def kv_run_events():
+    """A 2-step KV-cache run with a 4 GB weight cache and look-ahead, 4 layers (layer 0 dense): the events, and
+    per step the layers' (bytes read, bytes cached, experts used, guessed, guessed right)."""
+    steps = [
+        # layer 1 has no guess (it counts in neither look-ahead figure); layers 2 and 3 have one
+        [(1.0 * GB, 0, None, None, None), (0.6 * GB, 0.2 * GB, 6, None, None), (0.5 * GB, 0.3 * GB, 8, 8, 5),
+         (0.4 * GB, 0.1 * GB, 8, 8, 7)],
+        [(0.2 * GB, 0.8 * GB, None, None, None), (0.1 * GB, 0.7 * GB, 8, 8, 8), (0.3 * GB, 0.5 * GB, 8, 8, 4),
+         (0.0, 0.5 * GB, 8, 8, 6)],
+    ]
+    # (bytes_read, bytes_cached, positions, cache_held) of each step: more than its layers (embedding, head)
+    totals = [(2.7 * GB, 0.7 * GB, 3, 1.5 * GB), (0.7 * GB, 2.6 * GB, 1, 2.5 * GB)]
+    started = RunStarted(model_path="/models/k25", model_type="kimi_k25", device="cpu", num_layers=4,
+                         n_routed_experts=16, max_new_tokens=2, context_len=3, first_step=0,
+                         step_bytes_estimate=3 * GB, kv_cache=True, cache_budget=4 * GB, lookahead=True)
+    events = [started]
+    for k, layers in enumerate(steps):
+        done = []
+        for i, (nbytes, cached, used, guessed, right) in enumerate(layers):
+            done.append(layer(k, i, "dense" if i == 0 else "moe", 1.0, 2.0, experts=None if i == 0 else (1, 2),
+                              scores=None if i == 0 else (0.5, 0.5), nbytes=int(nbytes), bytes_cached=int(cached),
+                              experts_used=used, lookahead_guessed=guessed, lookahead_hits=right))
+        events += done
+        nbytes, cached, positions, held = totals[k]
+        events.append(StepDone(step=k, input_ids=(1,) * (3 + k), token_id=7, logit=5.0,
+                               hidden=np.zeros(4, np.float32), logits=np.arange(32, dtype=np.float32),
+                               bytes_read=int(nbytes), wall_s=2.0, layers=tuple(done), positions=positions,
+                               bytes_cached=int(cached), cache_held=int(held)))
+    return events, steps, totals
+
+
+def test_decode_figures_while_a_step_runs():
+    """Mid-step, the figures are the running step's layers so far; the cache's fill is not known yet."""
+    events, steps, _ = kv_run_events()
+    state = make_state()
+    for event in events[:4]:   # RunStarted and layers 0..2 of step 0
+        state.update(event)
+    read = 1.0 + 0.6 + 0.5
+    cached = 0.0 + 0.2 + 0.3
+    assert state.step_hit_rate() == pytest.approx(cached / (read + cached))
+    assert state.guesses_step == (5, 8)   # only layer 2 had a guess
+    text = screen(state)
+    assert "decode KV cache" in text and "positions last step" not in text
+    assert f"look-ahead right this step 5/8 ({5 / 8:.1%})  run 5/8 ({5 / 8:.1%})" in text
+    assert "weight cache budget 4.00 GB" in text and "of 4.00 GB" not in text  # fill known after a step
+    assert f"hit rate this step {cached / (read + cached):.1%}  run {cached / (read + cached):.1%}" in text
+
+
+def test_decode_figures_after_steps():
+    """After each step: positions, the cache's fill and hit rate, look-ahead accuracy, the step's and the run's."""
+    events, steps, totals = kv_run_events()
+    state = make_state()
+    for event in events[:6]:   # through step 0's StepDone
+        state.update(event)
+    read0, cached0, positions0, held0 = totals[0]
+    text = screen(state)
+    assert "positions last step 3" in text
+    assert f"1.50 GB of 4.00 GB ({1.5 / 4:.1%})" in text
+    assert f"hit rate last step {cached0 / (read0 + cached0):.1%}" in text
+    assert f"look-ahead right last step 12/16 ({12 / 16:.1%})" in text
+    for event in events[6:]:
+        state.update(event)
+    state.update(RunDone(steps=2, bytes_read=int(totals[0][0] + totals[1][0]), wall_s=4.0, status="complete"))
+    read1, cached1, _, held1 = totals[1]
+    run_rate = (cached0 + cached1) / (read0 + cached0 + read1 + cached1)
+    assert state.cached_total == int(cached0) + int(cached1)
+    assert state.run_hit_rate() == pytest.approx(run_rate)
+    assert state.last_step_guesses == (8 + 4 + 6, 24) and state.guesses_total == (12 + 18, 40)
+    text = screen(state)
+    assert "positions last step 1" in text
+    assert f"2.50 GB of 4.00 GB ({2.5 / 4:.1%})" in text
+    assert f"hit rate last step {cached1 / (read1 + cached1):.1%}  run {run_rate:.1%}" in text
+    assert f"look-ahead right last step 18/24 ({18 / 24:.1%})  run 30/40 ({30 / 40:.1%})" in text
+    # The timeline has each step's positions and cached bytes.
+    assert "pos" in text and "cached" in text
+    rows = {line.split()[1]: line.split()[7:12] for line in text.splitlines() if "'hello'" in line}
+    assert rows == {"0": ["3", "2.70", "GB", "0.70", "GB"], "1": ["1", "0.70", "GB", "2.60", "GB"]}
+
+
+def test_no_kv_run_without_cache_or_look_ahead():
+    state = make_state()
+    state.update(RunStarted(model_path="/models/k25", model_type="kimi_k25", device="cpu", num_layers=4,
+                            n_routed_experts=16, max_new_tokens=2, context_len=1, first_step=0,
+                            step_bytes_estimate=5_000_000))
+    state.update(layer(0, 0, "dense", 1.0, 2.0, experts_used=None))
+    text = screen(state)
+    assert "decode no-KV (whole context)" in text and "look-ahead off" in text and "right" not in text
+    assert "weight cache none" in text and "hit rate" not in text and "cached" not in text
+
+
+def test_plain_lines_show_the_decode_figures(capsys):
+    events, steps, totals = kv_run_events()
+    sink = plain_lines(None)
+    for event in events:
+        sink(event)
+    lines = capsys.readouterr().out.splitlines()
+    assert "decode KV cache, weight cache 4.00 GB, look-ahead on" in lines[0]
+    assert "step 0 layer  1" in lines[2] and f"{int(0.6 * GB)} B cached {int(0.2 * GB)} B" in lines[2]
+    assert "look-ahead" not in lines[2]          # no guess for that layer
+    assert "look-ahead 5/8" in lines[3]
+    step_lines = [line for line in lines if " token " in line]
+    (read0, cached0, _, _), (read1, cached1, _, _) = totals
+    assert f"positions 3 bytes {int(read0)} cached {int(cached0)} (hit rate {cached0 / (read0 + cached0):.1%}" \
+        in step_lines[0]
+    assert f"cache holds {int(1.5 * GB)} of {4 * GB} B ({1.5 / 4:.1%})" in step_lines[0]
+    assert f"look-ahead 12/16 ({12 / 16:.1%}, run {12 / 16:.1%})" in step_lines[0]
+    run_rate = (cached0 + cached1) / (read0 + cached0 + read1 + cached1)
+    assert f"positions 1 bytes {int(read1)}" in step_lines[1]
+    assert f"run {run_rate:.1%})" in step_lines[1]
+    assert f"look-ahead 18/24 ({18 / 24:.1%}, run {30 / 40:.1%})" in step_lines[1]
+
+
 def test_sparkline_and_strip_scale():
     assert sparkline([0.0, 5.0, 10.0, None], 10.0, 4) == "▁▅█ "
     strip = expert_strip(np.array([0, 0, 4, 4, 8, 8]), 3)
@@ -134,10 +252,13 @@ def _strip_times(path: Path) -> list[dict]:
 
 
 def test_run_under_a_pseudo_terminal(synth_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "140", "LINES": "45", "TERM": "xterm-256color"}
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))  # this tree's code first
+    env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "140", "LINES": "45", "TERM": "xterm-256color"}
     tty_ledger, plain_ledger = tmp_path / "tty.jsonl", tmp_path / "plain.jsonl"
+    # An explicit --cache: the default budget is a share of the memory free at start, which differs between
+    # the two runs and is recorded in the header.
     cmd = [sys.executable, "-m", "mlx_k2_cli", "run", "--model", str(synth_dir), "--max-new-tokens", "2",
-           "--device", "cpu"]
+           "--device", "cpu", "--cache", "1"]
     master, slave = pty.openpty()
     proc = subprocess.Popen(cmd + ["--ledger", str(tty_ledger)], stdin=slave, stdout=slave, stderr=slave,
                             env=env, cwd=ROOT, close_fds=True)
@@ -162,8 +283,11 @@ def test_run_under_a_pseudo_terminal(synth_dir, tmp_path):
     assert proc.returncode == 0, text[-2000:]
     assert "output formation" in text and "\x1b[" in text  # the live panel, drawn with terminal codes
     assert "layers" in text and "selections across layers" in text
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)  # the words, without the styles between them
+    assert "decode no-KV" in shown and "weight cache" in shown and "hit rate last step" in shown
     plain = subprocess.run(cmd + ["--ledger", str(plain_ledger), "--no-dashboard"], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert plain.returncode == 0, plain.stderr
     assert "output formation" not in plain.stdout and "layer 60" in plain.stdout
+    assert "decode no-KV, weight cache 1.00 GB, look-ahead off" in plain.stdout
     assert _strip_times(tty_ledger) == _strip_times(plain_ledger)

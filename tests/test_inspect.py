@@ -2,7 +2,7 @@
 
 The checkpoint is written from K25_FORMAT.md §2 (names, shapes, dtypes, 64 shards, shard placement) with
 sparse data regions, so it has the real 595 GB layout on disk without the bytes. The expected one-token step
-size is summed in the test from that table.
+size, and what each decode mode and a weight cache budget come to, are summed in the test from that table.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mlx_k2_cli.main import app
 from mlx_k2.checkpoint import Checkpoint
 from mlx_k2.config import load_config
-from mlx_k2.inventory import one_token_step_bytes, take_inventory
+from mlx_k2.inventory import decode_bytes, one_token_step_bytes, take_inventory
 
 H, V, L, E = 7168, 163840, 61, 384
 SIZES = {"BF16": 2, "F32": 4, "I32": 4}
@@ -104,13 +104,20 @@ def header_only_k25(tmp_path_factory):
     return root
 
 
+ATTENTION = 2 * (1536 * H + 1536 + 12288 * 1536 + 576 * H + 512 + 16384 * 512 + H * 8192)
+NORMS = 2 * 2 * H
+DENSE = 2 * 3 * 18432 * H
+EXPERT = 3 * (2048 * H // 8 * 4 + 2048 * H // 32 * 2)  # packed int32 + bf16 scales, per projection
+ROUTER_AND_SHARED = 2 * E * H + 4 * E + 2 * 3 * 2048 * H
+# Read by every step whatever the routing: layers' attention and norms, the dense MLP, routers and shared
+# experts, the final norm and the lm_head.
+NON_EXPERT = L * (ATTENTION + NORMS) + DENSE + 60 * ROUTER_AND_SHARED + 2 * H + 2 * V * H
+ROW = 2 * H
+
+
 def expected_one_token_bytes() -> int:
-    attention = 2 * (1536 * H + 1536 + 12288 * 1536 + 576 * H + 512 + 16384 * 512 + H * 8192)
-    norms = 2 * 2 * H
-    dense = 2 * 3 * 18432 * H
-    expert = 3 * (2048 * H // 8 * 4 + 2048 * H // 32 * 2)  # packed int32 + bf16 scales, per projection
-    moe = 2 * E * H + 4 * E + 2 * 3 * 2048 * H + 8 * expert
-    return 2 * H + L * (attention + norms) + dense + 60 * moe + 2 * H + 2 * V * H
+    moe = ROUTER_AND_SHARED + 8 * EXPERT
+    return ROW + L * (ATTENTION + NORMS) + DENSE + 60 * moe + 2 * H + 2 * V * H
 
 
 def test_inventory_of_the_real_layout(header_only_k25):
@@ -132,3 +139,38 @@ def test_inspect_command(header_only_k25):
     assert "int4, group 32" in out
     assert "shards 64" in out
     assert "never read by a text run" in out and "vision" in out
+
+
+def test_decode_bytes_of_the_real_layout(header_only_k25):
+    b = decode_bytes(Checkpoint(header_only_k25), load_config(header_only_k25))
+    assert (b.embedding_row, b.non_expert, b.expert) == (ROW, NON_EXPERT, 60 * EXPERT)
+    assert b.one_position_experts == 60 * 8 * EXPERT
+    # A KV decode step reads the new position's row, the non-expert weights and its experts: a one-token step.
+    assert b.kv_step == ROW + NON_EXPERT + 480 * EXPERT == expected_one_token_bytes()
+    # No-KV over T tokens: at most T rows and min(8 T, 384) experts per MoE layer.
+    assert b.no_kv_step_at_most(16) == 16 * ROW + NON_EXPERT + 60 * 128 * EXPERT
+    assert b.no_kv_step_at_most(64) == 64 * ROW + NON_EXPERT + 60 * 384 * EXPERT
+    assert b.all_experts == 60 * 384 * EXPERT
+    # A budget holds the non-expert weights first, experts only with what is left.
+    assert b.cache_cover(10 * 10**9) == (10 * 10**9, 0)
+    assert b.cache_cover(30 * 10**9) == (NON_EXPERT, (30 * 10**9 - NON_EXPERT) // EXPERT)
+    assert b.cache_cover(10**13) == (NON_EXPERT, 60 * 384)
+
+
+def test_inspect_explains_the_decode_modes(header_only_k25):
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", "--model", str(header_only_k25), "--cache", "30"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert f"non-expert weights │ {NON_EXPERT:,} │" in out
+    assert f"one position's experts │ {480 * EXPERT:,} │ 8 x {60 * EXPERT:,}" in out
+    assert f"--kv-cache step │ {ROW + NON_EXPERT + 480 * EXPERT:,} │" in out
+    assert "512 + 64 = 576 cached floats per position per layer" in out
+    assert f"no-KV step, T = 16 │ <= {16 * ROW + NON_EXPERT + 60 * 128 * EXPERT:,} │" in out
+    experts = (30 * 10**9 - NON_EXPERT) // EXPERT
+    assert (f"weight cache 30.00 GB (--cache) holds all non-expert weights first, then {experts:,} of the 23,040 "
+            f"routed experts ({experts / 23040:.1%})") in out
+    small = runner.invoke(app, ["inspect", "--model", str(header_only_k25), "--cache", "10"], env={"COLUMNS": "200"})
+    assert f"holds 10,000,000,000 of the {NON_EXPERT:,} non-expert bytes and no expert" in " ".join(small.output.split())
+    bad = runner.invoke(app, ["inspect", "--model", str(header_only_k25), "--cache", "-1"])
+    assert bad.exit_code == 2 and "--cache" in bad.output

@@ -408,6 +408,54 @@ def test_browser_shows_hostile_token_text_as_text(ledger5, tmp_path):
     assert token.text() == HOSTILE
 
 
+CACHE_FIELDS = ("positions", "bytes_cached")   # LEDGER.md, schema 2 additions (layer records: bytes_cached)
+
+
+def fields_of(row: Node) -> dict[str, Node]:
+    return {td.attrs["data-field"]: td for td in row.all("td") if "data-field" in td.attrs}
+
+
+@needs_chromium
+def test_browser_shows_the_cache_fields_where_the_ledger_has_them(ledger5, tmp_path):
+    """Step positions and bytes_cached, layer bytes_cached: shown with their values and provenance where the
+    records hold them; no column for them in a ledger from before them."""
+    recs = lines_of(ledger5)
+    header, steps = recs[0], recs[1:-1]
+    root = rendered(tmp_path, build_explorer(ledger5), "#step=2")
+    assert {"positions", "bytes_cached"} <= {th.text() for th in root.by_id("timeline").all("th")}
+    for row, s in zip(root.by_id("timeline-rows").all("tr"), steps, strict=True):
+        cells = fields_of(row)
+        for field in CACHE_FIELDS:
+            assert cell_value(cells[field]) == s[field], field
+            assert f"pv-{header['provenance'][field]}" in cells[field].classes()
+    facts = {dd.attrs["data-field"]: dd.text() for dd in root.by_id("step-detail").all("dd")}
+    assert facts["positions"] == str(steps[2]["positions"]) == "3"
+    assert facts["bytes_cached"].startswith(f"{steps[2]['bytes_cached']:,}")
+    assert "bytes_cached" in {th.text() for th in root.by_id("layer-table").all("th")}
+    for row, layer in zip(root.by_id("layer-rows").all("tr"), steps[2]["layers"], strict=True):
+        assert cell_value(fields_of(row)["bytes_cached"]) == layer["bytes_cached"]
+
+    old = tmp_path / "before-the-cache.jsonl"
+    for field in CACHE_FIELDS:
+        del header["provenance"][field]
+    for s in steps:
+        for field in CACHE_FIELDS:
+            del s[field]
+        for x in s["layers"]:
+            del x["bytes_cached"]
+    old.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    root = rendered(tmp_path, build_explorer(old), "#step=2")
+    heads = {th.text() for table in ("timeline", "layer-table") for th in root.by_id(table).all("th")}
+    assert not heads & set(CACHE_FIELDS) and "bytes_read" in heads
+    shown = {td.attrs.get("data-field") for td in root.by_id("app").all("td")} | \
+            {dd.attrs.get("data-field") for dd in root.by_id("step-detail").all("dd")}
+    assert not shown & set(CACHE_FIELDS) and "bytes_read" in shown
+    # every row has as many cells as its table has columns
+    for table, rows in (("timeline", "timeline-rows"), ("layer-table", "layer-rows")):
+        width = len(root.by_id(table).all("th"))
+        assert {len(row.all("td")) for row in root.by_id(rows).all("tr")} == {width}, table
+
+
 @pytest.mark.slow
 @needs_chromium
 def test_twenty_steps_stay_quick(synth_dir, tmp_path):

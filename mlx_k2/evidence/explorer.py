@@ -154,6 +154,12 @@ def _verify_html(report: Report | None, error: str | None, bundle: bool, receipt
             f'{_checks_table(report.checks)}{_replay_html(report.replay)}{_receipt_html(receipt)}</section>')
 
 
+def _cache_budget(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "0 (no weight cache)" if value == 0 else f"{value:,} bytes (weight cache budget)"
+    return json.dumps(value)
+
+
 def _meta_html(ledger: Ledger) -> str:
     h = ledger.header
     model, run = _obj(h.get("model")), _obj(h.get("run"))
@@ -168,6 +174,7 @@ def _meta_html(ledger: Ledger) -> str:
         ("run", f"{run.get('backend', '?')} {run.get('device', '?')} {run.get('compute_dtype', '?')}, "
                 f"kv_cache {json.dumps(run.get('kv_cache'))}, capture {json.dumps(run.get('capture'))}"),
         ("kernels", str(run.get("kernels", "mlx-builtin (schema 1)"))),
+        *([("expert_cache_bytes", _cache_budget(run["expert_cache_bytes"]))] if "expert_cache_bytes" in run else []),
         ("prompt_ids", json.dumps(prompt) if prompt is not None else "?"),
         ("max_new_tokens", str(run.get("max_new_tokens", "?"))),
         ("created", str(h.get("created", "?"))),

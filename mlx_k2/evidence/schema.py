@@ -19,7 +19,8 @@ SCHEMA = "mlx-k2.ledger/2"
 # checks need, in header `model` (MODEL_FACTS): vocab_size, hidden_size, eos_token_id, bos_token_id,
 # first_k_dense_replace, moe_layer_freq (which layers are MoE) and tokenizer_blake3 (BLAKE3 of the
 # checkpoint's tiktoken.model, or null where it has none). Schema 2 ledgers of the first release carry
-# run.kernels only: a header has either all the model facts or none.
+# run.kernels only: a header has either all the model facts or none. Header run.expert_cache_bytes (the
+# weight cache's budget, 0 = none) came with the cache fields of the records (CACHE_PROVENANCE below).
 SCHEMAS = ("mlx-k2.ledger/1", SCHEMA)
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,

@@ -9,10 +9,10 @@ step from its recorded input ids (the recorded context, not re-generated tokens)
 compared.
 
 How a step's bytes split into `bytes_read` and `bytes_cached` depends on what the weight cache holds. A KV
-run replayed from step 0 on a fresh cache of the header's budget (`run.expert_cache_bytes`) fills it as the
-run did, so both reproduce exactly; a step of a cached run without a KV cache is replayed alone, with no
-cache, and only their sum (the bytes the step consumed) is comparable: the Replay says which
-(`bytes_split`). What it ran on and the opened checkpoint's identity go with them; comparing is
+run replayed from step 0 on a fresh cache of the header's budget and eviction policy (`run.expert_cache_bytes`,
+`run.cache_policy`) fills it as the run did, so both reproduce exactly; a step of a cached run without a KV
+cache is replayed alone, with no cache, and only their sum (the bytes the step consumed) is comparable, as
+it is where the header does not record the policy: the Replay says which (`bytes_split`). What it ran on and the opened checkpoint's identity go with them; comparing is
 `evidence.replayed.compare_replay` (no MLX). `choose_steps` reads `all`, `0,2,4` or a random sample.
 Prints nothing: `on_step` hears about each chosen step as it finishes.
 """
@@ -84,19 +84,22 @@ def _cache_budget(run: dict) -> int:
     return budget if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0 else 0
 
 
-def _cache_policy(run: dict) -> str:
-    # The header does not record the eviction policy: the default's, unless a header names one.
+def _cache_policy(run: dict) -> str | None:
+    """The weight cache's eviction policy the header records (None: a header from before it was recorded)."""
     policy = run.get("cache_policy")
-    return policy if policy in POLICIES else "lru"
+    return policy if policy in POLICIES else None
 
 
-def _bytes_split(model: Model, kv_cache: bool, budget: int, policy: str) -> tuple[bool, str]:
+def _bytes_split(model: Model, kv_cache: bool, budget: int, policy: str | None) -> tuple[bool, str]:
     """(whether the re-execution reproduces the run's bytes_read / bytes_cached split, why not)."""
     cache = model.reader.cache
     if budget == 0 and cache is None:
         return True, ""
     if not kv_cache:
         return False, ("a step without a KV cache is re-executed alone, with no weight cache, so only "
+                       "bytes_read + bytes_cached is compared")
+    if policy is None:
+        return False, ("the header does not record the weight cache's eviction policy, so only "
                        "bytes_read + bytes_cached is compared")
     if cache is not None and cache.budget == budget and cache.policy == policy and cache.held == 0:
         return True, ""
@@ -133,7 +136,7 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
     if owned:
         # Without a KV cache a step is replayed alone: a weight cache would hold nothing the run's did.
         model = Model(model, kernels=_kernels(str(run.get("kernels", BUILTIN_KERNELS)), dev),
-                      cache_bytes=budget if kv_cache else 0, cache_policy=policy)
+                      cache_bytes=budget if kv_cache else 0, cache_policy=policy or "lru")
     try:
         text, started = model.config.text, time.perf_counter()
         identity = {**model.checkpoint.identity(), "model_type": model.config.model_type,

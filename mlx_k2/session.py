@@ -34,6 +34,7 @@ from .storage import FaultHook, ReadPolicy
 from .runner import Model, device_name, generate, select_device
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
 from .tokenizer import Tokenizer, load_tokenizer
+from .weight_cache import POLICIES
 
 # Rough bytes per layer record and per step line besides them, for the free-space check.
 LAYER_RECORD_BYTES, STEP_LINE_BYTES = 400, 2000
@@ -128,7 +129,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
                                    capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
                                                   "python": platform.python_version()},
                                    kernels_label(model.kernels), model_facts(model_dir, text), decode.kv_cache,
-                                   decode.cache_bytes))
+                                   decode.cache_bytes, decode.cache_policy))
         tokenizer = tokenizer or load_tokenizer(model_dir)
         return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
                       max_new_tokens, dev, capture, sinks, anchors_dir, decode)
@@ -173,6 +174,8 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
     if kernels != recorded_kernels:
         raise UsageError(f"{ledger_path}: recorded with kernels {recorded_kernels}, this install has {kernels}")
     kv_cache = run_info.get("kv_cache") is True
+    # The recorded eviction policy where the header has one: it decides what the rebuilt cache holds.
+    cache_policy = run_info.get("cache_policy") if run_info.get("cache_policy") in POLICIES else cache_policy
     decode = Decode(kv_cache, int(run_info.get("expert_cache_bytes") or 0), cache_policy,
                     kv_cache if lookahead is None else lookahead)  # look-ahead changes no recorded value
     model = Model(model_dir, policy, fault, progress, kernels, cache_bytes=decode.cache_bytes,

@@ -45,7 +45,7 @@ MODEL_KEYS = {"path", "model_type", "num_layers", "n_routed_experts", "experts_p
               "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace", "moe_layer_freq",
               "tokenizer_blake3"}
 RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
-            "expert_cache_bytes", "versions"}
+            "expert_cache_bytes", "cache_policy", "versions"}
 VERSION_KEYS = {"mlx_k2", "mlx", "python"}
 STEP_KEYS = {"kind", "step", "prev", "input_ids", "positions", "token_id", "token_text", "logit", "top16", "entropy",
              "margin", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached", "wall_s", "layers"}
@@ -221,6 +221,7 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     assert header["run"]["prompt_ids"] == [163584] and header["run"]["max_new_tokens"] == N_STEPS
     assert header["run"]["kv_cache"] is False and header["run"]["device"] == "cpu"
     assert header["run"]["expert_cache_bytes"] == 10**9                            # --cache 1 (GB)
+    assert header["run"]["cache_policy"] == "lru"                                  # --cache-policy's default
     assert len(steps) == N_STEPS and [s["step"] for s in steps] == list(range(N_STEPS))
     cfg = json.loads((synth_dir / "config.json").read_text())["text_config"]
     for s in steps:

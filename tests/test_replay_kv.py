@@ -159,6 +159,27 @@ def test_kv_bundle_on_a_model_without_its_cache_compares_the_sum(bundles, opened
     assert f"only {SUMMED} is compared" in report.summary()[1]
 
 
+def test_kv_header_without_the_cache_policy_compares_the_sum(bundles, opened_synth, tokenizer, tmp_path):
+    """A header from before run.cache_policy was recorded: what the cache evicted cannot be known, so the
+    bytes are compared as their sum, and the result says why."""
+    target = tampered(bundles["kv"], tmp_path, lambda recs, bundle: recs[0]["run"].pop("cache_policy"))
+    report = replayed(target, [0, 1], opened_synth, tokenizer)
+    assert report.ok and report.replay.exact, failed(report)
+    assert "does not record the weight cache's eviction policy, so only " f"{SUMMED} is compared" \
+        in report.summary()[1]
+
+
+def test_lfu_kv_run_replays_bit_for_bit(synth_dir, tokenizer, tmp_path):
+    """The recorded policy is the one replay evicts by: an lfu run, whose cache evicts experts, reproduces its
+    bytes_read and bytes_cached exactly."""
+    bundle = tmp_path / "lfu"
+    result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=REPO_ANCHORS,
+                 decode=Decode(kv_cache=True, cache_bytes=cache_budget(synth_dir), cache_policy="lfu"))
+    assert result.status == "complete" and records(bundle)[0]["run"]["cache_policy"] == "lfu"
+    report = replayed(bundle, [0, 1, 2], synth_dir, tokenizer)
+    assert report.ok and report.replay.exact and not report.replay.bytes_note, failed(report)
+
+
 def test_cli_replays_a_later_kv_step(bundles, synth_dir):
     """`verify --replay --steps 2`: steps 0 and 1 run first (not compared), and step 2 is identical."""
     result = CliRunner().invoke(app, ["verify", str(bundles["kv"]), "--replay", "--steps", "2", "--model",

@@ -14,9 +14,9 @@ the 2 prompt positions, each later step 1; bytes_cached (step and layer) is what
    step's, none without a cache, the header's expert_cache_bytes a byte count, and the fields present
    wherever the header's provenance map classifies them.
 3. Older ledgers keep verifying (`test_older_ledger_verifies`): the records without the cache fields and the
-   provenance map without them (before the KV cache); the map without them but the records with them (the
-   first release that wrote them); and a ledger of that older kind resumed by a newer writer (its later
-   steps have the fields).
+   provenance map without them, no expert_cache_bytes or cache_policy in the header (before the KV cache);
+   the map without them but the records with them, and no cache_policy (the first release that wrote them);
+   and a ledger of the oldest kind resumed by a newer writer (its later steps have the fields).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def test_good_kv_bundle_verifies(kv_bundle, tokenizer, synth_dir):
     recs = records(kv_bundle)
     header, steps = recs[0], recs[1:-1]
     assert header["run"]["kv_cache"] is True and header["run"]["expert_cache_bytes"] == cache_budget(synth_dir)
+    assert header["run"]["cache_policy"] == "lru"                   # Decode's default
     assert [s["positions"] for s in steps] == [len(PROMPT), 1, 1]
     k = header["model"]["experts_per_token"]
     for s in steps:
@@ -169,6 +170,7 @@ FORGERIES = [
     Forgery("header expert_cache_bytes negative", _header("run", "expert_cache_bytes", -1), FS({"schema"})),
     Forgery("header expert_cache_bytes a string", _header("run", "expert_cache_bytes", "1 GB"), FS({"schema"})),
     Forgery("header expert_cache_bytes true", _header("run", "expert_cache_bytes", True), FS({"schema"})),
+    Forgery("header cache_policy not a policy", _header("run", "cache_policy", "fifo"), FS({"schema"})),
     Forgery("positions missing though the provenance map has it", _drop(1, "positions"), FS({"schema"})),
     Forgery("bytes_cached missing though the provenance map has it", _drop(2, "bytes_cached"), FS({"schema"})),
     Forgery("layer bytes_cached missing", _step(1, lambda s: s["layers"][EDIT_LAYER].pop("bytes_cached")),
@@ -232,12 +234,13 @@ def _old_provenance(recs: list[dict]) -> None:
 
 def _before_the_cache(recs):
     _old_provenance(recs)
-    del recs[0]["run"]["expert_cache_bytes"]
+    del recs[0]["run"]["expert_cache_bytes"], recs[0]["run"]["cache_policy"]
     _strip_cache_fields(recs)
 
 
 def _first_writer_of_the_fields(recs):
     _old_provenance(recs)
+    del recs[0]["run"]["cache_policy"]
 
 
 def _resumed_by_a_newer_writer(recs):

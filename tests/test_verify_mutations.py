@@ -243,6 +243,7 @@ PLAIN_EDITS: list[Edit] = [
          FS({"tensors"})),
     Edit("header.run.expert_cache_bytes", "header", _set(("run", "expert_cache_bytes"), lambda v, r: -1),
          FS({"schema"})),
+    Edit("header.run.cache_policy", "header", _set(("run", "cache_policy"), lambda v, r: "fifo"), FS({"schema"})),
     Edit("header.run.capture", "header", _set(("run", "capture"), lambda v, r: not v)),
     Edit("header.run.backend", "header", _set(("run", "backend"), lambda v, r: "numpy")),
     Edit("header.run.device", "header", _set(("run", "device"), lambda v, r: "gpu")),
@@ -336,7 +337,7 @@ def test_plain_edits_cover_the_contract():
              "index_blake3", "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
              "moe_layer_freq", "tokenizer_blake3"}
     run_ = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
-            "expert_cache_bytes", "versions.mlx_k2", "versions.mlx", "versions.python"}
+            "expert_cache_bytes", "cache_policy", "versions.mlx_k2", "versions.mlx", "versions.python"}
     step = {"kind", "step", "prev", "input_ids", "positions", "token_id", "token_text", "logit", "top16", "entropy",
             "margin", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached", "wall_s", "layers"}
     layer = {"layer", "kind", "norm_in", "norm_out", "experts", "routing_weights", "unique_experts", "bytes_read",

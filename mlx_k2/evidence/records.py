@@ -31,10 +31,12 @@ def model_facts(model_dir: Path, text) -> dict[str, Any]:
 def header_record(model_dir: Path, identity: dict[str, str], model_type: str, num_layers: int,
                   n_routed_experts: int, experts_per_token: int, prompt_ids: list[int], max_new_tokens: int,
                   capture: bool, device: str, versions: dict[str, str], kernels: str,
-                  facts: dict[str, Any], kv_cache: bool = False, expert_cache_bytes: int = 0) -> dict[str, Any]:
+                  facts: dict[str, Any], kv_cache: bool = False, expert_cache_bytes: int = 0,
+                  cache_policy: str = "lru") -> dict[str, Any]:
     """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given; `kernels` names the matmul
     kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`); `facts` is `model_facts`;
-    `expert_cache_bytes` the weight cache's budget (0: none)."""
+    `expert_cache_bytes` the weight cache's budget (0: none) and `cache_policy` how it evicts experts (with
+    the budget, what decides how a step's bytes split into bytes_read and bytes_cached)."""
     return {
         "kind": "header", "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -42,7 +44,8 @@ def header_record(model_dir: Path, identity: dict[str, str], model_type: str, nu
                   "n_routed_experts": n_routed_experts, "experts_per_token": experts_per_token, **identity, **facts},
         "run": {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": kv_cache,
                 "capture": capture, "backend": "mlx", "device": device, "compute_dtype": "float32",
-                "kernels": kernels, "expert_cache_bytes": expert_cache_bytes, "versions": dict(versions)},
+                "kernels": kernels, "expert_cache_bytes": expert_cache_bytes, "cache_policy": cache_policy,
+                "versions": dict(versions)},
         "provenance": dict(PROVENANCE),
     }
 

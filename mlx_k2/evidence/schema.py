@@ -20,8 +20,10 @@ SCHEMA = "mlx-k2.ledger/2"
 # first_k_dense_replace, moe_layer_freq (which layers are MoE) and tokenizer_blake3 (BLAKE3 of the
 # checkpoint's tiktoken.model, or null where it has none). Schema 2 ledgers of the first release carry
 # run.kernels only: a header has either all the model facts or none. Header run.expert_cache_bytes (the
-# weight cache's budget, 0 = none) came with the cache fields of the records (CACHE_PROVENANCE below).
+# weight cache's budget, 0 = none) came with the cache fields of the records (CACHE_PROVENANCE below), and
+# run.cache_policy (how it evicts experts: CACHE_POLICIES, weight_cache.POLICIES) after them.
 SCHEMAS = ("mlx-k2.ledger/1", SCHEMA)
+CACHE_POLICIES = ("lru", "lfu")
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
                "tokenizer_blake3": (str, type(None))}

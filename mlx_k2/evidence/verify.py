@@ -37,7 +37,7 @@ from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_dige
                       root_digest, tensor_digest, top16)
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
-from .schema import (BUILTIN_KERNELS, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
+from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
                      PROVENANCES, SCHEMAS, TOKENIZER_FILE, ListOf, has_type, record_fields, schema_number,
                      step_tensor_path, strict_loads)
 
@@ -257,6 +257,8 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
         schema.fail(f"header: run.max_new_tokens is {run['max_new_tokens']}, must be at least 1")
     if run.get("device") not in (None, "cpu", "gpu"):
         schema.fail(f"header: run.device {run.get('device')!r} is not cpu or gpu")
+    if "cache_policy" in run and run["cache_policy"] not in CACHE_POLICIES:
+        schema.fail(f"header: run.cache_policy {run['cache_policy']!r} is not one of {', '.join(CACHE_POLICIES)}")
     budget = run.get("expert_cache_bytes", 0)
     if not (has_type(budget, int) and budget >= 0):
         schema.fail(f"header: run.expert_cache_bytes {budget!r} is not a byte count (an integer, 0 for no weight "

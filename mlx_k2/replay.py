@@ -12,8 +12,8 @@ How a step's bytes split into `bytes_read` and `bytes_cached` depends on what th
 run replayed from step 0 on a fresh cache of the header's budget and eviction policy (`run.expert_cache_bytes`,
 `run.cache_policy`) fills it as the run did, so both reproduce exactly; a step of a cached run without a KV
 cache is replayed alone, with no cache, and only their sum (the bytes the step consumed) is comparable, as
-it is where the header does not record the policy: the Replay says which (`bytes_split`). What it ran on and the opened checkpoint's identity go with them; comparing is
-`evidence.replayed.compare_replay` (no MLX). `choose_steps` reads `all`, `0,2,4` or a random sample.
+it is where the header does not record the policy: the Replay says which (`bytes_split`). What it ran on
+and the opened checkpoint's identity go with them; comparing is `evidence.replayed.compare_replay` (no MLX). `choose_steps` reads `all`, `0,2,4` or a random sample.
 Prints nothing: `on_step` hears about each chosen step as it finishes.
 """
 

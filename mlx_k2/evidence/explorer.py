@@ -175,6 +175,7 @@ def _meta_html(ledger: Ledger) -> str:
                 f"kv_cache {json.dumps(run.get('kv_cache'))}, capture {json.dumps(run.get('capture'))}"),
         ("kernels", str(run.get("kernels", "mlx-builtin (schema 1)"))),
         *([("expert_cache_bytes", _cache_budget(run["expert_cache_bytes"]))] if "expert_cache_bytes" in run else []),
+        *([("cache_policy", str(run["cache_policy"]))] if "cache_policy" in run else []),
         ("prompt_ids", json.dumps(prompt) if prompt is not None else "?"),
         ("max_new_tokens", str(run.get("max_new_tokens", "?"))),
         ("created", str(h.get("created", "?"))),

@@ -14,8 +14,9 @@ trailing bytes, size caps. The KV cache and weight cache fields (schema 2 additi
 header's provenance map classifies them and optional under the map from before them; where present, a
 step's `positions` follows the header's mode (the whole context without a KV cache; with one, the prompt
 at step 0 and 1 after), and so do unique_experts' bound and the saved routing's shape; `bytes_cached` is
-never negative, the layers' never more than the step's, and 0 where the header's expert_cache_bytes is. What the checks cannot prove without re-execution (a value forged together with
-its tensors, chain and manifest) is what `summary` states: "consistent, not re-executed" unless a replay
+never negative, the layers' never more than the step's, and 0 where the header's expert_cache_bytes is.
+What the checks cannot prove without re-execution (a value forged together with its tensors, chain and
+manifest) is what `summary` states: "consistent, not re-executed" unless a replay
 was given; strict by default, a run with no applicable anchor and no replay, an anchor compared only in
 part, or a text check that could not run does not pass. Prints nothing.
 """

@@ -225,11 +225,11 @@ def test_attention_over_cached_latent_state_matches_float64(kernels, kv_b, past_
 # ============================================================================ checkpoints and runs
 @dataclass(frozen=True)
 class Case:
-    """A checkpoint, the kernels it is computed with, and the prompt its runs start from."""
+    """A checkpoint and the kernels it is computed with (`Checkpoints.prompt` gives the prompt its runs use)."""
 
     name: str                 # "synthetic" or a foreign shape
     single_file: bool = False
-    kernels: str = "default"  # linear.choose_kernels request: "builtin", "own", or None for the default
+    kernels: str = "default"  # "builtin", "own", or "default" (linear.choose_kernels' own choice)
 
     @property
     def id(self) -> str:

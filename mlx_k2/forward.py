@@ -279,10 +279,8 @@ def expert_rows(x: mx.array, positions: np.ndarray, expert_ids: np.ndarray, expe
         pieces = np.split(np.arange(len(expert_ids)), cut)
         pieces.sort(key=lambda rows: (stack_of[rows[0]], slot_of[rows[0]]))  # the order the bytes arrive in
     else:
-        # Only the experts used: a stack read ahead on a guess may hold experts the routing did not pick,
-        # and waiting for them would count a wrong guess's bytes as consumed.
-        for s, u in sorted(set(zip(stack_of.tolist(), slot_of.tolist()))):
-            experts.stacks[s].arrived(u)
+        for s, u in sorted(set(zip(stack_of.tolist(), slot_of.tolist()))):  # only the experts used: a stack
+            experts.stacks[s].arrived(u)                                    # read on a guess may hold others
         split = np.array_split(np.arange(len(expert_ids)), max(1, min(len(streams), len(expert_ids))))
         pieces = [part for rows in split
                   for part in np.split(rows, np.flatnonzero(np.diff(stack_of[rows])) + 1) if len(part)]

@@ -4,6 +4,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -194,6 +195,25 @@ void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_
     return;
   }
   pool().run(job, int(std::min(nt, job.n_chunks)));
+}
+
+const void* WeightInput::gathered(std::vector<char>& scratch) const {
+  if (in_place) return array.data<char>();
+  const size_t item = array.itemsize(), n = array.size();
+  const int nd = array.ndim();
+  scratch.resize(n * item);
+  std::vector<int64_t> index(nd, 0);
+  const char* base = array.data<char>();
+  for (size_t e = 0; e < n; ++e) {
+    int64_t at = 0;
+    for (int d = 0; d < nd; ++d) at += index[d] * array.strides()[d];
+    std::memcpy(scratch.data() + e * item, base + at * int64_t(item), item);
+    for (int d = nd - 1; d >= 0; --d) {  // the next element in row-major order
+      if (++index[d] < array.shape(d)) break;
+      index[d] = 0;
+    }
+  }
+  return scratch.data();
 }
 
 }  // namespace mlx_k2

@@ -46,4 +46,17 @@ mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
 // every chunk itself. Which thread runs a chunk never changes its bits: fn computes each row whole.
 void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_t)>& fn);
 
+// A weight input as a kernel reads it: its elements in row-major order. The ops pass weights as they are, not
+// through mx::contiguous: MLX's Contiguous copies even a row-contiguous view when its buffer is much larger
+// than the view (so a small view never keeps a big buffer alive), and a weight read into an arena is exactly
+// such a view: every launch copied its weights, 13x the time of a one-row int4 product. Row-contiguous
+// arrays are read in place; any other (a transposed or strided view) is gathered into `scratch` by
+// `gathered()`, inside the task, where its data is ready.
+struct WeightInput {
+  mx::array array;
+  bool in_place;  // row-contiguous: its own buffer is read
+  explicit WeightInput(const mx::array& a) : array(a), in_place(a.flags().row_contiguous) {}
+  const void* gathered(std::vector<char>& scratch) const;
+};
+
 }  // namespace mlx_k2

@@ -33,8 +33,7 @@ mx::array dense_matmul(const mx::array& x, const mx::array& weight, int threads,
   const Simd path = resolve_simd(simd);
   const int nt = resolve_threads(threads);
   auto st = cpu_stream(s, "dense_matmul");
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, st), false, st),
-                                   mx::contiguous(weight, false, st)};
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, st), false, st), weight};
   return mx::array({x.shape(0), weight.shape(0)}, mx::float32, std::make_shared<DenseMatmul>(st, nt, path),
                    std::move(inputs));
 }
@@ -44,25 +43,23 @@ void DenseMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   out.set_data(mx::allocator::malloc(out.nbytes()));
   const auto& x = inputs[0];
   const auto& w = inputs[1];
-  if (!x.flags().row_contiguous || !w.flags().row_contiguous) {
-    throw std::runtime_error("[mlx_k2] dense inputs must be row-contiguous");
-  }
+  if (!x.flags().row_contiguous) throw std::runtime_error("[mlx_k2] dense x must be row-contiguous");
   auto& enc = mx::cpu::get_command_encoder(stream());
   enc.set_input_array(x);
   enc.set_input_array(w);
   enc.set_output_array(out);
   const size_t T = x.shape(0), in = x.shape(1), O = w.shape(0);
   const float* xp = x.data<float>();
-  const void* wp = w.data<void>();
+  const WeightInput wi(w);
   float* op = out.data<float>();
   const int nt = threads_;
   const Simd simd = simd_;
   if (w.dtype() == mx::bfloat16) {
-    enc.dispatch([=]() { run_dense<Kind::BF16>(xp, T, in, wp, O, op, nt, simd); });
+    enc.dispatch([=]() { std::vector<char> g; run_dense<Kind::BF16>(xp, T, in, wi.gathered(g), O, op, nt, simd); });
   } else if (w.dtype() == mx::float16) {
-    enc.dispatch([=]() { run_dense<Kind::F16>(xp, T, in, wp, O, op, nt, simd); });
+    enc.dispatch([=]() { std::vector<char> g; run_dense<Kind::F16>(xp, T, in, wi.gathered(g), O, op, nt, simd); });
   } else {
-    enc.dispatch([=]() { run_dense<Kind::F32>(xp, T, in, wp, O, op, nt, simd); });
+    enc.dispatch([=]() { std::vector<char> g; run_dense<Kind::F32>(xp, T, in, wi.gathered(g), O, op, nt, simd); });
   }
 }
 

@@ -97,11 +97,10 @@ mx::array make(const char* op, const mx::array& x, const mx::array& words, const
   const Simd path = resolve_simd(simd);
   const int nt = resolve_threads(threads);
   auto st = cpu_stream(s, op);
-  // Graph nodes that are free when the inputs are already float32 / uint32 / row-contiguous.
+  // x as a contiguous float32 array (a no-op when it is one); the weights as they are (see WeightInput).
   std::vector<mx::array> inputs = {
       mx::contiguous(mx::astype(x, mx::float32, st), false, st),
-      mx::contiguous(words.dtype() == mx::uint32 ? words : mx::view(words, mx::uint32, st), false, st),
-      mx::contiguous(scales, false, st)};
+      words.dtype() == mx::uint32 ? words : mx::view(words, mx::uint32, st), scales};
   if (gather) inputs.push_back(mx::contiguous(mx::astype(*indices, mx::uint32, st), false, st));
   return mx::array({x.shape(0), out}, mx::float32, std::make_shared<Int4Matmul>(st, group, nt, path, gather),
                    std::move(inputs));
@@ -123,8 +122,8 @@ mx::array int4_gather_matmul(const mx::array& x, const mx::array& words, const m
 void Int4Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  for (const auto& a : inputs)
-    if (!a.flags().row_contiguous) throw std::runtime_error("[mlx_k2] int4 inputs must be row-contiguous");
+  if (!inputs[0].flags().row_contiguous || (gather_ && !inputs[3].flags().row_contiguous))
+    throw std::runtime_error("[mlx_k2] int4 x and indices must be row-contiguous");
   const auto& x = inputs[0];
   const auto& w = inputs[1];
   const auto& sc = inputs[2];
@@ -134,19 +133,23 @@ void Int4Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   const size_t T = x.shape(0), in = x.shape(1), O = out.shape(1);
   const size_t E = gather_ ? w.shape(0) : 1;
   const float* xp = x.data<float>();
-  const uint32_t* wp = w.data<uint32_t>();
+  const WeightInput wi(w), si(sc);
   const uint32_t* ip = gather_ ? inputs[3].data<uint32_t>() : nullptr;
   float* op = out.data<float>();
   const size_t group = group_;
   const int nt = threads_;
   const Simd simd = simd_;
   // The data pointers are fixed now; the values are read when the stream runs the task.
+  auto run = [=](auto scale) {  // scale: the scales' element type
+    using S = decltype(scale);
+    std::vector<char> gw, gs;
+    run_int4(xp, in, static_cast<const uint32_t*>(wi.gathered(gw)), static_cast<const S*>(si.gathered(gs)), O, E,
+             group, ip, T, op, nt, simd);
+  };
   if (sc.dtype() == mx::bfloat16) {
-    const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data<mx::bfloat16_t>());
-    enc.dispatch([=]() { run_int4(xp, in, wp, sp, O, E, group, ip, T, op, nt, simd); });
+    enc.dispatch([=]() { run(uint16_t{}); });
   } else {
-    const float* sp = sc.data<float>();
-    enc.dispatch([=]() { run_int4(xp, in, wp, sp, O, E, group, ip, T, op, nt, simd); });
+    enc.dispatch([=]() { run(float{}); });
   }
 }
 

@@ -94,6 +94,13 @@ def _token_table(result: dict) -> Table:
     return table
 
 
+def _policy_reason(cases: list[dict]) -> str:
+    read = {c["cache_policy"]: c["summary"]["bytes_read"] for c in cases if c["name"].startswith("KV+experts")}
+    if read["lru"] == read["lfu"]:
+        return "lru and lfu read the same bytes: no expert was evicted; tie to lru"
+    return "fewer bytes read from storage"
+
+
 def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Optional[int], expert_share: float,
                directory: Path, json_out: Optional[Path], kernels: Optional[str] = None) -> None:
     from mlx_k2.bench import build_full_width, shard_files  # needs MLX
@@ -148,7 +155,8 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
     console.print(f"KV bytes per token = non-expert + one embedding row + the new position's experts (headers): "
                   f"{'exact at every step' if g['kv_bytes_exact'] else 'NOT exact'}; KV+cache+look-ahead "
                   f"{g['speedup']:.2f}x no-KV tokens/s (goal >= 3x: {'ok' if g['speedup_ok'] else 'short'}); "
-                  f"better expert policy: {policy} (fewer bytes read); same tokens in every configuration: "
+                  f"expert policy for look-ahead: {policy} ({_policy_reason(result['cases'])}); same tokens in every "
+                  "configuration: "
                   f"{g['tokens_agree']}")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -99,7 +99,7 @@ def _generate(model: Model, tokens: int, kv: bool) -> list[dict]:
         if isinstance(event, StepDone):
             now, os_now = time.perf_counter(), os_read_bytes()
             out.append(_token_figures(model, event, now - last, None if os_last is None else os_now - os_last))
-            last, os_last = now, os_now
+            last, os_last = time.perf_counter(), os_now  # the bookkeeping above is no step's time
     return out
 
 

@@ -7,7 +7,7 @@ ARGS ?=
 
 DEVICE ?= cpu
 
-.PHONY: install run test anchor bench clean
+.PHONY: install run test anchor bench bench-decode clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ anchor:
 bench:
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/mlx-k2 bench --layers 3 --tokens 3 --json bench.json $(ARGS)
+
+# Decode modes over 16 tokens on the same full-width checkpoint: no-KV, KV, KV + weight cache (non-expert
+# weights; + experts, lru and lfu), KV + cache + look-ahead, each in its own process (10-20 minutes).
+bench-decode:
+	$(BIN)/mlx-k2 bench --decode --layers 3 --tokens 16 --json bench-decode.json $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 test:
 	$(BIN)/python -m pytest -q

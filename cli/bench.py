@@ -1,6 +1,7 @@
 """`mlx-k2 bench`: build a full-width K2.5-format checkpoint once, then measure steps cold and warm.
 
-`--kernels` instead measures only the CPU kernels against MLX's built-ins (mlx_k2.kernels.bench), no checkpoint.
+`--kernels` instead measures only the CPU kernels against MLX's built-ins (mlx_k2.kernels.bench), no checkpoint;
+`--decode` the decode modes over several tokens (cli/bench_decode.py).
 """
 
 from __future__ import annotations
@@ -105,18 +106,35 @@ def _kernels(json_out: Optional[Path]) -> None:
 @app.command()
 @guarded
 def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width checkpoint (1 dense + N-1 MoE).")] = 3,
-          tokens: Annotated[int, typer.Option(help="Context length of the multi-token case.")] = 3,
+          tokens: Annotated[Optional[int], typer.Option(help="Context length of the multi-token case (default 3); "
+                                                             "with --decode, tokens generated (default 16).")] = None,
           json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures here.")] = None,
           directory: Annotated[Optional[Path], typer.Option("--dir", help="Where checkpoints are built once "
                                                                           "(default: the cache).")] = None,
           peer: Annotated[bool, typer.Option(help="Compare with mlx-lm on a 2-layer checkpoint.")] = True,
           methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap,direct",
           kernels: Annotated[bool, typer.Option("--kernels", help="Only the CPU kernels vs MLX's built-ins "
-                                                                  "(GB/s of weight bytes); no checkpoint.")] = False):
-    """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json"""
+                                                                  "(GB/s of weight bytes); no checkpoint.")] = False,
+          decode: Annotated[bool, typer.Option("--decode", help="Decode modes over --tokens tokens: no-KV, KV, KV + "
+                                                                "weight cache, KV + cache + look-ahead.")] = False,
+          model: Annotated[Optional[Path], typer.Option("--model", help="With --decode: this checkpoint instead of "
+                                                                        "the full-width one.")] = None,
+          expert_share: Annotated[float, typer.Option(help="With --decode: the larger cache budget is the non-expert "
+                                                           "bytes plus this share of the routed experts' bytes.")] = 0.25,
+          no_kv_tokens: Annotated[Optional[int], typer.Option(help="With --decode: fewer tokens for the no-KV "
+                                                                   "configuration (default: --tokens).")] = None):
+    """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json;
+    mlx-k2 bench --decode --tokens 16 --json decode.json"""
     if kernels:
         _kernels(json_out)
         return
+    if decode:
+        from .bench_decode import run_decode
+
+        run_decode(model, layers, 16 if tokens is None else tokens, no_kv_tokens, expert_share, directory or cache_root() / "bench",
+                   json_out)
+        return
+    tokens = 3 if tokens is None else tokens
     from mlx_k2.bench import build_full_width, goals, memcopy_gbps, raw_read_gbps, shard_files  # needs MLX
     from mlx_k2.storage import METHODS
 

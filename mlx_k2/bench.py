@@ -172,13 +172,13 @@ class _Recorder(TensorReader):
         self.requests.append(("tensor", name, slot))
         return super().tensor(name, slot)
 
-    def start_stacked(self, groups, slot=None):
-        self.requests.append(("stacked", [list(g) for g in groups], slot))
-        return super().start_stacked(groups, slot)
+    def start_stacked(self, groups, slot=None, ahead=False, own=False):
+        self.requests.append(("stacked", [list(g) for g in groups], slot))  # replayed read and waited for
+        return super().start_stacked(groups, slot, ahead, own)
 
-    def start_rows(self, name, rows, slot=None):
+    def start_rows(self, name, rows, slot=None, own=False):
         self.requests.append(("start_rows", name, list(rows), slot))
-        return super().start_rows(name, rows, slot)
+        return super().start_rows(name, rows, slot, own)
 
     def release(self, slot):
         self.requests.append(("release", slot))
@@ -208,7 +208,7 @@ class _InMemory(TensorReader):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, reuse=False, **kw)
-        self.cache: dict = {}
+        self.held: dict = {}  # not `cache`: that is the reader's weight cache (none here)
 
     def prefetch(self, names, slot=None):
         pass
@@ -218,25 +218,27 @@ class _InMemory(TensorReader):
 
     def tensor(self, name, slot=None):
         key = self._key("t", name)
-        if key not in self.cache:
-            self.cache[key] = super().tensor(name)
-        return self.cache[key]
+        if key not in self.held:
+            self.held[key] = super().tensor(name)
+        return self.held[key]
 
-    def start_stacked(self, groups, slot=None):
+    def start_stacked(self, groups, slot=None, ahead=False, own=False):
         key = self._key("s", [list(g) for g in groups])
-        if key not in self.cache:
-            self.cache[key] = [pending.wait() for pending in super().start_stacked(groups)]
-        return [_Ready(array) for array in self.cache[key]]
+        if key not in self.held:
+            self.held[key] = [pending.wait() for pending in super().start_stacked(groups)]
+        return [_Ready(array) for array in self.held[key]]
 
-    def start_rows(self, name, rows, slot=None):
+    def start_rows(self, name, rows, slot=None, own=False):
         key = self._key("r", name, list(rows))
-        if key not in self.cache:
-            self.cache[key] = super().start_rows(name, rows).wait()
-        return _Ready(self.cache[key])
+        if key not in self.held:
+            self.held[key] = super().start_rows(name, rows).wait()
+        return _Ready(self.held[key])
 
 
 class _Ready:
     """An array already in memory, handed out like a pending read."""
+
+    own = False  # never for the weight cache: this reader has none
 
     def __init__(self, array):
         self.array = array

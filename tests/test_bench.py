@@ -49,3 +49,118 @@ def test_goals_compare_reads_with_the_ceilings():
 def test_context_ids_are_distinct_and_start_with_bos():
     ids = context_ids(5)
     assert ids[0] == 163584 and len(set(ids)) == 5
+
+
+# ---------------------------------------------------------------- the decode benchmark (mlx_k2.bench_decode)
+
+def _headers(model_dir) -> dict[str, tuple[list[int], int]]:
+    """name -> (shape, bytes) from the safetensors headers, parsed here (8-byte length, then JSON)."""
+    import json
+    import struct
+
+    out = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                out[name] = (info["shape"], info["data_offsets"][1] - info["data_offsets"][0])
+    return out
+
+
+def _decode_step_bytes(headers, new_ids: list[int], experts_by_layer: dict[int, set[int]]) -> int:
+    """What a step computing `new_ids` must read, from the headers: every language-model tensor but the
+    embedding and the routed experts whole, one embedding row per distinct new id, and the three projections
+    (packed weight and scale, not the shape metadata) of each expert the new positions routed to."""
+    import re
+
+    total = 0
+    for name, (shape, nbytes) in headers.items():
+        if not name.startswith("language_model."):
+            continue  # vision tower and projector: never read
+        expert = re.search(r"\.layers\.(\d+)\.mlp\.experts\.(\d+)\.", name)
+        if name.endswith("embed_tokens.weight"):
+            total += nbytes // shape[0] * len(set(new_ids))
+        elif expert:
+            if not name.endswith("weight_shape") and int(expert[2]) in experts_by_layer.get(int(expert[1]), ()):
+                total += nbytes
+        else:
+            total += nbytes
+    return total
+
+
+def test_decode_case_reads_what_the_new_position_needs(synth_dir):
+    import numpy as np
+
+    from mlx_k2.bench import BOS
+    from mlx_k2.bench_decode import decode_case, summary
+    from mlx_k2.events import LayerDone, StepDone
+    from mlx_k2.linear import choose_kernels
+    from mlx_k2.runner import Model, generate
+
+    tokens = 3
+    # The routing of each step's new position, from a run of the runner itself (not the bench's figures).
+    model = Model(synth_dir, kernels=choose_kernels(None, "cpu"))
+    routing, generated = [], []
+    layers: dict[int, set[int]] = {}
+    for event in generate(model, [BOS], tokens, device="cpu", stop_at_eos=False, kv_cache=True):
+        if isinstance(event, LayerDone) and event.routed is not None:
+            layers[event.layer] = set(np.asarray(event.routed)[-1].tolist())  # one new position per KV step
+        elif isinstance(event, StepDone):
+            routing.append(layers)
+            generated.append(event.token_id)
+            layers = {}
+    model.close()
+    headers = _headers(synth_dir)
+    expected = [_decode_step_bytes(headers, [([BOS] + generated)[k]], routing[k]) for k in range(tokens)]
+
+    plain = decode_case(synth_dir, tokens, kv=True)
+    assert [t["step"] for t in plain["tokens"]] == list(range(tokens))
+    assert [t["token_id"] for t in plain["tokens"]] == generated
+    assert all(t["positions"] == 1 and t["bytes_cached"] == 0 and t["hit_share"] == 0.0
+               and t["lookahead_accuracy"] is None and t["wall_s"] > 0 and t["reads_s"] >= 0 for t in plain["tokens"])
+    # Nothing cached: exactly the non-expert bytes + one embedding row + the new position's experts.
+    assert [t["bytes_read"] for t in plain["tokens"]] == expected
+    assert plain["peak_rss_gb"] > 0 and plain["rss_bound_gb"] == pytest.approx(4 + plain["layer_working_set_gb"])
+    s = summary(plain)
+    assert s["bytes_exact"] and s["token_ids"] == generated and s["bytes_read"] == sum(expected)
+    assert s["tokens_s"] == pytest.approx(tokens / sum(t["wall_s"] for t in plain["tokens"]))
+
+    # With a weight cache and look-ahead: same tokens; what storage and the cache served together is the count.
+    budget = sum(p.stat().st_size for p in synth_dir.glob("*.safetensors")) // 2
+    cached = decode_case(synth_dir, tokens, kv=True, cache_bytes=budget, cache_policy="lfu", lookahead=True)
+    assert [t["token_id"] for t in cached["tokens"]] == generated
+    assert [t["bytes_read"] + t["bytes_cached"] for t in cached["tokens"]] == expected
+    assert cached["tokens"][0]["bytes_cached"] == 0 < cached["tokens"][1]["bytes_cached"]  # step 0 fills the cache
+    for t in cached["tokens"]:
+        assert t["hit_share"] == pytest.approx(t["bytes_cached"] / (t["bytes_read"] + t["bytes_cached"]))
+        assert 0 <= t["lookahead_accuracy"] <= 1
+    assert cached["rss_bound_gb"] == pytest.approx(4 + cached["layer_working_set_gb"] + budget / 1e9)
+
+
+def test_decode_goals_compare_the_configurations():
+    from mlx_k2.bench_decode import goals
+
+    def token(wall, read, cached=0, minimum=None):
+        return {"wall_s": wall, "bytes_read": read, "bytes_cached": cached,
+                "bytes_min": read + cached if minimum is None else minimum}
+
+    def case(name, kv, tokens_s, steps, lookahead=False, read_later=0.0, wall_later=0.0, ids=(1, 2)):
+        return {"name": name, "kv": kv, "lookahead": lookahead, "tokens": steps,
+                "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": read_later,
+                            "wall_per_token_later_s": wall_later, "token_ids": list(ids)}}
+
+    result = {"read_alone": {"raw_read_gbps": 2.0},
+              "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
+              "cases": [case("no-KV", False, 0.1, [token(5, 10), token(5, 12)]),
+                        case("KV", True, 0.2, [token(2, 10), token(2, 8, minimum=9)], read_later=4e9, wall_later=2.1),
+                        case("look", True, 0.35, [token(1, 1, 2), token(1, 1, 2)], lookahead=True, read_later=1e9,
+                             wall_later=1.2, ids=(1, 2, 3))]}
+    g = goals(result)
+    assert g["kv_bytes_exact"] is False and g["kv_bytes_exact_later"] is False  # step 1 read 8 of 9
+    assert g["speedup"] == pytest.approx(3.5) and g["speedup_ok"]
+    # KV: read alone 4e9 / 2 GB/s = 2 s > compute 1 s: bound 2.2 s; look: bound 1.1 x 1 s = 1.1 s < 1.2 s
+    assert g["overlap"]["KV"]["bound_s"] == pytest.approx(2.2) and g["overlap"]["KV"]["ok"]
+    assert g["overlap"]["look"]["bound_s"] == pytest.approx(1.1) and not g["overlap"]["look"]["ok"]
+    assert "no-KV" not in g["overlap"] and g["tokens_agree"]  # the shared prefix (1, 2) agrees
+    assert [c["summary"]["ratio_to_no_kv"] for c in result["cases"]] == pytest.approx([1.0, 2.0, 3.5])

@@ -1,0 +1,163 @@
+"""`mlx-k2 bench --decode`: every decode configuration on one checkpoint, each in its own process, then the
+per-token and per-configuration tables and the issue's targets (see mlx_k2.bench_decode)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from mlx_k2.errors import UsageError
+
+
+def _case(model_dir: Path, spec: dict) -> dict:
+    cmd = [sys.executable, "-m", "mlx_k2_cli.bench_decode_case", str(model_dir), json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UsageError(f"bench --decode {spec.get('name', 'compute alone')} failed: "
+                         f"{done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _summary_table(result: dict) -> Table:
+    """Fields down, configurations across."""
+    b = result["budgets"]
+    table = Table(title=f"decode bench: {result['checkpoint']} ({result['checkpoint_bytes'] / 1e9:.1f} GB), "
+                        f"{result['tokens']} tokens from BOS, kernels {result['kernels']}; budgets: resident "
+                        f"{_gb(b['resident'])} GB, experts {_gb(b['experts'])} GB (resident + "
+                        f"{result['expert_share']:.2f} x {_gb(b['routed'])} GB routed); every configuration "
+                        "starts with the checkpoint's pages dropped", title_justify="left")
+    table.add_column("field")
+    columns = result["cases"] + [dict(result["compute_alone"], name="compute alone")]
+    for c in columns:
+        table.add_column(c["name"], justify="right")
+    g = result["goals"]
+
+    def row(label, get):
+        table.add_row(label, *(get(c) for c in columns))
+
+    row("tokens", lambda c: str(len(c["tokens"])))
+    row("tokens/s", lambda c: f"{c['summary']['tokens_s']:.3f}")
+    row("x no-KV tokens/s", lambda c: f"{c['summary']['tokens_s'] / result['cases'][0]['summary']['tokens_s']:.2f}")
+    row("cache budget GB", lambda c: _gb(c["cache_bytes"]))
+    row("policy / look-ahead", lambda c: f"{c['cache_policy'] if c['cache_bytes'] else '-'} / "
+                                         f"{'on' if c['lookahead'] else 'off'}")
+    row("GB read / token", lambda c: _gb(c["summary"]["bytes_read_per_token"]))
+    row("GB read / token (steps >= 1)", lambda c: _gb(c["summary"]["bytes_read_per_token_later"]))
+    row("GB from the device / token", lambda c: "-" if c["summary"]["os_read_bytes"] is None
+        else _gb(c["summary"]["os_read_bytes"] / len(c["tokens"])))
+    row("GB cached / token", lambda c: _gb(c["summary"]["bytes_cached"] / len(c["tokens"])))
+    row("cache hit share", lambda c: _pct(c["summary"]["hit_share"]))
+    row("look-ahead accuracy", lambda c: _pct(c["summary"]["lookahead_accuracy"]))
+    row("wall s / token (steps >= 1)", lambda c: f"{c['summary']['wall_per_token_later_s']:.3f}")
+    row("read wait s / token (>= 1)", lambda c: f"{c['summary']['reads_s_per_token_later']:.3f}")
+    row("read alone s / token (>= 1)", lambda c: f"{g['overlap'][c['name']]['read_alone_s']:.3f}"
+        if c["name"] in g["overlap"] else "-")
+    row("1.1 x max(read, compute) s", lambda c: f"{g['overlap'][c['name']]['bound_s']:.3f} "
+        f"{'ok' if g['overlap'][c['name']]['ok'] else 'over'}" if c["name"] in g["overlap"] else "-")
+    row("bytes = headers' count", lambda c: "yes" if c["summary"]["bytes_exact"] else "NO")
+    row("peak RSS GB", lambda c: f"{c['peak_rss_gb']:.2f}")
+    row("RSS bound GB", lambda c: f"{c['rss_bound_gb']:.2f} {'ok' if c['summary']['rss_ok'] else 'over'}")
+    return table
+
+
+def _token_table(result: dict) -> Table:
+    """Tokens down, configurations across: wall s, GB read, cache hit share, look-ahead accuracy, read wait s."""
+    table = Table(title="per token: wall s | GB read | cache hit | look-ahead accuracy | read wait s",
+                  title_justify="left")
+    table.add_column("step")
+    for c in result["cases"]:
+        table.add_column(c["name"], justify="right")
+    for k in range(max(len(c["tokens"]) for c in result["cases"])):
+        cells = []
+        for c in result["cases"]:
+            if k >= len(c["tokens"]):
+                cells.append("")
+                continue
+            t = c["tokens"][k]
+            cells.append(f"{t['wall_s']:.2f} | {t['bytes_read'] / 1e9:.2f} | {_pct(t['hit_share'])} | "
+                         f"{_pct(t['lookahead_accuracy'])} | {t['reads_s']:.2f}")
+        table.add_row(str(k), *cells)
+    return table
+
+
+def _policy_reason(cases: list[dict]) -> str:
+    read = {c["cache_policy"]: c["summary"]["bytes_read"] for c in cases if c["name"].startswith("KV+experts")}
+    if read["lru"] == read["lfu"]:
+        return "lru and lfu read the same bytes: no expert was evicted; tie to lru"
+    return "fewer bytes read from storage"
+
+
+def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Optional[int], expert_share: float,
+               directory: Path, json_out: Optional[Path], kernels: Optional[str] = None) -> None:
+    from mlx_k2.bench import build_full_width, shard_files  # needs MLX
+    from mlx_k2.bench_decode import (better_policy, budgets, configurations, decode_step_bytes, goals, read_alone,
+                                     summary)
+
+    if tokens < 2:
+        raise UsageError("--tokens must be at least 2 for --decode (step 0 is the prompt's)")
+    if not 0 <= expert_share <= 1:
+        raise UsageError(f"--expert-share must be between 0 and 1, got {expert_share}")
+    console = Console(width=max(Console().width, 200))
+    if model is None:
+        console.print(f"building (once) a full-width {layers}-layer checkpoint under {directory} ...")
+        model = build_full_width(directory, layers)
+    elif not (model / "config.json").exists():
+        raise UsageError(f"--model {model}: no config.json there")
+    budget = budgets(model, expert_share)
+    step = decode_step_bytes(model)
+    console.print(f"read alone: {step / 1e9:.3f} GB (one decode step's bytes), plain cold sequential reads ...")
+    result = {"checkpoint": str(model), "checkpoint_bytes": sum(f.stat().st_size for f in shard_files(model)),
+              "tokens": tokens, "expert_share": expert_share, "budgets": budget, "read_alone": read_alone(model, step),
+              "cases": []}
+
+    def measure(config: dict) -> None:
+        n = no_kv_tokens if not config["kv"] and no_kv_tokens else tokens
+        console.print(f"{config['name']} ({n} tokens, fresh process, checkpoint pages dropped first) ...")
+        spec = {k: config[k] for k in ("kv", "cache_bytes", "cache_policy", "lookahead")}
+        case = _case(model, {**spec, "tokens": n, "kernels": kernels, "cold": True})
+        case |= {"name": config["name"], "summary": summary(case)}
+        result["cases"].append(case)
+        s = case["summary"]
+        console.print(f"  {s['tokens_s']:.3f} tokens/s, {s['bytes_read_per_token'] / 1e9:.3f} GB read per token, "
+                      f"hit share {_pct(s['hit_share'])}, peak RSS {case['peak_rss_gb']:.2f} GB")
+
+    for config in configurations(budget):
+        measure(config)
+    policy = better_policy(result["cases"])
+    measure({"name": f"KV+experts {policy}+look-ahead", "kv": True, "cache_bytes": budget["experts"],
+             "cache_policy": policy, "lookahead": True})
+    console.print(f"compute alone ({tokens} tokens, KV, every weight in the weight cache: second pass) ...")
+    compute = _case(model, {"compute_alone": True, "tokens": tokens, "kernels": kernels})
+    result["compute_alone"] = compute | {"summary": summary(compute)}
+    result["kernels"] = compute["kernels"]
+    result["goals"] = goals(result)
+    console.print(_token_table(result))
+    console.print(_summary_table(result))
+    g = result["goals"]
+    console.print(f"read alone: {result['read_alone']['bytes'] / 1e9:.3f} GB in {result['read_alone']['read_s']:.2f} s "
+                  f"({result['read_alone']['raw_read_gbps']:.2f} GB/s cold sequential); compute alone "
+                  f"{result['compute_alone']['summary']['wall_per_token_later_s']:.3f} s per token "
+                  f"({_gb(result['compute_alone']['summary']['bytes_read_per_token_later'])} GB read per token)")
+    console.print(f"KV bytes per token = non-expert + one embedding row + the new position's experts (headers): "
+                  f"{'exact at every step' if g['kv_bytes_exact'] else 'NOT exact'}; KV+cache+look-ahead "
+                  f"{g['speedup']:.2f}x no-KV tokens/s (goal >= 3x: {'ok' if g['speedup_ok'] else 'short'}); "
+                  f"expert policy for look-ahead: {policy} ({_policy_reason(result['cases'])}); same tokens in every "
+                  "configuration: "
+                  f"{g['tokens_agree']}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")

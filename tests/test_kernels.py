@@ -385,3 +385,41 @@ def test_missing_extension_raises_clearly(monkeypatch):
     assert not st.available and "mlx_k2.kernels.build" in st.reason
     with pytest.raises(kernels.KernelsUnavailable, match="no _ext"):
         kernels.dense_matmul(mx.ones((1, 8)), mx.ones((1, 8)))
+
+
+def _views(a: np.ndarray) -> dict[str, mx.array]:
+    """`a` as the kernels may receive it: its own array; a view of a much larger buffer (how a weight read
+    into an arena arrives); and a view that is not row-contiguous (the transpose of a transposed copy)."""
+    flat = a.reshape(-1).view(np.uint8)
+    big = mx.zeros((flat.size + (64 << 20),), dtype=mx.uint8)
+    big[4096:4096 + flat.size] = mx.array(flat)
+    arena_view = big[4096:4096 + flat.size].view(mx.array(a[:0]).dtype).reshape(a.shape)
+    strided = mx.array(np.ascontiguousarray(np.swapaxes(a, -1, -2))).swapaxes(-1, -2)
+    return {"own": mx.array(a), "arena view": arena_view, "strided": strided}
+
+
+def test_weights_read_in_place_or_gathered_give_the_same_bits():
+    """A weight that is a view into a larger buffer is read where it is, and one that is not row-contiguous is
+    gathered first: both give the float64 reference's result, bit for bit the same as a fresh array."""
+    rng = np.random.default_rng(7)
+    words, scales = random_int4(rng, (3,), 37, 96, 32)
+    x = mx.array(rng.standard_normal((5, 96)).astype(np.float32))
+    idx = mx.array(np.array([2, 0, 2, 1, 0], dtype=np.uint32))
+    ref = np.stack([np.array(x[p]).astype(np.float64) @ dequant(words[i], scales[i], 96, 32).T
+                    for p, i in enumerate(np.array(idx))])
+    bf16_scales = np.array(scale_array(scales, mx.float32)).astype(np.float32)
+    results = {}
+    for wname, w in _views(words).items():
+        for sname, s in _views(bf16_scales).items():
+            y = kernels.int4_gather_matmul(x, w, s, idx, 32)
+            assert_close(y, ref)
+            results[wname, sname] = y
+    first = results["own", "own"]
+    assert all(same_bits(first, y) for y in results.values())
+
+    w32 = rng.standard_normal((40, 96)).astype(np.float32)
+    dense_ref = np.array(x).astype(np.float64) @ w32.astype(np.float64).T
+    dense = {name: kernels.dense_matmul(x, w) for name, w in _views(w32).items()}
+    for y in dense.values():
+        assert_close(y, dense_ref)
+    assert all(same_bits(dense["own"], y) for y in dense.values())

@@ -82,10 +82,13 @@ class WeightFetcher:
         n = self.tensor_names.layer(layer)
         own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
         batches = [[e] for e in ids] if own else [list(ids)]
+        # One call for every batch: their fresh arrays are made together, their reads issued in order.
+        every, packed = self._stack_reads([[n.experts(e, m) for e in batch] for batch in batches
+                                           for m in names.MLP_PROJECTIONS], layer, ahead, own)
+        per_batch = len(every) // len(batches)  # the pending arrays of one batch: (weight, scale) per projection
         out = []
-        for batch in batches:
-            pending, packed = self._stack_reads([[n.experts(e, m) for e in batch] for m in names.MLP_PROJECTIONS],
-                                                layer, ahead, own)
+        for b, batch in enumerate(batches):
+            pending = every[b * per_batch:(b + 1) * per_batch]
 
             def arrived(u: int, pending=pending) -> None:
                 for stack in pending:

@@ -176,9 +176,9 @@ class _Recorder(TensorReader):
         self.requests.append(("stacked", [list(g) for g in groups], slot))  # replayed read and waited for
         return super().start_stacked(groups, slot, ahead, own)
 
-    def start_rows(self, name, rows, slot=None, own=False):
+    def start_rows(self, name, rows, slot=None, own=False, ahead=False):
         self.requests.append(("start_rows", name, list(rows), slot))
-        return super().start_rows(name, rows, slot, own)
+        return super().start_rows(name, rows, slot, own, ahead)
 
     def release(self, slot):
         self.requests.append(("release", slot))
@@ -228,7 +228,7 @@ class _InMemory(TensorReader):
             self.held[key] = [pending.wait() for pending in super().start_stacked(groups)]
         return [_Ready(array) for array in self.held[key]]
 
-    def start_rows(self, name, rows, slot=None, own=False):
+    def start_rows(self, name, rows, slot=None, own=False, ahead=False):
         key = self._key("r", name, list(rows))
         if key not in self.held:
             self.held[key] = super().start_rows(name, rows).wait()

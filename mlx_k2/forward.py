@@ -227,11 +227,6 @@ class Experts:
 
     stacks: tuple[ExpertStack, ...]
 
-    @classmethod
-    def one(cls, ids: np.ndarray, gate_proj: Linear, up_proj: Linear, down_proj: Linear,
-            arrived: Callable[[int], None] = _all_here) -> "Experts":
-        return cls((ExpertStack(ids, gate_proj, up_proj, down_proj, arrived),))
-
     def locate(self, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each expert id: the index of its stack and its position in that stack."""
         where: dict[int, tuple[int, int]] = {}

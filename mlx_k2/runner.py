@@ -76,10 +76,6 @@ class KVCache:
     def commit(self, layers: list[LatentKV], length: int) -> None:
         self.layers, self.length = list(layers), length
 
-    @property
-    def nbytes(self) -> int:
-        return sum(kv.latent.nbytes + kv.k_pe.nbytes for kv in self.layers if kv is not None)
-
 
 class Model:
     """An opened checkpoint: config, tensor map and reader. Holds no weights between layers, apart from

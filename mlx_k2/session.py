@@ -80,11 +80,16 @@ class Decode:
     lookahead: bool = False
 
 
+def _new_model(model_dir: Path, policy: ReadPolicy, fault: FaultHook | None, progress: Progress | None,
+               kernels: str, decode: Decode) -> Model:
+    return Model(model_dir, policy, fault, progress, kernels, cache_bytes=decode.cache_bytes,
+                 cache_policy=decode.cache_policy, lookahead=decode.lookahead)
+
+
 def _open_model(model_dir: Path, policy: ReadPolicy, fault: FaultHook | None, context: list[int],
                 max_new_tokens: int, first_step: int, progress: Progress | None, kernels: str,
                 decode: Decode = Decode()) -> Model:
-    model = Model(model_dir, policy, fault, progress, kernels, cache_bytes=decode.cache_bytes,
-                  cache_policy=decode.cache_policy, lookahead=decode.lookahead)  # config and headers checked first
+    model = _new_model(model_dir, policy, fault, progress, kernels, decode)  # config and headers checked first
     try:
         model.check_run(context, max_new_tokens, first_step)
     except K2Error:
@@ -178,8 +183,7 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
     cache_policy = run_info.get("cache_policy") if run_info.get("cache_policy") in POLICIES else cache_policy
     decode = Decode(kv_cache, int(run_info.get("expert_cache_bytes") or 0), cache_policy,
                     kv_cache if lookahead is None else lookahead)  # look-ahead changes no recorded value
-    model = Model(model_dir, policy, fault, progress, kernels, cache_bytes=decode.cache_bytes,
-                  cache_policy=decode.cache_policy, lookahead=decode.lookahead)
+    model = _new_model(model_dir, policy, fault, progress, kernels, decode)
     try:
         identity = model.checkpoint.identity()
         recorded = {k: model_info.get(k) for k in identity}

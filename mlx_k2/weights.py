@@ -198,9 +198,8 @@ class WeightFetcher:
 
     def guess_experts(self, layer: int, ids: list[int]) -> None:
         """Read ahead the routed experts a guess says `layer` will use (router look-ahead). The real routing
-        decides what is used: a wrong guess costs a read, never counted, and the bytes are never kept."""
-        if layer >= self.cfg.text.num_hidden_layers or not self.cfg.text.is_moe_layer(layer):
-            return
+        decides what is used: a wrong guess costs a read, never counted, and the bytes are never kept. `layer`
+        is a MoE layer."""
         cache = self.reader.cache
         to_read = [e for e in ids if cache is None or self._expert_key(layer, e) not in cache]
         self._guesses[layer] = (list(ids), self._read_experts(layer, to_read, ahead=True) if to_read else [])
@@ -211,11 +210,9 @@ class WeightFetcher:
         self._guesses.clear()
         self._head_first = None
 
-    def router(self, layer: int) -> tuple[mx.array, Linear, mx.array | None] | None:
-        """Layer `layer`'s post_attention_layernorm, router and router bias for a guess (looked at, not
-        consumed: the layer still reads and counts them), or None where it has no router."""
-        if layer >= self.cfg.text.num_hidden_layers or not self.cfg.text.is_moe_layer(layer):
-            return None
+    def router(self, layer: int) -> tuple[mx.array, Linear, mx.array | None]:
+        """MoE layer `layer`'s post_attention_layernorm, router and router bias for a guess (looked at, not
+        consumed: the layer still reads and counts them)."""
         n = self.tensor_names.layer(layer)
         bias = n.e_score_correction_bias
         return (self.reader.peek(n.post_attention_layernorm, layer),

@@ -46,7 +46,7 @@ def _case(name: str, model_dir: Path, tokens: int, cold: bool, raw: float, metho
 
 def _table(result: dict) -> Table:
     """Fields down, cases across: readable in a terminal of ordinary width."""
-    table = Table(title=f"bench: {result['layers']} layers, {result['checkpoint_bytes'] / 1e9:.1f} GB checkpoint",
+    table = Table(title=f"bench: {result.get('format', 'kimi-k25')}, {result['layers']} layers, {result['checkpoint_bytes'] / 1e9:.1f} GB checkpoint",
                   title_justify="left")
     table.add_column("field")
     for c in result["cases"]:
@@ -122,7 +122,9 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
           expert_share: Annotated[float, typer.Option(help="With --decode: the larger cache budget is the non-expert "
                                                            "bytes plus this share of the routed experts' bytes.")] = 0.25,
           no_kv_tokens: Annotated[Optional[int], typer.Option(help="With --decode: fewer tokens for the no-KV "
-                                                                   "configuration (default: --tokens).")] = None):
+                                                                   "configuration (default: --tokens).")] = None,
+          format: Annotated[str, typer.Option("--format", help="The full-width checkpoint's format: kimi-k25 (int4 "
+                                                               "experts) or kimi-k2-fp8 (block FP8).")] = "kimi-k25"):
     """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json;
     mlx-k2 bench --decode --tokens 16 --json decode.json"""
     if kernels:
@@ -146,10 +148,12 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
     console = Console(width=max(Console().width, 160))
     directory = directory or cache_root() / "bench"
     console.print(f"building (once) a full-width {layers}-layer checkpoint under {directory} ...")
-    model_dir = build_full_width(directory, layers)
+    if format not in ("kimi-k25", "kimi-k2-fp8"):
+        raise UsageError(f"--format: {format!r} is not kimi-k25 or kimi-k2-fp8")
+    model_dir = build_full_width(directory, layers, format=format)
     files = shard_files(model_dir)
     raw = raw_read_gbps(files)
-    result = {"layers": layers, "tokens": tokens, "checkpoint": str(model_dir),
+    result = {"layers": layers, "tokens": tokens, "checkpoint": str(model_dir), "format": format,
               "checkpoint_bytes": sum(f.stat().st_size for f in files), "raw_read_gbps": raw,
               "memcopy_gbps": memcopy_gbps(), "cases": []}
     for method in methods.split(","):

@@ -46,13 +46,16 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
     console.print(f"experts {t.n_routed_experts} routed, top-{t.num_experts_per_tok}, {t.n_shared_experts} shared, "
                   f"intermediate {t.moe_intermediate_size}  router {t.scoring_func} {t.topk_method} "
                   f"groups {t.n_group}/{t.topk_group}  scaling {t.routed_scaling_factor}")
-    console.print("quantization: " + (f"compressed-tensors pack-quantized int{q.num_bits}, group {q.group_size}"
-                                      if q else "none"))
+    console.print("quantization: " + (q.describe() if q else "none"))
+    if t.num_nextn_predict_layers:
+        console.print(f"multi-token prediction: {t.num_nextn_predict_layers} layer(s) after layer "
+                      f"{t.num_hidden_layers - 1}, never read by a text step")
     table = Table(title="tensor groups", title_justify="left")
     for col in ("group", "tensors", "bytes", "dtypes", "read by a step"):
         table.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
     step_reads = {"embedding": "one row per distinct token", "routed experts": "the selected ones",
-                  "vision": "never", "expert metadata": "never (shapes come from the config)", "other": "never"}
+                  "vision": "never", "expert metadata": "never (shapes come from the config)", "other": "never",
+                  "multi-token prediction": "never (a text step runs num_hidden_layers layers)"}
     for name, g in sorted(inv.groups.items(), key=lambda kv: -kv[1].nbytes):
         table.add_row(name, f"{g.tensors:,}", f"{g.nbytes:,}", ", ".join(sorted(g.dtypes)),
                       step_reads.get(name, "all"))

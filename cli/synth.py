@@ -1,4 +1,5 @@
-"""`mlx-k2 synth DIR`: write the deterministic synthetic checkpoint in the K2.5 file format."""
+"""`mlx-k2 synth DIR`: write a deterministic synthetic checkpoint in the K2.5 file format, or in the block-FP8
+format of Kimi-K2-Instruct or DeepSeek-V3."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mlx_k2.synth import write_synthetic
+from mlx_k2.synth import FORMATS, spec_for, write_synthetic
 
 from .app import app, fail, guarded
 
@@ -15,9 +16,16 @@ from .app import app, fail, guarded
 @app.command()
 @guarded
 def synth(directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint (new or empty).")],
-          seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0):
-    """Write the synthetic K2.5-format checkpoint. Example: mlx-k2 synth /tmp/k25-synth"""
+          seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+          format: Annotated[str, typer.Option("--format", help="File format: " + ", ".join(FORMATS) + ".")] = "kimi-k25",
+          layers: Annotated[int, typer.Option(help="Decoder layers (num_hidden_layers).")] = 61):
+    """Write a synthetic checkpoint (small widths, the format's structure). Example: mlx-k2 synth /tmp/k25-synth;
+    mlx-k2 synth --format deepseek-v3-fp8 /tmp/dsv3-fp8"""
+    if format not in FORMATS:
+        fail(f"--format: unknown format {format!r} (choose from {', '.join(FORMATS)})")
+    if layers < 1:
+        fail(f"--layers must be 1 or more, got {layers}")
     if directory.exists() and any(directory.iterdir()):
         fail(f"{directory}: not empty; choose a new directory")
-    write_synthetic(directory, seed)
-    typer.echo(f"wrote {directory}")
+    write_synthetic(directory, seed, spec_for(format, num_hidden_layers=layers))
+    typer.echo(f"wrote {directory} ({format}, {layers} layers)")

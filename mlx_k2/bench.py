@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import Checkpoint, read_header
+from .config import ModelConfig
 from .events import LayerDone, StepDone
 from . import names
 from .linear import choose_kernels, kernels_label
@@ -47,17 +48,21 @@ def _pool_file(pool: Path, stream: int, make, spec, seed: int) -> Path:
     return path
 
 
-def build_full_width(directory: str | Path, layers: int, seed: int = 0) -> Path:
-    """The N-layer full-width checkpoint under `directory` (built once, reused); returns its path."""
+def build_full_width(directory: str | Path, layers: int, seed: int = 0, format: str = "kimi-k25") -> Path:
+    """The N-layer full-width checkpoint under `directory` (built once, reused); returns its path. `format`
+    as synth's: K2.5 (int4 experts) or `kimi-k2-fp8`, the same widths in block FP8."""
     directory = Path(directory)
-    target = directory / f"k25-full-L{layers}"
+    k25 = format == "kimi-k25"
+    target = directory / (f"k25-full-L{layers}" if k25 else f"{format}-full-L{layers}")
     if (target / "config.json").exists():
         return target
-    pool = directory / "pool"
+    pool = directory / ("pool" if k25 else f"pool-{format}")  # a format's layer shards, shared by its depths
     pool.mkdir(parents=True, exist_ok=True)
-    spec = full_width(layers)
+    spec = full_width(layers, format)
     plan = [(layer, lambda w, layer=layer: layer_tensors(w, layer)) for layer in range(layers)]
-    plan += [(HEAD_STREAM, head_tensors), (PROJECTOR_STREAM, projector_tensors), (VISION_STREAM, vision_tensors)]
+    plan += [(HEAD_STREAM, head_tensors)]
+    if k25:
+        plan += [(PROJECTOR_STREAM, projector_tensors), (VISION_STREAM, vision_tensors)]
     staging = directory / f"{target.name}.building"
     staging.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
@@ -257,12 +262,12 @@ def _run_step(model: Model, ids: list[int]) -> tuple[StepDone, float]:
     return event, time.perf_counter() - start
 
 
-def bytes_min(checkpoint: Checkpoint, prefix: str, ids: list[int], step: StepDone) -> int:
+def bytes_min(checkpoint: Checkpoint, cfg: ModelConfig, ids: list[int], step: StepDone) -> int:
     """What the step had to read, from the headers and its routing alone (not from the reader's count)."""
     experts_by_layer = {e.layer: set(np.asarray(e.routed).reshape(-1).tolist())
                         for e in step.layers if isinstance(e, LayerDone) and e.routed is not None}
     total = 0
-    tensor_names = names.TensorNames(prefix)
+    tensor_names = names.TensorNames(cfg.weight_prefix, cfg.text.num_hidden_layers)
     for name, info in checkpoint.tensors.items():
         group, layer, expert = tensor_names.role(name)
         if group == names.EMBEDDING:
@@ -292,7 +297,7 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
             step, wall = _run_step(model, ids)
             after = os_read_bytes()
             out |= {"wall_s": wall, "bytes_read": step.bytes_read, "token_id": step.token_id,
-                   "bytes_min": bytes_min(model.checkpoint, model.config.weight_prefix, ids, step),
+                   "bytes_min": bytes_min(model.checkpoint, model.config, ids, step),
                    "largest_layer_gb": max(e.bytes_read for e in step.layers) / 1e9,
                    "os_read_bytes": None if before is None else after - before, "peak_rss_gb": peak_rss_gb()}
         elif part == "reads":

@@ -41,7 +41,7 @@ def budgets(model_dir: Path, expert_share: float) -> dict[str, int]:
     of all routed experts' bytes; `everything` = the checkpoint's size (every weight a run uses fits)."""
     checkpoint, cfg = Checkpoint(model_dir), load_config(model_dir)
     resident = step_bytes(checkpoint, cfg)[1]
-    tensor_names = names.TensorNames(cfg.weight_prefix)
+    tensor_names = names.TensorNames(cfg.weight_prefix, cfg.text.num_hidden_layers)
     routed = sum(info.nbytes for name, info in checkpoint.tensors.items()
                  if tensor_names.role(name)[0] == names.ROUTED_EXPERTS)
     return {"resident": resident, "routed": routed, "experts": resident + int(expert_share * routed),
@@ -87,7 +87,7 @@ def _token_figures(model: Model, step: StepDone, wall: float, os_bytes: int | No
             "lookahead_accuracy": _lookahead_accuracy(step), "reads_s": step.reads_s,
             "cache_held": step.cache_held, "os_read_bytes": os_bytes,
             "lookahead_missed": sum(e.lookahead_guessed - e.lookahead_hits for e in guessed) if guessed else None,
-            "bytes_min": bytes_min(model.checkpoint, model.config.weight_prefix, new_ids, step),
+            "bytes_min": bytes_min(model.checkpoint, model.config, new_ids, step),
             "layer_bytes_max": max(e.bytes_read + e.bytes_cached for e in step.layers)}
 
 

@@ -1,8 +1,10 @@
 """Read config.json in the three shapes users have, into one text-model config.
 
 Shapes: Kimi K2.5 (`model_type: kimi_k25`, the text model nested under `text_config`, its compressed-tensors
-`quantization_config` inside `text_config`), flat Kimi K2 / K2-Thinking (`kimi_k2`) and flat DeepSeek-V3
-(`deepseek_v3`). Field names are the config.json keys; unknown keys are ignored; derived sizes are properties.
+`quantization_config` inside `text_config`), flat Kimi K2 / K2-Instruct / K2-Thinking (`kimi_k2`) and flat
+DeepSeek-V3 / V3.1 / R1 (`deepseek_v3`). Quantization: compressed-tensors `pack-quantized` int (K2.5,
+K2-Thinking) or DeepSeek's block FP8 (`quant_method: fp8`: DeepSeek-V3, Kimi-K2-Instruct), or none.
+Field names are the config.json keys; unknown keys are ignored; derived sizes are properties.
 This module checks what can be checked from config.json alone; it does not look at tensors.
 """
 
@@ -35,6 +37,22 @@ class Quantization:
     def offset(self) -> int:
         # Stored values are q + 2^(bits-1) (offset binary), so the dequant bias is -offset * scale.
         return 1 << (self.num_bits - 1)
+
+    def describe(self) -> str:
+        return f"compressed-tensors pack-quantized int{self.num_bits}, group {self.group_size}"
+
+
+@dataclass(frozen=True)
+class BlockFP8:
+    """DeepSeek's block FP8: a linear's `weight` is float8 e4m3 and `weight_scale_inv` (float32) holds one
+    scale per `block_size` (out, in) block; W = fp8 value x its block's scale. Activations are not
+    quantized here: `activation_scheme: dynamic` describes inference engines that quantize activations to
+    FP8 per 128 columns; this product computes in float32 from the exact weights."""
+
+    block_size: tuple[int, int]
+
+    def describe(self) -> str:
+        return f"block FP8 e4m3, {self.block_size[0]} x {self.block_size[1]} blocks (weight_scale_inv)"
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,7 @@ class TextConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    num_nextn_predict_layers: int = 0  # multi-token-prediction layers stored after the text layers; never run
 
     @property
     def q_head_dim(self) -> int:
@@ -100,7 +119,7 @@ class ModelConfig:
 
     model_type: str
     text: TextConfig
-    quantization: Quantization | None
+    quantization: Quantization | BlockFP8 | None
     weight_prefix: str  # "language_model." for K2.5's multimodal wrapper, "" for flat checkpoints
 
 
@@ -115,6 +134,7 @@ _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate
              "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
              "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "n_group", "topk_group", "moe_layer_freq",
              "max_position_embeddings", "rms_norm_eps", "rope_theta")
+_NON_NEGATIVE = ("num_nextn_predict_layers", "first_k_dense_replace", "n_shared_experts")
 _TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "str": (str,),
           "dict | None": (dict, type(None))}
 
@@ -148,6 +168,9 @@ def _text_config(raw: dict[str, Any], where: str) -> TextConfig:
     for name in _POSITIVE:
         if name in values and values[name] is not None and values[name] <= 0:
             raise ConfigError(f"{where}: field {name!r} must be positive, got {values[name]!r}")
+    for name in _NON_NEGATIVE:
+        if name in values and values[name] < 0:
+            raise ConfigError(f"{where}: field {name!r} must not be negative, got {values[name]!r}")
     cfg = TextConfig(**values)
     _check_text(cfg, where)
     return cfg
@@ -182,15 +205,28 @@ def _check_text(cfg: TextConfig, where: str) -> None:
             raise ConfigError(f"{where}: rope_scaling has no 'factor'")
 
 
-def _quantization(raw: dict[str, Any] | None, where: str) -> Quantization | None:
+def _block_fp8(raw: dict[str, Any], where: str) -> BlockFP8:
+    fmt = raw.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"{where}: unsupported quantization_config.fmt {fmt!r} (only 'e4m3')")
+    block = raw.get("weight_block_size")
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ConfigError(f"{where}: quantization_config.weight_block_size must be two positive ints, got {block!r}")
+    return BlockFP8(block_size=(block[0], block[1]))
+
+
+def _quantization(raw: dict[str, Any] | None, where: str) -> Quantization | BlockFP8 | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: quantization_config is {type(raw).__name__}, expected an object")
     method = raw.get("quant_method")
+    if method == "fp8":
+        return _block_fp8(raw, where)
     if method != "compressed-tensors":
         raise ConfigError(f"{where}: unsupported quantization_config.quant_method {method!r} "
-                          "(supported: 'compressed-tensors' pack-quantized, or none)")
+                          "(supported: 'compressed-tensors' pack-quantized, 'fp8' block FP8, or none)")
     fmt = raw.get("format")
     if fmt != "pack-quantized":
         raise ConfigError(f"{where}: unsupported quantization_config.format {fmt!r} (only 'pack-quantized')")

@@ -37,7 +37,7 @@ class Inventory:
 
 def take_inventory(checkpoint: Checkpoint, cfg: ModelConfig) -> Inventory:
     groups: dict[str, Group] = defaultdict(Group)
-    tensor_names = names.TensorNames(cfg.weight_prefix)
+    tensor_names = names.TensorNames(cfg.weight_prefix, cfg.text.num_hidden_layers)
     for name, info in checkpoint.tensors.items():
         g = groups[tensor_names.role(name)[0]]
         g.tensors += 1

@@ -1,10 +1,14 @@
-"""Linear layers over the checkpoint's stored weights: dense (bf16/f16/f32) or compressed-tensors packed int.
+"""Linear layers over the checkpoint's stored weights: dense (bf16/f16/f32), compressed-tensors packed int,
+or DeepSeek's block FP8.
 
 compressed-tensors `pack-quantized` stores W[out, in] as int32 words `weight_packed` [out, in*bits/32] (value
 q + 2^(bits-1), element c at bits `bits*(c % per_word)` of word c // per_word) and `weight_scale`
 [out, in/group]. That is exactly MLX's affine layout, so the words are viewed as uint32 and passed to
 `mx.quantized_matmul` / `mx.gather_qmm` with biases = -2^(bits-1) * scale: no repacking, no dequantized copy.
 Activations and scales are float32 (MLX's CPU kernel accumulates in bf16 when both are bf16).
+Block FP8 stores W as float8 e4m3 bytes and a float32 `weight_scale_inv` per 128 x 128 block; MLX has no
+block-scaled fp8 matmul, so with MLX's built-ins the weight is widened exactly (`mx.from_fp8`) and scaled to
+float32 where it is used; the product's kernels multiply the stored bytes.
 
 Each Linear carries the kernels that compute it: MLX's built-ins (`mlx-builtin`, every device) or the
 product's own CPU kernels (`mlx_k2/kernels/`: multithreaded, SIMD, a fixed reduction order, so bits do not
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import UsageError
 from .evidence.schema import BUILTIN_KERNELS
@@ -60,8 +65,10 @@ def kernels_label(kernels: str) -> str:
 class Linear:
     """One weight matrix W[out, in] (or a stack of them, [E, out, in], for routed experts).
 
-    Dense: `weight` holds W as stored. Packed: `weight` holds the uint32 words and `scales` the group scales
-    (as stored for the product's kernels; float32 with MLX's, which also take `biases`).
+    Dense: `weight` holds W as stored. Packed int: `weight` holds the uint32 words and `scales` the group
+    scales (as stored for the product's kernels; float32 with MLX's, which also take `biases`). Block FP8:
+    `weight` holds the float8 e4m3 bytes (uint8), `scales` the `weight_scale_inv` blocks as stored and
+    `block_size` their (out, in) extent.
     """
 
     weight: mx.array
@@ -70,10 +77,15 @@ class Linear:
     bits: int = 0
     group_size: int = 0
     kernels: str = BUILTIN_KERNELS
+    block_size: tuple[int, int] | None = None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.block_size is not None
 
     @property
     def is_packed(self) -> bool:
-        return self.scales is not None
+        return self.scales is not None and not self.is_fp8
 
     @classmethod
     def dense(cls, weight: mx.array, kernels: str = BUILTIN_KERNELS) -> "Linear":
@@ -91,6 +103,12 @@ class Linear:
         offset = 1 << (bits - 1)  # MLX's affine form: w = scale * q + bias, bias = -offset * scale
         return cls(words, scales, -offset * scales, bits, group_size, kernels)
 
+    @classmethod
+    def fp8(cls, weight: mx.array, weight_scale_inv: mx.array, block_size: tuple[int, int],
+            kernels: str = BUILTIN_KERNELS) -> "Linear":
+        """Block FP8: weight (.., out, in) e4m3 bytes, weight_scale_inv (.., ceil(out/bo), ceil(in/bi))."""
+        return cls(weight, weight_scale_inv, kernels=kernels, block_size=tuple(block_size))
+
     @property
     def own(self) -> bool:
         return self.kernels != BUILTIN_KERNELS
@@ -101,17 +119,27 @@ def linear(x: mx.array, w: Linear) -> mx.array:
     if w.own:
         from . import kernels
 
+        if w.is_fp8:
+            return kernels.fp8_matmul(x, w.weight, w.scales, w.block_size)
         if w.is_packed:
             return kernels.int4_matmul(x, w.weight, w.scales, w.group_size)
         return kernels.dense_matmul(x, w.weight)
     if w.is_packed:
         return mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
                                    group_size=w.group_size, bits=w.bits)
-    return x @ w.weight.astype(COMPUTE_DTYPE).T
+    return x @ dense_weight(w).T
 
 
 def dense_weight(w: Linear) -> mx.array:
-    """W[out, in] as float32 (exact: bf16/f16 widen, packed int values times their group scale)."""
+    """W[out, in] (or a stack) as float32: bf16/f16 widen exactly, packed int values times their group
+    scale, e4m3 values (exact in float32) times their block's scale."""
+    if w.is_fp8:
+        values = mx.from_fp8(w.weight, dtype=COMPUTE_DTYPE)  # (.., out, in)
+        out, inp = w.weight.shape[-2:]
+        bo, bi = w.block_size
+        # each block scale over its (bo, bi) block, cropped where the edge blocks are partial
+        scale = mx.repeat(mx.repeat(w.scales.astype(COMPUTE_DTYPE), bo, axis=-2), bi, axis=-1)[..., :out, :inp]
+        return values * scale
     if not w.is_packed:
         return w.weight.astype(COMPUTE_DTYPE)
     scales = w.scales.astype(COMPUTE_DTYPE)
@@ -121,10 +149,18 @@ def dense_weight(w: Linear) -> mx.array:
 
 def gather_rows(x: mx.array, w: Linear, indices: mx.array) -> mx.array:
     """Row p times the stacked matrix indices[p]: x (P, in), w a stack (E, out, in), indices (P,) -> (P, out)."""
-    if w.own and w.is_packed:
+    if w.own and (w.is_packed or w.is_fp8):
         from . import kernels
 
+        if w.is_fp8:
+            return kernels.fp8_gather_matmul(x, w.weight, w.scales, indices, w.block_size)
         return kernels.int4_gather_matmul(x, w.weight, w.scales, indices, w.group_size)
+    if w.is_fp8:  # MLX multiplies dense stacks: widen only the experts these rows use
+        ids = np.array(indices)
+        used = np.unique(ids)
+        take = mx.array(used.astype(np.uint32))
+        w = Linear.fp8(w.weight[take], w.scales[take], w.block_size)
+        indices = mx.array(np.searchsorted(used, ids).astype(np.uint32))
     out = gather_linear(x[:, None, None, :], w, indices[:, None])  # (P, 1, 1, out)
     return out.reshape(x.shape[0], -1)
 
@@ -138,4 +174,4 @@ def gather_linear(x: mx.array, w: Linear, indices: mx.array) -> mx.array:
     if w.is_packed:
         return mx.gather_qmm(x, w.weight, w.scales, w.biases, rhs_indices=indices, transpose=True,
                              group_size=w.group_size, bits=w.bits)
-    return mx.gather_mm(x, w.weight.astype(COMPUTE_DTYPE).swapaxes(-1, -2), rhs_indices=indices)
+    return mx.gather_mm(x, dense_weight(w).swapaxes(-1, -2), rhs_indices=indices)

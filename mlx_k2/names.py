@@ -3,9 +3,11 @@ parts of a linear, and the role of any name.
 
 Code names are the checkpoint's own (`q_a_proj`, `kv_a_layernorm`, `e_score_correction_bias`). K2.5 wraps
 the language model in `language_model.`; flat DeepSeek-V3 / Kimi K2 checkpoints have no prefix. A linear is
-named by its base (`...self_attn.q_a_proj`) and stored either dense (`.weight`) or packed int
-(`.weight_packed` + `.weight_scale`, with a `.weight_shape` that is metadata). Norms, the router and the
-embedding are named in full (`...input_layernorm.weight`).
+named by its base (`...self_attn.q_a_proj`) and stored dense (`.weight`), packed int (`.weight_packed` +
+`.weight_scale`, with a `.weight_shape` that is metadata) or block FP8 (`.weight` in float8 +
+`.weight_scale_inv`). Norms, the router and the embedding are named in full (`...input_layernorm.weight`).
+Layers numbered from `num_hidden_layers` on are multi-token-prediction layers (DeepSeek-V3's
+`model.layers.61`): stored, never part of a text step.
 This module only spells and classifies names: it reads nothing and knows no shapes.
 """
 
@@ -32,13 +34,14 @@ SHARED_EXPERTS = "shared experts"
 DENSE_MLP = "dense MLP"
 ROUTED_EXPERTS = "routed experts"
 EXPERT_METADATA = "expert metadata"
+MULTI_TOKEN_PREDICTION = "multi-token prediction"
 VISION = "vision"
 OTHER = "other"
 LAYER_ROLES = (LAYER_NORMS, ATTENTION, ROUTER, SHARED_EXPERTS, DENSE_MLP)  # a layer's non-expert tensors
-NEVER_READ = (VISION, EXPERT_METADATA, OTHER)                              # no text step reads these
+NEVER_READ = (VISION, EXPERT_METADATA, MULTI_TOKEN_PREDICTION, OTHER)      # no text step reads these
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.*)$")
-_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight_packed|weight_scale|weight|weight_shape)$")
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight_packed|weight_scale_inv|weight_scale|weight|weight_shape)$")
 
 
 # ---------------------------------------------------------------------- the stored parts of one linear
@@ -58,11 +61,31 @@ def weight_shape(base: str) -> str:
     return f"{base}.weight_shape"
 
 
-def linear_parts(base: str, stored: Container[str]) -> list[str]:
-    """The tensors a step reads for linear `base`: [weight_packed, weight_scale] if `stored` holds the
-    packed form, else [weight]."""
+def weight_scale_inv(base: str) -> str:
+    return f"{base}.weight_scale_inv"
+
+
+# How a linear is stored (`linear_format`).
+DENSE, PACKED_INT, BLOCK_FP8 = "dense", "packed int", "block fp8"
+
+
+def linear_format(base: str, stored: Container[str]) -> str:
+    """DENSE, PACKED_INT (`weight_packed` stored) or BLOCK_FP8 (`weight_scale_inv` stored)."""
     if packed_weight(base) in stored:
+        return PACKED_INT
+    if weight_scale_inv(base) in stored:
+        return BLOCK_FP8
+    return DENSE
+
+
+def linear_parts(base: str, stored: Container[str]) -> list[str]:
+    """The tensors a step reads for linear `base`: [weight_packed, weight_scale] packed int,
+    [weight, weight_scale_inv] block FP8, else [weight]."""
+    kind = linear_format(base, stored)
+    if kind == PACKED_INT:
         return [packed_weight(base), weight_scale(base)]
+    if kind == BLOCK_FP8:
+        return [dense_weight(base), weight_scale_inv(base)]
     return [dense_weight(base)]
 
 
@@ -160,9 +183,11 @@ class LayerNames:
 
 @dataclass(frozen=True)
 class TensorNames:
-    """The tensor names of a checkpoint whose language-model names start with `prefix`."""
+    """The tensor names of a checkpoint whose language-model names start with `prefix`; with
+    `num_hidden_layers`, `role` tells the multi-token-prediction layers stored after them apart."""
 
     prefix: str
+    num_hidden_layers: int | None = None
 
     @property
     def embed_tokens(self) -> str:
@@ -198,6 +223,8 @@ class TensorNames:
         if not m:
             return OTHER, None, None
         layer, part = int(m.group(1)), m.group(2)
+        if self.num_hidden_layers is not None and layer >= self.num_hidden_layers:
+            return MULTI_TOKEN_PREDICTION, layer, None
         e = _EXPERT.match(part)
         if e:
             return (EXPERT_METADATA if e.group(3) == "weight_shape" else ROUTED_EXPERTS), layer, int(e.group(1))

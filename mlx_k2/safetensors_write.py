@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-_ST_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "I64": 8, "U8": 1}
+_ST_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "I64": 8, "U8": 1, "F8_E4M3": 1}
 _NP_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
              np.dtype(np.uint32): "U32", np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
 
@@ -31,6 +31,17 @@ def to_bf16(x: np.ndarray) -> BF16:
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
     return BF16((rounded >> np.uint32(16)).astype(np.uint16))
+
+
+def e4m3_values() -> np.ndarray:
+    """The float32 value of each of the 256 float8 e4m3 codes (sign, 4 exponent bits biased by 7, 3 mantissa
+    bits; exponent 0 is subnormal; 0x7F and 0xFF are NaN)."""
+    code = np.arange(256, dtype=np.int64)
+    exponent, mantissa = (code >> 3) & 0xF, code & 0x7
+    magnitude = np.where(exponent == 0, mantissa / 8.0 * 2.0 ** -6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7))
+    value = np.where(code >> 7, -magnitude, magnitude)
+    value[(code & 0x7F) == 0x7F] = np.nan
+    return value.astype(np.float32)
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

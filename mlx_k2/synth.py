@@ -1,12 +1,18 @@
-"""Write a deterministic synthetic checkpoint in the exact Kimi K2.5 file format.
+"""Write a deterministic synthetic checkpoint in the exact file format of Kimi K2.5, or of the block-FP8
+releases (Kimi-K2-Instruct, DeepSeek-V3).
 
-config.json with the nested `text_config` and its compressed-tensors `quantization_config`, shards named
-`model-000NN-of-000064.safetensors` (for 61 layers) with `model.safetensors.index.json`, `language_model.`
-prefixed names, int4 pack-quantized routed experts (`weight_packed`, `weight_scale`, `weight_shape`), bf16
-elsewhere, float32 `e_score_correction_bias`, a few vision tensors, and a `tiktoken.model` +
-`tokenizer_config.json` with K2.5's special token ids. K2.5's structure with small widths by default
-(`SynthSpec`), or any widths (the benchmark uses K2.5's real ones). Weights are scaled so the residual
-norms stay finite and the routing spreads over the experts through all layers. It writes; it never runs.
+`kimi-k25` (the default checkpoint): config.json with the nested `text_config` and its compressed-tensors
+`quantization_config`, shards named `model-000NN-of-000064.safetensors` (for 61 layers) with
+`model.safetensors.index.json`, `language_model.` prefixed names, int4 pack-quantized routed experts
+(`weight_packed`, `weight_scale`, `weight_shape`), bf16 elsewhere, float32 `e_score_correction_bias`, a few
+vision tensors, and a `tiktoken.model` + `tokenizer_config.json` with K2.5's special token ids.
+`kimi-k2-fp8` / `deepseek-v3-fp8`: a flat config with `quant_method: fp8`, no prefix, every decoder linear
+(attention, dense MLP, shared and routed experts) float8 e4m3 `weight` + float32 `weight_scale_inv` per
+128 x 128 block; DeepSeek-V3's also routes over 8 groups (top 4), has 3 dense layers, 256 experts, BOS 0, a
+multi-token-prediction layer after the text layers, and a `tokenizer.json`.
+Each format's structure with small widths by default (`SynthSpec`, `spec_for`), or any widths (the
+benchmark uses K2.5's real ones). Weights are scaled so the residual norms stay finite and the routing
+spreads over the experts through all layers. It writes; it never runs.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from . import names
-from .safetensors_write import Lazy, save, to_bf16
+from .safetensors_write import Lazy, e4m3_values, save, to_bf16
 from .tokenizer import SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS
 
-PREFIX = names.WRAPPED_PREFIX
-NAMES = names.TensorNames(PREFIX)
 BOS, EOS, PAD = 163584, 163585, 163839
+DEEPSEEK_BOS, DEEPSEEK_EOS = 0, 1
+FORMATS = ("kimi-k25", "kimi-k2-fp8", "deepseek-v3-fp8")
+FP8_BLOCK = 128  # weight_block_size [128, 128], as DeepSeek-V3 and Kimi-K2-Instruct store it
 
 
 @dataclass(frozen=True)
@@ -50,16 +57,77 @@ class SynthSpec:
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
     group_size: int = 32
+    n_group: int = 1
+    topk_group: int = 1
+    num_nextn_predict_layers: int = 0
+    format: str = "kimi-k25"  # one of FORMATS
+
+    @property
+    def fp8(self) -> bool:
+        return self.format.endswith("-fp8")
+
+    @property
+    def names(self) -> names.TensorNames:
+        return names.TensorNames(names.WRAPPED_PREFIX if self.format == "kimi-k25" else names.FLAT_PREFIX)
+
+    @property
+    def bos_eos(self) -> tuple[int, int]:
+        return (DEEPSEEK_BOS, DEEPSEEK_EOS) if self.format == "deepseek-v3-fp8" else (BOS, EOS)
 
 
-def full_width(num_hidden_layers: int) -> SynthSpec:
-    """K2.5's real widths (hidden 7168, 384 experts of 2048, MLA dims, vocab 163840) with fewer layers."""
-    return SynthSpec(num_hidden_layers=num_hidden_layers, hidden_size=7168, intermediate_size=18432,
-                     moe_intermediate_size=2048, num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512,
-                     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+def spec_for(format: str, **widths) -> SynthSpec:
+    """A format's structure (DeepSeek-V3: 256 experts over 8 groups, top 4 groups, 3 dense layers, vocab
+    129280, one multi-token-prediction layer), with small widths unless `widths` say otherwise."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r} (one of {', '.join(FORMATS)})")
+    if format == "deepseek-v3-fp8":
+        structure = dict(n_routed_experts=256, n_group=8, topk_group=4, first_k_dense_replace=3,
+                         vocab_size=129280, num_nextn_predict_layers=1)
+    else:
+        structure = {}
+    return SynthSpec(**{**structure, **widths, "format": format})
+
+
+def full_width(num_hidden_layers: int, format: str = "kimi-k25") -> SynthSpec:
+    """K2.5's real widths (hidden 7168, 384 experts of 2048, MLA dims, vocab 163840) with fewer layers;
+    `kimi-k2-fp8` is Kimi-K2-Instruct's block-FP8 form of the same widths."""
+    return spec_for(format, num_hidden_layers=num_hidden_layers, hidden_size=7168, intermediate_size=18432,
+                    moe_intermediate_size=2048, num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512,
+                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
 
 
 def config_json(spec: SynthSpec) -> dict:
+    text = _text_config(spec)
+    if spec.fp8:
+        return _fp8_config(spec, text)
+    return {
+        "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+        "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "media_placeholder_token_id": 163605,
+        "ignore_index": -100, "dtype": "bfloat16", "tie_word_embeddings": False,
+        "text_config": text,
+        "vision_config": {"vt_hidden_size": 16, "vt_num_hidden_layers": 1, "vt_num_attention_heads": 2,
+                          "vt_intermediate_size": 32, "patch_size": 14, "merge_kernel_size": [2, 2],
+                          "mm_projector_type": "patchmerger", "mm_hidden_size": 16,
+                          "text_hidden_size": spec.hidden_size},
+    }
+
+
+def _fp8_config(spec: SynthSpec, text: dict) -> dict:
+    """The flat config of the block-FP8 releases: Kimi-K2-Instruct's is K2.5's text config with DeepSeek's
+    quantization_config; DeepSeek-V3's also has its own rope, scaling factor and special ids."""
+    config = {**text, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                              "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}}
+    if spec.format == "deepseek-v3-fp8":
+        config.update({
+            "model_type": "deepseek_v3", "routed_scaling_factor": 2.5, "rope_theta": 10000,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 4096, "type": "yarn"},
+            "max_position_embeddings": 163840, "bos_token_id": DEEPSEEK_BOS, "eos_token_id": DEEPSEEK_EOS})
+        del config["pad_token_id"]
+    return config
+
+
+def _text_config(spec: SynthSpec) -> dict:
     text = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
@@ -69,10 +137,11 @@ def config_json(spec: SynthSpec) -> dict:
         "kv_lora_rank": spec.kv_lora_rank, "qk_nope_head_dim": spec.qk_nope_head_dim,
         "qk_rope_head_dim": spec.qk_rope_head_dim, "v_head_dim": spec.v_head_dim,
         "n_routed_experts": spec.n_routed_experts, "n_shared_experts": spec.n_shared_experts,
-        "num_experts_per_tok": spec.num_experts_per_tok, "n_group": 1, "topk_group": 1,
+        "num_experts_per_tok": spec.num_experts_per_tok, "n_group": spec.n_group, "topk_group": spec.topk_group,
         "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
         "routed_scaling_factor": 2.827, "first_k_dense_replace": spec.first_k_dense_replace,
-        "moe_layer_freq": 1, "num_nextn_predict_layers": 0, "hidden_act": "silu", "attention_bias": False,
+        "moe_layer_freq": 1, "num_nextn_predict_layers": spec.num_nextn_predict_layers, "hidden_act": "silu",
+        "attention_bias": False,
         "rms_norm_eps": 1e-05, "rope_theta": 50000.0,
         "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 64.0, "mscale": 1.0,
                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
@@ -91,16 +160,7 @@ def config_json(spec: SynthSpec) -> dict:
                        "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
             "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"},
     }
-    return {
-        "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
-        "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "media_placeholder_token_id": 163605,
-        "ignore_index": -100, "dtype": "bfloat16", "tie_word_embeddings": False,
-        "text_config": text,
-        "vision_config": {"vt_hidden_size": 16, "vt_num_hidden_layers": 1, "vt_num_attention_heads": 2,
-                          "vt_intermediate_size": 32, "patch_size": 14, "merge_kernel_size": [2, 2],
-                          "mm_projector_type": "patchmerger", "mm_hidden_size": 16,
-                          "text_hidden_size": spec.hidden_size},
-    }
+    return text
 
 
 CHUNK_BYTES = 64 << 20  # large tensors are generated and written this many float32 bytes at a time
@@ -155,47 +215,89 @@ class _Weights:
                 names.weight_scale(name): self._rows("BF16", (out, inp // self.spec.group_size), scales),
                 names.weight_shape(name): np.array([out, inp], dtype=np.int32)}
 
+    def fp8_linear(self, name: str, out: int, inp: int, gain: float) -> dict[str, Lazy]:
+        """One block-FP8 linear: e4m3 codes drawn directly (random sign and mantissa, exponents spanning a
+        factor of 16: no NaN, no subnormals; drawing codes is fast enough for full-width experts), and a
+        float32 weight_scale_inv per 128 x 128 block giving the weight std gain / sqrt(in)."""
+        def codes(rows):
+            b = self.rng.integers(0, 256, size=(rows, inp), dtype=np.uint8)
+            # sign (bit 7) and mantissa (bits 0-2) as drawn; exponent field 5..8 from bits 3-4
+            return (b & np.uint8(0x87)) | (((b >> np.uint8(3)) & np.uint8(3)) + np.uint8(5)) << np.uint8(3)
+
+        def scales(rows):
+            s = self.rng.uniform(0.75, 1.25, size=(rows, -(-inp // FP8_BLOCK))).astype(np.float32)
+            return s * np.float32(gain / np.sqrt(inp) / _FP8_CODE_STD)
+        return {names.dense_weight(name): self._rows("F8_E4M3", (out, inp), codes),
+                names.weight_scale_inv(name): self._rows("F32", (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)), scales)}
+
+    def proj(self, name: str, out: int, inp: int, gain: float = 1.0) -> dict[str, Lazy]:
+        """A decoder linear (attention, dense MLP, shared experts): bf16 in K2.5, block FP8 otherwise."""
+        if self.spec.fp8:
+            return self.fp8_linear(name, out, inp, gain)
+        return {names.dense_weight(name): self.linear(out, inp, gain)}
+
+    def expert(self, name: str, out: int, inp: int, gain: float) -> dict[str, Lazy | np.ndarray]:
+        """A routed expert's projection: int4 in K2.5, block FP8 otherwise."""
+        if self.spec.fp8:
+            return self.fp8_linear(name, out, inp, gain)
+        return self.packed_experts(name, out, inp, gain)
+
+
+# The std of the codes `fp8_linear` draws: exponent fields 5..8 and mantissas 0..7 equally likely.
+_FP8_CODE_STD = float(np.sqrt(np.mean(e4m3_values()[[(e << 3) | m for e in range(5, 9) for m in range(8)]]
+                                      .astype(np.float64) ** 2)))
+
 
 def layer_tensors(w: _Weights, layer: int) -> dict[str, Lazy | np.ndarray]:
     s = w.spec
     H = s.hidden_size
-    n = NAMES.layer(layer)
-    dense = names.dense_weight
+    n = s.names.layer(layer)
     qh = s.qk_nope_head_dim + s.qk_rope_head_dim
     t: dict[str, Lazy | np.ndarray] = {
         n.input_layernorm: w.norm(H),
         n.post_attention_layernorm: w.norm(H),
-        dense(n.q_a_proj): w.linear(s.q_lora_rank, H),
+        **w.proj(n.q_a_proj, s.q_lora_rank, H),
         n.q_a_layernorm: w.norm(s.q_lora_rank),
-        dense(n.q_b_proj): w.linear(s.num_attention_heads * qh, s.q_lora_rank),
-        dense(n.kv_a_proj_with_mqa): w.linear(s.kv_lora_rank + s.qk_rope_head_dim, H),
+        **w.proj(n.q_b_proj, s.num_attention_heads * qh, s.q_lora_rank),
+        **w.proj(n.kv_a_proj_with_mqa, s.kv_lora_rank + s.qk_rope_head_dim, H),
         n.kv_a_layernorm: w.norm(s.kv_lora_rank),
-        dense(n.kv_b_proj): w.linear(s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank),
-        dense(n.o_proj): w.linear(H, s.num_attention_heads * s.v_head_dim, OUT_GAIN),
+        **w.proj(n.kv_b_proj, s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank),
+        **w.proj(n.o_proj, H, s.num_attention_heads * s.v_head_dim, OUT_GAIN),
     }
     if layer < s.first_k_dense_replace:
-        t[dense(n.mlp("gate_proj"))] = w.linear(s.intermediate_size, H)
-        t[dense(n.mlp("up_proj"))] = w.linear(s.intermediate_size, H)
-        t[dense(n.mlp("down_proj"))] = w.linear(H, s.intermediate_size, OUT_GAIN)
+        t.update(w.proj(n.mlp("gate_proj"), s.intermediate_size, H))
+        t.update(w.proj(n.mlp("up_proj"), s.intermediate_size, H))
+        t.update(w.proj(n.mlp("down_proj"), H, s.intermediate_size, OUT_GAIN))
         return t
     t[n.gate] = w.linear(s.n_routed_experts, H)
     t[n.e_score_correction_bias] = w.normal((s.n_routed_experts,), 0.02)
     shared = s.moe_intermediate_size * s.n_shared_experts
-    t[dense(n.shared_experts("gate_proj"))] = w.linear(shared, H)
-    t[dense(n.shared_experts("up_proj"))] = w.linear(shared, H)
-    t[dense(n.shared_experts("down_proj"))] = w.linear(H, shared, OUT_GAIN)
+    t.update(w.proj(n.shared_experts("gate_proj"), shared, H))
+    t.update(w.proj(n.shared_experts("up_proj"), shared, H))
+    t.update(w.proj(n.shared_experts("down_proj"), H, shared, OUT_GAIN))
     for e in range(s.n_routed_experts):
-        t.update(w.packed_experts(n.experts(e, "gate_proj"), s.moe_intermediate_size, H, 1.0))
-        t.update(w.packed_experts(n.experts(e, "up_proj"), s.moe_intermediate_size, H, 1.0))
-        t.update(w.packed_experts(n.experts(e, "down_proj"), H, s.moe_intermediate_size, OUT_GAIN))
+        t.update(w.expert(n.experts(e, "gate_proj"), s.moe_intermediate_size, H, 1.0))
+        t.update(w.expert(n.experts(e, "up_proj"), s.moe_intermediate_size, H, 1.0))
+        t.update(w.expert(n.experts(e, "down_proj"), H, s.moe_intermediate_size, OUT_GAIN))
     return t
+
+
+def mtp_tensors(w: _Weights, layer: int) -> dict[str, Lazy | np.ndarray]:
+    """DeepSeek-V3's multi-token-prediction layer, stored after the text layers: a MoE decoder layer plus
+    its own norms, projection, head and embedding (a text run never reads any of it)."""
+    s, n = w.spec, w.spec.names.layer(layer)
+    H = s.hidden_size
+    return {**layer_tensors(w, layer), n.prefix + "enorm.weight": w.norm(H), n.prefix + "hnorm.weight": w.norm(H),
+            **w.proj(n.prefix + "eh_proj", H, 2 * H), n.prefix + "shared_head.norm.weight": w.norm(H),
+            n.prefix + "shared_head.head.weight": w.linear(s.vocab_size, H),
+            n.prefix + "embed_tokens.weight": w.normal((s.vocab_size, H), 1.0, "BF16")}
 
 
 def head_tensors(w: _Weights) -> dict[str, Lazy]:
     s = w.spec
-    return {NAMES.embed_tokens: w.normal((s.vocab_size, s.hidden_size), 1.0, "BF16"),
-            NAMES.norm: w.norm(s.hidden_size),
-            names.dense_weight(NAMES.lm_head): w.linear(s.vocab_size, s.hidden_size, 4.0)}
+    return {s.names.embed_tokens: w.normal((s.vocab_size, s.hidden_size), 1.0, "BF16"),
+            s.names.norm: w.norm(s.hidden_size),
+            names.dense_weight(s.names.lm_head): w.linear(s.vocab_size, s.hidden_size, 4.0)}
 
 
 def projector_tensors(w: _Weights) -> dict[str, Lazy]:
@@ -256,14 +358,22 @@ def shard_name(i: int, n_shards: int) -> str:
 
 
 def shard_plan(spec: SynthSpec):
-    """(shard number, stream, tensors-maker) for every shard: one per layer, then head and embeddings,
-    projector, vision (64 shards for 61 layers)."""
+    """(shard number, stream, tensors-maker) for every shard: one per layer, the multi-token-prediction
+    layers, then head and embeddings, and K2.5's projector and vision (64 shards for 61 layers)."""
     for layer in range(spec.num_hidden_layers):
         yield layer + 1, layer, lambda w, layer=layer: layer_tensors(w, layer)
     L = spec.num_hidden_layers
-    yield L + 1, HEAD_STREAM, head_tensors
-    yield L + 2, PROJECTOR_STREAM, projector_tensors
-    yield L + 3, VISION_STREAM, vision_tensors
+    for mtp in range(L, L + spec.num_nextn_predict_layers):
+        yield mtp + 1, mtp, lambda w, mtp=mtp: mtp_tensors(w, mtp)
+    shard = L + spec.num_nextn_predict_layers
+    yield shard + 1, HEAD_STREAM, head_tensors
+    if spec.format == "kimi-k25":
+        yield shard + 2, PROJECTOR_STREAM, projector_tensors
+        yield shard + 3, VISION_STREAM, vision_tensors
+
+
+def shard_count(spec: SynthSpec) -> int:
+    return sum(1 for _ in shard_plan(spec))
 
 
 def write_shard(path: Path, spec: SynthSpec, seed: int, stream: int, make) -> tuple[list[str], int]:
@@ -276,7 +386,12 @@ def write_index_and_config(path: Path, spec: SynthSpec, weight_map: dict[str, st
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(config_json(spec), indent=2) + "\n")
-    write_tokenizer(path, spec.vocab_size, seed)
+    if spec.format == "deepseek-v3-fp8":
+        from .synth_tokenizer import write_tokenizer_json
+
+        write_tokenizer_json(path, spec.vocab_size, seed)
+    else:
+        write_tokenizer(path, spec.vocab_size, seed)
 
 
 def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec(),
@@ -285,7 +400,7 @@ def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec
     `progress(what, shards written, shards)` is called after each shard."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    n_shards = spec.num_hidden_layers + 3
+    n_shards = shard_count(spec)
     weight_map: dict[str, str] = {}
     total = 0
     for i, stream, make in shard_plan(spec):

@@ -34,8 +34,10 @@ from .errors import CheckpointError
 from .storage import ByteRange, PendingRead, Storage
 from .weight_cache import WeightCache
 
-# safetensors dtype -> the MLX dtype an array holding its bytes is allocated as (bf16 is viewed afterwards)
-_DTYPES = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32, "U32": mx.uint32}
+# safetensors dtype -> the MLX dtype an array holding its bytes is allocated as (bf16 is viewed afterwards;
+# MLX has no float8 dtype: e4m3 bytes stay uint8 and are converted where they are computed with)
+_DTYPES = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32, "U32": mx.uint32,
+           "F8_E4M3": mx.uint8}
 _ITEM = 8  # a file offset this aligned keeps the array aligned for every dtype above at the same phase
 
 

@@ -1,5 +1,5 @@
 """Check, before any compute, that the checkpoint holds every tensor the config implies, with the shapes
-and dtypes it implies; on request (`deep`), also that each packed expert's `weight_shape` value agrees
+and dtypes it implies (dense, packed int or block FP8 linears); on request (`deep`), also that each packed expert's `weight_shape` value agrees
 with its `weight_packed`.
 
 The ordinary check is decided from the headers and config.json alone: it reads no tensor data, so opening
@@ -17,10 +17,12 @@ import numpy as np
 
 from . import names
 from .checkpoint import Checkpoint, TensorInfo
-from .config import ModelConfig
+from .config import BlockFP8, ModelConfig, Quantization
 from .errors import CheckpointError
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+FP8_DTYPE = "F8_E4M3"
+FP8_SCALE_DTYPES = ("F32", "BF16")
 
 
 def expected_linears(cfg: ModelConfig) -> Iterator[tuple[str, int, int, str]]:
@@ -104,20 +106,26 @@ def problems(checkpoint: Checkpoint, cfg: ModelConfig, deep: bool = False) -> It
                   f"[{t.n_routed_experts}]"
     shapes_to_read: list[tuple[TensorInfo, int, int]] = []
     for base, out, inp, fields in expected_linears(cfg):
-        packed = tensors.get(names.packed_weight(base))
-        if packed is None:
+        kind = names.linear_format(base, tensors)
+        if kind == names.BLOCK_FP8:
+            yield from _fp8_problems(checkpoint, cfg, base, out, inp, fields)
+            continue
+        if kind == names.DENSE:
             dense = tensors.get(names.dense_weight(base))
             if dense is None:
                 yield f"{where_missing} {names.dense_weight(base)} not found (config.json implies it)"
             elif dense.shape != (out, inp):
                 yield f"{_where(dense)}: shape {list(dense.shape)} but config.json {fields} gives [{out}, {inp}]"
+            elif dense.dtype == FP8_DTYPE:
+                yield f"{where_missing} {names.weight_scale_inv(base)} not found (its weight is {FP8_DTYPE})"
             elif dense.dtype not in FLOAT_DTYPES:
                 yield f"{_where(dense)}: dtype {dense.dtype} not supported (quantized weights other than " \
-                      "compressed-tensors pack-quantized are not)"
+                      "compressed-tensors pack-quantized and block FP8 are not)"
             continue
+        packed = tensors[names.packed_weight(base)]
         q = cfg.quantization
-        if q is None:
-            yield f"{_where(packed)}: packed weight but config.json has no quantization_config"
+        if not isinstance(q, Quantization):
+            yield f"{_where(packed)}: packed weight but config.json has no compressed-tensors quantization_config"
             continue
         scale = tensors.get(names.weight_scale(base))
         words = inp * q.num_bits // 32
@@ -137,6 +145,29 @@ def problems(checkpoint: Checkpoint, cfg: ModelConfig, deep: bool = False) -> It
                 shapes_to_read.append((shape_info, out, inp))
     if deep and shapes_to_read:
         yield from _weight_shape_values(shapes_to_read)
+
+
+def _fp8_problems(checkpoint: Checkpoint, cfg: ModelConfig, base: str, out: int, inp: int,
+                  fields: str) -> Iterator[str]:
+    """A block FP8 linear (its `weight_scale_inv` is stored): an e4m3 weight of [out, in] and one scale per
+    block of config.json's weight_block_size."""
+    tensors, q = checkpoint.tensors, cfg.quantization
+    scale = tensors[names.weight_scale_inv(base)]
+    if not isinstance(q, BlockFP8):
+        yield f"{_where(scale)}: block FP8 scale but config.json has no quantization_config with quant_method 'fp8'"
+        return
+    weight = tensors.get(names.dense_weight(base))
+    if weight is None:
+        yield f"{checkpoint.dir}: tensor {names.dense_weight(base)} not found (config.json implies it)"
+    elif weight.dtype != FP8_DTYPE:
+        yield f"{_where(weight)}: dtype {weight.dtype} but its weight_scale_inv makes it block FP8 (expected {FP8_DTYPE})"
+    elif weight.shape != (out, inp):
+        yield f"{_where(weight)}: shape {list(weight.shape)} but config.json {fields} gives [{out}, {inp}]"
+    bo, bi = q.block_size
+    blocks = (-(-out // bo), -(-inp // bi))
+    if scale.dtype not in FP8_SCALE_DTYPES or scale.shape != blocks:
+        yield (f"{_where(scale)}: {scale.dtype} {list(scale.shape)} but weight_block_size [{bo}, {bi}] over "
+               f"[{out}, {inp}] gives F32 {list(blocks)}")
 
 
 def _weight_shape_values(items: list[tuple[TensorInfo, int, int]]) -> Iterator[str]:

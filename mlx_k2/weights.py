@@ -2,7 +2,7 @@
 lm_head blocks) as the arrays `forward.py` computes with.
 
 Names come from `names.py`, bytes from `tensors.py`. The checkpoint's storage choices are resolved here:
-linears stored dense or packed int (packed needs config.json's quantization), the dense MLP of the first
+linears stored dense, packed int or block FP8 (each needs its config.json quantization), the dense MLP of the first
 `first_k_dense_replace` layers, an optional router bias. Only what a step computes with is fetched: never
 vision tensors or the experts' `weight_shape` metadata. Holds no weights between calls. Every piece is
 read for a `slot` (the reader's buffer lifetime): layer i's tensors and experts for slot i, the final norm
@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import names
-from .config import ModelConfig
+from .config import BlockFP8, ModelConfig, Quantization
 from .errors import CheckpointError
 from .evidence.schema import BUILTIN_KERNELS
 from .forward import Attention, DenseMLP, Experts, ExpertStack, Layer, MoE
@@ -43,36 +43,34 @@ class WeightFetcher:
         # layer -> (experts guessed or None, experts used, of them guessed or None), until the runner takes it
         self.guess_stats: dict[int, tuple[int | None, int, int | None]] = {}
 
-    def _quant(self, base: str):
-        q = self.cfg.quantization
-        if q is None:
-            raise CheckpointError(f"{self.checkpoint.dir}: tensor {names.packed_weight(base)} is packed but "
-                                  "config.json has no quantization_config")
-        return q
+    def _make_linear(self, base: str, parts: list[mx.array] | tuple[mx.array, ...]) -> Linear:
+        """The Linear of `base` (or a stack like it) from its stored parts, as `names.linear_parts` lists them."""
+        kind, q = names.linear_format(base, self.checkpoint), self.cfg.quantization
+        if kind == names.DENSE:
+            return Linear.dense(parts[0], self.kernels)
+        if kind == names.PACKED_INT and isinstance(q, Quantization):
+            return Linear.packed(parts[0], parts[1], q.num_bits, q.group_size, self.kernels)
+        if kind == names.BLOCK_FP8 and isinstance(q, BlockFP8):
+            return Linear.fp8(parts[0], parts[1], q.block_size, self.kernels)
+        # validate() refuses this before any step; kept for a fetcher used without it
+        raise CheckpointError(f"{self.checkpoint.dir}: tensor {names.linear_parts(base, self.checkpoint)[1]} is "
+                              f"{kind} but config.json's quantization_config does not describe it")
 
     def linear(self, base: str, slot: int) -> Linear:
-        parts = names.linear_parts(base, self.checkpoint)
-        if len(parts) == 1:
-            return Linear.dense(self.reader.tensor(parts[0], slot), self.kernels)
-        q = self._quant(base)
-        return Linear.packed(self.reader.tensor(parts[0], slot), self.reader.tensor(parts[1], slot), q.num_bits,
-                             q.group_size, self.kernels)
+        return self._make_linear(base, [self.reader.tensor(p, slot) for p in names.linear_parts(base, self.checkpoint)])
 
     def _stack_reads(self, projections: list[list[str]], slot: int, ahead: bool = False,
-                     own: bool = False) -> tuple[list[PendingTensor], bool]:
+                     own: bool = False) -> tuple[list[PendingTensor], int]:
         """Issue the reads of linears stacked per projection (routed experts), one expert at a time: the
-        pending arrays (weight, and scale when packed, per projection) and whether they are packed."""
+        pending arrays (each stored part of a projection: weight, then scale where there is one) and how
+        many parts a projection has."""
         parts = [[names.linear_parts(b, self.checkpoint) for b in bases] for bases in projections]
-        packed = len(parts[0][0]) == 2
-        groups = [[p[part] for p in group] for group in parts for part in range(2 if packed else 1)]
-        return self.reader.start_stacked(groups, slot, ahead, own), packed
+        per_linear = len(parts[0][0])
+        groups = [[p[part] for p in group] for group in parts for part in range(per_linear)]
+        return self.reader.start_stacked(groups, slot, ahead, own), per_linear
 
-    def _stack_linears(self, arrays: list[mx.array] | tuple[mx.array, ...], packed: bool, base: str) -> list[Linear]:
-        if not packed:
-            return [Linear.dense(a, self.kernels) for a in arrays]
-        q = self._quant(base)
-        return [Linear.packed(arrays[2 * i], arrays[2 * i + 1], q.num_bits, q.group_size, self.kernels)
-                for i in range(len(arrays) // 2)]
+    def _stack_linears(self, arrays: list[mx.array] | tuple[mx.array, ...], per_linear: int, base: str) -> list[Linear]:
+        return [self._make_linear(base, arrays[i:i + per_linear]) for i in range(0, len(arrays), per_linear)]
 
     def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple, Callable]]:
         """Start reading routed experts `ids` of `layer`: one stack in the layer's arena, or, where the cache
@@ -83,7 +81,7 @@ class WeightFetcher:
         own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
         batches = [[e] for e in ids] if own else [list(ids)]
         # One call for every batch: their fresh arrays are made together, their reads issued in order.
-        every, packed = self._stack_reads([[n.experts(e, m) for e in batch] for batch in batches
+        every, per_linear = self._stack_reads([[n.experts(e, m) for e in batch] for batch in batches
                                            for m in names.MLP_PROJECTIONS], layer, ahead, own)
         per_batch = len(every) // len(batches)  # the pending arrays of one batch: (weight, scale) per projection
         out = []
@@ -99,7 +97,7 @@ class WeightFetcher:
                     stack.cancel(positions)
 
             arrays = tuple(p.array for p in pending)
-            linears = self._stack_linears(arrays, packed, n.experts(batch[0], names.MLP_PROJECTIONS[0]))
+            linears = self._stack_linears(arrays, per_linear, n.experts(batch[0], names.MLP_PROJECTIONS[0]))
             out.append((ExpertStack(np.array(batch, dtype=np.int64), *linears, arrived=arrived),
                         arrays if own else (), unused))
         return out
@@ -165,7 +163,7 @@ class WeightFetcher:
         """The routed experts `ids` (ascending, distinct) of `layer`: those the cache holds, those read ahead
         on a guess, and the rest, read now (in flight on return, in the order of `ids`). Each is read once."""
         n, nbytes = self.tensor_names.layer(layer), self.expert_bytes(layer)
-        packed = names.packed_weight(n.experts(0, names.MLP_PROJECTIONS[0])) in self.checkpoint
+        per_linear = len(names.linear_parts(n.experts(0, names.MLP_PROJECTIONS[0]), self.checkpoint))
         stacks: list[ExpertStack] = []
         used: list[tuple[ExpertStack, tuple]] = []  # stacks read for this use, with arrays the cache may take
         missing = []
@@ -175,7 +173,7 @@ class WeightFetcher:
                 missing.append(e)
             else:
                 base = n.experts(e, names.MLP_PROJECTIONS[0])
-                stacks.append(ExpertStack(np.array([e]), *self._stack_linears(hit, packed, base)))
+                stacks.append(ExpertStack(np.array([e]), *self._stack_linears(hit, per_linear, base)))
         guess = self._guesses.pop(layer, None)
         self.guess_stats[layer] = (None, len(ids), None)
         if guess is not None:
@@ -226,6 +224,9 @@ class WeightFetcher:
     def final_norm(self) -> mx.array:
         return self.reader.tensor(self.tensor_names.norm, self.cfg.text.num_hidden_layers)
 
+    def _head_quantized(self) -> bool:
+        return names.linear_format(self.tensor_names.lm_head, self.checkpoint) != names.DENSE
+
     def _head_blocks(self, rows_per_chunk: int = HEAD_ROWS_PER_BLOCK) -> tuple[str, list[tuple[int, int]]]:
         head = names.dense_weight(self.tensor_names.lm_head)
         vocab = self.checkpoint.info(head).shape[0]
@@ -233,8 +234,8 @@ class WeightFetcher:
 
     def _start_head_block(self, j: int, ahead: bool = False):
         """lm_head block j: (cache key, bytes, the cached array or its pending read for slot L + j), or None
-        for a packed head (read whole)."""
-        if names.packed_weight(self.tensor_names.lm_head) in self.checkpoint:
+        for a quantized head (read whole)."""
+        if self._head_quantized():
             return None
         head, blocks = self._head_blocks()
         lo, hi = blocks[j]
@@ -252,8 +253,8 @@ class WeightFetcher:
         tensor a step reads). Block j is read for slot L + j: the caller releases each slot once its block's
         product is evaluated. Blocks the weight cache holds are not read; blocks it will take are read into
         arrays of their own."""
-        if names.packed_weight(self.tensor_names.lm_head) in self.checkpoint:
-            yield self.linear(self.tensor_names.lm_head, self.cfg.text.num_hidden_layers)  # packed heads are small
+        if self._head_quantized():
+            yield self.linear(self.tensor_names.lm_head, self.cfg.text.num_hidden_layers)  # quantized heads are small
             return
         _, blocks = self._head_blocks()
         pending, self._head_first = self._head_first or self._start_head_block(0), None

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from mlx_k2.config import ModelConfig, load_config, parse_config
+from mlx_k2.config import BlockFP8, ModelConfig, load_config, parse_config
 from mlx_k2.errors import ConfigError, K2Error
 from tests.foreign_checkpoint import make_config
 
@@ -256,10 +256,16 @@ def test_k25_without_text_config():
 
 def test_fp8_quant_method_of_real_deepseek_v3():
     raw = make_config("deepseek_v3")
-    # DeepSeek-V3's own config.json ships FP8 block-quantized weights.
+    # DeepSeek-V3's own config.json ships FP8 block-quantized weights: read, with its block size.
     raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                  "weight_block_size": [128, 128]}
-    _expect_error(raw, "quant_method", "fp8")
+                                  "weight_block_size": [128, 64]}
+    assert parse_config(raw).quantization == BlockFP8(block_size=(128, 64))
+
+
+def test_other_quant_methods_are_refused():
+    raw = make_config("deepseek_v3")
+    raw["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    _expect_error(raw, "quant_method", "gptq")
 
 
 def test_unsupported_format():

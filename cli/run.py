@@ -111,7 +111,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
                                              cache_policy=decode.cache_policy)
         ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
         if tokenizer is None and not quiet:
-            typer.echo(f"warning: {model_dir} has no tiktoken.model; tokens are shown as ids", err=True)
+            typer.echo(f"warning: {model_dir} has no tokenizer (tiktoken.model or tokenizer.json); "
+                       "tokens are shown as ids", err=True)
         return tokenizer, run_session(model_dir, ids, max_new_tokens, ledger or default_ledger(bundle), bundle,
                                       device=device, overwrite=overwrite, sinks=sinks, tokenizer=tokenizer,
                                       policy=policy, progress=progress, kernels=kernels, decode=decode)
@@ -158,7 +159,8 @@ def prompt_from(prompt: str | None, bos: bool, ids: list[int], model_dir: Path, 
     own BOS."""
     if prompt is not None:
         if tokenizer is None:
-            raise UsageError(f"--prompt: {model_dir} has no tiktoken.model; give --prompt-ids instead")
+            raise UsageError(f"--prompt: {model_dir} has no tokenizer (tiktoken.model or tokenizer.json); "
+                             "give --prompt-ids instead")
         if ids:
             raise UsageError("give --prompt or --prompt-ids, not both")
         return ([default_bos(model_dir, cfg)] if bos else []) + tokenizer.encode(prompt)

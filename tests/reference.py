@@ -2,13 +2,15 @@
 
 It reads a checkpoint directory on its own terms (config.json in any of the three shapes, the
 safetensors index or a single model.safetensors, headers parsed by hand), widens every stored value to
-float64 exactly (bf16 by bit shift, int4 as (nibble - 8) * scale) and runs greedy generation with no KV
-cache: step k pushes the whole context through every layer again. Each step reports the quantities the
-product's ledger records, so the two can be compared field by field.
+float64 exactly (bf16 by bit shift, int4 as (nibble - 8) * scale, block FP8 as the e4m3 value decoded here
+bit by bit times its block's weight_scale_inv) and runs greedy generation with no KV cache: step k pushes
+the whole context through every layer again. Each step reports the quantities the product's ledger
+records, so the two can be compared field by field.
 
 The math follows K25_FORMAT.md section 5 (HF remote code) but in float64 throughout: it does not mimic the
 bf16 roundings of that code (bf16 cos/sin, bf16 dequantized experts, bf16 activations), nor any product
-choice. It does not do sampling, KV caching, MTP layers, vision or FP8 weights, and it is slow by design.
+choice. It runs layers 0 .. num_hidden_layers - 1 only (never DeepSeek-V3's MTP layer), and does not do
+sampling, KV caching or vision; it is slow by design.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 _NP_DTYPE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-             "I32": np.int32, "I64": np.int64, "U8": np.uint8, "I8": np.int8}
+             "I32": np.int32, "I64": np.int64, "U8": np.uint8, "I8": np.int8,
+             "F8_E4M3": np.uint8}   # the raw e4m3 codes; decode_e4m3 gives their values
 
 # q_a_layernorm / kv_a_layernorm are built without an eps argument in the remote code: the default.
 LORA_NORM_EPS = 1e-6
@@ -37,10 +40,16 @@ def read_header(path) -> tuple[dict, int]:
 
 
 class Tensors:
-    """Name -> float64 array, read lazily from the checkpoint's safetensors files."""
+    """Name -> float64 array, read lazily from the checkpoint's safetensors files.
+
+    `read` collects every tensor name read, so a test can tell what a forward pass touched. `fp8_block`
+    is the checkpoint's quantization_config.weight_block_size when its quant_method is "fp8", else None.
+    """
 
     def __init__(self, model_dir):
         self.dir = Path(model_dir)
+        self.fp8_block = fp8_block_size(load_config(self.dir)[1])
+        self.read: set[str] = set()
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -60,6 +69,7 @@ class Tensors:
     def raw(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
         """The stored array (bf16 as uint16 bits); with rows, only those rows of a 2-D tensor."""
         path, start, entry = self.entries[name]
+        self.read.add(name)
         dtype = np.dtype(_NP_DTYPE[entry["dtype"]]).newbyteorder("<")
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
@@ -74,6 +84,9 @@ class Tensors:
         """The tensor widened to float64 exactly."""
         if rows is None and name in self._cache:
             return self._cache[name]
+        if self.entries[name][2]["dtype"] == "F8_E4M3":
+            # Its value needs the block scale too: reading it alone would silently drop the scale.
+            raise ValueError(f"{name} is F8_E4M3: read it with linear() (weight times weight_scale_inv)")
         arr = self.raw(name, rows)
         if self.entries[name][2]["dtype"] == "BF16":
             # bf16 is the top half of a float32: shifting the bits back is exact.
@@ -84,11 +97,20 @@ class Tensors:
         return out
 
     def linear(self, base: str, group_size: int = 32) -> np.ndarray:
-        """Weight [out, in] of a linear layer stored either as `.weight` or as int4 `.weight_packed`."""
-        if base + ".weight" in self.entries:
-            return self.f64(base + ".weight")
+        """Weight [out, in] of a linear layer stored as bf16 `.weight`, block FP8 `.weight` +
+        `.weight_scale_inv`, or int4 `.weight_packed` + `.weight_scale`."""
+        weight = base + ".weight"
+        if weight in self.entries and self.entries[weight][2]["dtype"] != "F8_E4M3":
+            return self.f64(weight)
         key = base + ".weight(dequant)"
-        if key not in self._cache:
+        if key in self._cache:
+            return self._cache[key]
+        if weight in self.entries:
+            if self.fp8_block is None:
+                raise ValueError(f"{weight} is F8_E4M3 but config.json has no fp8 quantization_config")
+            self._cache[key] = dequant_fp8_blocks(self.raw(weight), self.f64(base + ".weight_scale_inv"),
+                                                  self.fp8_block)
+        else:
             self._cache[key] = dequant_int4(self.raw(base + ".weight_packed"),
                                             self.f64(base + ".weight_scale"), group_size)
         return self._cache[key]
@@ -106,12 +128,60 @@ def dequant_int4(packed: np.ndarray, scale: np.ndarray, group_size: int) -> np.n
     return q * np.repeat(scale, group_size, axis=1)                     # (out, in)
 
 
+def decode_e4m3(codes: np.ndarray) -> np.ndarray:
+    """float8 e4m3fn codes (uint8) -> float64 values, from the format's definition.
+
+    Bit 7 sign, bits 6..3 exponent (bias 7), bits 2..0 mantissa. Exponent field 0: subnormal,
+    (-1)^s * (m / 8) * 2^-6. Otherwise (-1)^s * (1 + m / 8) * 2^(e - 7). There are no infinities: only
+    0x7F and 0xFF (exponent and mantissa all ones) are NaN, so the largest finite value is 1.75 * 2^8 = 448.
+    """
+    c = np.asarray(codes).astype(np.int64)
+    sign = np.where(c & 0x80, -1.0, 1.0)
+    exponent = (c >> 3) & 0xF
+    mantissa = (c & 0x7).astype(np.float64)
+    normal = sign * (1.0 + mantissa / 8.0) * np.exp2(exponent - 7.0)
+    subnormal = sign * (mantissa / 8.0) * 2.0 ** -6
+    value = np.where(exponent == 0, subnormal, normal)
+    return np.where((c & 0x7F) == 0x7F, np.nan, value)
+
+
+def dequant_fp8_blocks(codes: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """Block FP8 -> float64 W[out, in] = e4m3(codes[o, c]) * scale_inv[o // bo, c // bi], exact.
+
+    scale_inv must be [ceil(out / bo), ceil(in / bi)]; an edge block is partial, so the repeated scales
+    are cropped to [out, in].
+    """
+    out, inp = codes.shape
+    bo, bi = block
+    want = (-(-out // bo), -(-inp // bi))
+    if scale_inv.shape != want:
+        raise ValueError(f"weight_scale_inv {list(scale_inv.shape)} for a [{out}, {inp}] weight in "
+                         f"{bo}x{bi} blocks; expected {list(want)}")
+    scales = np.repeat(np.repeat(scale_inv, bo, axis=0), bi, axis=1)[:out, :inp]   # (out, in)
+    return decode_e4m3(codes) * scales
+
+
 def load_config(model_dir) -> tuple[dict, dict | None]:
-    """(text config, quantization config or None) from config.json of any of the three shapes."""
+    """(text config, quantization config or None) from config.json of any of the shapes."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     text = cfg.get("text_config", cfg)
     quant = text.get("quantization_config") or cfg.get("quantization_config")
     return text, quant
+
+
+def fp8_block_size(quant: dict | None) -> tuple[int, int] | None:
+    """weight_block_size [rows, cols] of an "fp8" quantization_config, else None."""
+    if not quant or quant.get("quant_method") != "fp8":
+        return None
+    rows, cols = quant["weight_block_size"]
+    return int(rows), int(cols)
+
+
+def int4_group_size(quant: dict | None) -> int:
+    """group_size of a compressed-tensors int4 quantization_config; 32 (unused) for any other."""
+    if not quant or quant.get("quant_method") != "compressed-tensors":
+        return 32
+    return int(quant["config_groups"]["group_0"]["weights"]["group_size"])
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -189,17 +259,18 @@ def attention(tc: dict, W: Tensors, p: str, x: np.ndarray) -> np.ndarray:
     H = tc["num_attention_heads"]
     nope, rope, vdim = tc["qk_nope_head_dim"], tc["qk_rope_head_dim"], tc["v_head_dim"]
     kvr = tc["kv_lora_rank"]
+    # Every projection goes through linear(): bf16, or block FP8 dequantised.
     if tc.get("q_lora_rank") is None:
-        q = x @ W.f64(p + "q_proj.weight").T
+        q = x @ W.linear(p + "q_proj").T
     else:
-        qa = rms_norm(x @ W.f64(p + "q_a_proj.weight").T, W.f64(p + "q_a_layernorm.weight"), LORA_NORM_EPS)
-        q = qa @ W.f64(p + "q_b_proj.weight").T
+        qa = rms_norm(x @ W.linear(p + "q_a_proj").T, W.f64(p + "q_a_layernorm.weight"), LORA_NORM_EPS)
+        q = qa @ W.linear(p + "q_b_proj").T
     q = q.reshape(T, H, nope + rope).transpose(1, 0, 2)                           # (H, T, nope+rope)
     q_nope, q_pe = q[..., :nope], q[..., nope:]
 
-    ckv = x @ W.f64(p + "kv_a_proj_with_mqa.weight").T                            # (T, kvr+rope)
+    ckv = x @ W.linear(p + "kv_a_proj_with_mqa").T                            # (T, kvr+rope)
     compressed, k_pe = ckv[:, :kvr], ckv[:, kvr:]
-    kv = rms_norm(compressed, W.f64(p + "kv_a_layernorm.weight"), LORA_NORM_EPS) @ W.f64(p + "kv_b_proj.weight").T
+    kv = rms_norm(compressed, W.f64(p + "kv_a_layernorm.weight"), LORA_NORM_EPS) @ W.linear(p + "kv_b_proj").T
     kv = kv.reshape(T, H, nope + vdim).transpose(1, 0, 2)                         # (H, T, nope+v)
     k_nope, v = kv[..., :nope], kv[..., nope:]
 
@@ -212,7 +283,7 @@ def attention(tc: dict, W: Tensors, p: str, x: np.ndarray) -> np.ndarray:
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = scores / scores.sum(axis=-1, keepdims=True)
     out = (probs @ v).transpose(1, 0, 2).reshape(T, H * vdim)                     # (T, H*v)
-    return out @ W.f64(p + "o_proj.weight").T
+    return out @ W.linear(p + "o_proj").T
 
 
 def mlp(W: Tensors, p: str, x: np.ndarray, group_size: int = 32) -> np.ndarray:
@@ -236,6 +307,11 @@ def route(tc: dict, W: Tensors, p: str, x: np.ndarray) -> tuple[np.ndarray, np.n
     bias_name = p + "gate.e_score_correction_bias"
     choice = scores + W.f64(bias_name) if bias_name in W else scores.copy()      # bias steers selection only
     if n_group > 1:
+        # noaux_tc group-limited routing (K25_FORMAT.md section 5 MoEGate; DeepSeek-V3 inference/model.py
+        # Gate): a group's score is the sum of its two highest biased scores; only the topk_group best
+        # groups' experts may be chosen. Experts of the other groups are masked to -inf as DeepSeek's Gate
+        # does (HF's remote code fills 0.0, which picks the same experts whenever the kept groups hold k
+        # experts with a positive biased score, as in practice with sigmoid scores and small biases).
         grouped = choice.reshape(T, n_group, E // n_group)                       # (T, G, E/G)
         group_score = -np.sort(-grouped, axis=-1)[..., :2].sum(axis=-1)           # (T, G): top-2 sum
         # Stable sort: equal group scores go to the lower group index.
@@ -285,9 +361,7 @@ def entropy_nats(logits: np.ndarray) -> float:
 def reference_generate(model_dir, prompt_ids: list[int], max_new_tokens: int) -> list[dict]:
     """Greedy generation without a KV cache; one record per generated token (see module docstring)."""
     tc, quant = load_config(model_dir)
-    group_size = 32
-    if quant:
-        group_size = int(quant["config_groups"]["group_0"]["weights"]["group_size"])
+    group_size = int4_group_size(quant)
     W = Tensors(model_dir)
     pre = _model_prefix(W)
     eps = float(tc["rms_norm_eps"])
@@ -300,6 +374,7 @@ def reference_generate(model_dir, prompt_ids: list[int], max_new_tokens: int) ->
         tok = np.asarray(ids)
         x = W.f64(f"{pre}model.embed_tokens.weight", rows=tok)                    # (T, D)
         layers = []
+        # num_hidden_layers only: an MTP layer (model.layers.{num_hidden_layers}) is not part of a text pass.
         for i in range(tc["num_hidden_layers"]):
             p = f"{pre}model.layers.{i}."
             norm_in = float(np.linalg.norm(x[-1]))

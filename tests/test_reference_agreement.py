@@ -175,6 +175,9 @@ def expected_bytes(sizes: dict[str, tuple[int, list[int]]], ref_step: dict) -> t
         names += by_prefix[p + "self_attn."]
         if rl["kind"] == "dense":
             names += [f"{p}mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
+            # Block FP8 (DeepSeek-V3, Kimi-K2-Instruct): each weight comes with its block scales.
+            names += [f"{p}mlp.{m}.weight_scale_inv" for m in ("gate_proj", "up_proj", "down_proj")
+                      if f"{p}mlp.{m}.weight_scale_inv" in sizes]
         else:
             names += [p + "mlp.gate.weight", p + "mlp.gate.e_score_correction_bias"]
             names += by_prefix.get(p + "mlp.shared_experts.", [])
@@ -185,6 +188,8 @@ def expected_bytes(sizes: dict[str, tuple[int, list[int]]], ref_step: dict) -> t
                         names += [base + "weight_packed", base + "weight_scale"]   # weight_shape is metadata
                     else:
                         names.append(base + "weight")
+                        if base + "weight_scale_inv" in sizes:                     # block FP8
+                            names.append(base + "weight_scale_inv")
         per_layer.append(sum(nbytes(n) for n in names))
     return total + sum(per_layer), per_layer
 

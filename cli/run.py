@@ -17,7 +17,7 @@ from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
 from mlx_k2.storage import ReadPolicy
 from mlx_k2.synth import default_checkpoint
-from mlx_k2.tokenizer import default_bos, load_tokenizer
+from mlx_k2.tokenizer import adds_bos, default_bos, load_tokenizer
 
 from .app import app, guarded
 from .live import live_dashboard
@@ -52,7 +52,9 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
                                                               "synthetic K2.5-format checkpoint).")] = None,
         prompt: Annotated[Optional[str], typer.Option(help="Prompt text, encoded with the checkpoint's "
                                                            "tokenizer.")] = None,
-        bos: Annotated[bool, typer.Option("--bos", help="Put BOS before --prompt text.")] = False,
+        bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help="Put BOS before --prompt text (default: "
+                                                   "as the model's tokenizer does, tokenizer_config.json's "
+                                                   "add_bos_token).")] = None,
         prompt_ids: Annotated[Optional[list[str]], typer.Option(
             "--prompt-ids", help="Token ids, comma- or space-separated; repeatable. Default: BOS.")] = None,
         max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 5,
@@ -154,14 +156,16 @@ def default_ledger(bundle: Path | None) -> Path | None:
     return None if bundle is not None else Path("runs") / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.jsonl"
 
 
-def prompt_from(prompt: str | None, bos: bool, ids: list[int], model_dir: Path, cfg, tokenizer) -> list[int]:
-    """The prompt's token ids: --prompt-ids, or --prompt encoded (after BOS with --bos), else the checkpoint's
-    own BOS."""
+def prompt_from(prompt: str | None, bos: bool | None, ids: list[int], model_dir: Path, cfg, tokenizer) -> list[int]:
+    """The prompt's token ids: --prompt-ids, or --prompt encoded (after BOS with --bos, or where the model's
+    tokenizer adds it and --no-bos is not given), else the checkpoint's own BOS."""
     if prompt is not None:
         if tokenizer is None:
             raise UsageError(f"--prompt: {model_dir} has no tokenizer (tiktoken.model or tokenizer.json); "
                              "give --prompt-ids instead")
         if ids:
             raise UsageError("give --prompt or --prompt-ids, not both")
+        if bos is None:
+            bos = adds_bos(model_dir)
         return ([default_bos(model_dir, cfg)] if bos else []) + tokenizer.encode(prompt)
     return ids or [default_bos(model_dir, cfg)]

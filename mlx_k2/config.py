@@ -41,6 +41,11 @@ class Quantization:
     def describe(self) -> str:
         return f"compressed-tensors pack-quantized int{self.num_bits}, group {self.group_size}"
 
+    @property
+    def label(self) -> str:
+        """The ledger header's model.quantization (LEDGER.md), e.g. `int4-group32`."""
+        return f"int{self.num_bits}-group{self.group_size}"
+
 
 @dataclass(frozen=True)
 class BlockFP8:
@@ -53,6 +58,13 @@ class BlockFP8:
 
     def describe(self) -> str:
         return f"block FP8 e4m3, {self.block_size[0]} x {self.block_size[1]} blocks (weight_scale_inv)"
+
+    @property
+    def label(self) -> str:
+        """The ledger header's model.quantization (LEDGER.md): `fp8-block128`, or `fp8-block128x64` where the
+        block is not square."""
+        bo, bi = self.block_size
+        return f"fp8-block{bo}" if bo == bi else f"fp8-block{bo}x{bi}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,10 @@ class ModelConfig:
     text: TextConfig
     quantization: Quantization | BlockFP8 | None
     weight_prefix: str  # "language_model." for K2.5's multimodal wrapper, "" for flat checkpoints
+
+    @property
+    def quantization_label(self) -> str:
+        return self.quantization.label if self.quantization is not None else "none"
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:

@@ -141,7 +141,7 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
         text, started = model.config.text, time.perf_counter()
         identity = {**model.checkpoint.identity(), "model_type": model.config.model_type,
                     "num_layers": text.num_hidden_layers, "n_routed_experts": text.n_routed_experts,
-                    "experts_per_token": text.num_experts_per_tok, **model_facts(model.dir, text)}
+                    "experts_per_token": text.num_experts_per_tok, **model_facts(model.dir, model.config)}
         platform = {"backend": BACKEND, "device": dev, "compute_dtype": DTYPE, "kernels": kernels_label(model.kernels)}
         tokenizer = load_tokenizer(model.dir)
         capture = run.get("capture", True) is not False

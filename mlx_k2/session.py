@@ -133,7 +133,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
                                    text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
                                    capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
                                                   "python": platform.python_version()},
-                                   kernels_label(model.kernels), model_facts(model_dir, text), decode.kv_cache,
+                                   kernels_label(model.kernels), model_facts(model_dir, model.config), decode.kv_cache,
                                    decode.cache_bytes, decode.cache_policy))
         tokenizer = tokenizer or load_tokenizer(model_dir)
         return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,

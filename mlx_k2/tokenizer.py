@@ -3,7 +3,9 @@
 `load_tokenizer` reads `tiktoken.model` where the checkpoint has one (Kimi K2, K2.5:
 tokenizer_tiktoken.py), else `tokenizer.json` (DeepSeek-V3, R1: tokenizer_hf.py), else returns None.
 Both expose the `Tokenizer` interface the rest of the product uses; neither adds BOS in `encode`.
-`default_bos` is the checkpoint's own BOS id, the default prompt of `run` and `anchor`.
+`default_bos` is the checkpoint's own BOS id, the default prompt of `run` and `anchor`; `adds_bos` says
+whether the model's own tokenizer puts BOS before text (tokenizer_config.json's `add_bos_token`: DeepSeek-V3's
+does, Kimi's has no such key and does not), which `run --prompt` follows unless told.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .tokenizer_hf import HuggingFaceTokenizer
 from .tokenizer_tiktoken import NUM_RESERVED_SPECIAL_TOKENS, SPECIAL_TOKENS, TiktokenTokenizer
 
 __all__ = ["NUM_RESERVED_SPECIAL_TOKENS", "SPECIAL_TOKENS", "HuggingFaceTokenizer", "TiktokenTokenizer",
-           "Tokenizer", "default_bos", "load_tokenizer"]
+           "Tokenizer", "adds_bos", "default_bos", "load_tokenizer"]
 
 TIKTOKEN_FILE = "tiktoken.model"
 TOKENIZER_JSON = "tokenizer.json"
@@ -44,6 +46,19 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
     if (model_dir / TOKENIZER_JSON).exists():
         return HuggingFaceTokenizer(model_dir / TOKENIZER_JSON, model_dir / TOKENIZER_CONFIG)
     return None
+
+
+def adds_bos(model_dir: str | Path) -> bool:
+    """tokenizer_config.json's `add_bos_token` (False where the file or the key is absent)."""
+    path = Path(model_dir) / TOKENIZER_CONFIG
+    try:
+        raw = json.loads(path.read_bytes()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    value = raw.get("add_bos_token", False) if isinstance(raw, dict) else False
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{path}: add_bos_token is {value!r}, expected true or false")
+    return value
 
 
 def default_bos(model_dir: str | Path, cfg: ModelConfig) -> int:

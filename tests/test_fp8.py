@@ -141,8 +141,7 @@ def test_block_fp8_expert_stack_rows_against_float64():
 @pytest.fixture(scope="module")
 def kimi_k2_fp8(tmp_path_factory):
     path = tmp_path_factory.mktemp("k2fp8")
-    write_synthetic(path, 0, spec_for("kimi-k2-fp8", num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4,
-                                      vocab_size=512))
+    write_synthetic(path, 0, spec_for("kimi-k2-fp8", num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4))
     return path
 
 
@@ -277,3 +276,23 @@ def test_run_starts_from_the_models_bos_and_never_reads_the_mtp_layer(deepseek_v
     assert steps[0]["input_ids"] == [0]  # DeepSeek-V3's BOS, from its config.json
     assert read and not any(n.startswith("model.layers.4.") for n in read)
     assert any(n.endswith(".weight_scale_inv") for n in read)
+
+
+def test_fp8_ledger_records_the_quantization_and_replays(kimi_k2_fp8, tmp_path):
+    ledger = tmp_path / "l.jsonl"
+    result = RUNNER.invoke(app, ["run", "--model", str(kimi_k2_fp8), "--max-new-tokens", "2", "--ledger", str(ledger),
+                                 "--cache", "0", "--kernels", "builtin", "--no-dashboard"])
+    assert result.exit_code == 0, result.output
+    lines = ledger.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["model"]["quantization"] == "fp8-block128"
+    assert header["model"]["bos_token_id"] == 163584
+    result = RUNNER.invoke(app, ["verify", str(ledger), "--replay", "--model", str(kimi_k2_fp8)])
+    assert result.exit_code == 0, result.output
+    assert "re-executed" in result.output.splitlines()[-1]
+    for label, fragment in (("int4-group32", "quantization"), ("fp8-e4m3", "model.quantization 'fp8-e4m3'")):
+        header["model"]["quantization"] = label
+        forged = tmp_path / f"forged-{label}.jsonl"
+        forged.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+        result = RUNNER.invoke(app, ["verify", str(forged), "--replay", "--model", str(kimi_k2_fp8)])
+        assert result.exit_code == 1 and fragment in result.output, result.output

@@ -42,7 +42,7 @@ from mlx_k2.events import RunDone, StepDone
 from mlx_k2.forward import Attention, LatentKV, mla_attention, rope_tables
 from mlx_k2.linear import Linear, choose_kernels, dense_weight
 from tests import reference as ref
-from tests.foreign_checkpoint import SHAPES, write_foreign_checkpoint
+from tests.foreign_checkpoint import FP8_SHAPES, SHAPES, write_foreign_checkpoint
 from tests.test_reference_agreement import REL_TOL as REFERENCE_REL_TOL
 
 ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
@@ -236,12 +236,12 @@ class Case:
         return f"{self.name}{'-single' if self.single_file else ''}-{self.kernels}"
 
 
-FOREIGN = [Case(shape, single, k) for shape, single in [(s, False) for s in SHAPES] + [("kimi_k25", True)]
+FOREIGN = [Case(shape, single, k) for shape, single in [(s, False) for s in SHAPES + FP8_SHAPES] + [("kimi_k25", True)]
            for k in ("builtin", "own")]
 AGREEMENT_CASES = [Case("synthetic")] + FOREIGN
-# The cache and look-ahead runs: int4 and bf16 experts, grouped routing, both kernels.
+# The cache and look-ahead runs: int4, bf16 and block FP8 experts, grouped routing, both kernels.
 CACHE_CASES = [Case("synthetic"), Case("kimi_k25", kernels="builtin"), Case("kimi_k25", kernels="own"),
-               Case("deepseek_v3", kernels="builtin")]
+               Case("deepseek_v3", kernels="builtin"), Case("deepseek_v3_fp8", kernels="own")]
 
 
 class Layout:
@@ -260,6 +260,8 @@ class Layout:
                 begin, end = entry["data_offsets"]
                 sizes[name], shapes[name] = end - begin, entry["shape"]
         self.pre = "language_model." if "language_model.model.embed_tokens.weight" in sizes else ""
+        config = json.loads((model_dir / "config.json").read_text())
+        text_layers = config.get("text_config", config)["num_hidden_layers"]  # later ones: MTP, never read
         embed = f"{self.pre}model.embed_tokens.weight"
         self.row = sizes[embed] // shapes[embed][0]   # bytes of one embedding row
         self.head = sizes[f"{self.pre}model.norm.weight"] + sizes[f"{self.pre}lm_head.weight"]
@@ -270,6 +272,8 @@ class Layout:
             if not name.startswith(layers):
                 continue
             layer, rest = name[len(layers):].split(".", 1)
+            if int(layer) >= text_layers:
+                continue
             if rest.startswith("mlp.experts."):
                 if not name.endswith("weight_shape"):
                     key = (int(layer), int(rest.split(".")[2]))
@@ -474,7 +478,7 @@ def reference_all_positions(model_dir: Path, ids: list[int]):
     (T, vocab), final hidden (T, hidden), per layer the experts each position selected (T, k) or None).
     Attention is causal and routing per position, so row t is what a step with context ids[:t + 1] gives."""
     tc, quant = ref.load_config(model_dir)
-    group = int(quant["config_groups"]["group_0"]["weights"]["group_size"]) if quant else 32
+    group = ref.int4_group_size(quant)
     W = ref.Tensors(model_dir)
     pre = ref._model_prefix(W)
     eps = float(tc["rms_norm_eps"])

@@ -43,7 +43,7 @@ MODEL_KEYS = {"path", "model_type", "num_layers", "n_routed_experts", "experts_p
               "index_blake3",
               # schema 2's model facts: what verify's structural checks need without the model
               "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace", "moe_layer_freq",
-              "tokenizer_blake3"}
+              "tokenizer_blake3", "quantization"}
 RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
             "expert_cache_bytes", "cache_policy", "versions"}
 VERSION_KEYS = {"mlx_k2", "mlx", "python"}
@@ -213,6 +213,8 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     text = json.loads((synth_dir / "config.json").read_text())["text_config"]
     for name in ("vocab_size", "hidden_size", "first_k_dense_replace"):
         assert header["model"][name] == text[name], name
+    weights = text["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert header["model"]["quantization"] == f"int{weights['num_bits']}-group{weights['group_size']}"
     assert header["model"]["tokenizer_blake3"] == b3((synth_dir / "tiktoken.model").read_bytes())
     assert header["run"]["kernels"] == kernels_label(choose_kernels(None, "cpu"))  # the default; schema 2
     assert header["provenance"] == EXPECTED_PROVENANCE

@@ -31,7 +31,10 @@ WEIGHT_TOL = 1e-4   # absolute, on routing weights that sum to 1
 
 FOREIGN_CASES = [("kimi_k25", False, "builtin"), ("kimi_k25", True, "builtin"), ("kimi_k2", False, "builtin"),
                  ("deepseek_v3", False, "builtin"), ("kimi_k25", False, "own"), ("kimi_k2", False, "own"),
-                 ("deepseek_v3", False, "own")]
+                 ("deepseek_v3", False, "own"),
+                 # block FP8: DeepSeek-V3 (8 expert groups, 3 dense layers, an MTP layer) and Kimi-K2-Instruct
+                 ("deepseek_v3_fp8", False, "builtin"), ("kimi_k2_fp8", True, "builtin"),
+                 ("deepseek_v3_fp8", False, "own"), ("kimi_k2_fp8", False, "own")]
 
 
 def _run_product(model_dir: Path, prompt: list[int], kernels: str = "builtin"):

@@ -301,9 +301,11 @@ def test_cli_run_prompt_with_tokenizer_json(tmp_path):
     vocab = write_hf_tokenizer(model_dir)
     assert len(vocab) <= json.loads((model_dir / "config.json").read_text())["vocab_size"]
     cli = CliRunner()
-    for extra, want in ((["--prompt", "hello world"], [vocab["hello"], vocab["Ġworld"]]),
+    # tokenizer_config.json says add_bos_token: BOS comes first unless --no-bos, as the model's tokenizer does.
+    for extra, want in ((["--prompt", "hello world", "--no-bos"], [vocab["hello"], vocab["Ġworld"]]),
+                        (["--prompt", "hello world"], [0, vocab["hello"], vocab["Ġworld"]]),
                         (["--prompt", "hello world", "--bos"], [0, vocab["hello"], vocab["Ġworld"]]),
-                        (["--prompt", f"{DSV3_BOS}hello"], [0, vocab["hello"]])):
+                        (["--prompt", f"{DSV3_BOS}hello", "--no-bos"], [0, vocab["hello"]])):
         ledger = tmp_path / "run.jsonl"
         result = cli.invoke(app, ["run", "--model", str(model_dir), "--max-new-tokens", "1", "--ledger", str(ledger),
                                   "--device", "cpu", "--no-dashboard", "--overwrite", *extra])

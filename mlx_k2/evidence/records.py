@@ -16,15 +16,22 @@ import numpy as np
 
 from ..events import LayerDone, StepDone
 from .derived import entropy, file_blake3, margin, tensor_digest, top16
-from .schema import MODEL_FACTS, PROVENANCE, SCHEMA, TOKENIZER_FILE
+from .schema import MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA, TOKENIZER_FILES
 
 
-def model_facts(model_dir: Path, text) -> dict[str, Any]:
-    """The header's schema-3 model facts (schema.MODEL_FACTS) from a text config (config.TextConfig) and the
-    checkpoint's tokenizer file: what verify's structural checks need without the model."""
-    tokenizer = Path(model_dir) / TOKENIZER_FILE
-    facts = {name: getattr(text, name) for name in MODEL_FACTS if name != "tokenizer_blake3"}
-    facts["tokenizer_blake3"] = file_blake3(tokenizer) if tokenizer.is_file() else None
+def tokenizer_file(model_dir: Path) -> Path | None:
+    """The file the checkpoint's tokenizer is built from (schema.TOKENIZER_FILES), or None."""
+    return next((Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()), None)
+
+
+def model_facts(model_dir: Path, config) -> dict[str, Any]:
+    """The header's model facts (schema.MODEL_FACTS, and model.quantization) from a model config
+    (config.ModelConfig) and the checkpoint's tokenizer file: what verify's structural checks need without
+    the model."""
+    tokenizer = tokenizer_file(model_dir)
+    facts = {name: getattr(config.text, name) for name in MODEL_FACTS if name != "tokenizer_blake3"}
+    facts["tokenizer_blake3"] = file_blake3(tokenizer) if tokenizer is not None else None
+    facts[QUANTIZATION] = config.quantization_label
     return facts
 
 

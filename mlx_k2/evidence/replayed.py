@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .anchors import kernel_key
-from .schema import BUILTIN_KERNELS, MODEL_FACTS
+from .schema import BUILTIN_KERNELS, MODEL_FACTS, QUANTIZATION
 
 # README: the product's kernels and MLX's agree within 1e-5 relative on the logits; 10x headroom, taken
 # relative to the larger magnitude (and at least 1, so values near 0 compare absolutely).
@@ -32,9 +32,10 @@ IGNORED = frozenset({"prev", "wall_s"})
 CACHE_FIELDS = ("positions", "bytes_cached")
 SUMMED = "bytes_read + bytes_cached"  # the field compared where the split between the two is not reproducible
 DIGESTS = frozenset({"hidden_digest", "logits_digest"})
-# Header facts the opened checkpoint must agree with (schema 1/2 headers lack the MODEL_FACTS ones).
+# Header facts the opened checkpoint must agree with (schema 1/2 headers lack the MODEL_FACTS ones, headers
+# from before block FP8 model.quantization: compared where the header has them).
 IDENTITY = ("config_blake3", "index_blake3", "model_type", "num_layers", "n_routed_experts", "experts_per_token",
-            *MODEL_FACTS)
+            *MODEL_FACTS, QUANTIZATION)
 PLATFORM = ("backend", "device", "compute_dtype", "kernels")
 
 

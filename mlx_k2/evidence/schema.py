@@ -21,13 +21,19 @@ SCHEMA = "mlx-k2.ledger/2"
 # checkpoint's tiktoken.model, or null where it has none). Schema 2 ledgers of the first release carry
 # run.kernels only: a header has either all the model facts or none. Header run.expert_cache_bytes (the
 # weight cache's budget, 0 = none) came with the cache fields of the records (CACHE_PROVENANCE below), and
-# run.cache_policy (how it evicts experts: CACHE_POLICIES, weight_cache.POLICIES) after them.
+# run.cache_policy (how it evicts experts: CACHE_POLICIES, weight_cache.POLICIES) after them. Header
+# model.quantization (QUANTIZATION) came with block FP8 checkpoints; a header from before it lacks it.
 SCHEMAS = ("mlx-k2.ledger/1", SCHEMA)
 CACHE_POLICIES = ("lru", "lfu")
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
                "tokenizer_blake3": (str, type(None))}
-TOKENIZER_FILE = "tiktoken.model"  # the file tokenizer_blake3 hashes
+# tokenizer_blake3 hashes the file the checkpoint's tokenizer is built from: the first of these it has.
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer.json")
+# header model.quantization: how the checkpoint stores its quantized linears (LEDGER.md), e.g. int4-group32,
+# fp8-block128 (fp8-block128x64 for a block that is not square), none.
+QUANTIZATION = "quantization"
+QUANTIZATION_LABEL = r"none|int[0-9]+-group[0-9]+|fp8-block[0-9]+(x[0-9]+)?"
 
 
 def schema_number(header: dict) -> int:

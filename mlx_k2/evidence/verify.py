@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -39,7 +40,7 @@ from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_dige
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
-                     PROVENANCES, SCHEMAS, TOKENIZER_FILE, ListOf, has_type, record_fields, schema_number,
+                     PROVENANCES, SCHEMAS, QUANTIZATION, QUANTIZATION_LABEL, ListOf, has_type, record_fields, schema_number,
                      step_tensor_path, strict_loads)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
@@ -258,6 +259,10 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
         schema.fail(f"header: run.max_new_tokens is {run['max_new_tokens']}, must be at least 1")
     if run.get("device") not in (None, "cpu", "gpu"):
         schema.fail(f"header: run.device {run.get('device')!r} is not cpu or gpu")
+    if QUANTIZATION in model and not (isinstance(model[QUANTIZATION], str)
+                                      and re.fullmatch(QUANTIZATION_LABEL, model[QUANTIZATION])):
+        schema.fail(f"header: model.quantization {model[QUANTIZATION]!r} is not none, int<bits>-group<size> or "
+                    "fp8-block<size>")
     if "cache_policy" in run and run["cache_policy"] not in CACHE_POLICIES:
         schema.fail(f"header: run.cache_policy {run['cache_policy']!r} is not one of {', '.join(CACHE_POLICIES)}")
     budget = run.get("expert_cache_bytes", 0)
@@ -495,11 +500,11 @@ def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: 
 def _tokenizer_problem(model: dict, steps: list[dict], tokenizer) -> str:
     """Why token_text cannot be checked with `tokenizer` ("" when it can, or when there is none to check)."""
     if tokenizer is None:
-        return "no tokenizer (give --model DIR, the checkpoint with its tiktoken.model)"
+        return "no tokenizer (give --model DIR, the checkpoint with its tiktoken.model or tokenizer.json)"
     recorded = model.get("tokenizer_blake3")
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if isinstance(recorded, str) and vocab_file is not None and file_blake3(Path(vocab_file)) != recorded:
-        return f"{vocab_file} is not the {TOKENIZER_FILE} the header names (its BLAKE3 differs)"
+        return f"{vocab_file} is not the tokenizer file the header names (its BLAKE3 differs)"
     return ""
 
 

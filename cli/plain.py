@@ -34,7 +34,8 @@ def plain_lines(tokenizer):
         if isinstance(event, RunStarted):
             run.update(cache_budget=event.cache_budget, lookahead=event.lookahead)
             cache = f"weight cache {event.cache_budget / 1e9:.2f} GB" if event.cache_budget else "no weight cache"
-            typer.echo(f"{event.model_type} on {event.device}, kernels {event.kernels}: {event.num_layers} layers, "
+            weights = f" ({event.quantization})" if event.quantization else ""
+            typer.echo(f"{event.model_type}{weights} on {event.device}, kernels {event.kernels}: {event.num_layers} layers, "
                        f"{event.max_new_tokens} steps from a {event.context_len}-token context; "
                        f"decode {'KV cache' if event.kv_cache else 'no-KV'}, {cache}, "
                        f"look-ahead {'on' if event.lookahead else 'off'}")

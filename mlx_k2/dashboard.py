@@ -97,7 +97,8 @@ class DashboardState:
 
     def update(self, event: Event) -> None:
         if isinstance(event, RunStarted):
-            self.model_path, self.model_type, self.device = event.model_path, event.model_type, event.device
+            self.model_path, self.device = event.model_path, event.device
+            self.model_type = f"{event.model_type} {event.quantization}".strip()
             self.kernels = event.kernels
             self.num_layers, self.n_routed_experts = event.num_layers, event.n_routed_experts
             self.max_new_tokens, self.context_len = event.max_new_tokens, event.context_len

@@ -32,6 +32,7 @@ class RunStarted:
     kv_cache: bool = False       # decode one new position per step over cached attention state
     cache_budget: int = 0        # bytes the in-process weight cache may hold (0: no cache)
     lookahead: bool = False      # the next layer's experts are guessed and read ahead
+    quantization: str = ""       # the ledger header's model.quantization: int4-group32, fp8-block128, none
 
 
 @dataclass(frozen=True)

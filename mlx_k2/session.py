@@ -224,7 +224,7 @@ def _drive(model: Model, identity: dict[str, str], ledger: LedgerSink, bundle: B
     started = RunStarted(str(model.dir), model.config.model_type, dev, text.num_hidden_layers, text.n_routed_experts,
                          max_new_tokens, len(context), first_step,
                          one_token_step_bytes(model.checkpoint, model.config), kernels_label(model.kernels),
-                         decode.kv_cache, decode.cache_bytes, decode.lookahead)
+                         decode.kv_cache, decode.cache_bytes, decode.lookahead, model.config.quantization_label)
     try:
         for sink in subscribers:
             sink(started)

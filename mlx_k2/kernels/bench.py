@@ -4,8 +4,14 @@ built-in on the same inputs, at K2.5's shapes, plus the machine's memory-read ce
 Cases, each for T = 1, 8, 64: int4 7168 -> 2048 and 2048 -> 7168 (`int4_matmul` vs `mx.quantized_matmul`,
 scales float32 and biases -8 * scale as linear.py passes them); int4_gather, 8 of 384 experts per position,
 7168 -> 2048 (`int4_gather_matmul` vs `mx.gather_qmm`); bf16 7168 -> 2048 (`dense_matmul` vs
-`x @ w.astype(float32).T`). Weight bytes are the stored ones (int4 words + bf16 scales, or bf16), counted once
-per distinct expert a call reads. Each figure is the median of up to `repeats` timed calls after one warm-up
+`x @ w.astype(float32).T`). Block-FP8 (DeepSeek-V3's 128 x 128 blocks, float32 scales), at T = 1 only: fp8
+7168 -> 2048, one routed expert's projection (`fp8_matmul` vs MLX's route: `mx.from_fp8(weight, float32)`
+times the block scales broadcast, then `x @ W.T`); fp8_gather, 8 experts of a stack of 32 (DeepSeek-V3 has 256;
+the stack's size does not change a call that reads 8) 7168 -> 2048 (`fp8_gather_matmul` vs the 8 experts taken,
+converted and scaled the same way, then `mx.gather_mm`); fp8 7168 -> 18432, a dense MLP projection of
+DeepSeek-V3's first layers, with int4 at the same shape and T beside it (the int4 rows of 7168 -> 2048 and of
+int4_gather are the other two shapes). Weight bytes are the stored ones (int4 words + bf16 scales, fp8 bytes +
+float32 scales, or bf16), counted once per distinct expert a call reads. Each figure is the median of up to `repeats` timed calls after one warm-up
 (fewer when a call is slow). The ceiling is the best of a streaming numpy sum of a buffer far larger than the
 caches, on one thread and on one per core. Weight values do not change the timing; the expert stack is zeros
 (3 GB, allocated once). This module measures and returns numbers; it never prints.
@@ -21,10 +27,11 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from . import dense_matmul, int4_gather_matmul, int4_matmul, status
+from . import dense_matmul, fp8_gather_matmul, fp8_matmul, int4_gather_matmul, int4_matmul, status
 
 HIDDEN, MOE_INTER, N_EXPERTS, TOP_K, GROUP = 7168, 2048, 384, 8, 32
 TOKENS = (1, 8, 64)
+FP8_BLOCK, FP8_EXPERTS, DENSE_INTER = 128, 32, 18432   # DeepSeek-V3's block, a stack of experts, intermediate
 
 
 def _median_seconds(fn: Callable[[], mx.array], repeats: int, budget_s: float) -> float:
@@ -63,6 +70,22 @@ def _int4_weights(out: int, inp: int):
 
 def _x(T: int, inp: int) -> mx.array:
     return mx.random.normal((T, inp))
+
+
+def _fp8_weights(lead: tuple, out: int, inp: int):
+    """Random e4m3 bytes (lead..., out, in) uint8 (finite: 0x7F and 0xFF, the NaNs, become 0x7E) and float32
+    block scales (lead..., ceil(out/128), ceil(in/128))."""
+    raw = mx.random.randint(0, 256, (*lead, out, inp), dtype=mx.int32)
+    weight = mx.where((raw & 0x7F) == 0x7F, raw - 1, raw).astype(mx.uint8)
+    blocks = (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK))
+    return weight, mx.random.uniform(1e-4, 1e-3, (*lead, *blocks))
+
+
+def fp8_dequantize_mlx(weight: mx.array, scales: mx.array) -> mx.array:
+    """MLX's route to a block-FP8 weight: from_fp8 to float32, times each block's scale broadcast over it."""
+    *lead, out, inp = weight.shape
+    s = mx.repeat(mx.repeat(scales, FP8_BLOCK, axis=-2), FP8_BLOCK, axis=-1)[..., :out, :inp]  # (..., out, in)
+    return mx.from_fp8(weight, mx.float32) * s
 
 
 def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKENS,
@@ -126,10 +149,47 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
             case("bf16", T, (HIDDEN, MOE_INTER), w.nbytes, lambda: dense_matmul(x, w),
                  lambda: x @ w.astype(mx.float32).T)
 
+    def fp8_cases() -> None:
+        for out in (MOE_INTER, DENSE_INTER):
+            weight, scales = _fp8_weights((), out, HIDDEN)
+            mx.eval(weight, scales)
+            x = _x(1, HIDDEN)
+            case("fp8", 1, (HIDDEN, out), weight.nbytes + scales.nbytes, lambda: fp8_matmul(x, weight, scales),
+                 lambda: x @ fp8_dequantize_mlx(weight, scales).T)
+        # int4 at the dense shape, for the fp8 row above (the expert shape's int4 rows are int4_cases').
+        words, i4scales = _int4_weights(DENSE_INTER, HIDDEN)
+        s32 = i4scales.astype(mx.float32)
+        b32 = -8 * s32
+        mx.eval(words, i4scales, s32, b32)
+        x = _x(1, HIDDEN)
+        case("int4", 1, (HIDDEN, DENSE_INTER), words.nbytes + i4scales.nbytes,
+             lambda: int4_matmul(x, words, i4scales, GROUP),
+             lambda: mx.quantized_matmul(x, words, s32, b32, transpose=True, group_size=GROUP, bits=4))
+
+    def fp8_gather_cases() -> None:
+        weight, scales = _fp8_weights((FP8_EXPERTS,), MOE_INTER, HIDDEN)
+        mx.eval(weight, scales)
+        per_expert = (weight.nbytes + scales.nbytes) // FP8_EXPERTS
+        idx = rng.choice(FP8_EXPERTS, TOP_K, replace=False).astype(np.uint32)   # one position's experts
+        x = _x(1, HIDDEN)
+        xp = mx.repeat(x, TOP_K, axis=0)                                       # (k, in): one row per pair
+        flat = mx.array(idx)
+        local = mx.arange(TOP_K, dtype=mx.uint32)
+        mx.eval(xp, flat)
+
+        def builtin():
+            w = fp8_dequantize_mlx(weight[flat], scales[flat])                 # (k, out, in) float32
+            return mx.gather_mm(xp[:, None, :], w.swapaxes(-1, -2), rhs_indices=local)   # (k, 1, out)
+
+        case("fp8_gather", 1, (HIDDEN, MOE_INTER), per_expert * TOP_K,
+             lambda: fp8_gather_matmul(xp, weight, scales, flat), builtin)
+
     with mx.stream(mx.default_stream(mx.cpu)):
         int4_cases()
         gather_cases()
         bf16_cases()
+        fp8_cases()
+        fp8_gather_cases()
 
     say("memory-read ceiling")
     return {"ceiling_gbps": memory_read_ceiling_gbps(), "kernel_name": st.name, "simd": st.simd,

@@ -314,6 +314,24 @@ def test_fp8_simd_equals_scalar_on_awkward_shapes(T, inp, out, block):
                      kernels.fp8_gather_matmul(x, sw, ss, idx, block, simd=STATUS.simd))
 
 
+@pytest.mark.parametrize("big", [2.0 ** 119, 2.0 ** 120, 2.0 ** 126])
+def test_huge_x_gives_the_same_bits_on_every_path(big):
+    """The SIMD tiles read x * 2^8 against weights 2^-8 times the e4m3 values (one multiply fewer a weight);
+    an x that would overflow there (|x| >= 2^120) sends the launch to the scalar path: the same bits and the
+    float64 reference's value either side of that bound."""
+    rng = np.random.default_rng(4)
+    weight, scales = random_fp8(rng, (), 9, 300, (128, 128))
+    weight &= 0xBF                        # exponent field <= 7: |value| < 2, so x * value stays finite
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    x[1, 123] = -big
+    ref = x.astype(np.float64) @ dequant(weight, scales, (128, 128)).T
+    w, s = mx.array(weight), mx.array(scales)
+    scalar = kernels.fp8_matmul(mx.array(x), w, s, simd="scalar")
+    assert_close(scalar[1:2], ref[1:2])
+    assert same_bits(scalar, kernels.fp8_matmul(mx.array(x), w, s))
+    assert same_bits(scalar, kernels.fp8_gather_matmul(mx.array(x), w[None], s[None], mx.zeros((3,), mx.uint32)))
+
+
 # ------------------------------------------------------------------------------------------ laziness, streams
 
 def graph(a: mx.array) -> str:

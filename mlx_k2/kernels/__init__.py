@@ -15,6 +15,7 @@ raises KernelsUnavailable.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +91,14 @@ def int4_gather_matmul(x: mx.array, weight_packed: mx.array, weight_scale: mx.ar
 
 
 def _block_size(block_size) -> tuple[int, int]:
-    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
-            or not all(isinstance(b, int) and b >= 1 for b in block_size)):
+    """(rows, columns) of a scale block as two ints >= 1 (a config's weight_block_size list, numpy ints too)."""
+    try:
+        bo, bi = (operator.index(b) for b in block_size)
+    except (TypeError, ValueError):
+        bo = bi = 0
+    if bo < 1 or bi < 1 or isinstance(block_size, (str, bytes)):
         raise ValueError(f"block_size must be two positive ints (rows, columns), not {block_size!r}")
-    return int(block_size[0]), int(block_size[1])
+    return bo, bi
 
 
 def fp8_matmul(x: mx.array, weight: mx.array, weight_scale_inv: mx.array, block_size: tuple[int, int] = (128, 128),

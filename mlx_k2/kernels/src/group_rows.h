@@ -10,8 +10,8 @@
 // caller's x is 2^8 times x, which gives each fma the same exact product: fp8_rows.h):
 //   w.chunks4(r, k, q)      chunks k .. k+3 into q[0..3]
 //   w.chunk(r, k)           chunk k
-//   w.chunk_first(r, k, n)  chunk k's first n columns; lanes l >= n any finite value, read from nothing past
-//                           the row's last column (the caller's x is +0 there)
+//   w.chunk_first(r, k, n)  chunk k's first n columns; lanes l >= n any finite value (the caller's x is +0
+//                           there), reading nothing past the row's stored bytes
 //   w.prefetch(r, k)        a hint to fetch what chunks k + a few blocks will read
 // and the tile sizes it runs best at (tiling.h): L::kWideX, L::kWideRows, L::kFourRows, L::kOneRows.
 #pragma once

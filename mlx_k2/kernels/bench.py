@@ -6,15 +6,17 @@ scales float32 and biases -8 * scale as linear.py passes them); int4_gather, 8 o
 7168 -> 2048 (`int4_gather_matmul` vs `mx.gather_qmm`); bf16 7168 -> 2048 (`dense_matmul` vs
 `x @ w.astype(float32).T`). Block-FP8 (DeepSeek-V3's 128 x 128 blocks, float32 scales), at T = 1 only: fp8
 7168 -> 2048, one routed expert's projection (`fp8_matmul` vs MLX's route: `mx.from_fp8(weight, float32)`
-times the block scales broadcast, then `x @ W.T`); fp8_gather, 8 experts of a stack of 32 (DeepSeek-V3 has 256;
-the stack's size does not change a call that reads 8) 7168 -> 2048 (`fp8_gather_matmul` vs the 8 experts taken,
-converted and scaled the same way, then `mx.gather_mm`); fp8 7168 -> 18432, a dense MLP projection of
-DeepSeek-V3's first layers, with int4 at the same shape and T beside it (the int4 rows of 7168 -> 2048 and of
-int4_gather are the other two shapes). Weight bytes are the stored ones (int4 words + bf16 scales, fp8 bytes +
-float32 scales, or bf16), counted once per distinct expert a call reads. Each figure is the median of up to `repeats` timed calls after one warm-up
-(fewer when a call is slow). The ceiling is the best of a streaming numpy sum of a buffer far larger than the
-caches, on one thread and on one per core. Weight values do not change the timing; the expert stack is zeros
-(3 GB, allocated once). This module measures and returns numbers; it never prints.
+times the block scales broadcast, then `x @ W.T`); fp8_gather, 8 experts of a stack of 32 (DeepSeek-V3 has
+256; the stack's size does not change a call that reads 8) 7168 -> 2048 (`fp8_gather_matmul` vs the 8 experts
+taken, converted and scaled the same way, then `mx.gather_mm`); fp8 7168 -> 18432, a dense MLP projection of
+DeepSeek-V3's first layers. Each fp8 case also times the own int4 kernel at the same shape right after
+(`int4_seconds`, `int4_gbps`: back to back, so their ratio survives a shared machine better than two cases'
+do). Weight bytes are the stored ones (int4 words + bf16 scales, fp8 bytes + float32 scales, or bf16),
+counted once per distinct expert a call reads. Each figure is the median of up to `repeats` timed calls after
+one warm-up (fewer when a call is slow). The ceiling is the best of a streaming numpy sum of a buffer far
+larger than the caches, on one thread and on one per core. Weight values do not change the timing; the int4
+expert stacks are zeros (the 384-expert one is 3 GB, allocated once). This module measures and returns
+numbers; it never prints.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def fp8_dequantize_mlx(weight: mx.array, scales: mx.array) -> mx.array:
 def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKENS,
         progress: Callable[[str], None] | None = None) -> dict:
     """{"ceiling_gbps", "kernel_name", "simd", "threads", "cases": [{"kernel", "T", "shape": [in, out],
-    "weight_bytes", "seconds", "gbps", "builtin_seconds", "builtin_gbps", "speedup"}, ...]}."""
+    "weight_bytes", "seconds", "gbps", "builtin_seconds", "builtin_gbps", "speedup"[, "int4_weight_bytes",
+    "int4_seconds", "int4_gbps" (fp8 cases)]}, ...]}."""
     st = status()
     if not st.available:
         raise RuntimeError(f"CPU kernels unavailable: {st.reason}")
@@ -100,13 +103,17 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
     rng = np.random.default_rng(0)   # only to draw expert indices
     cases: list[dict] = []
 
-    def case(kernel: str, T: int, shape: tuple[int, int], nbytes: int, ours, builtin) -> None:
+    def case(kernel: str, T: int, shape: tuple[int, int], nbytes: int, ours, builtin, int4=None) -> None:
+        """int4: (call, weight bytes) of the own int4 kernel on the same shape, timed right after (fp8)."""
         say(f"{kernel} T={T} {shape[0]}->{shape[1]}")
         s = _median_seconds(ours, repeats, budget_s)
         b = _median_seconds(builtin, repeats, budget_s)
         cases.append({"kernel": kernel, "T": T, "shape": list(shape), "weight_bytes": nbytes, "seconds": s,
                       "gbps": nbytes / s / 1e9, "builtin_seconds": b, "builtin_gbps": nbytes / b / 1e9,
                       "speedup": b / s})
+        if int4 is not None:
+            i = _median_seconds(int4[0], repeats, budget_s)
+            cases[-1].update(int4_weight_bytes=int4[1], int4_seconds=i, int4_gbps=int4[1] / i / 1e9)
 
     # Each family in its own function: its arrays (the expert stack is 3 GB) are freed when it returns.
     def int4_cases() -> None:
@@ -149,40 +156,37 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
             case("bf16", T, (HIDDEN, MOE_INTER), w.nbytes, lambda: dense_matmul(x, w),
                  lambda: x @ w.astype(mx.float32).T)
 
+    # Each fp8 case also times the own int4 kernel on the same shape right after (int4_seconds, int4_gbps).
     def fp8_cases() -> None:
         for out in (MOE_INTER, DENSE_INTER):
             weight, scales = _fp8_weights((), out, HIDDEN)
-            mx.eval(weight, scales)
+            words, i4scales = _int4_weights(out, HIDDEN)
             x = _x(1, HIDDEN)
+            mx.eval(weight, scales, words, i4scales, x)
             case("fp8", 1, (HIDDEN, out), weight.nbytes + scales.nbytes, lambda: fp8_matmul(x, weight, scales),
-                 lambda: x @ fp8_dequantize_mlx(weight, scales).T)
-        # int4 at the dense shape, for the fp8 row above (the expert shape's int4 rows are int4_cases').
-        words, i4scales = _int4_weights(DENSE_INTER, HIDDEN)
-        s32 = i4scales.astype(mx.float32)
-        b32 = -8 * s32
-        mx.eval(words, i4scales, s32, b32)
-        x = _x(1, HIDDEN)
-        case("int4", 1, (HIDDEN, DENSE_INTER), words.nbytes + i4scales.nbytes,
-             lambda: int4_matmul(x, words, i4scales, GROUP),
-             lambda: mx.quantized_matmul(x, words, s32, b32, transpose=True, group_size=GROUP, bits=4))
+                 lambda: x @ fp8_dequantize_mlx(weight, scales).T,
+                 int4=(lambda: int4_matmul(x, words, i4scales, GROUP), words.nbytes + i4scales.nbytes))
 
     def fp8_gather_cases() -> None:
         weight, scales = _fp8_weights((FP8_EXPERTS,), MOE_INTER, HIDDEN)
-        mx.eval(weight, scales)
-        per_expert = (weight.nbytes + scales.nbytes) // FP8_EXPERTS
+        words = mx.zeros((FP8_EXPERTS, MOE_INTER, HIDDEN // 8), dtype=mx.uint32)   # int4 of the same stack
+        i4scales = mx.zeros((FP8_EXPERTS, MOE_INTER, HIDDEN // GROUP), dtype=mx.bfloat16)
         idx = rng.choice(FP8_EXPERTS, TOP_K, replace=False).astype(np.uint32)   # one position's experts
         x = _x(1, HIDDEN)
         xp = mx.repeat(x, TOP_K, axis=0)                                       # (k, in): one row per pair
         flat = mx.array(idx)
         local = mx.arange(TOP_K, dtype=mx.uint32)
-        mx.eval(xp, flat)
+        mx.eval(weight, scales, words, i4scales, xp, flat, local)
+        per_expert = (weight.nbytes + scales.nbytes) // FP8_EXPERTS
+        int4_per_expert = (words.nbytes + i4scales.nbytes) // FP8_EXPERTS
 
         def builtin():
             w = fp8_dequantize_mlx(weight[flat], scales[flat])                 # (k, out, in) float32
             return mx.gather_mm(xp[:, None, :], w.swapaxes(-1, -2), rhs_indices=local)   # (k, 1, out)
 
         case("fp8_gather", 1, (HIDDEN, MOE_INTER), per_expert * TOP_K,
-             lambda: fp8_gather_matmul(xp, weight, scales, flat), builtin)
+             lambda: fp8_gather_matmul(xp, weight, scales, flat), builtin,
+             int4=(lambda: int4_gather_matmul(xp, words, i4scales, flat, GROUP), int4_per_expert * TOP_K))
 
     with mx.stream(mx.default_stream(mx.cpu)):
         int4_cases()

@@ -332,6 +332,28 @@ def test_huge_x_gives_the_same_bits_on_every_path(big):
     assert same_bits(scalar, kernels.fp8_gather_matmul(mx.array(x), w[None], s[None], mx.zeros((3,), mx.uint32)))
 
 
+def test_launches_larger_than_a_slice():
+    """A launch of many rows is taken a slice of x rows at a time (the SIMD path's copy of x * 2^8 is at most
+    2^22 floats: 584 rows of 7168): 1200 rows are three slices, the last partial; every row as the reference's
+    and as the scalar path's bits, the gathered form too (an out-of-range index in the last slice)."""
+    rng = np.random.default_rng(12)
+    weight, scales = random_fp8(rng, (3,), 5, 7168, (128, 128))
+    x = rng.standard_normal((1200, 7168)).astype(np.float32)
+    idx = rng.integers(0, 3, size=1200).astype(np.uint32)
+    idx[1100] = 3
+    ref = x.astype(np.float64) @ dequant(weight[1], scales[1], (128, 128)).T
+    xm, w, s = mx.array(x), mx.array(weight), mx.array(scales)
+    plain = kernels.fp8_matmul(xm, w[1], s[1])
+    assert_close(plain, ref)
+    assert same_bits(plain, kernels.fp8_matmul(xm, w[1], s[1], simd="scalar"))
+    gathered = np.array(kernels.fp8_gather_matmul(xm, w, s, mx.array(idx)))
+    assert np.isnan(gathered[1100]).all()
+    on_one = np.flatnonzero(idx == 1)
+    assert np.array_equal(gathered[on_one].view(np.uint32), np.array(plain)[on_one].view(np.uint32))
+    scalar = np.array(kernels.fp8_gather_matmul(xm, w, s, mx.array(idx), simd="scalar"))
+    assert np.array_equal(gathered.view(np.uint32), scalar.view(np.uint32))
+
+
 # ------------------------------------------------------------------------------------------ laziness, streams
 
 def graph(a: mx.array) -> str:

@@ -2,6 +2,7 @@
 // primitive. The row kernels: fp8_rows.h.
 #include "fp8.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "fp8_rows.h"
@@ -12,22 +13,34 @@ namespace mlx_k2 {
 
 namespace {
 
+// x rows a launch takes at a time: the SIMD path's copy of x * 2^8 (fp8_rows.h) is at most this many floats
+// (16 MB) whatever T is. A launch of more rows reads the weights once a slice, each slice at least a few
+// hundred rows, so that re-read is small beside the slice's products; each output element is still computed
+// whole, in one slice.
+constexpr size_t kSliceFloats = size_t(1) << 22;
+
 template <class S>
 void run_fp8(const float* x, size_t in, const uint8_t* weight, const S* scales, size_t out_rows, size_t n_experts,
              size_t block_out, size_t block_in, const uint32_t* indices, size_t T, float* out, int threads,
              Simd simd) {
   const size_t spr = (in + block_in - 1) / block_in, srows = (out_rows + block_out - 1) / block_out;
-  const ExpertBatches b = batch_by_expert(indices, T, n_experts, out, out_rows);
+  const size_t slice = std::max<size_t>(8, kSliceFloats / std::max<size_t>(in, 1) / 8 * 8);
   std::vector<float> x256;
-  const Simd path = fp8_prepare_x(x, T * in, block_in, simd, x256);
-  parallel_rows(out_rows, threads, [&](size_t o0, size_t o1) {
-    for (size_t g = 0; g + 1 < b.starts.size(); ++g) {
-      const size_t e = b.experts[g];
-      Fp8Loader<S> w{weight + e * out_rows * in, in, scales + e * srows * spr, spr, block_out, block_in};
-      RowSet rs{x, b.order.data() + b.starts[g], b.starts[g + 1] - b.starts[g], in, out, out_rows};
-      fp8_rows(w, rs, o0, o1, path);
-    }
-  });
+  for (size_t p0 = 0; p0 < T; p0 += slice) {
+    const size_t n = std::min(slice, T - p0);
+    const float* xs = x + p0 * in;   // the slice's rows of x and out; positions p0 .. p0+n-1
+    float* os = out + p0 * out_rows;
+    const ExpertBatches b = batch_by_expert(indices ? indices + p0 : nullptr, n, n_experts, os, out_rows);
+    const Simd path = fp8_prepare_x(xs, n * in, block_in, simd, x256);
+    parallel_rows(out_rows, threads, [&](size_t o0, size_t o1) {
+      for (size_t g = 0; g + 1 < b.starts.size(); ++g) {
+        const size_t e = b.experts[g];
+        Fp8Loader<S> w{weight + e * out_rows * in, in, scales + e * srows * spr, spr, block_out, block_in};
+        RowSet rs{xs, b.order.data() + b.starts[g], b.starts[g + 1] - b.starts[g], in, os, out_rows};
+        fp8_rows(w, rs, o0, o1, path);
+      }
+    });
+  }
 }
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "dense_rows.h"
+#include "fp8_rows.h"
 #include "int4_rows.h"
 
 #if !defined(MLX_K2_NEON) || !defined(SIMDE_X86_FMA_NATIVE)
@@ -45,6 +46,25 @@ void neon_int4_matmul(const float* x, size_t T, size_t in, const uint32_t* words
   } else {
     int4_rows(Int4Loader<float>{words, wpr, static_cast<const float*>(scales), spr, group}, rs, 0, out_rows,
               Simd::Neon);
+  }
+}
+
+// out (T, out_rows) = x (T, in) @ W.T on the NEON path (the scalar one where block_in % 8 != 0, as the
+// extension), W from e4m3 bytes (out_rows, in) and scales (ceil(out_rows/block_out), ceil(in/block_in)), bf16
+// bits when bf16 != 0, else float32.
+void neon_fp8_matmul(const float* x, size_t T, size_t in, const uint8_t* weight, const void* scales, int bf16,
+                     size_t out_rows, size_t block_out, size_t block_in, float* out) {
+  std::vector<uint32_t> rows;
+  std::vector<float> x256;
+  const Simd path = fp8_prepare_x(x, T * in, block_in, Simd::Neon, x256);
+  const RowSet rs = all_rows(rows, x, T, in, out, out_rows);
+  const size_t spr = (in + block_in - 1) / block_in;
+  if (bf16) {
+    fp8_rows(Fp8Loader<uint16_t>{weight, in, static_cast<const uint16_t*>(scales), spr, block_out, block_in}, rs, 0,
+             out_rows, path);
+  } else {
+    fp8_rows(Fp8Loader<float>{weight, in, static_cast<const float*>(scales), spr, block_out, block_in}, rs, 0,
+             out_rows, path);
   }
 }
 

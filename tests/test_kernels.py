@@ -293,9 +293,10 @@ def test_best_simd_follows_the_machine():
 
 
 # (T, in, out, group): a tail of in % 8 columns alone in its group or sharing it with whole chunks; groups of
-# 8, 24 (3 chunks), 40 (a block of 4 and one chunk), 64; T around the tile widths (1, 2, 4, 8).
+# 8, 24 (3 chunks), 40 (a block of 4 and one chunk), 64; T around the tile widths (1, 2, 4, 8); a tail alone in
+# the last group after a group that ends on the last whole chunk (133 = 2 * 64 + 5, 53 = 2 * 24 + 5).
 AWKWARD_INT4 = [(1, 1001, 13, 32), (3, 110, 9, 32), (9, 1003, 7, 24), (13, 100, 5, 40), (5, 7168, 6, 32),
-                (17, 256, 37, 64), (8, 64, 11, 8), (2, 7, 3, 8), (4, 36, 5, 32)]
+                (17, 256, 37, 64), (8, 64, 11, 8), (2, 7, 3, 8), (4, 36, 5, 32), (3, 133, 5, 64), (2, 53, 4, 24)]
 
 
 @pytest.mark.skipif(STATUS.simd == "scalar", reason="this CPU runs the scalar path only")

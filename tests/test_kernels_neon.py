@@ -54,6 +54,7 @@ def neon(tmp_path_factory):
     p, z = ctypes.c_void_p, ctypes.c_size_t
     so.neon_int4_matmul.argtypes = [p, z, z, p, p, ctypes.c_int, z, z, p]
     so.neon_dense_matmul.argtypes = [p, z, z, p, ctypes.c_int, z, p]
+    so.neon_fp8_matmul.argtypes = [p, z, z, p, p, ctypes.c_int, z, z, z, p]
     return so
 
 
@@ -70,7 +71,7 @@ def test_simde_vfmaq_f32_is_fused(neon):
 # the tile widths.
 INT4_CASES = [(1, 1001, 13, 32), (3, 110, 9, 32), (9, 1003, 7, 24), (13, 100, 5, 40), (5, 7168, 6, 32),
               (17, 256, 37, 64), (8, 64, 11, 8), (2, 7, 3, 8), (4, 36, 5, 32), (1, 2048, 9, 32),
-              (3, 100, 7, 12)]
+              (3, 100, 7, 12), (3, 133, 5, 64), (2, 53, 4, 24)]
 
 
 @pytest.mark.parametrize("T,inp,out,group", INT4_CASES)
@@ -98,4 +99,32 @@ def test_neon_dense_equals_scalar(neon, T, inp, out, kind, dtype):
     w_np = np.array(w) if kind == 0 else np.array(w.view(mx.uint16))
     got = np.empty((T, out), dtype=np.float32)
     neon.neon_dense_matmul(ptr(x), T, inp, ptr(w_np), kind, out, ptr(got))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+# (T, in, out, block), as test_kernels_fp8.AWKWARD_FP8 plus DeepSeek-V3's widths and a block width that is not a
+# multiple of 8 (the scalar path on every simd).
+FP8_CASES = [(1, 1001, 13, (128, 128)), (3, 110, 9, (4, 32)), (9, 1003, 7, (2, 24)), (13, 100, 5, (3, 40)),
+             (5, 7168, 6, (128, 128)), (17, 256, 37, (16, 64)), (8, 64, 11, (1, 8)), (2, 7, 3, (2, 8)),
+             (4, 36, 5, (128, 32)), (2, 300, 130, (128, 128)), (1, 2048, 9, (128, 128)), (3, 100, 7, (4, 12)),
+             (3, 133, 5, (2, 64))]
+
+
+@pytest.mark.parametrize("T,inp,out,block", FP8_CASES)
+@pytest.mark.parametrize("bf16", [True, False])
+def test_neon_fp8_equals_scalar(neon, T, inp, out, block, bf16):
+    """Every byte value, NaNs included (rows 0 and 2 hold one), through the NEON widening."""
+    rng = np.random.default_rng(inp + 31 * block[1] + T)
+    weight = rng.integers(0, 256, size=(out, inp), dtype=np.uint8)
+    weight[:, :] = np.where(np.isin(weight, (0x7F, 0xFF)), 0x38, weight)   # NaN only where put below
+    weight[0, inp // 2] = 0x7F
+    weight[2, inp - 1] = 0xFF
+    scales = (2.0 ** rng.uniform(-14, -8, size=(-(-out // block[0]), -(-inp // block[1])))).astype(np.float32)
+    s = mx.array(scales).astype(mx.bfloat16 if bf16 else mx.float32)
+    x = rng.standard_normal((T, inp)).astype(np.float32)
+    want = np.array(kernels.fp8_matmul(mx.array(x), mx.array(weight), s, block, simd="scalar"))
+    assert np.isnan(want[:, [0, 2]]).all() and np.isfinite(want[:, 1]).all()
+    s_np = np.array(s.view(mx.uint16)) if bf16 else np.array(s)
+    got = np.empty((T, out), dtype=np.float32)
+    neon.neon_fp8_matmul(ptr(x), T, inp, ptr(weight), ptr(s_np), int(bf16), out, block[0], block[1], ptr(got))
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -1,11 +1,12 @@
-"""mlx_k2's CPU kernels: packed-int4 and dense matmuls as lazy MLX ops (an MLX C++ extension, `_ext`).
+"""mlx_k2's CPU kernels: packed-int4, block-FP8 and dense matmuls as lazy MLX ops (an MLX C++ extension, `_ext`).
 
 Every op returns an unevaluated float32 mx.array computed on a CPU stream (the one given, else the default
 stream when the default device is the CPU, else the CPU's default stream). Activations and accumulation are
 float32, with no activation quantisation. Each output element is reduced in one fixed order (8 fused-
 multiply-add lanes, i -> lane i % 8, then a fixed pairwise sum; int4 sums x * (q - 8) within a scale group and
-multiplies by the group's scale once; see src/common.h), so results are bit-identical whatever `threads` is
-and between the SIMD path (simd="avx2" on x86-64, "neon" on arm64) and simd="scalar".
+multiplies by the group's scale once, fp8 likewise sums x * e4m3 within a block's columns; see src/common.h),
+so results are bit-identical whatever `threads` is and between the SIMD path (simd="avx2" on x86-64, "neon"
+on arm64) and simd="scalar".
 
 This module does not decide where the kernels are used (linear.py does), and does not build them
 (`python -m mlx_k2.kernels.build` does). If the extension is missing, `status()` says why and every op
@@ -14,6 +15,7 @@ raises KernelsUnavailable.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,42 @@ def int4_gather_matmul(x: mx.array, weight_packed: mx.array, weight_scale: mx.ar
     a row of NaN."""
     t, s = _options(threads, simd)
     return _require().int4_gather_matmul(x, weight_packed, weight_scale, indices, group_size, t, s, stream=stream)
+
+
+def _block_size(block_size) -> tuple[int, int]:
+    """(rows, columns) of a scale block as two ints >= 1 (a config's weight_block_size list, numpy ints too)."""
+    try:
+        bo, bi = (operator.index(b) for b in block_size)
+    except (TypeError, ValueError):
+        bo = bi = 0
+    if bo < 1 or bi < 1 or isinstance(block_size, (str, bytes)):
+        raise ValueError(f"block_size must be two positive ints (rows, columns), not {block_size!r}")
+    return bo, bi
+
+
+def fp8_matmul(x: mx.array, weight: mx.array, weight_scale_inv: mx.array, block_size: tuple[int, int] = (128, 128),
+               *, threads: int | None = None, simd: str | None = None, stream=None) -> mx.array:
+    """x (T, in) @ W.T -> (T, out) float32, W from a block-FP8 linear (DeepSeek-V3's `quantization_config`
+    fmt e4m3, weight_block_size (bo, bi) = block_size): weight (out, in) uint8 holding the F8_E4M3 bytes as
+    stored, weight_scale_inv (ceil(out/bo), ceil(in/bi)) float32 or bf16, W[o, c] = e4m3(weight[o, c]) *
+    weight_scale_inv[o // bo, c // bi] (edge blocks partial; out and in need not be multiples of anything).
+    e4m3 bytes 0x7F and 0xFF are NaN. threads None = all cores; simd None = the best path (the scalar one
+    when bi % 8 != 0)."""
+    t, s = _options(threads, simd)
+    bo, bi = _block_size(block_size)
+    return _require().fp8_matmul(x, weight, weight_scale_inv, bo, bi, t, s, stream=stream)
+
+
+def fp8_gather_matmul(x: mx.array, weight: mx.array, weight_scale_inv: mx.array, indices: mx.array,
+                      block_size: tuple[int, int] = (128, 128), *, threads: int | None = None,
+                      simd: str | None = None, stream=None) -> mx.array:
+    """Routed block-FP8 experts in one launch: x (P, in), stacks weight (E, out, in) uint8 and weight_scale_inv
+    (E, ceil(out/bo), ceil(in/bi)), indices (P,) into the stack -> (P, out): row p = x[p] @ W[indices[p]].T,
+    W as in fp8_matmul. The stack is read in place (no copy); positions on the same expert share one pass
+    over its rows. An index >= E gives a row of NaN."""
+    t, s = _options(threads, simd)
+    bo, bi = _block_size(block_size)
+    return _require().fp8_gather_matmul(x, weight, weight_scale_inv, indices, bo, bi, t, s, stream=stream)
 
 
 def dense_matmul(x: mx.array, weight: mx.array, *, threads: int | None = None, simd: str | None = None,

@@ -4,11 +4,19 @@ built-in on the same inputs, at K2.5's shapes, plus the machine's memory-read ce
 Cases, each for T = 1, 8, 64: int4 7168 -> 2048 and 2048 -> 7168 (`int4_matmul` vs `mx.quantized_matmul`,
 scales float32 and biases -8 * scale as linear.py passes them); int4_gather, 8 of 384 experts per position,
 7168 -> 2048 (`int4_gather_matmul` vs `mx.gather_qmm`); bf16 7168 -> 2048 (`dense_matmul` vs
-`x @ w.astype(float32).T`). Weight bytes are the stored ones (int4 words + bf16 scales, or bf16), counted once
-per distinct expert a call reads. Each figure is the median of up to `repeats` timed calls after one warm-up
-(fewer when a call is slow). The ceiling is the best of a streaming numpy sum of a buffer far larger than the
-caches, on one thread and on one per core. Weight values do not change the timing; the expert stack is zeros
-(3 GB, allocated once). This module measures and returns numbers; it never prints.
+`x @ w.astype(float32).T`). Block-FP8 (DeepSeek-V3's 128 x 128 blocks, float32 scales), at T = 1 only: fp8
+7168 -> 2048, one routed expert's projection (`fp8_matmul` vs MLX's route: `mx.from_fp8(weight, float32)`
+times the block scales broadcast, then `x @ W.T`); fp8_gather, 8 experts of a stack of 32 (DeepSeek-V3 has
+256; the stack's size does not change a call that reads 8) 7168 -> 2048 (`fp8_gather_matmul` vs the 8 experts
+taken, converted and scaled the same way, then `mx.gather_mm`); fp8 7168 -> 18432, a dense MLP projection of
+DeepSeek-V3's first layers. Each fp8 case also times the own int4 kernel at the same shape right after
+(`int4_seconds`, `int4_gbps`: back to back, so their ratio survives a shared machine better than two cases'
+do). Weight bytes are the stored ones (int4 words + bf16 scales, fp8 bytes + float32 scales, or bf16),
+counted once per distinct expert a call reads. Each figure is the median of up to `repeats` timed calls after
+one warm-up (fewer when a call is slow). The ceiling is the best of a streaming numpy sum of a buffer far
+larger than the caches, on one thread and on one per core. Weight values do not change the timing; the int4
+expert stacks are zeros (the 384-expert one is 3 GB, allocated once). This module measures and returns
+numbers; it never prints.
 """
 
 from __future__ import annotations
@@ -21,10 +29,11 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from . import dense_matmul, int4_gather_matmul, int4_matmul, status
+from . import dense_matmul, fp8_gather_matmul, fp8_matmul, int4_gather_matmul, int4_matmul, status
 
 HIDDEN, MOE_INTER, N_EXPERTS, TOP_K, GROUP = 7168, 2048, 384, 8, 32
 TOKENS = (1, 8, 64)
+FP8_BLOCK, FP8_EXPERTS, DENSE_INTER = 128, 32, 18432   # DeepSeek-V3's block, a stack of experts, intermediate
 
 
 def _median_seconds(fn: Callable[[], mx.array], repeats: int, budget_s: float) -> float:
@@ -65,10 +74,27 @@ def _x(T: int, inp: int) -> mx.array:
     return mx.random.normal((T, inp))
 
 
+def _fp8_weights(lead: tuple, out: int, inp: int):
+    """Random e4m3 bytes (lead..., out, in) uint8 (finite: 0x7F and 0xFF, the NaNs, become 0x7E) and float32
+    block scales (lead..., ceil(out/128), ceil(in/128))."""
+    raw = mx.random.randint(0, 256, (*lead, out, inp), dtype=mx.int32)
+    weight = mx.where((raw & 0x7F) == 0x7F, raw - 1, raw).astype(mx.uint8)
+    blocks = (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK))
+    return weight, mx.random.uniform(1e-4, 1e-3, (*lead, *blocks))
+
+
+def fp8_dequantize_mlx(weight: mx.array, scales: mx.array) -> mx.array:
+    """MLX's route to a block-FP8 weight: from_fp8 to float32, times each block's scale broadcast over it."""
+    *lead, out, inp = weight.shape
+    s = mx.repeat(mx.repeat(scales, FP8_BLOCK, axis=-2), FP8_BLOCK, axis=-1)[..., :out, :inp]  # (..., out, in)
+    return mx.from_fp8(weight, mx.float32) * s
+
+
 def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKENS,
         progress: Callable[[str], None] | None = None) -> dict:
     """{"ceiling_gbps", "kernel_name", "simd", "threads", "cases": [{"kernel", "T", "shape": [in, out],
-    "weight_bytes", "seconds", "gbps", "builtin_seconds", "builtin_gbps", "speedup"}, ...]}."""
+    "weight_bytes", "seconds", "gbps", "builtin_seconds", "builtin_gbps", "speedup"[, "int4_weight_bytes",
+    "int4_seconds", "int4_gbps" (fp8 cases)]}, ...]}."""
     st = status()
     if not st.available:
         raise RuntimeError(f"CPU kernels unavailable: {st.reason}")
@@ -77,13 +103,17 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
     rng = np.random.default_rng(0)   # only to draw expert indices
     cases: list[dict] = []
 
-    def case(kernel: str, T: int, shape: tuple[int, int], nbytes: int, ours, builtin) -> None:
+    def case(kernel: str, T: int, shape: tuple[int, int], nbytes: int, ours, builtin, int4=None) -> None:
+        """int4: (call, weight bytes) of the own int4 kernel on the same shape, timed right after (fp8)."""
         say(f"{kernel} T={T} {shape[0]}->{shape[1]}")
         s = _median_seconds(ours, repeats, budget_s)
         b = _median_seconds(builtin, repeats, budget_s)
         cases.append({"kernel": kernel, "T": T, "shape": list(shape), "weight_bytes": nbytes, "seconds": s,
                       "gbps": nbytes / s / 1e9, "builtin_seconds": b, "builtin_gbps": nbytes / b / 1e9,
                       "speedup": b / s})
+        if int4 is not None:
+            i = _median_seconds(int4[0], repeats, budget_s)
+            cases[-1].update(int4_weight_bytes=int4[1], int4_seconds=i, int4_gbps=int4[1] / i / 1e9)
 
     # Each family in its own function: its arrays (the expert stack is 3 GB) are freed when it returns.
     def int4_cases() -> None:
@@ -126,10 +156,44 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
             case("bf16", T, (HIDDEN, MOE_INTER), w.nbytes, lambda: dense_matmul(x, w),
                  lambda: x @ w.astype(mx.float32).T)
 
+    # Each fp8 case also times the own int4 kernel on the same shape right after (int4_seconds, int4_gbps).
+    def fp8_cases() -> None:
+        for out in (MOE_INTER, DENSE_INTER):
+            weight, scales = _fp8_weights((), out, HIDDEN)
+            words, i4scales = _int4_weights(out, HIDDEN)
+            x = _x(1, HIDDEN)
+            mx.eval(weight, scales, words, i4scales, x)
+            case("fp8", 1, (HIDDEN, out), weight.nbytes + scales.nbytes, lambda: fp8_matmul(x, weight, scales),
+                 lambda: x @ fp8_dequantize_mlx(weight, scales).T,
+                 int4=(lambda: int4_matmul(x, words, i4scales, GROUP), words.nbytes + i4scales.nbytes))
+
+    def fp8_gather_cases() -> None:
+        weight, scales = _fp8_weights((FP8_EXPERTS,), MOE_INTER, HIDDEN)
+        words = mx.zeros((FP8_EXPERTS, MOE_INTER, HIDDEN // 8), dtype=mx.uint32)   # int4 of the same stack
+        i4scales = mx.zeros((FP8_EXPERTS, MOE_INTER, HIDDEN // GROUP), dtype=mx.bfloat16)
+        idx = rng.choice(FP8_EXPERTS, TOP_K, replace=False).astype(np.uint32)   # one position's experts
+        x = _x(1, HIDDEN)
+        xp = mx.repeat(x, TOP_K, axis=0)                                       # (k, in): one row per pair
+        flat = mx.array(idx)
+        local = mx.arange(TOP_K, dtype=mx.uint32)
+        mx.eval(weight, scales, words, i4scales, xp, flat, local)
+        per_expert = (weight.nbytes + scales.nbytes) // FP8_EXPERTS
+        int4_per_expert = (words.nbytes + i4scales.nbytes) // FP8_EXPERTS
+
+        def builtin():
+            w = fp8_dequantize_mlx(weight[flat], scales[flat])                 # (k, out, in) float32
+            return mx.gather_mm(xp[:, None, :], w.swapaxes(-1, -2), rhs_indices=local)   # (k, 1, out)
+
+        case("fp8_gather", 1, (HIDDEN, MOE_INTER), per_expert * TOP_K,
+             lambda: fp8_gather_matmul(xp, weight, scales, flat), builtin,
+             int4=(lambda: int4_gather_matmul(xp, words, i4scales, flat, GROUP), int4_per_expert * TOP_K))
+
     with mx.stream(mx.default_stream(mx.cpu)):
         int4_cases()
         gather_cases()
         bf16_cases()
+        fp8_cases()
+        fp8_gather_cases()
 
     say("memory-read ceiling")
     return {"ceiling_gbps": memory_read_ceiling_gbps(), "kernel_name": st.name, "simd": st.simd,

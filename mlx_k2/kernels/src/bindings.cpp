@@ -4,6 +4,7 @@
 #include <nanobind/stl/variant.h>
 
 #include "dense.h"
+#include "fp8.h"
 #include "int4.h"
 
 namespace nb = nanobind;
@@ -17,6 +18,10 @@ NB_MODULE(_ext, m) {
         "threads"_a = 0, "simd"_a = 0, nb::kw_only(), "stream"_a = nb::none());
   m.def("int4_gather_matmul", &mlx_k2::int4_gather_matmul, "x"_a, "weight_packed"_a, "weight_scale"_a,
         "indices"_a, "group_size"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(), "stream"_a = nb::none());
+  m.def("fp8_matmul", &mlx_k2::fp8_matmul, "x"_a, "weight"_a, "weight_scale_inv"_a, "block_out"_a, "block_in"_a,
+        "threads"_a = 0, "simd"_a = 0, nb::kw_only(), "stream"_a = nb::none());
+  m.def("fp8_gather_matmul", &mlx_k2::fp8_gather_matmul, "x"_a, "weight"_a, "weight_scale_inv"_a, "indices"_a,
+        "block_out"_a, "block_in"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(), "stream"_a = nb::none());
   m.def("dense_matmul", &mlx_k2::dense_matmul, "x"_a, "weight"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(),
         "stream"_a = nb::none());
 }

@@ -8,7 +8,10 @@
 #include <atomic>
 #include <condition_variable>
 #include <exception>
+#include <limits>
 #include <mutex>
+#include <numeric>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -195,6 +198,47 @@ void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_
     return;
   }
   pool().run(job, int(std::min(nt, job.n_chunks)));
+}
+
+ExpertBatches batch_by_expert(const uint32_t* indices, size_t T, size_t n_experts, float* out, size_t out_rows) {
+  ExpertBatches b;
+  b.order.resize(T);
+  if (indices == nullptr) {
+    std::iota(b.order.begin(), b.order.end(), 0u);
+    b.starts = {0, T};
+    b.experts = {0};
+    return b;
+  }
+  std::vector<size_t> count(n_experts + 1, 0);
+  for (size_t p = 0; p < T; ++p) {
+    if (indices[p] < n_experts) {
+      ++count[indices[p]];
+    } else {  // out of range: a NaN row rather than a read past the stack
+      std::fill(out + p * out_rows, out + (p + 1) * out_rows, std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  std::vector<size_t> at(n_experts, 0);
+  size_t pos = 0;
+  for (size_t e = 0; e < n_experts; ++e) {
+    if (count[e] == 0) continue;
+    b.experts.push_back(uint32_t(e));
+    b.starts.push_back(pos);
+    at[e] = pos;
+    pos += count[e];
+  }
+  b.starts.push_back(pos);
+  b.order.resize(pos);
+  for (size_t p = 0; p < T; ++p)
+    if (indices[p] < n_experts) b.order[at[indices[p]]++] = uint32_t(p);
+  return b;
+}
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
 }
 
 const void* WeightInput::gathered(std::vector<char>& scratch) const {

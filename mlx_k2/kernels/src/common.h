@@ -13,12 +13,24 @@
 //     acc[l] = fma(p[l], scale[g], acc[l]).
 //   The scale multiplies once per group rather than once per weight: fewer operations a weight, and the
 //   weight's (q - 8) * scale is never rounded on its own.
+// - fp8 (w[i] = e4m3(b_i) * scale[o / bo][i / bi], blocks of bo rows x bi columns; e4m3 -> float32 is exact,
+//   lanes.h): the int4 reduction with G = bi and the scale row chosen by the output row: for each column block
+//   g = 0, 1, .. in increasing order, over its columns i = g*bi .. min(in, g*bi + bi) - 1: eight partials
+//   p[0..7] start at +0.0f, then in increasing i
+//     p[i % 8] = fma(x[i], e4m3(b_i), p[i % 8])
+//   and at the block's end, for l = 0 .. 7
+//     acc[l] = fma(p[l], scale[o / bo][g], acc[l]).
+//   Both bytes 0x7F and 0xFF are one NaN (lanes.h), so a NaN weight's bits are the same on every path.
 // A SIMD register's lane l is acc[l] (or p[l]); columns past the last full group of 8 follow the same rule
-// (the int4 SIMD paths load x there as +0.0f in the lanes past the row's end, which leaves p as it was: p
-// is never -0). Threads split output rows only, so neither the thread count nor the SIMD path changes a sum.
+// (the int4 and fp8 SIMD paths load x there as +0.0f in the lanes past the row's end, against finite weights,
+// which leaves p as it was: p is never -0). Threads split output rows only, so neither the thread count nor
+// the SIMD path changes a sum.
+// The int4 and fp8 tiles are one template (group_rows.h) over each family's loader.
 #pragma once
 
 #include <functional>
+#include <string>
+#include <vector>
 
 #include "lanes.h"
 #include "mlx/ops.h"
@@ -28,7 +40,8 @@ namespace mlx_k2 {
 
 namespace mx = mlx::core;
 
-// Bump when the arithmetic of any kernel changes: anchors are keyed by it.
+// Bump when the arithmetic of any kernel changes: anchors are keyed by it. Adding a family (fp8 joined with
+// /2) changes no existing one's arithmetic, so the name stays while int4's and dense's bits are unchanged.
 inline constexpr const char* kKernelName = "mlx_k2-cpu/2";
 
 Simd best_simd();                      // what this CPU runs with Auto
@@ -45,6 +58,19 @@ mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
 // descheduled CPU takes fewer. When another launch holds the pool (a second MLX stream), the caller runs
 // every chunk itself. Which thread runs a chunk never changes its bits: fn computes each row whole.
 void parallel_rows(size_t n, int threads, const std::function<void(size_t, size_t)>& fn);
+
+// A gathered launch's positions grouped by expert (stable), so one pass over an expert's rows serves all its
+// positions: batch b is positions order[starts[b] .. starts[b+1]) on expert experts[b]. Without indices, one
+// batch of every position on expert 0. A position whose index is >= n_experts is in no batch: its out row
+// (out_rows floats) is filled with NaN here, rather than read past the stack.
+struct ExpertBatches {
+  std::vector<uint32_t> order;
+  std::vector<size_t> starts;
+  std::vector<uint32_t> experts;
+};
+ExpertBatches batch_by_expert(const uint32_t* indices, size_t T, size_t n_experts, float* out, size_t out_rows);
+
+std::string shape_str(const mx::array& a);  // "(2, 3)", for the ops' messages
 
 // A weight input as a kernel reads it: its elements in row-major order. The ops pass weights as they are, not
 // through mx::contiguous: MLX's Contiguous copies even a row-contiguous view when its buffer is much larger

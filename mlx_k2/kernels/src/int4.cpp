@@ -2,9 +2,6 @@
 // the primitive. The row kernels: int4_rows.h.
 #include "int4.h"
 
-#include <limits>
-#include <numeric>
-#include <sstream>
 #include <stdexcept>
 
 #include "int4_rows.h"
@@ -20,53 +17,15 @@ void run_int4(const float* x, size_t in, const uint32_t* words, const S* scales,
               size_t n_experts, size_t group, const uint32_t* indices, size_t T, float* out, int threads,
               Simd simd) {
   const size_t wpr = (in + 7) / 8, spr = (in + group - 1) / group;
-  // Positions ordered by expert (stable), so one pass over an expert's rows serves all its positions.
-  std::vector<uint32_t> order(T);
-  std::vector<size_t> starts;  // group g = order[starts[g] .. starts[g+1]) on expert experts[g]
-  std::vector<uint32_t> experts;
-  if (indices == nullptr) {
-    std::iota(order.begin(), order.end(), 0u);
-    starts = {0, T};
-    experts = {0};
-  } else {
-    std::vector<size_t> count(n_experts + 1, 0);
-    for (size_t p = 0; p < T; ++p) {
-      if (indices[p] < n_experts) {
-        ++count[indices[p]];
-      } else {  // out of range: a NaN row rather than a read past the stack
-        std::fill(out + p * out_rows, out + (p + 1) * out_rows, std::numeric_limits<float>::quiet_NaN());
-      }
-    }
-    std::vector<size_t> at(n_experts, 0);
-    size_t pos = 0;
-    for (size_t e = 0; e < n_experts; ++e) {
-      if (count[e] == 0) continue;
-      experts.push_back(uint32_t(e));
-      starts.push_back(pos);
-      at[e] = pos;
-      pos += count[e];
-    }
-    starts.push_back(pos);
-    order.resize(pos);
-    for (size_t p = 0; p < T; ++p)
-      if (indices[p] < n_experts) order[at[indices[p]]++] = uint32_t(p);
-  }
+  const ExpertBatches b = batch_by_expert(indices, T, n_experts, out, out_rows);
   parallel_rows(out_rows, threads, [&](size_t o0, size_t o1) {
-    for (size_t g = 0; g + 1 < starts.size(); ++g) {
-      const size_t e = experts[g];
+    for (size_t g = 0; g + 1 < b.starts.size(); ++g) {
+      const size_t e = b.experts[g];
       Int4Loader<S> w{words + e * out_rows * wpr, wpr, scales + e * out_rows * spr, spr, group};
-      RowSet rs{x, order.data() + starts[g], starts[g + 1] - starts[g], in, out, out_rows};
+      RowSet rs{x, b.order.data() + b.starts[g], b.starts[g + 1] - b.starts[g], in, out, out_rows};
       int4_rows(w, rs, o0, o1, simd);
     }
   });
-}
-
-std::string shape_str(const mx::array& a) {
-  std::ostringstream s;
-  s << "(";
-  for (int i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
-  s << (a.ndim() == 1 ? ",)" : ")");
-  return s.str();
 }
 
 mx::array make(const char* op, const mx::array& x, const mx::array& words, const mx::array& scales,

@@ -1,5 +1,6 @@
 // What every kernel computes on, with no MLX in sight (so a test can build the kernels alone): the SIMD
-// macros, the SIMD paths' names, a launch's row set, the fixed lane sum, exact widening of bf16 and f16.
+// macros, the SIMD paths' names, a launch's row set, the fixed lane sum, exact widening of bf16, f16 and
+// float8 e4m3.
 // The reductions themselves are written out in common.h.
 #pragma once
 
@@ -52,6 +53,19 @@ inline float f16_to_f32(uint16_t h) {
   if (exp == 0x1F) return bits_f32(sign | 0x7F800000u | (man ? 0x400000u : 0u) | (man << 13));
   if (exp != 0) return bits_f32(sign | ((exp + 112) << 23) | (man << 13));
   const float sub = float(man) * 0x1p-24f;  // zero or subnormal: man * 2^-24, a normal float32, exact
+  return sign ? -sub : sub;
+}
+
+// float8 e4m3fn (sign, 4 exponent bits biased by 7, 3 mantissa bits; no infinities) -> float32, exactly, with
+// the bits the SIMD paths give (simd8.h): a normal 2^(e-7) * (1 + m/8), a subnormal (e = 0) m/8 * 2^-6, 0x80
+// -0.0f. Both NaNs (0x7F, 0xFF) come out as one quiet NaN, 0xFFF00000 (what F16C and NEON make of the half
+// float 0xFF80): a weight's NaN has the same bits on every path whatever its sign, so a sum that meets NaNs
+// of both signs cannot depend on which operand an fma propagates.
+inline float e4m3_to_f32(uint8_t b) {
+  const uint32_t sign = uint32_t(b & 0x80u) << 24, e = (b >> 3) & 0xFu, m = b & 0x7u;
+  if ((b & 0x7Fu) == 0x7Fu) return bits_f32(0xFFF00000u);
+  if (e != 0) return bits_f32(sign | ((e + 120) << 23) | (m << 20));
+  const float sub = float(m) * 0x1p-9f;  // zero or subnormal: m * 2^-9, a normal float32 (or 0), exact
   return sign ? -sub : sub;
 }
 

@@ -62,6 +62,38 @@ MLX_K2_AVX2 inline V8 v8_int4x8(uint32_t word) {
   return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), _mm_shuffle_epi8(half_hi_table(), n)));
 }
 
+// float8 e4m3 (lanes.h), as 2^-8 times each byte's value: the byte's sign, exponent and mantissa put in
+// place in a half float (bits 15, 13..10, 9..7) make exactly that, subnormals included, because a half
+// float's exponent bias (15) is 8 more than e4m3's; F16C widens it exactly. The fp8 tiles multiply x * 2^8
+// by it (fp8_rows.h): the same exact product as x times the value, one multiply fewer per weight. A NaN
+// byte (b | 0x80 == 0xFF) becomes the half NaN 0xFF80 whatever its sign (float32 0xFFF00000, lanes.h).
+// Done on bytes, 16 at a time: the half's high byte is (b & 0x80) | ((b >> 1) & 0x3F) (0xFF for a NaN),
+// its low byte (b & 1) << 7.
+MLX_K2_AVX2 inline void e4m3_halves(__m128i b, __m128i& lo8, __m128i& hi8) {
+  const __m128i sign = _mm_set1_epi8(char(0x80));
+  const __m128i nan = _mm_cmpeq_epi8(_mm_or_si128(b, sign), _mm_set1_epi8(char(0xFF)));
+  const __m128i high = _mm_or_si128(_mm_or_si128(_mm_and_si128(b, sign),
+                                                 _mm_and_si128(_mm_srli_epi16(b, 1), _mm_set1_epi8(0x3F))), nan);
+  const __m128i low = _mm_and_si128(_mm_slli_epi16(b, 7), sign);
+  lo8 = _mm_unpacklo_epi8(low, high);   // bytes 0..7 as 8 half floats
+  hi8 = _mm_unpackhi_epi8(low, high);   // bytes 8..15
+}
+
+// 2^-8 times the 8 e4m3 weights at p, exactly.
+MLX_K2_AVX2 inline V8 v8_e4m3x8_div256(const uint8_t* p) {
+  __m128i lo, hi;
+  e4m3_halves(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), lo, hi);
+  return _mm256_cvtph_ps(lo);
+}
+
+// 2^-8 times the 32 e4m3 weights at p: q[j] lane l from p[8j + l].
+MLX_K2_AVX2 inline void v8_e4m3x32_div256(const uint8_t* p, V8 q[4]) {
+  __m128i h[4];
+  e4m3_halves(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), h[0], h[1]);
+  e4m3_halves(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)), h[2], h[3]);
+  for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtph_ps(h[j]);
+}
+
 #elif defined(MLX_K2_NEON)
 #define MLX_K2_HAS_SIMD 1
 inline constexpr Simd kSimdPath = Simd::Neon;
@@ -113,6 +145,35 @@ inline void v8_int4x32(const uint32_t* w, V8 q[4]) {
 inline V8 v8_int4x8(uint32_t word) {
   const uint8x8_t v = vreinterpret_u8_u32(vdup_n_u32(word));
   return int4_bytes_to_v8(vzip1_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8(v, 4)));
+}
+
+// float8 e4m3, as on AVX2: 2^-8 times each byte's value, through the half float with the byte's bits in place
+// (a NaN byte as 0xFF80), widened exactly by vcvt_f32_f16.
+inline uint8x16_t e4m3_half_high(uint8x16_t b) {
+  const uint8x16_t nan = vceqq_u8(vorrq_u8(b, vdupq_n_u8(0x80)), vdupq_n_u8(0xFF));
+  return vorrq_u8(vorrq_u8(vandq_u8(b, vdupq_n_u8(0x80)), vandq_u8(vshrq_n_u8(b, 1), vdupq_n_u8(0x3F))), nan);
+}
+inline V8 halves_to_v8(uint16x8_t h) {
+  return {vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h))), vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)))};
+}
+// 16 bytes -> 16 half floats (lanes 0..7, 8..15) in column order.
+inline void e4m3_halves(uint8x16_t b, uint16x8_t& lo8, uint16x8_t& hi8) {
+  const uint8x16_t high = e4m3_half_high(b), low = vshlq_n_u8(b, 7);
+  lo8 = vreinterpretq_u16_u8(vzip1q_u8(low, high));
+  hi8 = vreinterpretq_u16_u8(vzip2q_u8(low, high));
+}
+
+inline V8 v8_e4m3x8_div256(const uint8_t* p) {
+  uint16x8_t lo, hi;
+  e4m3_halves(vcombine_u8(vld1_u8(p), vdup_n_u8(0)), lo, hi);
+  return halves_to_v8(lo);
+}
+
+inline void v8_e4m3x32_div256(const uint8_t* p, V8 q[4]) {
+  uint16x8_t h[4];
+  e4m3_halves(vld1q_u8(p), h[0], h[1]);
+  e4m3_halves(vld1q_u8(p + 16), h[2], h[3]);
+  for (int j = 0; j < 4; ++j) q[j] = halves_to_v8(h[j]);
 }
 #endif
 

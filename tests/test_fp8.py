@@ -25,7 +25,8 @@ from mlx_k2 import names
 from mlx_k2.checkpoint import Checkpoint
 from mlx_k2.config import BlockFP8, load_config, parse_config
 from mlx_k2.errors import ConfigError
-from mlx_k2.linear import Linear, dense_weight, gather_rows, linear
+from mlx_k2.kernels import status as kernels_status
+from mlx_k2.linear import Linear, choose_kernels, dense_weight, gather_rows, linear
 from mlx_k2.synth import spec_for, write_synthetic
 
 REL_TOL = 2e-6
@@ -105,12 +106,16 @@ def test_names_of_block_fp8_linears_and_the_mtp_layer():
 
 
 # ------------------------------------------------------------------------------------------ linear algebra
+KERNELS = ["builtin"] + (["own"] if kernels_status().available else [])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("out,inp,block", [(200, 300, (128, 128)), (64, 40, (128, 128)), (48, 72, (16, 32))])
-def test_block_fp8_linear_against_float64(out, inp, block):
+def test_block_fp8_linear_against_float64(out, inp, block, kernels):
     rng = np.random.default_rng(out + inp)
     codes, scale = random_fp8(rng, (out, inp), block)
     want_w = block_fp8_f64(codes, scale, block)
-    w = Linear.fp8(mx.array(codes), mx.array(scale), block)
+    w = Linear.fp8(mx.array(codes), mx.array(scale), block, choose_kernels(kernels, "cpu"))
     assert np.array_equal(np.array(dense_weight(w)), want_w.astype(np.float32))  # e4m3 x f32 scale, one rounding
     x = rng.standard_normal((3, inp)).astype(np.float32)
     assert rel_err(linear(mx.array(x), w), x.astype(np.float64) @ want_w.T) < REL_TOL
@@ -125,14 +130,16 @@ def test_every_e4m3_code_widens_exactly():
     assert np.signbit(got[1, 0]) and got[1, 0] == 0  # 0x80 is -0
 
 
-def test_block_fp8_expert_stack_rows_against_float64():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_block_fp8_expert_stack_rows_against_float64(kernels):
     rng = np.random.default_rng(5)
     E, out, inp, block = 6, 160, 136, (128, 128)
     codes, scale = random_fp8(rng, (E, out, inp), block)
     want_w = block_fp8_f64(codes, scale, block)
     x = rng.standard_normal((5, inp)).astype(np.float32)
     idx = np.array([4, 0, 4, 2, 5])
-    got = gather_rows(mx.array(x), Linear.fp8(mx.array(codes), mx.array(scale), block), mx.array(idx.astype(np.uint32)))
+    stack = Linear.fp8(mx.array(codes), mx.array(scale), block, choose_kernels(kernels, "cpu"))
+    got = gather_rows(mx.array(x), stack, mx.array(idx.astype(np.uint32)))
     want = np.stack([want_w[e] @ x[p].astype(np.float64) for p, e in enumerate(idx)])
     assert rel_err(got, want) < REL_TOL
 

@@ -9,10 +9,7 @@ expectations come from the checkpoint's own headers and index and from the token
 
 from __future__ import annotations
 
-import json
-import struct
 from collections import Counter
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -21,7 +18,7 @@ import pytest
 from mlx_k2.events import LayerDone, RunDone, StepDone
 from mlx_k2.runner import Model, generate
 from mlx_k2.tensors import TensorReader
-from tests.foreign_checkpoint import make_config, write_foreign_checkpoint
+from tests.foreign_checkpoint import make_config, read_headers, write_foreign_checkpoint
 
 PRE = "language_model."
 EMBED = f"{PRE}model.embed_tokens.weight"
@@ -29,19 +26,6 @@ TEXT = make_config("kimi_k25")["text_config"]
 BOS = 508
 SHORT = [BOS, 42, 42, 42]                 # 2 distinct ids, 4 positions
 LONG = SHORT + [7, 42, 300, 7, 11, 11]    # 6 distinct ids, 10 positions
-
-
-def _headers(model_dir: Path) -> dict[str, dict]:
-    """name -> header entry, parsed here from every shard the index names."""
-    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for fname in sorted(set(weight_map.values())):
-        with open(model_dir / fname, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        out.update(header)
-    return out
 
 
 def _nbytes(entry: dict) -> int:
@@ -115,7 +99,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def headers(model_dir):
-    return _headers(model_dir)
+    return read_headers(model_dir)
 
 
 @pytest.fixture

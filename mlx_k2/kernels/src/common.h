@@ -29,10 +29,13 @@
 #pragma once
 
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "lanes.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -84,5 +87,39 @@ struct WeightInput {
   explicit WeightInput(const mx::array& a) : array(a), in_place(a.flags().row_contiguous) {}
   const void* gathered(std::vector<char>& scratch) const;
 };
+
+// What the task of a scaled-weight launch (int4, fp8) reads: inputs (x, weight, scales[, indices]) as the ops
+// make them, x and indices row-contiguous, the output allocated.
+struct ScaledLaunch {
+  const float* x;
+  size_t T, in, out_rows;
+  size_t experts;            // the stack's experts (1 without indices)
+  const uint32_t* indices;   // (T,) into the stack, or nullptr
+  float* out;
+  WeightInput weight, scales;
+};
+
+// The shared body of a scaled-weight primitive's eval_cpu: checks the inputs, allocates the output, registers
+// the arrays with the stream's encoder and dispatches run(launch, S{}) with S the scales' element type
+// (uint16_t for bf16 bits, float). The data pointers are fixed now; the values are read when the task runs.
+template <class Run>
+void dispatch_scaled(const mx::Stream& stream, const char* family, bool gather, const std::vector<mx::array>& inputs,
+                     mx::array& out, Run run) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (!inputs[0].flags().row_contiguous || (gather && !inputs[3].flags().row_contiguous))
+    throw std::runtime_error(std::string("[mlx_k2] ") + family + " x and indices must be row-contiguous");
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  for (const auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  const auto& x = inputs[0];
+  const ScaledLaunch launch{x.data<float>(), size_t(x.shape(0)), size_t(x.shape(1)), size_t(out.shape(1)),
+                            gather ? size_t(inputs[1].shape(0)) : 1, gather ? inputs[3].data<uint32_t>() : nullptr,
+                            out.data<float>(), WeightInput(inputs[1]), WeightInput(inputs[2])};
+  if (inputs[2].dtype() == mx::bfloat16) {
+    enc.dispatch([=]() { run(launch, uint16_t{}); });
+  } else {
+    enc.dispatch([=]() { run(launch, float{}); });
+  }
+}
 
 }  // namespace mlx_k2

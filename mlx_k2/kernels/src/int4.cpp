@@ -5,8 +5,6 @@
 #include <stdexcept>
 
 #include "int4_rows.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 
 namespace mlx_k2 {
 
@@ -79,37 +77,16 @@ mx::array int4_gather_matmul(const mx::array& x, const mx::array& words, const m
 }
 
 void Int4Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  if (!inputs[0].flags().row_contiguous || (gather_ && !inputs[3].flags().row_contiguous))
-    throw std::runtime_error("[mlx_k2] int4 x and indices must be row-contiguous");
-  const auto& x = inputs[0];
-  const auto& w = inputs[1];
-  const auto& sc = inputs[2];
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
-  const size_t T = x.shape(0), in = x.shape(1), O = out.shape(1);
-  const size_t E = gather_ ? w.shape(0) : 1;
-  const float* xp = x.data<float>();
-  const WeightInput wi(w), si(sc);
-  const uint32_t* ip = gather_ ? inputs[3].data<uint32_t>() : nullptr;
-  float* op = out.data<float>();
   const size_t group = group_;
   const int nt = threads_;
   const Simd simd = simd_;
-  // The data pointers are fixed now; the values are read when the stream runs the task.
-  auto run = [=](auto scale) {  // scale: the scales' element type
-    using S = decltype(scale);
+  dispatch_scaled(stream(), "int4", gather_, inputs, outputs[0], [=](const ScaledLaunch& l, auto scale) {
+    using S = decltype(scale);  // the scales' element type
     std::vector<char> gw, gs;
-    run_int4(xp, in, static_cast<const uint32_t*>(wi.gathered(gw)), static_cast<const S*>(si.gathered(gs)), O, E,
-             group, ip, T, op, nt, simd);
-  };
-  if (sc.dtype() == mx::bfloat16) {
-    enc.dispatch([=]() { run(uint16_t{}); });
-  } else {
-    enc.dispatch([=]() { run(float{}); });
-  }
+    run_int4(l.x, l.in, static_cast<const uint32_t*>(l.weight.gathered(gw)),
+             static_cast<const S*>(l.scales.gathered(gs)), l.out_rows, l.experts, group, l.indices, l.T, l.out, nt,
+             simd);
+  });
 }
 
 void Int4Matmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

@@ -3,10 +3,10 @@
 `encode` gives the text's own tokens and adds nothing around them; special-token text inside the input
 (`<｜begin▁of▁sentence｜>`, ...) encodes to its id, as it does with the tiktoken tokenizer. The file's
 post-processor is not applied: DeepSeek-V3's (a TemplateProcessing, matching its tokenizer_config.json
-`add_bos_token: true`) puts BOS first, and here BOS is the caller's to add, as for the tiktoken tokenizer, so
-`run --prompt TEXT --bos` gives exactly the ids DeepSeek-V3's own tokenizer gives TEXT by default, and
-`--prompt TEXT` alone gives the text without BOS (with the post-processor applied too, --bos would put BOS
-twice). `decode` keeps special tokens, so decode(encode(text)) == text and a special token's text is its name.
+`add_bos_token: true`) puts BOS first, and here BOS is the caller's to add, as for the tiktoken tokenizer:
+`run --prompt TEXT` follows `add_bos_token` (tokenizer.adds_bos), so it gives exactly the ids DeepSeek-V3's
+own tokenizer gives TEXT by default, and `--bos/--no-bos` decide otherwise (with the post-processor applied
+too, BOS would come twice). `decode` keeps special tokens, so decode(encode(text)) == text and a special token's text is its name.
 `bos_token_id` is tokenizer_config.json's `bos_token` (a string or an AddedToken dict) looked up in the
 vocabulary and added tokens; None where tokenizer_config.json names none.
 """

@@ -32,6 +32,8 @@ else:
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     else:
         _IMPORT_ERROR = ""
+        if not hasattr(_ext, "fp8_matmul"):  # an extension built from older sources: every op must be there
+            _ext, _IMPORT_ERROR = None, "the extension was built before the fp8 kernels"
 
 NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/2"
 _SIMD = {None: 0, "auto": 0, "scalar": 1, "avx2": 2, "neon": 3}

@@ -8,10 +8,6 @@ determined by the matrix, and any method may return another basis of the same sp
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -73,17 +69,31 @@ def test_values_var_and_total_against_full_svd(m, n, spectrum):
     assert isinstance(top, TopSingular)
     assert top.s.dtype == np.float64 and top.s.shape == (K,)
     assert np.all(np.diff(top.s) <= 0)
-    np.testing.assert_allclose(top.s, ref_s[:K], rtol=1e-9)
+    # float32 input goes through the float32 Gram matrix: ~3e-7 here, the goal is 1e-4.
+    np.testing.assert_allclose(top.s, ref_s[:K], rtol=2e-6)
     assert top.total_sq == pytest.approx(ref_total, rel=1e-12)
     for k in (1, 8, K):
         ref_var = float((ref_s[:k] ** 2).sum() / ref_total)
-        assert abs(top.var_at(k) - ref_var) < 1e-10
-        assert abs(var_at(top.s, top.total_sq, k) - ref_var) < 1e-10
+        assert abs(top.var_at(k) - ref_var) < 1e-7
+        assert abs(var_at(top.s, top.total_sq, k) - ref_var) < 1e-7
 
     s_only, total = singular_values(w, K)
     assert s_only.dtype == np.float64 and s_only.shape == (K,)
-    np.testing.assert_allclose(s_only, ref_s[:K], rtol=1e-9)
+    np.testing.assert_allclose(s_only, ref_s[:K], rtol=2e-6)
     assert total == pytest.approx(ref_total, rel=1e-12)
+
+
+@pytest.mark.parametrize("m, n", [(48, 160), (160, 48)])
+def test_steep_spectrum_keeps_full_precision(m, n):
+    """s_{k-1} < 0.1 s_0: the float32 Gram matrix would lose digits on the small values; float64 is used."""
+    k = 40
+    w = _matrix(m, n, _decaying(min(m, n)), seed=2)
+    ref_s, ref_vt, _ = _reference(w)
+    assert ref_s[k - 1] < 0.1 * ref_s[0]
+    top = top_singular(w, k)
+    np.testing.assert_allclose(top.s, ref_s[:k], rtol=1e-9)
+    np.testing.assert_allclose(singular_values(w, k)[0], ref_s[:k], rtol=1e-9)
+    assert _sin_largest_angle(top.vt[:k].astype(np.float64), ref_vt[:k]) < 1e-5
 
 
 @pytest.mark.parametrize("m, n, spectrum", CASES)
@@ -165,27 +175,6 @@ def test_bad_arguments(bad, k):
         top_singular(bad, k)
     with pytest.raises(ValueError):
         singular_values(bad, k)
-
-
-_BITS_SCRIPT = """
-import sys, numpy as np
-from mlx_k2.vindex.svd import top_singular
-rng = np.random.default_rng(1)
-w = rng.standard_normal((256, 900)).astype(np.float32)
-t = top_singular(w, 64)
-sys.stdout.write(t.s.tobytes().hex() + t.vt.tobytes().hex()[:4096])
-"""
-
-
-@pytest.mark.slow
-def test_bits_with_one_and_two_blas_threads():
-    """Reports whether OpenBLAS's thread count changes the bits (a documented property, not a promise)."""
-    outs = []
-    for threads in ("1", "2"):
-        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads)
-        outs.append(subprocess.run([sys.executable, "-c", _BITS_SCRIPT], env=env, capture_output=True,
-                                   text=True, check=True).stdout)
-    assert outs[0] == outs[1]
 
 
 @pytest.mark.slow

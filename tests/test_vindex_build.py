@@ -6,7 +6,6 @@ usage snippet reads the output unchanged, resume gives byte-identical files, --l
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import math
@@ -19,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2.errors import UsageError
-from mlx_k2.vindex.build import FILES, build_vindex
+from mlx_k2.vindex.build import FILES, blas_threads, build_vindex
 from mlx_k2_cli.main import app
 from tests.foreign_checkpoint import read_headers, write_foreign_checkpoint
 from tests.reference import Tensors, int4_group_size, load_config
@@ -236,20 +235,9 @@ def selected_bytes(model_dir: Path, layers: list[int]) -> int:
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
 def one_blas_thread():
-    """One OpenBLAS thread while this module runs, where numpy's bundled OpenBLAS lets it be set: on the shared
-    2-core machine its threads wait for each other on these small matrices (a 160 x 320 SVD took ~0.5 s with
-    two threads under load, ~5 ms with one). Speed only: the results do not depend on it."""
-    found = sorted((Path(np.__file__).parent.parent / "numpy.libs").glob("libscipy_openblas*.so"))
-    lib = ctypes.CDLL(str(found[0])) if found else None
-    setter = getattr(lib, "scipy_openblas_set_num_threads64_", None) if lib else None
-    getter = getattr(lib, "scipy_openblas_get_num_threads64_", None) if lib else None
-    if setter is None or getter is None:
+    """The reference's SVDs on one OpenBLAS thread too (speed only; see build.blas_threads)."""
+    with blas_threads(1):
         yield
-        return
-    before = getter()
-    setter(1)
-    yield
-    setter(before)
 
 
 @pytest.fixture(scope="module")

@@ -489,7 +489,9 @@ def blas_threads(count: int):
     """numpy's OpenBLAS on `count` threads inside the block, where numpy's bundled OpenBLAS exposes the call
     (else nothing changes). The build keeps numpy's SVDs on one core while MLX dequantises the next expert on
     the other: on the shared 2-core machine two OpenBLAS threads next to any other work spin-wait for each
-    other (a top-64 randomized SVD of 2048 x 7168 took 33 s with two threads under load, 2.8 s with one)."""
+    other (a top-64 randomized SVD of 2048 x 7168 took 33 s with two threads under load, 2.8 s with one).
+    A fixed count also keeps the bits: OpenBLAS may split a product's sums differently with another count,
+    and a resumed build must give the bytes an uninterrupted one does."""
     found = sorted((Path(np.__file__).parent.parent / "numpy.libs").glob("libscipy_openblas*.so"))
     lib = ctypes.CDLL(str(found[0])) if found else None
     setter = getattr(lib, "scipy_openblas_set_num_threads64_", None) if lib else None

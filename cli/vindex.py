@@ -1,0 +1,89 @@
+"""`mlx-k2 vindex ...`: the vindex commands, one typer sub-app. `build` streams a checkpoint's experts into the
+published vindex files; `routing` (phase 3 from ledgers and bundles) and `features` (which feature directions a
+step's MoE input projects onto) are commands of this same sub-app, `vindex_app`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app, guarded
+from .plain import progress_lines
+
+vindex_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                         help="The vindex: SVD feature databases of the experts, in the published format.")
+app.add_typer(vindex_app, name="vindex")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds + 0.5)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.2f} experts/s"
+
+
+def _plain_build_lines():
+    """One line per layer written: experts done of the selection, the rate and the ETA of the whole."""
+    def progress(p) -> None:
+        if p.layer_finished:
+            typer.echo(f"layer {p.layer:3d} written: layers {p.layers_done}/{p.layers_total}, experts "
+                       f"{p.experts_done}/{p.experts_total}, {_rate(p.rate)}, ETA {_duration(p.eta_s)}")
+    return progress
+
+
+class _Bar:
+    """A rich progress bar over the selection's experts, with the rate and ETA the build reports."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.progress = Progress(TextColumn("[bold]vindex[/] layer {task.fields[layer]}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("experts {task.fields[rate]} ETA {task.fields[eta]}"))
+        self.task = None
+
+    def __call__(self, p) -> None:
+        fields = dict(layer=p.layer, rate=_rate(p.rate), eta=_duration(p.eta_s))
+        if self.task is None:
+            self.task = self.progress.add_task("build", total=p.experts_total, **fields)
+        self.progress.update(self.task, completed=p.experts_done, **fields)
+
+
+@vindex_app.command("build")
+@guarded
+def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex directory (new, or one to --resume).")],
+          model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: the embedded "
+                                                              "synthetic K2.5-format checkpoint).")] = None,
+          layers: Annotated[Optional[str], typer.Option(help="MoE layers, e.g. 1-60 or 1,15,30 (default: every "
+                                                             "MoE layer).")] = None,
+          features: Annotated[Optional[int], typer.Option(help="Right singular vectors kept per expert (default "
+                                                               "64, or gate_proj's smaller side if less).")] = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped build of the same checkpoint "
+                                                               "and options from its first missing layer.")] = False,
+          batch: Annotated[int, typer.Option(help="Routed experts read and computed at a time (memory holds two "
+                                                  "batches of stored weights).")] = 8,
+          quiet: Annotated[bool, typer.Option("--quiet", help="Print only the summary.")] = False):
+    """Build the vindex of a checkpoint's experts (gate_proj top singular vectors, down_proj and router SVD
+    statistics). Example: mlx-k2 vindex build --model /models/Kimi-K2.5 -o k25-vindex --layers 1-60"""
+    from mlx_k2.synth import default_checkpoint
+    from mlx_k2.vindex.build import build_vindex
+
+    header_lines = None if quiet else progress_lines()
+    bar = None if quiet or not sys.stdout.isatty() else _Bar()
+    progress = None if quiet else bar or _plain_build_lines()
+    model_dir = model if model is not None else default_checkpoint(progress=header_lines)
+    if bar is not None:
+        with bar.progress:
+            result = build_vindex(model_dir, out, layers, features, batch, resume, progress)
+    else:
+        result = build_vindex(model_dir, out, layers, features, batch, resume, progress, open_progress=header_lines)
+    resumed = f" ({result.resumed_layers} found done)" if result.resumed_layers else ""
+    typer.echo(f"vindex {result.out}: {len(result.layers)} MoE layers{resumed}; {result.experts} experts in "
+               f"{result.wall_s:.1f} s ({_rate(result.rate)}); read {result.bytes_read:,} bytes "
+               f"(the selected tensors: {result.bytes_minimum:,}); peak RSS {result.peak_rss_gb:.2f} GB")

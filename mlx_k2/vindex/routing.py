@@ -44,7 +44,7 @@ from ..evidence.bundle import read_step_file
 from ..evidence.derived import line_digest, root_digest
 from ..evidence.ledger import read_ledger
 from ..evidence.schema import step_tensor_path
-from ..evidence.verify import computed_positions, moe_layers, verify
+from ..evidence.verify import moe_layers, verify
 
 STATS_NAME = "phase3_routing_stats.json"
 FORMAT = "mlx-k2.vindex.phase3_routing_stats/1"
@@ -89,7 +89,7 @@ def _count_run(path: Path, ledger, layers: dict[int, _Layer], moe: list[int]) ->
     """Adds one run's selections to `layers`; returns its `sources` entry."""
     run = ledger.header["run"]
     seen: dict[int, set[int]] = {i: set() for i in moe}  # positions already counted, per layer
-    tokens = c2_positions = 0
+    c2_positions = 0
     routing = "ledger: experts of the last position of each step"
     for s in ledger.steps:
         by_layer = {x["layer"]: x for x in s["layers"]}

@@ -10,6 +10,7 @@ reference's float64 post-attention normed state, the projections against numpy o
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -209,3 +210,29 @@ def test_a_damaged_vindex_is_refused_with_one_line(synth_run, vindex_dir, tmp_pa
     assert len(lines) == 1 and "hidden_size" in lines[0] and "gate_vectors_index.json" in lines[0]
     with pytest.raises(FeaturesInputError, match="not a bundle"):
         step_features(bundle / "ledger.jsonl", vindex_dir)
+
+
+def test_the_explorer_shows_the_features_panel_with_a_vindex(synth_run, vindex_dir, tmp_path):
+    from test_explorer import CHROMIUM, rendered
+
+    from mlx_k2.evidence.explorer import build_explorer
+
+    bundle, _ = synth_run
+    page = build_explorer(bundle, REPO_ANCHORS, vindex=vindex_dir)
+    embedded = json.loads(re.search(r'<script type="application/json" id="ledger-data">(.*?)</script>', page,
+                                    re.S).group(1))["features"]
+    steps = steps_of(bundle)
+    assert [s["step"] for s in embedded["steps"]] == [s["step"] for s in steps]
+    assert [x["layer"] for x in embedded["steps"][1]["layers"]] == list(VINDEX_LAYERS)
+    if not CHROMIUM.exists():
+        pytest.skip("the rendering half needs /usr/bin/chromium")
+    root = rendered(tmp_path, page, "#step=1&layer=2")
+    assert "hidden" not in root.by_id("features-panel").attrs
+    rows = root.by_id("features-rows").all("tr")
+    assert [int(r.attrs["data-layer"]) for r in rows] == list(VINDEX_LAYERS)
+    for row in rows:
+        record = next(x for x in steps[1]["layers"] if x["layer"] == int(row.attrs["data-layer"]))
+        assert [int(td.attrs["data-expert"]) for td in row.all("td", cls="feat")] == record["experts"]
+    assert "hl" in rows[1].classes()  # layer 2, highlighted from the URL
+    plain = rendered(tmp_path, build_explorer(bundle, REPO_ANCHORS))
+    assert "hidden" in plain.by_id("features-panel").attrs  # no vindex, no panel

@@ -5,7 +5,8 @@ Each check is a named row (pass, fail, or skipped/warned with a reason). The led
 `ledger.read_ledger`, which keeps every line; deciding which of them is a failure happens here. On a bundle,
 every derived value and digest is recomputed from the saved tensors with the same functions that wrote it
 (`derived.py`), and the measured values that have a saved witness (token and logit from the logits, norms
-from the residuals, experts from the routing) are checked against it; so a forgery that rewrites the chain
+from the residuals, experts from the routing, the routing scores from every expert's score where a step file
+of format 2 saves them) are checked against it; so a forgery that rewrites the chain
 and the manifest consistently is still caught. A ledger without a footer is reported as partial and still
 checked. Structural checks need no model: strict JSON (no repeated keys, no NaN/Infinity), types, the
 tensors' shapes against the header's model widths, MoE layers carrying experts, a complete run ending at

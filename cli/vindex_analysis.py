@@ -50,8 +50,12 @@ def routing(paths: Annotated[list[Path], typer.Argument(help="Ledgers (.jsonl) a
     c2 = stats["c2"]
     c2_text = "C2 not measured (no bundle saves every expert's score)" if c2 is None else \
         f"C2 mean {c2['mean']:.4f} over {c2['positions']} layer-positions (uniform {stats['c2_uniform']:.4f})"
-    typer.echo(f"wrote {target}: {stats['runs']} runs, {stats['prompts']} prompts, {stats['tokens']} tokens, "
-               f"{len(stats['layers'])} MoE layers; {c2_text}")
+    counts = ", ".join(_count(stats[name], name) for name in ("runs", "prompts", "tokens"))
+    typer.echo(f"wrote {target}: {counts}, {_count(len(stats['layers']), 'MoE layers')}; {c2_text}")
+
+
+def _count(n: int, plural: str) -> str:
+    return f"{n} {plural if n != 1 else plural[:-1]}"
 
 
 @vindex_app.command()

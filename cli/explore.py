@@ -36,7 +36,10 @@ def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bu
             sample: Annotated[Optional[int], typer.Option(help="With --replay: N steps at random.")] = None,
             device: Annotated[Optional[str], typer.Option(help="With --replay: gpu or cpu.")] = None,
             receipt: Annotated[Optional[Path], typer.Option(help="A receipt of this run to check and show.")] = None,
-            pubkey: Annotated[Optional[Path], typer.Option(help="With --receipt: the signer's public key.")] = None):
+            pubkey: Annotated[Optional[Path], typer.Option(help="With --receipt: the signer's public key.")] = None,
+            vindex: Annotated[Optional[Path], typer.Option(help="A vindex directory: add the panel of the feature "
+                                                                "directions each step's MoE inputs project onto "
+                                                                "(a bundle of format 2).")] = None):
     """Write a self-contained HTML explorer of a ledger or bundle. Example: mlx-k2 explore runs/b1 -o b1.html"""
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
@@ -50,7 +53,7 @@ def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bu
     tokenizer = tokenizer_for(path, model)
     replayed = reexecute(path, model, steps, sample, device) if replay else None
     checked = check_receipt(receipt, path, pubkey, anchors, tokenizer) if receipt is not None else None
-    page = build_explorer(path, anchors, tokenizer, replayed, checked).encode("utf-8")
+    page = build_explorer(path, anchors, tokenizer, replayed, checked, vindex).encode("utf-8")
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_bytes(page)

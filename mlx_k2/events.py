@@ -53,6 +53,10 @@ class LayerDone:
     experts_used: int | None = None             # distinct routed experts this layer computed (MoE layers)
     lookahead_guessed: int | None = None        # experts read ahead for this layer on a guess (None: no guess)
     lookahead_hits: int | None = None           # how many of the experts it used were among them
+    router_scores: np.ndarray | None = None     # (n_routed_experts,) float32: the last position's sigmoid score
+                                                # of every expert (unbiased), by expert id (MoE layers, capture)
+    moe_input: np.ndarray | None = None         # (hidden,) float32: the last position's post-attention normed
+                                                # state, the router's and the experts' input (MoE layers, capture)
 
     @property
     def routing_weights(self) -> list[float] | None:

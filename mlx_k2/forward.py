@@ -171,11 +171,14 @@ def _latent_attention(q_nope: mx.array, q_pe: mx.array, state: LatentKV, kv_b_pr
 @dataclass(frozen=True)
 class Routing:
     """Top-k routing of every position: `experts` (T, k) ids ordered by selection score, `scores` (T, k)
-    their unbiased sigmoid scores, `weights` (T, k) those normalised to sum 1 (before routed_scaling_factor)."""
+    their unbiased sigmoid scores, `weights` (T, k) those normalised to sum 1 (before routed_scaling_factor);
+    `router_scores` (T, E) every expert's unbiased sigmoid score (the array the selection was made from,
+    kept for capture; nothing computes from it)."""
 
     experts: np.ndarray
     scores: np.ndarray
     weights: np.ndarray
+    router_scores: np.ndarray | None = None
 
 
 def route(x: mx.array, gate: Linear, e_score_correction_bias: mx.array | None, cfg: TextConfig) -> Routing:
@@ -200,7 +203,7 @@ def route(x: mx.array, gate: Linear, e_score_correction_bias: mx.array | None, c
     experts = np.argsort(-choice, axis=-1, kind="stable")[:, :cfg.num_experts_per_tok]  # (T, k)
     chosen = np.take_along_axis(scores, experts, axis=-1)
     weights = chosen / (chosen.sum(-1, keepdims=True) + np.float32(1e-20)) if cfg.norm_topk_prob else chosen
-    return Routing(experts, chosen, weights.astype(np.float32))
+    return Routing(experts, chosen, weights.astype(np.float32), scores)
 
 
 def _all_here(slot: int) -> None:
@@ -339,6 +342,8 @@ class LayerResult:
     hidden: mx.array               # (T, hidden) residual stream leaving the layer
     routing: Routing | None
     kv: LatentKV                   # the attention state of every position so far (the KV cache's entry)
+    moe_input: mx.array | None = None  # (T, hidden) a MoE layer's post-attention normed state (the router's and
+                                       # experts' input), already evaluated by the routing; for capture only
 
 
 def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx.array,
@@ -363,4 +368,4 @@ def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx
     y = moe(hn, routing, experts, cfg, streams)
     if look_ahead is not None:
         look_ahead(h)  # while this layer's experts compute
-    return LayerResult(h + (y if shared is None else y + shared), routing, kv)
+    return LayerResult(h + (y if shared is None else y + shared), routing, kv, hn)

@@ -205,7 +205,7 @@ class Model:
                 x = result.hidden
                 if kv is not None:
                     states.append(result.kv)
-                yield watch.layer_done(i, x, result.routing)
+                yield watch.layer_done(i, x, result.routing, result.moe_input)
             hidden, logits = self.head(x)
         finally:
             # Reads no computation used are not carried into the next step, and a step abandoned midway
@@ -237,7 +237,7 @@ class StepWatch:
         self.layer_started, self.layer_bytes = time.perf_counter(), self.reader.bytes_read
         self.layer_cached = self.reader.bytes_cached
 
-    def layer_done(self, i: int, x: mx.array, routing: Routing | None) -> LayerDone:
+    def layer_done(self, i: int, x: mx.array, routing: Routing | None, moe_input: mx.array | None = None) -> LayerDone:
         residual_in = self.residual
         self.residual = np.array(x[-1]) if self.capture else None  # what leaves layer i enters layer i + 1
         observed = routing if self.capture else None
@@ -253,7 +253,11 @@ class StepWatch:
             residual_in=residual_in, residual_out=self.residual,
             bytes_read=self.reader.bytes_read - self.layer_bytes, wall_s=time.perf_counter() - self.layer_started,
             bytes_cached=self.reader.bytes_cached - self.layer_cached, experts_used=used,
-            lookahead_guessed=guessed, lookahead_hits=hits)
+            lookahead_guessed=guessed, lookahead_hits=hits,
+            router_scores=None if observed is None or observed.router_scores is None
+            else np.array(observed.router_scores[-1], np.float32),
+            # the routing evaluated moe_input already: this copies its last row, it computes nothing new
+            moe_input=None if observed is None or moe_input is None else np.array(moe_input[-1], np.float32))
         self.layers.append(done)
         return done
 

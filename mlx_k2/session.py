@@ -62,7 +62,9 @@ def _check_space(directory: Path, model: Model, steps: int, bundle: bool) -> Non
     t = model.config.text
     need = steps * (STEP_LINE_BYTES + t.num_hidden_layers * LAYER_RECORD_BYTES)
     if bundle:
-        need += steps * 4 * (t.vocab_size + t.hidden_size * (t.num_hidden_layers + 2))
+        # logits, hidden and residuals; per (MoE) layer its moe_input and router_scores (an upper bound)
+        need += steps * 4 * (t.vocab_size + t.hidden_size * (t.num_hidden_layers + 2)
+                             + t.num_hidden_layers * (t.hidden_size + t.n_routed_experts))
     free = shutil.disk_usage(directory).free
     if free < 2 * need:
         raise UsageError(f"{directory}: {free:,} bytes free, the ledger needs about {need:,} (x2 margin)")

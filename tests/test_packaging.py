@@ -20,7 +20,8 @@ import pytest
 from mlx_k2.synth import default_checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("anchor", "bench", "bench_case", "explore", "inspect", "receipt", "run", "synth", "verify", "vindex", "main")
+COMMANDS = ("anchor", "bench", "bench_case", "explore", "inspect", "receipt", "run", "synth", "verify", "vindex",
+            "vindex_analysis", "main")
 
 
 @pytest.mark.parametrize("module", COMMANDS)

@@ -119,6 +119,9 @@ def _swap_expert(step, layer):
         new = next(e for e in range(old + 1, 384) if e not in routed)   # keeps `experts` ascending
         routed[routed == old] = new
         t[f"layers.{layer}.routed"] = routed
+        every = t[f"layers.{layer}.router_scores"].copy()  # every expert's score: the two trade places
+        every[[old, new]] = every[[new, old]]
+        t[f"layers.{layer}.router_scores"] = every
         save_tensors(bundle, step, t)
         x.update(experts=sorted(int(e) for e in routed[-1]), unique_experts=distinct_experts(routed))
     return forge
@@ -130,6 +133,9 @@ def _routing_weights(step, layer):
         scores = t[f"layers.{layer}.routing_scores"].copy()
         scores[0] *= np.float32(1.5)
         t[f"layers.{layer}.routing_scores"] = scores
+        every = t[f"layers.{layer}.router_scores"].copy()  # every expert's score: the same entry changed
+        every[recs[1 + step]["layers"][layer]["experts"][0]] = scores[0]
+        t[f"layers.{layer}.router_scores"] = every
         save_tensors(bundle, step, t)
         recs[1 + step]["layers"][layer]["routing_weights"] = normalise(scores)
     return forge

@@ -10,6 +10,10 @@ Layout of DIR (the names are `schema.py`'s):
       layers.L.routing_scores [k]   MoE layer L: the last position's sigmoid scores, ascending expert ids
                                     (-> routing_weights)
       layers.L.routed [T, k] int32  MoE layer L: every position's selected experts (-> unique_experts)
+      layers.L.router_scores [E]    MoE layer L: the last position's sigmoid score of every routed expert
+                                    (unbiased, by expert id; routing_scores are its entries at the experts)
+      layers.L.moe_input [hidden]   MoE layer L: the last position's post-attention RMS-normed hidden state,
+                                    the router's and the experts' input
   manifest.json                    {"files": {relative path: BLAKE3 hex}} of every other file
 With these, anyone can recompute every derived value and digest without the model (`verify.py`), reading
 a step's tensors with numpy alone: `read_step_file` reads one as an untrusted file (a regular file, no
@@ -17,6 +21,11 @@ symlink; its size capped by what a step of the model can hold before anything is
 tensors packed end to end with no gap, overlap or trailing byte; exactly the names, dtypes and shapes
 `expected_step_tensors` derives from the ledger header), `read_step_tensors` as the writer wrote it. The manifest is rewritten (atomically) after every
 step, so an interrupted run leaves a checkable bundle. The ledger itself is written by `LedgerWriter`.
+
+`router_scores` and `moe_input` (MOE_INPUT_TENSORS) came with the vindex (format mlx-k2.bundle/2 in a step
+file's metadata): measured data the ledger holds no value of, for the routing statistics' C2 and for which
+feature directions a layer's input projects onto. A step file has them for every captured MoE layer or for
+none (a bundle written before them); what a file holds decides, not its metadata.
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ MAX_STEP_HEADER_BYTES = 1 << 20
 # Where the header does not give the model's widths (schema 1 and 2): no step file is larger than this.
 MAX_STEP_FILE_BYTES = 1 << 30
 STEP_DTYPES = {"F32": np.dtype("<f4"), "I32": np.dtype("<i4")}
+BUNDLE_FORMAT = "mlx-k2.bundle/2"
+# The per-MoE-layer tensors format 2 added (layers.L.<name>): all of them for every captured MoE layer, or none.
+MOE_INPUT_TENSORS = ("router_scores", "moe_input")
 
 
 def step_tensors(e: StepDone) -> dict[str, np.ndarray]:
@@ -53,7 +65,20 @@ def step_tensors(e: StepDone) -> dict[str, np.ndarray]:
         if layer.routing_scores is not None:
             tensors[f"layers.{layer.layer}.routing_scores"] = np.asarray(layer.routing_scores, np.float32)
             tensors[f"layers.{layer.layer}.routed"] = np.asarray(layer.routed, np.int32)
+        if layer.router_scores is not None and layer.moe_input is not None:
+            tensors[f"layers.{layer.layer}.router_scores"] = np.asarray(layer.router_scores, np.float32)
+            tensors[f"layers.{layer.layer}.moe_input"] = np.asarray(layer.moe_input, np.float32)
     return tensors
+
+
+def is_moe_input(name: str) -> bool:
+    """Whether a step tensor's name is one of the format 2 tensors (layers.L.<MOE_INPUT_TENSORS>)."""
+    return name.startswith("layers.") and name.rsplit(".", 1)[-1] in MOE_INPUT_TENSORS
+
+
+def has_moe_inputs(names) -> bool:
+    """Whether a step file's tensor names include any of the format 2 tensors."""
+    return any(is_moe_input(name) for name in names)
 
 
 def read_step_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -74,15 +99,20 @@ class StepFileError(K2Error):
 
 
 def expected_step_tensors(hidden: int, vocab: int, num_layers: int, moe_layers: list[int], positions: int,
-                          experts_per_token: int, capture: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+                          experts_per_token: int, capture: bool,
+                          n_experts: int | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) of every tensor a step file holds, from the model's widths and the step's
-    context length (`positions`); `moe_layers` are the layers whose routing was captured."""
+    context length (`positions`); `moe_layers` are the layers whose routing was captured. With `n_experts`
+    (n_routed_experts), the format 2 tensors too (MOE_INPUT_TENSORS); without it, a format 1 file's."""
     out = {"hidden": ("F32", (hidden,)), "logits": ("F32", (vocab,))}
     if capture:
         out["residuals"] = ("F32", (num_layers + 1, hidden))  # entering layer 0, then leaving each layer
         for i in moe_layers:
             out[f"layers.{i}.routing_scores"] = ("F32", (experts_per_token,))
             out[f"layers.{i}.routed"] = ("I32", (positions, experts_per_token))
+            if n_experts is not None:
+                out[f"layers.{i}.router_scores"] = ("F32", (n_experts,))
+                out[f"layers.{i}.moe_input"] = ("F32", (hidden,))
     return out
 
 
@@ -93,9 +123,11 @@ def step_file_bytes(expected: dict[str, tuple[str, tuple[int, ...]]]) -> int:
 
 
 def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] | None,
-                   max_bytes: int = MAX_STEP_FILE_BYTES) -> dict[str, np.ndarray]:
+                   max_bytes: int = MAX_STEP_FILE_BYTES,
+                   older: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> dict[str, np.ndarray]:
     """A step file read as untrusted input; raises StepFileError naming what is wrong. `expected`
-    (expected_step_tensors) None checks the layout only."""
+    (expected_step_tensors) None checks the layout only; `older` is what a format 1 file holds: a file with
+    none of the format 2 tensors (has_moe_inputs) is checked against it instead of `expected`."""
     try:
         info = os.lstat(path)
     except OSError as e:
@@ -145,6 +177,8 @@ def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] 
         at = end
     if at != len(body):
         raise StepFileError(f"{path.name}: {len(body) - at:,} bytes after the last tensor")
+    if expected is not None and older is not None and not has_moe_inputs(out):
+        expected = older  # written before the format 2 tensors: all of them are absent, as they must be
     if expected is not None:
         missing, extra = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
         if missing or extra:
@@ -167,7 +201,7 @@ class BundleWriter:
 
     def add_step(self, e: StepDone) -> None:
         path = self.dir / step_tensor_path(e.step)
-        save(path, step_tensors(e), metadata={"format": "mlx-k2.bundle/1"})
+        save(path, step_tensors(e), metadata={"format": BUNDLE_FORMAT})
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
 

@@ -7,7 +7,8 @@ The header of the page, written here, says whether the ledger is complete or par
 `verify` checks, run at build time, with verify's summary line; given a re-execution (`mlx_k2.replay`) or a
 checked receipt (`receipt.check_receipt`), it shows their results too, step by step and check by check. A ledger without a footer is shown as partial; a final line cut off
 mid-write is skipped and the page says so. It renders what the ledger holds and nothing more: no values
-computed beyond the ledger's own, no interpretation. The ledger is read by `ledger.read_ledger`. Prints
+computed beyond the ledger's own, no interpretation; given a vindex, a panel shows which of its feature
+directions each step's saved MoE inputs project onto (`vindex.features`, from the bundle's tensors). The ledger is read by `ledger.read_ledger`. Prints
 nothing; the page (its CSS, script and placeholders) is the template `explorer_page.html` beside this module.
 """
 
@@ -194,10 +195,25 @@ def _notes_html(notes: list[str]) -> str:
     return f'<div id="read-notes" class="notes"><strong>Read notes</strong><ul>{items}</ul></div>'
 
 
+def _features(ledger: Ledger, report: Report | None, vindex: Path, anchors_dir: Path | None) -> dict[str, Any]:
+    """The features panel's data (`vindex.features`) for a bundle that verify passes; else why there is none.
+    A vindex or a bundle that features cannot read at all raises (the user asked for it)."""
+    from ..vindex.features import step_features  # numpy only, like the rest of the page
+
+    if report is None or not report.ok:
+        return {"error": "not computed: verify does not pass on this bundle", "vindex": str(vindex)}
+    return step_features(ledger.path, vindex, FEATURES_TOP, anchors_dir=anchors_dir, verified=True).to_json()
+
+
+# Features listed per selected expert in the features panel (the cell shows the first three, its title all).
+FEATURES_TOP = 5
+
+
 def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=None, replay: Replay | None = None,
-                   receipt: ReceiptReport | None = None) -> str:
+                   receipt: ReceiptReport | None = None, vindex: Path | None = None) -> str:
     """The explorer page (HTML) for a ledger file or a bundle directory; `replay` and `receipt`, when given,
-    are shown with verify's checks."""
+    are shown with verify's checks; `vindex` (a vindex directory) adds the panel of the feature directions
+    each step's MoE inputs project onto (`vindex.features`)."""
     ledger = read_ledger(path)
     if ledger.header is None:
         raise ExplorerError(f"{ledger.ledger_path}: not a ledger (line 1 is not a readable header)")
@@ -216,6 +232,8 @@ def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=
         verify_error = f"verify raised {type(e).__name__}: {e}"
     data = {"header": ledger.header, "steps": ledger.steps, "footer": ledger.footer, "status": ledger.status,
             "notes": ledger.notes}
+    if vindex is not None:
+        data["features"] = _features(ledger, report, Path(vindex), anchors_dir)
     title = page_title(ledger.header)
     return _fill(_template(), {
         "TITLE": html.escape(title),

@@ -5,7 +5,8 @@ Each check is a named row (pass, fail, or skipped/warned with a reason). The led
 `ledger.read_ledger`, which keeps every line; deciding which of them is a failure happens here. On a bundle,
 every derived value and digest is recomputed from the saved tensors with the same functions that wrote it
 (`derived.py`), and the measured values that have a saved witness (token and logit from the logits, norms
-from the residuals, experts from the routing) are checked against it; so a forgery that rewrites the chain
+from the residuals, experts from the routing, the routing scores from every expert's score where a step file
+of format 2 saves them) are checked against it; so a forgery that rewrites the chain
 and the manifest consistently is still caught. A ledger without a footer is reported as partial and still
 checked. Structural checks need no model: strict JSON (no repeated keys, no NaN/Infinity), types, the
 tensors' shapes against the header's model widths, MoE layers carrying experts, a complete run ending at
@@ -458,7 +459,7 @@ def _check_layers(model: dict, run: dict, steps: list[dict], version: int) -> Ch
 def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: Check) -> dict:
     """Every step's tensor file, read as untrusted input against the shapes the header's model needs."""
     hidden, vocab, n_layers = model.get("hidden_size"), model.get("vocab_size"), model.get("num_layers")
-    k = model.get("experts_per_token")
+    k, n_experts = model.get("experts_per_token"), model.get("n_routed_experts")
     widths = all(has_type(v, int) for v in (hidden, vocab, n_layers, k))
     if not widths:
         check.detail = "the header does not give hidden_size/vocab_size (no model facts): layout checked, shapes " \
@@ -475,10 +476,11 @@ def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: 
             layers = moe if moe is not None else [x.get("layer") for x in s.get("layers") or []
                                                   if isinstance(x, dict) and x.get("experts") is not None]
             expected = expected_step_tensors(hidden, vocab, n_layers, layers, computed_positions(run, s), k,
-                                             capture)
+                                             capture, n_experts if has_type(n_experts, int) else None)
+            older = expected_step_tensors(hidden, vocab, n_layers, layers, computed_positions(run, s), k, capture)
             cap = step_file_bytes(expected)
         try:
-            t = read_step_file(p, expected, cap)
+            t = read_step_file(p, expected, cap, older if widths else None)
         except K2Error as e:
             check.fail(f"step {step}: {e}")
             tensors[step] = None
@@ -589,6 +591,10 @@ def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured
             continue
         if x["experts"] != sorted(int(e) for e in routed[-1]):
             measured.fail(f"{where}: experts differ from the saved routing of the last position")
+        every = t.get(f"layers.{i}.router_scores")  # format 2: routing_scores are its entries at the experts
+        if every is not None and not (all(isinstance(e, int) and 0 <= e < len(every) for e in x["experts"])
+                                      and np.array_equal(every[np.array(x["experts"], np.int64)], scores)):
+            measured.fail(f"{where}: router_scores at the experts differ from the saved routing_scores")
         weights = x.get("routing_weights") or []
         if len(weights) != len(scores) or not all(_close(a, b) for a, b in zip(weights, normalise(scores))):
             derived.fail(f"{where}: routing_weights differ from the saved routing scores")

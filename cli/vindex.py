@@ -68,6 +68,9 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
                                                                "and options from its first missing layer.")] = False,
           batch: Annotated[int, typer.Option(help="Routed experts read and computed at a time (memory holds two "
                                                   "batches of stored weights).")] = 8,
+          workers: Annotated[Optional[int], typer.Option(help="SVD processes, one BLAS thread each (default: one per "
+                                                              "core; 0: in this process). The files do not depend "
+                                                              "on it.")] = None,
           quiet: Annotated[bool, typer.Option("--quiet", help="Print only the summary.")] = False):
     """Build the vindex of a checkpoint's experts (gate_proj top singular vectors, down_proj and router SVD
     statistics). Example: mlx-k2 vindex build --model /models/Kimi-K2.5 -o k25-vindex --layers 1-60"""
@@ -80,10 +83,50 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
     model_dir = model if model is not None else default_checkpoint(progress=header_lines)
     if bar is not None:
         with bar.progress:
-            result = build_vindex(model_dir, out, layers, features, batch, resume, progress)
+            result = build_vindex(model_dir, out, layers, features, batch, resume, progress, workers=workers)
     else:
-        result = build_vindex(model_dir, out, layers, features, batch, resume, progress, open_progress=header_lines)
+        result = build_vindex(model_dir, out, layers, features, batch, resume, progress, open_progress=header_lines,
+                                 workers=workers)
     resumed = f" ({result.resumed_layers} found done)" if result.resumed_layers else ""
     typer.echo(f"vindex {result.out}: {len(result.layers)} MoE layers{resumed}; {result.experts} experts in "
-               f"{result.wall_s:.1f} s ({_rate(result.rate)}); read {result.bytes_read:,} bytes "
-               f"(the selected tensors: {result.bytes_minimum:,}); peak RSS {result.peak_rss_gb:.2f} GB")
+               f"{result.wall_s:.1f} s ({_rate(result.rate)}, {result.workers} SVD processes); read {result.bytes_read:,} bytes "
+               f"(the selected tensors: {result.bytes_minimum:,}); peak RSS {result.peak_rss_gb:.2f} GB"
+               + ("" if result.worker_peak_rss_gb is None else f", {result.worker_peak_rss_gb:.2f} GB per SVD process"))
+
+
+@vindex_app.command("bench-svd")
+@guarded
+def bench_svd(shape: Annotated[str, typer.Option(help="Matrix shape ROWSxCOLS (gate_proj's is 2048x7168).")] = "2048x7168",
+              k: Annotated[int, typer.Option(help="Top singular values and vectors compared.")] = 64,
+              repeats: Annotated[int, typer.Option(help="Timed runs per method (the best is kept).")] = 2,
+              only: Annotated[Optional[list[str]], typer.Option(help="Only methods whose name contains this "
+                                                                     "(repeatable).")] = None,
+              json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures here.")] = None):
+    """Time and accuracy of the top-k SVD methods on one Kimi-like matrix (flat spectrum), one BLAS thread,
+    against numpy's float64 full SVD: the figures behind the vindex's method. Takes minutes at full width."""
+    import dataclasses
+    import json
+    import re
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlx_k2.errors import UsageError
+    from mlx_k2.vindex.svd_bench import run_svd_bench
+
+    m = re.fullmatch(r"(\d+)x(\d+)", shape)
+    if not m or min(int(m[1]), int(m[2])) <= k:
+        raise UsageError(f"--shape {shape!r}: expected ROWSxCOLS with both sides above --k {k}")
+    result = run_svd_bench(int(m[1]), int(m[2]), k, repeats, only, progress=lambda name: typer.echo(f"timing {name}"))
+    spectrum = result["spectrum"]
+    table = Table(title=f"top {k} of a {shape} float32 matrix: var@{k} {spectrum['var_at_k']:.3f}, S0/S1 "
+                        f"{spectrum['s0_s1']:.2f}, S{k - 1}/S{k} {spectrum['gap_at_k']:.4f}; reference: float64 "
+                        f"full SVD, {result['reference_seconds']:.1f} s")
+    for column in ("method", "seconds", "s rel. err.", f"var@{k} err.", f"sin, top-{k} subspace"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in result["methods"]:
+        table.add_row(r.name, f"{r.seconds:.2f}", f"{r.s_rel_err:.1e}", f"{r.var_err:.1e}", f"{r.subspace_sin:.1e}")
+    Console(width=160).print(table)
+    if json_out is not None:
+        result["methods"] = [dataclasses.asdict(r) for r in result["methods"]]
+        json_out.write_text(json.dumps(result, indent=1) + "\n")

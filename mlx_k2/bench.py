@@ -104,8 +104,9 @@ def os_read_bytes() -> int | None:
     return None
 
 
-def peak_rss_gb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_gb(who: int = resource.RUSAGE_SELF) -> float:
+    """This process's peak resident set in GB, or with RUSAGE_CHILDREN the largest of its finished children."""
+    kb = resource.getrusage(who).ru_maxrss
     return kb * (1 if os.uname().sysname == "Linux" else 1 / 1024) / 1e6  # Linux: KiB; macOS: bytes
 
 

@@ -18,7 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2.errors import UsageError
-from mlx_k2.vindex.build import FILES, blas_threads, build_vindex
+from mlx_k2.vindex.build import FILES, build_vindex
+from mlx_k2.vindex.svd import blas_threads
 from mlx_k2_cli.main import app
 from tests.foreign_checkpoint import read_headers, write_foreign_checkpoint
 from tests.reference import Tensors, int4_group_size, load_config
@@ -235,7 +236,7 @@ def selected_bytes(model_dir: Path, layers: list[int]) -> int:
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
 def one_blas_thread():
-    """The reference's SVDs on one OpenBLAS thread too (speed only; see build.blas_threads)."""
+    """The reference's SVDs on one OpenBLAS thread too (speed only; see svd.blas_threads)."""
     with blas_threads(1):
         yield
 
@@ -253,7 +254,7 @@ K25_FEATS, K25_BATCH = 8, 5  # 16 experts in batches of 5, 5, 5, 1
 @pytest.fixture(scope="module")
 def k25_vindex(k25, tmp_path_factory):
     out = tmp_path_factory.mktemp("vindex") / "k25-vindex"
-    return out, build_vindex(k25, out, num_feats=K25_FEATS, batch=K25_BATCH)
+    return out, build_vindex(k25, out, num_feats=K25_FEATS, batch=K25_BATCH, workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -321,11 +322,12 @@ def test_resume_gives_the_same_bytes(k25, k25_vindex, tmp_path):
     assert (out / "gate_vectors.bin").stat().st_size == block
     # Resumed, then stopped in the middle of layer 2 (two batches of its vectors already on disk).
     with pytest.raises(Stop):
-        build_vindex(k25, out, num_feats=K25_FEATS, batch=K25_BATCH, resume=True,
+        build_vindex(k25, out, num_feats=K25_FEATS, batch=K25_BATCH, resume=True, workers=0,
                      progress=stop_when(lambda p: p.layer == 2 and p.experts_done == 16 + 10))
     assert (out / "gate_vectors.bin").stat().st_size > block
     assert list(json.loads((out / "gate_vectors_index.json").read_text())["layers"]) == ["1"]
-    result = build_vindex(k25, out, num_feats=K25_FEATS, batch=4, resume=True)  # the batch changes nothing
+    # Neither the batch nor the SVD processes change a bit (the full build used one per core).
+    result = build_vindex(k25, out, num_feats=K25_FEATS, batch=4, resume=True, workers=1)
     assert result.resumed_layers == 1 and result.experts == 2 * 16
     for name in FILES:
         assert (out / name).read_bytes() == (full / name).read_bytes(), name
@@ -355,7 +357,7 @@ def test_resume_refuses_another_build(k25, k25_vindex, tmp_path):
 def test_layer_selection(k25, k25_vindex, tmp_path):
     full, _ = k25_vindex
     out = tmp_path / "vindex"
-    result = build_vindex(k25, out, layers="3,2", num_feats=K25_FEATS, batch=16)
+    result = build_vindex(k25, out, layers="3,2", num_feats=K25_FEATS, batch=16, workers=0)
     index = json.loads((out / "gate_vectors_index.json").read_text())
     assert list(index["layers"]) == ["2", "3"] and index["layers"]["2"]["file_offset"] == 0
     np.testing.assert_array_equal(gate_vectors(out, 3), gate_vectors(full, 3))
@@ -398,6 +400,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
     (["--layers", "3-1"], ["--layers: range 3-1 runs backwards"]),
     (["--features", "33"], ["--features 33: must be 1 to 32", "moe_intermediate_size 32"]),
     (["--batch", "0"], ["--batch must be 1 or more"]),
+    (["--workers", "-1"], ["--workers must be 0 (this process) or more, got -1"]),
 ])
 def test_bad_options_are_one_line(cli, k25, tmp_path, options, fragments):
     result = cli.invoke(app, ["vindex", "build", "--model", str(k25), "-o", str(tmp_path / "v"), *options])

@@ -4,9 +4,11 @@ What is read, each tensor once (`TensorReader.bytes_read` counts it): of every s
 routed expert's `gate_proj` and `down_proj` (never `up_proj`), in batches of `batch` experts; the router
 weight `mlp.gate.weight`; the shared experts' `down_proj`; and, with the first selected layer, every dense
 layer's `mlp.down_proj`. Each matrix is dequantised exactly to float32 by `linear.dense_weight` (int4
-groups, block FP8 or bf16 alike) and handed to `vindex.svd`. The next batch's bytes are read while the
-current one is computed (the reader's two arenas), so memory holds two batches of stored bytes, one
-dequantised matrix and one layer's statistics; the gate vectors go to disk batch by batch.
+groups, block FP8 or bf16 alike) and handed to `vindex.svd`, in `workers` SVD processes (one OpenBLAS
+thread each) while this process dequantises the next experts. The next batch's bytes are read while the
+current one is computed (the reader's two arenas), so memory holds two batches of stored bytes, the
+dequantised matrices of the experts in flight (2 x workers + 1) and one layer's statistics; the gate
+vectors go to disk expert by expert, in order.
 
 Files (field for field as the published vindexes describe them):
 - `gate_vectors.bin`: float32, C order, [moe_layers, n_experts, num_feats, hidden_size]: per routed expert
@@ -40,19 +42,20 @@ This module never prints: progress goes to a callback, the totals come back in `
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
+import resource
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from .. import names
@@ -65,7 +68,7 @@ from ..storage import ReadPolicy, Storage
 from ..tensors import PendingTensor, TensorReader
 from ..validate import validate
 from ..weights import WeightFetcher
-from .svd import singular_values, top_singular
+from .svd import TopSingular, blas_threads, gate_and_down, one_blas_thread, singular_values
 
 VINDEX_FORMAT = "mlx_k2.vindex/1"
 BIN = "gate_vectors.bin"
@@ -158,6 +161,8 @@ class BuildResult:
     bytes_read: int           # tensor bytes consumed (TensorReader.bytes_read)
     bytes_minimum: int        # the selected tensors' stored bytes for what this build computed, from the headers
     peak_rss_gb: float        # the process's peak resident set (getrusage)
+    workers: int              # SVD processes (0: the build's own)
+    worker_peak_rss_gb: float | None  # the largest SVD process's peak resident set (None with no workers)
 
     @property
     def rate(self) -> float | None:
@@ -467,54 +472,58 @@ class _Streamer:
         return out, router
 
 
-def dequantising(stack: Linear, i: int) -> mx.array:
-    """Linear i of a stack (E, out, in) as float32 (out, in), exactly (`dense_weight`), being evaluated in the
-    background (MLX's stream) while the caller computes something else."""
+def dequantised(stack: Linear, i: int) -> np.ndarray:
+    """Linear i of a stack (E, out, in) as float32 numpy (out, in), exactly (`dense_weight`); a copy, so the
+    reader's buffer may be reused after."""
     one = dataclasses.replace(stack, weight=stack.weight[i],
                               scales=None if stack.scales is None else stack.scales[i],
                               biases=None if stack.biases is None else stack.biases[i])
-    w = dense_weight(one)
-    mx.async_eval(w)
-    return w
+    return np.array(dense_weight(one), dtype=np.float32)
 
 
-def dequantised(stack: Linear, i: int) -> np.ndarray:
-    """Linear i of a stack as float32 numpy (out, in); a copy, so the reader's buffer may be reused after."""
-    return np.array(dequantising(stack, i), dtype=np.float32)
+# ---------------------------------------------------------------------------------------------- SVD processes
+def default_workers() -> int:
+    """One SVD process per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# ---------------------------------------------------------------------------------------------- threads
-@contextlib.contextmanager
-def blas_threads(count: int):
-    """numpy's OpenBLAS on `count` threads inside the block, where numpy's bundled OpenBLAS exposes the call
-    (else nothing changes). The build keeps numpy's SVDs on one core while MLX dequantises the next expert on
-    the other: on the shared 2-core machine two OpenBLAS threads next to any other work spin-wait for each
-    other (a top-64 randomized SVD of 2048 x 7168 took 33 s with two threads under load, 2.8 s with one).
-    A fixed count also keeps the bits: OpenBLAS may split a product's sums differently with another count,
-    and a resumed build must give the bytes an uninterrupted one does."""
-    found = sorted((Path(np.__file__).parent.parent / "numpy.libs").glob("libscipy_openblas*.so"))
-    lib = ctypes.CDLL(str(found[0])) if found else None
-    setter = getattr(lib, "scipy_openblas_set_num_threads64_", None) if lib else None
-    getter = getattr(lib, "scipy_openblas_get_num_threads64_", None) if lib else None
-    if setter is None or getter is None:
-        yield
-        return
-    before = getter()
-    setter(count)
-    try:
-        yield
-    finally:
-        setter(before)
+class _SvdPool:
+    """Where the routed experts' SVDs run: `workers` processes (spawned: this process has MLX's and the
+    reader's threads, which a fork would copy half-alive), each on one OpenBLAS thread, or with 0 this
+    process. Each expert is computed whole by one process on one thread, so the bits do not depend on how
+    many there are; while they compute, this process dequantises the next experts."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=one_blas_thread) if workers else None)
+
+    def submit(self, *args) -> Future:
+        if self.executor is not None:
+            return self.executor.submit(gate_and_down, *args)
+        done: Future = Future()
+        done.set_result(gate_and_down(*args))
+        return done
+
+    def in_flight(self) -> int:
+        """How many submitted experts may wait unfinished: one queued per process beyond the running ones."""
+        return 2 * self.workers
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------- the build
 def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int] | None = None,
                  num_feats: int | None = None, batch: int = DEFAULT_BATCH, resume: bool = False,
                  progress: Callable[[BuildProgress], None] | None = None, policy: ReadPolicy = ReadPolicy(),
-                 open_progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
+                 open_progress: Callable[[str, int, int], None] | None = None,
+                 workers: int | None = None) -> BuildResult:
     """Build (or with `resume`, finish) the vindex of `model_dir`'s MoE `layers` (a --layers string, a list,
-    or None for all) in directory `out`. `num_feats` defaults to `default_features`. A callback that raises
-    stops the build; every layer finished before stays on disk, ready for `resume`."""
+    or None for all) in directory `out`. `num_feats` defaults to `default_features`, `workers` (SVD
+    processes; 0: this process) to `default_workers`. A callback that raises stops the build; every layer
+    finished before stays on disk, ready for `resume`."""
     started = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     cfg = load_config(model_dir)
@@ -522,8 +531,11 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
     selection = parse_layers(layers if layers is None or isinstance(layers, str) else ",".join(map(str, layers)), text)
     num_feats = default_features(text) if num_feats is None else num_feats
     check_features(num_feats, text)
+    workers = default_workers() if workers is None else workers
     if batch < 1:
         raise UsageError(f"--batch must be 1 or more, got {batch}")
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 (this process) or more, got {workers}")
     if not selection:
         raise UsageError(f"{model_dir / 'config.json'}: the model has no MoE layer to index")
     checkpoint = Checkpoint(model_dir, open_progress)
@@ -541,38 +553,54 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
     reader = TensorReader(checkpoint, Storage(policy))
     streamer = _Streamer(cfg, reader)
     bytes_minimum = sum(checkpoint.info(t).nbytes for unit in units for t in streamer.tensors(unit))
-    experts_before, experts_now = len(done) * n_experts, 0
-    run_started = time.perf_counter()
+    experts_before = len(done) * n_experts
+    k_down = min(VAR_K, text.moe_intermediate_size, text.hidden_size)   # var@64, or all where narrower
+    k_gate = max(num_feats, k_down)
+    results = _Results(files, num_feats, text)
     bin_fd = os.open(files.path(BIN), os.O_WRONLY)
+    pool = _SvdPool(workers)
+    run_started = time.perf_counter()
+
+    def report(layer: int, finished: bool) -> None:
+        if progress is None:
+            return
+        elapsed = time.perf_counter() - run_started
+        rate = results.experts / elapsed if elapsed > 0 else None
+        total, now = len(selection) * n_experts, experts_before + results.experts
+        progress(BuildProgress(layer, selection.index(layer) + finished, len(selection), now, total, elapsed,
+                               rate, (total - now) / rate if rate else None, finished))
+
+    def collect(keep: int) -> None:
+        """Take finished experts, oldest first, until at most `keep` wait (their files are written in order)."""
+        while len(in_flight) > keep:
+            unit, expert, result = in_flight.popleft()
+            finished = results.add(unit.layer, expert, *result.result(), bin_fd)
+            if expert == unit.experts[-1]:
+                report(unit.layer, finished)
+
+    in_flight: deque[tuple[_Unit, int, Future]] = deque()
     try:
-        with blas_threads(1):  # see blas_threads: numpy on one core, MLX dequantising on the other
+        with blas_threads(1):  # one thread per SVD (see svd.blas_threads), here too when workers is 0
             pending = streamer.start(units[0], 0) if units else None
-            layer_state: dict = {}
             for k, unit in enumerate(units):
-                current = pending
-                linears, router = streamer.linears(unit, current)
+                linears, router = streamer.linears(unit, pending)
                 pending = streamer.start(units[k + 1], k + 1) if k + 1 < len(units) else None  # read ahead
                 if not unit.experts:
-                    layer_state = _head(unit, linears, router, text)
-                else:
-                    _experts(unit, linears, num_feats, layer_state, bin_fd, files.offset(unit.layer), text)
-                    experts_now += len(unit.experts)
-                reader.release(k)  # everything computed from slot k was copied out of its arena
-                finished = unit.experts and unit.experts[-1] == n_experts - 1
-                if finished:
-                    _finish(files, unit.layer, layer_state, bin_fd)
-                if progress is not None and unit.experts:
-                    elapsed = time.perf_counter() - run_started
-                    rate = experts_now / elapsed if elapsed > 0 else None
-                    total, now = len(selection) * n_experts, experts_before + experts_now
-                    progress(BuildProgress(unit.layer, selection.index(unit.layer) + bool(finished), len(selection),
-                                           now, total, elapsed, rate, (total - now) / rate if rate else None,
-                                           bool(finished)))
+                    results.start_layer(unit.layer, _head(unit, linears, router, text))
+                gate, down = linears if unit.experts else (None, None)
+                for i, expert in enumerate(unit.experts):
+                    in_flight.append((unit, expert, pool.submit(dequantised(gate, i), dequantised(down, i),
+                                                                k_gate, k_down)))
+                    collect(pool.in_flight())
+                reader.release(k)  # every matrix of slot k was copied out of its arena
+            collect(0)
     finally:
+        pool.close()
         os.close(bin_fd)
         reader.close()
-    return BuildResult(out, selection, len(done), experts_now, time.perf_counter() - started,
-                       reader.bytes_read, bytes_minimum, peak_rss_gb())
+    return BuildResult(out, selection, len(done), results.experts, time.perf_counter() - started,
+                       reader.bytes_read, bytes_minimum, peak_rss_gb(), workers,
+                       peak_rss_gb(resource.RUSAGE_CHILDREN) if workers else None)
 
 
 def _head(unit: _Unit, linears: list[Linear], router: Linear, text: TextConfig) -> dict:
@@ -590,26 +618,35 @@ def _head(unit: _Unit, linears: list[Linear], router: Linear, text: TextConfig) 
             "router": router_stats(w, (text.num_experts_per_tok, VAR_K)), "gate": [], "down": []}
 
 
-def _experts(unit: _Unit, linears: list[Linear], num_feats: int, state: dict, bin_fd: int, layer_offset: int,
-             text: TextConfig) -> None:
-    """A batch of routed experts: gate_proj's top vectors to the .bin at their offset, both matrices' stats."""
-    gate, down = linears
-    vectors = np.empty((len(unit.experts), num_feats, text.hidden_size), dtype=np.float32)  # (N, F, H)
-    coming = (dequantising(gate, 0), dequantising(down, 0))
-    for i in range(len(unit.experts)):
-        g = np.array(coming[0], dtype=np.float32)                    # (moe_intermediate, hidden)
-        d = np.array(coming[1], dtype=np.float32)                    # (hidden, moe_intermediate)
-        # The next expert dequantises on MLX's thread while numpy computes this one's SVDs.
-        coming = (dequantising(gate, i + 1), dequantising(down, i + 1)) if i + 1 < len(unit.experts) else None
-        top = top_singular(g, max(num_feats, min(VAR_K, *g.shape)))
-        vectors[i] = top.vt[:num_feats]
-        state["gate"].append(_matrix_stats(g.shape, top.s, top.total_sq) | {"var_feats": top.var_at(num_feats)})
-        state["down"].append(_matrix_stats(d.shape, *singular_values(d, min(VAR_K, *d.shape))))
-    expert_bytes = num_feats * text.hidden_size * FLOAT32_BYTES
-    data = vectors.tobytes()
-    written = os.pwrite(bin_fd, data, layer_offset + unit.experts[0] * expert_bytes)
-    if written != len(data):
-        raise OSError(f"short write to {BIN}: {written} of {len(data)} bytes")
+class _Results:
+    """The routed experts' results, taken in expert order: each gate_proj's top vectors to the .bin at its
+    offset, both matrices' statistics into the layer's state, and the layer's files once its last expert is in."""
+
+    def __init__(self, files: _Files, num_feats: int, text: TextConfig):
+        self.files, self.num_feats, self.text = files, num_feats, text
+        self.layers: dict[int, dict] = {}
+        self.experts = 0
+
+    def start_layer(self, layer: int, head: dict) -> None:
+        self.layers[layer] = head
+
+    def add(self, layer: int, expert: int, gate: TopSingular, down_s: np.ndarray, down_total_sq: float,
+            bin_fd: int) -> bool:
+        """Record one expert; True when it finished its layer (and the layer's files are written)."""
+        state = self.layers[layer]
+        expert_bytes = self.num_feats * self.text.hidden_size * FLOAT32_BYTES
+        data = np.ascontiguousarray(gate.vt[:self.num_feats]).tobytes()       # (num_feats, hidden)
+        written = os.pwrite(bin_fd, data, self.files.offset(layer) + expert * expert_bytes)
+        if written != len(data):
+            raise OSError(f"short write to {BIN}: {written} of {len(data)} bytes")
+        shape = (self.text.moe_intermediate_size, self.text.hidden_size)
+        state["gate"].append(_matrix_stats(shape, gate.s, gate.total_sq) | {"var_feats": gate.var_at(self.num_feats)})
+        state["down"].append(_matrix_stats(shape[::-1], down_s, down_total_sq))
+        self.experts += 1
+        if expert != self.text.n_routed_experts - 1:
+            return False
+        _finish(self.files, layer, self.layers.pop(layer), bin_fd)
+        return True
 
 
 def _finish(files: _Files, layer: int, state: dict, bin_fd: int) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2.errors import UsageError
-from mlx_k2.vindex.build import FILES, build_vindex
+from mlx_k2.vindex.build import FILES, SvdProcessError, build_vindex
 from mlx_k2.vindex.svd import blas_threads
 from mlx_k2_cli.main import app
 from tests.foreign_checkpoint import read_headers, write_foreign_checkpoint
@@ -418,3 +419,23 @@ def test_cli_builds_the_synthetic_checkpoint(cli, synth_dir, tmp_path, monkeypat
     check_against_reference(synth_dir, out, [1], 8, experts=[0, 191, 383])
     ns = run_snippet(out, monkeypatch)
     assert abs(float(ns["printed"].rsplit(":", 1)[1]) - 1.0) < 1e-5
+
+
+def test_a_killed_svd_process_is_one_error_and_resume_finishes(k25, k25_vindex, tmp_path):
+    """An SVD process killed after layer 1 (as the OOM killer would): SvdProcessError naming the layer and
+    expert it held, layer 1's files kept, and --resume (in this process) gives the uninterrupted bytes."""
+    full, _ = k25_vindex
+    out = tmp_path / "killed"
+
+    def kill_after_layer_1(p):
+        if p.layer_finished and p.layer == 1:
+            for child in multiprocessing.active_children():
+                child.kill()
+
+    with pytest.raises(SvdProcessError, match=r"an SVD process ended abruptly with layer 2 expert \d+ .* rerun "
+                                              r"with --resume"):
+        build_vindex(k25, out, num_feats=K25_FEATS, batch=K25_BATCH, workers=2, progress=kill_after_layer_1)
+    assert list(json.loads((out / "gate_vectors_index.json").read_text())["layers"]) == ["1"]
+    build_vindex(k25, out, num_feats=K25_FEATS, resume=True, workers=0)
+    for name in FILES:
+        assert (out / name).read_bytes() == (full / name).read_bytes(), name

@@ -53,6 +53,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ from .. import names
 from ..bench import peak_rss_gb
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig, TextConfig, load_config
-from ..errors import UsageError
+from ..errors import K2Error, UsageError
 from ..linear import Linear, dense_weight
 from ..storage import ReadPolicy, Storage
 from ..tensors import PendingTensor, TensorReader
@@ -487,6 +488,14 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+class SvdProcessError(K2Error):
+    """An SVD process ended without its result (killed, out of memory): the layers written stay for --resume."""
+
+    def __init__(self, layer: int, expert: int):
+        super().__init__(f"an SVD process ended abruptly with layer {layer} expert {expert} (out of memory or "
+                         f"killed?); the layers written so far are kept: rerun with --resume, or with fewer --workers")
+
+
 class _SvdPool:
     """Where the routed experts' SVDs run: `workers` processes (spawned: this process has MLX's and the
     reader's threads, which a fork would copy half-alive), each on one OpenBLAS thread, or with 0 this
@@ -498,9 +507,13 @@ class _SvdPool:
         self.executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=one_blas_thread) if workers else None)
 
-    def submit(self, *args) -> Future:
+    def submit(self, layer: int, expert: int, *args) -> Future:
+        """gate_and_down(*args) for one expert (named in the error if the processes are gone)."""
         if self.executor is not None:
-            return self.executor.submit(gate_and_down, *args)
+            try:
+                return self.executor.submit(gate_and_down, *args)
+            except BrokenProcessPool as e:
+                raise SvdProcessError(layer, expert) from e
         done: Future = Future()
         done.set_result(gate_and_down(*args))
         return done
@@ -574,7 +587,11 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
         """Take finished experts, oldest first, until at most `keep` wait (their files are written in order)."""
         while len(in_flight) > keep:
             unit, expert, result = in_flight.popleft()
-            finished = results.add(unit.layer, expert, *result.result(), bin_fd)
+            try:
+                spectra = result.result()
+            except BrokenProcessPool as e:
+                raise SvdProcessError(unit.layer, expert) from e
+            finished = results.add(unit.layer, expert, *spectra, bin_fd)
             if expert == unit.experts[-1]:
                 report(unit.layer, finished)
 
@@ -589,8 +606,8 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
                     results.start_layer(unit.layer, _head(unit, linears, router, text))
                 gate, down = linears if unit.experts else (None, None)
                 for i, expert in enumerate(unit.experts):
-                    in_flight.append((unit, expert, pool.submit(dequantised(gate, i), dequantised(down, i),
-                                                                k_gate, k_down)))
+                    in_flight.append((unit, expert, pool.submit(unit.layer, expert, dequantised(gate, i),
+                                                                dequantised(down, i), k_gate, k_down)))
                     collect(pool.in_flight())
                 reader.release(k)  # every matrix of slot k was copied out of its arena
             collect(0)

@@ -241,6 +241,18 @@ std::string shape_str(const mx::array& a) {
   return s.str();
 }
 
+std::vector<mx::array> scaled_inputs(const mx::array& x, const mx::array& weight, const mx::array& scales,
+                                     const std::optional<mx::array>& indices, mx::Stream st,
+                                     const std::function<void(const std::string&)>& fail) {
+  if (indices) {
+    if (indices->ndim() != 1 || indices->shape(0) != x.shape(0)) fail("indices must be (P,) with P = x rows");
+    if (!mx::issubdtype(indices->dtype(), mx::integer)) fail("indices must be integers");
+  }
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, st), false, st), weight, scales};
+  if (indices) inputs.push_back(mx::contiguous(mx::astype(*indices, mx::uint32, st), false, st));
+  return inputs;
+}
+
 const void* WeightInput::gathered(std::vector<char>& scratch) const {
   if (in_place) return array.data<char>();
   const size_t item = array.itemsize(), n = array.size();

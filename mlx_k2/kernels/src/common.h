@@ -29,6 +29,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -74,6 +75,13 @@ struct ExpertBatches {
 ExpertBatches batch_by_expert(const uint32_t* indices, size_t T, size_t n_experts, float* out, size_t out_rows);
 
 std::string shape_str(const mx::array& a);  // "(2, 3)", for the ops' messages
+
+// The end of a scaled-weight op (int4, fp8) after its family's own checks: checks indices (P,) integers with P
+// = x's rows (through fail), and returns the primitive's inputs {x as contiguous float32 (a no-op when it is
+// one), weight and scales as they are (see WeightInput), indices as contiguous uint32}.
+std::vector<mx::array> scaled_inputs(const mx::array& x, const mx::array& weight, const mx::array& scales,
+                                     const std::optional<mx::array>& indices, mx::Stream st,
+                                     const std::function<void(const std::string&)>& fail);
 
 // A weight input as a kernel reads it: its elements in row-major order. The ops pass weights as they are, not
 // through mx::contiguous: MLX's Contiguous copies even a row-contiguous view when its buffer is much larger

@@ -65,16 +65,10 @@ mx::array make(const char* op, const mx::array& x, const mx::array& weight, cons
   if (gather && scales.shape(0) != weight.shape(0)) fail("weight_scale_inv and weight disagree on experts");
   if (weight.dtype() != mx::uint8) fail("weight must be uint8 (the F8_E4M3 bytes as stored)");
   if (scales.dtype() != mx::bfloat16 && scales.dtype() != mx::float32) fail("weight_scale_inv must be bf16 or f32");
-  if (gather) {
-    if (indices->ndim() != 1 || indices->shape(0) != x.shape(0)) fail("indices must be (P,) with P = x rows");
-    if (!mx::issubdtype(indices->dtype(), mx::integer)) fail("indices must be integers");
-  }
   const Simd path = resolve_simd(simd);
   const int nt = resolve_threads(threads);
   auto st = cpu_stream(s, op);
-  // x as a contiguous float32 array (a no-op when it is one); the weights as they are (see WeightInput).
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, st), false, st), weight, scales};
-  if (gather) inputs.push_back(mx::contiguous(mx::astype(*indices, mx::uint32, st), false, st));
+  std::vector<mx::array> inputs = scaled_inputs(x, weight, scales, indices, st, fail);
   return mx::array({x.shape(0), out}, mx::float32,
                    std::make_shared<Fp8Matmul>(st, block_out, block_in, nt, path, gather), std::move(inputs));
 }

@@ -47,18 +47,11 @@ mx::array make(const char* op, const mx::array& x, const mx::array& words, const
     fail("weight_scale and weight_packed disagree on rows/experts");
   if (words.dtype() != mx::uint32 && words.dtype() != mx::int32) fail("weight_packed must be uint32 or int32");
   if (scales.dtype() != mx::bfloat16 && scales.dtype() != mx::float32) fail("weight_scale must be bf16 or f32");
-  if (gather) {
-    if (indices->ndim() != 1 || indices->shape(0) != x.shape(0)) fail("indices must be (P,) with P = x rows");
-    if (!mx::issubdtype(indices->dtype(), mx::integer)) fail("indices must be integers");
-  }
   const Simd path = resolve_simd(simd);
   const int nt = resolve_threads(threads);
   auto st = cpu_stream(s, op);
-  // x as a contiguous float32 array (a no-op when it is one); the weights as they are (see WeightInput).
-  std::vector<mx::array> inputs = {
-      mx::contiguous(mx::astype(x, mx::float32, st), false, st),
-      words.dtype() == mx::uint32 ? words : mx::view(words, mx::uint32, st), scales};
-  if (gather) inputs.push_back(mx::contiguous(mx::astype(*indices, mx::uint32, st), false, st));
+  std::vector<mx::array> inputs = scaled_inputs(
+      x, words.dtype() == mx::uint32 ? words : mx::view(words, mx::uint32, st), scales, indices, st, fail);
   return mx::array({x.shape(0), out}, mx::float32, std::make_shared<Int4Matmul>(st, group, nt, path, gather),
                    std::move(inputs));
 }

@@ -99,6 +99,8 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
 def bench_svd(shape: Annotated[str, typer.Option(help="Matrix shape ROWSxCOLS (gate_proj's is 2048x7168).")] = "2048x7168",
               k: Annotated[int, typer.Option(help="Top singular values and vectors compared.")] = 64,
               repeats: Annotated[int, typer.Option(help="Timed runs per method (the best is kept).")] = 2,
+              spectrum: Annotated[str, typer.Option(help="flat (Kimi's experts: var@64 0.09) or steep (fp16 "
+                                                         "models: var@64 0.86).")] = "flat",
               only: Annotated[Optional[list[str]], typer.Option(help="Only methods whose name contains this "
                                                                      "(repeatable).")] = None,
               json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures here.")] = None):
@@ -112,15 +114,18 @@ def bench_svd(shape: Annotated[str, typer.Option(help="Matrix shape ROWSxCOLS (g
     from rich.table import Table
 
     from mlx_k2.errors import UsageError
-    from mlx_k2.vindex.svd_bench import run_svd_bench
+    from mlx_k2.vindex.svd_bench import SPECTRA, run_svd_bench
 
     m = re.fullmatch(r"(\d+)x(\d+)", shape)
     if not m or min(int(m[1]), int(m[2])) <= k:
         raise UsageError(f"--shape {shape!r}: expected ROWSxCOLS with both sides above --k {k}")
-    result = run_svd_bench(int(m[1]), int(m[2]), k, repeats, only, progress=lambda name: typer.echo(f"timing {name}"))
-    spectrum = result["spectrum"]
-    table = Table(title=f"top {k} of a {shape} float32 matrix: var@{k} {spectrum['var_at_k']:.3f}, S0/S1 "
-                        f"{spectrum['s0_s1']:.2f}, S{k - 1}/S{k} {spectrum['gap_at_k']:.4f}; reference: float64 "
+    if spectrum not in SPECTRA:
+        raise UsageError(f"--spectrum {spectrum!r}: expected one of {', '.join(SPECTRA)}")
+    result = run_svd_bench(int(m[1]), int(m[2]), k, repeats, only, progress=lambda name: typer.echo(f"timing {name}"),
+                           spectrum=spectrum)
+    shape_of = result["spectrum"]
+    table = Table(title=f"top {k} of a {shape} float32 matrix, {spectrum} spectrum: var@{k} {shape_of['var_at_k']:.3f}, "
+                        f"S0/S1 {shape_of['s0_s1']:.2f}, S{k - 1}/S{k} {shape_of['gap_at_k']:.4f}; reference: float64 "
                         f"full SVD, {result['reference_seconds']:.1f} s")
     for column in ("method", "seconds", "s rel. err.", f"var@{k} err.", f"sin, top-{k} subspace"):
         table.add_column(column, justify="left" if column == "method" else "right")

@@ -33,17 +33,26 @@ def test_used_method_meets_the_goals_and_randomized_does_not_beat_it_cheaply():
     assert all(r.seconds > 0 for r in result["methods"])
 
 
+def test_steep_spectrum_takes_the_float64_path():
+    result = run_svd_bench(96, 300, 40, repeats=1, only=["(used)"], spectrum="steep")
+    (used,) = result["methods"]
+    assert result["spectrum"]["var_at_k"] > 0.5
+    assert used.s_rel_err < 1e-10 and used.var_err < 1e-12
+
+
 def test_cli_prints_the_table_and_json(tmp_path):
     out = tmp_path / "svd.json"
     result = CliRunner().invoke(app, ["vindex", "bench-svd", "--shape", "64x200", "--k", "8", "--repeats", "1",
                                       "--only", "used", "--only", "randomized", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "top 8 of a 64x200 float32 matrix" in result.stdout and "(used)" in result.stdout
+    assert "top 8 of a 64x200 float32 matrix, flat spectrum: var@8" in result.stdout and "(used)" in result.stdout
     saved = json.loads(out.read_text())
     assert [m["name"].startswith("randomized") or "(used)" in m["name"] for m in saved["methods"]] == [True] * 3
 
 
-def test_cli_bad_shape_is_one_line():
-    result = CliRunner().invoke(app, ["vindex", "bench-svd", "--shape", "64by200"])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.stderr.strip() == "error: --shape '64by200': expected ROWSxCOLS with both sides above --k 64"
+def test_cli_bad_options_are_one_line():
+    for options, message in ((["--shape", "64by200"], "--shape '64by200': expected ROWSxCOLS with both sides above --k 64"),
+                             (["--spectrum", "wavy"], "--spectrum 'wavy': expected one of flat, steep")):
+        result = CliRunner().invoke(app, ["vindex", "bench-svd", *options])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.strip() == f"error: {message}"

@@ -195,10 +195,13 @@ def follow(link: Link, model: Model, device: str) -> str | None:
         return _pass_on_end(link, meta)
     plan = RankPlan(tuple(tuple(r) for r in meta["plan"]))
     model.lookahead = meta["lookahead"]
-    _own(model, plan, link.rank, meta["budgets"][link.rank], meta["policy"])
-    cache = model.reader.cache
-    meta["ranks"].append({"facts": rank_facts(model, device), "budget": 0 if cache is None else cache.budget,
-                          "host": platform.node()})
+    mine = rank_facts(model, device)
+    budget = meta["budgets"][link.rank]
+    if budget is None:
+        budget = 0 if model.reader.cache is None else model.reader.cache.budget
+    if _disagreement(link.rank, meta["ranks"][0]["facts"], mine) is None:  # else rank 0 refuses the run
+        _own(model, plan, link.rank, budget, meta["policy"])
+    meta["ranks"].append({"facts": mine, "budget": budget, "host": platform.node()})
     link.send_next(pack(meta), "before step 0")
     kv = KVCache(model.config.text.num_hidden_layers) if meta["kv_cache"] else None
     previous = plan.label(link.rank - 1)

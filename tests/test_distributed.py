@@ -1,9 +1,9 @@
 """A run pipelined over 2 ranks on 127.0.0.1 (mlx.launch, ring backend) is the single-process run.
 
 `mlx-k2 run --distributed` is started by `mlx.launch` from the test, on the default synthetic checkpoint, in
-the no-KV mode (the balanced plan) and the KV-cache mode (a given --layer-split), and its ledger is compared
-field by field with the one `session.run` writes in this process for the same prompt, length, device,
-kernels and weight cache budget. Excluded, and why:
+the no-KV mode (the balanced plan, no weight cache) and the KV-cache mode (a given --layer-split, a weight
+cache), and its ledger is compared field by field with the one `session.run` writes in one process for the
+same prompt, length, device, kernels and weight cache budget. Excluded, and why:
 - every `wall_s` (step, layer, footer) and the header's `created`: times;
 - every `prev`: the BLAKE3 chain hashes the lines before, which hold those times;
 - the header's `run.distributed` and `provenance` (which classifies one more field, `rank`), and each
@@ -33,6 +33,7 @@ from mlx_k2.events import LayerDone
 from mlx_k2.evidence.verify import verify
 from mlx_k2.pipeline import layers_from_message, layers_message
 from mlx_k2.session import Decode, run
+from conftest import SYNTH_RUN_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = REPO / "anchors"
@@ -77,9 +78,10 @@ def launch(args: list[str], env: dict[str, str] | None = None, ranks: int = 2) -
     return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
 
 
-def run_args(synth_dir: Path, ledger: Path, kv: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
+def run_args(synth_dir: Path, ledger: Path, kv: bool = False, extra: tuple[str, ...] = (),
+             cache_gb: float = CACHE_GB) -> list[str]:
     return ["run", "--model", str(synth_dir), "--max-new-tokens", str(STEPS), "--device", "cpu",
-            "--cache", str(CACHE_GB), "--ledger", str(ledger), "--quiet", *(["--kv-cache"] if kv else []), *extra]
+            "--cache", str(cache_gb), "--ledger", str(ledger), "--quiet", *(["--kv-cache"] if kv else []), *extra]
 
 
 def single_process(synth_dir: Path, ledger: Path, kv: bool) -> Path:
@@ -130,14 +132,23 @@ def assert_same_run(distributed: Path, single: Path, split: list[tuple[int, int]
 
 
 # ---------------------------------------------------------------------------------------------- over 2 ranks
-@pytest.mark.parametrize("kv, split", [(False, None), (True, "0-30,31-60")], ids=["no-kv balanced", "kv split"])
-def test_two_ranks_equal_one_process(synth_dir, tmp_path, kv, split):
+def test_two_ranks_equal_one_process_no_kv(synth_dir, synth_run, tmp_path):
+    """The balanced plan, no weight cache: against the shared single-process run (conftest.synth_run)."""
+    assert SYNTH_RUN_STEPS == STEPS
     ledger = tmp_path / "distributed.jsonl"
-    done = launch(run_args(synth_dir, ledger, kv, ("--layer-split", split) if split else ()))
+    done = launch(run_args(synth_dir, ledger, cache_gb=0))
     assert "complete: 3 tokens" in done.stdout, done.stdout + done.stderr
     assert "reproduced" in done.stdout  # step 0 against the frozen anchor, on rank 0
-    expected = [(0, 30), (31, 60)] if split else None
-    assert_same_run(ledger, single_process(synth_dir, tmp_path / "single.jsonl", kv), expected)
+    assert done.stderr.strip() == ""  # the other rank prints nothing
+    assert_same_run(ledger, synth_run[1])
+
+
+def test_two_ranks_equal_one_process_kv(synth_dir, tmp_path):
+    """A given split, the KV cache (look-ahead on) and a weight cache on every rank."""
+    ledger = tmp_path / "distributed.jsonl"
+    done = launch(run_args(synth_dir, ledger, kv=True, extra=("--layer-split", "0-30,31-60")))
+    assert "complete: 3 tokens" in done.stdout, done.stdout + done.stderr
+    assert_same_run(ledger, single_process(synth_dir, tmp_path / "single.jsonl", kv=True), [(0, 30), (31, 60)])
 
 
 # ---------------------------------------------------------------------------------------------- the plan

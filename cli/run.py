@@ -166,8 +166,8 @@ def distributed_link(distributed: bool, layer_split: str | None, timeout: float,
         # mlx.launch ends the group with SIGTERM when a rank exits with an error: rank 0 ends its run as
         # failed (the ledger gets its footer), letting a transfer under way report the lost rank first.
         def terminated(signum, frame):
-            link.terminated = True
-            if not link.waiting:
+            first, link.terminated = not link.terminated, True
+            if first and not link.waiting and not link.failed:  # else the lost rank is being reported
                 raise DistributedError("stopped by mlx.launch (SIGTERM): another rank exited")
 
         signal.signal(signal.SIGTERM, terminated)

@@ -161,6 +161,7 @@ class Link:
         self.group, self.backend, self.timeout_s = group, backend, timeout_s
         self.rank, self.size = group.rank(), group.size()
         self.stuck = False         # a transfer never finished: the link cannot be used again
+        self.failed = False        # a transfer failed: the run is ending already
         self.terminated = False
         self.waiting = False       # a caller is waiting for a transfer
         self._jobs: queue.Queue = queue.Queue()
@@ -210,10 +211,12 @@ class Link:
                     atexit.register(_exit_now_at_exit)
                     cause = ("mlx.launch ended the group (a rank exited)" if grace is not None and now > grace
                              else f"nothing within {self.timeout_s:g} s (--timeout)")
+                    self.failed = True
                     raise DistributedError(f"rank {peer} {what}: {cause}")
         finally:
             self.waiting = False
         if "error" in box:
+            self.failed = True
             raise DistributedError(f"rank {peer} {what}: {box['error']}") from None
         return box.get("value")
 

@@ -69,7 +69,7 @@ def rank_facts(model: Model, device: str) -> dict[str, Any]:
             "device": device, "kernels": kernels_label(model.kernels), "num_layers": model.config.text.num_hidden_layers}
 
 
-def _disagreement(rank: int, mine: dict, theirs: dict) -> str | None:
+def disagreement(rank: int, mine: dict, theirs: dict) -> str | None:
     if theirs["identity"] != mine["identity"]:
         ours, other = mine["identity"], theirs["identity"]
         return (f"rank {rank} has another checkpoint (config/index BLAKE3 {other['config_blake3'][:12]}…/"
@@ -143,7 +143,7 @@ class Stage:
             raise DistributedError(meta["error"])
         self.ranks = meta["ranks"]
         refusal = next((d for r, info in enumerate(self.ranks[1:], 1)
-                        if (d := _disagreement(r, mine, info["facts"])) is not None), None)
+                        if (d := disagreement(r, mine, info["facts"])) is not None), None)
         if refusal is not None:
             self.stop(refusal)
             raise UsageError(f"refused before step 0: {refusal}")
@@ -199,7 +199,7 @@ def follow(link: Link, model: Model, device: str) -> str | None:
     budget = meta["budgets"][link.rank]
     if budget is None:
         budget = 0 if model.reader.cache is None else model.reader.cache.budget
-    if _disagreement(link.rank, meta["ranks"][0]["facts"], mine) is None:  # else rank 0 refuses the run
+    if disagreement(link.rank, meta["ranks"][0]["facts"], mine) is None:  # else rank 0 refuses the run
         _own(model, plan, link.rank, budget, meta["policy"])
     meta["ranks"].append({"facts": mine, "budget": budget, "host": platform.node()})
     link.send_next(pack(meta), "before step 0")

@@ -10,8 +10,9 @@ same prompt, length, device, kernels and weight cache budget. Excluded, and why:
   layer's `rank`: the distributed fields themselves, checked here against the plan instead.
 Everything else (tokens, logits, digests, norms, experts, routing weights, bytes read and cached per step
 and per layer, positions, footer totals and status) must be equal, and `verify` must pass the distributed
-ledger. The plan and message format are tested without a launch: the balanced plan against every split
-of a small case, the messages by a round trip.
+ledger (and the KV run re-executes bit for bit in one process with `verify --replay`). The plan and the
+message format are tested without a launch: the balanced plan against every split of a small case, the
+messages by a round trip.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mlx_k2.errors import UsageError
 from mlx_k2.events import LayerDone
 from mlx_k2.evidence.verify import verify
 from mlx_k2.pipeline import layers_from_message, layers_message
+from mlx_k2.replay import replay
 from mlx_k2.session import Decode, run
 from conftest import SYNTH_RUN_STEPS
 
@@ -149,6 +151,10 @@ def test_two_ranks_equal_one_process_kv(synth_dir, tmp_path):
     done = launch(run_args(synth_dir, ledger, kv=True, extra=("--layer-split", "0-30,31-60")))
     assert "complete: 3 tokens" in done.stdout, done.stdout + done.stderr
     assert_same_run(ledger, single_process(synth_dir, tmp_path / "single.jsonl", kv=True), [(0, 30), (31, 60)])
+    # re-executed in one process (the layer ranks are not values of the computation): bit for bit
+    recs = records(ledger)
+    report = verify(ledger, ANCHORS, replay=replay(recs[0], recs[1:-1], [0, 1, 2], synth_dir))
+    assert report.ok and report.replay is not None and "identical" in report.replay.summary(), report.summary()
 
 
 # ---------------------------------------------------------------------------------------------- the plan

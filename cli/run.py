@@ -177,13 +177,14 @@ def distributed_link(distributed: bool, layer_split: str | None, timeout: float,
 def follow_rank_0(link, model: Path | None, device: str | None, kernels: str | None, policy: ReadPolicy,
                   decode) -> None:
     """A rank other than 0: compute its layers of every step until rank 0 ends the run; print nothing but
-    errors (rank 0 reports the run). Exits 0 at a normal end, 1 when rank 0 stopped or refused the run."""
+    errors (rank 0 reports the run). Exits 0 whenever rank 0 ended the run, even as refused or failed (rank 0
+    says why; mlx.launch would stop rank 0 if this rank exited with an error first); 1 on its own failure."""
     from mlx_k2.pipeline import serve
 
     model_dir = model if model is not None else default_checkpoint()
     load_config(model_dir)  # a missing or bad checkpoint is one line here, before rank 0 waits on it
-    reason = serve(link, model_dir, device, kernels, policy, decode.cache_bytes, decode.cache_policy)
-    raise typer.Exit(0 if reason is None else 1)
+    serve(link, model_dir, device, kernels, policy, decode.cache_bytes, decode.cache_policy)
+    raise typer.Exit(0)
 
 
 def decode_options(kv_cache: bool, cache_gb: float | None, cache_policy: str, lookahead: bool | None):

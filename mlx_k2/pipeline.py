@@ -129,9 +129,13 @@ class Stage:
               plan: RankPlan | None = None, budgets: list[int] | None = None) -> None:
         """The hello: settle the plan (`plan`, recorded by a resumed run, else from `split` or balanced), check
         every rank agrees with this one, take this rank's layers. Refuses (UsageError) before step 0."""
-        self.plan = plan or plan_for(self.model, self.link.size, split)
-        if self.plan.size != self.link.size:
-            raise UsageError(f"the run was recorded over {self.plan.size} ranks, this group has {self.link.size}")
+        try:
+            self.plan = plan or plan_for(self.model, self.link.size, split)
+            if self.plan.size != self.link.size:
+                raise UsageError(f"the run was recorded over {self.plan.size} ranks, this group has {self.link.size}")
+        except UsageError as e:  # the other ranks wait for the hello: they get the stop instead
+            self.stop(str(e))
+            raise
         budgets = budgets or [None] * self.link.size
         _own(self.model, self.plan, 0, budgets[0], policy)
         mine = rank_facts(self.model, self.device)

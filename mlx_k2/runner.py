@@ -9,7 +9,9 @@ runner releases its read buffers to the reader, which reuses them, and hands wha
 to it. With look-ahead, each MoE layer guesses the next layer's experts (the next router on its residual)
 and starts reading them. It yields typed events (`events.py`) and never prints. With `capture` off it skips
 the per-layer observations (norms, routing of the last position) but evaluates at exactly the same points,
-so the computation is the same.
+so the computation is the same. In a run pipelined over several processes (`pipeline.py`) a Model computes
+only its rank's layers (`owned`): rank 0's `step` embeds, computes its layers and hands the rest to its
+`stage`; the other ranks call `own_layers` themselves. Reads never cross into another rank's layers.
 """
 
 from __future__ import annotations

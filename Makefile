@@ -7,7 +7,7 @@ ARGS ?=
 
 DEVICE ?= cpu
 
-.PHONY: install run test anchor bench bench-decode clean
+.PHONY: install run run-distributed test anchor bench bench-decode clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ install:
 # The default job: 5 tokens from BOS on the embedded synthetic checkpoint (built once into the cache).
 run:
 	$(BIN)/mlx-k2 run --max-new-tokens 5 $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+# The default job pipelined over 2 ranks on this machine (mlx.launch, ring backend over 127.0.0.1): rank 0
+# embeds, writes the ledger and prints; each rank streams and caches only its own layers. See the README for
+# several Macs (a hostfile instead of -n 2).
+RANKS ?= 2
+run-distributed:
+	$(BIN)/mlx.launch -n $(RANKS) --backend ring --python $(BIN)/python $(BIN)/mlx-k2 run --distributed \
+		--max-new-tokens 5 $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 # Reproduce the frozen anchor (capture off and on, bit for bit). MODEL=DIR for a real checkpoint.
 anchor:

@@ -10,14 +10,16 @@ import typer
 from rich.console import Console
 
 from mlx_k2.config import load_config
+from mlx_k2.distributed import DEFAULT_TIMEOUT_S
 from mlx_k2.evidence.anchors import anchor_record, default_dir, freeze
 from mlx_k2.evidence.schema import BUILTIN_KERNELS
+from mlx_k2.storage import ReadPolicy
 from mlx_k2.synth import default_checkpoint
 from mlx_k2.tokenizer import default_bos
 
 from .app import app, guarded
 from .plain import progress_lines
-from .run import parse_ids
+from .run import decode_options, distributed_link, follow_rank_0, parse_ids
 from .tables import rows_table
 
 
@@ -30,14 +32,24 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
            name: Annotated[Optional[str], typer.Option(help="Anchor name for --freeze.")] = None,
            anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None,
            kernels: Annotated[Optional[str], typer.Option(help="auto (default: the product's CPU kernels on "
-                                                            "--device cpu where built, else MLX's), builtin or own.")] = None):
+                                                            "--device cpu where built, else MLX's), builtin or own.")] = None,
+           distributed: Annotated[bool, typer.Option("--distributed", help="Pipeline the layers over the ranks "
+                                                     "mlx.launch started (rank 0 reports).")] = False,
+           layer_split: Annotated[Optional[str], typer.Option(help="With --distributed: each rank's layers, "
+                                                              "e.g. 0-30,31-60.")] = None,
+           timeout: Annotated[float, typer.Option(help="With --distributed: seconds to wait for another "
+                                                  "rank.")] = DEFAULT_TIMEOUT_S,
+           backend: Annotated[str, typer.Option(help="With --distributed: MLX's distributed backend.")] = "any"):
     """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
     from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
 
+    link = distributed_link(distributed, layer_split, timeout, backend)
+    if link is not None and link.rank != 0:
+        follow_rank_0(link, model, device, kernels, ReadPolicy(), decode_options(False, 0, "lru", False))
     console = Console()
     model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
     ids = parse_ids(prompt_ids) or [default_bos(model_dir, load_config(model_dir))]
-    report = run_anchor_pass(model_dir, ids, device, anchors, kernels)
+    report = run_anchor_pass(model_dir, ids, device, anchors, kernels, link, layer_split)
     console.print(f"checkpoint {model_dir}  config {report.identity['config_blake3'][:16]}…  "
                   f"index {report.identity['index_blake3'][:16]}…  {BACKEND}/{report.device}/{DTYPE}  kernels {report.kernels}")
     console.print(rows_table("non-perturbation: capture off vs capture on", report.non_perturbation,

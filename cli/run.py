@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,6 +13,7 @@ import typer
 
 from mlx_k2.config import load_config
 from mlx_k2.dashboard import DashboardState
+from mlx_k2.distributed import DEFAULT_TIMEOUT_S
 from mlx_k2.errors import K2Error, UsageError
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
@@ -83,7 +85,16 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         cache_policy: Annotated[str, typer.Option(help="Which cached experts make room: lru or lfu.")] = "lru",
         lookahead: Annotated[Optional[bool], typer.Option("--lookahead/--no-lookahead", help="Guess the next "
                                                           "layer's experts and read them early (default: on with "
-                                                          "--kv-cache).")] = None):
+                                                          "--kv-cache).")] = None,
+        distributed: Annotated[bool, typer.Option("--distributed", help="Pipeline the layers over the ranks "
+                                                  "mlx.launch started (rank 0 writes the ledger).")] = False,
+        layer_split: Annotated[Optional[str], typer.Option(help="With --distributed: each rank's layers, e.g. "
+                                                           "0-30,31-60 (default: balanced by the bytes a step "
+                                                           "reads).")] = None,
+        timeout: Annotated[float, typer.Option(help="With --distributed: seconds to wait for another rank "
+                                               "before the run fails.")] = DEFAULT_TIMEOUT_S,
+        backend: Annotated[str, typer.Option(help="With --distributed: MLX's distributed backend (any, ring, "
+                                             "jaccl, ...).")] = "any"):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
     from mlx_k2.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.session import run as run_session
@@ -92,6 +103,9 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         raise UsageError(f"--read-retries must be 0 or more, got {read_retries}")
     policy = ReadPolicy(method=read_method, retries=read_retries)
     decode = decode_options(kv_cache, cache, cache_policy, lookahead)
+    link = distributed_link(distributed, layer_split, timeout, backend)
+    if link is not None and link.rank != 0:
+        follow_rank_0(link, model, device, kernels, policy, decode)
     if resume is not None:
         header = read_header_line(resume)
         if model is None:
@@ -110,14 +124,15 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         if resume is not None:
             return tokenizer, resume_session(resume, model_dir, device, sinks=sinks, tokenizer=tokenizer,
                                              policy=policy, progress=progress, lookahead=lookahead,
-                                             cache_policy=decode.cache_policy)
+                                             cache_policy=decode.cache_policy, link=link)
         ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
         if tokenizer is None and not quiet:
             typer.echo(f"warning: {model_dir} has no tokenizer (tiktoken.model or tokenizer.json); "
                        "tokens are shown as ids", err=True)
         return tokenizer, run_session(model_dir, ids, max_new_tokens, ledger or default_ledger(bundle), bundle,
                                       device=device, overwrite=overwrite, sinks=sinks, tokenizer=tokenizer,
-                                      policy=policy, progress=progress, kernels=kernels, decode=decode)
+                                      policy=policy, progress=progress, kernels=kernels, decode=decode,
+                                      link=link, layer_split=layer_split)
 
     if dashboard is not None:
         with live_dashboard(dashboard) as sink:
@@ -136,6 +151,40 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         raise typer.Exit(130 if result.status == "stopped" else 1)
     if result.anchor_ok is False:
         raise typer.Exit(1)
+
+
+def distributed_link(distributed: bool, layer_split: str | None, timeout: float, backend: str):
+    """This process's place in the mlx.launch group with --distributed (None without)."""
+    if not distributed:
+        if layer_split is not None:
+            raise UsageError("--layer-split needs --distributed")
+        return None
+    from mlx_k2.distributed import DistributedError, open_link
+
+    link = open_link(backend, timeout)
+    if link.rank == 0:
+        # mlx.launch ends the group with SIGTERM when a rank exits with an error: rank 0 ends its run as
+        # failed (the ledger gets its footer), letting a transfer under way report the lost rank first.
+        def terminated(signum, frame):
+            first, link.terminated = not link.terminated, True
+            if first and not link.waiting and not link.failed:  # else the lost rank is being reported
+                raise DistributedError("stopped by mlx.launch (SIGTERM): another rank exited")
+
+        signal.signal(signal.SIGTERM, terminated)
+    return link
+
+
+def follow_rank_0(link, model: Path | None, device: str | None, kernels: str | None, policy: ReadPolicy,
+                  decode) -> None:
+    """A rank other than 0: compute its layers of every step until rank 0 ends the run; print nothing but
+    errors (rank 0 reports the run). Exits 0 whenever rank 0 ended the run, even as refused or failed (rank 0
+    says why; mlx.launch would stop rank 0 if this rank exited with an error first); 1 on its own failure."""
+    from mlx_k2.pipeline import serve
+
+    model_dir = model if model is not None else default_checkpoint()
+    load_config(model_dir)  # a missing or bad checkpoint is one line here, before rank 0 waits on it
+    serve(link, model_dir, device, kernels, policy, decode.cache_bytes, decode.cache_policy)
+    raise typer.Exit(0)
 
 
 def decode_options(kv_cache: bool, cache_gb: float | None, cache_policy: str, lookahead: bool | None):

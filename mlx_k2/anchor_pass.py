@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .evidence.anchors import Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values
 from .events import StepDone
+from .distributed import Link
 from .linear import choose_kernels
+from .pipeline import Stage
 from .runner import Model, device_name, generate, select_device
 
 BACKEND, DTYPE = "mlx", "float32"
@@ -44,15 +46,29 @@ def single_step(model: Model, prompt_ids: list[int], device: str | None, capture
 
 
 def run_anchor_pass(model_dir: Path, prompt_ids: list[int], device: str | None = None,
-                    anchors_dir: Path | None = None, kernels: str | None = None) -> AnchorReport:
-    """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels)."""
+                    anchors_dir: Path | None = None, kernels: str | None = None, link: Link | None = None,
+                    layer_split: str | None = None) -> AnchorReport:
+    """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels). With `link` (rank 0 of an
+    mlx.launch group) the layers are pipelined over its ranks (`pipeline.py`)."""
     dev = device_name(select_device(device))
     model = Model(model_dir, kernels=choose_kernels(kernels, dev))
+    stage = None
     try:
+        if link is not None:
+            stage = Stage(link, model, dev)
+            stage.start(layer_split, kv_cache=False, lookahead=False, policy="lru")
+            model.stage = stage
         off = observed_values(single_step(model, prompt_ids, dev, capture=False))
         on = observed_values(single_step(model, prompt_ids, dev, capture=True))
         identity, signature, used = model.checkpoint.identity(), model_signature(model.config), model.kernels
+    except BaseException as e:
+        if stage is not None:
+            stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
+            stage = None
+        raise
     finally:
+        if stage is not None:
+            stage.close()
         model.close()
     non_perturbation = [Row(f, off[f], on[f], off[f] == on[f], "capture off vs on, bit for bit")
                         for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read")]

@@ -57,6 +57,7 @@ class LayerDone:
                                                 # of every expert (unbiased), by expert id (MoE layers, capture)
     moe_input: np.ndarray | None = None         # (hidden,) float32: the last position's post-attention normed
                                                 # state, the router's and the experts' input (MoE layers, capture)
+    rank: int | None = None                     # the rank that computed the layer (None: a run in one process)
 
     @property
     def routing_weights(self) -> list[float] | None:

@@ -73,6 +73,26 @@ def step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[int, int, int]
     return checkpoint.info(tensor_names.embed_tokens).row_bytes, non_expert, experts
 
 
+def layer_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig, non_expert_only: bool = False) -> tuple[list[int], int]:
+    """What a one-token step reads layer by layer: per layer its non-expert tensors plus (unless
+    `non_expert_only`) the num_experts_per_tok routed experts one position selects in a MoE layer; and the
+    final norm with the lm_head. The embedding row is left out (one row). Pipelined runs balance on these."""
+    tensor_names, text = names.TensorNames(cfg.weight_prefix), cfg.text
+
+    def size(tensors: list[str]) -> int:
+        return sum(checkpoint.info(t).nbytes for t in tensors)
+
+    per_layer = []
+    for layer in range(text.num_hidden_layers):
+        nbytes = size(layer_tensors(checkpoint, cfg, layer))
+        if text.is_moe_layer(layer) and not non_expert_only:
+            n = tensor_names.layer(layer)
+            nbytes += text.num_experts_per_tok * size([part for m in names.MLP_PROJECTIONS
+                                                       for part in names.linear_parts(n.experts(0, m), checkpoint)])
+        per_layer.append(nbytes)
+    return per_layer, size([tensor_names.norm, *names.linear_parts(tensor_names.lm_head, checkpoint)])
+
+
 def one_token_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> int:
     """Bytes a one-token step reads: one embedding row, every layer's non-expert tensors, k experts of each
     MoE layer, the final norm and the lm_head."""

@@ -146,6 +146,9 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
         tokenizer = load_tokenizer(model.dir)
         capture = run.get("capture", True) is not False
         split, why = _bytes_split(model, kv_cache, budget, policy)
+        if split and budget and run.get("distributed") is not None:
+            split, why = False, ("the run's weight caches were one per rank, re-executed as one, so only "
+                                 "bytes_read + bytes_cached is compared")
         out = Replay(str(model.dir), identity, platform, [], 0.0, kv_cache, split, why)
         model_keys = ("config_blake3", "index_blake3", "num_layers", "vocab_size", "hidden_size")
         recorded = header.get("model") if isinstance(header.get("model"), dict) else {}

@@ -9,7 +9,9 @@ runner releases its read buffers to the reader, which reuses them, and hands wha
 to it. With look-ahead, each MoE layer guesses the next layer's experts (the next router on its residual)
 and starts reading them. It yields typed events (`events.py`) and never prints. With `capture` off it skips
 the per-layer observations (norms, routing of the last position) but evaluates at exactly the same points,
-so the computation is the same.
+so the computation is the same. In a run pipelined over several processes (`pipeline.py`) a Model computes
+only its rank's layers (`owned`): rank 0's `step` embeds, computes its layers and hands the rest to its
+`stage`; the other ranks call `own_layers` themselves. Reads never cross into another rank's layers.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ class Model:
         self.weights = WeightFetcher(self.config, self.reader, kernels)
         self._streams: dict[str, list] = {}
         self.stream_count: int | None = None  # None: one per core; set it to pin the count (tests do)
+        # The layers this process computes: all of them, or a rank's range when the layers are pipelined over
+        # several processes (`pipeline.py`, which then sets `stage` on rank 0 and `rank` on every rank).
+        self.owned: range = range(self.config.text.num_hidden_layers)
+        self.rank: int | None = None
+        self.stage = None
 
     def close(self) -> None:
         self.reader.close()
@@ -141,13 +148,19 @@ class Model:
         """Read layer i's weights (its routed experts once routing is known), compute it, drop the weights.
         With `past` (a KV step) the new positions attend over it and the result's state is evaluated too."""
         weights = self.weights.layer(i)
-        self.weights.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
+        if self._computes(i + 1):  # another rank's layer is read there, not here
+            self.weights.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
         result = decoder_layer(x, weights, self.config.text, cos, sin,
                                lambda ids: self.weights.experts(i, ids), self.streams(), past,
-                               self._look_ahead(i + 1) if self.lookahead else None)
+                               self._look_ahead(i + 1) if self.lookahead and self._computes(i + 1) else None)
         mx.eval(result.hidden, *((result.kv.latent, result.kv.k_pe) if past is not None else ()))
         self.reader.release(i)  # nothing computed from layer i's weights is pending any more
         return result
+
+    def _computes(self, piece: int) -> bool:
+        """Whether this process computes layer `piece` (or, for the layer count, the final norm and lm_head)."""
+        last = self.config.text.num_hidden_layers
+        return piece in self.owned or (piece == last and last - 1 in self.owned)
 
     def _look_ahead(self, nxt: int):
         """A guess of layer `nxt`'s experts from the residual h of the layer before: layer nxt's router on
@@ -192,21 +205,21 @@ class Model:
         past = 0 if kv is None else kv.length
         if past >= len(input_ids):
             raise UsageError(f"step {step}: the KV cache holds {past} positions, the context only {len(input_ids)}")
-        watch = StepWatch(self.reader, self.weights, step, capture)
-        states: list[LatentKV] = []
+        watch = StepWatch(self.reader, self.weights, step, capture, self.rank)
+        states = None if kv is None else list(kv.layers)
+        others = None
         try:
             x = self.embed(input_ids[past:])
-            cos, sin = rope_tables(self.config.text, len(input_ids))
-            cos, sin = cos[past:], sin[past:]  # the new positions' rows
             watch.start(x)
-            for i in range(self.config.text.num_hidden_layers):
-                watch.layer_start()
-                result = self.layer(i, x, cos, sin, None if kv is None else (kv.layers[i] or _EMPTY))
-                x = result.hidden
-                if kv is not None:
-                    states.append(result.kv)
-                yield watch.layer_done(i, x, result.routing, result.moe_input)
-            hidden, logits = self.head(x)
+            x = yield from self.own_layers(watch, x, len(input_ids), past, states)
+            if self.stage is None:
+                hidden, logits = self.head(x)
+            else:  # the other ranks compute the rest of the step from x (pipeline.Stage)
+                others = self.stage.rest_of_step(step, len(input_ids), past, capture, x)
+                hidden, logits = others.hidden, others.logits
+                for done in others.layers:
+                    watch.layers.append(done)
+                    yield done
         finally:
             # Reads no computation used are not carried into the next step, and a step abandoned midway
             # (an error, a consumer that stopped) leaves no buffer claimed.
@@ -214,7 +227,23 @@ class Model:
             self.weights.forget_guesses()
         if kv is not None:
             kv.commit(states, len(input_ids))
-        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits)
+        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits, others)
+
+    def own_layers(self, watch: StepWatch, x: mx.array, length: int, past: int,
+                   states: list[LatentKV | None] | None) -> Iterator[LayerDone]:
+        """The layers this process computes, from x (the new positions entering the first of them) over a
+        context of `length` positions of which `past` are cached (`states`: every layer's, updated in place
+        for the owned ones; None without a KV cache). Yields a LayerDone per layer; returns the last hidden."""
+        cos, sin = rope_tables(self.config.text, length)
+        cos, sin = cos[past:], sin[past:]  # the new positions' rows
+        for i in self.owned:
+            watch.layer_start()
+            result = self.layer(i, x, cos, sin, None if states is None else (states[i] or _EMPTY))
+            x = result.hidden
+            if states is not None:
+                states[i] = result.kv
+            yield watch.layer_done(i, x, result.routing, result.moe_input)
+        return x
 
 
 _EMPTY = LatentKV(mx.zeros((0, 1)), mx.zeros((0, 1)))  # no position yet: the first step is the no-KV computation
@@ -224,8 +253,9 @@ class StepWatch:
     """What a step's observer records: times, bytes, and (with capture) the last position's residual norms
     and routing. It reads arrays the runner has already evaluated and adds no op to the computation."""
 
-    def __init__(self, reader: TensorReader, weights: WeightFetcher, step: int, capture: bool):
-        self.reader, self.weights, self.step, self.capture = reader, weights, step, capture
+    def __init__(self, reader: TensorReader, weights: WeightFetcher, step: int, capture: bool,
+                 rank: int | None = None):
+        self.reader, self.weights, self.step, self.capture, self.rank = reader, weights, step, capture, rank
         self.started, self.bytes_at_start = time.perf_counter(), reader.bytes_read
         self.cached_at_start, self.wait_at_start = reader.bytes_cached, reader.wait_s
         self.layers: list[LayerDone] = []
@@ -257,18 +287,30 @@ class StepWatch:
             router_scores=None if observed is None or observed.router_scores is None
             else np.array(observed.router_scores[-1], np.float32),
             # the routing evaluated moe_input already: this copies its last row, it computes nothing new
-            moe_input=None if observed is None or moe_input is None else np.array(moe_input[-1], np.float32))
+            moe_input=None if observed is None or moe_input is None else np.array(moe_input[-1], np.float32),
+            rank=self.rank)
         self.layers.append(done)
         return done
 
-    def step_done(self, input_ids: list[int], positions: int, hidden: np.ndarray, logits: np.ndarray) -> StepDone:
-        token = int(np.argmax(logits))  # first maximum: ties go to the lower id
+    def totals(self) -> dict[str, int | float]:
+        """What this process read, took from its weight cache, holds in it and waited for since the step began."""
         cache = self.reader.cache
+        return {"bytes_read": self.reader.bytes_read - self.bytes_at_start,
+                "bytes_cached": self.reader.bytes_cached - self.cached_at_start,
+                "cache_held": 0 if cache is None else cache.held, "reads_s": self.reader.wait_s - self.wait_at_start}
+
+    def step_done(self, input_ids: list[int], positions: int, hidden: np.ndarray, logits: np.ndarray,
+                  others=None) -> StepDone:
+        """`others`: the other ranks' part of a pipelined step (their totals add to this process's)."""
+        token = int(np.argmax(logits))  # first maximum: ties go to the lower id
+        totals = self.totals()
+        for other in () if others is None else others.totals:
+            totals = {k: totals[k] + other[k] for k in totals}
         return StepDone(step=self.step, input_ids=tuple(input_ids), token_id=token, logit=float(logits[token]),
-                        hidden=hidden, logits=logits, bytes_read=self.reader.bytes_read - self.bytes_at_start,
+                        hidden=hidden, logits=logits, bytes_read=totals["bytes_read"],
                         wall_s=time.perf_counter() - self.started, layers=tuple(self.layers), positions=positions,
-                        bytes_cached=self.reader.bytes_cached - self.cached_at_start,
-                        cache_held=0 if cache is None else cache.held, reads_s=self.reader.wait_s - self.wait_at_start)
+                        bytes_cached=totals["bytes_cached"], cache_held=totals["cache_held"],
+                        reads_s=totals["reads_s"])
 
 
 def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: int, device: str | None = None,

@@ -31,6 +31,8 @@ from .evidence.schema import BUILTIN_KERNELS, LEDGER_NAME
 from .inventory import one_token_step_bytes
 from .linear import choose_kernels, kernels_label
 from .storage import FaultHook, ReadPolicy
+from .distributed import Link, RankPlan
+from .pipeline import Stage
 from .runner import Model, device_name, generate, select_device
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
 from .tokenizer import Tokenizer, load_tokenizer
@@ -105,9 +107,11 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         overwrite: bool = False, sinks: tuple[Sink, ...] = (),
         tokenizer: Tokenizer | None = None, anchors_dir: Path | None = None,
         policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
-        progress: Progress | None = None, kernels: str | None = None, decode: Decode = Decode()) -> RunResult:
+        progress: Progress | None = None, kernels: str | None = None, decode: Decode = Decode(),
+        link: Link | None = None, layer_split: str | None = None) -> RunResult:
     """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels); `decode`: the KV cache, weight
-    cache and look-ahead (none by default)."""
+    cache and look-ahead (none by default). With `link` (this process is rank 0 of an mlx.launch group) the
+    layers are pipelined over the group's ranks (`pipeline.py`), split as `layer_split` says or balanced."""
     model_dir = Path(model_dir)
     if bundle_dir is not None:
         bundle_dir = Path(bundle_dir)
@@ -122,7 +126,10 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
     dev = device_name(select_device(device))
     model = _open_model(model_dir, policy, fault, prompt_ids, max_new_tokens, 0, progress,
                         choose_kernels(kernels, dev), decode)
+    stage = None
     try:
+        if link is not None:  # every rank checked and given its layers before the ledger exists
+            stage = _start_stage(link, model, dev, decode, layer_split)
         try:
             ledger_path.parent.mkdir(parents=True, exist_ok=True)
             bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
@@ -136,21 +143,49 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
                                    capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
                                                   "python": platform.python_version()},
                                    kernels_label(model.kernels), model_facts(model_dir, model.config), decode.kv_cache,
-                                   decode.cache_bytes, decode.cache_policy))
+                                   _budget(stage, decode), decode.cache_policy,
+                                   None if stage is None else stage.header()))
         tokenizer = tokenizer or load_tokenizer(model_dir)
         return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
                       max_new_tokens, dev, capture, sinks, anchors_dir, decode)
+    except BaseException as e:
+        if stage is not None:
+            stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
+            stage = None
+        raise
     finally:
+        if stage is not None:
+            stage.close()
         model.close()
+
+
+def _start_stage(link: Link, model: Model, dev: str, decode: Decode, layer_split: str | None,
+                 recorded: dict | None = None) -> Stage:
+    """Rank 0's side of a pipelined run, every rank checked and given its layers (`recorded`: a resumed
+    run's header run.distributed, whose plan and weight cache budgets are kept)."""
+    stage = Stage(link, model, dev)
+    plan = budgets = None
+    if recorded is not None:
+        plan = RankPlan(tuple(tuple(r["layers"]) for r in recorded["ranks"]))
+        budgets = [r["expert_cache_bytes"] for r in recorded["ranks"]]
+    stage.start(layer_split, decode.kv_cache, decode.lookahead, decode.cache_policy, plan, budgets)
+    model.stage = stage
+    return stage
+
+
+def _budget(stage: Stage | None, decode: Decode) -> int:
+    """The header's run.expert_cache_bytes: the budget, or the largest rank's in a pipelined run."""
+    return decode.cache_bytes if stage is None else max(r["expert_cache_bytes"] for r in stage.header()["ranks"])
 
 
 def resume(path: str | Path, model_dir: str | Path | None = None, device: str | None = None,
            sinks: tuple[Sink, ...] = (), tokenizer: Tokenizer | None = None,
            anchors_dir: Path | None = None, policy: ReadPolicy = ReadPolicy(),
            fault: FaultHook | None = None, progress: Progress | None = None, lookahead: bool | None = None,
-           cache_policy: str = "lru") -> RunResult:
+           cache_policy: str = "lru", link: Link | None = None) -> RunResult:
     """Continue the run recorded in a ledger (or bundle) that did not complete, in its recorded mode: with a
-    KV cache, steps 0.. are run again first to rebuild it (and the weight cache) exactly."""
+    KV cache, steps 0.. are run again first to rebuild it (and the weight cache) exactly. A pipelined run
+    continues over a group of as many ranks (`link`), each with its recorded layers and cache budget."""
     from .evidence.verify import verify
 
     path = Path(path)
@@ -185,7 +220,13 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
     cache_policy = run_info.get("cache_policy") if run_info.get("cache_policy") in POLICIES else cache_policy
     decode = Decode(kv_cache, int(run_info.get("expert_cache_bytes") or 0), cache_policy,
                     kv_cache if lookahead is None else lookahead)  # look-ahead changes no recorded value
+    recorded_ranks = run_info.get("distributed")
+    if (recorded_ranks is None) != (link is None):
+        raise UsageError(f"{ledger_path}: recorded in one process; resume it without --distributed"
+                         if recorded_ranks is None else f"{ledger_path}: recorded over {recorded_ranks['size']} "
+                         "ranks; resume it with --distributed under mlx.launch")
     model = _new_model(model_dir, policy, fault, progress, kernels, decode)
+    stage = None
     try:
         identity = model.checkpoint.identity()
         recorded = {k: model_info.get(k) for k in identity}
@@ -197,6 +238,8 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
         eos = model.config.text.eos_token_id
         if steps and steps[-1]["token_id"] == eos:
             raise UsageError(f"{ledger_path}: the run ended at EOS; nothing to resume")
+        if link is not None:
+            stage = _start_stage(link, model, dev, decode, None, recorded_ranks)
         size = sum(len(line) + 1 for line in lines)
         writer = LedgerWriter(ledger_path, resume_at=(size, line_digest(lines[-1])))
         bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
@@ -205,7 +248,14 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
                         anchors_dir, decode)
         result.resumed_from = len(steps)
         return result
+    except BaseException as e:
+        if stage is not None:
+            stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
+            stage = None
+        raise
     finally:
+        if stage is not None:
+            stage.close()
         model.close()
 
 

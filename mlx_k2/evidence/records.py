@@ -16,7 +16,7 @@ import numpy as np
 
 from ..events import LayerDone, StepDone
 from .derived import entropy, file_blake3, margin, tensor_digest, top16
-from .schema import MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA, TOKENIZER_FILES
+from .schema import DISTRIBUTED_PROVENANCE, MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA, TOKENIZER_FILES
 
 
 def tokenizer_file(model_dir: Path) -> Path | None:
@@ -39,12 +39,13 @@ def header_record(model_dir: Path, identity: dict[str, str], model_type: str, nu
                   n_routed_experts: int, experts_per_token: int, prompt_ids: list[int], max_new_tokens: int,
                   capture: bool, device: str, versions: dict[str, str], kernels: str,
                   facts: dict[str, Any], kv_cache: bool = False, expert_cache_bytes: int = 0,
-                  cache_policy: str = "lru") -> dict[str, Any]:
+                  cache_policy: str = "lru", distributed: dict[str, Any] | None = None) -> dict[str, Any]:
     """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given; `kernels` names the matmul
     kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`); `facts` is `model_facts`;
     `expert_cache_bytes` the weight cache's budget (0: none) and `cache_policy` how it evicts experts (with
-    the budget, what decides how a step's bytes split into bytes_read and bytes_cached)."""
-    return {
+    the budget, what decides how a step's bytes split into bytes_read and bytes_cached); `distributed` the
+    ranks a pipelined run computed on (schema.DISTRIBUTED_FIELDS), None for a run in one process."""
+    record = {
         "kind": "header", "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "model": {"path": str(model_dir), "model_type": model_type, "num_layers": num_layers,
@@ -53,15 +54,22 @@ def header_record(model_dir: Path, identity: dict[str, str], model_type: str, nu
                 "capture": capture, "backend": "mlx", "device": device, "compute_dtype": "float32",
                 "kernels": kernels, "expert_cache_bytes": expert_cache_bytes, "cache_policy": cache_policy,
                 "versions": dict(versions)},
-        "provenance": dict(PROVENANCE),
+        "provenance": dict(PROVENANCE if distributed is None else DISTRIBUTED_PROVENANCE),
     }
+    if distributed is not None:
+        record["run"]["distributed"] = distributed
+    return record
 
 
 def layer_record(e: LayerDone) -> dict[str, Any]:
-    return {"layer": e.layer, "kind": e.kind, "norm_in": e.norm_in, "norm_out": e.norm_out,
-            "experts": None if e.experts is None else list(e.experts),
-            "routing_weights": e.routing_weights, "unique_experts": e.unique_experts,
-            "bytes_read": e.bytes_read, "bytes_cached": e.bytes_cached, "wall_s": round(e.wall_s, 6)}
+    """A run pipelined over several ranks adds the rank that computed the layer (schema.DISTRIBUTED_LAYER_FIELDS)."""
+    record = {"layer": e.layer, "kind": e.kind, "norm_in": e.norm_in, "norm_out": e.norm_out,
+              "experts": None if e.experts is None else list(e.experts),
+              "routing_weights": e.routing_weights, "unique_experts": e.unique_experts,
+              "bytes_read": e.bytes_read, "bytes_cached": e.bytes_cached, "wall_s": round(e.wall_s, 6)}
+    if e.rank is not None:
+        record["rank"] = e.rank
+    return record
 
 
 def step_record(e: StepDone, token_text: str | None) -> dict[str, Any]:

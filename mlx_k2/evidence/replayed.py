@@ -28,7 +28,8 @@ from .schema import BUILTIN_KERNELS, MODEL_FACTS, QUANTIZATION
 # README: the product's kernels and MLX's agree within 1e-5 relative on the logits; 10x headroom, taken
 # relative to the larger magnitude (and at least 1, so values near 0 compare absolutely).
 CROSS_PLATFORM_RTOL = 1e-4
-IGNORED = frozenset({"prev", "wall_s"})
+# Not values of the computation: times, the chain, and which rank computed a layer of a pipelined run.
+IGNORED = frozenset({"prev", "wall_s", "rank"})
 # Schema 2 additions a ledger from before them lacks (schema.CACHE_PROVENANCE): not compared where it does.
 CACHE_FIELDS = ("positions", "bytes_cached")
 SUMMED = "bytes_read + bytes_cached"  # the field compared where the split between the two is not reproducible

@@ -58,8 +58,12 @@ PROVENANCE_BEFORE_CACHE: dict[str, str] = {
 # them (the first runs that wrote them kept that map: under it the fields may be there or not).
 CACHE_PROVENANCE = {"positions": MEASURED, "bytes_cached": MEASURED}
 PROVENANCE: dict[str, str] = {**PROVENANCE_BEFORE_CACHE, **CACHE_PROVENANCE}
+# A run whose layers were pipelined over several ranks (`--distributed`) classifies one more layer field:
+# `rank`, the rank that computed the layer. Its header's run.distributed (DISTRIBUTED_FIELDS) says which
+# layers each rank owned; a run in one process has neither, and keeps PROVENANCE.
+DISTRIBUTED_PROVENANCE: dict[str, str] = {**PROVENANCE, "rank": MEASURED}
 # Every provenance map a header verify reads may hold: the current one first.
-PROVENANCES = (PROVENANCE, PROVENANCE_BEFORE_CACHE)
+PROVENANCES = (PROVENANCE, PROVENANCE_BEFORE_CACHE, DISTRIBUTED_PROVENANCE)
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,22 @@ LAYER_FIELDS = {"layer": int, "kind": str, "norm_in": (float, NONE), "norm_out":
 # The fields the cache additions bring (CACHE_PROVENANCE).
 STEP_CACHE_FIELDS = {"positions": int, "bytes_cached": int}
 LAYER_CACHE_FIELDS = {"bytes_cached": int}
+# A pipelined run's layer field (DISTRIBUTED_PROVENANCE), and its header's run.distributed: the backend
+# mlx.launch started (ring, jaccl, ...), the number of ranks, and per rank the first and last layer it
+# computed, its weight cache budget (run.expert_cache_bytes is the largest of them) and its host name.
+# Rank 0 embeds, the last rank applies the final norm and lm_head.
+DISTRIBUTED_LAYER_FIELDS = {"rank": int}
+DISTRIBUTED_FIELDS = {"backend": str, "size": int, "ranks": ListOf(dict)}
+DISTRIBUTED_RANK_FIELDS = {"rank": int, "layers": ListOf(int, 2), "expert_cache_bytes": int, "host": str}
 
 
 def record_fields(provenance: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(step fields, optional step fields, layer fields, optional layer fields) of the records of a ledger
     whose header has this provenance map: the cache fields are required where the map classifies them,
     optional where it is the map from before them."""
+    if provenance == DISTRIBUTED_PROVENANCE:
+        return ({**STEP_FIELDS, **STEP_CACHE_FIELDS}, {},
+                {**LAYER_FIELDS, **LAYER_CACHE_FIELDS, **DISTRIBUTED_LAYER_FIELDS}, {})
     if isinstance(provenance, dict) and all(name in provenance for name in CACHE_PROVENANCE):
         return {**STEP_FIELDS, **STEP_CACHE_FIELDS}, {}, {**LAYER_FIELDS, **LAYER_CACHE_FIELDS}, {}
     return STEP_FIELDS, STEP_CACHE_FIELDS, LAYER_FIELDS, LAYER_CACHE_FIELDS

@@ -30,6 +30,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,8 @@ from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_dige
                       root_digest, tensor_digest, top16)
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
-from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS,
-                     PROVENANCES, SCHEMAS, QUANTIZATION, QUANTIZATION_LABEL, ListOf, has_type, record_fields, schema_number,
+from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
+                     DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS, PROVENANCES, SCHEMAS, QUANTIZATION, QUANTIZATION_LABEL, ListOf, has_type, record_fields, schema_number,
                      step_tensor_path, strict_loads)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
@@ -195,6 +196,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
                 footer = rec
         elif rec:
             schema.fail(f"{where}: unknown kind {kind!r}")
+    _check_ranks(schema, header.get("provenance"), model, run, steps)
     if not isinstance(run.get("prompt_ids"), list):
         run = {**run, "prompt_ids": []}
 
@@ -270,6 +272,48 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
     if not (has_type(budget, int) and budget >= 0):
         schema.fail(f"header: run.expert_cache_bytes {budget!r} is not a byte count (an integer, 0 for no weight "
                     "cache)")
+
+
+def _check_ranks(schema: Check, provenance: Any, model: dict, run: dict, steps: list[dict]) -> None:
+    """A pipelined run (header run.distributed): contiguous layer ranges, one per rank, covering every layer,
+    and each layer record computed by the rank that owns the layer. A run in one process has no rank fields."""
+    distributed = run.get("distributed")
+    if distributed is None:
+        if provenance == DISTRIBUTED_PROVENANCE:
+            schema.fail("header: the provenance map classifies layer ranks but run.distributed is missing")
+        return
+    if provenance != DISTRIBUTED_PROVENANCE:
+        schema.fail("header: run.distributed without the provenance map that classifies layer ranks")
+    if not isinstance(distributed, dict) or not _check_fields(schema, distributed, DISTRIBUTED_FIELDS,
+                                                              "header: run.distributed"):
+        return
+    ranks = distributed["ranks"]
+    owner: dict[int, int] = {}
+    expected = 0
+    for r, rec in enumerate(ranks):
+        where = f"header: run.distributed rank {r}"
+        if not _check_fields(schema, rec, DISTRIBUTED_RANK_FIELDS, where):
+            return
+        first, last = rec["layers"]
+        if rec["rank"] != r or first != expected or last < first or rec["expert_cache_bytes"] < 0:
+            schema.fail(f"{where}: layers {first}-{last} (rank {rec['rank']}): the ranks must own contiguous "
+                        f"ranges in rank order, from layer {expected}")
+            return
+        owner.update({i: r for i in range(first, last + 1)})
+        expected = last + 1
+    if len(ranks) != distributed["size"] or distributed["size"] < 2:
+        schema.fail(f"header: run.distributed size {distributed['size']} but {len(ranks)} ranks listed")
+    if has_type(model.get("num_layers"), int) and expected != model["num_layers"]:
+        schema.fail(f"header: run.distributed covers layers 0-{expected - 1} of {model['num_layers']}")
+    if has_type(run.get("expert_cache_bytes"), int) and ranks and \
+            run["expert_cache_bytes"] != max(rec["expert_cache_bytes"] for rec in ranks):
+        schema.fail("header: run.expert_cache_bytes is not the largest of the ranks' budgets")
+    for s in steps:
+        for layer in s["layers"]:
+            if owner.get(layer.get("layer")) != layer.get("rank"):
+                schema.fail(f"step {s['step']} layer {layer.get('layer')}: rank {layer.get('rank')}, but the "
+                            f"header gives the layer to rank {owner.get(layer.get('layer'))}")
+                return
 
 
 def _check_fields(check: Check, rec: dict, fields: dict, where: str, optional: dict | None = None) -> bool:

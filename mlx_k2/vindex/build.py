@@ -518,7 +518,7 @@ class _SvdPool:
         done.set_result(gate_and_down(*args))
         return done
 
-    def in_flight(self) -> int:
+    def most_waiting(self) -> int:
         """How many submitted experts may wait unfinished: one queued per process beyond the running ones."""
         return 2 * self.workers
 
@@ -608,7 +608,7 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
                 for i, expert in enumerate(unit.experts):
                     in_flight.append((unit, expert, pool.submit(unit.layer, expert, dequantised(gate, i),
                                                                 dequantised(down, i), k_gate, k_down)))
-                    collect(pool.in_flight())
+                    collect(pool.most_waiting())
                 reader.release(k)  # every matrix of slot k was copied out of its arena
             collect(0)
     finally:

@@ -11,7 +11,7 @@ from .evidence.anchors import Anchor, Row, compare, find_anchor, load_anchors, m
 from .events import StepDone
 from .distributed import Link
 from .linear import choose_kernels
-from .pipeline import Stage
+from .pipeline import rank_0_stage
 from .runner import Model, device_name, generate, select_device
 
 BACKEND, DTYPE = "mlx", "float32"
@@ -52,23 +52,12 @@ def run_anchor_pass(model_dir: Path, prompt_ids: list[int], device: str | None =
     mlx.launch group) the layers are pipelined over its ranks (`pipeline.py`)."""
     dev = device_name(select_device(device))
     model = Model(model_dir, kernels=choose_kernels(kernels, dev))
-    stage = None
     try:
-        if link is not None:
-            stage = Stage(link, model, dev)
-            stage.start(layer_split, kv_cache=False, lookahead=False, policy="lru")
-            model.stage = stage
-        off = observed_values(single_step(model, prompt_ids, dev, capture=False))
-        on = observed_values(single_step(model, prompt_ids, dev, capture=True))
-        identity, signature, used = model.checkpoint.identity(), model_signature(model.config), model.kernels
-    except BaseException as e:
-        if stage is not None:
-            stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
-            stage = None
-        raise
+        with rank_0_stage(link, model, dev, layer_split, kv_cache=False, lookahead=False, policy="lru"):
+            off = observed_values(single_step(model, prompt_ids, dev, capture=False))
+            on = observed_values(single_step(model, prompt_ids, dev, capture=True))
+            identity, signature, used = model.checkpoint.identity(), model_signature(model.config), model.kernels
     finally:
-        if stage is not None:
-            stage.close()
         model.close()
     non_perturbation = [Row(f, off[f], on[f], off[f] == on[f], "capture off vs on, bit for bit")
                         for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read")]

@@ -16,8 +16,10 @@ message reaches rank 0; a rank that is lost or silent is reported by its neighbo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +190,31 @@ class Stage:
                 self.stop(error)
             except DistributedError:
                 pass
+
+
+@contextlib.contextmanager
+def rank_0_stage(link: Link | None, model: Model, device: str, split: str | None, kv_cache: bool, lookahead: bool,
+                 policy: str, recorded: dict | None = None) -> Iterator[Stage | None]:
+    """Rank 0's stage for the run inside the block (None without `link`: one process): every rank checked and
+    given its layers before the block starts (`recorded`: a resumed run's header run.distributed, whose plan
+    and weight cache budgets are kept), handed to `model`, and closed when the block ends, passing rank 0's
+    failure on to the other ranks. A start that refuses the run has already stopped the ring itself."""
+    if link is None:
+        yield None
+        return
+    plan = budgets = None
+    if recorded is not None:
+        plan = RankPlan(tuple(tuple(r["layers"]) for r in recorded["ranks"]))
+        budgets = [r["expert_cache_bytes"] for r in recorded["ranks"]]
+    stage = Stage(link, model, device)
+    stage.start(split, kv_cache, lookahead, policy, plan, budgets)
+    model.stage = stage
+    try:
+        yield stage
+    except BaseException as e:
+        stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
+        raise
+    stage.close()
 
 
 # ---------------------------------------------------------------------------------------------- other ranks

@@ -31,8 +31,8 @@ from .evidence.schema import BUILTIN_KERNELS, LEDGER_NAME
 from .inventory import one_token_step_bytes
 from .linear import choose_kernels, kernels_label
 from .storage import FaultHook, ReadPolicy
-from .distributed import Link, RankPlan
-from .pipeline import Stage
+from .distributed import Link
+from .pipeline import Stage, rank_0_stage
 from .runner import Model, device_name, generate, select_device
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
 from .tokenizer import Tokenizer, load_tokenizer
@@ -126,51 +126,30 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
     dev = device_name(select_device(device))
     model = _open_model(model_dir, policy, fault, prompt_ids, max_new_tokens, 0, progress,
                         choose_kernels(kernels, dev), decode)
-    stage = None
     try:
-        if link is not None:  # every rank checked and given its layers before the ledger exists
-            stage = _start_stage(link, model, dev, decode, layer_split)
-        try:
-            ledger_path.parent.mkdir(parents=True, exist_ok=True)
-            bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
-            _check_space(ledger_path.parent, model, max_new_tokens, bundle is not None)
-            writer = LedgerWriter(ledger_path)
-        except OSError as e:
-            raise UsageError(f"{ledger_path}: cannot write the ledger ({e.strerror})") from None
-        identity, text = model.checkpoint.identity(), model.config.text
-        writer.write(header_record(model_dir, identity, model.config.model_type, text.num_hidden_layers,
-                                   text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
-                                   capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
-                                                  "python": platform.python_version()},
-                                   kernels_label(model.kernels), model_facts(model_dir, model.config), decode.kv_cache,
-                                   _budget(stage, decode), decode.cache_policy,
-                                   None if stage is None else stage.header()))
-        tokenizer = tokenizer or load_tokenizer(model_dir)
-        return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
-                      max_new_tokens, dev, capture, sinks, anchors_dir, decode)
-    except BaseException as e:
-        if stage is not None:
-            stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
-            stage = None
-        raise
+        # every rank checked and given its layers before the ledger exists
+        with rank_0_stage(link, model, dev, layer_split, decode.kv_cache, decode.lookahead,
+                          decode.cache_policy) as stage:
+            try:
+                ledger_path.parent.mkdir(parents=True, exist_ok=True)
+                bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
+                _check_space(ledger_path.parent, model, max_new_tokens, bundle is not None)
+                writer = LedgerWriter(ledger_path)
+            except OSError as e:
+                raise UsageError(f"{ledger_path}: cannot write the ledger ({e.strerror})") from None
+            identity, text = model.checkpoint.identity(), model.config.text
+            writer.write(header_record(model_dir, identity, model.config.model_type, text.num_hidden_layers,
+                                       text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
+                                       capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
+                                                      "python": platform.python_version()},
+                                       kernels_label(model.kernels), model_facts(model_dir, model.config),
+                                       decode.kv_cache, _budget(stage, decode), decode.cache_policy,
+                                       None if stage is None else stage.header()))
+            tokenizer = tokenizer or load_tokenizer(model_dir)
+            return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
+                          max_new_tokens, dev, capture, sinks, anchors_dir, decode)
     finally:
-        if stage is not None:
-            stage.close()
         model.close()
-
-
-def _start_stage(link: Link, model: Model, dev: str, decode: Decode, layer_split: str | None,
-                 recorded: dict | None = None) -> Stage:
-    """Rank 0's side of a pipelined run, every rank checked and given its layers (`recorded`: a resumed
-    run's header run.distributed, whose plan and weight cache budgets are kept)."""
-    stage = Stage(link, model, dev)
-    plan = budgets = None
-    if recorded is not None:
-        plan = RankPlan(tuple(tuple(r["layers"]) for r in recorded["ranks"]))
-        budgets = [r["expert_cache_bytes"] for r in recorded["ranks"]]
-    stage.start(layer_split, decode.kv_cache, decode.lookahead, decode.cache_policy, plan, budgets)
-    model.stage = stage
-    return stage
 
 
 def _budget(stage: Stage | None, decode: Decode) -> int:
@@ -226,7 +205,6 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
                          if recorded_ranks is None else f"{ledger_path}: recorded over {recorded_ranks['size']} "
                          "ranks; resume it with --distributed under mlx.launch")
     model = _new_model(model_dir, policy, fault, progress, kernels, decode)
-    stage = None
     try:
         identity = model.checkpoint.identity()
         recorded = {k: model_info.get(k) for k in identity}
@@ -238,24 +216,17 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
         eos = model.config.text.eos_token_id
         if steps and steps[-1]["token_id"] == eos:
             raise UsageError(f"{ledger_path}: the run ended at EOS; nothing to resume")
-        if link is not None:
-            stage = _start_stage(link, model, dev, decode, None, recorded_ranks)
-        size = sum(len(line) + 1 for line in lines)
-        writer = LedgerWriter(ledger_path, resume_at=(size, line_digest(lines[-1])))
-        bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
-        ledger_sink = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), steps)
-        result = _drive(model, identity, ledger_sink, bundle, context, len(steps), max_new, dev, capture, sinks,
-                        anchors_dir, decode)
-        result.resumed_from = len(steps)
-        return result
-    except BaseException as e:
-        if stage is not None:
-            stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
-            stage = None
-        raise
+        with rank_0_stage(link, model, dev, None, decode.kv_cache, decode.lookahead, decode.cache_policy,
+                          recorded_ranks):
+            size = sum(len(line) + 1 for line in lines)
+            writer = LedgerWriter(ledger_path, resume_at=(size, line_digest(lines[-1])))
+            bundle = BundleSink(bundle_dir) if bundle_dir is not None else None
+            ledger_sink = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), steps)
+            result = _drive(model, identity, ledger_sink, bundle, context, len(steps), max_new, dev, capture, sinks,
+                            anchors_dir, decode)
+            result.resumed_from = len(steps)
+            return result
     finally:
-        if stage is not None:
-            stage.close()
         model.close()
 
 

@@ -69,7 +69,7 @@ from ..storage import ReadPolicy, Storage
 from ..tensors import PendingTensor, TensorReader
 from ..validate import validate
 from ..weights import WeightFetcher
-from .svd import TopSingular, blas_threads, gate_and_down, one_blas_thread, singular_values
+from .svd import TopSingular, blas_threads, gate_and_down, one_blas_thread, singular_values, var_at
 
 VINDEX_FORMAT = "mlx_k2.vindex/1"
 BIN = "gate_vectors.bin"
@@ -171,12 +171,6 @@ class BuildResult:
 
 
 # ---------------------------------------------------------------------------------------------- numerics
-def var_at(s: np.ndarray, total_sq: float, k: int) -> float:
-    """Share of the squared Frobenius norm in the top k singular values (0 for a zero matrix)."""
-    head = np.asarray(s[:k], dtype=np.float64)
-    return float(np.dot(head, head) / total_sq) if total_sq > 0 else 0.0
-
-
 def _ratio(s: np.ndarray) -> float | None:
     """S0/S1, or None where S1 is 0 (strict JSON has no infinity)."""
     return float(s[0] / s[1]) if len(s) > 1 and s[1] > 0 else None

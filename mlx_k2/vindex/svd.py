@@ -143,6 +143,13 @@ def _fix_signs(vt: np.ndarray) -> np.ndarray:
     return vt * signs[:, None]
 
 
+def right_vectors(w64: np.ndarray, u: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """V^T (k, n) of a wide w from its left vectors u (m, k) and values s: v_i = w^T u_i / s_i, renormalised
+    against the rounding."""
+    vt = (u.T @ w64) / s[:, None]                                    # (k, n)
+    return vt / np.linalg.norm(vt, axis=1, keepdims=True)
+
+
 def _full_svd(w64: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     _, s, vt = np.linalg.svd(w64, full_matrices=False)
     return s[:k].copy(), vt[:k]
@@ -159,9 +166,7 @@ def top_singular(w: np.ndarray, k: int) -> TopSingular:
     if s[0] == 0.0 or s[-1] <= _SMALLEST_RELIABLE * s[0]:
         s, vt = _full_svd(w64, k)
     elif w64.shape[0] <= w64.shape[1]:
-        # vec holds left vectors U (m, k): v_i = w^T u_i / s_i, renormalised against the rounding.
-        vt = (vec.T @ w64) / s[:, None]                              # (k, n)
-        vt /= np.linalg.norm(vt, axis=1, keepdims=True)
+        vt = right_vectors(w64, vec, s)                              # vec holds left vectors U (m, k)
     else:
         vt = vec.T                                                   # (k, n): already right vectors
     return TopSingular(s=s, vt=_fix_signs(vt).astype(np.float32), total_sq=_squared_norm(w64))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .svd import blas_threads, top_eigen, top_singular
+from .svd import blas_threads, right_vectors, top_eigen, top_singular
 
 FLAT_S0_S1 = 1.2
 
@@ -49,18 +49,12 @@ def kimi_like_matrix(m: int, n: int, seed: int = 1, spectrum: str = "flat") -> n
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def _right_from_left(w64: np.ndarray, u: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """V^T = U^T w / S for a wide w (the Gram matrix was w w^T)."""
-    vt = (u.T @ w64) / s[:, None]
-    return vt / np.linalg.norm(vt, axis=1, keepdims=True)
-
-
 def _gram_numpy_eigh(w: np.ndarray, k: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Gram matrix in `dtype`, numpy's full eigh in float64 (every eigenvector): the previous method."""
     a = w.astype(dtype)
     lam, u = np.linalg.eigh((a @ a.T).astype(np.float64))
     s = np.sqrt(np.maximum(lam[::-1][:k], 0.0))
-    return s, _right_from_left(w.astype(np.float64), u[:, ::-1][:, :k], s)
+    return s, right_vectors(w.astype(np.float64), u[:, ::-1][:, :k], s)
 
 
 def _gram_partial_no_ritz(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +65,7 @@ def _gram_partial_no_ritz(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     m = g.shape[0]
     lam, u = scipy.linalg.eigh(g, subset_by_index=[m - k, m - 1], driver="evr", check_finite=False)
     s = np.sqrt(np.maximum(lam[::-1].astype(np.float64), 0.0))
-    return s, _right_from_left(w.astype(np.float64), u[:, ::-1].astype(np.float64), s)
+    return s, right_vectors(w.astype(np.float64), u[:, ::-1].astype(np.float64), s)
 
 
 def _randomized(w: np.ndarray, k: int, oversample: int, power: int) -> tuple[np.ndarray, np.ndarray]:

@@ -266,19 +266,13 @@ def _step(model: Model, rank: int, plan: RankPlan, meta: dict, arrays: dict, kv:
     if kv is not None and kv.length != past:
         raise DistributedError(f"step {step}: this rank's KV cache holds {kv.length} positions, rank 0's {past}")
     watch = StepWatch(model.reader, model.weights, step, meta["capture"], rank)
-    states = None if kv is None else list(kv.layers)
     x = mx.array(arrays.pop("hidden"))
     watch.start(x)
-    try:
+    last = rank == plan.size - 1
+    with model.stepping(kv, length) as states:
         x = _returned(model.own_layers(watch, x, length, past, states))  # the watch keeps the LayerDones
-        last = rank == plan.size - 1
         if last:
             hidden, logits = model.head(x)
-    finally:
-        model.reader.end_step()
-        model.weights.forget_guesses()
-    if kv is not None:
-        kv.commit(states, length)
     metas, layer_arrays = layers_message(watch.layers)
     offset = len(meta["layers"])
     previous = dict(arrays)  # the ranks before this one's layer arrays

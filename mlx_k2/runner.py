@@ -16,6 +16,7 @@ only its rank's layers (`owned`): rank 0's `step` embeds, computes its layers an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -206,9 +207,8 @@ class Model:
         if past >= len(input_ids):
             raise UsageError(f"step {step}: the KV cache holds {past} positions, the context only {len(input_ids)}")
         watch = StepWatch(self.reader, self.weights, step, capture, self.rank)
-        states = None if kv is None else list(kv.layers)
         others = None
-        try:
+        with self.stepping(kv, len(input_ids)) as states:
             x = self.embed(input_ids[past:])
             watch.start(x)
             x = yield from self.own_layers(watch, x, len(input_ids), past, states)
@@ -220,14 +220,23 @@ class Model:
                 for done in others.layers:
                     watch.layers.append(done)
                     yield done
+        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits, others)
+
+    @contextlib.contextmanager
+    def stepping(self, kv: KVCache | None, length: int) -> Iterator[list[LatentKV | None] | None]:
+        """Around a step's computation here (the whole step, or a rank's layers of it): gives the KV states
+        the layers update (a copy of `kv`'s; None without `kv`), committed to `kv` as the context's `length`
+        positions when the block ends without an error. However it ends, reads no computation used are not
+        carried into the next step, and a step abandoned midway (an error, a consumer that stopped) leaves
+        no buffer claimed."""
+        states = None if kv is None else list(kv.layers)
+        try:
+            yield states
         finally:
-            # Reads no computation used are not carried into the next step, and a step abandoned midway
-            # (an error, a consumer that stopped) leaves no buffer claimed.
             self.reader.end_step()
             self.weights.forget_guesses()
         if kv is not None:
-            kv.commit(states, len(input_ids))
-        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits, others)
+            kv.commit(states, length)
 
     def own_layers(self, watch: StepWatch, x: mx.array, length: int, past: int,
                    states: list[LatentKV | None] | None) -> Iterator[LayerDone]:

@@ -2,12 +2,12 @@
 
 Method: the Gram matrix of the smaller side (w w^T when w is wide, w^T w when it is tall; numpy computes
 `a @ a.T` with one BLAS syrk) in w's dtype; LAPACK's partial symmetric eigensolver (syevr through scipy,
-`subset_by_index`: only the top k eigenpairs, after the tridiagonal reduction) in that dtype; a
-Rayleigh-Ritz step in float64 on the k vectors found (their span is orthonormalised, the Gram matrix
-projected onto it and that k x k matrix diagonalised: it restores the float64 digits a float32 solve
-loses); the singular values as square roots of the Ritz values and, for a wide w, the right vectors as
-V^T = U^T w / S in float64. When s_{k-1} < 0.1 s_0 the float32 Gram matrix could cost the small values
-digits, and the whole path runs in float64.
+`subset_by_index`: only the top k eigenpairs, after the tridiagonal reduction) in that dtype; after a
+float32 solve, a Rayleigh-Ritz step in float64 on the k vectors found (their span is orthonormalised, the
+Gram matrix projected onto it and that k x k matrix diagonalised: it restores the float64 digits the
+float32 solve loses); the singular values as square roots of the Ritz values and, for a wide w, the
+right vectors as V^T = U^T w / S in float64. When s_{k-1} < 0.1 s_0 the float32 Gram matrix could cost
+the small values digits, and the whole path runs in float64.
 
 Chosen by measurement against numpy's float64 SVD, at full width: gate_proj [2048, 7168] float32 with a
 flat spectrum like Kimi's experts (var@64 = 0.09, S0/S1 = 1.2, S63/S64 = 1.0024, S64/S128 = 1.11), top 64,
@@ -110,9 +110,12 @@ def _gram(w: np.ndarray) -> np.ndarray:
 
 def top_eigen(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top k eigenvalues (float64, descending) and eigenvectors (float64 columns, (m, k)) of a symmetric
-    matrix: LAPACK syevr for those k in the matrix's dtype, then one Rayleigh-Ritz step in float64."""
+    matrix: LAPACK syevr for those k in the matrix's dtype, then, for a float32 matrix, one Rayleigh-Ritz
+    step in float64 (a float64 solve has those digits already: the step would only repeat it)."""
     m = gram.shape[0]
-    _, found = scipy.linalg.eigh(gram, subset_by_index=[m - k, m - 1], driver="evr", check_finite=False)
+    lam, found = scipy.linalg.eigh(gram, subset_by_index=[m - k, m - 1], driver="evr", check_finite=False)
+    if gram.dtype == np.float64:
+        return lam[::-1].copy(), found[:, ::-1].copy()
     basis, _ = np.linalg.qr(found.astype(np.float64))                # (m, k) orthonormal
     gram64 = gram.astype(np.float64, copy=False)
     projected = basis.T @ (gram64 @ basis)                           # (k, k)

@@ -4,6 +4,7 @@ step's MoE input projects onto) are commands of this same sub-app, `vindex_app`.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -81,12 +82,10 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
     bar = None if quiet or not sys.stdout.isatty() else _Bar()
     progress = None if quiet else bar or _plain_build_lines()
     model_dir = model if model is not None else default_checkpoint(progress=header_lines)
-    if bar is not None:
-        with bar.progress:
-            result = build_vindex(model_dir, out, layers, features, batch, resume, progress, workers=workers)
-    else:
-        result = build_vindex(model_dir, out, layers, features, batch, resume, progress, open_progress=header_lines,
-                                 workers=workers)
+    # Under the live bar, no lines for the shards' opening: they would break it.
+    with bar.progress if bar is not None else contextlib.nullcontext():
+        result = build_vindex(model_dir, out, layers, features, batch, resume, progress, workers=workers,
+                              open_progress=None if bar is not None else header_lines)
     resumed = f" ({result.resumed_layers} found done)" if result.resumed_layers else ""
     typer.echo(f"vindex {result.out}: {len(result.layers)} MoE layers{resumed}; {result.experts} experts in "
                f"{result.wall_s:.1f} s ({_rate(result.rate)}, {result.workers} SVD processes); read {result.bytes_read:,} bytes "

@@ -53,15 +53,9 @@ class RankPlan:
         first, last = self.ranges[rank]
         return range(first, last + 1)
 
-    def owner(self, layer: int) -> int:
-        return next(r for r, (first, last) in enumerate(self.ranges) if first <= layer <= last)
-
     def label(self, rank: int) -> str:
         first, last = self.ranges[rank]
         return f"layer {first}" if first == last else f"layers {first}-{last}"
-
-    def as_split(self) -> str:
-        return ",".join(f"{a}-{b}" for a, b in self.ranges)
 
 
 def balanced_plan(layer_bytes: list[int], size: int, head_bytes: int = 0) -> RankPlan:

@@ -149,11 +149,12 @@ class Model:
         """Read layer i's weights (its routed experts once routing is known), compute it, drop the weights.
         With `past` (a KV step) the new positions attend over it and the result's state is evaluated too."""
         weights = self.weights.layer(i)
-        if self._computes(i + 1):  # another rank's layer is read there, not here
+        reads_next = self._computes(i + 1)  # else another rank's layer: read there, not here
+        if reads_next:
             self.weights.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
         result = decoder_layer(x, weights, self.config.text, cos, sin,
                                lambda ids: self.weights.experts(i, ids), self.streams(), past,
-                               self._look_ahead(i + 1) if self.lookahead and self._computes(i + 1) else None)
+                               self._look_ahead(i + 1) if self.lookahead and reads_next else None)
         mx.eval(result.hidden, *((result.kv.latent, result.kv.k_pe) if past is not None else ()))
         self.reader.release(i)  # nothing computed from layer i's weights is pending any more
         return result

@@ -32,7 +32,7 @@ from .inventory import one_token_step_bytes
 from .linear import choose_kernels, kernels_label
 from .storage import FaultHook, ReadPolicy
 from .distributed import Link
-from .pipeline import Stage, rank_0_stage
+from .pipeline import rank_0_stage
 from .runner import Model, device_name, generate, select_device
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
 from .tokenizer import Tokenizer, load_tokenizer
@@ -138,13 +138,14 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
             except OSError as e:
                 raise UsageError(f"{ledger_path}: cannot write the ledger ({e.strerror})") from None
             identity, text = model.checkpoint.identity(), model.config.text
+            distributed = None if stage is None else stage.header()
             writer.write(header_record(model_dir, identity, model.config.model_type, text.num_hidden_layers,
                                        text.n_routed_experts, text.num_experts_per_tok, prompt_ids, max_new_tokens,
                                        capture, dev, {"mlx_k2": __version__, "mlx": mx.__version__,
                                                       "python": platform.python_version()},
                                        kernels_label(model.kernels), model_facts(model_dir, model.config),
-                                       decode.kv_cache, _budget(stage, decode), decode.cache_policy,
-                                       None if stage is None else stage.header()))
+                                       decode.kv_cache, _budget(distributed, decode), decode.cache_policy,
+                                       distributed))
             tokenizer = tokenizer or load_tokenizer(model_dir)
             return _drive(model, identity, LedgerSink(writer, tokenizer), bundle, list(prompt_ids), 0,
                           max_new_tokens, dev, capture, sinks, anchors_dir, decode)
@@ -152,9 +153,10 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, ledge
         model.close()
 
 
-def _budget(stage: Stage | None, decode: Decode) -> int:
-    """The header's run.expert_cache_bytes: the budget, or the largest rank's in a pipelined run."""
-    return decode.cache_bytes if stage is None else max(r["expert_cache_bytes"] for r in stage.header()["ranks"])
+def _budget(distributed: dict | None, decode: Decode) -> int:
+    """The header's run.expert_cache_bytes: the budget, or the largest rank's in a pipelined run (`distributed`,
+    the header's run.distributed)."""
+    return decode.cache_bytes if distributed is None else max(r["expert_cache_bytes"] for r in distributed["ranks"])
 
 
 def resume(path: str | Path, model_dir: str | Path | None = None, device: str | None = None,

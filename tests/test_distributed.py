@@ -189,7 +189,8 @@ def test_layer_records_travel_exactly():
                         moe_input=rng.standard_normal(8).astype(np.float32), rank=1),
               LayerDone(step=2, layer=8, kind="dense", norm_in=None, norm_out=None, experts=None, routing_scores=None,
                         routed=None, residual_in=None, residual_out=None, bytes_read=0, wall_s=0.0, rank=1)]
-    meta, arrays = unpack(pack({"layers": layers_message(layers)[0]}, layers_message(layers)[1]))
+    metas, layer_arrays = layers_message(layers)
+    meta, arrays = unpack(pack({"layers": metas}, layer_arrays))
     back = layers_from_message(meta["layers"], arrays)
     for a, b in zip(layers, back):
         for name in a.__dataclass_fields__:

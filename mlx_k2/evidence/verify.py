@@ -42,7 +42,8 @@ from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_dige
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
-                     DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS, PROVENANCES, SCHEMAS, QUANTIZATION, QUANTIZATION_LABEL, ListOf, has_type, record_fields, schema_number,
+                     DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS, PROVENANCES,
+                     SCHEMAS, QUANTIZATION, QUANTIZATION_LABEL, ListOf, has_type, record_fields, schema_number,
                      step_tensor_path, strict_loads)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.

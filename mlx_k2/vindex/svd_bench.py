@@ -2,11 +2,11 @@
 choice, measured in one run (`mlx-k2 vindex bench-svd`).
 
 The matrix is U diag(s) V^T with random orthonormal U, V and a spectrum like Kimi's experts' (a slow power
-law: S0/S1 = 1.2, var@64 = 0.09 at 2048 x 7168, `flat_spectrum`), stored as float32. Each method gets the same float32
-matrix on one OpenBLAS thread; its top-k values, var@k and top-k right subspace are compared with numpy's
-float64 full SVD of that float32 matrix (`gesdd`, the reference, timed too). The subspace error is the
-sine of the largest principal angle between the top-k subspaces (meaningful where s_{k-1} > s_k, which
-this spectrum has).
+law: S0/S1 = 1.2, var@64 = 0.09 at 2048 x 7168, `flat_spectrum`), stored as float32. Each method gets the same
+float32 matrix on one OpenBLAS thread; its top-k values, var@k and top-k right subspace are compared with
+numpy's float64 full SVD of that float32 matrix (`gesdd`, the reference, timed too). The subspace error is the
+sine of the largest principal angle between the top-k subspaces (meaningful where s_{k-1} > s_k, which this
+spectrum has).
 """
 
 from __future__ import annotations

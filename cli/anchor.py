@@ -9,13 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mlx_k2.config import load_config
-from mlx_k2.distributed import DEFAULT_TIMEOUT_S
+from mlx_k2.checkpoint.config import load_config
+from mlx_k2.run.distributed import DEFAULT_TIMEOUT_S
 from mlx_k2.evidence.anchors import anchor_record, default_dir, freeze
 from mlx_k2.evidence.schema import BUILTIN_KERNELS
-from mlx_k2.storage import ReadPolicy
-from mlx_k2.synth import default_checkpoint
-from mlx_k2.tokenizer import default_bos
+from mlx_k2.read.storage import ReadPolicy
+from mlx_k2.synth.checkpoint import default_checkpoint
+from mlx_k2.checkpoint.tokenizer import default_bos
 
 from .app import app, guarded
 from .plain import progress_lines
@@ -41,7 +41,7 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
                                                   "rank.")] = DEFAULT_TIMEOUT_S,
            backend: Annotated[str, typer.Option(help="With --distributed: MLX's distributed backend.")] = "any"):
     """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
-    from mlx_k2.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
+    from mlx_k2.run.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
 
     link = distributed_link(distributed, layer_split, timeout, backend)
     if link is not None and link.rank != 0:

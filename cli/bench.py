@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_k2.errors import UsageError
-from mlx_k2.synth import cache_root
+from mlx_k2.synth.checkpoint import cache_root
 
 from .app import app, guarded
 
@@ -62,7 +62,7 @@ def _table(result: dict) -> Table:
 
 
 def _goals_table(result: dict) -> Table:
-    from mlx_k2.bench import COLD_GOAL, WARM_GOAL
+    from mlx_k2.bench.streaming import COLD_GOAL, WARM_GOAL
 
     table = Table(title=f"reads vs ceilings: raw sequential cold {result['raw_read_gbps']:.2f} GB/s, memory copy "
                         f"{result['memcopy_gbps']:.2f} GB/s; goals cold >= {COLD_GOAL}x raw, warm >= {WARM_GOAL}x copy",
@@ -137,8 +137,8 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
                    json_out)
         return
     tokens = 3 if tokens is None else tokens
-    from mlx_k2.bench import build_full_width, goals, memcopy_gbps, raw_read_gbps, shard_files  # needs MLX
-    from mlx_k2.storage import METHODS
+    from mlx_k2.bench.streaming import build_full_width, goals, memcopy_gbps, raw_read_gbps, shard_files  # needs MLX
+    from mlx_k2.read.storage import METHODS
 
     if layers < 2 or tokens < 1:
         raise UsageError("--layers must be at least 2 (1 dense + MoE) and --tokens at least 1")

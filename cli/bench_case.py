@@ -1,5 +1,5 @@
 """One benchmark measurement in its own process: `python -m mlx_k2_cli.bench_case DIR TOKENS COLD PART
-[METHOD [KERNELS]]`; prints the figures as one JSON line (see mlx_k2.bench.measure; PART "mlx-lm" runs the
+[METHOD [KERNELS]]`; prints the figures as one JSON line (see mlx_k2.bench.streaming.measure; PART "mlx-lm" runs the
 peer)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from mlx_k2.bench import measure, mlx_lm_step
-from mlx_k2.storage import ReadPolicy
+from mlx_k2.bench.streaming import measure, mlx_lm_step
+from mlx_k2.read.storage import ReadPolicy
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """`mlx-k2 bench --decode`: every decode configuration on one checkpoint, each in its own process, then the
-per-token and per-configuration tables and the issue's targets (see mlx_k2.bench_decode)."""
+per-token and per-configuration tables and the issue's targets (see mlx_k2.bench.decode)."""
 
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def _policy_reason(cases: list[dict]) -> str:
 
 def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Optional[int], expert_share: float,
                directory: Path, json_out: Optional[Path], kernels: Optional[str] = None) -> None:
-    from mlx_k2.bench import build_full_width, shard_files  # needs MLX
-    from mlx_k2.bench_decode import (better_policy, budgets, configurations, decode_step_bytes, goals, read_alone,
+    from mlx_k2.bench.streaming import build_full_width, shard_files  # needs MLX
+    from mlx_k2.bench.decode import (better_policy, budgets, configurations, decode_step_bytes, goals, read_alone,
                                      summary)
 
     if tokens < 2:

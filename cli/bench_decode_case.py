@@ -1,5 +1,5 @@
 """One decode-benchmark configuration in its own process: `python -m mlx_k2_cli.bench_decode_case DIR SPEC`,
-SPEC a JSON object of `mlx_k2.bench_decode.decode_case`'s keyword arguments (or {"compute_alone": true,
+SPEC a JSON object of `mlx_k2.bench.decode.decode_case`'s keyword arguments (or {"compute_alone": true,
 "tokens": N}); prints the figures as one JSON line."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mlx_k2.bench_decode import compute_alone, decode_case
+from mlx_k2.bench.decode import compute_alone, decode_case
 
 
 def main() -> None:

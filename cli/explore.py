@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_k2.errors import UsageError
-from mlx_k2.evidence.explorer import build_explorer
+from mlx_k2.explorer.page import build_explorer
 from mlx_k2.evidence.receipt import check_receipt
 
 from .app import app, guarded

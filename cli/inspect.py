@@ -11,12 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlx_k2.checkpoint import Checkpoint
-from mlx_k2.config import load_config
+from mlx_k2.checkpoint.shards import Checkpoint
+from mlx_k2.checkpoint.config import load_config
 from mlx_k2.errors import UsageError
-from mlx_k2.inventory import DecodeBytes, decode_bytes, one_token_step_bytes, take_inventory
-from mlx_k2.synth import default_checkpoint
-from mlx_k2.validate import problems
+from mlx_k2.checkpoint.inventory import DecodeBytes, decode_bytes, one_token_step_bytes, take_inventory
+from mlx_k2.synth.checkpoint import default_checkpoint
+from mlx_k2.checkpoint.validate import problems
 
 from .app import app, guarded
 
@@ -104,7 +104,7 @@ def _decode_modes(console: Console, b: DecodeBytes, text, cache_gb: float | None
                   f"{b.moe_layers * b.n_routed_experts:,}: {b.n_routed_experts} in each MoE layer")
     console.print(table)
     if cache_gb is None:
-        from mlx_k2.weight_cache import default_budget
+        from mlx_k2.read.weight_cache import default_budget
 
         budget, how = default_budget(), "run's default: half the RAM free now"
     else:

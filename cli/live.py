@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.live import Live
 
-from mlx_k2.dashboard import DashboardState, render
+from mlx_k2.run.dashboard import DashboardState, render
 
 REFRESH_PER_SECOND = 4  # redraws happen on Live's own thread; the run never waits for them
 

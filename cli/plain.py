@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from mlx_k2.events import Event, LayerDone, RunStarted, StepDone, hit_rate
+from mlx_k2.evidence.events import Event, LayerDone, RunStarted, StepDone, hit_rate
 
 BAR_WIDTH = 24
 

@@ -11,15 +11,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlx_k2.config import load_config
-from mlx_k2.dashboard import DashboardState
-from mlx_k2.distributed import DEFAULT_TIMEOUT_S
+from mlx_k2.checkpoint.config import load_config
+from mlx_k2.run.dashboard import DashboardState
+from mlx_k2.run.distributed import DEFAULT_TIMEOUT_S
 from mlx_k2.errors import K2Error, UsageError
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
-from mlx_k2.storage import ReadPolicy
-from mlx_k2.synth import default_checkpoint
-from mlx_k2.tokenizer import adds_bos, default_bos, load_tokenizer
+from mlx_k2.read.storage import ReadPolicy
+from mlx_k2.synth.checkpoint import default_checkpoint
+from mlx_k2.checkpoint.tokenizer import adds_bos, default_bos, load_tokenizer
 
 from .app import app, guarded
 from .live import live_dashboard
@@ -96,8 +96,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         backend: Annotated[str, typer.Option(help="With --distributed: MLX's distributed backend (any, ring, "
                                              "jaccl, ...).")] = "any"):
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
-    from mlx_k2.session import resume as resume_session  # needs MLX: imported when a run is asked for
-    from mlx_k2.session import run as run_session
+    from mlx_k2.run.session import resume as resume_session  # needs MLX: imported when a run is asked for
+    from mlx_k2.run.session import run as run_session
 
     if read_retries < 0:
         raise UsageError(f"--read-retries must be 0 or more, got {read_retries}")
@@ -159,7 +159,7 @@ def distributed_link(distributed: bool, layer_split: str | None, timeout: float,
         if layer_split is not None:
             raise UsageError("--layer-split needs --distributed")
         return None
-    from mlx_k2.distributed import DistributedError, open_link
+    from mlx_k2.run.distributed import DistributedError, open_link
 
     link = open_link(backend, timeout)
     if link.rank == 0:
@@ -179,7 +179,7 @@ def follow_rank_0(link, model: Path | None, device: str | None, kernels: str | N
     """A rank other than 0: compute its layers of every step until rank 0 ends the run; print nothing but
     errors (rank 0 reports the run). Exits 0 whenever rank 0 ended the run, even as refused or failed (rank 0
     says why; mlx.launch would stop rank 0 if this rank exited with an error first); 1 on its own failure."""
-    from mlx_k2.pipeline import serve
+    from mlx_k2.run.pipeline import serve
 
     model_dir = model if model is not None else default_checkpoint()
     load_config(model_dir)  # a missing or bad checkpoint is one line here, before rank 0 waits on it
@@ -189,8 +189,8 @@ def follow_rank_0(link, model: Path | None, device: str | None, kernels: str | N
 
 def decode_options(kv_cache: bool, cache_gb: float | None, cache_policy: str, lookahead: bool | None):
     """--kv-cache, --cache, --cache-policy and --lookahead as a session.Decode."""
-    from mlx_k2.session import Decode
-    from mlx_k2.weight_cache import POLICIES, default_budget
+    from mlx_k2.run.session import Decode
+    from mlx_k2.read.weight_cache import POLICIES, default_budget
 
     if cache_gb is not None and not cache_gb >= 0:
         raise UsageError(f"--cache must be 0 or more GB, got {cache_gb}")

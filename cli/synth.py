@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mlx_k2.synth import FORMATS, spec_for, write_synthetic
+from mlx_k2.synth.checkpoint import FORMATS, spec_for, write_synthetic
 
 from .app import app, fail, guarded
 

@@ -16,7 +16,7 @@ from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.receipt import check_receipt, looks_like_receipt
 from mlx_k2.evidence.verify import Check, Report
 from mlx_k2.evidence.verify import verify as verify_path
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.checkpoint.tokenizer import load_tokenizer
 
 from .app import app, guarded
 
@@ -55,7 +55,7 @@ def tokenizer_for(path: Path, model: Path | None):
 def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | None, device: str | None,
               echo=typer.echo):
     """Re-execute the chosen steps of the run at `path` (the one place the CLI needs MLX here)."""
-    from mlx_k2.replay import choose_steps, replay  # needs MLX: imported only for --replay
+    from mlx_k2.run.replay import choose_steps, replay  # needs MLX: imported only for --replay
 
     ledger = read_ledger(path)
     model_dir = model if model is not None else ledger.model_dir

@@ -75,7 +75,7 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
           quiet: Annotated[bool, typer.Option("--quiet", help="Print only the summary.")] = False):
     """Build the vindex of a checkpoint's experts (gate_proj top singular vectors, down_proj and router SVD
     statistics). Example: mlx-k2 vindex build --model /models/Kimi-K2.5 -o k25-vindex --layers 1-60"""
-    from mlx_k2.synth import default_checkpoint
+    from mlx_k2.synth.checkpoint import default_checkpoint
     from mlx_k2.vindex.build import build_vindex
 
     header_lines = None if quiet else progress_lines()

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("MLX_K2_POISON_ARENAS", "1")  # inherited by the CLI subprocesses tests start
 
 from mlx_k2 import kernels as own_kernels
-from mlx_k2.synth import write_synthetic
+from mlx_k2.synth.checkpoint import write_synthetic
 
 # The anchor a default run on --device cpu is checked against: the one frozen for the product's own kernels
 # where they are built (the default), else MLX's built-ins'.
@@ -38,7 +38,7 @@ def synth_run(synth_dir, tmp_path_factory):
     from pathlib import Path
 
     from mlx_k2.evidence.schema import LEDGER_NAME
-    from mlx_k2.session import run
+    from mlx_k2.run.session import run
 
     root = tmp_path_factory.mktemp("synth-run")
     bundle, ledger = root / "bundle", root / "ledger.jsonl"
@@ -52,8 +52,8 @@ def synth_run(synth_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def opened_synth(synth_dir):
     """The synthetic checkpoint opened once (parsing its 64 shard headers is most of a pass's cost)."""
-    from mlx_k2.linear import choose_kernels
-    from mlx_k2.runner import Model
+    from mlx_k2.model.linear import choose_kernels
+    from mlx_k2.run.runner import Model
 
     model = Model(synth_dir, kernels=choose_kernels(None, "cpu"))  # what a default CPU run opens
     yield model
@@ -65,7 +65,7 @@ def share_opened_model(monkeypatch, opened, target: str) -> None:
     it: the same files and computation, without parsing 208k headers again. Closing stays with the owner."""
     from pathlib import Path
 
-    from mlx_k2.runner import Model
+    from mlx_k2.run.runner import Model
 
     class Shared(Model):
         def __init__(self, inner: Model):

@@ -21,7 +21,7 @@ fault = os.environ.get("MLX_K2_TEST_FAULT")
 if fault:
     fault_rank, fault_step, fault_layer, action = fault.split(":")
     if fault_rank == rank:
-        from mlx_k2 import runner
+        from mlx_k2.run import runner
 
         computed = runner.Model.layer
         steps_seen = {"layer 0 count": 0}

@@ -34,8 +34,8 @@ from conftest import DEFAULT_ANCHOR, share_opened_model
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.synth import default_checkpoint_name
-from mlx_k2.anchor_pass import run_anchor_pass
+from mlx_k2.synth.checkpoint import default_checkpoint_name
+from mlx_k2.run.anchor_pass import run_anchor_pass
 from tests.foreign_checkpoint import write_foreign_checkpoint
 from tests.reference import reference_generate
 
@@ -65,7 +65,7 @@ def identity_of(model_dir: Path) -> dict:
 def shared_model(opened_synth, monkeypatch):
     """Anchor passes in this test reuse the opened checkpoint: the same files, the same computation, only
     the header parsing is not repeated. Closing it is left to the fixture."""
-    share_opened_model(monkeypatch, opened_synth, "mlx_k2.anchor_pass.Model")
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.run.anchor_pass.Model")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_k2.arena import MIN_CHUNK, PAGE, Arena, address
-from mlx_k2.events import StepDone
-from mlx_k2.runner import Model, generate
-from mlx_k2.storage import ReadPolicy
+from mlx_k2.read.arena import MIN_CHUNK, PAGE, Arena, address
+from mlx_k2.evidence.events import StepDone
+from mlx_k2.run.runner import Model, generate
+from mlx_k2.read.storage import ReadPolicy
 
 
 def test_views_share_the_arena_and_sit_at_the_phase():
@@ -87,8 +87,8 @@ def test_reused_poisoned_buffers_give_the_fresh_arrays_bits(synth_dir, monkeypat
 def test_poison_catches_a_release_before_evaluation(synth_dir, monkeypatch):
     """The check above can fail: releasing a layer's buffers before its result is evaluated (the lifetime
     error arenas invite) turns the logits to NaN with poisoning on."""
-    from mlx_k2 import runner
-    from mlx_k2.forward import decoder_layer
+    from mlx_k2.run import runner
+    from mlx_k2.model.forward import decoder_layer
 
     def layer_releasing_early(self, i, x, cos, sin, past=None):
         weights = self.weights.layer(i)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from mlx_k2.bench import context_ids, goals, measure
-from mlx_k2.storage import ReadPolicy
+from mlx_k2.bench.streaming import context_ids, goals, measure
+from mlx_k2.read.storage import ReadPolicy
 
 
 def test_step_reads_exactly_the_minimum(synth_dir):
@@ -51,7 +51,7 @@ def test_context_ids_are_distinct_and_start_with_bos():
     assert ids[0] == 163584 and len(set(ids)) == 5
 
 
-# ---------------------------------------------------------------- the decode benchmark (mlx_k2.bench_decode)
+# ---------------------------------------------------------------- the decode benchmark (mlx_k2.bench.decode)
 
 def _headers(model_dir) -> dict[str, tuple[list[int], int]]:
     """name -> (shape, bytes) from the safetensors headers, parsed here (8-byte length, then JSON)."""
@@ -92,11 +92,11 @@ def _decode_step_bytes(headers, new_ids: list[int], experts_by_layer: dict[int, 
 def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     import numpy as np
 
-    from mlx_k2.bench import BOS
-    from mlx_k2.bench_decode import decode_case, summary
-    from mlx_k2.events import LayerDone, StepDone
-    from mlx_k2.linear import choose_kernels
-    from mlx_k2.runner import Model, generate
+    from mlx_k2.bench.streaming import BOS
+    from mlx_k2.bench.decode import decode_case, summary
+    from mlx_k2.evidence.events import LayerDone, StepDone
+    from mlx_k2.model.linear import choose_kernels
+    from mlx_k2.run.runner import Model, generate
 
     tokens = 3
     # The routing of each step's new position, from a run of the runner itself (not the bench's figures).
@@ -139,7 +139,7 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
 
 
 def test_decode_goals_compare_the_configurations():
-    from mlx_k2.bench_decode import goals
+    from mlx_k2.bench.decode import goals
 
     def token(wall, read, cached=0, minimum=None):
         return {"wall_s": wall, "bytes_read": read, "bytes_cached": cached,

@@ -15,9 +15,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_k2.events import LayerDone, RunDone, StepDone
-from mlx_k2.runner import Model, generate
-from mlx_k2.tensors import TensorReader
+from mlx_k2.evidence.events import LayerDone, RunDone, StepDone
+from mlx_k2.run.runner import Model, generate
+from mlx_k2.read.tensors import TensorReader
 from tests.foreign_checkpoint import make_config, read_headers, write_foreign_checkpoint
 
 PRE = "language_model."

@@ -15,9 +15,9 @@ import blake3
 import numpy as np
 import pytest
 
-from mlx_k2.checkpoint import Checkpoint, read_header
+from mlx_k2.checkpoint.shards import Checkpoint, read_header
 from mlx_k2.errors import CheckpointError, K2Error
-from mlx_k2.safetensors_write import save, to_bf16
+from mlx_k2.checkpoint.safetensors_write import save, to_bf16
 from tests.foreign_checkpoint import write_foreign_checkpoint
 
 INDEX = "model.safetensors.index.json"
@@ -350,7 +350,7 @@ def _remove_from_checkpoint(model_dir: Path, names: list[str]) -> None:
 
 
 def _generate(model_dir: Path, prompt: list[int]):
-    from mlx_k2.runner import generate
+    from mlx_k2.run.runner import generate
 
     return list(generate(str(model_dir), prompt, 1, device="cpu"))
 

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from mlx_k2.config import BlockFP8, ModelConfig, load_config, parse_config
+from mlx_k2.checkpoint.config import BlockFP8, ModelConfig, load_config, parse_config
 from mlx_k2.errors import ConfigError, K2Error
 from tests.foreign_checkpoint import make_config
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from mlx_k2.dashboard import DashboardState, expert_strip, render, sparkline
-from mlx_k2.events import LayerDone, RunDone, RunStarted, StepDone
+from mlx_k2.run.dashboard import DashboardState, expert_strip, render, sparkline
+from mlx_k2.evidence.events import LayerDone, RunDone, RunStarted, StepDone
 from mlx_k2_cli.plain import plain_lines
 
 WIDTH = 140

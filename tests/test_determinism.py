@@ -19,8 +19,8 @@ import pytest
 
 from conftest import BUILTIN_ANCHOR, DEFAULT_ANCHOR
 from mlx_k2.evidence.schema import BUILTIN_KERNELS
-from mlx_k2.events import StepDone
-from mlx_k2.runner import Model
+from mlx_k2.evidence.events import StepDone
+from mlx_k2.run.runner import Model
 
 ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
 CONTEXTS = {"bos": [163584], "four tokens": [163584, 5, 900, 77]}

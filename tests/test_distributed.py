@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_k2.distributed import balanced_plan, pack, parse_split, unpack
+from mlx_k2.run.distributed import balanced_plan, pack, parse_split, unpack
 from mlx_k2.errors import UsageError
-from mlx_k2.events import LayerDone
+from mlx_k2.evidence.events import LayerDone
 from mlx_k2.evidence.verify import verify
-from mlx_k2.pipeline import layers_from_message, layers_message
-from mlx_k2.replay import replay
-from mlx_k2.session import Decode, run
+from mlx_k2.run.pipeline import layers_from_message, layers_message
+from mlx_k2.run.replay import replay
+from mlx_k2.run.session import Decode, run
 from conftest import SYNTH_RUN_STEPS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mlx_k2.pipeline import disagreement
+from mlx_k2.run.pipeline import disagreement
 from tests.test_distributed import assert_same_run, launch, records
 
 SPLIT = ("--layer-split", "0-30,31-60")

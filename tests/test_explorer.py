@@ -21,11 +21,11 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.evidence.explorer import build_explorer
+from mlx_k2.explorer.page import build_explorer
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import LEDGER_NAME
 from mlx_k2.evidence.verify import verify
-from mlx_k2.session import run
+from mlx_k2.run.session import run
 
 CHROMIUM = Path("/usr/bin/chromium")
 BOS = 163584
@@ -240,7 +240,7 @@ def test_no_network_resources(ledger5, bundle5, tmp_path):
 
 
 def test_non_ledgers_are_refused(tmp_path):
-    from mlx_k2.evidence.explorer import ExplorerError
+    from mlx_k2.explorer.page import ExplorerError
     from mlx_k2.evidence.ledger import LedgerReadError
 
     (tmp_path / "not.jsonl").write_text('{"kind": "step"}\n')

@@ -17,8 +17,8 @@ import pytest
 from mlx_k2.errors import K2Error
 from mlx_k2.evidence.ledger import LedgerWriteError, LedgerWriter
 from mlx_k2.evidence.verify import verify
-from mlx_k2.session import resume, run
-from mlx_k2.storage import ReadError, ReadPolicy
+from mlx_k2.run.session import resume, run
+from mlx_k2.read.storage import ReadError, ReadPolicy
 
 FAST = ReadPolicy(retries=2, backoff_s=0.001)
 STEPS = 4
@@ -153,7 +153,7 @@ def test_unwritable_ledger_path_is_reported_before_the_run(synth_dir, tmp_path):
 
 
 def test_full_disk_is_reported_before_the_run(synth_dir, tmp_path, monkeypatch):
-    import mlx_k2.session as session
+    import mlx_k2.run.session as session
 
     monkeypatch.setattr(session.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     with pytest.raises(K2Error, match="bytes free"):

@@ -21,13 +21,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from mlx_k2 import names
-from mlx_k2.checkpoint import Checkpoint
-from mlx_k2.config import BlockFP8, load_config, parse_config
+from mlx_k2.checkpoint import names
+from mlx_k2.checkpoint.shards import Checkpoint
+from mlx_k2.checkpoint.config import BlockFP8, load_config, parse_config
 from mlx_k2.errors import ConfigError
 from mlx_k2.kernels import status as kernels_status
-from mlx_k2.linear import Linear, choose_kernels, dense_weight, gather_rows, linear
-from mlx_k2.synth import spec_for, write_synthetic
+from mlx_k2.model.linear import Linear, choose_kernels, dense_weight, gather_rows, linear
+from mlx_k2.synth.checkpoint import spec_for, write_synthetic
 
 REL_TOL = 2e-6
 RUNNER = CliRunner()
@@ -263,7 +263,7 @@ def test_inspect_lists_the_mtp_layer_as_never_read(deepseek_v3_fp8):
 
 
 def test_run_starts_from_the_models_bos_and_never_reads_the_mtp_layer(deepseek_v3_fp8, tmp_path, monkeypatch):
-    from mlx_k2.tensors import TensorReader
+    from mlx_k2.read.tensors import TensorReader
 
     read: list[str] = []
     for method in ("tensor", "prefetch", "start_stacked", "start_rows"):

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mlx_k2.checkpoint import read_header
-from mlx_k2.config import parse_config
+from mlx_k2.checkpoint.shards import read_header
+from mlx_k2.checkpoint.config import parse_config
 from mlx_k2.errors import K2Error
 from mlx_k2.evidence.verify import verify
-from mlx_k2.synth import config_json, SynthSpec
+from mlx_k2.synth.checkpoint import config_json, SynthSpec
 
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
@@ -133,7 +133,7 @@ def test_ledger_reader_on_random_bytes(tmp_path, data):
 
 @pytest.fixture(scope="module")
 def real_ledger(synth_dir, tmp_path_factory):
-    from mlx_k2.session import run
+    from mlx_k2.run.session import run
 
     path = tmp_path_factory.mktemp("fuzz") / "l.jsonl"
     run(synth_dir, [163584], 2, ledger_path=path, device="cpu")

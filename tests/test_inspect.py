@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.checkpoint import Checkpoint
-from mlx_k2.config import load_config
-from mlx_k2.inventory import decode_bytes, one_token_step_bytes, take_inventory
+from mlx_k2.checkpoint.shards import Checkpoint
+from mlx_k2.checkpoint.config import load_config
+from mlx_k2.checkpoint.inventory import decode_bytes, one_token_step_bytes, take_inventory
 
 H, V, L, E = 7168, 163840, 61, 384
 SIZES = {"BF16": 2, "F32": 4, "I32": 4}

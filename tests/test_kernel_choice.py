@@ -26,7 +26,7 @@ from mlx_k2 import kernels as own
 from mlx_k2.errors import UsageError
 from mlx_k2.evidence.schema import BUILTIN_KERNELS
 from mlx_k2.evidence.verify import verify
-from mlx_k2.linear import choose_kernels
+from mlx_k2.model.linear import choose_kernels
 from mlx_k2_cli.main import app
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"

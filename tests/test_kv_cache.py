@@ -36,11 +36,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_k2 import runner
-from mlx_k2.config import TextConfig
-from mlx_k2.events import RunDone, StepDone
-from mlx_k2.forward import Attention, LatentKV, mla_attention, rope_tables
-from mlx_k2.linear import Linear, choose_kernels, dense_weight
+from mlx_k2.run import runner
+from mlx_k2.checkpoint.config import TextConfig
+from mlx_k2.evidence.events import RunDone, StepDone
+from mlx_k2.model.forward import Attention, LatentKV, mla_attention, rope_tables
+from mlx_k2.model.linear import Linear, choose_kernels, dense_weight
 from tests import reference as ref
 from tests.foreign_checkpoint import FP8_SHAPES, SHAPES, write_foreign_checkpoint
 from tests.test_reference_agreement import REL_TOL as REFERENCE_REL_TOL
@@ -368,7 +368,7 @@ class Checkpoints:
         if d == self.synth_dir:
             self._parsed.setdefault(d, self.opened_synth.checkpoint)
         if d not in self._parsed:
-            from mlx_k2.checkpoint import Checkpoint
+            from mlx_k2.checkpoint.shards import Checkpoint
 
             self._parsed[d] = Checkpoint(d)
         with reusing_headers(self._parsed[d]):
@@ -628,7 +628,7 @@ SESSION_STEPS = 2
 def session_runs(checkpoints, synth_dir, tmp_path_factory):
     """session.run on the default checkpoint in KV mode: from BOS with a weight cache and look-ahead, and from a
     longer prompt without a cache: {name: (RunResult, cache budget, prompt)}."""
-    from mlx_k2.session import Decode, run
+    from mlx_k2.run.session import Decode, run
 
     synthetic = Case("synthetic")
     budget = checkpoints.variant(synthetic, "some-lru")[0]

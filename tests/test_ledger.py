@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.linear import choose_kernels, kernels_label
+from mlx_k2.model.linear import choose_kernels, kernels_label
 from mlx_k2.evidence.derived import distinct_experts, entropy, l2_norm, margin, normalise, tensor_digest, top16
 from mlx_k2.evidence.ledger import LedgerWriter
 from mlx_k2.evidence.schema import PROVENANCE

@@ -1,4 +1,4 @@
-"""Packed-int and dense linears (mlx_k2.linear) against a float64 numpy unpack-then-matmul written here
+"""Packed-int and dense linears (mlx_k2.model.linear) against a float64 numpy unpack-then-matmul written here
 from K25_FORMAT.md section 3: value i of int32 word w sits at bits `bits*i`, q = value - 2^(bits-1),
 W[r, c] = q[r, c] * scale[r, c // group]. Random packed words and random bf16 scales, at K2.5's real
 expert shapes (gate/up [2048, 7168], down [7168, 2048]) and at small shapes for 2/8 bits and other groups.
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_k2.linear import Linear, gather_linear, linear
-from mlx_k2.safetensors_write import to_bf16
+from mlx_k2.model.linear import Linear, gather_linear, linear
+from mlx_k2.checkpoint.safetensors_write import to_bf16
 
 # The product accumulates in float32. Over 7168 products of unit-order terms the rounding error grows
 # like sqrt(n) * 2^-24 relative to the typical term, well under 1e-5 of the largest output; a wrong nibble

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_k2 import names
+from mlx_k2.checkpoint import names
 
 K25 = names.TensorNames("language_model.")
 FLAT = names.TensorNames("")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_k2.synth import default_checkpoint_name
+from mlx_k2.synth.checkpoint import default_checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("anchor", "bench", "bench_case", "explore", "inspect", "receipt", "run", "synth", "verify", "vindex",

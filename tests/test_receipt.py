@@ -180,7 +180,7 @@ def test_user_errors_are_one_line(signed, args, message):
 
 
 def test_explorer_shows_the_receipt(signed):
-    from mlx_k2.evidence.explorer import build_explorer
+    from mlx_k2.explorer.page import build_explorer
 
     page = build_explorer(signed["bundle"], ANCHORS, None,
                           receipt=check_receipt(signed["receipt"], signed["bundle"], signed["pub"]))

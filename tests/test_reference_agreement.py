@@ -38,9 +38,9 @@ FOREIGN_CASES = [("kimi_k25", False, "builtin"), ("kimi_k25", True, "builtin"), 
 
 
 def _run_product(model_dir: Path, prompt: list[int], kernels: str = "builtin"):
-    from mlx_k2.events import RunDone, StepDone
-    from mlx_k2.linear import choose_kernels
-    from mlx_k2.runner import Model, generate
+    from mlx_k2.evidence.events import RunDone, StepDone
+    from mlx_k2.model.linear import choose_kernels
+    from mlx_k2.run.runner import Model, generate
 
     model = Model(model_dir, kernels=choose_kernels(kernels, "cpu"))
     try:
@@ -83,7 +83,7 @@ def foreign_run(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
-    from mlx_k2.synth import write_synthetic
+    from mlx_k2.synth.checkpoint import write_synthetic
 
     model_dir = tmp_path_factory.mktemp("synthetic")
     write_synthetic(model_dir, seed=0)

@@ -28,9 +28,9 @@ from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
 from mlx_k2.evidence.verify import verify
-from mlx_k2.replay import replay
-from mlx_k2.session import Decode, run
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.run.replay import replay
+from mlx_k2.run.session import Decode, run
+from mlx_k2.checkpoint.tokenizer import load_tokenizer
 from tests.test_verify_kv import PROMPT, cache_budget
 from tests.test_verify_mutations import dumps, read_lines, rechain, rewrite_manifest, write_lines
 
@@ -216,7 +216,7 @@ def test_cached_no_kv_bundle_with_a_byte_more_is_caught(bundles, opened_synth, t
 
 
 def test_cli_replays_a_cached_no_kv_bundle(bundles, synth_dir, opened_synth, monkeypatch):
-    share_opened_model(monkeypatch, opened_synth, "mlx_k2.replay.Model")   # the same files, no cache
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.run.replay.Model")   # the same files, no cache
     result = CliRunner().invoke(app, ["verify", str(bundles["no-kv"]), "--replay", "--model", str(synth_dir),
                                       "--anchors", str(REPO_ANCHORS)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output

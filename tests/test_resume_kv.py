@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_k2.events import StepDone
+from mlx_k2.evidence.events import StepDone
 from mlx_k2.evidence.verify import verify
-from mlx_k2.session import Decode, resume, run
+from mlx_k2.run.session import Decode, resume, run
 from tests.test_verify_kv import PROMPT, cache_budget
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"

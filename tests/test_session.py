@@ -31,10 +31,10 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.events import StepDone
+from mlx_k2.evidence.events import StepDone
 from mlx_k2.evidence.verify import verify
-from mlx_k2.session import run
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.run.session import run
+from mlx_k2.checkpoint.tokenizer import load_tokenizer
 from tests.reference import entropy_nats
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
@@ -68,7 +68,7 @@ def raise_at_step(n: int, exc: BaseException):
 @pytest.fixture
 def shared_session_model(opened_synth, monkeypatch):
     """In this test, session.run opens the checkpoint as this one opened Model (closed by its fixture)."""
-    share_opened_model(monkeypatch, opened_synth, "mlx_k2.session.Model")
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.run.session.Model")
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import threading
 import numpy as np
 import pytest
 
-from mlx_k2 import storage
-from mlx_k2.storage import ALIGN, CHUNK_BYTES, ByteRange, ReadError, ReadPolicy, Storage, _address
+from mlx_k2.read import storage
+from mlx_k2.read.storage import ALIGN, CHUNK_BYTES, ByteRange, ReadError, ReadPolicy, Storage, _address
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_refused_direct_io_falls_back_with_one_line(data_file, monkeypatch, capl
 
     monkeypatch.setattr(storage.os, "open", open_)
     store = Storage(ReadPolicy(method="direct", workers=2))
-    with caplog.at_level(logging.WARNING, logger="mlx_k2.storage"):
+    with caplog.at_level(logging.WARNING, logger="mlx_k2.read.storage"):
         for offset in (0, 2 * ALIGN, 3 * ALIGN):
             buf = _buffer(4 * ALIGN, 0)
             store.submit([ByteRange(path, offset, 4 * ALIGN)], buf, "test range").wait()

@@ -16,7 +16,7 @@ import blake3
 import numpy as np
 import pytest
 
-from mlx_k2.synth import SynthSpec, write_synthetic
+from mlx_k2.synth.checkpoint import SynthSpec, write_synthetic
 
 N_SHARDS = 64
 LAYERS, EXPERTS, TOP_K, VOCAB = 61, 384, 8, 163840

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from mlx_k2.errors import UsageError
-from mlx_k2.synth_tokenizer import write_tokenizer_json
-from mlx_k2.tokenizer import HuggingFaceTokenizer, default_bos, load_tokenizer
+from mlx_k2.synth.tokenizer import write_tokenizer_json
+from mlx_k2.checkpoint.tokenizer import HuggingFaceTokenizer, default_bos, load_tokenizer
 from tests.byte_level_bpe import DSV3_BOS, DSV3_EOS, gpt2_byte_alphabet, token_bytes
 
 TEXTS = ["hello", "The quick brown fox jumps over the lazy dog. 1234567890 !@#$%^&*()",

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from mlx_k2.errors import CheckpointError
-from mlx_k2.tokenizer import default_bos, load_tokenizer
+from mlx_k2.checkpoint.tokenizer import default_bos, load_tokenizer
 from tests.byte_level_bpe import DSV3_BOS, DSV3_EOS, token_bytes
 
 # K25_FORMAT.md section 4: added_tokens_decoder of K2.5's tokenizer_config.json.

@@ -14,11 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from mlx_k2.checkpoint import Checkpoint
-from mlx_k2.config import load_config
+from mlx_k2.checkpoint.shards import Checkpoint
+from mlx_k2.checkpoint.config import load_config
 from mlx_k2.errors import CheckpointError
-from mlx_k2.runner import Model
-from mlx_k2.validate import problems, validate
+from mlx_k2.run.runner import Model
+from mlx_k2.checkpoint.validate import problems, validate
 from tests.foreign_checkpoint import write_foreign_checkpoint
 
 BAD = "language_model.model.layers.1.mlp.experts.3.down_proj.weight_shape"

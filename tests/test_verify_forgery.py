@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 from mlx_k2.evidence.derived import (distinct_experts, entropy, file_blake3, l2_norm, margin, normalise,
                                     tensor_digest, top16)
 from mlx_k2.evidence.verify import verify
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.checkpoint.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = REPO / "anchors"
@@ -346,7 +346,7 @@ def failed(report) -> dict[str, str]:
 def test_untouched_copy_is_consistent_and_replays_bit_for_bit(ctx, tmp_path):
     """The forger's rewriting is faithful (a no-op forgery is the same bundle), and replay of every step of
     the untouched bundle is identical, tensors included."""
-    from mlx_k2.replay import replay
+    from mlx_k2.run.replay import replay
 
     target = forged_copy(ctx, tmp_path, Forgery("no-op", lambda b, r, c: None, ""))
     for name in ["ledger.jsonl", "manifest.json"] + [f"tensors/step-{k:04d}.safetensors" for k in range(3)]:
@@ -363,7 +363,7 @@ def test_untouched_copy_is_consistent_and_replays_bit_for_bit(ctx, tmp_path):
 
 @pytest.mark.parametrize("forgery", VALUE_FORGERIES, ids=[f.name for f in VALUE_FORGERIES])
 def test_value_forgery_is_consistent_and_caught_by_replay(ctx, tmp_path, forgery):
-    from mlx_k2.replay import replay
+    from mlx_k2.run.replay import replay
 
     target = forged_copy(ctx, tmp_path, forgery)
     report = verify(target, ANCHORS, ctx["tokenizer"])
@@ -392,7 +392,7 @@ def test_structural_forgery_is_caught_without_the_model(ctx, tmp_path, forgery):
 
 @pytest.mark.parametrize("forgery,replay_caught_by", UNPROVEN_FORGERIES, ids=[f.name for f, _ in UNPROVEN_FORGERIES])
 def test_platform_and_identity_forgery_is_not_proven(ctx, tmp_path, forgery, replay_caught_by):
-    from mlx_k2.replay import replay
+    from mlx_k2.run.replay import replay
 
     target = forged_copy(ctx, tmp_path, forgery)
     report = verify(target, ANCHORS, ctx["tokenizer"])
@@ -412,7 +412,7 @@ def test_platform_and_identity_forgery_is_not_proven(ctx, tmp_path, forgery, rep
 
 
 def test_sixty_layers_caught_by_replay_identity(ctx, tmp_path):
-    from mlx_k2.replay import replay
+    from mlx_k2.run.replay import replay
 
     target = forged_copy(ctx, tmp_path, STRUCTURAL_FORGERIES[8])
     recs = read_records(target)
@@ -444,7 +444,7 @@ def test_replay_of_a_bundle_another_process_wrote(synth_dir, opened_synth, tmp_p
                            "2", "--bundle", str(bundle), "--device", "cpu", "--quiet"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    share_opened_model(monkeypatch, opened_synth, "mlx_k2.replay.Model")   # the same files, opened once
+    share_opened_model(monkeypatch, opened_synth, "mlx_k2.run.replay.Model")   # the same files, opened once
     result = CliRunner().invoke(app, ["verify", str(bundle), "--replay", "--model", str(synth_dir), "--anchors",
                                       str(ANCHORS)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
@@ -454,8 +454,8 @@ def test_replay_of_a_bundle_another_process_wrote(synth_dir, opened_synth, tmp_p
 
 
 def test_explorer_shows_replay_step_by_step(ctx, tmp_path):
-    from mlx_k2.evidence.explorer import build_explorer
-    from mlx_k2.replay import replay
+    from mlx_k2.explorer.page import build_explorer
+    from mlx_k2.run.replay import replay
 
     target = forged_copy(ctx, tmp_path, VALUE_FORGERIES[0])   # top-2 swapped at the last step
     recs = read_records(target)
@@ -491,8 +491,8 @@ def test_replay_on_other_kernels_agrees_within_tolerance(ctx, synth_dir):
     the largest relative difference numpy finds between the saved and the re-executed tensors."""
     from mlx_k2.evidence.bundle import read_step_tensors
     from mlx_k2.evidence.replayed import CROSS_PLATFORM_RTOL
-    from mlx_k2.replay import replay
-    from mlx_k2.runner import Model
+    from mlx_k2.run.replay import replay
+    from mlx_k2.run.runner import Model
 
     recs = read_records(ctx["bundle"])
     if recs[0]["run"]["kernels"] == "mlx-builtin":

@@ -32,8 +32,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mlx_k2.evidence.verify import verify
-from mlx_k2.session import Decode, run
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.run.session import Decode, run
+from mlx_k2.checkpoint.tokenizer import load_tokenizer
 from tests.test_verify_mutations import dumps, read_lines, rechain, rewrite_manifest, write_lines
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
@@ -45,9 +45,9 @@ CACHED_EXPERTS = 400       # experts the weight cache holds beyond the non-exper
 
 def cache_budget(model_dir: Path) -> int:
     """The non-expert bytes of a step plus CACHED_EXPERTS routed experts (every expert has one size)."""
-    from mlx_k2.checkpoint import Checkpoint
-    from mlx_k2.config import load_config
-    from mlx_k2.inventory import step_bytes
+    from mlx_k2.checkpoint.shards import Checkpoint
+    from mlx_k2.checkpoint.config import load_config
+    from mlx_k2.checkpoint.inventory import step_bytes
 
     config = load_config(model_dir)
     _, non_expert, experts = step_bytes(Checkpoint(model_dir), config)

@@ -38,8 +38,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mlx_k2.evidence.verify import verify
-from mlx_k2.session import run
-from mlx_k2.tokenizer import load_tokenizer
+from mlx_k2.run.session import run
+from mlx_k2.checkpoint.tokenizer import load_tokenizer
 from tests.foreign_checkpoint import write_foreign_checkpoint
 from tests.reference import entropy_nats
 

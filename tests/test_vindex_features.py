@@ -162,7 +162,7 @@ def test_a_bundle_from_before_format_2_still_verifies_and_features_says_why_not(
     report = verify(old, REPO_ANCHORS)
     assert report.ok, failed(report)
     # re-executed, a step makes the format 2 tensors too: only what the old file saved is compared
-    from mlx_k2.replay import replay
+    from mlx_k2.run.replay import replay
 
     lines = [json.loads(line) for line in (old / "ledger.jsonl").read_text().splitlines()]
     replayed = verify(old, REPO_ANCHORS, replay=replay(lines[0], lines[1:-1], [1], opened_synth))
@@ -222,7 +222,7 @@ def test_a_damaged_vindex_is_refused_with_one_line(synth_run, vindex_dir, tmp_pa
 def test_the_explorer_shows_the_features_panel_with_a_vindex(synth_run, vindex_dir, tmp_path):
     from test_explorer import CHROMIUM, rendered
 
-    from mlx_k2.evidence.explorer import build_explorer
+    from mlx_k2.explorer.page import build_explorer
 
     bundle, _ = synth_run
     page = build_explorer(bundle, REPO_ANCHORS, vindex=vindex_dir)

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.session import Decode, run
+from mlx_k2.run.session import Decode, run
 from mlx_k2.vindex.routing import STATS_NAME, RoutingInputError, routing_stats, write_routing_stats
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"

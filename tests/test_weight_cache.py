@@ -19,7 +19,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_k2.weight_cache import WeightCache, available_memory, default_budget
+from mlx_k2.read.weight_cache import WeightCache, available_memory, default_budget
 
 
 def arrays(tag: int) -> tuple[mx.array, ...]:

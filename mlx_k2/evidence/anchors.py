@@ -6,7 +6,7 @@ backend/device/dtype its digests were taken on, and the expected token, logit, d
 backend, device and dtype match, every value must be equal, bit for bit. Across implementations (a
 published anchor) only the token must be equal and the logit within the anchor's stated tolerance; digests
 and bytes are shown, with the reason they differ. Writing an anchor file is `freeze`, nothing else. Running
-the pass an anchor freezes is `mlx_k2.anchor_pass`.
+the pass an anchor freezes is `mlx_k2.run.anchor_pass`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig
+from ..checkpoint.config import ModelConfig
 from ..errors import K2Error
 from .derived import tensor_digest
 from .schema import BUILTIN_KERNELS

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import read_header
+from ..checkpoint.shards import read_header
 from ..errors import K2Error
-from ..events import StepDone
-from ..safetensors_write import bf16_to_f32, save
+from .events import StepDone
+from ..checkpoint.safetensors_write import bf16_to_f32, save
 from .derived import file_blake3
 from .schema import LEDGER_NAME, MANIFEST_NAME, TENSORS_DIR, step_tensor_path, strict_loads
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..events import LayerDone, StepDone
+from .events import LayerDone, StepDone
 from .derived import entropy, file_blake3, margin, tensor_digest, top16
 from .schema import DISTRIBUTED_PROVENANCE, MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA, TOKENIZER_FILES
 

@@ -1,6 +1,6 @@
 """Comparing a re-execution with what a ledger records: the replay's verdict, without MLX.
 
-`mlx_k2.replay` re-executes chosen steps from the checkpoint (that needs MLX) and hands back a `Replay`:
+`mlx_k2.run.replay` re-executes chosen steps from the checkpoint (that needs MLX) and hands back a `Replay`:
 the checkpoint it opened (identity and model facts), the platform it ran on, and per step the record and
 tensors the run's own builders (`records.step_record`, `bundle.step_tensors`) make from the re-executed
 step. `compare_replay` holds them against the ledger's header, step lines and saved tensors: bit for bit
@@ -51,7 +51,7 @@ class ReplayedStep:
 
 @dataclass
 class Replay:
-    """What `mlx_k2.replay.replay` re-executed, and where."""
+    """What `mlx_k2.run.replay.replay` re-executed, and where."""
 
     model_dir: str
     identity: dict[str, Any]      # IDENTITY of the opened checkpoint (same names as the header's model)

@@ -1,5 +1,5 @@
 """Check a ledger or a bundle: structure, chain, manifest, tensors, recomputed values, context, anchor,
-and (given a re-execution from `mlx_k2.replay`) the replay; then say in one line what that proves.
+and (given a re-execution from `mlx_k2.run.replay`) the replay; then say in one line what that proves.
 
 Each check is a named row (pass, fail, or skipped/warned with a reason). The ledger is read by
 `ledger.read_ledger`, which keeps every line; deciding which of them is a failure happens here. On a bundle,
@@ -141,7 +141,7 @@ def _close(a: float, b: float) -> bool:
 def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
            replay: Replay | None = None, digest: str | None = None) -> Report:
     """Every check on the ledger file or bundle directory at `path`; raises only when it holds no ledger.
-    `tokenizer` (tokenizer.Tokenizer) checks token_text; `replay` (mlx_k2.replay) adds identity and replay;
+    `tokenizer` (tokenizer.Tokenizer) checks token_text; `replay` (mlx_k2.run.replay) adds identity and replay;
     `digest` (a published root digest, hex) adds a check that this is the run it names."""
     ledger = read_ledger(path)
     path, bundle = ledger.path, ledger.bundle

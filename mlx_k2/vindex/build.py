@@ -59,16 +59,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import names
-from ..bench import peak_rss_gb
-from ..checkpoint import Checkpoint
-from ..config import ModelConfig, TextConfig, load_config
+from ..checkpoint import names
+from ..checkpoint.shards import Checkpoint
+from ..checkpoint.config import ModelConfig, TextConfig, load_config
 from ..errors import K2Error, UsageError
-from ..linear import Linear, dense_weight
-from ..storage import ReadPolicy, Storage
-from ..tensors import PendingTensor, TensorReader
-from ..validate import validate
-from ..weights import WeightFetcher
+from ..model.linear import Linear, dense_weight
+from ..read.storage import ReadPolicy, Storage
+from ..read.tensors import PendingTensor, TensorReader
+from ..read.weight_cache import peak_rss_gb
+from ..checkpoint.validate import validate
+from ..model.weights import WeightFetcher
 from .svd import TopSingular, blas_threads, gate_and_down, one_blas_thread, singular_values, var_at
 
 VINDEX_FORMAT = "mlx_k2.vindex/1"

@@ -1,0 +1,1 @@
+"""Benchmarks: full-width streaming and decode modes, with measured figures."""

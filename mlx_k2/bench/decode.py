@@ -1,0 +1,205 @@
+"""The decode benchmark: what each decode mode costs per generated token, on one checkpoint.
+
+The configurations (`configurations(...)`): no-KV; KV; KV + a weight cache holding the non-expert weights
+only; KV + a larger cache that also holds routed experts (lru and lfu); KV + that cache + router look-ahead.
+`decode_case(...)` runs one of them in this process (the CLI gives each its own process, so its peak RSS
+and page-cache state are its own): greedy generation from BOS for `tokens` steps, never stopping at EOS, and
+per token the wall time, `bytes_read` (from storage), `bytes_cached` (served by the weight cache), the
+cache's hit share, the look-ahead accuracy, the time spent waiting for reads, and `bytes_min`: what the
+step's computed positions need, counted from the headers and the routing alone (not from the reader's
+counter). With `cold`, the checkpoint's pages are dropped from the OS page cache (posix_fadvise DONTNEED)
+before the first step; later steps find in it whatever earlier steps read and the OS kept.
+`compute_alone(...)` is a KV run with every weight it needs already in the weight cache (a second pass over
+the same tokens), `read_alone(...)` plain sequential reads of one decode step's bytes. `summary(...)` and
+`goals(...)` turn the figures into the issue's comparisons. Never prints.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..checkpoint import names
+from ..read.weight_cache import peak_rss_gb
+from .streaming import BOS, bytes_min, drop_cache, os_read_bytes, raw_read_gbps, shard_files
+from ..checkpoint.shards import Checkpoint
+from ..checkpoint.config import load_config
+from ..evidence.events import StepDone
+from ..checkpoint.inventory import one_token_step_bytes, step_bytes
+from ..model.linear import choose_kernels, kernels_label
+from ..run.runner import Model, generate, select_device
+from ..read.storage import ReadPolicy
+
+RSS_BASE_GB = 4.0          # the issue's memory bound: 4 GB + one layer's working set + the cache budget
+OVERLAP_GOAL = 1.1         # wall per token at most this x max(read alone, compute alone)
+SPEEDUP_GOAL = 3.0         # KV + cache + look-ahead tokens/s at least this x no-KV
+
+
+def budgets(model_dir: Path, expert_share: float) -> dict[str, int]:
+    """The cache budgets: `resident` = the non-expert bytes of a step; `experts` = that plus `expert_share`
+    of all routed experts' bytes; `everything` = the checkpoint's size (every weight a run uses fits)."""
+    checkpoint, cfg = Checkpoint(model_dir), load_config(model_dir)
+    resident = step_bytes(checkpoint, cfg)[1]
+    tensor_names = names.TensorNames(cfg.weight_prefix, cfg.text.num_hidden_layers)
+    routed = sum(info.nbytes for name, info in checkpoint.tensors.items()
+                 if tensor_names.role(name)[0] == names.ROUTED_EXPERTS)
+    return {"resident": resident, "routed": routed, "experts": resident + int(expert_share * routed),
+            "everything": sum(f.stat().st_size for f in shard_files(model_dir))}
+
+
+def configurations(budget: dict[str, int]) -> list[dict]:
+    """The measured configurations, in the order they run (the look-ahead one takes the better policy,
+    decided by the caller once the lru and lfu runs are in: see `better_policy`)."""
+    return [
+        {"name": "no-KV", "kv": False, "cache_bytes": 0, "cache_policy": "lru", "lookahead": False},
+        {"name": "KV", "kv": True, "cache_bytes": 0, "cache_policy": "lru", "lookahead": False},
+        {"name": "KV+resident", "kv": True, "cache_bytes": budget["resident"], "cache_policy": "lru",
+         "lookahead": False},
+        {"name": "KV+experts lru", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lru",
+         "lookahead": False},
+        {"name": "KV+experts lfu", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lfu",
+         "lookahead": False},
+    ]
+
+
+def better_policy(cases: list[dict]) -> str:
+    """Of the lru and lfu runs with the expert budget, the one that read fewer bytes from storage (what the
+    policy decides, and deterministic; ties to lru)."""
+    read = {c["cache_policy"]: c["summary"]["bytes_read"] for c in cases if c["name"].startswith("KV+experts")}
+    return "lfu" if read.get("lfu", float("inf")) < read.get("lru", float("inf")) else "lru"
+
+
+def _lookahead_accuracy(step: StepDone) -> float | None:
+    """Of the experts used by the layers that had a guess, the share that was guessed (None: no guess)."""
+    guessed = [e for e in step.layers if e.lookahead_hits is not None]
+    used = sum(e.experts_used or 0 for e in guessed)
+    return None if not guessed or not used else sum(e.lookahead_hits for e in guessed) / used
+
+
+def _token_figures(model: Model, step: StepDone, wall: float, os_bytes: int | None) -> dict:
+    guessed = [e for e in step.layers if e.lookahead_hits is not None]
+    new_ids = list(step.input_ids[len(step.input_ids) - step.positions:])
+    served = step.bytes_read + step.bytes_cached
+    return {"step": step.step, "token_id": step.token_id, "positions": step.positions, "wall_s": wall,
+            "bytes_read": step.bytes_read, "bytes_cached": step.bytes_cached,
+            "hit_share": step.bytes_cached / served if served else 0.0,
+            "lookahead_accuracy": _lookahead_accuracy(step), "reads_s": step.reads_s,
+            "cache_held": step.cache_held, "os_read_bytes": os_bytes,
+            "lookahead_missed": sum(e.lookahead_guessed - e.lookahead_hits for e in guessed) if guessed else None,
+            "bytes_min": bytes_min(model.checkpoint, model.config, new_ids, step),
+            "layer_bytes_max": max(e.bytes_read + e.bytes_cached for e in step.layers)}
+
+
+def _generate(model: Model, tokens: int, kv: bool) -> list[dict]:
+    """Per-token figures; `os_read_bytes`: what the kernel read from the device for the step (all reads, those
+    of wrong look-ahead guesses included; page-cache hits excluded), None where /proc/self/io is missing."""
+    out, last, os_last = [], time.perf_counter(), os_read_bytes()
+    for event in generate(model, [BOS], tokens, device="cpu", capture=True, stop_at_eos=False, kv_cache=kv):
+        if isinstance(event, StepDone):
+            now, os_now = time.perf_counter(), os_read_bytes()
+            out.append(_token_figures(model, event, now - last, None if os_last is None else os_now - os_last))
+            last, os_last = time.perf_counter(), os_now  # the bookkeeping above is no step's time
+    return out
+
+
+def decode_case(model_dir: str | Path, tokens: int, kv: bool, cache_bytes: int = 0, cache_policy: str = "lru",
+                lookahead: bool = False, kernels: str | None = None, cold: bool = True, passes: int = 1,
+                policy: ReadPolicy = ReadPolicy()) -> dict:
+    """Generate `tokens` tokens from BOS in this process with one configuration; the per-token figures of
+    the last of `passes` passes over the same tokens (earlier passes only fill the weight cache), and the
+    process's peak RSS against the issue's bound."""
+    model_dir = Path(model_dir)
+    mx.set_default_device(select_device("cpu"))
+    if cold:
+        drop_cache(shard_files(model_dir))
+    model = Model(model_dir, policy, kernels=choose_kernels(kernels, "cpu"), cache_bytes=cache_bytes,
+                  cache_policy=cache_policy, lookahead=lookahead)
+    try:
+        for _ in range(passes):
+            per_token = _generate(model, tokens, kv)
+    finally:
+        model.close()
+    working_set = max(t["layer_bytes_max"] for t in per_token)
+    return {"kv": kv, "cache_bytes": cache_bytes, "cache_policy": cache_policy, "lookahead": lookahead,
+            "kernels": kernels_label(model.kernels), "cold": cold, "passes": passes, "tokens": per_token,
+            "peak_rss_gb": peak_rss_gb(), "layer_working_set_gb": working_set / 1e9,
+            "rss_bound_gb": RSS_BASE_GB + (working_set + cache_bytes) / 1e9}
+
+
+def summary(case: dict) -> dict:
+    """Totals of one configuration: tokens/s over all its tokens, bytes per token, hit share, look-ahead
+    accuracy, and whether every step read exactly what its positions need (bytes_read + bytes_cached ==
+    bytes_min; with no cache, bytes_read == bytes_min)."""
+    steps = case["tokens"]
+    wall = sum(t["wall_s"] for t in steps)
+    read, cached = sum(t["bytes_read"] for t in steps), sum(t["bytes_cached"] for t in steps)
+    later = steps[1:] or steps  # decode steps proper: after the prompt's
+    accuracies = [t["lookahead_accuracy"] for t in steps if t["lookahead_accuracy"] is not None]
+    return {"tokens_s": len(steps) / wall, "wall_s": wall, "bytes_read": read, "bytes_cached": cached,
+            "bytes_read_per_token": read / len(steps), "hit_share": cached / (read + cached) if read + cached else 0.0,
+            "wall_per_token_later_s": sum(t["wall_s"] for t in later) / len(later),
+            "bytes_read_per_token_later": sum(t["bytes_read"] for t in later) / len(later),
+            "reads_s_per_token_later": sum(t["reads_s"] for t in later) / len(later),
+            "lookahead_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+            "bytes_exact": all(t["bytes_read"] + t["bytes_cached"] == t["bytes_min"] for t in steps),
+            "token_ids": [t["token_id"] for t in steps],
+            "os_read_bytes": None if any(t["os_read_bytes"] is None for t in steps)
+            else sum(t["os_read_bytes"] for t in steps),
+            "rss_ok": case["peak_rss_gb"] <= case["rss_bound_gb"]}
+
+
+def decode_step_bytes(model_dir: Path) -> int:
+    """Bytes of one KV decode step with nothing cached, from the headers: one embedding row, every non-expert
+    tensor, num_experts_per_tok experts per MoE layer."""
+    return one_token_step_bytes(Checkpoint(model_dir), load_config(model_dir))
+
+
+def read_alone(model_dir: Path, nbytes: int) -> dict:
+    """Storage alone: plain cold sequential reads (the full-width bench's raw ceiling) of `nbytes` bytes of
+    the checkpoint's files, as GB/s and as seconds for that many bytes."""
+    gbps = raw_read_gbps(shard_files(model_dir), limit=nbytes)
+    return {"bytes": nbytes, "raw_read_gbps": gbps, "read_s": nbytes / gbps / 1e9}
+
+
+def compute_alone(model_dir: str | Path, tokens: int, kernels: str | None = None) -> dict:
+    """A KV run whose weights are all in the weight cache (budget: the checkpoint's size; the first pass
+    over the tokens fills it, the second is measured): compute time per token with (almost) no reads."""
+    model_dir = Path(model_dir)
+    everything = sum(f.stat().st_size for f in shard_files(model_dir))
+    return decode_case(model_dir, tokens, kv=True, cache_bytes=everything, kernels=kernels, cold=False, passes=2)
+
+
+def goals(result: dict) -> dict:
+    """The issue's targets from a finished run: exact KV bytes per token with no cache; KV + cache +
+    look-ahead tokens/s against no-KV's; wall per later token against OVERLAP_GOAL x max(read alone,
+    compute alone) per KV configuration (read alone: that configuration's bytes read per later token at the
+    raw cold read rate)."""
+    cases = {c["name"]: c for c in result["cases"]}
+    raw = result["read_alone"]["raw_read_gbps"]
+    compute = result["compute_alone"]["summary"]["wall_per_token_later_s"]
+    no_kv = cases["no-KV"]["summary"]["tokens_s"]
+    overlap = {}
+    for name, c in cases.items():
+        s = c["summary"]
+        s["ratio_to_no_kv"] = s["tokens_s"] / no_kv
+        if not c["kv"]:
+            continue
+        read = s["bytes_read_per_token_later"] / raw / 1e9
+        bound = OVERLAP_GOAL * max(read, compute)
+        overlap[name] = {"wall_per_token_s": s["wall_per_token_later_s"], "read_alone_s": read,
+                         "compute_alone_s": compute, "bound_s": bound, "ok": s["wall_per_token_later_s"] <= bound}
+    kv = cases["KV"]["tokens"]
+    look = next(c for n, c in cases.items() if c["lookahead"])
+    return {"kv_bytes_exact": all(t["bytes_read"] == t["bytes_min"] for t in kv),
+            "kv_bytes_exact_later": all(t["bytes_read"] == t["bytes_min"] for t in kv[1:]),
+            "speedup": look["summary"]["tokens_s"] / no_kv, "speedup_ok": look["summary"]["tokens_s"] >= SPEEDUP_GOAL * no_kv,
+            "overlap": overlap,
+            "tokens_agree": _prefixes_agree([c["summary"]["token_ids"] for c in cases.values()])}
+
+
+def _prefixes_agree(sequences: list[list[int]]) -> bool:
+    """Every configuration generated the same tokens (over the tokens they all generated)."""
+    n = min(len(s) for s in sequences)
+    return len({tuple(s[:n]) for s in sequences}) == 1

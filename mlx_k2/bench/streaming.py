@@ -1,0 +1,348 @@
+"""The streaming benchmark: full-width K2.5-format checkpoints, and what one step costs in bytes, time, RAM.
+
+`build_full_width(dir, layers)` writes K2.5's real widths (hidden 7168, 384 experts of 2048, MLA dims,
+vocab 163840) with `layers` layers, once: each shard is generated into `dir/pool/` from its own seed
+stream, and a checkpoint of N layers is a directory of links to the first N layer shards plus the
+head, named as K2.5 names them, so checkpoints of different depths share the disk.
+`measure(...)` runs one case (a step with a T-token context, cold or warm) and returns its figures:
+`bytes_read` (the ledger's), `bytes_min` (from the routing and the headers, independently),
+`read_s` (the same reads with no compute, as a run's later steps do them: the reader's buffers already
+grown by a first replay, timed too as `read_first_s`), `compute_s` (the same step with every weight in memory),
+`wall_s`, `peak_rss_gb`, `largest_layer_gb`, `os_read_bytes` (the kernel's counter). Each case runs in
+its own process (see cli/bench_case.py) so peak RSS and the page cache state are its own. The ceilings
+the reads are judged against come from the same machine: `raw_read_gbps` (plain cold sequential reads of
+the same files) and `memcopy_gbps` (a large in-memory copy); `goals(result)` compares. Never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoint.shards import Checkpoint, read_header
+from ..checkpoint.config import ModelConfig
+from ..evidence.events import LayerDone, StepDone
+from ..checkpoint import names
+from ..model.linear import choose_kernels, kernels_label
+from ..run.runner import Model, select_device
+from ..read.storage import ReadPolicy, Storage
+from ..synth.checkpoint import (HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM, full_width, head_tensors, layer_tensors,
+                    projector_tensors, shard_name, vision_tensors, write_index_and_config, write_shard)
+from ..read.tensors import TensorReader
+from ..read.weight_cache import peak_rss_gb
+
+BOS = 163584
+
+
+def _pool_file(pool: Path, stream: int, make, spec, seed: int) -> Path:
+    path = pool / f"stream-{stream}.safetensors"
+    if not path.exists():
+        tmp = path.with_suffix(".partial")
+        write_shard(tmp, spec, seed, stream, make)
+        os.replace(tmp, path)
+    return path
+
+
+def build_full_width(directory: str | Path, layers: int, seed: int = 0, format: str = "kimi-k25") -> Path:
+    """The N-layer full-width checkpoint under `directory` (built once, reused); returns its path. `format`
+    as synth's: K2.5 (int4 experts) or `kimi-k2-fp8`, the same widths in block FP8."""
+    directory = Path(directory)
+    k25 = format == "kimi-k25"
+    target = directory / (f"k25-full-L{layers}" if k25 else f"{format}-full-L{layers}")
+    if (target / "config.json").exists():
+        return target
+    pool = directory / ("pool" if k25 else f"pool-{format}")  # a format's layer shards, shared by its depths
+    pool.mkdir(parents=True, exist_ok=True)
+    spec = full_width(layers, format)
+    plan = [(layer, lambda w, layer=layer: layer_tensors(w, layer)) for layer in range(layers)]
+    plan += [(HEAD_STREAM, head_tensors)]
+    if k25:
+        plan += [(PROJECTOR_STREAM, projector_tensors), (VISION_STREAM, vision_tensors)]
+    staging = directory / f"{target.name}.building"
+    staging.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, (stream, make) in enumerate(plan, 1):
+        source = _pool_file(pool, stream, make, spec, seed)
+        name = shard_name(i, len(plan))
+        link = staging / name
+        if not link.exists():
+            link.symlink_to(os.path.relpath(source, staging))
+        for tensor, info in read_header(link).items():
+            weight_map[tensor] = name
+            total += info.nbytes
+    write_index_and_config(staging, spec, weight_map, total, seed)
+    staging.rename(target)
+    return target
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("model-*.safetensors"))
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Evict the files' pages from the page cache (POSIX_FADV_DONTNEED needs no privileges)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def os_read_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def raw_read_gbps(paths: list[Path], limit: int = 2 << 30) -> float:
+    """Plain sequential read (16 MiB buffered reads, one file after another) of up to `limit` bytes, cold."""
+    drop_cache(paths)
+    buf = bytearray(16 << 20)
+    done, start = 0, time.perf_counter()
+    for p in sorted(paths, key=lambda q: -q.stat().st_size):
+        with open(p, "rb", buffering=0) as f:
+            while done < limit:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                done += n
+        if done >= limit:
+            break
+    return done / (time.perf_counter() - start) / 1e9
+
+
+def memcopy_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:
+    """Bytes copied per second between two large, already faulted buffers (best of `repeats`): the
+    ceiling for reads served from the page cache, which the kernel copies out of it."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+COLD_GOAL, WARM_GOAL = 0.9, 0.8  # cold reads vs raw sequential reads; warm reads vs a memory copy
+
+
+def goals(result: dict) -> list[dict]:
+    """Per read method: the product's cold and warm read GB/s (1-token cases) against the ceilings."""
+    out = []
+    for method in dict.fromkeys(c["method"] for c in result["cases"]):
+        cold = next(c for c in result["cases"] if c["method"] == method and c["cold"] and c["tokens"] == 1)
+        warm = next(c for c in result["cases"] if c["method"] == method and not c["cold"])
+        out.append({"method": method, "cold_gbps": cold["read_gbps"], "warm_gbps": warm["read_gbps"],
+                    "cold_of_raw": cold["read_gbps"] / result["raw_read_gbps"],
+                    "warm_of_memcopy": warm["read_gbps"] / result["memcopy_gbps"]})
+    for g in out:
+        g["cold_ok"], g["warm_ok"] = g["cold_of_raw"] >= COLD_GOAL, g["warm_of_memcopy"] >= WARM_GOAL
+    return out
+
+
+def context_ids(tokens: int) -> list[int]:
+    """BOS then fixed ids: a T-token context whose positions route differently."""
+    return [BOS] + [1000 + 7919 * i % 150000 for i in range(1, tokens)]
+
+
+class _Recorder(TensorReader):
+    """A reader that remembers each request (and each buffer release), to replay the same reads without
+    compute."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.requests: list[tuple] = []
+
+    def prefetch(self, names, slot=None):
+        self.requests.append(("prefetch", list(names), slot))
+        return super().prefetch(names, slot)
+
+    def tensor(self, name, slot=None):
+        self.requests.append(("tensor", name, slot))
+        return super().tensor(name, slot)
+
+    def start_stacked(self, groups, slot=None, ahead=False, own=False):
+        self.requests.append(("stacked", [list(g) for g in groups], slot))  # replayed read and waited for
+        return super().start_stacked(groups, slot, ahead, own)
+
+    def start_rows(self, name, rows, slot=None, own=False, ahead=False):
+        self.requests.append(("start_rows", name, list(rows), slot))
+        return super().start_rows(name, rows, slot, own, ahead)
+
+    def release(self, slot):
+        self.requests.append(("release", slot))
+        return super().release(slot)
+
+    def end_step(self):
+        self.requests.append(("end_step",))
+        return super().end_step()
+
+
+def _replay(reader: TensorReader, requests: list[tuple]) -> None:
+    pending = []  # issued row reads, waited for in order, two in flight as the step has them
+    for kind, *args in requests:
+        if kind == "start_rows":
+            pending.append(reader.start_rows(*args))
+            if len(pending) > 1:
+                pending.pop(0).wait()
+        else:
+            getattr(reader, kind)(*args)
+    for rows in pending:
+        rows.wait()
+
+
+class _InMemory(TensorReader):
+    """A reader that serves every request from arrays read beforehand (compute-only timing). Its arrays
+    outlive the step, so they are never in reused buffers."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, reuse=False, **kw)
+        self.held: dict = {}  # not `cache`: that is the reader's weight cache (none here)
+
+    def prefetch(self, names, slot=None):
+        pass
+
+    def _key(self, kind, *args):
+        return (kind, json.dumps(args))
+
+    def tensor(self, name, slot=None):
+        key = self._key("t", name)
+        if key not in self.held:
+            self.held[key] = super().tensor(name)
+        return self.held[key]
+
+    def start_stacked(self, groups, slot=None, ahead=False, own=False):
+        key = self._key("s", [list(g) for g in groups])
+        if key not in self.held:
+            self.held[key] = [pending.wait() for pending in super().start_stacked(groups)]
+        return [_Ready(array) for array in self.held[key]]
+
+    def start_rows(self, name, rows, slot=None, own=False, ahead=False):
+        key = self._key("r", name, list(rows))
+        if key not in self.held:
+            self.held[key] = super().start_rows(name, rows).wait()
+        return _Ready(self.held[key])
+
+
+class _Ready:
+    """An array already in memory, handed out like a pending read."""
+
+    own = False  # never for the weight cache: this reader has none
+
+    def __init__(self, array):
+        self.array = array
+
+    def wait(self):
+        return self.array
+
+    def wait_part(self, slot):
+        pass
+
+
+def _run_step(model: Model, ids: list[int]) -> tuple[StepDone, float]:
+    start = time.perf_counter()
+    for event in model.step(0, ids, capture=True):
+        pass
+    return event, time.perf_counter() - start
+
+
+def bytes_min(checkpoint: Checkpoint, cfg: ModelConfig, ids: list[int], step: StepDone) -> int:
+    """What the step had to read, from the headers and its routing alone (not from the reader's count)."""
+    experts_by_layer = {e.layer: set(np.asarray(e.routed).reshape(-1).tolist())
+                        for e in step.layers if isinstance(e, LayerDone) and e.routed is not None}
+    total = 0
+    tensor_names = names.TensorNames(cfg.weight_prefix, cfg.text.num_hidden_layers)
+    for name, info in checkpoint.tensors.items():
+        group, layer, expert = tensor_names.role(name)
+        if group == names.EMBEDDING:
+            total += info.row_bytes * len(set(ids))
+        elif group in (names.LM_HEAD, names.FINAL_NORM, *names.LAYER_ROLES):
+            total += info.nbytes
+        elif group == names.ROUTED_EXPERTS and expert in experts_by_layer.get(layer, ()):
+            total += info.nbytes
+    return total
+
+
+def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPolicy = ReadPolicy(),
+            kernels: str | None = None) -> dict:
+    """One part of a case in this process: "step" (wall, bytes, RSS, OS bytes), "reads" (the same reads
+    with no compute) or "compute" (the step with every weight already in memory). `kernels` as `run` takes
+    them (default: auto)."""
+    mx.set_default_device(select_device("cpu"))
+    ids = context_ids(tokens)
+    model = Model(model_dir, policy, kernels=choose_kernels(kernels, "cpu"))
+    files = shard_files(model_dir)
+    out: dict = {"kernels": kernels_label(model.kernels)}
+    try:
+        if part == "step":
+            if cold:
+                drop_cache(files)
+            before = os_read_bytes()
+            step, wall = _run_step(model, ids)
+            after = os_read_bytes()
+            out |= {"wall_s": wall, "bytes_read": step.bytes_read, "token_id": step.token_id,
+                   "bytes_min": bytes_min(model.checkpoint, model.config, ids, step),
+                   "largest_layer_gb": max(e.bytes_read for e in step.layers) / 1e9,
+                   "os_read_bytes": None if before is None else after - before, "peak_rss_gb": peak_rss_gb()}
+        elif part == "reads":
+            recorder = _Recorder(model.checkpoint, Storage(policy))
+            model.reader = model.weights.reader = recorder
+            _run_step(model, ids)                      # learn the requests (routing decides the experts)
+            recorder.close()                           # unmapped: mapped pages cannot be dropped
+            replay = TensorReader(model.checkpoint, Storage(policy))
+            times = []
+            for i in range(2):  # the first grows the reader's buffers, as a run's first step does
+                if i:  # same buffers, new files: pages still mapped by the first replay cannot be dropped
+                    replay.storage.close()
+                    replay.storage = Storage(policy)
+                if cold:
+                    drop_cache(files)
+                store = replay.storage
+                before, direct, staged = replay.bytes_read, store.bytes_direct, store.bytes_staged
+                start = time.perf_counter()
+                _replay(replay, recorder.requests)
+                times.append(time.perf_counter() - start)
+            out |= {"read_s": times[1], "read_first_s": times[0], "replayed_bytes": replay.bytes_read - before,
+                    "direct_bytes": store.bytes_direct - direct, "staged_bytes": store.bytes_staged - staged}
+            replay.close()
+        elif part == "compute":
+            memory = _InMemory(model.checkpoint, Storage(policy))
+            model.reader = model.weights.reader = memory
+            _run_step(model, ids)                      # fills the cache (untimed)
+            _, compute = _run_step(model, ids)
+            out |= {"compute_s": compute}
+            memory.close()
+        else:
+            raise ValueError(part)
+    finally:
+        model.close()
+    return out
+
+
+def mlx_lm_step(model_dir: Path, tokens: int) -> dict:
+    """The peer: mlx-lm's own Kimi K2.5 model on the same checkpoint, one forward pass of the context."""
+    from mlx_lm.utils import load_model
+
+    mx.set_default_device(select_device("cpu"))
+    start = time.perf_counter()
+    model, _ = load_model(Path(model_dir))
+    load = time.perf_counter() - start
+    ids = mx.array([context_ids(tokens)])
+    start = time.perf_counter()
+    logits = model(ids)[0, -1]
+    mx.eval(logits)
+    wall = time.perf_counter() - start
+    return {"token_id": int(mx.argmax(logits).item()), "logit": float(logits.max().item()), "load_s": load,
+            "wall_s": wall, "peak_rss_gb": peak_rss_gb()}

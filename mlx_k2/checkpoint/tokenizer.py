@@ -1,0 +1,84 @@
+"""Which tokenizer a checkpoint has, and its own BOS.
+
+`load_tokenizer` reads `tiktoken.model` where the checkpoint has one (Kimi K2, K2.5:
+tokenizer_tiktoken.py), else `tokenizer.json` (DeepSeek-V3, R1: tokenizer_hf.py), else returns None.
+Both expose the `Tokenizer` interface the rest of the product uses; neither adds BOS in `encode`.
+`default_bos` is the checkpoint's own BOS id, the default prompt of `run` and `anchor`; `adds_bos` says
+whether the model's own tokenizer puts BOS before text (tokenizer_config.json's `add_bos_token`: DeepSeek-V3's
+does, Kimi's has no such key and does not), which `run --prompt` follows unless told.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from .config import ModelConfig
+from ..errors import CheckpointError, UsageError
+from .tokenizer_hf import HuggingFaceTokenizer
+from .tokenizer_tiktoken import NUM_RESERVED_SPECIAL_TOKENS, SPECIAL_TOKENS, TiktokenTokenizer
+
+__all__ = ["NUM_RESERVED_SPECIAL_TOKENS", "SPECIAL_TOKENS", "HuggingFaceTokenizer", "TiktokenTokenizer",
+           "Tokenizer", "adds_bos", "default_bos", "load_tokenizer"]
+
+TIKTOKEN_FILE = "tiktoken.model"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+class Tokenizer(Protocol):
+    vocab_file: Path      # the file a ledger header's tokenizer_blake3 hashes
+    vocab_size: int       # ids 0..vocab_size-1
+    bos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str | None: ...
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
+    model_dir = Path(model_dir)
+    if (model_dir / TIKTOKEN_FILE).exists():
+        return TiktokenTokenizer(model_dir / TIKTOKEN_FILE, model_dir / TOKENIZER_CONFIG)
+    if (model_dir / TOKENIZER_JSON).exists():
+        return HuggingFaceTokenizer(model_dir / TOKENIZER_JSON, model_dir / TOKENIZER_CONFIG)
+    return None
+
+
+def adds_bos(model_dir: str | Path) -> bool:
+    """tokenizer_config.json's `add_bos_token` (False where the file or the key is absent)."""
+    path = Path(model_dir) / TOKENIZER_CONFIG
+    try:
+        raw = json.loads(path.read_bytes()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    value = raw.get("add_bos_token", False) if isinstance(raw, dict) else False
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{path}: add_bos_token is {value!r}, expected true or false")
+    return value
+
+
+def default_bos(model_dir: str | Path, cfg: ModelConfig) -> int:
+    """The checkpoint's own BOS id: config.json's `bos_token_id`, else tokenizer_config.json's `bos_token`
+    looked up in its `added_tokens_decoder`, else in tokenizer.json (DeepSeek-V3's tokenizer_config.json has
+    no added_tokens_decoder)."""
+    if cfg.text.bos_token_id is not None:
+        return cfg.text.bos_token_id
+    path = Path(model_dir) / TOKENIZER_CONFIG
+    try:
+        raw = json.loads(path.read_bytes()) if path.exists() else {}
+        bos = raw.get("bos_token")
+        content = bos.get("content") if isinstance(bos, dict) else bos
+        for token_id, entry in (raw.get("added_tokens_decoder") or {}).items():
+            if content is not None and entry.get("content") == content:
+                return int(token_id)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read its bos_token ({e})") from None
+    tokenizer_json = Path(model_dir) / TOKENIZER_JSON
+    if content is not None and tokenizer_json.exists() and not (Path(model_dir) / TIKTOKEN_FILE).exists():
+        return HuggingFaceTokenizer(tokenizer_json, path).bos_token_id  # found, or a CheckpointError naming it
+    raise UsageError(f"{model_dir}: no bos_token_id in config.json nor a bos_token in tokenizer_config.json; "
+                     "give --prompt-ids")

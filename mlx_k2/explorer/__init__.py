@@ -1,0 +1,1 @@
+"""The explorer: one self-contained HTML page of a ledger or bundle."""

@@ -1,0 +1,371 @@
+"""The DeepSeek-V3 / Kimi K2.5 forward pass as functions over (hidden states, weights), float32.
+
+RMSNorm, YaRN rope on interleaved pairs, MLA attention (over the full causal sequence, or new positions
+over the cached latent state), the sigmoid router with group-limited top-k, routed experts plus the shared expert, the dense MLP, and one
+decoder layer. Weights arrive as arguments; the only I/O is the `fetch_experts` callback a MoE layer
+calls once routing is known. Nothing here prints, times or counts bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoint.config import TextConfig, yarn_get_mscale
+from .linear import COMPUTE_DTYPE, Linear, dense_weight, gather_rows, linear
+
+# q_a_layernorm and kv_a_layernorm are built without an eps argument in the reference code, so they use
+# the RMSNorm default 1e-6, not config.rms_norm_eps (K25_FORMAT.md, hazard 1).
+LORA_NORM_EPS = 1e-6
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, weight.astype(COMPUTE_DTYPE), eps)
+
+
+def silu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(x)
+
+
+def mlp(x: mx.array, gate_proj: Linear, up_proj: Linear, down_proj: Linear) -> mx.array:
+    return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
+
+
+# ---------------------------------------------------------------------------------------------- rope
+def yarn_inv_freq(cfg: TextConfig) -> np.ndarray:
+    """Inverse frequency of each rotary pair (qk_rope_head_dim // 2,), float64, YaRN-blended when configured."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freq_extra = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    rs = cfg.rope_scaling
+    if not rs:
+        return freq_extra
+    factor = rs["factor"]
+    original = rs.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolate = 1.0 - ramp  # 1 for the fast pairs kept as trained, 0 for the slow pairs interpolated
+    return freq_extra / factor * (1 - extrapolate) + freq_extra * extrapolate
+
+
+def rope_tables(cfg: TextConfig, length: int) -> tuple[mx.array, mx.array]:
+    """cos and sin for positions 0..length-1: each (length, qk_rope_head_dim // 2), float32."""
+    freqs = np.outer(np.arange(length, dtype=np.float64), yarn_inv_freq(cfg))  # (T, d/2)
+    rs = cfg.rope_scaling or {}
+    scale = 1.0
+    if rs:
+        scale = (yarn_get_mscale(rs["factor"], rs.get("mscale", 1))
+                 / yarn_get_mscale(rs["factor"], rs.get("mscale_all_dim", 0)))
+    return (mx.array((np.cos(freqs) * scale).astype(np.float32)),
+            mx.array((np.sin(freqs) * scale).astype(np.float32)))
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle i. x (..., T, d) -> (..., T, d), same lane order."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)  # (..., T, d/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = mx.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+@dataclass(frozen=True)
+class Attention:
+    """One layer's MLA weights, named as the checkpoint names them (`self_attn.*`)."""
+
+    kv_a_proj_with_mqa: Linear
+    kv_a_layernorm: mx.array
+    kv_b_proj: Linear
+    o_proj: Linear
+    q_a_proj: Linear | None = None   # q_lora_rank set (DeepSeek-V3, Kimi)
+    q_a_layernorm: mx.array | None = None
+    q_b_proj: Linear | None = None
+    q_proj: Linear | None = None     # q_lora_rank null (DeepSeek-V2-Lite style)
+
+
+@dataclass(frozen=True)
+class LatentKV:
+    """One layer's attention state of the positions computed so far, as MLA caches it: the normalised
+    compressed latent (T, kv_lora_rank) and the rotated rope key shared by all heads (T, qk_rope_head_dim),
+    float32. Per position (kv_lora_rank + qk_rope_head_dim) floats: K2.5 caches 576, where expanded keys
+    and values would be 64 heads x 256."""
+
+    latent: mx.array
+    k_pe: mx.array
+
+    @property
+    def length(self) -> int:
+        return self.latent.shape[0]
+
+
+def mla_attention(x: mx.array, w: Attention, cfg: TextConfig, cos: mx.array, sin: mx.array,
+                  past: LatentKV | None = None) -> tuple[mx.array, LatentKV]:
+    """Multi-head latent attention of the positions x (T, hidden) -> (T, hidden), and the state of every
+    position so far. Without `past` (or with an empty one) the positions are the whole causal sequence and
+    the keys and values are expanded through kv_b_proj: the no-KV computation, bit for bit. With `past`
+    the new positions attend over past + new in the latent space (`_latent_attention`). `cos`/`sin` are
+    the new positions' rows."""
+    T = x.shape[0]
+    H, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    if w.q_proj is not None:
+        q = linear(x, w.q_proj)
+    else:
+        q = linear(rms_norm(linear(x, w.q_a_proj), w.q_a_layernorm, LORA_NORM_EPS), w.q_b_proj)
+    q = q.reshape(T, H, nope + rope).transpose(1, 0, 2)  # (H, T, nope+rope)
+    q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos, sin)  # (H, T, nope), (H, T, rope)
+
+    compressed = linear(x, w.kv_a_proj_with_mqa)  # (T, kv_lora_rank + rope)
+    latent = rms_norm(compressed[:, :cfg.kv_lora_rank], w.kv_a_layernorm, LORA_NORM_EPS)  # (T, kv_lora_rank)
+    k_pe = apply_rope(compressed[:, cfg.kv_lora_rank:][None], cos, sin)  # (1, T, rope): one key for all heads
+    if past is not None and past.length:
+        state = LatentKV(mx.concatenate([past.latent, latent]), mx.concatenate([past.k_pe, k_pe[0]]))
+        return linear(_latent_attention(q_nope, q_pe, state, w.kv_b_proj, cfg), w.o_proj), state
+
+    vdim = cfg.v_head_dim
+    kv = linear(latent, w.kv_b_proj)
+    kv = kv.reshape(T, H, nope + vdim).transpose(1, 0, 2)  # (H, T, nope+v): rows per head are [k_nope | v]
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    scores = (q_nope @ k_nope.transpose(0, 2, 1) + q_pe @ k_pe.transpose(0, 2, 1)) * cfg.softmax_scale  # (H, T, T)
+    causal = mx.triu(mx.full((T, T), -mx.inf, dtype=COMPUTE_DTYPE), k=1)
+    probs = mx.softmax(scores + causal, axis=-1)
+    out = (probs @ v).transpose(1, 0, 2).reshape(T, H * vdim)  # (H, T, v) -> (T, H*v)
+    return linear(out, w.o_proj), LatentKV(latent, k_pe[0])
+
+
+def _latent_attention(q_nope: mx.array, q_pe: mx.array, state: LatentKV, kv_b_proj: Linear,
+                      cfg: TextConfig) -> mx.array:
+    """The last S positions (q_nope (H, S, nope), q_pe (H, S, rope)) attending over all T positions of
+    `state`, in the latent space: kv_b_proj's key half is folded into the query and its value half applied
+    after the weighted sum, so no past position is expanded again. -> (S, H * v_head_dim).
+
+    k_nope[h, t] = W_k[h] @ latent[t], so q_nope[h] . k_nope[h, t] = (W_k[h]^T q_nope[h]) . latent[t], and
+    sum_t p[t] v[h, t] = W_v[h] @ sum_t p[t] latent[t]: per position and layer the work is O(kv_lora_rank)
+    per head instead of expanding every past position through kv_b_proj (16384 x 512 per position on K2.5).
+    """
+    H, S = q_nope.shape[0], q_nope.shape[1]
+    nope, vdim, T = cfg.qk_nope_head_dim, cfg.v_head_dim, state.length
+    per_head = dense_weight(kv_b_proj).reshape(H, nope + vdim, cfg.kv_lora_rank)  # (H, nope+v, rank)
+    w_k, w_v = per_head[:, :nope, :], per_head[:, nope:, :]                        # (H, nope, rank), (H, v, rank)
+    q_latent = q_nope @ w_k                                                        # (H, S, rank)
+    scores = (q_latent @ state.latent.T + q_pe @ state.k_pe.T) * cfg.softmax_scale  # (H, S, T)
+    if S > 1:  # new position i (at T - S + i) sees positions up to itself
+        causal = mx.triu(mx.full((S, S), -mx.inf, dtype=COMPUTE_DTYPE), k=1)
+        scores = scores + mx.concatenate([mx.zeros((S, T - S), dtype=COMPUTE_DTYPE), causal], axis=1)
+    probs = mx.softmax(scores, axis=-1)
+    out = (probs @ state.latent) @ w_v.transpose(0, 2, 1)                           # (H, S, v)
+    return out.transpose(1, 0, 2).reshape(S, H * vdim)                             # (S, H*v)
+
+
+# ---------------------------------------------------------------------------------------------- MoE
+@dataclass(frozen=True)
+class Routing:
+    """Top-k routing of every position: `experts` (T, k) ids ordered by selection score, `scores` (T, k)
+    their unbiased sigmoid scores, `weights` (T, k) those normalised to sum 1 (before routed_scaling_factor);
+    `router_scores` (T, E) every expert's unbiased sigmoid score (the array the selection was made from,
+    kept for capture; nothing computes from it)."""
+
+    experts: np.ndarray
+    scores: np.ndarray
+    weights: np.ndarray
+    router_scores: np.ndarray | None = None
+
+
+def route(x: mx.array, gate: Linear, e_score_correction_bias: mx.array | None, cfg: TextConfig) -> Routing:
+    """Sigmoid router: the bias shifts the selection only; group-limited when n_group > 1.
+
+    The matmul runs in float32 (as the reference code does); selection runs in numpy because the experts
+    chosen decide what is read next. Ties go to the lower expert id.
+    """
+    scores = np.array(mx.sigmoid(linear(x, gate)))  # (T, E) float32
+    choice = scores if e_score_correction_bias is None else scores + np.array(e_score_correction_bias, np.float32)
+    T, E = choice.shape
+    if cfg.n_group > 1 and cfg.topk_method != "greedy":
+        grouped = choice.reshape(T, cfg.n_group, E // cfg.n_group)  # (T, G, E/G)
+        if cfg.topk_method == "noaux_tc":
+            group_scores = -np.sort(-grouped, axis=-1)[..., :2].sum(-1)
+        else:  # group_limited_greedy
+            group_scores = grouped.max(-1)
+        kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, :cfg.topk_group]  # (T, topk_group)
+        mask = np.ones((T, cfg.n_group), dtype=bool)
+        np.put_along_axis(mask, kept, False, axis=-1)
+        choice = np.where(np.repeat(mask, E // cfg.n_group, axis=-1), -np.inf, choice)
+    experts = np.argsort(-choice, axis=-1, kind="stable")[:, :cfg.num_experts_per_tok]  # (T, k)
+    chosen = np.take_along_axis(scores, experts, axis=-1)
+    weights = chosen / (chosen.sum(-1, keepdims=True) + np.float32(1e-20)) if cfg.norm_topk_prob else chosen
+    return Routing(experts, chosen, weights.astype(np.float32), scores)
+
+
+def _all_here(slot: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """Routed experts held together: stacks (U, out, in) over `ids` (ascending). Their bytes may still be
+    arriving: nothing computes from position u (expert ids[u]) before `arrived(u)` returns."""
+
+    ids: np.ndarray
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
+    arrived: Callable[[int], None] = _all_here
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The routed experts a layer's step uses, from one or more stacks (served by the weight cache, read
+    ahead on a guess, read now), listed in the order their bytes are expected: earlier stacks are computed
+    first. Each expert is in exactly one stack."""
+
+    stacks: tuple[ExpertStack, ...]
+
+    def locate(self, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each expert id: the index of its stack and its position in that stack."""
+        where: dict[int, tuple[int, int]] = {}
+        for s, stack in enumerate(self.stacks):
+            for u, e in enumerate(stack.ids):
+                where.setdefault(int(e), (s, u))  # the first stack holding an expert serves it
+        found = [where[int(e)] for e in experts]
+        return (np.array([f[0] for f in found], dtype=np.int64).reshape(-1),
+                np.array([f[1] for f in found], dtype=np.int64).reshape(-1))
+
+
+def moe(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig, streams: list) -> mx.array:
+    """y[t] = sum_j routed_scaling_factor * weights[t, j] * expert_{experts[t, j]}(x[t]). x (T, hidden).
+
+    Every (position, expert) pair is one row of work; rows of one expert sit together so its weights are
+    read once, and pairs are ordered by expert id wherever the expert's weights came from. The float32 sum
+    over a position's experts is taken in a fixed order (`sum_by_position`), so a step's bits never depend
+    on how many `streams` computed the rows or which stack held an expert.
+    """
+    T, k = routing.experts.shape
+    chosen = routing.experts.reshape(-1)                                           # (T*k,) expert ids
+    scale = (routing.weights * np.float32(cfg.routed_scaling_factor)).reshape(-1)  # (T*k,)
+    order = np.argsort(chosen, kind="stable")                                      # (P,) pairs by expert id
+    positions = order // k                                                         # (P,) the pair's position
+    y = expert_rows(x, positions, chosen[order], experts, streams)                 # (P, hidden)
+    y = y * mx.array(scale[order])[:, None]
+    return sum_by_position(y, positions, T)
+
+
+def expert_rows(x: mx.array, positions: np.ndarray, expert_ids: np.ndarray, experts: Experts,
+                streams: list) -> mx.array:
+    """expert_{expert_ids[p]}(x[positions[p]]) for every pair p, pairs ordered by expert id: (P, hidden).
+
+    The product's own kernels spread a launch over the cores themselves, so each expert's rows are one
+    piece, started as soon as that expert's weights have arrived (stack by stack, in the order the bytes
+    are expected): the layer's reads and compute overlap. MLX's CPU quantized kernel uses one core per call
+    and separate streams run in parallel, so with MLX's built-ins the rows are cut into one piece per
+    stream (and at stack boundaries) once every expert is in. A row's result does not depend on which
+    piece computed it, so the rows are put back in pair order whatever order they were computed in.
+    """
+    stack_of, slot_of = experts.locate(expert_ids)                         # (P,), (P,)
+    own = experts.stacks[0].gate_proj.own
+    if own:
+        cut = np.flatnonzero(np.diff(expert_ids)) + 1                      # pairs of one expert are contiguous
+        pieces = np.split(np.arange(len(expert_ids)), cut)
+        pieces.sort(key=lambda rows: (stack_of[rows[0]], slot_of[rows[0]]))  # the order the bytes arrive in
+    else:
+        for s, u in sorted(set(zip(stack_of.tolist(), slot_of.tolist()))):  # only the experts used: a stack
+            experts.stacks[s].arrived(u)                                    # read on a guess may hold others
+        split = np.array_split(np.arange(len(expert_ids)), max(1, min(len(streams), len(expert_ids))))
+        pieces = [part for rows in split
+                  for part in np.split(rows, np.flatnonzero(np.diff(stack_of[rows])) + 1) if len(part)]
+    out: list[tuple[int, mx.array]] = []
+    for i, rows in enumerate(pieces):
+        stack = experts.stacks[int(stack_of[rows[0]])]
+        if own:
+            stack.arrived(int(slot_of[rows[0]]))
+        with mx.stream(streams[0 if own else i % len(streams)]):  # own launches one after another
+            xe = x[mx.array(positions[rows].astype(np.uint32))]   # (R, hidden)
+            idx = mx.array(slot_of[rows].astype(np.uint32))        # (R,)
+            hidden = silu(gather_rows(xe, stack.gate_proj, idx)) * gather_rows(xe, stack.up_proj, idx)
+            out.append((int(rows[0]), gather_rows(hidden, stack.down_proj, idx)))  # (R, hidden)
+        mx.async_eval(out[-1][1])
+    out.sort(key=lambda piece: piece[0])  # back in pair order
+    return out[0][1] if len(out) == 1 else mx.concatenate([y for _, y in out])
+
+
+# A position's expert outputs are summed within each half of the pairs, then the halves are added: a
+# fixed function of the step, never of the machine (it is the order the frozen anchors were taken in).
+SUM_PARTS = 2
+
+
+def sum_by_position(y: mx.array, positions: np.ndarray, T: int) -> mx.array:
+    """out[t] = the sum of the rows y[p] with positions[p] == t, in a fixed order. y (P, hidden) -> (T, hidden)."""
+    out = None
+    for part in np.array_split(np.arange(len(positions)), SUM_PARTS):
+        if not len(part):
+            continue
+        rows = mx.array(part.astype(np.uint32))
+        partial = mx.zeros((T, y.shape[-1]), dtype=y.dtype).at[mx.array(positions[part].astype(np.uint32))].add(y[rows])
+        out = partial if out is None else out + partial
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- layer
+@dataclass(frozen=True)
+class DenseMLP:
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
+
+
+@dataclass(frozen=True)
+class MoE:
+    gate: Linear                             # mlp.gate.weight (E, hidden): the router
+    e_score_correction_bias: mx.array | None
+    shared_experts: DenseMLP | None
+
+
+@dataclass(frozen=True)
+class Layer:
+    input_layernorm: mx.array
+    post_attention_layernorm: mx.array
+    self_attn: Attention
+    mlp: DenseMLP | MoE
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    hidden: mx.array               # (T, hidden) residual stream leaving the layer
+    routing: Routing | None
+    kv: LatentKV                   # the attention state of every position so far (the KV cache's entry)
+    moe_input: mx.array | None = None  # (T, hidden) a MoE layer's post-attention normed state (the router's and
+                                       # experts' input), already evaluated by the routing; for capture only
+
+
+def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx.array,
+                  fetch_experts: Callable[[np.ndarray], Experts], streams: list, past: LatentKV | None = None,
+                  look_ahead: Callable[[mx.array], None] | None = None) -> LayerResult:
+    """h = x + attn(norm(x)); out = h + mlp(norm(h)). x (T, hidden): the positions computed now, after
+    `past`'s. A MoE layer reads its routed experts through `fetch_experts` once routing is known and computes
+    them on `streams`; once they are queued, `look_ahead(h)` may look at h (never change it) to start the
+    next layer's reads."""
+    attended, kv = mla_attention(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps), w.self_attn, cfg, cos, sin, past)
+    h = x + attended
+    hn = rms_norm(h, w.post_attention_layernorm, cfg.rms_norm_eps)
+    if isinstance(w.mlp, DenseMLP):
+        return LayerResult(h + mlp(hn, w.mlp.gate_proj, w.mlp.up_proj, w.mlp.down_proj), None, kv)
+    routing = route(hn, w.mlp.gate, w.mlp.e_score_correction_bias, cfg)
+    experts = fetch_experts(np.unique(routing.experts))  # their reads are in flight
+    shared = None
+    if w.mlp.shared_experts is not None:
+        s = w.mlp.shared_experts
+        shared = mlp(hn, s.gate_proj, s.up_proj, s.down_proj)
+        mx.async_eval(shared)  # computed while the routed experts are still being read
+    y = moe(hn, routing, experts, cfg, streams)
+    if look_ahead is not None:
+        look_ahead(h)  # while this layer's experts compute
+    return LayerResult(h + (y if shared is None else y + shared), routing, kv, hn)

@@ -1,0 +1,1 @@
+"""Bytes to arrays: storage reads, reusable buffers, the tensor reader and the weight cache."""

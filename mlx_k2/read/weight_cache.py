@@ -1,0 +1,147 @@
+"""The in-process weight cache: tensors kept in their own MLX arrays between steps, under a byte budget.
+
+Every step reads the same non-expert tensors (norms, attention, routers, shared experts, the dense MLP, the
+final norm and the lm_head), so they are kept first: they are pinned while the budget allows and never
+evicted. What the budget leaves beyond the step's non-expert bytes holds routed experts, evicted by recency
+(`lru`) or by how often they were asked for (`lfu`, ties to the least recent). A hit costs no read and no
+copy: the array that was read is the one computed from.
+
+Entries are added only for bytes a computation consumed, after the layer that used them was evaluated
+(`tensors.TensorReader` decides when), so what the cache holds is a function of the steps run, never of
+timing, reads issued ahead on a guess, or a step that failed midway. It holds arrays and counts; it reads
+nothing and does not know about layers.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the cache only holds arrays: `inspect` uses the budget functions without MLX
+    import mlx.core as mx
+
+POLICIES = ("lru", "lfu")
+# The default budget is this share of the memory free when the run starts: the rest stays with the OS page
+# cache (a cache that starves it makes every miss a disk read) and the working set of a layer.
+DEFAULT_SHARE = 0.5
+
+
+def available_memory() -> int:
+    """Bytes of RAM free for use now (Linux: MemAvailable; elsewhere the free pages, else half of RAM)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            pages = os.sysconf(name)
+        except (ValueError, OSError):
+            continue
+        if pages > 0:
+            return pages * page if name == "SC_AVPHYS_PAGES" else pages * page // 2
+    if sys.platform == "darwin":  # pragma: no cover - macOS has no SC_AVPHYS_PAGES
+        import subprocess
+
+        total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True).stdout)
+        return total // 2
+    return 0
+
+
+def default_budget() -> int:
+    return int(available_memory() * DEFAULT_SHARE)
+
+
+def peak_rss_gb(who: int = resource.RUSAGE_SELF) -> float:
+    """This process's peak resident set in GB, or with RUSAGE_CHILDREN the largest of its finished children."""
+    kb = resource.getrusage(who).ru_maxrss
+    return kb * (1 if os.uname().sysname == "Linux" else 1 / 1024) / 1e6  # Linux: KiB; macOS: bytes
+
+
+@dataclass
+class _Entry:
+    arrays: tuple[mx.array, ...]
+    nbytes: int
+    expert: bool
+
+
+class WeightCache:
+    """Arrays by key (a tensor name, an lm_head block, one routed expert's tensors) under `budget` bytes.
+
+    `resident` is the non-expert bytes one step reads: that much of the budget is kept for them, and only
+    the remainder holds experts."""
+
+    def __init__(self, budget: int, resident: int, policy: str = "lru"):
+        if policy not in POLICIES:
+            raise ValueError(f"cache policy {policy!r} (choose from {', '.join(POLICIES)})")
+        self.budget, self.policy = max(0, int(budget)), policy
+        self.expert_budget = max(0, self.budget - min(self.budget, resident))
+        self._entries: dict[str, _Entry] = {}
+        self._experts: OrderedDict[str, None] = OrderedDict()    # the expert keys, least recently used first
+        self._asked: dict[str, int] = {}                          # lfu: how often each expert was asked for
+        self.held = self.pinned = 0
+        self.hits = self.misses = 0                              # lookups of keys (tensors, blocks, experts)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str, expert: bool = False) -> tuple[mx.array, ...] | None:
+        """The arrays kept for `key` (now the most recent), or None; every lookup is counted."""
+        if expert:
+            self._asked[key] = self._asked.get(key, 0) + 1
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        if expert:
+            self._experts.move_to_end(key)
+        return entry.arrays
+
+    def peek(self, key: str) -> tuple[mx.array, ...] | None:
+        """The arrays kept for `key`, or None, as a look (not a use: nothing is counted or reordered)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.arrays
+
+    def admits(self, nbytes: int, expert: bool) -> bool:
+        """Whether bytes of this kind are worth reading into arrays of their own (to be kept once used)."""
+        if expert:
+            return nbytes <= self.expert_budget
+        return self.pinned + nbytes <= self.budget
+
+    def put(self, key: str, arrays: tuple[mx.array, ...], nbytes: int, expert: bool) -> bool:
+        """Keep `arrays` (evaluated, their bytes consumed) under `key`; experts may evict other experts.
+        Returns whether they were kept."""
+        if key in self._entries or not self.admits(nbytes, expert):
+            return False
+        if expert:
+            expert_held = self.held - self.pinned
+            while expert_held + nbytes > self.expert_budget:
+                expert_held -= self._evict()
+            self._experts[key] = None
+        else:
+            self.pinned += nbytes
+        self._entries[key] = _Entry(tuple(arrays), nbytes, expert)
+        self.held += nbytes
+        return True
+
+    def _evict(self) -> int:
+        if self.policy == "lfu":  # a scan: min keeps the least recent of equally frequent experts
+            victim = min(self._experts, key=lambda k: self._asked.get(k, 0))
+        else:
+            victim = next(iter(self._experts))
+        del self._experts[victim]
+        entry = self._entries.pop(victim)
+        self.held -= entry.nbytes
+        return entry.nbytes
+
+    @property
+    def experts_held(self) -> int:
+        return len(self._experts)

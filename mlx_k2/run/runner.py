@@ -1,0 +1,372 @@
+"""Greedy autoregressive generation, one layer's weights resident at a time (beside the weight cache's).
+
+Without a KV cache (the default, and the anchor's mode) step k recomputes the whole context through every
+layer. With one (`kv_cache=True`) step 0 computes the prompt exactly as the no-KV step 0 does and keeps
+each layer's latent attention state (`KVCache`); every later step computes only the new position, which
+attends over that state. Either way each layer's tensors (and the routed experts its positions select)
+are read just before computing it and dropped after: once a layer (or an lm_head block) is evaluated, the
+runner releases its read buffers to the reader, which reuses them, and hands what the weight cache takes
+to it. With look-ahead, each MoE layer guesses the next layer's experts (the next router on its residual)
+and starts reading them. It yields typed events (`events.py`) and never prints. With `capture` off it skips
+the per-layer observations (norms, routing of the last position) but evaluates at exactly the same points,
+so the computation is the same. In a run pipelined over several processes (`pipeline.py`) a Model computes
+only its rank's layers (`owned`): rank 0's `step` embeds, computes its layers and hands the rest to its
+`stage`; the other ranks call `own_layers` themselves. Reads never cross into another rank's layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoint.shards import Checkpoint
+from ..checkpoint.config import ModelConfig, load_config
+from ..evidence.derived import l2_norm
+from ..evidence.schema import BUILTIN_KERNELS
+from ..errors import K2Error, UsageError
+from ..evidence.events import Event, LayerDone, Progress, RunDone, StepDone
+from ..model.forward import LatentKV, LayerResult, Routing, decoder_layer, rms_norm, rope_tables, route
+from ..checkpoint.inventory import step_bytes
+from ..model.linear import linear
+from ..read.storage import FaultHook, ReadPolicy, Storage
+from ..read.tensors import TensorReader
+from ..checkpoint.validate import validate
+from ..read.weight_cache import WeightCache
+from ..model.weights import WeightFetcher
+
+DEVICES = ("gpu", "cpu")
+
+
+def select_device(name: str | None) -> mx.Device:
+    """The GPU where MLX has Metal, else the CPU; `name` forces one."""
+    has_gpu = mx.metal.is_available()
+    if name is None:
+        return mx.Device(mx.gpu if has_gpu else mx.cpu)
+    if name not in DEVICES:
+        raise UsageError(f"--device: unknown device {name!r} (choose from {', '.join(DEVICES)})")
+    if name == "gpu" and not has_gpu:
+        raise UsageError("--device gpu: this MLX has no Metal GPU here; use --device cpu")
+    return mx.Device(mx.gpu if name == "gpu" else mx.cpu)
+
+
+def device_name(device: mx.Device) -> str:
+    return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
+
+
+def compute_streams(device: mx.Device, count: int | None = None) -> list:
+    """The streams a layer's expert rows are spread over: on the CPU one per core (up to 8), since MLX's
+    CPU kernels use one core per call; on the GPU its default stream. Results do not depend on the count."""
+    if device.type != mx.DeviceType.cpu:
+        return [mx.default_stream(device)]
+    count = count or max(1, min(os.cpu_count() or 1, 8))
+    return [mx.new_stream(device) for _ in range(count)]
+
+
+class KVCache:
+    """The attention state of every layer for the positions computed so far (`forward.LatentKV` per layer).
+    A step's new states replace the old ones only once the whole step has been computed."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[LatentKV | None] = [None] * num_layers
+        self.length = 0  # positions held
+
+    def commit(self, layers: list[LatentKV], length: int) -> None:
+        self.layers, self.length = list(layers), length
+
+
+class Model:
+    """An opened checkpoint: config, tensor map and reader. Holds no weights between layers, apart from
+    what its weight cache (`cache_bytes` > 0) keeps."""
+
+    def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
+                 progress: Progress | None = None, kernels: str = BUILTIN_KERNELS, reuse_buffers: bool = True,
+                 cache_bytes: int = 0, cache_policy: str = "lru", lookahead: bool = False):
+        self.dir = Path(model_dir)
+        self.config: ModelConfig = load_config(self.dir)
+        self.checkpoint = Checkpoint(self.dir, progress)
+        if progress:
+            progress("validating", 0, 1)
+        validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
+        if progress:
+            progress("validating", 1, 1)
+        cache = None
+        if cache_bytes > 0:
+            cache = WeightCache(cache_bytes, step_bytes(self.checkpoint, self.config)[1], cache_policy)
+        # reuse_buffers=False: a fresh array per read (the plain path the tests compare the arenas with)
+        self.reader = TensorReader(self.checkpoint, Storage(policy, fault), reuse=reuse_buffers, cache=cache)
+        self.lookahead = lookahead
+        self.kernels = kernels  # resolved by linear.choose_kernels; part of the ledger header and the anchor key
+        self.weights = WeightFetcher(self.config, self.reader, kernels)
+        self._streams: dict[str, list] = {}
+        self.stream_count: int | None = None  # None: one per core; set it to pin the count (tests do)
+        # The layers this process computes: all of them, or a rank's range when the layers are pipelined over
+        # several processes (`pipeline.py`, which then sets `stage` on rank 0 and `rank` on every rank).
+        self.owned: range = range(self.config.text.num_hidden_layers)
+        self.rank: int | None = None
+        self.stage = None
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def streams(self) -> list:
+        device = mx.default_device()
+        key = f"{device}/{self.stream_count}"
+        if key not in self._streams:
+            self._streams[key] = compute_streams(device, self.stream_count)
+        return self._streams[key]
+
+    def check_prompt(self, ids: list[int]) -> None:
+        text = self.config.text
+        if not ids:
+            raise UsageError("the prompt is empty: give at least one token id")
+        bad = [i for i in ids if not 0 <= i < text.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{text.vocab_size - 1})")
+        if len(ids) > text.max_position_embeddings:
+            raise UsageError(f"context of {len(ids)} tokens exceeds max_position_embeddings "
+                             f"{text.max_position_embeddings}")
+
+    def check_run(self, context: list[int], max_new_tokens: int, first_step: int = 0) -> None:
+        """`context` (step `first_step`'s input) and every later step's context fit the model."""
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        self.check_prompt(list(context))
+        self.check_prompt(list(context) + [0] * (max_new_tokens - first_step - 1))  # the last step's too
+
+    # ------------------------------------------------------------------ the forward pass, piece by piece
+    def embed(self, input_ids: list[int]) -> mx.array:
+        x = self.weights.embedding(input_ids).astype(mx.float32)  # (T, hidden)
+        mx.eval(x)  # every layer starts from an evaluated x, with capture on or off
+        return x
+
+    def layer(self, i: int, x: mx.array, cos: mx.array, sin: mx.array, past: LatentKV | None = None) -> LayerResult:
+        """Read layer i's weights (its routed experts once routing is known), compute it, drop the weights.
+        With `past` (a KV step) the new positions attend over it and the result's state is evaluated too."""
+        weights = self.weights.layer(i)
+        reads_next = self._computes(i + 1)  # else another rank's layer: read there, not here
+        if reads_next:
+            self.weights.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
+        result = decoder_layer(x, weights, self.config.text, cos, sin,
+                               lambda ids: self.weights.experts(i, ids), self.streams(), past,
+                               self._look_ahead(i + 1) if self.lookahead and reads_next else None)
+        mx.eval(result.hidden, *((result.kv.latent, result.kv.k_pe) if past is not None else ()))
+        self.reader.release(i)  # nothing computed from layer i's weights is pending any more
+        return result
+
+    def _computes(self, piece: int) -> bool:
+        """Whether this process computes layer `piece` (or, for the layer count, the final norm and lm_head)."""
+        last = self.config.text.num_hidden_layers
+        return piece in self.owned or (piece == last and last - 1 in self.owned)
+
+    def _look_ahead(self, nxt: int):
+        """A guess of layer `nxt`'s experts from the residual h of the layer before: layer nxt's router on
+        h normed by layer nxt's post_attention_layernorm. Its reads start at once (after what the current
+        layer waits for); the real routing decides what is used."""
+        text = self.config.text
+        if nxt >= text.num_hidden_layers or not text.is_moe_layer(nxt):
+            return None
+
+        def guess(h: mx.array) -> None:
+            norm, gate, bias = self.weights.router(nxt)
+            with mx.stream(self._guess_stream()):  # not queued behind this layer's shared expert
+                routing = route(rms_norm(h, norm, text.rms_norm_eps), gate, bias, text)
+            self.weights.guess_experts(nxt, sorted(set(int(e) for e in routing.experts.reshape(-1))))
+        return guess
+
+    def _guess_stream(self):
+        key = f"{mx.default_device()}/guess"
+        if key not in self._streams:
+            self._streams[key] = [mx.new_stream(mx.default_device())]
+        return self._streams[key][0]
+
+    def head(self, x: mx.array) -> tuple[np.ndarray, np.ndarray]:
+        """Final norm and lm_head of the last position: (hidden,), (vocab,) float32."""
+        hidden = rms_norm(x[-1:], self.weights.final_norm(), self.config.text.rms_norm_eps)  # (1, hidden)
+        mx.eval(hidden)
+        pieces = []
+        first = self.config.text.num_hidden_layers  # the final norm's slot, and lm_head block 0's
+        for j, block in enumerate(self.weights.lm_head_chunks()):
+            pieces.append(linear(hidden, block))  # (1, rows of this block)
+            mx.eval(pieces[-1])
+            self.reader.release(first + j)  # before the next block's read is issued into the same buffers
+        logits = mx.concatenate(pieces, axis=-1)  # (1, vocab)
+        mx.eval(logits)
+        return np.array(hidden[0]), np.array(logits[0])
+
+    def step(self, step: int, input_ids: list[int], capture: bool = True,
+             kv: KVCache | None = None) -> Iterator[LayerDone | StepDone]:
+        """embed -> every layer -> final norm -> lm_head; yields one LayerDone per layer, then the StepDone.
+        Without `kv` the whole context is computed; with it, the positions `kv` does not hold yet (it is
+        updated once the step is done). `watch` observes beside the computation, never in it."""
+        past = 0 if kv is None else kv.length
+        if past >= len(input_ids):
+            raise UsageError(f"step {step}: the KV cache holds {past} positions, the context only {len(input_ids)}")
+        watch = StepWatch(self.reader, self.weights, step, capture, self.rank)
+        others = None
+        with self.stepping(kv, len(input_ids)) as states:
+            x = self.embed(input_ids[past:])
+            watch.start(x)
+            x = yield from self.own_layers(watch, x, len(input_ids), past, states)
+            if self.stage is None:
+                hidden, logits = self.head(x)
+            else:  # the other ranks compute the rest of the step from x (pipeline.Stage)
+                others = self.stage.rest_of_step(step, len(input_ids), past, capture, x)
+                hidden, logits = others.hidden, others.logits
+                for done in others.layers:
+                    watch.layers.append(done)
+                    yield done
+        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits, others)
+
+    @contextlib.contextmanager
+    def stepping(self, kv: KVCache | None, length: int) -> Iterator[list[LatentKV | None] | None]:
+        """Around a step's computation here (the whole step, or a rank's layers of it): gives the KV states
+        the layers update (a copy of `kv`'s; None without `kv`), committed to `kv` as the context's `length`
+        positions when the block ends without an error. However it ends, reads no computation used are not
+        carried into the next step, and a step abandoned midway (an error, a consumer that stopped) leaves
+        no buffer claimed."""
+        states = None if kv is None else list(kv.layers)
+        try:
+            yield states
+        finally:
+            self.reader.end_step()
+            self.weights.forget_guesses()
+        if kv is not None:
+            kv.commit(states, length)
+
+    def own_layers(self, watch: StepWatch, x: mx.array, length: int, past: int,
+                   states: list[LatentKV | None] | None) -> Iterator[LayerDone]:
+        """The layers this process computes, from x (the new positions entering the first of them) over a
+        context of `length` positions of which `past` are cached (`states`: every layer's, updated in place
+        for the owned ones; None without a KV cache). Yields a LayerDone per layer; returns the last hidden."""
+        cos, sin = rope_tables(self.config.text, length)
+        cos, sin = cos[past:], sin[past:]  # the new positions' rows
+        for i in self.owned:
+            watch.layer_start()
+            result = self.layer(i, x, cos, sin, None if states is None else (states[i] or _EMPTY))
+            x = result.hidden
+            if states is not None:
+                states[i] = result.kv
+            yield watch.layer_done(i, x, result.routing, result.moe_input)
+        return x
+
+
+_EMPTY = LatentKV(mx.zeros((0, 1)), mx.zeros((0, 1)))  # no position yet: the first step is the no-KV computation
+
+
+class StepWatch:
+    """What a step's observer records: times, bytes, and (with capture) the last position's residual norms
+    and routing. It reads arrays the runner has already evaluated and adds no op to the computation."""
+
+    def __init__(self, reader: TensorReader, weights: WeightFetcher, step: int, capture: bool,
+                 rank: int | None = None):
+        self.reader, self.weights, self.step, self.capture, self.rank = reader, weights, step, capture, rank
+        self.started, self.bytes_at_start = time.perf_counter(), reader.bytes_read
+        self.cached_at_start, self.wait_at_start = reader.bytes_cached, reader.wait_s
+        self.layers: list[LayerDone] = []
+
+    def start(self, x: mx.array) -> None:
+        self.residual = np.array(x[-1]) if self.capture else None  # what enters layer 0
+
+    def layer_start(self) -> None:
+        self.layer_started, self.layer_bytes = time.perf_counter(), self.reader.bytes_read
+        self.layer_cached = self.reader.bytes_cached
+
+    def layer_done(self, i: int, x: mx.array, routing: Routing | None, moe_input: mx.array | None = None) -> LayerDone:
+        residual_in = self.residual
+        self.residual = np.array(x[-1]) if self.capture else None  # what leaves layer i enters layer i + 1
+        observed = routing if self.capture else None
+        last = None if observed is None else np.argsort(observed.experts[-1])  # ascending expert ids
+        guessed, used, hits = self.weights.guess_stats.pop(i, (None, None, None))
+        done = LayerDone(
+            step=self.step, layer=i, kind="dense" if routing is None else "moe",
+            norm_in=None if residual_in is None else l2_norm(residual_in),
+            norm_out=None if self.residual is None else l2_norm(self.residual),
+            experts=None if observed is None else tuple(int(e) for e in observed.experts[-1][last]),
+            routing_scores=None if observed is None else tuple(float(v) for v in observed.scores[-1][last]),
+            routed=None if observed is None else observed.experts,
+            residual_in=residual_in, residual_out=self.residual,
+            bytes_read=self.reader.bytes_read - self.layer_bytes, wall_s=time.perf_counter() - self.layer_started,
+            bytes_cached=self.reader.bytes_cached - self.layer_cached, experts_used=used,
+            lookahead_guessed=guessed, lookahead_hits=hits,
+            router_scores=None if observed is None or observed.router_scores is None
+            else np.array(observed.router_scores[-1], np.float32),
+            # the routing evaluated moe_input already: this copies its last row, it computes nothing new
+            moe_input=None if observed is None or moe_input is None else np.array(moe_input[-1], np.float32),
+            rank=self.rank)
+        self.layers.append(done)
+        return done
+
+    def totals(self) -> dict[str, int | float]:
+        """What this process read, took from its weight cache, holds in it and waited for since the step began."""
+        cache = self.reader.cache
+        return {"bytes_read": self.reader.bytes_read - self.bytes_at_start,
+                "bytes_cached": self.reader.bytes_cached - self.cached_at_start,
+                "cache_held": 0 if cache is None else cache.held, "reads_s": self.reader.wait_s - self.wait_at_start}
+
+    def step_done(self, input_ids: list[int], positions: int, hidden: np.ndarray, logits: np.ndarray,
+                  others=None) -> StepDone:
+        """`others`: the other ranks' part of a pipelined step (their totals add to this process's)."""
+        token = int(np.argmax(logits))  # first maximum: ties go to the lower id
+        totals = self.totals()
+        for other in () if others is None else others.totals:
+            totals = {k: totals[k] + other[k] for k in totals}
+        return StepDone(step=self.step, input_ids=tuple(input_ids), token_id=token, logit=float(logits[token]),
+                        hidden=hidden, logits=logits, bytes_read=totals["bytes_read"],
+                        wall_s=time.perf_counter() - self.started, layers=tuple(self.layers), positions=positions,
+                        bytes_cached=totals["bytes_cached"], cache_held=totals["cache_held"],
+                        reads_s=totals["reads_s"])
+
+
+def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: int, device: str | None = None,
+             capture: bool = True, stop_at_eos: bool = True, first_step: int = 0,
+             kv_cache: bool = False) -> Iterator[Event]:
+    """Greedy generation: yields LayerDone/StepDone events per step and a RunDone at the end.
+
+    Steps `first_step` .. `max_new_tokens - 1` run, the first from context `prompt_ids` (a resumed run
+    passes the context its next step computes from). With `kv_cache`, a resumed run first rebuilds the
+    cache exactly as the run built it: it runs steps 0 .. first_step - 1 again from the original prompt (the
+    context without the first_step tokens generated since), silently, and checks each gives the token the
+    context holds. A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own
+    ending. `model` is an opened Model or a checkpoint directory (then opened and closed here).
+    """
+    mx.set_default_device(select_device(device))
+    owned = not isinstance(model, Model)
+    if owned:
+        model = Model(model)
+    try:
+        model.check_run(prompt_ids, max_new_tokens, first_step)
+        ids = list(prompt_ids)
+        kv = KVCache(model.config.text.num_hidden_layers) if kv_cache else None
+        if kv is not None and first_step:
+            rebuild(model, ids, first_step, kv)
+        start, total, steps = time.perf_counter(), 0, 0
+        for k in range(first_step, max_new_tokens):
+            for event in model.step(k, ids, capture, kv):
+                yield event
+            total += event.bytes_read
+            steps += 1
+            ids = ids + [event.token_id]
+            if stop_at_eos and event.token_id == model.config.text.eos_token_id:
+                break
+        yield RunDone(steps=steps, bytes_read=total, wall_s=time.perf_counter() - start, status="complete")
+    finally:
+        if owned:
+            model.close()
+
+
+def rebuild(model: Model, context: list[int], steps: int, kv: KVCache) -> None:
+    """Run steps 0 .. steps - 1 of a KV-cache run whose step `steps` computes from `context`, filling `kv` (and
+    the weight cache) as the run did; each must give the token the context holds."""
+    prompt = len(context) - steps
+    for k in range(steps):
+        for event in model.step(k, context[:prompt + k], capture=False, kv=kv):
+            pass
+        if event.token_id != context[prompt + k]:
+            raise K2Error(f"rebuilding the KV cache: step {k} gave token {event.token_id}, the context has "
+                          f"{context[prompt + k]}")

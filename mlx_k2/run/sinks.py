@@ -1,0 +1,64 @@
+"""The run's evidence subscribers: the ledger, the bundle's tensors and manifest, and the anchor check.
+
+A sink is any callable taking an event. Each is called with every LayerDone and StepDone, and last with
+the RunDone that closes the run: "complete" from the runner, or "stopped"/"failed" made by the session
+when the run ends otherwise. Sinks only read events; nothing flows back into the computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..evidence.events import Event, RunDone, StepDone
+from ..evidence.anchors import Anchor, Row, compare, observed_values
+from ..evidence.bundle import BundleWriter
+from ..evidence.ledger import LedgerWriter
+from ..evidence.records import footer_record, step_record
+from ..checkpoint.tokenizer import Tokenizer
+
+Sink = Callable[[Event], None]
+
+
+class LedgerSink:
+    """Writes each step line as its step finishes and the footer at the end; `records` are the step lines
+    already in the ledger (a resumed run), so the footer's totals cover the whole run."""
+
+    def __init__(self, writer: LedgerWriter, tokenizer: Tokenizer | None, records: list[dict] = ()):
+        self.writer, self.tokenizer, self.records = writer, tokenizer, list(records)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepDone):
+            text = self.tokenizer.token_text(event.token_id) if self.tokenizer else None
+            self.records.append(step_record(event, text))
+            self.writer.write(self.records[-1])
+        elif isinstance(event, RunDone):
+            try:
+                self.writer.write(footer_record(self.records, event.status, event.error))
+            finally:
+                self.writer.close()
+
+
+class BundleSink:
+    """Saves each step's tensors and keeps the manifest current (after the ledger line is written)."""
+
+    def __init__(self, directory: Path):
+        self.bundle = BundleWriter(directory)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepDone):
+            self.bundle.add_step(event)
+        if isinstance(event, (StepDone, RunDone)):
+            self.bundle.write_manifest()
+
+
+class AnchorCheck:
+    """Compares step 0 with the checkpoint's anchor, where one applies."""
+
+    def __init__(self, anchor: Anchor | None, backend: str, device: str, dtype: str, kernels: str):
+        self.anchor, self.platform = anchor, (backend, device, dtype, kernels)
+        self.rows: list[Row] = []
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepDone) and event.step == 0 and self.anchor is not None:
+            self.rows = compare(self.anchor, observed_values(event), *self.platform)

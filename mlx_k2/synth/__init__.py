@@ -1,0 +1,1 @@
+"""Synthetic checkpoints in the exact formats, for tests, benchmarks and the default run."""

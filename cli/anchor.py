@@ -13,13 +13,12 @@ from mlx_k2.checkpoint.config import load_config
 from mlx_k2.run.distributed import DEFAULT_TIMEOUT_S
 from mlx_k2.evidence.anchors import anchor_record, default_dir, freeze
 from mlx_k2.evidence.schema import BUILTIN_KERNELS
-from mlx_k2.read.storage import ReadPolicy
 from mlx_k2.synth.checkpoint import default_checkpoint
 from mlx_k2.checkpoint.tokenizer import default_bos
 
 from .app import app, guarded
 from .plain import progress_lines
-from .run import decode_options, distributed_link, follow_rank_0, parse_ids
+from .run import distributed_link, follow_rank_0, parse_ids
 from .tables import rows_table
 
 
@@ -42,14 +41,16 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
            backend: Annotated[str, typer.Option(help="With --distributed: MLX's distributed backend.")] = "any"):
     """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
     from mlx_k2.run.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
+    from mlx_k2.run.spec import RunSpec
 
+    spec = RunSpec.from_options(device, kernels, cache_bytes=0)  # the anchor's mode: no KV cache, no weight cache
     link = distributed_link(distributed, layer_split, timeout, backend)
     if link is not None and link.rank != 0:
-        follow_rank_0(link, model, device, kernels, ReadPolicy(), decode_options(False, 0, "lru", False))
+        follow_rank_0(link, model, spec)
     console = Console()
     model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
     ids = parse_ids(prompt_ids) or [default_bos(model_dir, load_config(model_dir))]
-    report = run_anchor_pass(model_dir, ids, device, anchors, kernels, link, layer_split)
+    report = run_anchor_pass(model_dir, ids, spec, anchors, link, layer_split)
     console.print(f"checkpoint {model_dir}  config {report.identity['config_blake3'][:16]}…  "
                   f"index {report.identity['index_blake3'][:16]}…  {BACKEND}/{report.device}/{DTYPE}  kernels {report.kernels}")
     console.print(rows_table("non-perturbation: capture off vs capture on", report.non_perturbation,

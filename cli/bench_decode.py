@@ -36,9 +36,10 @@ def _summary_table(result: dict) -> Table:
     """Fields down, configurations across."""
     b = result["budgets"]
     table = Table(title=f"decode bench: {result['checkpoint']} ({result['checkpoint_bytes'] / 1e9:.1f} GB), "
-                        f"{result['tokens']} tokens from BOS, kernels {result['kernels']}; budgets: resident "
-                        f"{_gb(b['resident'])} GB, experts {_gb(b['experts'])} GB (resident + "
-                        f"{result['expert_share']:.2f} x {_gb(b['routed'])} GB routed); every configuration "
+                        f"{result['tokens']} tokens from the checkpoint's BOS {result['cases'][0]['prompt_ids'][0]}, "
+                        f"kernels {result['kernels']}; budgets: resident {_gb(b['resident'])} GB, experts "
+                        f"{_gb(b['experts'])} GB (resident + {result['expert_share']:.2f} x {_gb(b['routed'])} GB "
+                        "routed); every configuration "
                         "starts with the checkpoint's pages dropped", title_justify="left")
     table.add_column("field")
     columns = result["cases"] + [dict(result["compute_alone"], name="compute alone")]

@@ -17,7 +17,6 @@ from mlx_k2.run.distributed import DEFAULT_TIMEOUT_S
 from mlx_k2.errors import K2Error, UsageError
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
-from mlx_k2.read.storage import ReadPolicy
 from mlx_k2.synth.checkpoint import default_checkpoint
 from mlx_k2.checkpoint.tokenizer import adds_bos, default_bos, load_tokenizer
 
@@ -98,14 +97,18 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
     from mlx_k2.run.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.run.session import run as run_session
+    from mlx_k2.run.spec import RunSpec
 
-    if read_retries < 0:
-        raise UsageError(f"--read-retries must be 0 or more, got {read_retries}")
-    policy = ReadPolicy(method=read_method, retries=read_retries)
-    decode = decode_options(kv_cache, cache, cache_policy, lookahead)
     link = distributed_link(distributed, layer_split, timeout, backend)
+    if resume is not None:  # computes as its header says; only the read method and look-ahead may be given
+        spec = None
+        read = RunSpec.from_options(device, kernels, read_method=read_method, read_retries=read_retries).read
+    else:
+        spec = RunSpec.from_options(device, kernels, kv_cache, gigabytes(cache, "--cache"), cache_policy, lookahead,
+                                    read_method, read_retries)
     if link is not None and link.rank != 0:
-        follow_rank_0(link, model, device, kernels, policy, decode)
+        follow_rank_0(link, model, spec or RunSpec.from_options(device, kernels, read_method=read_method,
+                                                                read_retries=read_retries))
     if resume is not None:
         header = read_header_line(resume)
         if model is None:
@@ -122,16 +125,14 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
             dashboard.token_text = tokenizer.token_text if tokenizer else None
         sinks = sinks or ((plain_lines(tokenizer),) if progress else ())
         if resume is not None:
-            return tokenizer, resume_session(resume, model_dir, device, sinks=sinks, tokenizer=tokenizer,
-                                             policy=policy, progress=progress, lookahead=lookahead,
-                                             cache_policy=decode.cache_policy, link=link)
+            return tokenizer, resume_session(resume, model_dir, device, read, lookahead, sinks=sinks,
+                                             tokenizer=tokenizer, progress=progress, link=link)
         ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
         if tokenizer is None and not quiet:
             typer.echo(f"warning: {model_dir} has no tokenizer (tiktoken.model or tokenizer.json); "
                        "tokens are shown as ids", err=True)
-        return tokenizer, run_session(model_dir, ids, max_new_tokens, ledger or default_ledger(bundle), bundle,
-                                      device=device, overwrite=overwrite, sinks=sinks, tokenizer=tokenizer,
-                                      policy=policy, progress=progress, kernels=kernels, decode=decode,
+        return tokenizer, run_session(model_dir, ids, max_new_tokens, spec, ledger or default_ledger(bundle), bundle,
+                                      overwrite=overwrite, sinks=sinks, tokenizer=tokenizer, progress=progress,
                                       link=link, layer_split=layer_split)
 
     if dashboard is not None:
@@ -174,30 +175,26 @@ def distributed_link(distributed: bool, layer_split: str | None, timeout: float,
     return link
 
 
-def follow_rank_0(link, model: Path | None, device: str | None, kernels: str | None, policy: ReadPolicy,
-                  decode) -> None:
-    """A rank other than 0: compute its layers of every step until rank 0 ends the run; print nothing but
-    errors (rank 0 reports the run). Exits 0 whenever rank 0 ended the run, even as refused or failed (rank 0
-    says why; mlx.launch would stop rank 0 if this rank exited with an error first); 1 on its own failure."""
+def follow_rank_0(link, model: Path | None, spec) -> None:
+    """A rank other than 0: compute its layers of every step, as `spec` (its own device, kernels, read method
+    and cache budget; rank 0 settles the rest) says, until rank 0 ends the run; print nothing but errors
+    (rank 0 reports the run). Exits 0 whenever rank 0 ended the run, even as refused or failed (rank 0 says
+    why; mlx.launch would stop rank 0 if this rank exited with an error first); 1 on its own failure."""
     from mlx_k2.run.pipeline import serve
 
     model_dir = model if model is not None else default_checkpoint()
     load_config(model_dir)  # a missing or bad checkpoint is one line here, before rank 0 waits on it
-    serve(link, model_dir, device, kernels, policy, decode.cache_bytes, decode.cache_policy)
+    serve(link, model_dir, spec)
     raise typer.Exit(0)
 
 
-def decode_options(kv_cache: bool, cache_gb: float | None, cache_policy: str, lookahead: bool | None):
-    """--kv-cache, --cache, --cache-policy and --lookahead as a session.Decode."""
-    from mlx_k2.run.session import Decode
-    from mlx_k2.read.weight_cache import POLICIES, default_budget
-
-    if cache_gb is not None and not cache_gb >= 0:
-        raise UsageError(f"--cache must be 0 or more GB, got {cache_gb}")
-    if cache_policy not in POLICIES:
-        raise UsageError(f"--cache-policy: unknown policy {cache_policy!r} (choose from {', '.join(POLICIES)})")
-    budget = default_budget() if cache_gb is None else int(cache_gb * 1e9)
-    return Decode(kv_cache, budget, cache_policy, kv_cache if lookahead is None else lookahead)
+def gigabytes(value: float | None, option: str) -> int | None:
+    """An option's GB as bytes (None stays None: the default)."""
+    if value is None:
+        return None
+    if not value >= 0:  # NaN too
+        raise UsageError(f"{option} must be 0 or more GB, got {value}")
+    return int(value * 1e9)
 
 
 def default_ledger(bundle: Path | None) -> Path | None:

@@ -30,6 +30,16 @@ def synth_dir(tmp_path_factory):
 SYNTH_RUN_STEPS = 3
 
 
+def cpu_spec(kernels: str | None = None, **settings):
+    """What `--device cpu --cache 0` gives (`kernels` as --kernels takes them: None is auto), with `settings`
+    (RunSpec fields) changed. Unlike the command line, a KV cache does not switch look-ahead on here."""
+    import dataclasses
+
+    from mlx_k2.run.spec import RunSpec
+
+    return dataclasses.replace(RunSpec.from_options("cpu", kernels, cache_bytes=0), **settings)
+
+
 @pytest.fixture(scope="session")
 def synth_run(synth_dir, tmp_path_factory):
     """(bundle, ledger) of one 3-step default run from BOS on the CPU (the ledger is the bundle's, copied on
@@ -43,7 +53,7 @@ def synth_run(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("synth-run")
     bundle, ledger = root / "bundle", root / "ledger.jsonl"
     anchors = Path(__file__).resolve().parents[1] / "anchors"
-    result = run(synth_dir, [163584], SYNTH_RUN_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=anchors)
+    result = run(synth_dir, [163584], SYNTH_RUN_STEPS, cpu_spec(), bundle_dir=bundle, anchors_dir=anchors)
     assert result.status == "complete" and len(result.steps) == SYNTH_RUN_STEPS
     shutil.copyfile(bundle / LEDGER_NAME, ledger)
     return bundle, ledger
@@ -52,31 +62,24 @@ def synth_run(synth_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def opened_synth(synth_dir):
     """The synthetic checkpoint opened once (parsing its 64 shard headers is most of a pass's cost)."""
-    from mlx_k2.model.linear import choose_kernels
     from mlx_k2.run.runner import Model
 
-    model = Model(synth_dir, kernels=choose_kernels(None, "cpu"))  # what a default CPU run opens
+    model = Model(synth_dir, cpu_spec())  # what a default CPU run opens
     yield model
     model.close()
 
 
 def share_opened_model(monkeypatch, opened, target: str) -> None:
-    """Make `target` (a module's `Model` name) hand out `opened` for its checkpoint instead of reopening
-    it: the same files and computation, without parsing 208k headers again. Closing stays with the owner."""
+    """Make `target` (a module's `Model` name) build its Models over `opened`'s parsed checkpoint instead of
+    parsing it again (`Model.reopen`): the same files and computation, each with the spec it asks for."""
     from pathlib import Path
 
     from mlx_k2.run.runner import Model
 
-    class Shared(Model):
-        def __init__(self, inner: Model):
-            self.__dict__ = inner.__dict__
-
-        def close(self) -> None:
-            pass
-
-    def open_model(model_dir, *args, **kwargs):
-        if Path(model_dir).resolve() != opened.dir.resolve() or kwargs.get("kernels", opened.kernels) != opened.kernels:
-            return Model(model_dir, *args, **kwargs)    # another checkpoint or kernels: opened the ordinary way
-        return Shared(opened)
+    def open_model(model_dir, spec, *args, **kwargs):
+        given = [*args, *kwargs.values()]  # a fault hook or progress: opened the ordinary way
+        if Path(model_dir).resolve() != opened.dir.resolve() or any(v is not None for v in given):
+            return Model(model_dir, spec, *args, **kwargs)
+        return opened.reopen(spec)
 
     monkeypatch.setattr(target, open_model)

@@ -30,7 +30,7 @@ import blake3
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_ANCHOR, share_opened_model
+from conftest import DEFAULT_ANCHOR, cpu_spec, share_opened_model
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
@@ -107,7 +107,7 @@ def said(output: str, *words: str) -> bool:
 
 
 def test_capture_off_and_on_agree_and_reproduce_the_frozen_anchor(synth_dir, shared_model):
-    report = run_anchor_pass(synth_dir, [BOS], "cpu", REPO_ANCHORS)
+    report = run_anchor_pass(synth_dir, [BOS], cpu_spec(), REPO_ANCHORS)
     assert [r.field for r in report.non_perturbation] == ["token_id", "hidden_digest", "logits_digest", "bytes_read"]
     assert all(r.ok is True and r.expected == r.observed for r in report.non_perturbation)
     assert report.non_perturbing
@@ -222,7 +222,7 @@ def test_published_anchor_matches_by_signature(foreign, tmp_path):
     # a frozen anchor for other files with the same prompt must not be taken for this checkpoint
     other = dict(frozen_anchor(), name="other-frozen", prompt_ids=[FOREIGN_BOS])
     _write(anchors, other)
-    report = run_anchor_pass(model_dir, [FOREIGN_BOS], "cpu", anchors)
+    report = run_anchor_pass(model_dir, [FOREIGN_BOS], cpu_spec(), anchors)
     assert report.non_perturbing
     assert report.signature == signature
     assert report.anchor is not None and report.anchor.published and report.anchor.name == "foreign-k25-bos-published"
@@ -250,7 +250,7 @@ def test_published_anchor_mismatch(foreign, tmp_path, change):
         record = _published(signature, token, logit, ref, this_executor={"bytes_read": 1, "reason": "test"})
         field = "bytes_read"
     anchors = _write(tmp_path / "a", record)
-    report = run_anchor_pass(model_dir, [FOREIGN_BOS], "cpu", anchors)
+    report = run_anchor_pass(model_dir, [FOREIGN_BOS], cpu_spec(), anchors)
     assert report.anchor is not None and report.anchor.published
     assert not report.ok
     assert {r.field for r in report.rows if r.ok is False} == {field}
@@ -260,7 +260,7 @@ def test_published_anchor_needs_the_same_signature(foreign, tmp_path):
     model_dir, signature, token, logit, ref = foreign
     anchors = _write(tmp_path / "a", _published(dict(signature, hidden_size=signature["hidden_size"] * 2),
                                                  token, logit, ref))
-    report = run_anchor_pass(model_dir, [FOREIGN_BOS], "cpu", anchors)
+    report = run_anchor_pass(model_dir, [FOREIGN_BOS], cpu_spec(), anchors)
     assert report.anchor is None and not report.ok
     result = invoke(["anchor", "--model", str(model_dir), "--device", "cpu", "--prompt-ids", str(FOREIGN_BOS),
                      "--anchors", str(anchors)])

@@ -12,6 +12,7 @@ import pytest
 from mlx_k2.read.arena import MIN_CHUNK, PAGE, Arena, address
 from mlx_k2.evidence.events import StepDone
 from mlx_k2.run.runner import Model, generate
+from mlx_k2.run.spec import RunSpec
 from mlx_k2.read.storage import ReadPolicy
 
 
@@ -67,9 +68,9 @@ def test_reader_refuses_to_overwrite_an_unreleased_slot(opened_synth):
 
 
 def _tokens_and_digests(model_dir, reuse: bool, method: str = "pread"):
-    model = Model(model_dir, ReadPolicy(method=method), reuse_buffers=reuse)
+    model = Model(model_dir, RunSpec(read=ReadPolicy(method=method)), reuse_buffers=reuse)
     try:
-        steps = [e for e in generate(model, [163584, 5, 900], 3, device="cpu", stop_at_eos=False)
+        steps = [e for e in generate(model, [163584, 5, 900], 3, stop_at_eos=False)
                  if isinstance(e, StepDone)]
     finally:
         model.close()
@@ -103,7 +104,7 @@ def test_poison_catches_a_release_before_evaluation(synth_dir, monkeypatch):
     monkeypatch.setenv("MLX_K2_POISON_ARENAS", "1")
     model = Model(synth_dir)
     try:
-        step = [e for e in generate(model, [163584], 1, device="cpu") if isinstance(e, StepDone)][0]
+        step = [e for e in generate(model, [163584], 1) if isinstance(e, StepDone)][0]
     finally:
         model.close()
     assert np.isnan(step.logits).all()

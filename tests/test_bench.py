@@ -1,7 +1,9 @@
-"""The benchmark's own measuring machinery on the small synthetic checkpoint (no timings are asserted)."""
+"""The benchmark's own measuring machinery on the small synthetic checkpoint, and on a small DeepSeek-V3-format
+one (its own BOS and vocabulary; no timings are asserted)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,6 +34,11 @@ def test_direct_replay_reads_every_byte_direct(synth_dir):
         assert 0.9 * step["bytes_read"] < reads["direct_bytes"] <= step["bytes_read"]
 
 
+def test_compute_part_reads_nothing(synth_dir):
+    compute = measure(synth_dir, 3, cold=False, part="compute")
+    assert compute["compute_s"] > 0 and compute["compute_bytes_read"] == 0  # every weight already in memory
+
+
 def test_goals_compare_reads_with_the_ceilings():
     def case(method, cold, tokens, gbps):
         return {"method": method, "cold": cold, "tokens": tokens, "read_gbps": gbps}
@@ -47,8 +54,14 @@ def test_goals_compare_reads_with_the_ceilings():
 
 
 def test_context_ids_are_distinct_and_start_with_bos():
-    ids = context_ids(5)
-    assert ids[0] == 163584 and len(set(ids)) == 5
+    # K2.5's vocabulary: BOS then 1000 + 7919 i mod 150000, the context every K2.5 figure was measured on.
+    assert context_ids(5, 163584, 163840) == [163584, 8919, 16838, 24757, 32676]
+    ids = context_ids(64, 0, 129280)  # DeepSeek-V3's vocabulary and BOS
+    assert ids[0] == 0 and len(set(ids)) == 64 and max(ids) < 129280
+    ids = context_ids(300, 508, 512)
+    assert ids[0] == 508 and len(set(ids)) == 300 and max(ids) < 512
+    with pytest.raises(ValueError):
+        context_ids(513, 508, 512)
 
 
 # ---------------------------------------------------------------- the decode benchmark (mlx_k2.bench.decode)
@@ -92,18 +105,20 @@ def _decode_step_bytes(headers, new_ids: list[int], experts_by_layer: dict[int, 
 def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     import numpy as np
 
-    from mlx_k2.bench.streaming import BOS
     from mlx_k2.bench.decode import decode_case, summary
     from mlx_k2.evidence.events import LayerDone, StepDone
     from mlx_k2.model.linear import choose_kernels
     from mlx_k2.run.runner import Model, generate
 
+    from conftest import cpu_spec
+
     tokens = 3
+    BOS = _own_bos(synth_dir)
     # The routing of each step's new position, from a run of the runner itself (not the bench's figures).
-    model = Model(synth_dir, kernels=choose_kernels(None, "cpu"))
+    model = Model(synth_dir, cpu_spec(kv_cache=True))
     routing, generated = [], []
     layers: dict[int, set[int]] = {}
-    for event in generate(model, [BOS], tokens, device="cpu", stop_at_eos=False, kv_cache=True):
+    for event in generate(model, [BOS], tokens, stop_at_eos=False):
         if isinstance(event, LayerDone) and event.routed is not None:
             layers[event.layer] = set(np.asarray(event.routed)[-1].tolist())  # one new position per KV step
         elif isinstance(event, StepDone):
@@ -115,6 +130,7 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     expected = [_decode_step_bytes(headers, [([BOS] + generated)[k]], routing[k]) for k in range(tokens)]
 
     plain = decode_case(synth_dir, tokens, kv=True)
+    assert plain["prompt_ids"] == [BOS] == [163584]
     assert [t["step"] for t in plain["tokens"]] == list(range(tokens))
     assert [t["token_id"] for t in plain["tokens"]] == generated
     assert all(t["positions"] == 1 and t["bytes_cached"] == 0 and t["hit_share"] == 0.0
@@ -164,3 +180,44 @@ def test_decode_goals_compare_the_configurations():
     assert g["overlap"]["look"]["bound_s"] == pytest.approx(1.1) and not g["overlap"]["look"]["ok"]
     assert "no-KV" not in g["overlap"] and g["tokens_agree"]  # the shared prefix (1, 2) agrees
     assert [c["summary"]["ratio_to_no_kv"] for c in result["cases"]] == pytest.approx([1.0, 2.0, 3.5])
+
+
+# ---------------------------------------------------------------- a DeepSeek-V3-format checkpoint
+
+def _own_bos(model_dir) -> int:
+    """The checkpoint's BOS, read here from its files: config.json's bos_token_id; where tokenizer_config.json
+    names a bos_token that tokenizer.json lists, the two must agree."""
+    bos = json.loads((model_dir / "config.json").read_text())["bos_token_id"]
+    named = json.loads((model_dir / "tokenizer_config.json").read_text()).get("bos_token")
+    if (model_dir / "tokenizer.json").exists() and isinstance(named, dict):
+        added = json.loads((model_dir / "tokenizer.json").read_text())["added_tokens"]
+        assert [t["id"] for t in added if t["content"] == named["content"]] == [bos]
+    return bos
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3(tmp_path_factory):
+    """A small DeepSeek-V3-format checkpoint (block FP8, vocab 129,280, BOS 0): 4 layers, the last one MoE."""
+    from mlx_k2.synth.checkpoint import spec_for, write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("dsv3") / "ckpt",
+                           spec=spec_for("deepseek-v3-fp8", num_hidden_layers=4))
+
+
+def test_decode_bench_starts_from_the_checkpoints_own_bos(deepseek_v3):
+    from mlx_k2.bench.decode import decode_case, summary
+
+    bos = _own_bos(deepseek_v3)
+    vocab = json.loads((deepseek_v3 / "config.json").read_text())["vocab_size"]
+    assert bos < vocab == 129280 and bos != 163584  # Kimi's BOS is outside this vocabulary
+    case = decode_case(deepseek_v3, 2, kv=True, cold=False)
+    assert case["prompt_ids"] == [bos]
+    steps = case["tokens"]
+    # The ids the runner's steps computed: BOS at step 0, then each step's token, one new position a step.
+    assert [t["new_ids"] for t in steps] == [[bos], [steps[0]["token_id"]]]
+    assert summary(case)["bytes_exact"]
+
+
+def test_streaming_step_on_a_deepseek_v3_vocabulary(deepseek_v3):
+    step = measure(deepseek_v3, 3, cold=False, part="step")
+    assert step["bytes_read"] == step["bytes_min"]

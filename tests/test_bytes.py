@@ -130,7 +130,7 @@ def test_generate_never_reads_vision_or_metadata(model_dir, headers, monkeypatch
     assert any(n.endswith("weight_shape") for n in headers)
 
     log = ReadLog(monkeypatch)
-    steps = _steps_with_reads(generate(str(model_dir), [BOS, 42, 42], 2, device="cpu"), log)
+    steps = _steps_with_reads(generate(Model(model_dir), [BOS, 42, 42], 2), log)
     assert len(steps) == 2
     names = set()
     for _, loose, layers in steps:

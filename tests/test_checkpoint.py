@@ -350,9 +350,13 @@ def _remove_from_checkpoint(model_dir: Path, names: list[str]) -> None:
 
 
 def _generate(model_dir: Path, prompt: list[int]):
-    from mlx_k2.run.runner import generate
+    from mlx_k2.run.runner import Model, generate
 
-    return list(generate(str(model_dir), prompt, 1, device="cpu"))
+    model = Model(model_dir)
+    try:
+        return list(generate(model, prompt, 1))
+    finally:
+        model.close()
 
 
 def test_runner_names_a_missing_attention_tensor(tmp_path):

@@ -9,6 +9,7 @@ to the frozen anchor of those kernels (taken on this project's 2-core machine).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from conftest import BUILTIN_ANCHOR, DEFAULT_ANCHOR
 from mlx_k2.evidence.schema import BUILTIN_KERNELS
 from mlx_k2.evidence.events import StepDone
 from mlx_k2.run.runner import Model
+from mlx_k2.run.spec import RunSpec
 
 ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
 CONTEXTS = {"bos": [163584], "four tokens": [163584, 5, 900, 77]}
@@ -31,7 +33,7 @@ def digest(values: np.ndarray) -> str:
 
 
 def last_step(model, ids: list[int]) -> StepDone:
-    events = list(model.step(0, ids, capture=True))
+    events = list(model.step(0, ids))
     assert isinstance(events[-1], StepDone)
     return events[-1]
 
@@ -42,9 +44,8 @@ def on_cpu(request, opened_synth, synth_dir):
     mx.set_default_device(mx.cpu)
     if request.param == "default" or opened_synth.kernels == BUILTIN_KERNELS:
         yield opened_synth, DEFAULT_ANCHOR if request.param == "default" else BUILTIN_ANCHOR
-        opened_synth.stream_count = None
         return
-    model = Model(synth_dir, kernels=BUILTIN_KERNELS)
+    model = Model(synth_dir, RunSpec(kernels=BUILTIN_KERNELS))
     yield model, BUILTIN_ANCHOR
     model.close()
 
@@ -54,9 +55,12 @@ def test_digests_do_not_depend_on_the_stream_count(on_cpu, context):
     model, anchor = on_cpu
     seen = {}
     for count in (1, 2, 4):
-        model.stream_count = count
-        assert len(model.streams()) == count
-        step = last_step(model, CONTEXTS[context])
+        pinned = model.reopen(dataclasses.replace(model.spec, streams=count))
+        try:
+            assert len(pinned.streams()) == count
+            step = last_step(pinned, CONTEXTS[context])
+        finally:
+            pinned.close()
         seen[count] = (step.token_id, digest(step.hidden), digest(step.logits),
                        [layer.experts for layer in step.layers], [layer.norm_out for layer in step.layers])
     assert seen[1] == seen[2] == seen[4]

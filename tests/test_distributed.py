@@ -34,8 +34,8 @@ from mlx_k2.evidence.events import LayerDone
 from mlx_k2.evidence.verify import verify
 from mlx_k2.run.pipeline import layers_from_message, layers_message
 from mlx_k2.run.replay import replay
-from mlx_k2.run.session import Decode, run
-from conftest import SYNTH_RUN_STEPS
+from mlx_k2.run.session import run
+from conftest import cpu_spec, SYNTH_RUN_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = REPO / "anchors"
@@ -87,8 +87,8 @@ def run_args(synth_dir: Path, ledger: Path, kv: bool = False, extra: tuple[str, 
 
 
 def single_process(synth_dir: Path, ledger: Path, kv: bool) -> Path:
-    result = run(synth_dir, [BOS], STEPS, ledger_path=ledger, device="cpu", anchors_dir=ANCHORS,
-                 decode=Decode(kv, CACHE_GB * 10**9, "lru", kv))  # what the CLI makes of --cache and --kv-cache
+    result = run(synth_dir, [BOS], STEPS, ledger_path=ledger, anchors_dir=ANCHORS,
+                 spec=cpu_spec(kv_cache=kv, cache_bytes=CACHE_GB * 10**9, lookahead=kv))  # what the CLI makes of --cache and --kv-cache
     assert result.status == "complete"
     return ledger
 

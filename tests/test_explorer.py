@@ -27,6 +27,8 @@ from mlx_k2.evidence.schema import LEDGER_NAME
 from mlx_k2.evidence.verify import verify
 from mlx_k2.run.session import run
 
+from conftest import cpu_spec
+
 CHROMIUM = Path("/usr/bin/chromium")
 BOS = 163584
 
@@ -105,7 +107,7 @@ def lines_of(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def bundle5(synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("explorer") / "b5"
-    result = run(synth_dir, prompt_ids=[BOS], max_new_tokens=5, bundle_dir=out, device="cpu")
+    result = run(synth_dir, prompt_ids=[BOS], max_new_tokens=5, bundle_dir=out, spec=cpu_spec())
     assert result.status == "complete"
     return out
 
@@ -460,7 +462,7 @@ def test_browser_shows_the_cache_fields_where_the_ledger_has_them(ledger5, tmp_p
 @needs_chromium
 def test_twenty_steps_stay_quick(synth_dir, tmp_path):
     path = tmp_path / "l20.jsonl"
-    run(synth_dir, prompt_ids=[BOS], max_new_tokens=20, ledger_path=path, device="cpu")
+    run(synth_dir, prompt_ids=[BOS], max_new_tokens=20, ledger_path=path, spec=cpu_spec())
     start = time.perf_counter()
     page = build_explorer(path)
     assert time.perf_counter() - start < 5.0

@@ -20,6 +20,8 @@ from mlx_k2.evidence.verify import verify
 from mlx_k2.run.session import resume, run
 from mlx_k2.read.storage import ReadError, ReadPolicy
 
+from conftest import cpu_spec
+
 FAST = ReadPolicy(retries=2, backoff_s=0.001)
 STEPS = 4
 
@@ -32,7 +34,7 @@ def lines(path):
 @pytest.fixture(scope="module")
 def uninterrupted(synth_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("ok") / "ok.jsonl"
-    result = run(synth_dir, [163584], STEPS, ledger_path=path, device="cpu")
+    result = run(synth_dir, [163584], STEPS, ledger_path=path, spec=cpu_spec())
     assert result.status == "complete"
     return [s.token_id for s in result.steps], lines(path)
 
@@ -60,7 +62,7 @@ def test_eio_mid_step_then_resume(synth_dir, tmp_path, uninterrupted, bundle):
     # the fault hits layer 30 of step 1, with step 0 finished.
     fault = FailAfter(after=5000)
     with pytest.raises(ReadError) as info:
-        run(synth_dir, [163584], STEPS, device="cpu", policy=FAST, fault=fault, **kw)
+        run(synth_dir, [163584], STEPS, spec=cpu_spec(read=FAST), fault=fault, **kw)
     assert "model-00031-of-000064.safetensors" in str(info.value) and "layers.30." in str(info.value)
     assert "after 3 attempts" in str(info.value)
     recs = lines(target)
@@ -87,7 +89,7 @@ def test_eio_mid_step_then_resume(synth_dir, tmp_path, uninterrupted, bundle):
 def test_transient_fault_is_retried(synth_dir, tmp_path, uninterrupted, method):
     fault = FailAfter(after=300, transient=True)
     policy = ReadPolicy(method=method, retries=FAST.retries, backoff_s=FAST.backoff_s)
-    result = run(synth_dir, [163584], STEPS, ledger_path=tmp_path / "l.jsonl", device="cpu", policy=policy,
+    result = run(synth_dir, [163584], STEPS, ledger_path=tmp_path / "l.jsonl", spec=cpu_spec(read=policy),
                  fault=fault)
     assert fault.failed > 0 and result.status == "complete"
     assert [s.token_id for s in result.steps] == uninterrupted[0]
@@ -100,7 +102,7 @@ def test_short_read_is_retried_then_reported(synth_dir, tmp_path, method):
 
     policy = ReadPolicy(method=method, retries=FAST.retries, backoff_s=FAST.backoff_s)
     with pytest.raises(ReadError, match=r"model-00005-of-000064\.safetensors: tensor .*short read"):
-        run(synth_dir, [163584], 1, ledger_path=tmp_path / "l.jsonl", device="cpu", policy=policy, fault=short)
+        run(synth_dir, [163584], 1, ledger_path=tmp_path / "l.jsonl", spec=cpu_spec(read=policy), fault=short)
     assert lines(tmp_path / "l.jsonl")[-1]["status"] == "failed"
 
 
@@ -121,7 +123,7 @@ def test_vanished_shard_comes_back(synth_dir, tmp_path, uninterrupted):
             os.rename(away, shard)
         return None
 
-    result = run(copy, [163584], STEPS, ledger_path=tmp_path / "l.jsonl", device="cpu", policy=FAST, fault=drop)
+    result = run(copy, [163584], STEPS, ledger_path=tmp_path / "l.jsonl", spec=cpu_spec(read=FAST), fault=drop)
     assert result.status == "complete" and [s.token_id for s in result.steps] == uninterrupted[0]
 
 
@@ -149,7 +151,7 @@ def test_unwritable_ledger_path_is_reported_before_the_run(synth_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(K2Error, match="cannot write the ledger"):
-        run(synth_dir, [163584], 1, ledger_path=blocker / "sub" / "l.jsonl", device="cpu")
+        run(synth_dir, [163584], 1, ledger_path=blocker / "sub" / "l.jsonl", spec=cpu_spec())
 
 
 def test_full_disk_is_reported_before_the_run(synth_dir, tmp_path, monkeypatch):
@@ -157,13 +159,13 @@ def test_full_disk_is_reported_before_the_run(synth_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(session.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     with pytest.raises(K2Error, match="bytes free"):
-        run(synth_dir, [163584], 2, ledger_path=tmp_path / "l.jsonl", device="cpu")
+        run(synth_dir, [163584], 2, ledger_path=tmp_path / "l.jsonl", spec=cpu_spec())
     assert not (tmp_path / "l.jsonl").exists()
 
 
 def test_resume_refuses_another_checkpoint(synth_dir, foreign_k25, tmp_path):
     path = tmp_path / "l.jsonl"
-    recs_src = run(synth_dir, [163584], 2, ledger_path=path, device="cpu")
+    recs_src = run(synth_dir, [163584], 2, ledger_path=path, spec=cpu_spec())
     assert recs_src.status == "complete"
     text = path.read_text().splitlines()
     (tmp_path / "p.jsonl").write_text("\n".join(text[:2]) + "\n")  # header + step 0: a crashed run
@@ -175,7 +177,7 @@ def test_resume_refuses_another_checkpoint(synth_dir, foreign_k25, tmp_path):
 
 def test_resume_refuses_a_broken_chain(synth_dir, tmp_path):
     path = tmp_path / "l.jsonl"
-    run(synth_dir, [163584], 3, ledger_path=path, device="cpu")
+    run(synth_dir, [163584], 3, ledger_path=path, spec=cpu_spec())
     text = path.read_text().splitlines()
     text = [text[0], text[2]]  # step 0 deleted, no footer
     (tmp_path / "p.jsonl").write_text("\n".join(text) + "\n")

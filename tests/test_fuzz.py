@@ -17,6 +17,8 @@ from mlx_k2.errors import K2Error
 from mlx_k2.evidence.verify import verify
 from mlx_k2.synth.checkpoint import config_json, SynthSpec
 
+from conftest import cpu_spec
+
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
                     | st.text(max_size=20),
@@ -136,7 +138,7 @@ def real_ledger(synth_dir, tmp_path_factory):
     from mlx_k2.run.session import run
 
     path = tmp_path_factory.mktemp("fuzz") / "l.jsonl"
-    run(synth_dir, [163584], 2, ledger_path=path, device="cpu")
+    run(synth_dir, [163584], 2, ledger_path=path, spec=cpu_spec())
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from mlx_k2.run import runner
+from mlx_k2.run.spec import RunSpec
 from mlx_k2.checkpoint.config import TextConfig
 from mlx_k2.evidence.events import RunDone, StepDone
 from mlx_k2.model.forward import Attention, LatentKV, mla_attention, rope_tables
@@ -44,6 +45,8 @@ from mlx_k2.model.linear import Linear, choose_kernels, dense_weight
 from tests import reference as ref
 from tests.foreign_checkpoint import FP8_SHAPES, SHAPES, write_foreign_checkpoint
 from tests.test_reference_agreement import REL_TOL as REFERENCE_REL_TOL
+
+from conftest import cpu_spec
 
 ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
 SYNTH_BOS = 163584
@@ -312,8 +315,8 @@ def reusing_headers(checkpoint):
         yield
 
 
-def decode(model, prompt: list[int], kv: bool, steps: int) -> list[StepDone]:
-    events = list(runner.generate(model, list(prompt), steps, device="cpu", stop_at_eos=False, kv_cache=kv))
+def decode(model, prompt: list[int], steps: int) -> list[StepDone]:
+    events = list(runner.generate(model, list(prompt), steps, stop_at_eos=False))
     assert isinstance(events[-1], RunDone) and events[-1].status == "complete", f"run ended {events[-1]}"
     out = [e for e in events if isinstance(e, StepDone)]
     assert len(out) == steps
@@ -363,7 +366,7 @@ class Checkpoints:
             own_kernels_or_skip()
         return choose_kernels(None if case.kernels == "default" else case.kernels, "cpu")
 
-    def open(self, case: Case, cache_bytes: int = 0, cache_policy: str = "lru", lookahead: bool = False):
+    def open(self, case: Case, kv: bool, cache_bytes: int = 0, cache_policy: str = "lru", lookahead: bool = False):
         d = self.dir(case)
         if d == self.synth_dir:
             self._parsed.setdefault(d, self.opened_synth.checkpoint)
@@ -372,17 +375,16 @@ class Checkpoints:
 
             self._parsed[d] = Checkpoint(d)
         with reusing_headers(self._parsed[d]):
-            return runner.Model(d, kernels=self.kernels(case), cache_bytes=cache_bytes, cache_policy=cache_policy,
-                                lookahead=lookahead)
+            return runner.Model(d, RunSpec("cpu", self.kernels(case), kv, cache_bytes, cache_policy, lookahead))
 
     def run(self, case: Case, kv: bool, variant: str = "none") -> list[StepDone]:
         key = (case, kv, variant)
         if key not in self._runs:
             budget, policy, lookahead = self.variant(case, variant)
-            model = self.open(case, budget, policy, lookahead)
+            model = self.open(case, kv, budget, policy, lookahead)
             try:
                 steps = SYNTH_STEPS if case.name == "synthetic" else STEPS
-                self._runs[key] = decode(model, self.prompt(case), kv, steps)
+                self._runs[key] = decode(model, self.prompt(case), steps)
                 if variant != "none":
                     self._runs[key + ("cache",)] = model.reader.cache
             finally:
@@ -628,18 +630,18 @@ SESSION_STEPS = 2
 def session_runs(checkpoints, synth_dir, tmp_path_factory):
     """session.run on the default checkpoint in KV mode: from BOS with a weight cache and look-ahead, and from a
     longer prompt without a cache: {name: (RunResult, cache budget, prompt)}."""
-    from mlx_k2.run.session import Decode, run
+    from mlx_k2.run.session import run
 
     synthetic = Case("synthetic")
     budget = checkpoints.variant(synthetic, "some-lru")[0]
     root = tmp_path_factory.mktemp("kv-session")
-    plans = {"kv": ([SYNTH_BOS], SESSION_STEPS, Decode(kv_cache=True, cache_bytes=budget, lookahead=True)),
-             "kv-prompt": (checkpoints.prompt(synthetic), SESSION_STEPS, Decode(kv_cache=True))}
+    plans = {"kv": ([SYNTH_BOS], SESSION_STEPS, cpu_spec(kv_cache=True, cache_bytes=budget, lookahead=True)),
+             "kv-prompt": (checkpoints.prompt(synthetic), SESSION_STEPS, cpu_spec(kv_cache=True))}
     out = {}
     with reusing_headers(checkpoints.opened_synth.checkpoint):
         for name, (prompt, steps, decode_mode) in plans.items():
-            result = run(synth_dir, prompt, steps, ledger_path=root / f"{name}.jsonl", device="cpu",
-                         anchors_dir=ANCHORS, decode=decode_mode)
+            result = run(synth_dir, prompt, steps, decode_mode, ledger_path=root / f"{name}.jsonl",
+                         anchors_dir=ANCHORS)
             assert result.status == "complete", f"{name}: {result.status} {result.error}"
             out[name] = (result, decode_mode.cache_bytes, prompt)
     return out

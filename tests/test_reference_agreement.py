@@ -41,10 +41,11 @@ def _run_product(model_dir: Path, prompt: list[int], kernels: str = "builtin"):
     from mlx_k2.evidence.events import RunDone, StepDone
     from mlx_k2.model.linear import choose_kernels
     from mlx_k2.run.runner import Model, generate
+    from mlx_k2.run.spec import RunSpec
 
-    model = Model(model_dir, kernels=choose_kernels(kernels, "cpu"))
+    model = Model(model_dir, RunSpec(kernels=choose_kernels(kernels, "cpu")))
     try:
-        events = list(generate(model, list(prompt), NEW_TOKENS, device="cpu"))
+        events = list(generate(model, list(prompt), NEW_TOKENS))
     finally:
         model.close()
     steps = [e for e in events if isinstance(e, StepDone)]

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import share_opened_model
+from conftest import cpu_spec, share_opened_model
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
 from mlx_k2.evidence.verify import verify
 from mlx_k2.run.replay import replay
-from mlx_k2.run.session import Decode, run
+from mlx_k2.run.session import run
 from mlx_k2.checkpoint.tokenizer import load_tokenizer
 from tests.test_verify_kv import PROMPT, cache_budget
 from tests.test_verify_mutations import dumps, read_lines, rechain, rewrite_manifest, write_lines
@@ -49,8 +49,8 @@ def bundles(synth_dir, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, kv in (("kv", True), ("no-kv", False)):
         bundle = tmp_path_factory.mktemp(f"replay-{name}") / "bundle"
-        result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=REPO_ANCHORS,
-                     decode=Decode(kv_cache=kv, cache_bytes=cache_budget(synth_dir)))
+        result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, anchors_dir=REPO_ANCHORS,
+                     spec=cpu_spec(kv_cache=kv, cache_bytes=cache_budget(synth_dir)))
         assert result.status == "complete" and len(result.steps) == N_STEPS
         out[name] = bundle
     return out
@@ -173,8 +173,8 @@ def test_lfu_kv_run_replays_bit_for_bit(synth_dir, tokenizer, tmp_path):
     """The recorded policy is the one replay evicts by: an lfu run, whose cache evicts experts, reproduces its
     bytes_read and bytes_cached exactly."""
     bundle = tmp_path / "lfu"
-    result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=REPO_ANCHORS,
-                 decode=Decode(kv_cache=True, cache_bytes=cache_budget(synth_dir), cache_policy="lfu"))
+    result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, anchors_dir=REPO_ANCHORS,
+                 spec=cpu_spec(kv_cache=True, cache_bytes=cache_budget(synth_dir), cache_policy="lfu"))
     assert result.status == "complete" and records(bundle)[0]["run"]["cache_policy"] == "lfu"
     report = replayed(bundle, [0, 1, 2], synth_dir, tokenizer)
     assert report.ok and report.replay.exact and not report.replay.bytes_note, failed(report)

@@ -16,7 +16,9 @@ import pytest
 
 from mlx_k2.evidence.events import StepDone
 from mlx_k2.evidence.verify import verify
-from mlx_k2.run.session import Decode, resume, run
+from mlx_k2.run.session import resume, run
+
+from conftest import cpu_spec
 from tests.test_verify_kv import PROMPT, cache_budget
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
@@ -42,18 +44,18 @@ def stop_after(n: int):
 
 
 @pytest.fixture(scope="module")
-def decode(synth_dir) -> Decode:
-    return Decode(kv_cache=True, cache_bytes=cache_budget(synth_dir))
+def decode(synth_dir):
+    return cpu_spec(kv_cache=True, cache_bytes=cache_budget(synth_dir))
 
 
 def test_resumed_kv_run_equals_the_uninterrupted_one(synth_dir, decode, tmp_path):
     whole = tmp_path / "whole"
-    result = run(synth_dir, PROMPT, STEPS, bundle_dir=whole, device="cpu", anchors_dir=REPO_ANCHORS, decode=decode)
+    result = run(synth_dir, PROMPT, STEPS, bundle_dir=whole, spec=decode, anchors_dir=REPO_ANCHORS)
     assert result.status == "complete" and len(result.steps) == STEPS
 
     resumed = tmp_path / "resumed"
-    stopped = run(synth_dir, PROMPT, STEPS, bundle_dir=resumed, device="cpu", anchors_dir=REPO_ANCHORS,
-                  decode=decode, sinks=(stop_after(STOP_AFTER),))
+    stopped = run(synth_dir, PROMPT, STEPS, bundle_dir=resumed, spec=decode, anchors_dir=REPO_ANCHORS,
+                  sinks=(stop_after(STOP_AFTER),))
     assert stopped.status == "stopped" and len(step_lines(resumed)) == STOP_AFTER
     again = resume(resumed, device="cpu", anchors_dir=REPO_ANCHORS)
     assert again.status == "complete" and again.resumed_from == STOP_AFTER

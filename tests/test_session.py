@@ -26,7 +26,7 @@ import blake3
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_ANCHOR, share_opened_model
+from conftest import cpu_spec, DEFAULT_ANCHOR, share_opened_model
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
@@ -96,7 +96,7 @@ def interrupted(synth_dir, shared_session_model, made_runs, tmp_path_factory):
             kwargs = {"bundle_dir": path} if target == "bundle" else {"ledger_path": path}
             result, raised = None, None
             try:
-                result = run(synth_dir, [BOS], MAX_NEW, device="cpu", anchors_dir=REPO_ANCHORS,
+                result = run(synth_dir, [BOS], MAX_NEW, spec=cpu_spec(), anchors_dir=REPO_ANCHORS,
                              sinks=(raise_at_step(STOP_AT, ERRORS[status]()),), **kwargs)
             except BaseException as e:  # noqa: BLE001  (a KeyboardInterrupt escaping is a failure to see)
                 raised = e
@@ -230,7 +230,7 @@ def test_any_error_ends_the_ledger_with_failed(synth_dir, shared_session_model, 
     """session.py: "always ends the ledger with a footer ... 'failed' with the error text for anything else"."""
     ledger = tmp_path / "l.jsonl"
     with pytest.raises(KeyError):
-        run(synth_dir, [BOS], MAX_NEW, ledger_path=ledger, device="cpu", anchors_dir=REPO_ANCHORS,
+        run(synth_dir, [BOS], MAX_NEW, ledger_path=ledger, spec=cpu_spec(), anchors_dir=REPO_ANCHORS,
             sinks=(raise_at_step(1, KeyError("sink bug")),))
     recs = records(ledger)
     footer = recs[-1]
@@ -256,7 +256,7 @@ def edited_anchors(tmp_path_factory) -> Path:
 def test_multi_token_run_reproduces_the_anchor_at_step_0(synth_dir, shared_session_model, tokenizer,
                                                           edited_anchors, tmp_path):
     ledger = tmp_path / "l.jsonl"
-    result = run(synth_dir, [BOS], 2, ledger_path=ledger, device="cpu", anchors_dir=REPO_ANCHORS)
+    result = run(synth_dir, [BOS], 2, ledger_path=ledger, spec=cpu_spec(), anchors_dir=REPO_ANCHORS)
     assert result.status == "complete" and len(result.steps) == 2
     assert result.anchor is not None and result.anchor.name == SYNTH_ANCHOR
     assert result.anchor_ok is True
@@ -272,7 +272,7 @@ def test_multi_token_run_reproduces_the_anchor_at_step_0(synth_dir, shared_sessi
 
 
 def test_edited_anchor_is_reported(synth_dir, shared_session_model, edited_anchors, tmp_path):
-    result = run(synth_dir, [BOS], 2, ledger_path=tmp_path / "l.jsonl", device="cpu", anchors_dir=edited_anchors)
+    result = run(synth_dir, [BOS], 2, ledger_path=tmp_path / "l.jsonl", spec=cpu_spec(), anchors_dir=edited_anchors)
     assert result.status == "complete"           # the run itself finished; its anchor check did not pass
     assert result.anchor_ok is False
     assert {r.field for r in result.anchor_rows if r.ok is False} == {"token_id"}

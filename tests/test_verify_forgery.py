@@ -174,7 +174,7 @@ def _splice_other_context(bundle, recs, ctx):
 
     s = recs[1 + LAST]
     other = s["input_ids"][:-1] + [s["input_ids"][-1] + 1]
-    for event in ctx["model"].step(LAST, other, True):
+    for event in ctx["model"].step(LAST, other):
         pass
     forged = step_record(event, ctx["tokenizer"].token_text(event.token_id))
     forged["input_ids"] = s["input_ids"]
@@ -493,11 +493,12 @@ def test_replay_on_other_kernels_agrees_within_tolerance(ctx, synth_dir):
     from mlx_k2.evidence.replayed import CROSS_PLATFORM_RTOL
     from mlx_k2.run.replay import replay
     from mlx_k2.run.runner import Model
+    from mlx_k2.run.spec import RunSpec
 
     recs = read_records(ctx["bundle"])
     if recs[0]["run"]["kernels"] == "mlx-builtin":
         pytest.skip("the session's run used MLX's built-ins: no other kernels here to replay on")
-    model = Model(synth_dir, kernels="mlx-builtin")
+    model = Model(synth_dir, RunSpec(kernels="mlx-builtin"))
     try:
         replayed = replay(recs[0], recs[1:-1], [0], model)
     finally:

@@ -32,8 +32,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mlx_k2.evidence.verify import verify
-from mlx_k2.run.session import Decode, run
+from mlx_k2.run.session import run
 from mlx_k2.checkpoint.tokenizer import load_tokenizer
+
+from conftest import cpu_spec
 from tests.test_verify_mutations import dumps, read_lines, rechain, rewrite_manifest, write_lines
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
@@ -58,8 +60,8 @@ def cache_budget(model_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def kv_bundle(synth_dir, tmp_path_factory) -> Path:
     bundle = tmp_path_factory.mktemp("kv-bundle") / "bundle"
-    result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, device="cpu", anchors_dir=REPO_ANCHORS,
-                 decode=Decode(kv_cache=True, cache_bytes=cache_budget(synth_dir)))
+    result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, anchors_dir=REPO_ANCHORS,
+                 spec=cpu_spec(kv_cache=True, cache_bytes=cache_budget(synth_dir)))
     assert result.status == "complete" and len(result.steps) == N_STEPS
     return bundle
 
@@ -89,7 +91,7 @@ def test_good_kv_bundle_verifies(kv_bundle, tokenizer, synth_dir):
     recs = records(kv_bundle)
     header, steps = recs[0], recs[1:-1]
     assert header["run"]["kv_cache"] is True and header["run"]["expert_cache_bytes"] == cache_budget(synth_dir)
-    assert header["run"]["cache_policy"] == "lru"                   # Decode's default
+    assert header["run"]["cache_policy"] == "lru"                   # RunSpec's default
     assert [s["positions"] for s in steps] == [len(PROMPT), 1, 1]
     k = header["model"]["experts_per_token"]
     for s in steps:

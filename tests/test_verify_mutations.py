@@ -40,6 +40,8 @@ from safetensors.numpy import load_file, save_file
 from mlx_k2.evidence.verify import verify
 from mlx_k2.run.session import run
 from mlx_k2.checkpoint.tokenizer import load_tokenizer
+
+from conftest import cpu_spec
 from tests.foreign_checkpoint import write_foreign_checkpoint
 from tests.reference import entropy_nats
 
@@ -90,7 +92,7 @@ def goods(synth_dir, synth_run, tmp_path_factory) -> dict[str, Good]:
     foreign_dir = root / "foreign-k25"
     write_foreign_checkpoint(foreign_dir, "kimi_k25", seed=0)
     foreign_bundle = root / "foreign-bundle"
-    result = run(foreign_dir, [FOREIGN_BOS], N_STEPS, bundle_dir=foreign_bundle, device="cpu",
+    result = run(foreign_dir, [FOREIGN_BOS], N_STEPS, bundle_dir=foreign_bundle, spec=cpu_spec(),
                  anchors_dir=REPO_ANCHORS)
     assert result.status == "complete" and len(result.steps) == N_STEPS, "foreign run stopped early (EOS?)"
 

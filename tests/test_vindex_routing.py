@@ -18,8 +18,10 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
-from mlx_k2.run.session import Decode, run
+from mlx_k2.run.session import run
 from mlx_k2.vindex.routing import STATS_NAME, RoutingInputError, routing_stats, write_routing_stats
+
+from conftest import cpu_spec
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
 MOE_LAYERS = range(1, 61)  # the synthetic checkpoint: 61 layers, layer 0 dense
@@ -30,8 +32,8 @@ E, K = 384, 8
 def kv_bundle(synth_dir, tmp_path_factory):
     """A KV-cache bundle from a 3-token prompt, 2 steps: step 0 computes positions 0-2, step 1 position 3."""
     bundle = tmp_path_factory.mktemp("vx-routing") / "kv"
-    result = run(synth_dir, [163584, 5, 900], 2, bundle_dir=bundle, device="cpu", anchors_dir=REPO_ANCHORS,
-                 decode=Decode(kv_cache=True))
+    result = run(synth_dir, [163584, 5, 900], 2, bundle_dir=bundle, anchors_dir=REPO_ANCHORS,
+                 spec=cpu_spec(kv_cache=True))
     assert result.status == "complete"
     return bundle
 

@@ -3,8 +3,9 @@
 The configurations (`configurations(...)`): no-KV; KV; KV + a weight cache holding the non-expert weights
 only; KV + a larger cache that also holds routed experts (lru and lfu); KV + that cache + router look-ahead.
 `decode_case(...)` runs one of them in this process (the CLI gives each its own process, so its peak RSS
-and page-cache state are its own): greedy generation from BOS for `tokens` steps, never stopping at EOS, and
-per token the wall time, `bytes_read` (from storage), `bytes_cached` (served by the weight cache), the
+and page-cache state are its own): greedy generation from the checkpoint's own BOS (`prompt_ids` in its
+figures) for `tokens` steps, never stopping at EOS, and
+per token the ids it computed (`new_ids`), the wall time, `bytes_read` (from storage), `bytes_cached` (served by the weight cache), the
 cache's hit share, the look-ahead accuracy, the time spent waiting for reads, and `bytes_min`: what the
 step's computed positions need, counted from the headers and the routing alone (not from the reader's
 counter). With `cold`, the checkpoint's pages are dropped from the OS page cache (posix_fadvise DONTNEED)
@@ -23,13 +24,14 @@ import mlx.core as mx
 
 from ..checkpoint import names
 from ..read.weight_cache import peak_rss_gb
-from .streaming import BOS, bytes_min, drop_cache, os_read_bytes, raw_read_gbps, shard_files
+from .streaming import bytes_min, drop_cache, os_read_bytes, raw_read_gbps, shard_files
 from ..checkpoint.shards import Checkpoint
 from ..checkpoint.config import load_config
+from ..checkpoint.tokenizer import default_bos
 from ..evidence.events import StepDone
 from ..checkpoint.inventory import one_token_step_bytes, step_bytes
-from ..model.linear import choose_kernels, kernels_label
-from ..run.runner import Model, generate, select_device
+from ..run.runner import Model, generate
+from ..run.spec import RunSpec
 from ..read.storage import ReadPolicy
 
 RSS_BASE_GB = 4.0          # the issue's memory bound: 4 GB + one layer's working set + the cache budget
@@ -82,8 +84,8 @@ def _token_figures(model: Model, step: StepDone, wall: float, os_bytes: int | No
     guessed = [e for e in step.layers if e.lookahead_hits is not None]
     new_ids = list(step.input_ids[len(step.input_ids) - step.positions:])
     served = step.bytes_read + step.bytes_cached
-    return {"step": step.step, "token_id": step.token_id, "positions": step.positions, "wall_s": wall,
-            "bytes_read": step.bytes_read, "bytes_cached": step.bytes_cached,
+    return {"step": step.step, "new_ids": new_ids, "token_id": step.token_id, "positions": step.positions,
+            "wall_s": wall, "bytes_read": step.bytes_read, "bytes_cached": step.bytes_cached,
             "hit_share": step.bytes_cached / served if served else 0.0,
             "lookahead_accuracy": _lookahead_accuracy(step), "reads_s": step.reads_s,
             "cache_held": step.cache_held, "os_read_bytes": os_bytes,
@@ -92,11 +94,11 @@ def _token_figures(model: Model, step: StepDone, wall: float, os_bytes: int | No
             "layer_bytes_max": max(e.bytes_read + e.bytes_cached for e in step.layers)}
 
 
-def _generate(model: Model, tokens: int, kv: bool) -> list[dict]:
+def _generate(model: Model, prompt: list[int], tokens: int) -> list[dict]:
     """Per-token figures; `os_read_bytes`: what the kernel read from the device for the step (all reads, those
     of wrong look-ahead guesses included; page-cache hits excluded), None where /proc/self/io is missing."""
     out, last, os_last = [], time.perf_counter(), os_read_bytes()
-    for event in generate(model, [BOS], tokens, device="cpu", capture=True, stop_at_eos=False, kv_cache=kv):
+    for event in generate(model, prompt, tokens, stop_at_eos=False):
         if isinstance(event, StepDone):
             now, os_now = time.perf_counter(), os_read_bytes()
             out.append(_token_figures(model, event, now - last, None if os_last is None else os_now - os_last))
@@ -107,23 +109,25 @@ def _generate(model: Model, tokens: int, kv: bool) -> list[dict]:
 def decode_case(model_dir: str | Path, tokens: int, kv: bool, cache_bytes: int = 0, cache_policy: str = "lru",
                 lookahead: bool = False, kernels: str | None = None, cold: bool = True, passes: int = 1,
                 policy: ReadPolicy = ReadPolicy()) -> dict:
-    """Generate `tokens` tokens from BOS in this process with one configuration; the per-token figures of
-    the last of `passes` passes over the same tokens (earlier passes only fill the weight cache), and the
-    process's peak RSS against the issue's bound."""
+    """Generate `tokens` tokens from the checkpoint's own BOS in this process with one configuration; the
+    per-token figures of the last of `passes` passes over the same tokens (earlier passes only fill the weight
+    cache), and the process's peak RSS against the issue's bound."""
     model_dir = Path(model_dir)
-    mx.set_default_device(select_device("cpu"))
+    spec = RunSpec.from_options("cpu", kernels, kv, cache_bytes, cache_policy, lookahead, policy.method,
+                                policy.retries)
     if cold:
         drop_cache(shard_files(model_dir))
-    model = Model(model_dir, policy, kernels=choose_kernels(kernels, "cpu"), cache_bytes=cache_bytes,
-                  cache_policy=cache_policy, lookahead=lookahead)
+    model = Model(model_dir, spec)
     try:
+        prompt = [default_bos(model_dir, model.config)]
         for _ in range(passes):
-            per_token = _generate(model, tokens, kv)
+            per_token = _generate(model, prompt, tokens)
     finally:
         model.close()
     working_set = max(t["layer_bytes_max"] for t in per_token)
     return {"kv": kv, "cache_bytes": cache_bytes, "cache_policy": cache_policy, "lookahead": lookahead,
-            "kernels": kernels_label(model.kernels), "cold": cold, "passes": passes, "tokens": per_token,
+            "kernels": spec.kernels_label, "cold": cold, "passes": passes, "prompt_ids": prompt,
+            "tokens": per_token,
             "peak_rss_gb": peak_rss_gb(), "layer_working_set_gb": working_set / 1e9,
             "rss_bound_gb": RSS_BASE_GB + (working_set + cache_bytes) / 1e9}
 

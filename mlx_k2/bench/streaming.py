@@ -4,10 +4,12 @@
 vocab 163840) with `layers` layers, once: each shard is generated into `dir/pool/` from its own seed
 stream, and a checkpoint of N layers is a directory of links to the first N layer shards plus the
 head, named as K2.5 names them, so checkpoints of different depths share the disk.
-`measure(...)` runs one case (a step with a T-token context, cold or warm) and returns its figures:
+`measure(...)` runs one case (a step with a T-token context: the checkpoint's own BOS, then ids spread over
+its vocabulary; cold or warm) and returns its figures:
 `bytes_read` (the ledger's), `bytes_min` (from the routing and the headers, independently),
 `read_s` (the same reads with no compute, as a run's later steps do them: the reader's buffers already
-grown by a first replay, timed too as `read_first_s`), `compute_s` (the same step with every weight in memory),
+grown by a first replay, timed too as `read_first_s`; the requests recorded and replayed are the reader's own
+`record`), `compute_s` (the same step with every weight in memory: the reader's `hold`),
 `wall_s`, `peak_rss_gb`, `largest_layer_gb`, `os_read_bytes` (the kernel's counter). Each case runs in
 its own process (see cli/bench_case.py) so peak RSS and the page cache state are its own. The ceilings
 the reads are judged against come from the same machine: `raw_read_gbps` (plain cold sequential reads of
@@ -16,9 +18,8 @@ the same files) and `memcopy_gbps` (a large in-memory copy); `goals(result)` com
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -26,18 +27,17 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoint.shards import Checkpoint, read_header
-from ..checkpoint.config import ModelConfig
+from ..checkpoint.config import ModelConfig, load_config
+from ..checkpoint.tokenizer import default_bos
 from ..evidence.events import LayerDone, StepDone
 from ..checkpoint import names
-from ..model.linear import choose_kernels, kernels_label
-from ..run.runner import Model, select_device
+from ..run.runner import Model
+from ..run.spec import RunSpec
 from ..read.storage import ReadPolicy, Storage
 from ..synth.checkpoint import (HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM, full_width, head_tensors, layer_tensors,
                     projector_tensors, shard_name, vision_tensors, write_index_and_config, write_shard)
 from ..read.tensors import TensorReader
 from ..read.weight_cache import peak_rss_gb
-
-BOS = 163584
 
 
 def _pool_file(pool: Path, stream: int, make, spec, seed: int) -> Path:
@@ -152,108 +152,48 @@ def goals(result: dict) -> list[dict]:
     return out
 
 
-def context_ids(tokens: int) -> list[int]:
-    """BOS then fixed ids: a T-token context whose positions route differently."""
-    return [BOS] + [1000 + 7919 * i % 150000 for i in range(1, tokens)]
+def context_ids(tokens: int, bos: int, vocab_size: int) -> list[int]:
+    """`bos` then fixed distinct ids below `vocab_size` (never `bos`): a T-token context whose positions route
+    differently. K2.5's vocabulary gives 1000 + 7919 i mod 150000; a smaller one the same walk over its ids."""
+    first = min(1000, vocab_size // 8)
+    span = min(150000, vocab_size - first)
+    span -= math.gcd(7919, span) != 1  # the walk visits every id of the span once
+    ids = [bos]
+    for i in range(1, span + 1):
+        if len(ids) == tokens:
+            break
+        if first + 7919 * i % span != bos:
+            ids.append(first + 7919 * i % span)
+    if len(ids) < tokens:
+        raise ValueError(f"a {tokens}-token context of distinct ids does not fit a vocabulary of {vocab_size}")
+    return ids
 
 
-class _Recorder(TensorReader):
-    """A reader that remembers each request (and each buffer release), to replay the same reads without
-    compute."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.requests: list[tuple] = []
-
-    def prefetch(self, names, slot=None):
-        self.requests.append(("prefetch", list(names), slot))
-        return super().prefetch(names, slot)
-
-    def tensor(self, name, slot=None):
-        self.requests.append(("tensor", name, slot))
-        return super().tensor(name, slot)
-
-    def start_stacked(self, groups, slot=None, ahead=False, own=False):
-        self.requests.append(("stacked", [list(g) for g in groups], slot))  # replayed read and waited for
-        return super().start_stacked(groups, slot, ahead, own)
-
-    def start_rows(self, name, rows, slot=None, own=False, ahead=False):
-        self.requests.append(("start_rows", name, list(rows), slot))
-        return super().start_rows(name, rows, slot, own, ahead)
-
-    def release(self, slot):
-        self.requests.append(("release", slot))
-        return super().release(slot)
-
-    def end_step(self):
-        self.requests.append(("end_step",))
-        return super().end_step()
+def checkpoint_context(model_dir: Path, cfg: ModelConfig, tokens: int) -> list[int]:
+    """The T-token context of `context_ids` for this checkpoint: its own BOS, ids inside its vocabulary."""
+    return context_ids(tokens, default_bos(model_dir, cfg), cfg.text.vocab_size)
 
 
 def _replay(reader: TensorReader, requests: list[tuple]) -> None:
-    pending = []  # issued row reads, waited for in order, two in flight as the step has them
+    """Issue a recorded step's requests (`TensorReader(record=True).requests`) again: stacks read and waited
+    for at once, row reads waited for in order with two in flight as the step has them."""
+    pending = []
     for kind, *args in requests:
         if kind == "start_rows":
             pending.append(reader.start_rows(*args))
             if len(pending) > 1:
                 pending.pop(0).wait()
+        elif kind == "start_stacked":
+            reader.stacked(*args)
         else:
             getattr(reader, kind)(*args)
     for rows in pending:
         rows.wait()
 
 
-class _InMemory(TensorReader):
-    """A reader that serves every request from arrays read beforehand (compute-only timing). Its arrays
-    outlive the step, so they are never in reused buffers."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, reuse=False, **kw)
-        self.held: dict = {}  # not `cache`: that is the reader's weight cache (none here)
-
-    def prefetch(self, names, slot=None):
-        pass
-
-    def _key(self, kind, *args):
-        return (kind, json.dumps(args))
-
-    def tensor(self, name, slot=None):
-        key = self._key("t", name)
-        if key not in self.held:
-            self.held[key] = super().tensor(name)
-        return self.held[key]
-
-    def start_stacked(self, groups, slot=None, ahead=False, own=False):
-        key = self._key("s", [list(g) for g in groups])
-        if key not in self.held:
-            self.held[key] = [pending.wait() for pending in super().start_stacked(groups)]
-        return [_Ready(array) for array in self.held[key]]
-
-    def start_rows(self, name, rows, slot=None, own=False, ahead=False):
-        key = self._key("r", name, list(rows))
-        if key not in self.held:
-            self.held[key] = super().start_rows(name, rows).wait()
-        return _Ready(self.held[key])
-
-
-class _Ready:
-    """An array already in memory, handed out like a pending read."""
-
-    own = False  # never for the weight cache: this reader has none
-
-    def __init__(self, array):
-        self.array = array
-
-    def wait(self):
-        return self.array
-
-    def wait_part(self, slot):
-        pass
-
-
 def _run_step(model: Model, ids: list[int]) -> tuple[StepDone, float]:
     start = time.perf_counter()
-    for event in model.step(0, ids, capture=True):
+    for event in model.step(0, ids):
         pass
     return event, time.perf_counter() - start
 
@@ -280,11 +220,12 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
     """One part of a case in this process: "step" (wall, bytes, RSS, OS bytes), "reads" (the same reads
     with no compute) or "compute" (the step with every weight already in memory). `kernels` as `run` takes
     them (default: auto)."""
-    mx.set_default_device(select_device("cpu"))
-    ids = context_ids(tokens)
-    model = Model(model_dir, policy, kernels=choose_kernels(kernels, "cpu"))
+    spec = RunSpec.from_options("cpu", kernels, cache_bytes=0, read_method=policy.method, read_retries=policy.retries)
+    mx.set_default_device(spec.mx_device)
+    model = Model(model_dir, spec)
+    ids = checkpoint_context(model.dir, model.config, tokens)
     files = shard_files(model_dir)
-    out: dict = {"kernels": kernels_label(model.kernels)}
+    out: dict = {"kernels": spec.kernels_label}
     try:
         if part == "step":
             if cold:
@@ -297,7 +238,7 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
                    "largest_layer_gb": max(e.bytes_read for e in step.layers) / 1e9,
                    "os_read_bytes": None if before is None else after - before, "peak_rss_gb": peak_rss_gb()}
         elif part == "reads":
-            recorder = _Recorder(model.checkpoint, Storage(policy))
+            recorder = TensorReader(model.checkpoint, Storage(policy), record=True)
             model.reader = model.weights.reader = recorder
             _run_step(model, ids)                      # learn the requests (routing decides the experts)
             recorder.close()                           # unmapped: mapped pages cannot be dropped
@@ -318,11 +259,12 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
                     "direct_bytes": store.bytes_direct - direct, "staged_bytes": store.bytes_staged - staged}
             replay.close()
         elif part == "compute":
-            memory = _InMemory(model.checkpoint, Storage(policy))
+            memory = TensorReader(model.checkpoint, Storage(policy), hold=True)
             model.reader = model.weights.reader = memory
-            _run_step(model, ids)                      # fills the cache (untimed)
+            _run_step(model, ids)                      # reads every array the step uses, once (untimed)
+            before = memory.bytes_read
             _, compute = _run_step(model, ids)
-            out |= {"compute_s": compute}
+            out |= {"compute_s": compute, "compute_bytes_read": memory.bytes_read - before}  # 0: nothing read
             memory.close()
         else:
             raise ValueError(part)
@@ -335,11 +277,11 @@ def mlx_lm_step(model_dir: Path, tokens: int) -> dict:
     """The peer: mlx-lm's own Kimi K2.5 model on the same checkpoint, one forward pass of the context."""
     from mlx_lm.utils import load_model
 
-    mx.set_default_device(select_device("cpu"))
+    mx.set_default_device(mx.cpu)
     start = time.perf_counter()
     model, _ = load_model(Path(model_dir))
     load = time.perf_counter() - start
-    ids = mx.array([context_ids(tokens)])
+    ids = mx.array([checkpoint_context(Path(model_dir), load_config(Path(model_dir)), tokens)])
     start = time.perf_counter()
     logits = model(ids)[0, -1]
     mx.eval(logits)

@@ -43,7 +43,7 @@ class Quantization:
 
     @property
     def label(self) -> str:
-        """The ledger header's model.quantization (LEDGER.md), e.g. `int4-group32`."""
+        """The ledger header's model.quantization (docs/ledger.md), e.g. `int4-group32`."""
         return f"int{self.num_bits}-group{self.group_size}"
 
 
@@ -61,7 +61,7 @@ class BlockFP8:
 
     @property
     def label(self) -> str:
-        """The ledger header's model.quantization (LEDGER.md): `fp8-block128`, or `fp8-block128x64` where the
+        """The ledger header's model.quantization (docs/ledger.md): `fp8-block128`, or `fp8-block128x64` where the
         block is not square."""
         bo, bi = self.block_size
         return f"fp8-block{bo}" if bo == bi else f"fp8-block{bo}x{bi}"

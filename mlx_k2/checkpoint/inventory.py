@@ -6,7 +6,8 @@ From them: sizes and dtypes
 per group (a pass over every name), what `mlx-k2 inspect` prints. Apart from the groups, and without that
 pass: the tensors a step reads from a layer besides its routed experts, and the bytes a one-token step must
 read (one embedding row, every layer's non-expert tensors, `num_experts_per_tok` experts per MoE layer,
-final norm, lm_head) and its parts, from the names `names.py` spells and a few hundred headers; from those
+final norm, lm_head) and its parts, layer by layer (`layer_bytes`, which `step_bytes` and `layer_step_bytes`
+sum), from the names `names.py` spells and a few hundred headers; from those
 parts, what each decode mode reads per step and what a weight cache budget holds (`DecodeBytes`).
 """
 
@@ -54,29 +55,10 @@ def layer_tensors(checkpoint: Checkpoint, cfg: ModelConfig, layer: int) -> list[
         stored=checkpoint)
 
 
-def step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[int, int, int]:
-    """What a one-token step reads, in three parts: (one embedding row, the non-expert tensors: every
-    layer's apart from its routed experts, the final norm and the lm_head, one routed expert of each MoE
-    layer: each layer's expert 0, as every expert of a layer has its size)."""
-    tensor_names, text = names.TensorNames(cfg.weight_prefix), cfg.text
-
-    def size(tensors: list[str]) -> int:
-        return sum(checkpoint.info(t).nbytes for t in tensors)
-
-    non_expert = size([tensor_names.norm, *names.linear_parts(tensor_names.lm_head, checkpoint)])
-    experts = 0
-    for layer in range(text.num_hidden_layers):
-        non_expert += size(layer_tensors(checkpoint, cfg, layer))
-        if text.is_moe_layer(layer):
-            n = tensor_names.layer(layer)
-            experts += size([part for m in names.MLP_PROJECTIONS for part in names.linear_parts(n.experts(0, m), checkpoint)])
-    return checkpoint.info(tensor_names.embed_tokens).row_bytes, non_expert, experts
-
-
-def layer_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig, non_expert_only: bool = False) -> tuple[list[int], int]:
-    """What a one-token step reads layer by layer: per layer its non-expert tensors plus (unless
-    `non_expert_only`) the num_experts_per_tok routed experts one position selects in a MoE layer; and the
-    final norm with the lm_head. The embedding row is left out (one row). Pipelined runs balance on these."""
+def layer_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[list[tuple[int, int]], int]:
+    """The parts of a step's reads, layer by layer, from the headers: per layer (its non-expert tensors, one
+    routed expert: expert 0, as every expert of a layer has its size; 0 in a dense layer), and the final norm
+    with the lm_head. `step_bytes` and `layer_step_bytes` are sums of these."""
     tensor_names, text = names.TensorNames(cfg.weight_prefix), cfg.text
 
     def size(tensors: list[str]) -> int:
@@ -84,13 +66,31 @@ def layer_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig, non_expert_only: 
 
     per_layer = []
     for layer in range(text.num_hidden_layers):
-        nbytes = size(layer_tensors(checkpoint, cfg, layer))
-        if text.is_moe_layer(layer) and not non_expert_only:
+        expert = 0
+        if text.is_moe_layer(layer):
             n = tensor_names.layer(layer)
-            nbytes += text.num_experts_per_tok * size([part for m in names.MLP_PROJECTIONS
-                                                       for part in names.linear_parts(n.experts(0, m), checkpoint)])
-        per_layer.append(nbytes)
+            expert = size([part for m in names.MLP_PROJECTIONS
+                           for part in names.linear_parts(n.experts(0, m), checkpoint)])
+        per_layer.append((size(layer_tensors(checkpoint, cfg, layer)), expert))
     return per_layer, size([tensor_names.norm, *names.linear_parts(tensor_names.lm_head, checkpoint)])
+
+
+def step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[int, int, int]:
+    """What a one-token step reads, in three parts: (one embedding row, the non-expert tensors: every
+    layer's apart from its routed experts, the final norm and the lm_head, one routed expert of each MoE
+    layer: each layer's expert 0, as every expert of a layer has its size)."""
+    per_layer, head = layer_bytes(checkpoint, cfg)
+    row = checkpoint.info(names.TensorNames(cfg.weight_prefix).embed_tokens).row_bytes
+    return row, head + sum(non_expert for non_expert, _ in per_layer), sum(expert for _, expert in per_layer)
+
+
+def layer_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig, non_expert_only: bool = False) -> tuple[list[int], int]:
+    """What a one-token step reads layer by layer: per layer its non-expert tensors plus (unless
+    `non_expert_only`) the num_experts_per_tok routed experts one position selects in a MoE layer; and the
+    final norm with the lm_head. The embedding row is left out (one row). Pipelined runs balance on these."""
+    per_layer, head = layer_bytes(checkpoint, cfg)
+    k = 0 if non_expert_only else cfg.text.num_experts_per_tok
+    return [non_expert + k * expert for non_expert, expert in per_layer], head
 
 
 def one_token_step_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> int:

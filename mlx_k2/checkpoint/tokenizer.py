@@ -1,7 +1,9 @@
 """Which tokenizer a checkpoint has, and its own BOS.
 
-`load_tokenizer` reads `tiktoken.model` where the checkpoint has one (Kimi K2, K2.5:
-tokenizer_tiktoken.py), else `tokenizer.json` (DeepSeek-V3, R1: tokenizer_hf.py), else returns None.
+`tokenizer_file` is the file a checkpoint's tokenizer is built from, the first of TOKENIZER_FILES it has:
+`tiktoken.model` (Kimi K2, K2.5: tokenizer_tiktoken.py), else `tokenizer.json` (DeepSeek-V3, R1:
+tokenizer_hf.py), else none; `load_tokenizer` reads it (None where there is none), and a ledger header's
+tokenizer_blake3 hashes it.
 Both expose the `Tokenizer` interface the rest of the product uses; neither adds BOS in `encode`.
 `default_bos` is the checkpoint's own BOS id, the default prompt of `run` and `anchor`; `adds_bos` says
 whether the model's own tokenizer puts BOS before text (tokenizer_config.json's `add_bos_token`: DeepSeek-V3's
@@ -19,12 +21,16 @@ from ..errors import CheckpointError, UsageError
 from .tokenizer_hf import HuggingFaceTokenizer
 from .tokenizer_tiktoken import NUM_RESERVED_SPECIAL_TOKENS, SPECIAL_TOKENS, TiktokenTokenizer
 
-__all__ = ["NUM_RESERVED_SPECIAL_TOKENS", "SPECIAL_TOKENS", "HuggingFaceTokenizer", "TiktokenTokenizer",
-           "Tokenizer", "adds_bos", "default_bos", "load_tokenizer"]
+__all__ = ["NUM_RESERVED_SPECIAL_TOKENS", "SPECIAL_TOKENS", "TOKENIZER_FILES", "HuggingFaceTokenizer",
+           "TiktokenTokenizer", "Tokenizer", "adds_bos", "default_bos", "load_tokenizer", "tokenizer_file"]
 
 TIKTOKEN_FILE = "tiktoken.model"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# The files a tokenizer is built from, by precedence (a checkpoint with both is read from the first), each
+# with the class that reads it.
+_READERS = {TIKTOKEN_FILE: TiktokenTokenizer, TOKENIZER_JSON: HuggingFaceTokenizer}
+TOKENIZER_FILES = tuple(_READERS)
 
 
 class Tokenizer(Protocol):
@@ -39,13 +45,16 @@ class Tokenizer(Protocol):
     def token_text(self, token_id: int) -> str | None: ...
 
 
+def tokenizer_file(model_dir: str | Path) -> Path | None:
+    """The file the checkpoint's tokenizer is built from: the first of TOKENIZER_FILES it has, or None."""
+    return next((Path(model_dir) / name for name in TOKENIZER_FILES if (Path(model_dir) / name).is_file()), None)
+
+
 def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
-    model_dir = Path(model_dir)
-    if (model_dir / TIKTOKEN_FILE).exists():
-        return TiktokenTokenizer(model_dir / TIKTOKEN_FILE, model_dir / TOKENIZER_CONFIG)
-    if (model_dir / TOKENIZER_JSON).exists():
-        return HuggingFaceTokenizer(model_dir / TOKENIZER_JSON, model_dir / TOKENIZER_CONFIG)
-    return None
+    vocab_file = tokenizer_file(model_dir)
+    if vocab_file is None:
+        return None
+    return _READERS[vocab_file.name](vocab_file, Path(model_dir) / TOKENIZER_CONFIG)
 
 
 def adds_bos(model_dir: str | Path) -> bool:
@@ -77,8 +86,8 @@ def default_bos(model_dir: str | Path, cfg: ModelConfig) -> int:
                 return int(token_id)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read its bos_token ({e})") from None
-    tokenizer_json = Path(model_dir) / TOKENIZER_JSON
-    if content is not None and tokenizer_json.exists() and not (Path(model_dir) / TIKTOKEN_FILE).exists():
-        return HuggingFaceTokenizer(tokenizer_json, path).bos_token_id  # found, or a CheckpointError naming it
+    vocab_file = tokenizer_file(model_dir)
+    if content is not None and vocab_file is not None and vocab_file.name == TOKENIZER_JSON:
+        return HuggingFaceTokenizer(vocab_file, path).bos_token_id  # found, or a CheckpointError naming it
     raise UsageError(f"{model_dir}: no bos_token_id in config.json nor a bos_token in tokenizer_config.json; "
                      "give --prompt-ids")

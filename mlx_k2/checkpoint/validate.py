@@ -80,71 +80,100 @@ def _where(info: TensorInfo) -> str:
     return f"{info.path}: tensor {info.name}"
 
 
+def _missing(checkpoint: Checkpoint, name: str, why: str = "config.json implies it") -> str:
+    return f"{checkpoint.dir}: tensor {name} not found ({why})"
+
+
+def _wrong_shape(info: TensorInfo, fields: str, shape: tuple[int, ...]) -> str:
+    return f"{_where(info)}: shape {list(info.shape)} but config.json {fields} gives {list(shape)}"
+
+
 def problems(checkpoint: Checkpoint, cfg: ModelConfig, deep: bool = False) -> Iterator[str]:
     """Every disagreement between config and checkpoint, one line each; `deep` also reads and checks the
     `weight_shape` values."""
-    tensors = checkpoint.tensors
-    where_missing = f"{checkpoint.dir}: tensor"
+    yield from _vector_problems(checkpoint, cfg)
+    yield from _router_bias_problems(checkpoint, cfg)
+    shapes_to_read: list[tuple[TensorInfo, int, int]] = []   # packed linears' weight_shape, for `deep`
+    for base, out, inp, fields in expected_linears(cfg):
+        kind = names.linear_format(base, checkpoint.tensors)
+        if kind == names.BLOCK_FP8:
+            yield from _fp8_problems(checkpoint, cfg, base, out, inp, fields)
+        elif kind == names.DENSE:
+            yield from _dense_problems(checkpoint, base, out, inp, fields)
+        else:
+            yield from _packed_problems(checkpoint, cfg, base, out, inp, fields, shapes_to_read)
+    if deep and shapes_to_read:
+        yield from _weight_shape_values(shapes_to_read)
+
+
+def _vector_problems(checkpoint: Checkpoint, cfg: ModelConfig) -> Iterator[str]:
+    """The norms, routers and embedding: present, with the config's shape and a float dtype."""
     for name, shape, fields, dtypes in expected_vectors(cfg):
-        info = tensors.get(name)
+        info = checkpoint.tensors.get(name)
         if info is None:
-            yield f"{where_missing} {name} not found (config.json implies it)"
+            yield _missing(checkpoint, name)
         elif info.shape != shape:
-            yield f"{_where(info)}: shape {list(info.shape)} but config.json {fields} gives {list(shape)}"
+            yield _wrong_shape(info, fields, shape)
         elif info.dtype not in dtypes:
             yield f"{_where(info)}: dtype {info.dtype} not supported (expected one of {', '.join(dtypes)})"
+
+
+def _router_bias_problems(checkpoint: Checkpoint, cfg: ModelConfig) -> Iterator[str]:
+    """Each MoE layer's `e_score_correction_bias`: required by noaux_tc routing, one value per routed expert."""
     t = cfg.text
     for layer in range(t.num_hidden_layers):
         if not t.is_moe_layer(layer):
             continue
         bias_name = names.TensorNames(cfg.weight_prefix).layer(layer).e_score_correction_bias
-        bias = tensors.get(bias_name)
+        bias = checkpoint.tensors.get(bias_name)
         if bias is None and t.topk_method == "noaux_tc":
-            yield f"{where_missing} {bias_name} not found (config.json topk_method 'noaux_tc' routes with it)"
+            yield _missing(checkpoint, bias_name, "config.json topk_method 'noaux_tc' routes with it")
         elif bias is not None and bias.shape != (t.n_routed_experts,):
             yield f"{_where(bias)}: shape {list(bias.shape)} but config.json n_routed_experts gives " \
                   f"[{t.n_routed_experts}]"
-    shapes_to_read: list[tuple[TensorInfo, int, int]] = []
-    for base, out, inp, fields in expected_linears(cfg):
-        kind = names.linear_format(base, tensors)
-        if kind == names.BLOCK_FP8:
-            yield from _fp8_problems(checkpoint, cfg, base, out, inp, fields)
-            continue
-        if kind == names.DENSE:
-            dense = tensors.get(names.dense_weight(base))
-            if dense is None:
-                yield f"{where_missing} {names.dense_weight(base)} not found (config.json implies it)"
-            elif dense.shape != (out, inp):
-                yield f"{_where(dense)}: shape {list(dense.shape)} but config.json {fields} gives [{out}, {inp}]"
-            elif dense.dtype == FP8_DTYPE:
-                yield f"{where_missing} {names.weight_scale_inv(base)} not found (its weight is {FP8_DTYPE})"
-            elif dense.dtype not in FLOAT_DTYPES:
-                yield f"{_where(dense)}: dtype {dense.dtype} not supported (quantized weights other than " \
-                      "compressed-tensors pack-quantized and block FP8 are not)"
-            continue
-        packed = tensors[names.packed_weight(base)]
-        q = cfg.quantization
-        if not isinstance(q, Quantization):
-            yield f"{_where(packed)}: packed weight but config.json has no compressed-tensors quantization_config"
-            continue
-        scale = tensors.get(names.weight_scale(base))
-        words = inp * q.num_bits // 32
-        if packed.dtype != "I32" or packed.shape != (out, words):
-            yield (f"{_where(packed)}: {packed.dtype} {list(packed.shape)} but config.json {fields} with "
-                   f"num_bits {q.num_bits} gives I32 [{out}, {words}]")
-        if scale is None:
-            yield f"{where_missing} {names.weight_scale(base)} not found (its weight_packed exists)"
-        elif scale.dtype not in FLOAT_DTYPES or scale.shape != (out, inp // q.group_size):
-            yield (f"{_where(scale)}: {scale.dtype} {list(scale.shape)} but group_size {q.group_size} gives "
-                   f"[{out}, {inp // q.group_size}]")
-        shape_info = tensors.get(names.weight_shape(base))
-        if shape_info is not None:
-            if shape_info.dtype not in ("I32", "I64") or shape_info.shape != (2,):
-                yield f"{_where(shape_info)}: {shape_info.dtype} {list(shape_info.shape)}, expected I32 [2]"
-            else:
-                shapes_to_read.append((shape_info, out, inp))
-    if deep and shapes_to_read:
-        yield from _weight_shape_values(shapes_to_read)
+
+
+def _dense_problems(checkpoint: Checkpoint, base: str, out: int, inp: int, fields: str) -> Iterator[str]:
+    """A linear stored as one float weight [out, in] (an e4m3 one here has lost its block scales)."""
+    dense = checkpoint.tensors.get(names.dense_weight(base))
+    if dense is None:
+        yield _missing(checkpoint, names.dense_weight(base))
+    elif dense.shape != (out, inp):
+        yield _wrong_shape(dense, fields, (out, inp))
+    elif dense.dtype == FP8_DTYPE:
+        yield _missing(checkpoint, names.weight_scale_inv(base), f"its weight is {FP8_DTYPE}")
+    elif dense.dtype not in FLOAT_DTYPES:
+        yield f"{_where(dense)}: dtype {dense.dtype} not supported (quantized weights other than " \
+              "compressed-tensors pack-quantized and block FP8 are not)"
+
+
+def _packed_problems(checkpoint: Checkpoint, cfg: ModelConfig, base: str, out: int, inp: int, fields: str,
+                     shapes_to_read: list[tuple[TensorInfo, int, int]]) -> Iterator[str]:
+    """A compressed-tensors pack-quantized linear: I32 words of num_bits values, one scale per group; its
+    `weight_shape`, where stored and well-formed, is appended to `shapes_to_read` (its value is read only
+    by the deep check)."""
+    tensors = checkpoint.tensors
+    packed = tensors[names.packed_weight(base)]
+    q = cfg.quantization
+    if not isinstance(q, Quantization):
+        yield f"{_where(packed)}: packed weight but config.json has no compressed-tensors quantization_config"
+        return
+    scale = tensors.get(names.weight_scale(base))
+    words = inp * q.num_bits // 32
+    if packed.dtype != "I32" or packed.shape != (out, words):
+        yield (f"{_where(packed)}: {packed.dtype} {list(packed.shape)} but config.json {fields} with "
+               f"num_bits {q.num_bits} gives I32 [{out}, {words}]")
+    if scale is None:
+        yield _missing(checkpoint, names.weight_scale(base), "its weight_packed exists")
+    elif scale.dtype not in FLOAT_DTYPES or scale.shape != (out, inp // q.group_size):
+        yield (f"{_where(scale)}: {scale.dtype} {list(scale.shape)} but group_size {q.group_size} gives "
+               f"[{out}, {inp // q.group_size}]")
+    shape_info = tensors.get(names.weight_shape(base))
+    if shape_info is not None:
+        if shape_info.dtype not in ("I32", "I64") or shape_info.shape != (2,):
+            yield f"{_where(shape_info)}: {shape_info.dtype} {list(shape_info.shape)}, expected I32 [2]"
+        else:
+            shapes_to_read.append((shape_info, out, inp))
 
 
 def _fp8_problems(checkpoint: Checkpoint, cfg: ModelConfig, base: str, out: int, inp: int,
@@ -158,11 +187,11 @@ def _fp8_problems(checkpoint: Checkpoint, cfg: ModelConfig, base: str, out: int,
         return
     weight = tensors.get(names.dense_weight(base))
     if weight is None:
-        yield f"{checkpoint.dir}: tensor {names.dense_weight(base)} not found (config.json implies it)"
+        yield _missing(checkpoint, names.dense_weight(base))
     elif weight.dtype != FP8_DTYPE:
         yield f"{_where(weight)}: dtype {weight.dtype} but its weight_scale_inv makes it block FP8 (expected {FP8_DTYPE})"
     elif weight.shape != (out, inp):
-        yield f"{_where(weight)}: shape {list(weight.shape)} but config.json {fields} gives [{out}, {inp}]"
+        yield _wrong_shape(weight, fields, (out, inp))
     bo, bi = q.block_size
     blocks = (-(-out // bo), -(-inp // bi))
     if scale.dtype not in FP8_SCALE_DTYPES or scale.shape != blocks:

@@ -1,7 +1,7 @@
 """A run bundle: the ledger, the tensors behind every digest and recomputable value, and a manifest.
 
 Layout of DIR (the names are `schema.py`'s):
-  ledger.jsonl                     the ledger (LEDGER.md)
+  ledger.jsonl                     the ledger (docs/ledger.md)
   tensors/step-NNNN.safetensors    per step, float32 unless noted:
       hidden [hidden]               final hidden state of the last position (-> hidden_digest)
       logits [vocab]                its logits (-> logits_digest, top16, entropy, margin, logit, token_id)
@@ -43,7 +43,9 @@ from ..errors import K2Error
 from .events import StepDone
 from ..checkpoint.safetensors_write import bf16_to_f32, save
 from .derived import file_blake3
-from .schema import LEDGER_NAME, MANIFEST_NAME, TENSORS_DIR, step_tensor_path, strict_loads
+from .schema import (HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MOE_INPUT, MOE_INPUT_TENSORS, RESIDUALS, ROUTED,
+                     ROUTER_SCORES, ROUTING_SCORES, TENSORS_DIR, layer_tensor, layer_tensor_kind, step_tensor_path,
+                     strict_loads)
 
 # A step file's JSON header is a few kB (one entry per MoE layer); 1 MiB is far above any real one.
 MAX_STEP_HEADER_BYTES = 1 << 20
@@ -51,29 +53,27 @@ MAX_STEP_HEADER_BYTES = 1 << 20
 MAX_STEP_FILE_BYTES = 1 << 30
 STEP_DTYPES = {"F32": np.dtype("<f4"), "I32": np.dtype("<i4")}
 BUNDLE_FORMAT = "mlx-k2.bundle/2"
-# The per-MoE-layer tensors format 2 added (layers.L.<name>): all of them for every captured MoE layer, or none.
-MOE_INPUT_TENSORS = ("router_scores", "moe_input")
 
 
 def step_tensors(e: StepDone) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {"hidden": np.asarray(e.hidden, np.float32),
-                                      "logits": np.asarray(e.logits, np.float32)}
+    tensors: dict[str, np.ndarray] = {HIDDEN: np.asarray(e.hidden, np.float32),
+                                      LOGITS: np.asarray(e.logits, np.float32)}
     if e.layers and e.layers[0].residual_in is not None:
         rows = [e.layers[0].residual_in] + [layer.residual_out for layer in e.layers]
-        tensors["residuals"] = np.stack(rows).astype(np.float32)  # (layers + 1, hidden)
+        tensors[RESIDUALS] = np.stack(rows).astype(np.float32)  # (layers + 1, hidden)
     for layer in e.layers:
         if layer.routing_scores is not None:
-            tensors[f"layers.{layer.layer}.routing_scores"] = np.asarray(layer.routing_scores, np.float32)
-            tensors[f"layers.{layer.layer}.routed"] = np.asarray(layer.routed, np.int32)
+            tensors[layer_tensor(layer.layer, ROUTING_SCORES)] = np.asarray(layer.routing_scores, np.float32)
+            tensors[layer_tensor(layer.layer, ROUTED)] = np.asarray(layer.routed, np.int32)
         if layer.router_scores is not None and layer.moe_input is not None:
-            tensors[f"layers.{layer.layer}.router_scores"] = np.asarray(layer.router_scores, np.float32)
-            tensors[f"layers.{layer.layer}.moe_input"] = np.asarray(layer.moe_input, np.float32)
+            tensors[layer_tensor(layer.layer, ROUTER_SCORES)] = np.asarray(layer.router_scores, np.float32)
+            tensors[layer_tensor(layer.layer, MOE_INPUT)] = np.asarray(layer.moe_input, np.float32)
     return tensors
 
 
 def is_moe_input(name: str) -> bool:
     """Whether a step tensor's name is one of the format 2 tensors (layers.L.<MOE_INPUT_TENSORS>)."""
-    return name.startswith("layers.") and name.rsplit(".", 1)[-1] in MOE_INPUT_TENSORS
+    return layer_tensor_kind(name) in MOE_INPUT_TENSORS
 
 
 def has_moe_inputs(names) -> bool:
@@ -104,15 +104,15 @@ def expected_step_tensors(hidden: int, vocab: int, num_layers: int, moe_layers: 
     """name -> (dtype, shape) of every tensor a step file holds, from the model's widths and the step's
     context length (`positions`); `moe_layers` are the layers whose routing was captured. With `n_experts`
     (n_routed_experts), the format 2 tensors too (MOE_INPUT_TENSORS); without it, a format 1 file's."""
-    out = {"hidden": ("F32", (hidden,)), "logits": ("F32", (vocab,))}
+    out = {HIDDEN: ("F32", (hidden,)), LOGITS: ("F32", (vocab,))}
     if capture:
-        out["residuals"] = ("F32", (num_layers + 1, hidden))  # entering layer 0, then leaving each layer
+        out[RESIDUALS] = ("F32", (num_layers + 1, hidden))  # entering layer 0, then leaving each layer
         for i in moe_layers:
-            out[f"layers.{i}.routing_scores"] = ("F32", (experts_per_token,))
-            out[f"layers.{i}.routed"] = ("I32", (positions, experts_per_token))
+            out[layer_tensor(i, ROUTING_SCORES)] = ("F32", (experts_per_token,))
+            out[layer_tensor(i, ROUTED)] = ("I32", (positions, experts_per_token))
             if n_experts is not None:
-                out[f"layers.{i}.router_scores"] = ("F32", (n_experts,))
-                out[f"layers.{i}.moe_input"] = ("F32", (hidden,))
+                out[layer_tensor(i, ROUTER_SCORES)] = ("F32", (n_experts,))
+                out[layer_tensor(i, MOE_INPUT)] = ("F32", (hidden,))
     return out
 
 
@@ -128,6 +128,17 @@ def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] 
     """A step file read as untrusted input; raises StepFileError naming what is wrong. `expected`
     (expected_step_tensors) None checks the layout only; `older` is what a format 1 file holds: a file with
     none of the format 2 tensors (has_moe_inputs) is checked against it instead of `expected`."""
+    header, body = _step_header(path, _read_capped(path, max_bytes))
+    out = _packed_tensors(path, header, body)
+    if expected is not None and older is not None and not has_moe_inputs(out):
+        expected = older  # written before the format 2 tensors: all of them are absent, as they must be
+    if expected is not None:
+        _check_step_names(path, header, out, expected)
+    return out
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes: a regular file (no symlink) of at most `max_bytes`, checked before anything is read."""
     try:
         info = os.lstat(path)
     except OSError as e:
@@ -139,7 +150,11 @@ def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] 
         raise StepFileError(f"{path.name}: {size:,} bytes, more than the {max_bytes:,} a step of this model "
                             f"can hold")
     with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
+        return f.read(max_bytes + 1)
+
+
+def _step_header(path: Path, data: bytes) -> tuple[dict, memoryview]:
+    """The safetensors header (strict JSON, an object, under the cap; its metadata dropped) and the data after it."""
     if len(data) < 8:
         raise StepFileError(f"{path.name}: {len(data)} bytes, no safetensors header")
     (n,) = struct.unpack("<Q", data[:8])
@@ -152,7 +167,12 @@ def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] 
     if not isinstance(header, dict):
         raise StepFileError(f"{path.name}: header is not a JSON object")
     header.pop("__metadata__", None)
-    body = memoryview(data)[8 + n:]
+    return header, memoryview(data)[8 + n:]
+
+
+def _packed_tensors(path: Path, header: dict, body: memoryview) -> dict[str, np.ndarray]:
+    """Every header entry as an array over `body`: F32/I32 entries inside it, packed end to end with no gap,
+    overlap or trailing byte."""
     spans, out = [], {}
     for name, entry in header.items():
         try:
@@ -177,18 +197,20 @@ def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] 
         at = end
     if at != len(body):
         raise StepFileError(f"{path.name}: {len(body) - at:,} bytes after the last tensor")
-    if expected is not None and older is not None and not has_moe_inputs(out):
-        expected = older  # written before the format 2 tensors: all of them are absent, as they must be
-    if expected is not None:
-        missing, extra = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
-        if missing or extra:
-            what = f"lacks {missing[0]!r}" if missing else f"has an unexpected tensor {extra[0]!r}"
-            raise StepFileError(f"{path.name}: {what}")
-        for name, (dtype, shape) in expected.items():
-            if header[name]["dtype"] != dtype or tuple(out[name].shape) != tuple(shape):
-                raise StepFileError(f"{path.name}: {name} is {header[name]['dtype']} {list(out[name].shape)}, "
-                                    f"the header's model needs {dtype} {list(shape)}")
     return out
+
+
+def _check_step_names(path: Path, header: dict, out: dict[str, np.ndarray],
+                      expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Exactly the expected tensors, each of the expected dtype and shape."""
+    missing, extra = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has an unexpected tensor {extra[0]!r}"
+        raise StepFileError(f"{path.name}: {what}")
+    for name, (dtype, shape) in expected.items():
+        if header[name]["dtype"] != dtype or tuple(out[name].shape) != tuple(shape):
+            raise StepFileError(f"{path.name}: {name} is {header[name]['dtype']} {list(out[name].shape)}, "
+                                f"the header's model needs {dtype} {list(shape)}")
 
 
 class BundleWriter:

@@ -2,7 +2,7 @@
 
 The record builders call them while a run writes and `verify` calls them again to recompute, so a derived
 field or a digest has one definition. Inputs are the float32 logits / routing values the run measured.
-Digests: `tensor_digest` for tensors (LEDGER.md: one function computes every digest), `line_digest` for the
+Digests: `tensor_digest` for tensors (docs/ledger.md: one function computes every digest), `line_digest` for the
 chain's `prev`, `file_blake3` for a bundle's manifest, `root_digest` for a whole bundle or ledger (what a
 receipt signs and `verify --digest` checks).
 """

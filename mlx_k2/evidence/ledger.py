@@ -1,4 +1,4 @@
-"""Writing and reading a ledger file (LEDGER.md): the chained, fsynced JSONL writer and the one reader.
+"""Writing and reading a ledger file (docs/ledger.md): the chained, fsynced JSONL writer and the one reader.
 
 `LedgerWriter` appends records (built by `records.py`): every line after the first carries `prev`, the
 BLAKE3 of the previous line's bytes, and every line is flushed and fsynced before the run goes on.

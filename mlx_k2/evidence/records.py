@@ -1,4 +1,4 @@
-"""The ledger's records (LEDGER.md), built from a run's events: header, layer, step and footer.
+"""The ledger's records (docs/ledger.md), built from a run's events: header, layer, step and footer.
 
 Each builder returns a dict whose key order is the line's order on disk; derived values come from
 `derived.py`, the schema and provenance map from `schema.py`. The caller supplies what only the running
@@ -35,30 +35,22 @@ def model_facts(model_dir: Path, config) -> dict[str, Any]:
     return facts
 
 
-def header_record(model_dir: Path, identity: dict[str, str], model_type: str, num_layers: int,
-                  n_routed_experts: int, experts_per_token: int, prompt_ids: list[int], max_new_tokens: int,
-                  capture: bool, device: str, versions: dict[str, str], kernels: str,
-                  facts: dict[str, Any], kv_cache: bool = False, expert_cache_bytes: int = 0,
-                  cache_policy: str = "lru", distributed: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`versions` is {"mlx_k2": ..., "mlx": ..., "python": ...}, written as given; `kernels` names the matmul
-    kernels that ran (`mlx-builtin`, or the product's own as `name:simd path`); `facts` is `model_facts`;
-    `expert_cache_bytes` the weight cache's budget (0: none) and `cache_policy` how it evicts experts (with
-    the budget, what decides how a step's bytes split into bytes_read and bytes_cached); `distributed` the
-    ranks a pipelined run computed on (schema.DISTRIBUTED_FIELDS), None for a run in one process."""
-    record = {
-        "kind": "header", "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "model": {"path": str(model_dir), "model_type": model_type, "num_layers": num_layers,
-                  "n_routed_experts": n_routed_experts, "experts_per_token": experts_per_token, **identity, **facts},
-        "run": {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": kv_cache,
-                "capture": capture, "backend": "mlx", "device": device, "compute_dtype": "float32",
-                "kernels": kernels, "expert_cache_bytes": expert_cache_bytes, "cache_policy": cache_policy,
-                "versions": dict(versions)},
-        "provenance": dict(PROVENANCE if distributed is None else DISTRIBUTED_PROVENANCE),
-    }
-    if distributed is not None:
-        record["run"]["distributed"] = distributed
-    return record
+def model_record(model_dir: Path, identity: dict[str, str], config) -> dict[str, Any]:
+    """The ledger header's `model` block: where the checkpoint was, its identity (config, index and tokenizer
+    BLAKE3) and the facts verify checks without it (`model_facts`)."""
+    text = config.text
+    return {"path": str(model_dir), "model_type": config.model_type, "num_layers": text.num_hidden_layers,
+            "n_routed_experts": text.n_routed_experts, "experts_per_token": text.num_experts_per_tok,
+            **identity, **model_facts(model_dir, config)}
+
+
+def header_record(model: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The header line from its `model` block (`model_record`) and `run` block (how the run computes, the
+    job and the versions of mlx_k2, MLX and Python: `spec.RunSpec.header_run`). A run pipelined over several
+    ranks (`run.distributed`, schema.DISTRIBUTED_FIELDS) has its own provenance map."""
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return {"kind": "header", "schema": SCHEMA, "created": created, "model": dict(model), "run": dict(run),
+            "provenance": dict(PROVENANCE if "distributed" not in run else DISTRIBUTED_PROVENANCE)}
 
 
 def layer_record(e: LayerDone) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ledger's schema (LEDGER.md), defined once: its version, the provenance class of every field, the
+"""The ledger's schema (docs/ledger.md), defined once: its version, the provenance class of every field, the
 fields of each record with their JSON types, and the file names inside a bundle.
 
 The record builders (`records.py`), the reader (`ledger.py`), the bundle writer and `verify` all take these
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.tokenizer import TOKENIZER_FILES
+
 SCHEMA = "mlx-k2.ledger/2"
-# Every version verify reads (LEDGER.md). Schema 2 adds fields to schema 1, each written by the capability that
+# Every version verify reads (docs/ledger.md). Schema 2 adds fields to schema 1, each written by the capability that
 # needs it (a reader ignores fields it does not know): header run.kernels, and the model facts the structural
 # checks need, in header `model` (MODEL_FACTS): vocab_size, hidden_size, eos_token_id, bos_token_id,
 # first_k_dense_replace, moe_layer_freq (which layers are MoE) and tokenizer_blake3 (BLAKE3 of the
@@ -28,9 +30,9 @@ CACHE_POLICIES = ("lru", "lfu")
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
                "tokenizer_blake3": (str, type(None))}
-# tokenizer_blake3 hashes the file the checkpoint's tokenizer is built from: the first of these it has.
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer.json")
-# header model.quantization: how the checkpoint stores its quantized linears (LEDGER.md), e.g. int4-group32,
+# tokenizer_blake3 hashes the file the checkpoint's tokenizer is built from (checkpoint.tokenizer.tokenizer_file):
+# the first of TOKENIZER_FILES (imported above, defined with the tokenizers) it has.
+# header model.quantization: how the checkpoint stores its quantized linears (docs/ledger.md), e.g. int4-group32,
 # fp8-block128 (fp8-block128x64 for a block that is not square), none.
 QUANTIZATION = "quantization"
 QUANTIZATION_LABEL = r"none|int[0-9]+-group[0-9]+|fp8-block[0-9]+(x[0-9]+)?"
@@ -44,7 +46,7 @@ def schema_number(header: dict) -> int:
 BUILTIN_KERNELS = "mlx-builtin"
 
 MEASURED, DERIVED = "M", "D"
-# Structural classification of every field a step or layer record can hold (LEDGER.md, "Provenance"), as the
+# Structural classification of every field a step or layer record can hold (docs/ledger.md, "Provenance"), as the
 # ledgers from before the KV cache and the weight cache have it.
 PROVENANCE_BEFORE_CACHE: dict[str, str] = {
     "token_id": MEASURED, "logit": MEASURED, "norm_in": MEASURED, "norm_out": MEASURED, "experts": MEASURED,
@@ -52,7 +54,7 @@ PROVENANCE_BEFORE_CACHE: dict[str, str] = {
     "top16": DERIVED, "entropy": DERIVED, "margin": DERIVED, "routing_weights": DERIVED,
     "unique_experts": DERIVED, "hidden_digest": DERIVED, "logits_digest": DERIVED, "token_text": DERIVED,
 }
-# Schema 2 additions of the KV cache and the weight cache (LEDGER.md): step `positions` (how many positions
+# Schema 2 additions of the KV cache and the weight cache (docs/ledger.md): step `positions` (how many positions
 # the step computed) and `bytes_cached` (step and layer: bytes the weight cache served instead of storage).
 # Every run writes them since; a ledger from before them has none, and its header's provenance map lacks
 # them (the first runs that wrote them kept that map: under it the fields may be there or not).
@@ -76,6 +78,13 @@ class ListOf:
 
 NONE = type(None)
 PAIR = ListOf((int, float), 2)  # [token id, logit]; the id's int-ness is checked where it is used
+# The header's `model` and `run` blocks: the fields every header has. The later additions (run.kernels, the
+# model facts MODEL_FACTS, QUANTIZATION, run.expert_cache_bytes and run.cache_policy, a pipelined run's
+# run.distributed: DISTRIBUTED_FIELDS) are optional by schema and checked where present.
+MODEL_FIELDS = {"path": str, "model_type": str, "num_layers": int, "n_routed_experts": int, "experts_per_token": int,
+                "config_blake3": str, "index_blake3": str}
+RUN_FIELDS = {"prompt_ids": ListOf(int), "max_new_tokens": int, "kv_cache": bool, "capture": bool, "backend": str,
+              "device": str, "compute_dtype": str, "versions": dict}
 STEP_FIELDS = {"kind": str, "step": int, "prev": str, "input_ids": ListOf(int), "token_id": int,
                "token_text": (str, NONE), "logit": float, "top16": ListOf(PAIR), "entropy": float, "margin": float,
                "hidden_digest": str, "logits_digest": str, "bytes_read": int, "wall_s": float, "layers": ListOf(dict)}
@@ -159,6 +168,25 @@ TENSORS_DIR = "tensors"
 
 def step_tensor_path(step: int) -> str:
     return f"{TENSORS_DIR}/step-{step:04d}.safetensors"
+
+
+# A step file's tensors (what each holds: bundle.py): the step's own, and per captured MoE layer L one of each
+# layer tensor, named `layers.L.<tensor>` (layer_tensor).
+HIDDEN, LOGITS, RESIDUALS = "hidden", "logits", "residuals"
+ROUTING_SCORES, ROUTED, ROUTER_SCORES, MOE_INPUT = "routing_scores", "routed", "router_scores", "moe_input"
+# The layer tensors bundle format 2 added: all of them for every captured MoE layer, or none.
+MOE_INPUT_TENSORS = (ROUTER_SCORES, MOE_INPUT)
+_LAYER_TENSOR = "layers."
+
+
+def layer_tensor(layer: int, tensor: str) -> str:
+    """A step file's name for MoE layer `layer`'s `tensor` (ROUTING_SCORES, ROUTED, ROUTER_SCORES, MOE_INPUT)."""
+    return f"{_LAYER_TENSOR}{layer}.{tensor}"
+
+
+def layer_tensor_kind(name: str) -> str | None:
+    """Which layer tensor a step file's tensor name is (`layers.L.<tensor>` -> tensor), None for the step's own."""
+    return name.rsplit(".", 1)[-1] if name.startswith(_LAYER_TENSOR) else None
 
 
 def ledger_file(path: Path) -> Path:

@@ -42,18 +42,15 @@ from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_dige
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
-                     DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, LEDGER_NAME, MANIFEST_NAME, MODEL_FACTS, PROVENANCES,
-                     SCHEMAS, QUANTIZATION, QUANTIZATION_LABEL, ListOf, has_type, record_fields, schema_number,
-                     step_tensor_path, strict_loads)
+                     DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
+                     MODEL_FIELDS, PROVENANCES, RESIDUALS, ROUTED, ROUTER_SCORES, ROUTING_SCORES, RUN_FIELDS, SCHEMAS,
+                     QUANTIZATION, QUANTIZATION_LABEL, TOKENIZER_FILES, has_type, layer_tensor, record_fields,
+                     schema_number, step_tensor_path, strict_loads)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
 FLOAT_RTOL = 1e-9
 # A manifest lists a ledger and one file per step: a few kB per hundred steps.
 MAX_MANIFEST_BYTES = 16 << 20
-MODEL_FIELDS = {"path": str, "model_type": str, "num_layers": int, "n_routed_experts": int, "experts_per_token": int,
-                "config_blake3": str, "index_blake3": str}
-RUN_FIELDS = {"prompt_ids": ListOf(int), "max_new_tokens": int, "kv_cache": bool, "capture": bool, "backend": str,
-              "device": str, "compute_dtype": str, "versions": dict}
 
 
 @dataclass
@@ -147,8 +144,43 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     path, bundle = ledger.path, ledger.bundle
     # A blank line in a whole file is passed over; in a file cut off mid-write every line counts.
     lines = [line for line in ledger.lines if line.raw or ledger.cut_off]
+    parse, chain, records = _check_lines(lines, ledger.cut_off)
+    schema = Check("schema")
+    header, model, run, version = _check_header_record(schema, records[0] if records else {})
+    steps, footer = _well_formed(schema, lines, records, header.get("provenance"))
+    _check_ranks(schema, header.get("provenance"), model, run, steps)
+    if not isinstance(run.get("prompt_ids"), list):
+        run = {**run, "prompt_ids": []}
 
-    parse, schema, chain = Check("parse"), Check("schema"), Check("chain")
+    checks = [parse, schema, chain]
+    if bundle:
+        checks.append(_check_manifest(path, len(steps)))
+    checks += [_check_context(run, steps), _check_totals(run, steps, footer), _check_layers(model, run, steps, version)]
+    tensors: dict = {}
+    if bundle:
+        shapes = Check("tensors")
+        tensors = _read_tensors(path, model, run, steps, shapes)
+        checks.append(shapes)
+    text_unchecked = _tokenizer_problem(model, steps, tokenizer)
+    checks += _recomputed_checks(steps, tensors, bundle, tokenizer, text_unchecked)
+    anchor = _check_anchor(header, steps, anchors_dir)
+    checks += [anchor, _check_complete(model, run, steps, footer)]
+    if digest is not None:
+        checks.append(_check_digest(path, bundle, digest))
+    report_replay = None
+    if replay is not None:
+        report_replay = compare_replay(header, steps, tensors if bundle else None, replay)
+        checks += _replay_checks(report_replay)
+    text_gap = text_unchecked if any(s.get("token_text") is not None for s in steps) else ""
+    if report_replay is not None and report_replay.covers_text:
+        text_gap = ""  # replay re-made every token_text with the checkpoint's tokenizer
+    return Report(path, [c.finish() for c in checks], len(steps), footer is None, bundle,
+                  getattr(anchor, "state", "none"), getattr(anchor, "anchor_name", None), text_gap, report_replay)
+
+
+def _check_lines(lines: list, cut_off: bool) -> tuple[Check, Check, list[dict]]:
+    """The `parse` and `chain` rows, and every line's record ({} where it is not a JSON object)."""
+    parse, chain = Check("parse"), Check("chain")
     records = [line.record if line.record is not None else {} for line in lines]
     for line in lines:
         if line.record is None:
@@ -158,27 +190,36 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
                 strict_loads(line.raw)
             except ValueError as e:  # a repeated key or NaN/Infinity: readers disagree on what it says
                 parse.fail(f"line {line.number}: {e}")
-    if ledger.cut_off:
+    if cut_off:
         parse.fail(f"line {lines[-1].number}: has no newline (truncated write)")
     for before, line, rec in zip(lines, lines[1:], records[1:]):
         if rec.get("prev") != line_digest(before.raw):
             chain.fail(f"line {line.number}: prev does not match BLAKE3 of line {before.number}")
+    return parse, chain, records
 
-    header = records[0] if records else {}
+
+def _check_header_record(schema: Check, header: dict) -> tuple[dict, dict, dict, int]:
+    """The first line as a header: (the header, its `model` and `run` blocks ({} where they are not objects),
+    its schema's version number); what is wrong with it fails `schema`."""
     if header.get("kind") != "header":
         schema.fail("line 1: not a header")
     if header.get("schema") not in SCHEMAS:
         schema.fail(f"header: schema {header.get('schema')!r}, expected one of {', '.join(SCHEMAS)}")
     if header.get("provenance") not in PROVENANCES:
         schema.fail("header: provenance map differs from the schema's")
-    step_fields, step_optional, layer_fields, layer_optional = record_fields(header.get("provenance"))
     model, run = header.get("model"), header.get("run")
     if not isinstance(model, dict) or not isinstance(run, dict):
         schema.fail("header: 'model' and 'run' must be objects")
         model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     version = schema_number(header)
     _check_header(schema, model, run, version)
-    # Only well-formed records go on to the checks below; the malformed ones fail `schema` here.
+    return header, model, run, version
+
+
+def _well_formed(schema: Check, lines: list, records: list[dict], provenance: Any) -> tuple[list[dict], dict | None]:
+    """The step records and the footer that are well formed (the fields `provenance` gives them, of their
+    types); the malformed ones fail `schema` here and go no further."""
+    step_fields, step_optional, layer_fields, layer_optional = record_fields(provenance)
     steps: list[dict] = []
     footer = None
     for line, rec in zip(lines[1:], records[1:]):
@@ -197,47 +238,28 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
                 footer = rec
         elif rec:
             schema.fail(f"{where}: unknown kind {kind!r}")
-    _check_ranks(schema, header.get("provenance"), model, run, steps)
-    if not isinstance(run.get("prompt_ids"), list):
-        run = {**run, "prompt_ids": []}
+    return steps, footer
 
-    checks = [parse, schema, chain]
-    if bundle:
-        checks.append(_check_manifest(path, len(steps)))
-    checks.append(_check_context(run, steps))
-    checks.append(_check_totals(run, steps, footer))
-    checks.append(_check_layers(model, run, steps, version))
-    tensors: dict = {}
-    if bundle:
-        shapes = Check("tensors")
-        tensors = _read_tensors(path, model, run, steps, shapes)
-        checks.append(shapes)
-    text_unchecked = _tokenizer_problem(model, steps, tokenizer)
+
+def _recomputed_checks(steps: list[dict], tensors: dict, bundle: bool, tokenizer, text_unchecked: str) -> list[Check]:
+    """The `derived`, `measured` and `digests` rows; token_text is checked only where the tokenizer is the
+    header's (`text_unchecked` empty), and says why not where a step has one."""
     recomputed = _check_recomputed(steps, tensors, bundle, None if text_unchecked else tokenizer)
     if text_unchecked and any(s.get("token_text") is not None for s in steps):
         recomputed[0].detail = "; ".join(filter(None, [recomputed[0].detail, f"token_text not checked: "
                                                        f"{text_unchecked}"]))
-    checks += recomputed
-    anchor = _check_anchor(header, steps, anchors_dir)
-    checks.append(anchor)
-    checks.append(_check_complete(model, run, steps, footer))
-    if digest is not None:
-        published = Check("digest")
-        ours = root_digest(path)
-        if digest.strip().lower() != ours:
-            published.fail(f"root digest {ours} is not the published {digest.strip()}")
-        else:
-            published.detail = f"root digest {ours} (BLAKE3 of {MANIFEST_NAME if bundle else 'the ledger'})"
-        checks.append(published)
-    report_replay = None
-    if replay is not None:
-        report_replay = compare_replay(header, steps, tensors if bundle else None, replay)
-        checks += _replay_checks(report_replay)
-    text_gap = text_unchecked if any(s.get("token_text") is not None for s in steps) else ""
-    if report_replay is not None and report_replay.covers_text:
-        text_gap = ""  # replay re-made every token_text with the checkpoint's tokenizer
-    return Report(path, [c.finish() for c in checks], len(steps), footer is None, bundle,
-                  getattr(anchor, "state", "none"), getattr(anchor, "anchor_name", None), text_gap, report_replay)
+    return recomputed
+
+
+def _check_digest(path: Path, bundle: bool, digest: str) -> Check:
+    """Whether this is the run a published root digest names."""
+    published = Check("digest")
+    ours = root_digest(path)
+    if digest.strip().lower() != ours:
+        published.fail(f"root digest {ours} is not the published {digest.strip()}")
+    else:
+        published.detail = f"root digest {ours} (BLAKE3 of {MANIFEST_NAME if bundle else 'the ledger'})"
+    return published
 
 
 def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
@@ -532,13 +554,13 @@ def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: 
             continue
         if expected is None:
             # Schema 1/2: shapes must at least agree with each other and with the ledger.
-            first = first or {n: a.shape for n, a in t.items() if n in ("hidden", "logits")}
+            first = first or {n: a.shape for n, a in t.items() if n in (HIDDEN, LOGITS)}
             for n, shape in first.items():
                 if t.get(n) is None or t[n].shape != shape:
                     check.fail(f"step {step}: {n} shape differs from step 0's")
-            res = t.get("residuals")
+            res = t.get(RESIDUALS)
             if res is not None and (res.ndim != 2 or res.shape[0] != len(s.get("layers") or []) + 1
-                                    or res.shape[1:] != t["hidden"].shape):
+                                    or res.shape[1:] != t[HIDDEN].shape):
                 check.fail(f"step {step}: residuals shape {list(res.shape)} is not (layers + 1, hidden)")
         tensors[step] = t
     return tensors
@@ -547,7 +569,7 @@ def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: 
 def _tokenizer_problem(model: dict, steps: list[dict], tokenizer) -> str:
     """Why token_text cannot be checked with `tokenizer` ("" when it can, or when there is none to check)."""
     if tokenizer is None:
-        return "no tokenizer (give --model DIR, the checkpoint with its tiktoken.model or tokenizer.json)"
+        return f"no tokenizer (give --model DIR, the checkpoint with its {' or '.join(TOKENIZER_FILES)})"
     recorded = model.get("tokenizer_blake3")
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if isinstance(recorded, str) and vocab_file is not None and file_blake3(Path(vocab_file)) != recorded:
@@ -586,10 +608,10 @@ def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer)
         if not bundle:
             continue
         t = tensors.get(k)
-        if t is None or "logits" not in t or "hidden" not in t:
+        if t is None or LOGITS not in t or HIDDEN not in t:
             digests.fail(f"step {k}: tensor file missing or unreadable")
             continue
-        logits, hidden = t["logits"], t["hidden"]
+        logits, hidden = t[LOGITS], t[HIDDEN]
         if tensor_digest(logits) != s.get("logits_digest"):
             digests.fail(f"step {k}: logits_digest differs from the saved logits")
         if tensor_digest(hidden) != s.get("hidden_digest"):
@@ -618,7 +640,7 @@ def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer)
 
 
 def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured: Check) -> None:
-    residuals = t.get("residuals")
+    residuals = t.get(RESIDUALS)
     for i, x in enumerate(layers):
         if not isinstance(x, dict):
             continue
@@ -628,7 +650,7 @@ def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured
                 measured.fail(f"{where}: norm_in/norm_out differ from the saved residuals")
         elif x.get("norm_in") is not None:
             measured.fail(f"{where}: no saved residuals for its norms")
-        scores, routed = t.get(f"layers.{i}.routing_scores"), t.get(f"layers.{i}.routed")
+        scores, routed = t.get(layer_tensor(i, ROUTING_SCORES)), t.get(layer_tensor(i, ROUTED))
         if x.get("kind") != "moe" or x.get("experts") is None:
             continue
         if scores is None or routed is None:
@@ -636,7 +658,7 @@ def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured
             continue
         if x["experts"] != sorted(int(e) for e in routed[-1]):
             measured.fail(f"{where}: experts differ from the saved routing of the last position")
-        every = t.get(f"layers.{i}.router_scores")  # format 2: routing_scores are its entries at the experts
+        every = t.get(layer_tensor(i, ROUTER_SCORES))  # format 2: routing_scores are its entries at the experts
         if every is not None and not (all(isinstance(e, int) and 0 <= e < len(every) for e in x["experts"])
                                       and np.array_equal(every[np.array(x["experts"], np.int64)], scores)):
             measured.fail(f"{where}: router_scores at the experts differ from the saved routing_scores")

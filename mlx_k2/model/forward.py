@@ -19,7 +19,7 @@ from ..checkpoint.config import TextConfig, yarn_get_mscale
 from .linear import COMPUTE_DTYPE, Linear, dense_weight, gather_rows, linear
 
 # q_a_layernorm and kv_a_layernorm are built without an eps argument in the reference code, so they use
-# the RMSNorm default 1e-6, not config.rms_norm_eps (K25_FORMAT.md, hazard 1).
+# the RMSNorm default 1e-6, not config.rms_norm_eps (docs/checkpoint-format.md, hazard 1).
 LORA_NORM_EPS = 1e-6
 
 

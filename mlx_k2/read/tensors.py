@@ -19,14 +19,20 @@ each, whatever the page cache, retries or prefetching did. Reads can be issued a
 storage works while the previous layer computes; they are counted when consumed, and prefetched tensors
 never consumed are never counted. Which tensors to read is decided elsewhere (`weights.py`); how bytes
 come off the disk is `storage.py`'s.
+
+Two modes for measuring (the benchmark's): `record=True` keeps every request in `requests`, in order, as
+(method, its arguments up to `slot`), so the same reads can be issued again without compute; `hold=True`
+keeps every array it reads and serves a request it has served before from memory (no read, nothing
+counted), so a step can be computed with every weight already in memory.
 """
 
 from __future__ import annotations
 
+import json
+import time
+
 import mlx.core as mx
 import numpy as np
-
-import time
 
 from .arena import PAGE, Arena
 from ..checkpoint.shards import Checkpoint, TensorInfo
@@ -82,11 +88,14 @@ class PendingTensor:
 class TensorReader:
     """Tensors of one checkpoint by name. Owns its storage (closed with it) and its two arenas."""
 
-    def __init__(self, checkpoint: Checkpoint, storage: Storage, reuse: bool = True, cache: WeightCache | None = None):
+    def __init__(self, checkpoint: Checkpoint, storage: Storage, reuse: bool = True, cache: WeightCache | None = None,
+                 record: bool = False, hold: bool = False):
         self.checkpoint = checkpoint
         self.storage = storage
-        self.reuse = reuse
+        self.reuse = reuse and not hold  # held arrays outlive the step: never in reused buffers
         self.cache = cache
+        self.requests: list[tuple] | None = [] if record else None  # (method, arguments up to slot), in order
+        self._held: dict[str, object] | None = {} if hold else None  # request -> what it was served
         self.bytes_read = 0
         self.bytes_cached = 0   # bytes the cache served instead of storage
         self.wait_s = 0.0       # time spent waiting for bytes a computation needed
@@ -99,6 +108,17 @@ class TensorReader:
     def close(self) -> None:
         self.drop_prefetched()
         self.storage.close()
+
+    def _note(self, *request) -> None:
+        if self.requests is not None:
+            self.requests.append(request)
+
+    def _hold(self, read, *request):
+        """With `hold`: what `read()` gave the first time this request was made (read now if it was not)."""
+        key = json.dumps(request)
+        if key not in self._held:
+            self._held[key] = read()
+        return self._held[key]
 
     # ------------------------------------------------------------------ buffers
     def _alloc(self, info: TensorInfo, shape: tuple[int, ...], slot: int | None,
@@ -129,6 +149,7 @@ class TensorReader:
 
     def release(self, slot: int) -> None:
         """Everything computed from `slot`'s tensors has been evaluated: its arena may be overwritten."""
+        self._note("release", slot)
         if self.cache is not None:
             for entry in [e for e in self._keep if e[0] == slot]:
                 self.cache.put(*entry[1:])
@@ -146,6 +167,7 @@ class TensorReader:
     def end_step(self) -> None:
         """Between steps (or after a step was abandoned): cancel reads issued ahead, free both arenas. Bytes
         meant for the cache whose slot was never released are dropped (their computation did not finish)."""
+        self._note("end_step")
         self._keep.clear()
         for pending in self._unnamed_ahead:
             pending.cancel()
@@ -167,6 +189,11 @@ class TensorReader:
         tensor 1, ...), so a position's tensors land together and in order: `wait_part(u)` on every result
         gives position u. `own`: into arrays of their own (for the cache), not the slot's arena. Stacks issued
         `ahead` (on a guess) may never be waited for: their reads are cancelled when the slot is released."""
+        self._note("start_stacked", [list(g) for g in groups], slot)
+        if self._held is not None:
+            arrays = self._hold(lambda: [p.wait() for p in self._start_stacks(groups, None)], "stacked",
+                                [list(g) for g in groups])
+            return [Landed(array) for array in arrays]
         stacks = self._start_stacks(groups, slot, ahead, own)
         if ahead:
             self._unnamed_ahead += stacks
@@ -198,6 +225,9 @@ class TensorReader:
 
     def prefetch(self, names: list[str], slot: int | None = None) -> None:
         """Start reading whole tensors now; `tensor(name, slot)` later takes the bytes (and counts them)."""
+        self._note("prefetch", list(names), slot)
+        if self._held is not None:
+            return  # read when first asked for
         for name in names:
             if name not in self._ahead and not (self.cache is not None and name in self.cache):
                 self._ahead[name] = self._start([name], slot, ahead=True, own=self._cacheable(name))
@@ -222,6 +252,8 @@ class TensorReader:
         if it was not), waited for without counting its bytes: `tensor(name, slot)` still consumes them."""
         if self.cache is not None and name in self.cache:
             return self.cache.peek(name)[0]
+        if self._held is not None:
+            return self.tensor(name, slot)
         self.prefetch([name], slot)
         return self._ahead[name].peek()[0]
 
@@ -232,6 +264,9 @@ class TensorReader:
         self._ahead.clear()
 
     def tensor(self, name: str, slot: int | None = None) -> mx.array:
+        self._note("tensor", name, slot)
+        if self._held is not None:
+            return self._hold(lambda: self._start([name], None).wait()[0], "tensor", name)
         info = self.checkpoint.info(name)
         arrays = self.cached(name, info.nbytes)
         if arrays is not None:
@@ -261,6 +296,13 @@ class TensorReader:
         """Issue the reads of `rows(name, rows)` now; `wait()` on the result gives the array. `own`: into an
         array of its own (for the cache), not the slot's arena; `ahead`: behind reads a computation waits for
         (cancelled when the slot is released unused)."""
+        self._note("start_rows", name, list(rows), slot)
+        if self._held is not None:
+            return Landed(self._hold(lambda: self._start_rows(name, rows, None, False, False).wait(), "rows",
+                                     name, list(rows)))
+        return self._start_rows(name, rows, slot, own, ahead)
+
+    def _start_rows(self, name: str, rows: list[int], slot: int | None, own: bool, ahead: bool) -> PendingTensor:
         info = self.checkpoint.info(name)
         n_rows = info.shape[0] if info.shape else 0
         ids = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -280,6 +322,28 @@ class TensorReader:
         if ahead:
             self._unnamed_ahead.append(pending)
         return pending
+
+
+class Landed:
+    """An array already in memory (a held reader's), handed out like a PendingTensor."""
+
+    own = False  # never for the weight cache
+    slot = None
+
+    def __init__(self, array: mx.array):
+        self.array = array
+
+    def wait(self) -> mx.array:
+        return self.array
+
+    def peek(self) -> mx.array:
+        return self.array
+
+    def wait_part(self, i: int) -> None:
+        pass
+
+    def cancel(self, parts: list[int] | None = None) -> None:
+        pass
 
 
 def _fill(buffers: list[tuple[mx.array, memoryview | None]]) -> list[tuple[mx.array, memoryview]]:

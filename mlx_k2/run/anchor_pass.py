@@ -4,17 +4,17 @@ other (non-perturbation) and with the checkpoint's anchor. Returns a report; pri
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..evidence.anchors import Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values
 from ..evidence.events import StepDone
 from .distributed import Link
-from ..model.linear import choose_kernels
 from .pipeline import rank_0_stage
-from .runner import Model, device_name, generate, select_device
+from .runner import Model, generate
+from .spec import BACKEND, DTYPE, RunSpec
 
-BACKEND, DTYPE = "mlx", "float32"
 
 
 @dataclass(frozen=True)
@@ -38,29 +38,34 @@ class AnchorReport:
         return self.non_perturbing and self.anchor is not None and all(r.ok is not False for r in self.rows)
 
 
-def single_step(model: Model, prompt_ids: list[int], device: str | None, capture: bool) -> StepDone:
-    for event in generate(model, prompt_ids, 1, device, capture=capture, stop_at_eos=False):
+def single_step(model: Model, prompt_ids: list[int], rest=None) -> StepDone:
+    for event in generate(model, prompt_ids, 1, stop_at_eos=False, rest=rest):
         if isinstance(event, StepDone):
             return event
     raise AssertionError("the runner finished without a step")
 
 
-def run_anchor_pass(model_dir: Path, prompt_ids: list[int], device: str | None = None,
-                    anchors_dir: Path | None = None, kernels: str | None = None, link: Link | None = None,
-                    layer_split: str | None = None) -> AnchorReport:
-    """`kernels`: "auto" (default), "builtin" or "own" (linear.choose_kernels). With `link` (rank 0 of an
-    mlx.launch group) the layers are pipelined over its ranks (`pipeline.py`)."""
-    dev = device_name(select_device(device))
-    model = Model(model_dir, kernels=choose_kernels(kernels, dev))
+def run_anchor_pass(model_dir: Path, prompt_ids: list[int], spec: RunSpec, anchors_dir: Path | None = None,
+                    link: Link | None = None, layer_split: str | None = None) -> AnchorReport:
+    """The single step from `prompt_ids` computed as `spec` says (its capture aside), once with capture off and
+    once on, each by its own Model over the one opened checkpoint. With `link` (rank 0 of an mlx.launch
+    group) the layers are pipelined over its ranks (`pipeline.py`)."""
+    model = Model(model_dir, dataclasses.replace(spec, capture=False))
     try:
-        with rank_0_stage(link, model, dev, layer_split, kv_cache=False, lookahead=False, policy="lru"):
-            off = observed_values(single_step(model, prompt_ids, dev, capture=False))
-            on = observed_values(single_step(model, prompt_ids, dev, capture=True))
-            identity, signature, used = model.checkpoint.identity(), model_signature(model.config), model.kernels
+        with rank_0_stage(link, model, layer_split) as (stage, off_model):
+            rest = None if stage is None else stage.rest_of_step
+            off = observed_values(single_step(off_model, prompt_ids, rest))
+            on_model = off_model.reopen(dataclasses.replace(off_model.spec, capture=True))
+            try:
+                on = observed_values(single_step(on_model, prompt_ids, rest))
+            finally:
+                on_model.close()
+            identity, signature = model.checkpoint.identity(), model_signature(model.config)
     finally:
         model.close()
     non_perturbation = [Row(f, off[f], on[f], off[f] == on[f], "capture off vs on, bit for bit")
                         for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read")]
+    dev, used = spec.device, spec.kernels
     anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, dev, BACKEND, DTYPE, used)
     rows = compare(anchor, off, BACKEND, dev, DTYPE, used) if anchor else []
     return AnchorReport(identity, signature, dev, used, off, on, non_perturbation, anchor, rows)

@@ -31,10 +31,8 @@ from .distributed import DistributedError, Link, RankPlan, balanced_plan, pack, 
 from ..errors import UsageError
 from ..evidence.events import LayerDone
 from ..checkpoint.inventory import layer_step_bytes
-from ..model.linear import choose_kernels, kernels_label
-from .runner import KVCache, Model, StepWatch, device_name, select_device
-from ..read.storage import ReadPolicy
-from ..read.weight_cache import WeightCache
+from .runner import KVCache, Model, StepWatch
+from .spec import RunSpec
 
 HELLO, STEP, RESULT, STOP, FAILED = "hello", "step", "result", "stop", "failed"
 _TUPLES = ("experts", "routing_scores")  # LayerDone fields held as tuples (JSON gives lists back)
@@ -65,10 +63,11 @@ def layers_from_message(metas: list[dict], arrays: dict[str, np.ndarray]) -> lis
     return out
 
 
-def rank_facts(model: Model, device: str) -> dict[str, Any]:
+def rank_facts(model: Model) -> dict[str, Any]:
     """What must agree on every rank for the run to be one computation (the bits depend on all of it)."""
     return {"identity": model.checkpoint.identity(), "mlx_k2": __version__, "mlx": mx.__version__,
-            "device": device, "kernels": kernels_label(model.kernels), "num_layers": model.config.text.num_hidden_layers}
+            "device": model.spec.device, "kernels": model.spec.kernels_label,
+            "num_layers": model.config.text.num_hidden_layers}
 
 
 def disagreement(rank: int, mine: dict, theirs: dict) -> str | None:
@@ -92,18 +91,11 @@ def plan_for(model: Model, size: int, split: str | None) -> RankPlan:
     return balanced_plan(per_layer, size, head)
 
 
-def _own(model: Model, plan: RankPlan, rank: int, budget: int | None, policy: str) -> None:
-    """Make `model` compute rank `rank`'s layers, its weight cache keeping room for their non-expert bytes
-    only (`budget` replaces the budget it was opened with, as a resumed run recorded it)."""
-    model.owned, model.rank = plan.layers(rank), rank
-    cache = model.reader.cache
-    budget = (cache.budget if cache is not None else 0) if budget is None else budget
-    if budget > 0:
-        per_layer, head = layer_step_bytes(model.checkpoint, model.config, non_expert_only=True)
-        resident = sum(per_layer[i] for i in model.owned) + (head if rank == plan.size - 1 else 0)
-        model.reader.cache = WeightCache(budget, resident, policy)
-    else:
-        model.reader.cache = None
+def rank_model(model: Model, plan: RankPlan, rank: int, hello: dict, budget: int) -> Model:
+    """Rank `rank`'s Model over `model`'s opened checkpoint: its layers of `plan`, the decode mode rank 0 sent
+    in the `hello`, and `budget` for its weight cache (which keeps room for its own layers' bytes only)."""
+    return model.reopen(model.spec.for_rank(plan.ranges[rank], rank, budget, hello["kv_cache"],
+                                            hello["lookahead"], hello["policy"]))
 
 
 # ---------------------------------------------------------------------------------------------- rank 0
@@ -119,44 +111,52 @@ class Others:
 
 
 class Stage:
-    """Rank 0's side of the pipeline; `Model.step` hands it the rest of every step."""
+    """Rank 0's side of the pipeline: `rest_of_step` is the other ranks' part of every step (`Model.step`)."""
 
-    def __init__(self, link: Link, model: Model, device: str):
-        self.link, self.model, self.device = link, model, device
+    def __init__(self, link: Link):
+        self.link = link
         self.plan: RankPlan | None = None
         self.ranks: list[dict] = []      # what each rank reported in the hello: facts, budget, host
         self.pending = False             # a step is out on the ring
 
-    def start(self, split: str | None, kv_cache: bool, lookahead: bool, policy: str,
-              plan: RankPlan | None = None, budgets: list[int] | None = None) -> None:
+    def start(self, model: Model, split: str | None, plan: RankPlan | None = None,
+              budgets: list[int] | None = None) -> Model:
         """The hello: settle the plan (`plan`, recorded by a resumed run, else from `split` or balanced), check
-        every rank agrees with this one, take this rank's layers. Refuses (UsageError) before step 0."""
+        every rank agrees with this one; returns rank 0's Model over `model`'s checkpoint. Refuses
+        (UsageError) before step 0."""
         try:
-            self.plan = plan or plan_for(self.model, self.link.size, split)
+            self.plan = plan or plan_for(model, self.link.size, split)
             if self.plan.size != self.link.size:
                 raise UsageError(f"the run was recorded over {self.plan.size} ranks, this group has {self.link.size}")
         except UsageError as e:  # the other ranks wait for the hello: they get the stop instead
             self.stop(str(e))
             raise
-        budgets = budgets or [None] * self.link.size
-        _own(self.model, self.plan, 0, budgets[0], policy)
-        mine = rank_facts(self.model, self.device)
-        hello = {"kind": HELLO, "plan": self.plan.ranges, "kv_cache": kv_cache, "lookahead": lookahead,
-                 "policy": policy, "budgets": budgets, "ranks": [self._report(mine)]}
+        spec = model.spec
+        hello = {"kind": HELLO, "plan": self.plan.ranges, "kv_cache": spec.kv_cache, "lookahead": spec.lookahead,
+                 "policy": spec.cache_policy,
+                 "budgets": budgets or [None] * self.link.size}
+        budget = spec.cache_bytes if hello["budgets"][0] is None else hello["budgets"][0]
+        mine = rank_model(model, self.plan, 0, hello, budget)
+        try:
+            self._hello(hello, mine)
+        except BaseException:
+            mine.close()
+            raise
+        return mine
+
+    def _hello(self, hello: dict, mine: Model) -> None:
+        facts = rank_facts(mine)
+        hello["ranks"] = [{"facts": facts, "budget": mine.spec.cache_bytes, "host": platform.node()}]
         self.link.send_next(pack(hello), f"({self.plan.label(1)}) before step 0")
         meta, _ = unpack(self.link.receive_prev(f"({self.plan.label(self.link.size - 1)}) before step 0"))
         if meta.get("kind") == FAILED:
             raise DistributedError(meta["error"])
         self.ranks = meta["ranks"]
         refusal = next((d for r, info in enumerate(self.ranks[1:], 1)
-                        if (d := disagreement(r, mine, info["facts"])) is not None), None)
+                        if (d := disagreement(r, facts, info["facts"])) is not None), None)
         if refusal is not None:
             self.stop(refusal)
             raise UsageError(f"refused before step 0: {refusal}")
-
-    def _report(self, facts: dict) -> dict:
-        cache = self.model.reader.cache
-        return {"facts": facts, "budget": 0 if cache is None else cache.budget, "host": platform.node()}
 
     def header(self) -> dict:
         """The ledger header's run.distributed."""
@@ -193,55 +193,60 @@ class Stage:
 
 
 @contextlib.contextmanager
-def rank_0_stage(link: Link | None, model: Model, device: str, split: str | None, kv_cache: bool, lookahead: bool,
-                 policy: str, recorded: dict | None = None) -> Iterator[Stage | None]:
-    """Rank 0's stage for the run inside the block (None without `link`: one process): every rank checked and
-    given its layers before the block starts (`recorded`: a resumed run's header run.distributed, whose plan
-    and weight cache budgets are kept), handed to `model`, and closed when the block ends, passing rank 0's
-    failure on to the other ranks. A start that refuses the run has already stopped the ring itself."""
+def rank_0_stage(link: Link | None, model: Model, split: str | None,
+                 recorded: dict | None = None) -> Iterator[tuple[Stage | None, Model]]:
+    """(rank 0's stage, the Model that computes rank 0's layers) for the run inside the block: without `link`
+    (one process) (None, `model`). Every rank is checked and given its layers before the block starts
+    (`recorded`: a resumed run's header run.distributed, whose plan and weight cache budgets are kept); the
+    stage is closed when the block ends, passing rank 0's failure on to the other ranks. A start that refuses
+    the run has already stopped the ring itself."""
     if link is None:
-        yield None
+        yield None, model
         return
     plan = budgets = None
     if recorded is not None:
         plan = RankPlan(tuple(tuple(r["layers"]) for r in recorded["ranks"]))
         budgets = [r["expert_cache_bytes"] for r in recorded["ranks"]]
-    stage = Stage(link, model, device)
-    stage.start(split, kv_cache, lookahead, policy, plan, budgets)
-    model.stage = stage
+    stage = Stage(link)
+    mine = stage.start(model, split, plan, budgets)
     try:
-        yield stage
+        yield stage, mine
     except BaseException as e:
         stage.close(f"rank 0: {e}" if str(e) else "rank 0 stopped")
         raise
+    finally:
+        mine.close()
     stage.close()
 
 
 # ---------------------------------------------------------------------------------------------- other ranks
-def follow(link: Link, model: Model, device: str) -> str | None:
+def follow(link: Link, model: Model) -> str | None:
     """Rank link.rank's part of the run until rank 0 stops it: returns None at a normal end, or the reason
     rank 0 refused the run. A failure here goes on to the next rank (and so to rank 0) and is raised."""
     meta, _ = unpack(link.receive_prev("before step 0"))
     if meta.get("kind") != HELLO:
         return _pass_on_end(link, meta)
     plan = RankPlan(tuple(tuple(r) for r in meta["plan"]))
-    model.lookahead = meta["lookahead"]
-    mine = rank_facts(model, device)
     budget = meta["budgets"][link.rank]
-    if budget is None:
-        budget = 0 if model.reader.cache is None else model.reader.cache.budget
-    if disagreement(link.rank, meta["ranks"][0]["facts"], mine) is None:  # else rank 0 refuses the run
-        _own(model, plan, link.rank, budget, meta["policy"])
-    meta["ranks"].append({"facts": mine, "budget": budget, "host": platform.node()})
-    link.send_next(pack(meta), "before step 0")
-    kv = KVCache(model.config.text.num_hidden_layers) if meta["kv_cache"] else None
+    mine = rank_model(model, plan, link.rank, meta, model.spec.cache_bytes if budget is None else budget)
+    try:
+        facts = rank_facts(mine)
+        meta["ranks"].append({"facts": facts, "budget": mine.spec.cache_bytes, "host": platform.node()})
+        link.send_next(pack(meta), "before step 0")  # rank 0 refuses the run where the facts disagree
+        return _follow_steps(link, mine, plan)
+    finally:
+        mine.close()
+
+
+def _follow_steps(link: Link, model: Model, plan: RankPlan) -> str | None:
+    kv = KVCache(model.config.text.num_hidden_layers) if model.spec.kv_cache else None
     previous = plan.label(link.rank - 1)
     while True:
         meta, arrays = unpack(link.receive_prev(f"({previous}) between steps"))
         if meta.get("kind") != STEP:
             return _pass_on_end(link, meta)
         try:
-            message, out = _step(model, link.rank, plan, meta, arrays, kv)
+            message, out = _step(model, plan, meta, arrays, kv)
         except Exception as e:  # noqa: BLE001 - said to the ranks after this one, then raised here
             error = f"rank {link.rank} ({plan.label(link.rank)}) at step {meta['step']}: {e}"
             try:
@@ -260,12 +265,12 @@ def _pass_on_end(link: Link, meta: dict) -> str | None:
     return meta.get("reason")
 
 
-def _step(model: Model, rank: int, plan: RankPlan, meta: dict, arrays: dict, kv: KVCache | None):
+def _step(model: Model, plan: RankPlan, meta: dict, arrays: dict, kv: KVCache | None):
     """This rank's layers of one step; the message to send on, with its arrays."""
-    step, length, past = meta["step"], meta["length"], meta["past"]
+    step, length, past, rank = meta["step"], meta["length"], meta["past"], model.rank
     if kv is not None and kv.length != past:
         raise DistributedError(f"step {step}: this rank's KV cache holds {kv.length} positions, rank 0's {past}")
-    watch = StepWatch(model.reader, model.weights, step, meta["capture"], rank)
+    watch = StepWatch(model.reader, model.weights, step, meta["capture"], rank)  # rank 0's, step by step
     x = mx.array(arrays.pop("hidden"))
     watch.start(x)
     last = rank == plan.size - 1
@@ -293,16 +298,12 @@ def _returned(generator):
             return end.value
 
 
-def serve(link: Link, model_dir, device: str | None, kernels: str | None, policy: ReadPolicy = ReadPolicy(),
-          cache_bytes: int = 0, cache_policy: str = "lru") -> str | None:
-    """A rank other than 0 for a whole run: open its checkpoint on its device, follow rank 0 until it
-    stops the run. Returns None at a normal end, else why rank 0 stopped or refused the run."""
-    dev = select_device(device)
-    mx.set_default_device(dev)
-    name = device_name(dev)
-    model = Model(model_dir, policy, kernels=choose_kernels(kernels, name), cache_bytes=cache_bytes,
-                  cache_policy=cache_policy)
+def serve(link: Link, model_dir, spec: RunSpec) -> str | None:
+    """A rank other than 0 for a whole run: open its checkpoint as `spec` says, follow rank 0 until it stops
+    the run. Returns None at a normal end, else why rank 0 stopped or refused the run."""
+    mx.set_default_device(spec.mx_device)
+    model = Model(model_dir, spec)
     try:
-        return follow(link, model, name)
+        return follow(link, model)
     finally:
         model.close()

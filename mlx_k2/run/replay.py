@@ -27,18 +27,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .anchor_pass import BACKEND, DTYPE
-from ..errors import K2Error, UsageError
-from ..evidence.events import StepDone
-from ..evidence.anchors import kernel_key
-from ..evidence.bundle import step_tensors
-from ..evidence.records import model_facts, step_record
-from ..evidence.replayed import Replay, ReplayedStep
-from ..evidence.schema import BUILTIN_KERNELS
-from ..model.linear import choose_kernels, kernels_label
-from .runner import KVCache, Model, device_name, select_device
 from ..checkpoint.tokenizer import load_tokenizer
-from ..read.weight_cache import POLICIES
+from ..errors import K2Error, UsageError
+from ..evidence.bundle import step_tensors
+from ..evidence.events import StepDone
+from ..evidence.records import model_record, step_record
+from ..evidence.replayed import Replay, ReplayedStep
+from .runner import KVCache, Model
+from .spec import BACKEND, DTYPE, RunSpec, header_budget
 
 
 def choose_steps(spec: str | None, sample: int | None, n_steps: int, rng: random.Random | None = None) -> list[int]:
@@ -62,49 +58,21 @@ def choose_steps(spec: str | None, sample: int | None, n_steps: int, rng: random
     return sorted(set(steps))
 
 
-def _kernels(recorded: str, device: str) -> str:
-    """The recorded kernels where this install has them, else the default (and the comparison says so)."""
-    try:
-        return choose_kernels("builtin" if kernel_key(recorded) == BUILTIN_KERNELS else "own", device)
-    except K2Error:
-        return choose_kernels(None, device)
-
-
-def _device(recorded: str | None, asked: str | None) -> str:
-    if asked is not None:
-        return device_name(select_device(asked))
-    try:
-        return device_name(select_device(recorded if recorded in ("cpu", "gpu") else None))
-    except UsageError:  # recorded on a GPU, replayed where there is none
-        return device_name(select_device("cpu"))
-
-
-def _cache_budget(run: dict) -> int:
-    budget = run.get("expert_cache_bytes", 0)
-    return budget if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0 else 0
-
-
-def _cache_policy(run: dict) -> str | None:
-    """The weight cache's eviction policy the header records (None: a header from before it was recorded)."""
-    policy = run.get("cache_policy")
-    return policy if policy in POLICIES else None
-
-
-def _bytes_split(model: Model, kv_cache: bool, budget: int, policy: str | None) -> tuple[bool, str]:
-    """(whether the re-execution reproduces the run's bytes_read / bytes_cached split, why not)."""
-    cache = model.reader.cache
-    if budget == 0 and cache is None:
+def _bytes_split(run: dict) -> tuple[bool, str]:
+    """(whether the re-execution reproduces the run's bytes_read / bytes_cached split, why not). The weight
+    cache re-executed with is a fresh one of the header's budget and policy (`RunSpec.from_header`)."""
+    if header_budget(run) == 0:
         return True, ""
-    if not kv_cache:
+    if run.get("kv_cache") is not True:
         return False, ("a step without a KV cache is re-executed alone, with no weight cache, so only "
                        "bytes_read + bytes_cached is compared")
-    if policy is None:
+    if run.get("cache_policy") is None:
         return False, ("the header does not record the weight cache's eviction policy, so only "
                        "bytes_read + bytes_cached is compared")
-    if cache is not None and cache.budget == budget and cache.policy == policy and cache.held == 0:
-        return True, ""
-    return False, (f"the weight cache re-executed with is not a fresh one of the run's budget {budget:,} bytes "
-                   f"({policy}), so only bytes_read + bytes_cached is compared")
+    if run.get("distributed") is not None:
+        return False, ("the run's weight caches were one per rank, re-executed as one, so only "
+                       "bytes_read + bytes_cached is compared")
+    return True, ""
 
 
 def _step_ids(s: dict | None, k: int, model: Model) -> list[int]:
@@ -115,8 +83,8 @@ def _step_ids(s: dict | None, k: int, model: Model) -> list[int]:
     return ids
 
 
-def _run_step(model: Model, k: int, ids: list[int], capture: bool, kv: KVCache | None, tokenizer) -> ReplayedStep:
-    for event in model.step(k, ids, capture, kv):
+def _run_step(model: Model, k: int, ids: list[int], kv: KVCache | None, tokenizer) -> ReplayedStep:
+    for event in model.step(k, ids, kv):
         pass
     assert isinstance(event, StepDone)
     text_of = tokenizer.token_text(event.token_id) if tokenizer else None
@@ -125,56 +93,49 @@ def _run_step(model: Model, k: int, ids: list[int], capture: bool, kv: KVCache |
 
 def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | str | Path,
            device: str | None = None, on_step: Callable[[ReplayedStep, float], None] | None = None) -> Replay:
-    """Re-execute the `chosen` step numbers of the ledger's `steps` (well-formed step records) on `model` (a
-    checkpoint directory, opened here with the run's weight cache budget where the run had a KV cache; or an
-    opened Model whose kernels and weight cache are then used as they are)."""
+    """Re-execute the `chosen` step numbers of the ledger's `steps` (well-formed step records) on `model`, as
+    the header says the run computed (`RunSpec.from_header`, the nearest this machine has): a checkpoint
+    directory, or an opened Model whose checkpoint, device and kernels are used (it stays open)."""
     run = header.get("run") if isinstance(header.get("run"), dict) else {}
-    dev = _device(run.get("device"), device)
-    mx.set_default_device(select_device(dev))
-    kv_cache, budget, policy = run.get("kv_cache") is True, _cache_budget(run), _cache_policy(run)
-    owned = isinstance(model, (str, Path))
-    if owned:
-        # Without a KV cache a step is replayed alone: a weight cache would hold nothing the run's did.
-        model = Model(model, kernels=_kernels(str(run.get("kernels", BUILTIN_KERNELS)), dev),
-                      cache_bytes=budget if kv_cache else 0, cache_policy=policy or "lru")
+    if isinstance(model, (str, Path)):
+        model = Model(model, RunSpec.from_header(run, device, replay=True))
+    else:  # the opened checkpoint, computing as the header says on this Model's device and kernels
+        model = model.reopen(RunSpec.from_header(run, model.spec.device, replay=True, kernels=model.spec.kernels))
+    mx.set_default_device(model.spec.mx_device)
     try:
-        text, started = model.config.text, time.perf_counter()
-        identity = {**model.checkpoint.identity(), "model_type": model.config.model_type,
-                    "num_layers": text.num_hidden_layers, "n_routed_experts": text.n_routed_experts,
-                    "experts_per_token": text.num_experts_per_tok, **model_facts(model.dir, model.config)}
-        platform = {"backend": BACKEND, "device": dev, "compute_dtype": DTYPE, "kernels": kernels_label(model.kernels)}
-        tokenizer = load_tokenizer(model.dir)
-        capture = run.get("capture", True) is not False
-        split, why = _bytes_split(model, kv_cache, budget, policy)
-        if split and budget and run.get("distributed") is not None:
-            split, why = False, ("the run's weight caches were one per rank, re-executed as one, so only "
-                                 "bytes_read + bytes_cached is compared")
-        out = Replay(str(model.dir), identity, platform, [], 0.0, kv_cache, split, why)
+        started, spec = time.perf_counter(), model.spec
+        identity = {k: v for k, v in model_record(model.dir, model.checkpoint.identity(), model.config).items()
+                    if k != "path"}
+        platform = {"backend": BACKEND, "device": spec.device, "compute_dtype": DTYPE, "kernels": spec.kernels_label}
+        split, why = _bytes_split(run)
+        out = Replay(str(model.dir), identity, platform, [], 0.0, spec.kv_cache, split, why)
         model_keys = ("config_blake3", "index_blake3", "num_layers", "vocab_size", "hidden_size")
         recorded = header.get("model") if isinstance(header.get("model"), dict) else {}
         if any(k in recorded and recorded[k] != identity[k] for k in model_keys):
             return out  # another checkpoint: compare_replay says so, and nothing is worth running
-        by_step = {s.get("step"): s for s in steps}
-        if kv_cache:
-            _replay_in_order(model, by_step, chosen, capture, tokenizer, out, on_step)
-        else:
-            for k in chosen:
-                t0 = time.perf_counter()
-                try:
-                    done = _run_step(model, k, _step_ids(by_step.get(k), k, model), capture, None, tokenizer)
-                except K2Error as e:
-                    done = ReplayedStep(k, None, None, str(e))
-                out.steps.append(done)
-                if on_step is not None:
-                    on_step(done, time.perf_counter() - t0)
+        by_step, tokenizer = {s.get("step"): s for s in steps}, load_tokenizer(model.dir)
+        (_replay_in_order if spec.kv_cache else _replay_alone)(model, by_step, chosen, tokenizer, out, on_step)
         out.wall_s = time.perf_counter() - started
         return out
     finally:
-        if owned:
-            model.close()
+        model.close()
 
 
-def _replay_in_order(model: Model, by_step: dict, chosen: list[int], capture: bool, tokenizer, out: Replay,
+def _replay_alone(model: Model, by_step: dict, chosen: list[int], tokenizer, out: Replay,
+                  on_step: Callable[[ReplayedStep, float], None] | None) -> None:
+    """A run without a KV cache: each chosen step on its own, from its recorded input ids."""
+    for k in chosen:
+        t0 = time.perf_counter()
+        try:
+            done = _run_step(model, k, _step_ids(by_step.get(k), k, model), None, tokenizer)
+        except K2Error as e:
+            done = ReplayedStep(k, None, None, str(e))
+        out.steps.append(done)
+        if on_step is not None:
+            on_step(done, time.perf_counter() - t0)
+
+
+def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, out: Replay,
                      on_step: Callable[[ReplayedStep, float], None] | None) -> None:
     """A KV-cache run: steps 0 .. max(chosen) in order with one KV cache, each from its recorded input ids;
     the chosen ones are kept. A step that cannot run leaves the cache unusable for every later one."""
@@ -193,7 +154,7 @@ def _replay_in_order(model: Model, by_step: dict, chosen: list[int], capture: bo
                 if ids[:len(held)] != held or len(ids) <= len(held):
                     raise UsageError(f"step {k}: input_ids do not extend step {k - 1}'s, so no KV cache holds "
                                      "their state")
-                done = _run_step(model, k, ids, capture, kv, tokenizer)
+                done = _run_step(model, k, ids, kv, tokenizer)
                 held = ids
             except K2Error as e:
                 broken = str(e)

@@ -1,17 +1,18 @@
 """Greedy autoregressive generation, one layer's weights resident at a time (beside the weight cache's).
 
 Without a KV cache (the default, and the anchor's mode) step k recomputes the whole context through every
-layer. With one (`kv_cache=True`) step 0 computes the prompt exactly as the no-KV step 0 does and keeps
+layer. With one (the spec's `kv_cache`) step 0 computes the prompt exactly as the no-KV step 0 does and keeps
 each layer's latent attention state (`KVCache`); every later step computes only the new position, which
 attends over that state. Either way each layer's tensors (and the routed experts its positions select)
 are read just before computing it and dropped after: once a layer (or an lm_head block) is evaluated, the
 runner releases its read buffers to the reader, which reuses them, and hands what the weight cache takes
 to it. With look-ahead, each MoE layer guesses the next layer's experts (the next router on its residual)
-and starts reading them. It yields typed events (`events.py`) and never prints. With `capture` off it skips
+and starts reading them. It yields typed events (`events.py`) and never prints. With capture off it skips
 the per-layer observations (norms, routing of the last position) but evaluates at exactly the same points,
 so the computation is the same. In a run pipelined over several processes (`pipeline.py`) a Model computes
-only its rank's layers (`owned`): rank 0's `step` embeds, computes its layers and hands the rest to its
-`stage`; the other ranks call `own_layers` themselves. Reads never cross into another rank's layers.
+only its rank's layers (the spec's `layers`): rank 0's `step` embeds, computes its layers and hands the rest
+to the `rest` it is given; the other ranks call `own_layers` themselves. Reads never cross into another
+rank's layers. How it computes is a `spec.RunSpec`, fixed when the Model is built.
 """
 
 from __future__ import annotations
@@ -20,44 +21,26 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from typing import Protocol
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint.shards import Checkpoint
 from ..checkpoint.config import ModelConfig, load_config
-from ..evidence.derived import l2_norm
-from ..evidence.schema import BUILTIN_KERNELS
+from ..checkpoint.inventory import layer_step_bytes
+from ..checkpoint.shards import Checkpoint
+from ..checkpoint.validate import validate
 from ..errors import K2Error, UsageError
+from ..evidence.derived import l2_norm
 from ..evidence.events import Event, LayerDone, Progress, RunDone, StepDone
 from ..model.forward import LatentKV, LayerResult, Routing, decoder_layer, rms_norm, rope_tables, route
-from ..checkpoint.inventory import step_bytes
 from ..model.linear import linear
-from ..read.storage import FaultHook, ReadPolicy, Storage
-from ..read.tensors import TensorReader
-from ..checkpoint.validate import validate
-from ..read.weight_cache import WeightCache
 from ..model.weights import WeightFetcher
-
-DEVICES = ("gpu", "cpu")
-
-
-def select_device(name: str | None) -> mx.Device:
-    """The GPU where MLX has Metal, else the CPU; `name` forces one."""
-    has_gpu = mx.metal.is_available()
-    if name is None:
-        return mx.Device(mx.gpu if has_gpu else mx.cpu)
-    if name not in DEVICES:
-        raise UsageError(f"--device: unknown device {name!r} (choose from {', '.join(DEVICES)})")
-    if name == "gpu" and not has_gpu:
-        raise UsageError("--device gpu: this MLX has no Metal GPU here; use --device cpu")
-    return mx.Device(mx.gpu if name == "gpu" else mx.cpu)
-
-
-def device_name(device: mx.Device) -> str:
-    return "gpu" if device.type == mx.DeviceType.gpu else "cpu"
-
+from ..read.storage import FaultHook, Storage
+from ..read.tensors import TensorReader
+from ..read.weight_cache import WeightCache
+from .spec import RunSpec
 
 def compute_streams(device: mx.Device, count: int | None = None) -> list:
     """The streams a layer's expert rows are spread over: on the CPU one per core (up to 8), since MLX's
@@ -66,6 +49,13 @@ def compute_streams(device: mx.Device, count: int | None = None) -> list:
         return [mx.default_stream(device)]
     count = count or max(1, min(os.cpu_count() or 1, 8))
     return [mx.new_stream(device) for _ in range(count)]
+
+
+class RestOfStep(Protocol):
+    """The part of a step other processes compute (a pipelined run's rank 0 stage): from the hidden state x
+    leaving this process's last layer, the other ranks' LayerDones, final hidden state, logits and totals."""
+
+    def __call__(self, step: int, length: int, past: int, capture: bool, x: mx.array): ...
 
 
 class KVCache:
@@ -81,44 +71,49 @@ class KVCache:
 
 
 class Model:
-    """An opened checkpoint: config, tensor map and reader. Holds no weights between layers, apart from
-    what its weight cache (`cache_bytes` > 0) keeps."""
+    """An opened checkpoint computing as a RunSpec says: config, tensor map and reader. Holds no weights between
+    layers, apart from what its weight cache (`spec.cache_bytes` > 0) keeps. Built whole: `reopen` gives
+    another Model over the same opened checkpoint (a rank's share of a pipelined run) without parsing it again.
+    `checkpoint`: an opened and validated (config, Checkpoint), or None to open `model_dir` here."""
 
-    def __init__(self, model_dir: str | Path, policy: ReadPolicy = ReadPolicy(), fault: FaultHook | None = None,
-                 progress: Progress | None = None, kernels: str = BUILTIN_KERNELS, reuse_buffers: bool = True,
-                 cache_bytes: int = 0, cache_policy: str = "lru", lookahead: bool = False):
-        self.dir = Path(model_dir)
-        self.config: ModelConfig = load_config(self.dir)
-        self.checkpoint = Checkpoint(self.dir, progress)
-        if progress:
-            progress("validating", 0, 1)
-        validate(self.checkpoint, self.config)  # every tensor present, shaped as the config says
-        if progress:
-            progress("validating", 1, 1)
+    def __init__(self, model_dir: str | Path, spec: RunSpec = RunSpec(), fault: FaultHook | None = None,
+                 progress: Progress | None = None, reuse_buffers: bool = True,
+                 checkpoint: tuple[ModelConfig, Checkpoint] | None = None):
+        self.dir, self.spec, self._fault, self._reuse = Path(model_dir), spec, fault, reuse_buffers
+        self.config, self.checkpoint = checkpoint or _open_checkpoint(self.dir, progress)
+        layers = self.config.text.num_hidden_layers
+        # The layers this process computes: all of them, or a rank's range in a pipelined run.
+        self.owned: range = range(layers) if spec.layers is None else range(spec.layers[0], spec.layers[1] + 1)
         cache = None
-        if cache_bytes > 0:
-            cache = WeightCache(cache_bytes, step_bytes(self.checkpoint, self.config)[1], cache_policy)
+        if spec.cache_bytes > 0:  # room kept first for the non-expert bytes of the layers computed here
+            per_layer, head = layer_step_bytes(self.checkpoint, self.config, non_expert_only=True)
+            resident = sum(per_layer[i] for i in self.owned) + (head if self._computes(layers) else 0)
+            cache = WeightCache(spec.cache_bytes, resident, spec.cache_policy)
         # reuse_buffers=False: a fresh array per read (the plain path the tests compare the arenas with)
-        self.reader = TensorReader(self.checkpoint, Storage(policy, fault), reuse=reuse_buffers, cache=cache)
-        self.lookahead = lookahead
-        self.kernels = kernels  # resolved by linear.choose_kernels; part of the ledger header and the anchor key
-        self.weights = WeightFetcher(self.config, self.reader, kernels)
+        self.reader = TensorReader(self.checkpoint, Storage(spec.read, fault), reuse=reuse_buffers, cache=cache)
+        self.weights = WeightFetcher(self.config, self.reader, spec.kernels)
         self._streams: dict[str, list] = {}
-        self.stream_count: int | None = None  # None: one per core; set it to pin the count (tests do)
-        # The layers this process computes: all of them, or a rank's range when the layers are pipelined over
-        # several processes (`pipeline.py`, which then sets `stage` on rank 0 and `rank` on every rank).
-        self.owned: range = range(self.config.text.num_hidden_layers)
-        self.rank: int | None = None
-        self.stage = None
+
+    def reopen(self, spec: RunSpec) -> Model:
+        """A Model over the same opened checkpoint computing as `spec` says (this one stays as it is)."""
+        return Model(self.dir, spec, self._fault, None, self._reuse, (self.config, self.checkpoint))
+
+    @property
+    def kernels(self) -> str:
+        return self.spec.kernels
+
+    @property
+    def rank(self) -> int | None:
+        return self.spec.rank
 
     def close(self) -> None:
         self.reader.close()
 
     def streams(self) -> list:
         device = mx.default_device()
-        key = f"{device}/{self.stream_count}"
+        key = str(device)
         if key not in self._streams:
-            self._streams[key] = compute_streams(device, self.stream_count)
+            self._streams[key] = compute_streams(device, self.spec.streams)
         return self._streams[key]
 
     def check_prompt(self, ids: list[int]) -> None:
@@ -154,7 +149,7 @@ class Model:
             self.weights.prefetch_layer(i + 1)  # the next layer's reads overlap this layer's compute
         result = decoder_layer(x, weights, self.config.text, cos, sin,
                                lambda ids: self.weights.experts(i, ids), self.streams(), past,
-                               self._look_ahead(i + 1) if self.lookahead and reads_next else None)
+                               self._look_ahead(i + 1) if self.spec.lookahead and reads_next else None)
         mx.eval(result.hidden, *((result.kv.latent, result.kv.k_pe) if past is not None else ()))
         self.reader.release(i)  # nothing computed from layer i's weights is pending any more
         return result
@@ -199,24 +194,26 @@ class Model:
         mx.eval(logits)
         return np.array(hidden[0]), np.array(logits[0])
 
-    def step(self, step: int, input_ids: list[int], capture: bool = True,
-             kv: KVCache | None = None) -> Iterator[LayerDone | StepDone]:
+    def step(self, step: int, input_ids: list[int], kv: KVCache | None = None,
+             rest: RestOfStep | None = None) -> Iterator[LayerDone | StepDone]:
         """embed -> every layer -> final norm -> lm_head; yields one LayerDone per layer, then the StepDone.
         Without `kv` the whole context is computed; with it, the positions `kv` does not hold yet (it is
-        updated once the step is done). `watch` observes beside the computation, never in it."""
+        updated once the step is done). In a pipelined run (`rest`: rank 0's pipeline stage) this process
+        computes its own layers and `rest` the others' part from the hidden state they leave. `watch`
+        observes beside the computation, never in it."""
         past = 0 if kv is None else kv.length
         if past >= len(input_ids):
             raise UsageError(f"step {step}: the KV cache holds {past} positions, the context only {len(input_ids)}")
-        watch = StepWatch(self.reader, self.weights, step, capture, self.rank)
+        watch = StepWatch(self.reader, self.weights, step, self.spec.capture, self.rank)
         others = None
         with self.stepping(kv, len(input_ids)) as states:
             x = self.embed(input_ids[past:])
             watch.start(x)
             x = yield from self.own_layers(watch, x, len(input_ids), past, states)
-            if self.stage is None:
+            if rest is None:
                 hidden, logits = self.head(x)
-            else:  # the other ranks compute the rest of the step from x (pipeline.Stage)
-                others = self.stage.rest_of_step(step, len(input_ids), past, capture, x)
+            else:  # the other ranks compute the rest of the step from x
+                others = rest(step, len(input_ids), past, self.spec.capture, x)
                 hidden, logits = others.hidden, others.logits
                 for done in others.layers:
                     watch.layers.append(done)
@@ -254,6 +251,18 @@ class Model:
                 states[i] = result.kv
             yield watch.layer_done(i, x, result.routing, result.moe_input)
         return x
+
+
+def _open_checkpoint(model_dir: Path, progress: Progress | None) -> tuple[ModelConfig, Checkpoint]:
+    """config.json and every shard header, checked against each other before anything is read."""
+    config = load_config(model_dir)
+    checkpoint = Checkpoint(model_dir, progress)
+    if progress:
+        progress("validating", 0, 1)
+    validate(checkpoint, config)  # every tensor present, shaped as the config says
+    if progress:
+        progress("validating", 1, 1)
+    return config, checkpoint
 
 
 _EMPTY = LatentKV(mx.zeros((0, 1)), mx.zeros((0, 1)))  # no position yet: the first step is the no-KV computation
@@ -323,49 +332,42 @@ class StepWatch:
                         reads_s=totals["reads_s"])
 
 
-def generate(model: Model | str | Path, prompt_ids: list[int], max_new_tokens: int, device: str | None = None,
-             capture: bool = True, stop_at_eos: bool = True, first_step: int = 0,
-             kv_cache: bool = False) -> Iterator[Event]:
-    """Greedy generation: yields LayerDone/StepDone events per step and a RunDone at the end.
+def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True,
+             first_step: int = 0, rest: RestOfStep | None = None) -> Iterator[Event]:
+    """Greedy generation on an opened `model`, on its spec's device: yields LayerDone/StepDone events per step
+    and a RunDone at the end.
 
     Steps `first_step` .. `max_new_tokens - 1` run, the first from context `prompt_ids` (a resumed run
-    passes the context its next step computes from). With `kv_cache`, a resumed run first rebuilds the
-    cache exactly as the run built it: it runs steps 0 .. first_step - 1 again from the original prompt (the
-    context without the first_step tokens generated since), silently, and checks each gives the token the
-    context holds. A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own
-    ending. `model` is an opened Model or a checkpoint directory (then opened and closed here).
+    passes the context its next step computes from). With the spec's KV cache, a resumed run first rebuilds
+    the cache exactly as the run built it: it runs steps 0 .. first_step - 1 again from the original prompt
+    (the context without the first_step tokens generated since), silently, and checks each gives the token
+    the context holds. A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own
+    ending. `rest`: the other ranks' part of each step in a pipelined run (`Model.step`).
     """
-    mx.set_default_device(select_device(device))
-    owned = not isinstance(model, Model)
-    if owned:
-        model = Model(model)
-    try:
-        model.check_run(prompt_ids, max_new_tokens, first_step)
-        ids = list(prompt_ids)
-        kv = KVCache(model.config.text.num_hidden_layers) if kv_cache else None
-        if kv is not None and first_step:
-            rebuild(model, ids, first_step, kv)
-        start, total, steps = time.perf_counter(), 0, 0
-        for k in range(first_step, max_new_tokens):
-            for event in model.step(k, ids, capture, kv):
-                yield event
-            total += event.bytes_read
-            steps += 1
-            ids = ids + [event.token_id]
-            if stop_at_eos and event.token_id == model.config.text.eos_token_id:
-                break
-        yield RunDone(steps=steps, bytes_read=total, wall_s=time.perf_counter() - start, status="complete")
-    finally:
-        if owned:
-            model.close()
+    mx.set_default_device(model.spec.mx_device)
+    model.check_run(prompt_ids, max_new_tokens, first_step)
+    ids = list(prompt_ids)
+    kv = KVCache(model.config.text.num_hidden_layers) if model.spec.kv_cache else None
+    if kv is not None and first_step:
+        rebuild(model, ids, first_step, kv, rest)
+    start, total, steps = time.perf_counter(), 0, 0
+    for k in range(first_step, max_new_tokens):
+        for event in model.step(k, ids, kv, rest):
+            yield event
+        total += event.bytes_read
+        steps += 1
+        ids = ids + [event.token_id]
+        if stop_at_eos and event.token_id == model.config.text.eos_token_id:
+            break
+    yield RunDone(steps=steps, bytes_read=total, wall_s=time.perf_counter() - start, status="complete")
 
 
-def rebuild(model: Model, context: list[int], steps: int, kv: KVCache) -> None:
+def rebuild(model: Model, context: list[int], steps: int, kv: KVCache, rest: RestOfStep | None = None) -> None:
     """Run steps 0 .. steps - 1 of a KV-cache run whose step `steps` computes from `context`, filling `kv` (and
     the weight cache) as the run did; each must give the token the context holds."""
     prompt = len(context) - steps
     for k in range(steps):
-        for event in model.step(k, context[:prompt + k], capture=False, kv=kv):
+        for event in model.step(k, context[:prompt + k], kv, rest):
             pass
         if event.token_id != context[prompt + k]:
             raise K2Error(f"rebuilding the KV cache: step {k} gave token {event.token_id}, the context has "

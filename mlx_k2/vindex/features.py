@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import K2Error
 from ..evidence.bundle import read_step_file
 from ..evidence.ledger import read_ledger
-from ..evidence.schema import step_tensor_path, strict_loads
+from ..evidence.schema import MOE_INPUT, layer_tensor, step_tensor_path, strict_loads
 from ..evidence.verify import verify
 
 GATE_VECTORS = "gate_vectors.bin"
@@ -176,7 +176,7 @@ def step_features(bundle: str | Path, vindex_dir: str | Path, top: int = 5, laye
             i = x["layer"]
             if x.get("kind") != "moe" or x.get("experts") is None or (layers is not None and i not in layers):
                 continue
-            moe_input = tensors.get(f"layers.{i}.moe_input")
+            moe_input = tensors.get(layer_tensor(i, MOE_INPUT))
             if moe_input is None:
                 continue
             saved_any = True

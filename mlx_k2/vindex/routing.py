@@ -43,7 +43,7 @@ from ..errors import K2Error
 from ..evidence.bundle import read_step_file
 from ..evidence.derived import line_digest, root_digest
 from ..evidence.ledger import read_ledger
-from ..evidence.schema import step_tensor_path
+from ..evidence.schema import ROUTED, ROUTER_SCORES, layer_tensor, step_tensor_path
 from ..evidence.verify import moe_layers, verify
 
 STATS_NAME = "phase3_routing_stats.json"
@@ -101,7 +101,7 @@ def _count_run(path: Path, ledger, layers: dict[int, _Layer], moe: list[int]) ->
             x = by_layer.get(i)
             if x is None or x.get("experts") is None:
                 continue  # capture off: no routing recorded
-            routed = None if tensors is None else tensors.get(f"layers.{i}.routed")
+            routed = None if tensors is None else tensors.get(layer_tensor(i, ROUTED))
             if routed is not None:
                 routing = "bundle: every computed position's experts (layers.L.routed)"
                 first = context - routed.shape[0]
@@ -114,11 +114,11 @@ def _count_run(path: Path, ledger, layers: dict[int, _Layer], moe: list[int]) ->
                 seen[i].add(position)
                 np.add.at(layers[i].counts, experts, 1)
                 layers[i].tokens += 1
-            every = None if tensors is None else tensors.get(f"layers.{i}.router_scores")
+            every = None if tensors is None else tensors.get(layer_tensor(i, ROUTER_SCORES))
             if every is not None:
                 layers[i].c2.append(_c2(every, x["experts"]))
         if ledger.bundle and tensors is not None:
-            c2_positions += any(f"layers.{i}.router_scores" in tensors for i in moe)
+            c2_positions += any(layer_tensor(i, ROUTER_SCORES) in tensors for i in moe)
     tokens = max((len(v) for v in seen.values()), default=0)
     return {"path": str(path), "kind": "bundle" if ledger.bundle else "ledger", "root_blake3": root_digest(path),
             "status": ledger.status, "steps": len(ledger.steps), "prompt_tokens": len(run["prompt_ids"]),

@@ -18,7 +18,7 @@ from mlx_k2.errors import K2Error, UsageError
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
 from mlx_k2.synth.checkpoint import default_checkpoint
-from mlx_k2.checkpoint.tokenizer import adds_bos, default_bos, load_tokenizer
+from mlx_k2.checkpoint.tokenizer import TOKENIZER_FILES, adds_bos, default_bos, load_tokenizer
 
 from .app import app, guarded
 from .live import live_dashboard
@@ -129,7 +129,7 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
                                              tokenizer=tokenizer, progress=progress, link=link)
         ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
         if tokenizer is None and not quiet:
-            typer.echo(f"warning: {model_dir} has no tokenizer (tiktoken.model or tokenizer.json); "
+            typer.echo(f"warning: {model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
                        "tokens are shown as ids", err=True)
         return tokenizer, run_session(model_dir, ids, max_new_tokens, spec, ledger or default_ledger(bundle), bundle,
                                       overwrite=overwrite, sinks=sinks, tokenizer=tokenizer, progress=progress,
@@ -207,7 +207,7 @@ def prompt_from(prompt: str | None, bos: bool | None, ids: list[int], model_dir:
     tokenizer adds it and --no-bos is not given), else the checkpoint's own BOS."""
     if prompt is not None:
         if tokenizer is None:
-            raise UsageError(f"--prompt: {model_dir} has no tokenizer (tiktoken.model or tokenizer.json); "
+            raise UsageError(f"--prompt: {model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
                              "give --prompt-ids instead")
         if ids:
             raise UsageError("give --prompt or --prompt-ids, not both")

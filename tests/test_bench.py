@@ -107,7 +107,6 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
 
     from mlx_k2.bench.decode import decode_case, summary
     from mlx_k2.evidence.events import LayerDone, StepDone
-    from mlx_k2.model.linear import choose_kernels
     from mlx_k2.run.runner import Model, generate
 
     from conftest import cpu_spec

@@ -16,13 +16,8 @@ import numpy as np
 
 from .events import LayerDone, StepDone
 from .derived import entropy, file_blake3, margin, tensor_digest, top16
-from .schema import DISTRIBUTED_PROVENANCE, MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA, TOKENIZER_FILES
-
-
-def tokenizer_file(model_dir: Path) -> Path | None:
-    """The file the checkpoint's tokenizer is built from (schema.TOKENIZER_FILES), or None."""
-    return next((Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()), None)
-
+from ..checkpoint.tokenizer import tokenizer_file
+from .schema import DISTRIBUTED_PROVENANCE, MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA
 
 def model_facts(model_dir: Path, config) -> dict[str, Any]:
     """The header's model facts (schema.MODEL_FACTS, and model.quantization) from a model config

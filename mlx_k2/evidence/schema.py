@@ -20,7 +20,7 @@ SCHEMA = "mlx-k2.ledger/2"
 # needs it (a reader ignores fields it does not know): header run.kernels, and the model facts the structural
 # checks need, in header `model` (MODEL_FACTS): vocab_size, hidden_size, eos_token_id, bos_token_id,
 # first_k_dense_replace, moe_layer_freq (which layers are MoE) and tokenizer_blake3 (BLAKE3 of the
-# checkpoint's tiktoken.model, or null where it has none). Schema 2 ledgers of the first release carry
+# checkpoint's tokenizer file, or null where it has none). Schema 2 ledgers of the first release carry
 # run.kernels only: a header has either all the model facts or none. Header run.expert_cache_bytes (the
 # weight cache's budget, 0 = none) came with the cache fields of the records (CACHE_PROVENANCE below), and
 # run.cache_policy (how it evicts experts: CACHE_POLICIES, weight_cache.POLICIES) after them. Header

@@ -90,90 +90,104 @@ def fp8_dequantize_mlx(weight: mx.array, scales: mx.array) -> mx.array:
     return mx.from_fp8(weight, mx.float32) * s
 
 
-def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKENS,
-        progress: Callable[[str], None] | None = None) -> dict:
-    """{"ceiling_gbps", "kernel_name", "simd", "threads", "cases": [{"kernel", "T", "shape": [in, out],
-    "weight_bytes", "seconds", "gbps", "builtin_seconds", "builtin_gbps", "speedup"[, "int4_weight_bytes",
-    "int4_seconds", "int4_gbps" (fp8 cases)]}, ...]}."""
-    st = status()
-    if not st.available:
-        raise RuntimeError(f"CPU kernels unavailable: {st.reason}")
-    say = progress or (lambda _msg: None)
-    mx.random.seed(0)
-    rng = np.random.default_rng(0)   # only to draw expert indices
-    cases: list[dict] = []
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
 
-    def case(kernel: str, T: int, shape: tuple[int, int], nbytes: int, ours, builtin, int4=None) -> None:
+
+def _int4_zero_stack(n_experts: int) -> tuple[mx.array, mx.array]:
+    """A stack of int4 experts (n_experts, MOE_INTER, HIDDEN): words and bf16 scales, zeros (values do not
+    change the timing)."""
+    return (mx.zeros((n_experts, MOE_INTER, HIDDEN // 8), dtype=mx.uint32),
+            mx.zeros((n_experts, MOE_INTER, HIDDEN // GROUP), dtype=mx.bfloat16))
+
+
+def _mlx_affine(scales: mx.array) -> tuple[mx.array, mx.array]:
+    """MLX's quantized ops take a scale and a bias per group: float32 scales and biases -8 * scale, as
+    linear.py passes them (the int4 values are stored offset by 8)."""
+    s32 = scales.astype(mx.float32)
+    return s32, -8 * s32
+
+
+def _one_row_per_pair(x: mx.array) -> mx.array:
+    return mx.repeat(x, TOP_K, axis=0)          # (T, in) -> (T*k, in): each position's row once per expert
+
+
+class _Cases:
+    """The cases measured so far, and each family of them. Each family is its own method: its arrays (the
+    expert stack is 3 GB) are freed when it returns."""
+
+    def __init__(self, repeats: int, budget_s: float, tokens: tuple[int, ...], say: Callable[[str], None]):
+        self.repeats, self.budget_s, self.tokens, self.say = repeats, budget_s, tokens, say
+        self.rng = np.random.default_rng(0)   # only to draw expert indices
+        self.cases: list[dict] = []
+
+    def _seconds(self, fn: Callable[[], mx.array]) -> float:
+        return _median_seconds(fn, self.repeats, self.budget_s)
+
+    def case(self, kernel: str, T: int, shape: tuple[int, int], nbytes: int, ours, builtin, int4=None) -> None:
         """int4: (call, weight bytes) of the own int4 kernel on the same shape, timed right after (fp8)."""
-        say(f"{kernel} T={T} {shape[0]}->{shape[1]}")
-        s = _median_seconds(ours, repeats, budget_s)
-        b = _median_seconds(builtin, repeats, budget_s)
-        cases.append({"kernel": kernel, "T": T, "shape": list(shape), "weight_bytes": nbytes, "seconds": s,
-                      "gbps": nbytes / s / 1e9, "builtin_seconds": b, "builtin_gbps": nbytes / b / 1e9,
-                      "speedup": b / s})
+        self.say(f"{kernel} T={T} {shape[0]}->{shape[1]}")
+        s = self._seconds(ours)
+        b = self._seconds(builtin)
+        self.cases.append({"kernel": kernel, "T": T, "shape": list(shape), "weight_bytes": nbytes, "seconds": s,
+                           "gbps": _gbps(nbytes, s), "builtin_seconds": b, "builtin_gbps": _gbps(nbytes, b),
+                           "speedup": b / s})
         if int4 is not None:
-            i = _median_seconds(int4[0], repeats, budget_s)
-            cases[-1].update(int4_weight_bytes=int4[1], int4_seconds=i, int4_gbps=int4[1] / i / 1e9)
+            i = self._seconds(int4[0])
+            self.cases[-1].update(int4_weight_bytes=int4[1], int4_seconds=i, int4_gbps=_gbps(int4[1], i))
 
-    # Each family in its own function: its arrays (the expert stack is 3 GB) are freed when it returns.
-    def int4_cases() -> None:
+    def int4(self) -> None:
         for inp, out in ((HIDDEN, MOE_INTER), (MOE_INTER, HIDDEN)):
             words, scales = _int4_weights(out, inp)
-            s32 = scales.astype(mx.float32)
-            b32 = -8 * s32
+            s32, b32 = _mlx_affine(scales)
             mx.eval(words, scales, s32, b32)
             nbytes = words.nbytes + scales.nbytes
-            for T in tokens:
+            for T in self.tokens:
                 x = _x(T, inp)
-                case("int4", T, (inp, out), nbytes, lambda: int4_matmul(x, words, scales, GROUP),
-                     lambda: mx.quantized_matmul(x, words, s32, b32, transpose=True, group_size=GROUP, bits=4))
+                self.case("int4", T, (inp, out), nbytes, lambda: int4_matmul(x, words, scales, GROUP),
+                          lambda: mx.quantized_matmul(x, words, s32, b32, transpose=True, group_size=GROUP, bits=4))
 
-    def gather_cases() -> None:
-        # The whole stack of routed experts, as a layer's gathered call sees it; zeros (values do not matter).
-        words = mx.zeros((N_EXPERTS, MOE_INTER, HIDDEN // 8), dtype=mx.uint32)
-        scales = mx.zeros((N_EXPERTS, MOE_INTER, HIDDEN // GROUP), dtype=mx.bfloat16)
-        s32 = scales.astype(mx.float32)
-        b32 = -8 * s32
+    def int4_gather(self) -> None:
+        words, scales = _int4_zero_stack(N_EXPERTS)   # the whole stack of routed experts, as a layer's call sees it
+        s32, b32 = _mlx_affine(scales)
         mx.eval(words, scales, s32, b32)
         per_expert = (words.nbytes + scales.nbytes) // N_EXPERTS
-        for T in tokens:
-            idx = np.stack([rng.choice(N_EXPERTS, TOP_K, replace=False) for _ in range(T)]).astype(np.uint32)
+        for T in self.tokens:
+            idx = np.stack([self.rng.choice(N_EXPERTS, TOP_K, replace=False) for _ in range(T)]).astype(np.uint32)
             x = _x(T, HIDDEN)
-            xp = mx.repeat(x, TOP_K, axis=0)                           # (T*k, in): one row per pair
+            xp = _one_row_per_pair(x)                                  # (T*k, in)
             flat, pairs = mx.array(idx.reshape(-1)), mx.array(idx)    # (T*k,), (T, k)
             x4 = x[:, None, None, :]                                   # (T, 1, 1, in) as linear.gather_linear
             mx.eval(xp, flat, pairs, x4)
-            case("int4_gather", T, (HIDDEN, MOE_INTER), per_expert * len(np.unique(idx)),
-                 lambda: int4_gather_matmul(xp, words, scales, flat, GROUP),
-                 lambda: mx.gather_qmm(x4, words, s32, b32, rhs_indices=pairs, transpose=True, group_size=GROUP,
-                                       bits=4))
+            self.case("int4_gather", T, (HIDDEN, MOE_INTER), per_expert * len(np.unique(idx)),
+                      lambda: int4_gather_matmul(xp, words, scales, flat, GROUP),
+                      lambda: mx.gather_qmm(x4, words, s32, b32, rhs_indices=pairs, transpose=True,
+                                            group_size=GROUP, bits=4))
 
-    def bf16_cases() -> None:
+    def bf16(self) -> None:
         w = mx.random.normal((MOE_INTER, HIDDEN)).astype(mx.bfloat16)
         mx.eval(w)
-        for T in tokens:
+        for T in self.tokens:
             x = _x(T, HIDDEN)
-            case("bf16", T, (HIDDEN, MOE_INTER), w.nbytes, lambda: dense_matmul(x, w),
-                 lambda: x @ w.astype(mx.float32).T)
+            self.case("bf16", T, (HIDDEN, MOE_INTER), w.nbytes, lambda: dense_matmul(x, w),
+                      lambda: x @ w.astype(mx.float32).T)
 
     # Each fp8 case also times the own int4 kernel on the same shape right after (int4_seconds, int4_gbps).
-    def fp8_cases() -> None:
+    def fp8(self) -> None:
         for out in (MOE_INTER, DENSE_INTER):
             weight, scales = _fp8_weights((), out, HIDDEN)
             words, i4scales = _int4_weights(out, HIDDEN)
             x = _x(1, HIDDEN)
             mx.eval(weight, scales, words, i4scales, x)
-            case("fp8", 1, (HIDDEN, out), weight.nbytes + scales.nbytes, lambda: fp8_matmul(x, weight, scales),
-                 lambda: x @ fp8_dequantize_mlx(weight, scales).T,
-                 int4=(lambda: int4_matmul(x, words, i4scales, GROUP), words.nbytes + i4scales.nbytes))
+            self.case("fp8", 1, (HIDDEN, out), weight.nbytes + scales.nbytes, lambda: fp8_matmul(x, weight, scales),
+                      lambda: x @ fp8_dequantize_mlx(weight, scales).T,
+                      int4=(lambda: int4_matmul(x, words, i4scales, GROUP), words.nbytes + i4scales.nbytes))
 
-    def fp8_gather_cases() -> None:
+    def fp8_gather(self) -> None:
         weight, scales = _fp8_weights((FP8_EXPERTS,), MOE_INTER, HIDDEN)
-        words = mx.zeros((FP8_EXPERTS, MOE_INTER, HIDDEN // 8), dtype=mx.uint32)   # int4 of the same stack
-        i4scales = mx.zeros((FP8_EXPERTS, MOE_INTER, HIDDEN // GROUP), dtype=mx.bfloat16)
-        idx = rng.choice(FP8_EXPERTS, TOP_K, replace=False).astype(np.uint32)   # one position's experts
-        x = _x(1, HIDDEN)
-        xp = mx.repeat(x, TOP_K, axis=0)                                       # (k, in): one row per pair
+        words, i4scales = _int4_zero_stack(FP8_EXPERTS)                           # int4 of the same stack
+        idx = self.rng.choice(FP8_EXPERTS, TOP_K, replace=False).astype(np.uint32)   # one position's experts
+        xp = _one_row_per_pair(_x(1, HIDDEN))                                    # (k, in)
         flat = mx.array(idx)
         local = mx.arange(TOP_K, dtype=mx.uint32)
         mx.eval(weight, scales, words, i4scales, xp, flat, local)
@@ -184,17 +198,25 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
             w = fp8_dequantize_mlx(weight[flat], scales[flat])                 # (k, out, in) float32
             return mx.gather_mm(xp[:, None, :], w.swapaxes(-1, -2), rhs_indices=local)   # (k, 1, out)
 
-        case("fp8_gather", 1, (HIDDEN, MOE_INTER), per_expert * TOP_K,
-             lambda: fp8_gather_matmul(xp, weight, scales, flat), builtin,
-             int4=(lambda: int4_gather_matmul(xp, words, i4scales, flat, GROUP), int4_per_expert * TOP_K))
+        self.case("fp8_gather", 1, (HIDDEN, MOE_INTER), per_expert * TOP_K,
+                  lambda: fp8_gather_matmul(xp, weight, scales, flat), builtin,
+                  int4=(lambda: int4_gather_matmul(xp, words, i4scales, flat, GROUP), int4_per_expert * TOP_K))
 
+
+def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKENS,
+        progress: Callable[[str], None] | None = None) -> dict:
+    """{"ceiling_gbps", "kernel_name", "simd", "threads", "cases": [{"kernel", "T", "shape": [in, out],
+    "weight_bytes", "seconds", "gbps", "builtin_seconds", "builtin_gbps", "speedup"[, "int4_weight_bytes",
+    "int4_seconds", "int4_gbps" (fp8 cases)]}, ...]}."""
+    st = status()
+    if not st.available:
+        raise RuntimeError(f"CPU kernels unavailable: {st.reason}")
+    say = progress or (lambda _msg: None)
+    mx.random.seed(0)
+    measured = _Cases(repeats, budget_s, tokens, say)
     with mx.stream(mx.default_stream(mx.cpu)):
-        int4_cases()
-        gather_cases()
-        bf16_cases()
-        fp8_cases()
-        fp8_gather_cases()
-
+        for family in (measured.int4, measured.int4_gather, measured.bf16, measured.fp8, measured.fp8_gather):
+            family()
     say("memory-read ceiling")
     return {"ceiling_gbps": memory_read_ceiling_gbps(), "kernel_name": st.name, "simd": st.simd,
-            "threads": os.cpu_count() or 1, "cases": cases}
+            "threads": os.cpu_count() or 1, "cases": measured.cases}

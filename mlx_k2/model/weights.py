@@ -77,6 +77,14 @@ class WeightFetcher:
     def _stack_linears(self, arrays: list[mx.array] | tuple[mx.array, ...], per_linear: int, base: str) -> list[Linear]:
         return [self._make_linear(base, arrays[i:i + per_linear]) for i in range(0, len(arrays), per_linear)]
 
+    def start_stacked_linears(self, stacks: list[list[str]], slot: int) -> Callable[[], list[Linear]]:
+        """Issue the reads of linears stacked (n, out, in), one stack per list of bases, all stored like the
+        first (a layer's routed experts, a stack per projection), for `slot`, position by position as the
+        routed experts' reads are. The function returned waits for the bytes and gives the stacked Linears in
+        the order of `stacks`: for callers that choose the projections (the vindex reads no up_proj)."""
+        pending, per_linear = self._stack_reads(stacks, slot)
+        return lambda: self._stack_linears([p.wait() for p in pending], per_linear, stacks[0][0])
+
     def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple, Callable]]:
         """Start reading routed experts `ids` of `layer`: one stack in the layer's arena, or, where the cache
         takes experts, one stack of one expert each in arrays of their own. Each stack comes with those

@@ -52,6 +52,7 @@ def run_anchor_pass(model_dir: Path, prompt_ids: list[int], spec: RunSpec, ancho
     group) the layers are pipelined over its ranks (`pipeline.py`)."""
     model = Model(model_dir, dataclasses.replace(spec, capture=False))
     try:
+        model.check_run(prompt_ids, 1)
         with rank_0_stage(link, model, layer_split) as (stage, off_model):
             rest = None if stage is None else stage.rest_of_step
             off = observed_values(single_step(off_model, prompt_ids, rest))

@@ -253,28 +253,49 @@ def render(state: DashboardState, width: int = 120):
     inner = max(width - 6, 40)
     if state.status == "starting":
         return Panel(_preparing(state, inner), title="output formation", width=width)
-    head = Text.assemble(("mlx-k2 ", "bold"), f"{state.model_type}  {state.model_path}  device {state.device}  ",
+    # Between steps and after the last one, the per-step figures shown are the last finished step's.
+    step_label = "this step" if state.showing_running_step() else "last step"
+    routing_title, routing = _routing(state)
+    return Panel(Group(_head(state), _layer_progress(state, inner), Text(""), _norms(state, inner), Text(""),
+                       routing_title, routing, _expert_strip_line(state, inner), Text(""),
+                       _io_line(state, step_label), _mode_line(state, step_label), _cache_line(state, step_label),
+                       Text(""), _timeline(state)),
+                 title="output formation", width=width)
+
+
+def _head(state: DashboardState) -> Text:
+    """Model, device, kernels, step k of N, context length and the run's status."""
+    return Text.assemble(("mlx-k2 ", "bold"), f"{state.model_type}  {state.model_path}  device {state.device}  ",
                          *((("kernels ", "bold"), f"{state.kernels}  ") if state.kernels else ()),
                          ("step ", "bold"), f"{min(state.step + 1, state.max_new_tokens)}/{state.max_new_tokens}  ",
                          ("context ", "bold"), f"{state.context_len} tokens  ", (state.status, "italic"))
 
+
+def _layer_progress(state: DashboardState, inner: int) -> Text:
+    """The step's layers done, the last one's kind and time, and the ETAs."""
     last_time = state.layer_times[-1] if state.layer_times else None
-    progress = Text.assemble(
+    return Text.assemble(
         ("layers ", "bold"), _bar(state.layers_done / state.num_layers, min(61, inner - 60)),
         f" {state.layers_done}/{state.num_layers}",
         f"  {state.layer_kind or '-'}" + _known("last layer", last_time, _secs)
         + _known("ETA step", state.eta_step(), _secs) + _known("ETA run", state.eta_run(), _secs))
 
+
+def _norms(state: DashboardState, inner: int) -> Text:
+    """The residual norm trajectories, this step above the one before, on one scale."""
     this, previous = state.trajectories()
     known = [v for v in this + previous if v is not None]
     top = max(known) if known else 0.0
     spark_w = min(state.num_layers, inner - 22)
-    norms = Text.assemble(
+    return Text.assemble(
         ("norm_out this step ", "bold"), sparkline(this, top, spark_w),
         f"  {this[-1]:.2f}" if this and this[-1] is not None else "", "\n",
         ("norm_out prev step ", "dim"), (sparkline(previous, top, spark_w), "dim"),
         f"  max {top:.2f}" if known else "")
 
+
+def _routing(state: DashboardState) -> tuple[Text, Table]:
+    """The last MoE layer's experts with their routing weights (bars relative to the largest)."""
     routing = Table.grid(padding=(0, 1))
     routing.add_column(justify="right")
     routing.add_column()
@@ -283,28 +304,39 @@ def render(state: DashboardState, width: int = 120):
     top_w = max(state.weights) if state.weights else 1.0
     for e, w in zip(state.experts, state.weights):
         routing.add_row(f"e{e}", _bar(w / top_w, 24), f"{w:.3f}")
+    return Text(title, style="bold"), routing
+
+
+def _expert_strip_line(state: DashboardState, inner: int) -> Text:
+    """Selections this run over all routed experts, folded to fit the width."""
     strip_w = min(state.n_routed_experts, inner)
     per_cell = -(-state.n_routed_experts // strip_w)
-    strip = Text.assemble((f"selections across layers this run, {state.n_routed_experts} experts "
-                           f"({per_cell} per cell): ", "bold"), "\n", expert_strip(state.expert_counts, strip_w))
+    return Text.assemble((f"selections across layers this run, {state.n_routed_experts} experts "
+                          f"({per_cell} per cell): ", "bold"), "\n", expert_strip(state.expert_counts, strip_w))
 
-    # Between steps and after the last one, the figure shown is the last finished step's.
-    running = state.showing_running_step()
-    this_step = ("this step", state.bytes_step) if running else ("last step", state.last_step_bytes)
-    step_label = "this step" if running else "last step"
-    rate = state.throughput()
-    io = Text.assemble(("I/O ", "bold"), _known(*this_step, _gb).lstrip(), _known("total", state.bytes_total, _gb),
-                       _known("rate", rate, lambda r: _gb(int(r)) + "/s"),
-                       _known("a step reads", state.last_step_bytes or state.step_bytes_estimate, lambda n: "~" + _gb(n)))
 
-    # Look-ahead accuracy: the share of the experts a layer used that were guessed and read ahead.
+def _io_line(state: DashboardState, step_label: str) -> Text:
+    """Bytes of the step shown, of the run, the read rate now and what a whole step reads."""
+    step_bytes = state.bytes_step if state.showing_running_step() else state.last_step_bytes
+    return Text.assemble(("I/O ", "bold"), _known(step_label, step_bytes, _gb).lstrip(),
+                         _known("total", state.bytes_total, _gb),
+                         _known("rate", state.throughput(), lambda r: _gb(int(r)) + "/s"),
+                         _known("a step reads", state.last_step_bytes or state.step_bytes_estimate,
+                                lambda n: "~" + _gb(n)))
+
+
+def _mode_line(state: DashboardState, step_label: str) -> Text:
+    """The decode mode, positions computed, and look-ahead: its accuracy, the share of the experts a layer
+    used that were guessed and read ahead."""
     right = (_known(f"right {step_label}", _accuracy(state.step_guesses()), str)
              + _known("run", _accuracy(state.guesses_total), str)) if state.lookahead else ""
-    mode = Text.assemble(("decode ", "bold"), "KV cache" if state.kv_cache else "no-KV (whole context)",
+    return Text.assemble(("decode ", "bold"), "KV cache" if state.kv_cache else "no-KV (whole context)",
                          _known("positions last step", state.last_positions, str), "  ",
                          ("look-ahead ", "bold"), right.lstrip() or ("on" if state.lookahead else "off"))
-    cache = _cache_line(state, step_label)
 
+
+def _timeline(state: DashboardState) -> Table:
+    """The last 8 tokens, one row each (bytes cached only when there is a weight cache)."""
     timeline = Table(box=None, padding=(0, 1), header_style="bold")
     columns = ("step", "token", "text", "logit", "margin", "entropy", "pos", "bytes",
                *(("cached",) if state.cache_budget else ()), "time")
@@ -314,9 +346,7 @@ def render(state: DashboardState, width: int = 120):
         timeline.add_row(str(t.step), str(t.token_id), repr(t.text) if t.text is not None else "-",
                          f"{t.logit:.4f}", f"{t.margin:.4f}", f"{t.entropy:.3f}", str(t.positions), _gb(t.bytes_read),
                          *((_gb(t.bytes_cached),) if state.cache_budget else ()), _secs(t.wall_s))
-
-    return Panel(Group(head, progress, Text(""), norms, Text(""), Text(title, style="bold"), routing, strip,
-                       Text(""), io, mode, cache, Text(""), timeline), title="output formation", width=width)
+    return timeline
 
 
 def _cache_line(state: DashboardState, step_label: str) -> Text:

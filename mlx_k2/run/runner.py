@@ -342,10 +342,10 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, stop_at_e
     the cache exactly as the run built it: it runs steps 0 .. first_step - 1 again from the original prompt
     (the context without the first_step tokens generated since), silently, and checks each gives the token
     the context holds. A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own
-    ending. `rest`: the other ranks' part of each step in a pipelined run (`Model.step`).
+    ending. `rest`: the other ranks' part of each step in a pipelined run (`Model.step`). The caller has
+    checked the context fits the model (`Model.check_run`), before writing anything.
     """
     mx.set_default_device(model.spec.mx_device)
-    model.check_run(prompt_ids, max_new_tokens, first_step)
     ids = list(prompt_ids)
     kv = KVCache(model.config.text.num_hidden_layers) if model.spec.kv_cache else None
     if kv is not None and first_step:

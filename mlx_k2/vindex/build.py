@@ -423,6 +423,11 @@ class _Unit:
     dense_layers: tuple[int, ...] = ()
 
 
+# A unit's reads in flight: one per read issued (each gives its stacked Linears once waited for), and the
+# router's for a head unit.
+_Started = tuple[list[Callable[[], list[Linear]]], PendingTensor | None]
+
+
 class _Streamer:
     """Reads units' tensors one unit ahead (slot k in the reader's arena k % 2) and dequantises them."""
 
@@ -446,25 +451,22 @@ class _Streamer:
         parts = [p for stack in self.bases(unit) for base in stack for p in names.linear_parts(base, self.reader.checkpoint)]
         return parts + ([] if unit.experts else [self.tensor_names.layer(unit.layer).gate])
 
-    def start(self, unit: _Unit, slot: int) -> list[PendingTensor]:
-        groups = []
-        for stack in self.bases(unit):
-            per_linear = [names.linear_parts(base, self.reader.checkpoint) for base in stack]
-            groups += [[parts[i] for parts in per_linear] for i in range(len(per_linear[0]))]
-        if not unit.experts:
-            groups.append([self.tensor_names.layer(unit.layer).gate])
-        return self.reader.start_stacked(groups, slot)
+    def start(self, unit: _Unit, slot: int) -> _Started:
+        """Issue a unit's reads for `slot`. A batch of experts is one stacked read of both projections (stored
+        alike), expert by expert, as the forward pass reads routed experts; a head unit's linears are one read
+        each (a dense layer's down_proj and the shared expert's may be stored differently), then its router."""
+        stacks = self.bases(unit)
+        reads = [self.fetcher.start_stacked_linears(group, slot)
+                 for group in ([stacks] if unit.experts else [[stack] for stack in stacks])]
+        gate = self.tensor_names.layer(unit.layer).gate
+        return reads, None if unit.experts else self.reader.start_stacked([[gate]], slot)[0]
 
-    def linears(self, unit: _Unit, pending: list[PendingTensor]) -> tuple[list[Linear], Linear | None]:
+    @staticmethod
+    def linears(started: _Started) -> tuple[list[Linear], Linear | None]:
         """Wait for a unit's bytes: its stacked Linears (in `bases` order) and, for a head unit, the router."""
-        arrays = [p.wait() for p in pending]
-        out, at = [], 0
-        for stack in self.bases(unit):
-            count = len(names.linear_parts(stack[0], self.reader.checkpoint))
-            out.append(self.fetcher.stored_linear(stack[0], arrays[at:at + count]))
-            at += count
-        router = None if unit.experts else Linear.dense(arrays[at][0])  # (1, E, H) -> (E, H)
-        return out, router
+        reads, router = started
+        stacked = [linear for read in reads for linear in read()]
+        return stacked, None if router is None else Linear.dense(router.wait()[0])  # (1, E, H) -> (E, H)
 
 
 def dequantised(stack: Linear, i: int) -> np.ndarray:
@@ -535,6 +537,33 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
     model_dir, out = Path(model_dir), Path(out)
     cfg = load_config(model_dir)
     text = cfg.text
+    selection, num_feats, workers = _options(model_dir, text, layers, num_feats, batch, workers)
+    checkpoint = Checkpoint(model_dir, open_progress)
+    validate(checkpoint, cfg)
+    files = _Files(out, cfg, checkpoint, selection, num_feats)
+    done = files.start(resume)
+    units = _units(text, selection, selection[len(done):], batch)
+    reader = TensorReader(checkpoint, Storage(policy))
+    streamer = _Streamer(cfg, reader)
+    bytes_minimum = sum(checkpoint.info(t).nbytes for unit in units for t in streamer.tensors(unit))
+    results = _Results(files, num_feats, text)
+    bin_fd = os.open(files.path(BIN), os.O_WRONLY)
+    pool = _SvdPool(workers)
+    report = _reporter(progress, selection, len(done) * text.n_routed_experts, results)
+    try:
+        _stream(units, streamer, _Submitted(pool, results, bin_fd, report), num_feats)
+    finally:
+        pool.close()
+        os.close(bin_fd)
+        reader.close()
+    return BuildResult(out, selection, len(done), results.experts, time.perf_counter() - started,
+                       reader.bytes_read, bytes_minimum, peak_rss_gb(), workers,
+                       peak_rss_gb(resource.RUSAGE_CHILDREN) if workers else None)
+
+
+def _options(model_dir: Path, text: TextConfig, layers: str | list[int] | None, num_feats: int | None,
+             batch: int, workers: int | None) -> tuple[list[int], int, int]:
+    """The build's options checked, defaults filled in: (selected MoE layers, num_feats, workers)."""
     selection = parse_layers(layers if layers is None or isinstance(layers, str) else ",".join(map(str, layers)), text)
     num_feats = default_features(text) if num_feats is None else num_feats
     check_features(num_feats, text)
@@ -545,28 +574,26 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
         raise UsageError(f"--workers must be 0 (this process) or more, got {workers}")
     if not selection:
         raise UsageError(f"{model_dir / 'config.json'}: the model has no MoE layer to index")
-    checkpoint = Checkpoint(model_dir, open_progress)
-    validate(checkpoint, cfg)
-    files = _Files(out, cfg, checkpoint, selection, num_feats)
-    done = files.start(resume)
-    todo = selection[len(done):]
+    return selection, num_feats, workers
+
+
+def _units(text: TextConfig, selection: list[int], todo: list[int], batch: int) -> list[_Unit]:
+    """The reads of the layers `todo`, in order: per layer its head unit (with every dense layer for the first
+    selected layer), then its routed experts in batches of `batch`."""
     dense = tuple(i for i in range(text.num_hidden_layers) if not text.is_moe_layer(i))
     n_experts = text.n_routed_experts
     units = []
     for layer in todo:
         units.append(_Unit(layer, dense_layers=dense if layer == selection[0] else ()))
         units += [_Unit(layer, tuple(range(lo, min(lo + batch, n_experts)))) for lo in range(0, n_experts, batch)]
+    return units
 
-    reader = TensorReader(checkpoint, Storage(policy))
-    streamer = _Streamer(cfg, reader)
-    bytes_minimum = sum(checkpoint.info(t).nbytes for unit in units for t in streamer.tensors(unit))
-    experts_before = len(done) * n_experts
-    k_down = min(VAR_K, text.moe_intermediate_size, text.hidden_size)   # var@64, or all where narrower
-    k_gate = max(num_feats, k_down)
-    results = _Results(files, num_feats, text)
-    bin_fd = os.open(files.path(BIN), os.O_WRONLY)
-    pool = _SvdPool(workers)
+
+def _reporter(progress: Callable[[BuildProgress], None] | None, selection: list[int], experts_before: int,
+              results: _Results) -> Callable[[int, bool], None]:
+    """report(layer, finished) -> `progress` called with where the build is (the rate: since this call)."""
     run_started = time.perf_counter()
+    n_experts = results.text.n_routed_experts
 
     def report(layer: int, finished: bool) -> None:
         if progress is None:
@@ -577,41 +604,54 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
         progress(BuildProgress(layer, selection.index(layer) + finished, len(selection), now, total, elapsed,
                                rate, (total - now) / rate if rate else None, finished))
 
-    def collect(keep: int) -> None:
+    return report
+
+
+def _stream(units: list[_Unit], streamer: _Streamer, submitted: _Submitted, num_feats: int) -> None:
+    """Read the units one ahead and compute them: a head unit's statistics here, each routed expert's SVDs
+    in the pool (its matrices dequantised here first)."""
+    results = submitted.results
+    text = results.text
+    k_down = min(VAR_K, text.moe_intermediate_size, text.hidden_size)   # var@64, or all where narrower
+    k_gate = max(num_feats, k_down)
+    with blas_threads(1):  # one thread per SVD (see svd.blas_threads), here too when workers is 0
+        pending = streamer.start(units[0], 0) if units else None
+        for k, unit in enumerate(units):
+            linears, router = streamer.linears(pending)
+            pending = streamer.start(units[k + 1], k + 1) if k + 1 < len(units) else None  # read ahead
+            if not unit.experts:
+                results.start_layer(unit.layer, _head(unit, linears, router, text))
+            gate, down = linears if unit.experts else (None, None)
+            for i, expert in enumerate(unit.experts):
+                submitted.add(unit, expert, dequantised(gate, i), dequantised(down, i), k_gate, k_down)
+            streamer.reader.release(k)  # every matrix of slot k was copied out of its arena
+        submitted.collect(0)
+
+
+class _Submitted:
+    """Routed experts given to the SVD pool and not yet taken, oldest first: taken in order, so the .bin and a
+    layer's statistics are written expert by expert, and at most `pool.most_waiting()` wait."""
+
+    def __init__(self, pool: _SvdPool, results: _Results, bin_fd: int, report: Callable[[int, bool], None]):
+        self.pool, self.results, self.bin_fd, self.report = pool, results, bin_fd, report
+        self.waiting: deque[tuple[_Unit, int, Future]] = deque()
+
+    def add(self, unit: _Unit, expert: int, *args) -> None:
+        """Submit one expert's gate_and_down(*args), then take finished ones down to the pool's limit."""
+        self.waiting.append((unit, expert, self.pool.submit(unit.layer, expert, *args)))
+        self.collect(self.pool.most_waiting())
+
+    def collect(self, keep: int) -> None:
         """Take finished experts, oldest first, until at most `keep` wait (their files are written in order)."""
-        while len(in_flight) > keep:
-            unit, expert, result = in_flight.popleft()
+        while len(self.waiting) > keep:
+            unit, expert, result = self.waiting.popleft()
             try:
                 spectra = result.result()
             except BrokenProcessPool as e:
                 raise SvdProcessError(unit.layer, expert) from e
-            finished = results.add(unit.layer, expert, *spectra, bin_fd)
+            finished = self.results.add(unit.layer, expert, *spectra, self.bin_fd)
             if expert == unit.experts[-1]:
-                report(unit.layer, finished)
-
-    in_flight: deque[tuple[_Unit, int, Future]] = deque()
-    try:
-        with blas_threads(1):  # one thread per SVD (see svd.blas_threads), here too when workers is 0
-            pending = streamer.start(units[0], 0) if units else None
-            for k, unit in enumerate(units):
-                linears, router = streamer.linears(unit, pending)
-                pending = streamer.start(units[k + 1], k + 1) if k + 1 < len(units) else None  # read ahead
-                if not unit.experts:
-                    results.start_layer(unit.layer, _head(unit, linears, router, text))
-                gate, down = linears if unit.experts else (None, None)
-                for i, expert in enumerate(unit.experts):
-                    in_flight.append((unit, expert, pool.submit(unit.layer, expert, dequantised(gate, i),
-                                                                dequantised(down, i), k_gate, k_down)))
-                    collect(pool.most_waiting())
-                reader.release(k)  # every matrix of slot k was copied out of its arena
-            collect(0)
-    finally:
-        pool.close()
-        os.close(bin_fd)
-        reader.close()
-    return BuildResult(out, selection, len(done), results.experts, time.perf_counter() - started,
-                       reader.bytes_read, bytes_minimum, peak_rss_gb(), workers,
-                       peak_rss_gb(resource.RUSAGE_CHILDREN) if workers else None)
+                self.report(unit.layer, finished)
 
 
 def _head(unit: _Unit, linears: list[Linear], router: Linear, text: TextConfig) -> dict:

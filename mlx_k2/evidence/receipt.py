@@ -72,26 +72,24 @@ def keygen(path: Path, overwrite: bool = False) -> tuple[Path, Path]:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as e:
-        raise ReceiptError(f"{path}: cannot read the key ({e.strerror})") from None
-    except (ValueError, TypeError) as e:
-        raise ReceiptError(f"{path}: not an unencrypted PEM private key ({e})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ReceiptError(f"{path}: not an Ed25519 key ({type(key).__name__})")
-    return key
+    return _load_key(path, lambda data: serialization.load_pem_private_key(data, password=None),
+                     Ed25519PrivateKey, "key", "an unencrypted PEM private key")
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    return _load_key(path, serialization.load_pem_public_key, Ed25519PublicKey, "public key", "a PEM public key")
+
+
+def _load_key(path: Path, load, kind: type, what: str, pem: str):
+    """The Ed25519 key of `kind` in the PEM file at `path`, or a one-line ReceiptError naming the file."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        key = load(path.read_bytes())
     except OSError as e:
-        raise ReceiptError(f"{path}: cannot read the public key ({e.strerror})") from None
+        raise ReceiptError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except (ValueError, TypeError) as e:
-        raise ReceiptError(f"{path}: not a PEM public key ({e})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ReceiptError(f"{path}: not an Ed25519 public key ({type(key).__name__})")
+        raise ReceiptError(f"{path}: not {pem} ({e})") from None
+    if not isinstance(key, kind):
+        raise ReceiptError(f"{path}: not an Ed25519 {what} ({type(key).__name__})")
     return key
 
 

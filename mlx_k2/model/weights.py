@@ -56,11 +56,6 @@ class WeightFetcher:
         raise CheckpointError(f"{self.checkpoint.dir}: tensor {names.linear_parts(base, self.checkpoint)[1]} is "
                               f"{kind} but config.json's quantization_config does not describe it")
 
-    def stored_linear(self, base: str, parts: list[mx.array] | tuple[mx.array, ...]) -> Linear:
-        """The Linear of `base` (or a stack of linears stored like it) from arrays of its stored parts, in the
-        order `names.linear_parts` lists them: for callers that read the parts themselves (the vindex)."""
-        return self._make_linear(base, parts)
-
     def linear(self, base: str, slot: int) -> Linear:
         return self._make_linear(base, [self.reader.tensor(p, slot) for p in names.linear_parts(base, self.checkpoint)])
 

@@ -66,7 +66,7 @@ def runs(synth_dir, tmp_path_factory) -> dict[str, Path]:
 @needs_own
 def test_run_with_own_kernels(runs, synth_dir):
     header, step0, *_ = _records(runs["own"])
-    assert header["schema"] == "mlx-k2.ledger/2"
+    assert header["schema"] == "mlx-k2.ledger/3"
     name, simd = header["run"]["kernels"].split(":")
     assert name == own.status().name and simd == own.status().simd
     report = verify(runs["own"], anchors_dir=REPO_ANCHORS)

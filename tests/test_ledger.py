@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import math
 import os
 
@@ -45,7 +46,7 @@ MODEL_KEYS = {"path", "model_type", "num_layers", "n_routed_experts", "experts_p
               "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace", "moe_layer_freq",
               "tokenizer_blake3", "quantization"}
 RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
-            "expert_cache_bytes", "cache_policy", "versions"}
+            "expert_cache_bytes", "cache_policy", "machine", "system", "exactness", "versions"}
 VERSION_KEYS = {"mlx_k2", "mlx", "python"}
 STEP_KEYS = {"kind", "step", "prev", "input_ids", "positions", "token_id", "token_text", "logit", "top16", "entropy",
              "margin", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached", "wall_s", "layers"}
@@ -186,15 +187,16 @@ def test_tensor_digest_is_blake3_of_le_f32():
 @pytest.fixture(scope="module")
 def cli_ledgers(synth_dir, tmp_path_factory):
     """`mlx-k2 run --model SYNTH --max-new-tokens 3 --device cpu --cache 1 --no-dashboard --ledger A`, then
-    `... B`. The weight cache's budget is given: the default is a share of the memory free at the start, which
-    differs between two runs."""
+    `... --quiet --ledger B` (the session's parsed checkpoint: without progress lines to show its parsing). The
+    weight cache's budget is given: the default is a share of the memory free at the start, which differs
+    between two runs."""
     out = tmp_path_factory.mktemp("determinism")
     runner = CliRunner()
     paths = []
-    for name in ("A.jsonl", "B.jsonl"):
+    for name, shown in (("A.jsonl", "--no-dashboard"), ("B.jsonl", "--quiet")):
         path = out / name
         result = runner.invoke(app, ["run", "--model", str(synth_dir), "--max-new-tokens", str(N_STEPS),
-                                     "--device", "cpu", "--cache", "1", "--no-dashboard", "--ledger", str(path)],
+                                     "--device", "cpu", "--cache", "1", shown, "--ledger", str(path)],
                                env={"MLX_K2_ANCHORS": None})
         assert result.exit_code == 0, result.output
         assert "complete" in result.output
@@ -209,7 +211,7 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     header, steps, footer = recs[0], recs[1:-1], recs[-1]
     assert set(header) == HEADER_KEYS and set(header["model"]) == MODEL_KEYS
     assert set(header["run"]) == RUN_KEYS and set(header["run"]["versions"]) == VERSION_KEYS
-    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/2"
+    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/3"
     text = json.loads((synth_dir / "config.json").read_text())["text_config"]
     for name in ("vocab_size", "hidden_size", "first_k_dense_replace"):
         assert header["model"][name] == text[name], name
@@ -217,6 +219,8 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     assert header["model"]["quantization"] == f"int{weights['num_bits']}-group{weights['group_size']}"
     assert header["model"]["tokenizer_blake3"] == b3((synth_dir / "tiktoken.model").read_bytes())
     assert header["run"]["kernels"] == kernels_label(choose_kernels(None, "cpu"))  # the default; schema 2
+    assert (header["run"]["machine"], header["run"]["system"]) == (platform.machine(), platform.system())  # schema 3
+    assert header["run"]["exactness"] in ("portable", "platform")
     assert header["provenance"] == EXPECTED_PROVENANCE
     assert header["model"]["config_blake3"] == b3((synth_dir / "config.json").read_bytes())
     assert header["model"]["index_blake3"] == b3((synth_dir / "model.safetensors.index.json").read_bytes())

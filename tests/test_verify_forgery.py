@@ -485,6 +485,59 @@ def test_schema_2_bundle_still_verifies(ctx, tmp_path):
     assert "shapes against step 0's" in report.check("tensors").detail
 
 
+def _numpy_norm(v) -> float:
+    """How a ledger before schema 3 defined a norm: OpenBLAS's float64 norm, whose kernel depends on the CPU."""
+    return float(np.linalg.norm(np.asarray(v, dtype=np.float32).astype(np.float64)))
+
+
+def test_schema_2_norms_by_the_machines_blas_verify_within_tolerance(ctx, tmp_path):
+    """A schema 2 bundle defined its norms and entropy by the recording machine's numpy and BLAS: they verify
+    within FLOAT_RTOL, and the rows say so; its norms one part in 1e6 off fail."""
+    def to_schema_2(bundle, recs, c, scale=1.0):
+        recs[0]["schema"] = "mlx-k2.ledger/2"
+        for name in ("machine", "system", "exactness"):
+            del recs[0]["run"][name]
+        for step in recs[1:-1]:
+            residuals = tensors_of(bundle, step["step"])["residuals"]
+            for i, layer in enumerate(step["layers"]):
+                layer["norm_in"] = _numpy_norm(residuals[i]) * scale
+                layer["norm_out"] = _numpy_norm(residuals[i + 1]) * scale
+
+    report = verify(forged_copy(ctx, tmp_path / "a", Forgery("schema 2", to_schema_2, "")), ANCHORS, ctx["tokenizer"])
+    assert report.ok, failed(report)
+    assert "within 1e-09" in report.check("measured").detail and "schema before 3" in report.check("measured").detail
+    off = Forgery("schema 2, norms off", lambda b, r, c: to_schema_2(b, r, c, 1 + 1e-6), "measured")
+    assert "measured" in failed(verify(forged_copy(ctx, tmp_path / "b", off), ANCHORS, ctx["tokenizer"]))
+
+
+def test_schema_3_norms_are_compared_exactly(ctx, tmp_path):
+    """A schema 3 norm one ulp off its platform-independent definition fails `measured`."""
+    def one_ulp(bundle, recs, c):
+        layer = recs[1]["layers"][1]
+        layer["norm_out"] = float(np.nextafter(layer["norm_out"], np.inf))
+        recs[1]["layers"][2]["norm_in"] = layer["norm_out"]
+
+    report = verify(forged_copy(ctx, tmp_path, Forgery("norm + 1 ulp", one_ulp, "measured")), ANCHORS, ctx["tokenizer"])
+    assert "measured" in failed(report)
+
+
+@pytest.mark.parametrize("cpu", ["Nehalem", "Haswell", "Prescott"])
+def test_verify_gives_the_same_verdict_on_other_cpu_kernels(ctx, cpu):
+    """verify's checks do not depend on the verifier's CPU: with OpenBLAS forced to another CPU's kernels and
+    numpy's SIMD dispatch switched off, the bundle made here still passes every check, exactly."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from pathlib import Path; from mlx_k2.evidence.verify import verify; "
+            "r = verify(Path(sys.argv[1]), Path(sys.argv[2])); "
+            "print(json.dumps({c.name: c.ok for c in r.checks}))")
+    env = {**os.environ, "OPENBLAS_CORETYPE": cpu, "NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512_SKX AVX2 FMA3"}
+    out = subprocess.run([sys.executable, "-c", code, str(ctx["bundle"]), str(ANCHORS)], env=env, text=True,
+                         capture_output=True, check=True).stdout
+    checks = json.loads(out.strip().splitlines()[-1])
+    assert checks["measured"] is True and checks["derived"] is True and checks["digests"] is True, checks
+
+
 def test_replay_on_other_kernels_agrees_within_tolerance(ctx, synth_dir):
     """Re-executed with MLX's built-in matmuls instead of the recorded kernels: other bits (digests differ), the
     same token and experts, floats within tolerance; the line says so. The tolerance is checked here against

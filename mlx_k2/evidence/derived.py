@@ -9,19 +9,22 @@ receipt signs and `verify --digest` checks).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import blake3
 import numpy as np
 
+from ..exact import libm as exact
 from .schema import MANIFEST_NAME
 
 TOP_K = 16
 
 
 def l2_norm(vector: np.ndarray) -> float:
-    """L2 norm of a float32 residual vector, accumulated in float64 (the ledger's norm_in / norm_out)."""
-    return float(np.linalg.norm(np.asarray(vector, dtype=np.float32).astype(np.float64)))
+    """L2 norm of a float32 residual vector (the ledger's norm_in / norm_out): each square exact in float64,
+    their correctly rounded sum, one square root; the same bits on any machine (`exact.libm.l2_norm`)."""
+    return exact.l2_norm(np.asarray(vector, dtype=np.float32))
 
 
 def top16(logits: np.ndarray) -> list[list]:
@@ -32,14 +35,14 @@ def top16(logits: np.ndarray) -> list[list]:
 
 
 def entropy(logits: np.ndarray) -> float:
-    """Shannon entropy (nats) of softmax(logits), in float64."""
+    """Shannon entropy (nats) of softmax(logits) in float64, by `exact`'s exp and log and correctly rounded
+    sums: the same bits on any machine (a ledger before schema 3 used numpy's, which differ in the last bits
+    between CPUs: verify compares those within FLOAT_RTOL)."""
     x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max()
-    p = np.exp(x)
-    z = p.sum()
-    p /= z
+    p = exact.exp(x - x.max())  # the maximum is exact whatever the order; x - max is one rounding
+    p = p / math.fsum(p.tolist())
     nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum())
+    return float(-math.fsum((nz * exact.log(nz)).tolist()))
 
 
 def margin(logits: np.ndarray) -> float:
@@ -50,9 +53,9 @@ def margin(logits: np.ndarray) -> float:
 
 
 def normalise(weights: list[float]) -> list[float]:
-    """Routing weights scaled to sum 1, in float64."""
+    """Routing weights scaled to sum 1, in float64 (their correctly rounded sum: no order to differ in)."""
     w = np.asarray(weights, dtype=np.float64)
-    return [float(v) for v in w / w.sum()]
+    return [float(v) for v in w / math.fsum(w.tolist())]
 
 
 def distinct_experts(routed: np.ndarray) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..checkpoint.tokenizer import TOKENIZER_FILES
 
-SCHEMA = "mlx-k2.ledger/2"
+SCHEMA = "mlx-k2.ledger/3"
 # Every version verify reads (docs/ledger.md). Schema 2 adds fields to schema 1, each written by the capability that
 # needs it (a reader ignores fields it does not know): header run.kernels, and the model facts the structural
 # checks need, in header `model` (MODEL_FACTS): vocab_size, hidden_size, eos_token_id, bos_token_id,
@@ -25,7 +25,16 @@ SCHEMA = "mlx-k2.ledger/2"
 # weight cache's budget, 0 = none) came with the cache fields of the records (CACHE_PROVENANCE below), and
 # run.cache_policy (how it evicts experts: CACHE_POLICIES, weight_cache.POLICIES) after them. Header
 # model.quantization (QUANTIZATION) came with block FP8 checkpoints; a header from before it lacks it.
-SCHEMAS = ("mlx-k2.ledger/1", SCHEMA)
+# Schema 3 defines the derived values by platform-independent algorithms (norms, entropy and routing weights
+# from exact squares, correctly rounded sums and `exact`'s exp and log: the same bits on every machine, so
+# verify compares them exactly) and adds header run.machine, run.system and run.exactness (RUN_PLATFORM_FIELDS).
+SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", SCHEMA)
+# Header run.exactness: `portable` (every operation of a step is the product's own, in a fixed order: the
+# same bits on any CPU) or `platform` (MLX's built-ins or the GPU: the same bits only on the same platform,
+# machine and system, if at all). Replay's rule is keyed on it.
+PORTABLE, PLATFORM_BOUND = "portable", "platform"
+EXACTNESS = (PORTABLE, PLATFORM_BOUND)
+RUN_PLATFORM_FIELDS = {"machine": str, "system": str, "exactness": str}
 CACHE_POLICIES = ("lru", "lfu")
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
@@ -39,7 +48,7 @@ QUANTIZATION_LABEL = r"none|int[0-9]+-group[0-9]+|fp8-block[0-9]+(x[0-9]+)?"
 
 
 def schema_number(header: dict) -> int:
-    """1, 2: the version number of a header's schema (0 when it is not one verify reads)."""
+    """1, 2, 3: the version number of a header's schema (0 when it is not one verify reads)."""
     name = header.get("schema")
     return SCHEMAS.index(name) + 1 if name in SCHEMAS else 0
 # header run.kernels: which matmul kernels ran. Schema 1 ledgers (before the field) ran MLX's built-ins.

@@ -43,7 +43,8 @@ from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
                      DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
-                     MODEL_FIELDS, PROVENANCES, RESIDUALS, ROUTED, ROUTER_SCORES, ROUTING_SCORES, RUN_FIELDS, SCHEMAS,
+                     MODEL_FIELDS, PROVENANCES, RESIDUALS, ROUTED, ROUTER_SCORES, ROUTING_SCORES, RUN_FIELDS,
+                     RUN_PLATFORM_FIELDS, EXACTNESS, SCHEMAS,
                      QUANTIZATION, QUANTIZATION_LABEL, TOKENIZER_FILES, has_type, layer_tensor, record_fields,
                      schema_number, step_tensor_path, strict_loads)
 
@@ -162,7 +163,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
         tensors = _read_tensors(path, model, run, steps, shapes)
         checks.append(shapes)
     text_unchecked = _tokenizer_problem(model, steps, tokenizer)
-    checks += _recomputed_checks(steps, tensors, bundle, tokenizer, text_unchecked)
+    checks += _recomputed_checks(steps, tensors, bundle, tokenizer, text_unchecked, version)
     anchor = _check_anchor(header, steps, anchors_dir)
     checks += [anchor, _check_complete(model, run, steps, footer)]
     if digest is not None:
@@ -241,10 +242,19 @@ def _well_formed(schema: Check, lines: list, records: list[dict], provenance: An
     return steps, footer
 
 
-def _recomputed_checks(steps: list[dict], tensors: dict, bundle: bool, tokenizer, text_unchecked: str) -> list[Check]:
+def _recomputed_checks(steps: list[dict], tensors: dict, bundle: bool, tokenizer, text_unchecked: str,
+                       version: int) -> list[Check]:
     """The `derived`, `measured` and `digests` rows; token_text is checked only where the tokenizer is the
-    header's (`text_unchecked` empty), and says why not where a step has one."""
-    recomputed = _check_recomputed(steps, tensors, bundle, None if text_unchecked else tokenizer)
+    header's (`text_unchecked` empty), and says why not where a step has one. From schema 3 on the derived
+    values and norms are defined by platform-independent algorithms and compared exactly; before it they were
+    the recording machine's numpy and BLAS, and are compared within FLOAT_RTOL (the rows say so)."""
+    same = _same if version >= 3 else _close
+    recomputed = _check_recomputed(steps, tensors, bundle, None if text_unchecked else tokenizer, same)
+    if version < 3 and bundle:
+        for c in recomputed[:2]:
+            c.detail = "; ".join(filter(None, [c.detail, f"norms, entropy and routing weights within {FLOAT_RTOL:g} "
+                                                         "(schema before 3: computed by the recording machine's "
+                                                         "numpy and BLAS)"]))
     if text_unchecked and any(s.get("token_text") is not None for s in steps):
         recomputed[0].detail = "; ".join(filter(None, [recomputed[0].detail, f"token_text not checked: "
                                                        f"{text_unchecked}"]))
@@ -273,6 +283,11 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
             schema.fail(f"header: run.{name} missing or of the wrong type")
     if version >= 2 and not has_type(run.get("kernels"), str):
         schema.fail("header: run.kernels missing or not a string")
+    for name, kind in RUN_PLATFORM_FIELDS.items() if version >= 3 else ():
+        if not has_type(run.get(name), kind):
+            schema.fail(f"header: run.{name} missing or not a string")
+    if version >= 3 and run.get("exactness") not in EXACTNESS:
+        schema.fail(f"header: run.exactness {run.get('exactness')!r} is not one of {', '.join(EXACTNESS)}")
     if version >= 2 and any(name in model for name in MODEL_FACTS):
         for name, kind in MODEL_FACTS.items():
             if name not in model or not has_type(model[name], kind):
@@ -577,13 +592,16 @@ def _tokenizer_problem(model: dict, steps: list[dict], tokenizer) -> str:
     return ""
 
 
-def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer) -> list[Check]:
+def _same(a: float, b: float) -> bool:
+    return a == b
+
+
+def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer, same=_same) -> list[Check]:
+    """`same`: a recorded float against the one recomputed from the saved tensors (exact, or _close)."""
     derived, measured, digests = Check("derived"), Check("measured"), Check("digests")
     for s in steps:
-        k = s.get("step")
-        logits_list = s.get("top16") or []
-        # Checks that hold on the ledger alone.
-        try:
+        k, logits_list = s.get("step"), s.get("top16") or []
+        try:  # checks that hold on the ledger alone
             pairs = [(int(i), float(v)) for i, v in logits_list]
         except (TypeError, ValueError):
             derived.fail(f"step {k}: top16 is not a list of [id, logit]")
@@ -618,7 +636,7 @@ def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer)
             digests.fail(f"step {k}: hidden_digest differs from the saved hidden state")
         if [list(p) for p in top16(logits)] != logits_list:
             derived.fail(f"step {k}: top16 differs from the saved logits")
-        if not _close(s.get("entropy", math.nan), entropy(logits)):
+        if not same(s.get("entropy", math.nan), entropy(logits)):
             derived.fail(f"step {k}: entropy differs from the saved logits")
         if s.get("margin") != margin(logits):
             derived.fail(f"step {k}: margin differs from the saved logits")
@@ -627,7 +645,7 @@ def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer)
             measured.fail(f"step {k}: token_id {s.get('token_id')} is not the argmax {token} of the logits")
         if s.get("logit") != float(logits[token]):
             measured.fail(f"step {k}: logit differs from the saved logits")
-        _check_layer_tensors(k, s.get("layers") or [], t, derived, measured)
+        _check_layer_tensors(k, s.get("layers") or [], t, derived, measured, same)
     if not bundle:
         for c in (measured, digests):
             c.ok, c.detail = None, "ledger only: nothing to recompute from (a bundle saves the tensors)"
@@ -639,14 +657,15 @@ def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer)
     return [derived, measured, digests]
 
 
-def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured: Check) -> None:
+def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured: Check, same) -> None:
     residuals = t.get(RESIDUALS)
     for i, x in enumerate(layers):
         if not isinstance(x, dict):
             continue
         where = f"step {k} layer {x.get('layer')}"
         if residuals is not None and i + 1 < len(residuals):
-            if x.get("norm_in") != l2_norm(residuals[i]) or x.get("norm_out") != l2_norm(residuals[i + 1]):
+            if not (_both_floats(x, ("norm_in", "norm_out")) and same(x["norm_in"], l2_norm(residuals[i]))
+                    and same(x["norm_out"], l2_norm(residuals[i + 1]))):
                 measured.fail(f"{where}: norm_in/norm_out differ from the saved residuals")
         elif x.get("norm_in") is not None:
             measured.fail(f"{where}: no saved residuals for its norms")
@@ -663,10 +682,14 @@ def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured
                                       and np.array_equal(every[np.array(x["experts"], np.int64)], scores)):
             measured.fail(f"{where}: router_scores at the experts differ from the saved routing_scores")
         weights = x.get("routing_weights") or []
-        if len(weights) != len(scores) or not all(_close(a, b) for a, b in zip(weights, normalise(scores))):
+        if len(weights) != len(scores) or not all(same(a, b) for a, b in zip(weights, normalise(scores))):
             derived.fail(f"{where}: routing_weights differ from the saved routing scores")
         if x.get("unique_experts") != distinct_experts(routed):
             derived.fail(f"{where}: unique_experts differs from the saved routing")
+
+
+def _both_floats(record: dict, names: tuple[str, ...]) -> bool:
+    return all(isinstance(record.get(n), float) for n in names)
 
 
 class AnchorCheck(Check):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ import mlx.core as mx
 
 from ..errors import K2Error, UsageError
 from ..evidence.anchors import kernel_key
-from ..evidence.schema import BUILTIN_KERNELS
+from ..evidence.schema import BUILTIN_KERNELS, PLATFORM_BOUND, PORTABLE
+from ..model.forward import PORTABLE_KERNELS
 from ..model.linear import choose_kernels, kernels_label
 from ..read.storage import METHODS as READ_METHODS, ReadPolicy
 from ..read.weight_cache import POLICIES, default_budget
@@ -127,6 +129,18 @@ class RunSpec:
         return mx.Device(mx.gpu if self.device == "gpu" else mx.cpu)
 
     @property
+    def exactness(self) -> str:
+        """The header's run.exactness: `portable` where every operation of a step is the product's own code in
+        a fixed order (own kernels on the CPU whose step is wholly theirs: forward.PORTABLE_KERNELS), so the
+        same bits on any CPU; else `platform` (MLX's built-ins, the GPU)."""
+        return PORTABLE if self.device == "cpu" and self.kernels in PORTABLE_KERNELS else PLATFORM_BOUND
+
+    @property
+    def place(self) -> dict[str, str]:
+        """Where it computes and what its bits promise there: the header's run.machine, run.system, run.exactness."""
+        return {"machine": platform.machine(), "system": platform.system(), "exactness": self.exactness}
+
+    @property
     def kernels_label(self) -> str:
         """The ledger header's run.kernels: `mlx-builtin`, or the own kernels' name with the SIMD path."""
         return kernels_label(self.kernels)
@@ -139,7 +153,7 @@ class RunSpec:
         run = {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": self.kv_cache,
                "capture": self.capture, "backend": BACKEND, "device": self.device, "compute_dtype": DTYPE,
                "kernels": self.kernels_label, "expert_cache_bytes": budget, "cache_policy": self.cache_policy,
-               "versions": dict(versions)}
+               **self.place, "versions": dict(versions)}
         if distributed is not None:
             run["distributed"] = distributed
         return run

@@ -97,12 +97,11 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     """Generate tokens layer by layer and write the ledger. Example: mlx-k2 run --max-new-tokens 5 --device cpu"""
     from mlx_k2.run.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.run.session import run as run_session
-    from mlx_k2.run.spec import RunSpec
+    from mlx_k2.run.spec import RunSpec, read_policy
 
     link = distributed_link(distributed, layer_split, timeout, backend)
     if resume is not None:  # computes as its header says; only the read method and look-ahead may be given
-        spec = None
-        read = RunSpec.from_options(device, kernels, read_method=read_method, read_retries=read_retries).read
+        spec, read = None, read_policy(read_method, read_retries)
     else:
         spec = RunSpec.from_options(device, kernels, kv_cache, gigabytes(cache, "--cache"), cache_policy, lookahead,
                                     read_method, read_retries)

@@ -5,6 +5,7 @@
 #include <numeric>
 #include <vector>
 
+#include "batched_rows.h"
 #include "dense_rows.h"
 #include "fp8_rows.h"
 #include "int4_rows.h"
@@ -75,6 +76,15 @@ void neon_dense_matmul(const float* x, size_t T, size_t in, const void* w, int k
   if (kind == 0) dense_rows(DenseLoader<Kind::F32>{w, in}, rs, 0, out_rows, Simd::Neon);
   if (kind == 1) dense_rows(DenseLoader<Kind::BF16>{w, in}, rs, 0, out_rows, Simd::Neon);
   if (kind == 2) dense_rows(DenseLoader<Kind::F16>{w, in}, rs, 0, out_rows, Simd::Neon);
+}
+
+// out (B, M, N) = a @ b per batch on the NEON path, operands through strides in elements as BatchedLaunch
+// reads them (b_ks == 1: b read along k; else b_ns == 1, along n); shared != 0: b's batch is 1.
+void neon_batched_matmul(const float* a, int64_t a_bs, int64_t a_ms, const float* b, int64_t b_bs, int64_t b_ks,
+                         int64_t b_ns, float* out, size_t B, size_t M, size_t N, size_t K, int shared) {
+  const BatchedLaunch L{a, a_bs, a_ms, b, b_bs, b_ks, b_ns, out, B, M, N, K, shared != 0};
+  const BatchedUnits U = batched_units(L);
+  batched_rows(L, U, 0, U.count(), Simd::Neon);
 }
 
 }  // extern "C"

@@ -4,7 +4,8 @@ MLX's built-ins, and against themselves: thread counts and SIMD paths as bits, l
 Reference: value c of a row sits at bits 4*(c % 8) of uint32 word c // 8 and is q + 8; W[o, c] =
 (q - 8) * scale[o, c // group]; out = x @ W.T. Shapes are awkward on purpose: T = 1, 3, 17, 256; in and out
 not multiples of 8, of the group or of 256; groups that are not powers of two (the SIMD path's condition);
-one expert; every position on one expert.
+one expert; every position on one expert. The batched float32 product (attention's) against float64 and
+its documented reduction, with b in each memory layout the kernel reads (all give the same bits).
 """
 
 from __future__ import annotations
@@ -149,6 +150,94 @@ def test_dense_matches_float64_reference(T, inp, out, dtype):
     assert_close(kernels.dense_matmul(mx.array(x), w), ref)
 
 
+# (B, M, K, N, b's batch): K not a multiple of 8, below 8 and past the 64-long blocks of the "kn" kernel; M = 1;
+# rows below and above the 4 at which "kn" copies b into a panel and past a unit's 16; N not a multiple of 8
+# and past a unit's 32 columns; one b for every batch; K = 1; N = 1; attention's shapes at a small width.
+BATCHED_CASES = [(3, 5, 13, 7, 3), (2, 1, 100, 37, 1), (4, 17, 200, 33, 4), (1, 3, 7, 1, 1), (2, 20, 64, 40, 1),
+                 (8, 1, 128, 64, 8), (2, 2, 1, 5, 2), (5, 6, 72, 9, 1), (6, 1, 3, 130, 6), (4, 40, 24, 40, 4)]
+
+
+def batched_inputs(B, M, K, N, bb, seed=0):
+    rng = np.random.default_rng(seed + B * 1000 + M * 100 + K + N)
+    return rng.standard_normal((B, M, K)).astype(np.float32), rng.standard_normal((bb, K, N)).astype(np.float32)
+
+
+def layouts(b: np.ndarray) -> dict[str, mx.array]:
+    """b (bb, K, N) as the batched kernel may receive it: row-major (read along n, as values are), a transposed
+    view of the (bb, N, K) array (read along k, as keys are), a view strided on both axes (gathered first), a
+    view into a larger array (as w_k is a slice of kv_b_proj), and where bb is 1, as (K, N)."""
+    big = np.zeros((b.shape[0], b.shape[1] + 3, b.shape[2] + 5), dtype=np.float32)
+    big[:, 2:2 + b.shape[1], 1:1 + b.shape[2]] = b
+    out = {"kn": mx.array(b), "nk": mx.array(np.ascontiguousarray(b.transpose(0, 2, 1))).transpose(0, 2, 1),
+           "strided": mx.array(np.repeat(b, 2, axis=2))[:, :, ::2],
+           "slice": mx.array(big)[:, 2:2 + b.shape[1], 1:1 + b.shape[2]]}
+    if b.shape[0] == 1:
+        out["2-D"] = mx.array(b[0])
+    return out
+
+
+@pytest.mark.parametrize("B,M,K,N,bb", BATCHED_CASES)
+def test_batched_matches_float64_reference(B, M, K, N, bb):
+    a, b = batched_inputs(B, M, K, N, bb)
+    ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    for name, b_mx in layouts(b).items():
+        y = kernels.batched_matmul(mx.array(a), b_mx)
+        assert y.dtype == mx.float32 and y.shape == (B, M, N), name
+        # every element within float32 rounding of its own sum: K roundings of terms of at most |a||b|
+        bound = 2 * max(K, 1) * np.finfo(np.float32).eps * np.matmul(np.abs(a).astype(np.float64), np.abs(b))
+        assert (np.abs(np.array(y, np.float64) - ref) <= bound).all(), name
+
+
+def test_batched_matches_mlx_matmul():
+    a, b = batched_inputs(4, 17, 200, 33, 4)
+    assert_close(kernels.batched_matmul(mx.array(a), mx.array(b)), np.array(mx.array(a) @ mx.array(b), np.float64))
+
+
+def batched_reduction(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The batched reduction as src/common.h defines it, in float32: (B, M, N)."""
+    B, M, K = a.shape
+    b = np.broadcast_to(b, (B, K, b.shape[2]))
+    acc = np.zeros((B, M, b.shape[2], 8), dtype=np.float32)
+    for k in range(K):
+        acc[..., k % 8] = fma32(a[:, :, k, None], b[:, None, k, :], acc[..., k % 8])
+    l = [acc[..., i] for i in range(8)]
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+
+
+@pytest.mark.parametrize("B,M,K,N,bb", [(3, 5, 13, 7, 3), (2, 6, 150, 37, 1), (2, 1, 20, 9, 2), (1, 2, 3, 4, 1)])
+@pytest.mark.parametrize("simd", ["scalar", None])
+def test_batched_computes_the_documented_reduction(B, M, K, N, bb, simd):
+    """Bit for bit the reduction common.h writes down, whichever way b lies in memory."""
+    a, b = batched_inputs(B, M, K, N, bb, seed=1)
+    want = batched_reduction(a, b).view(np.uint32)
+    for name, b_mx in layouts(b).items():
+        got = kernels.batched_matmul(mx.array(a), b_mx, simd=simd)
+        assert np.array_equal(np.array(got).view(np.uint32), want), name
+
+
+def test_batched_reads_strided_a_in_place():
+    """a as attention passes it: a head-major view of (T, H, d) rows, and a slice of a wider last axis."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((9, 5, 24)).astype(np.float32)   # (T, H, nope + rope)
+    b = rng.standard_normal((5, 16, 9)).astype(np.float32)
+    view = mx.array(q).transpose(1, 0, 2)[..., :16]           # (H, T, 16), rows 24 apart, heads 24 apart
+    plain = mx.array(np.ascontiguousarray(q.transpose(1, 0, 2)[..., :16]))
+    assert same_bits(kernels.batched_matmul(view, mx.array(b)), kernels.batched_matmul(plain, mx.array(b)))
+    odd = mx.array(np.repeat(np.ascontiguousarray(q.transpose(1, 0, 2)[..., :16]), 2, axis=2))[..., ::2]  # gathered
+    assert same_bits(kernels.batched_matmul(odd, mx.array(b)), kernels.batched_matmul(plain, mx.array(b)))
+
+
+@pytest.mark.skipif(STATUS.simd == "scalar", reason="this CPU runs the scalar path only")
+@pytest.mark.parametrize("B,M,K,N,bb", BATCHED_CASES)
+def test_batched_simd_equals_scalar_on_awkward_shapes(B, M, K, N, bb):
+    a, b = batched_inputs(B, M, K, N, bb, seed=2)
+    for name, b_mx in layouts(b).items():
+        scalar = kernels.batched_matmul(mx.array(a), b_mx, simd="scalar", threads=1)
+        for threads in (1, 2, 3, 16):
+            assert same_bits(scalar, kernels.batched_matmul(mx.array(a), b_mx, simd=STATUS.simd, threads=threads)), \
+                (name, threads)
+
+
 def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """float32 fma through float64: a * b is exact there, and a * b + c then rounds once more, which differs
     from one rounding only when that lands exactly on a float32 midpoint (about 2^-29 of cases)."""
@@ -229,6 +318,12 @@ def all_ops(simd=None, threads=None):
                                                      **opts)}
     for dt in (mx.bfloat16, mx.float16, mx.float32):
         out[f"dense_{dt}"] = kernels.dense_matmul(x, w.astype(dt), **opts)
+    a = mx.array(rng.standard_normal((6, 37, 203)).astype(np.float32))
+    b = rng.standard_normal((6, 203, 45)).astype(np.float32)
+    out["batched_kn"] = kernels.batched_matmul(a, mx.array(b), **opts)
+    keys = mx.array(np.ascontiguousarray(b.transpose(0, 2, 1)))
+    out["batched_nk"] = kernels.batched_matmul(a, keys.transpose(0, 2, 1), **opts)
+    out["batched_shared"] = kernels.batched_matmul(a, mx.array(b[0]), **opts)
     mx.eval(*out.values())
     return out
 
@@ -335,7 +430,8 @@ def test_ops_are_lazy():
     ops = {"MlxK2Int4Matmul": kernels.int4_matmul(x, mx.array(words[0]), mx.array(scales[0]), 32),
            "MlxK2Int4GatherMatmul": kernels.int4_gather_matmul(x, mx.array(words), mx.array(scales),
                                                                mx.array([1, 0, 1], dtype=mx.uint32), 32),
-           "MlxK2DenseMatmul": kernels.dense_matmul(x, mx.ones((16, 64), dtype=mx.bfloat16))}
+           "MlxK2DenseMatmul": kernels.dense_matmul(x, mx.ones((16, 64), dtype=mx.bfloat16)),
+           "MlxK2BatchedMatmul": kernels.batched_matmul(x[None], mx.ones((64, 5)))}
     for name, y in ops.items():
         assert name in graph(y), f"{name} was computed before it was asked for"
         mx.eval(y)
@@ -377,6 +473,13 @@ def test_bad_arguments_are_refused():
         kernels.dense_matmul(x, mx.ones((4, 96)), threads=0)
     with pytest.raises(ValueError, match="simd"):
         kernels.dense_matmul(x, mx.ones((4, 96)), simd="sse")
+    a = mx.ones((3, 2, 8))
+    for b, why in [(mx.ones((3, 7, 4)), "K"), (mx.ones((2, 8, 4)), "batch"), (mx.ones((8,)), "b"),
+                   (mx.ones((3, 8, 4), dtype=mx.bfloat16), "float32")]:
+        with pytest.raises(ValueError, match=why):
+            kernels.batched_matmul(a, b)
+    with pytest.raises(ValueError, match="a must be"):
+        kernels.batched_matmul(mx.ones((2, 8)), mx.ones((8, 4)))
 
 
 def test_missing_extension_raises_clearly(monkeypatch):

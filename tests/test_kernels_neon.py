@@ -55,6 +55,8 @@ def neon(tmp_path_factory):
     so.neon_int4_matmul.argtypes = [p, z, z, p, p, ctypes.c_int, z, z, p]
     so.neon_dense_matmul.argtypes = [p, z, z, p, ctypes.c_int, z, p]
     so.neon_fp8_matmul.argtypes = [p, z, z, p, p, ctypes.c_int, z, z, z, p]
+    i64 = ctypes.c_int64
+    so.neon_batched_matmul.argtypes = [p, i64, i64, p, i64, i64, i64, p, z, z, z, z, ctypes.c_int]
     return so
 
 
@@ -127,4 +129,27 @@ def test_neon_fp8_equals_scalar(neon, T, inp, out, block, bf16):
     s_np = np.array(s.view(mx.uint16)) if bf16 else np.array(s)
     got = np.empty((T, out), dtype=np.float32)
     neon.neon_fp8_matmul(ptr(x), T, inp, ptr(weight), ptr(s_np), int(bf16), out, block[0], block[1], ptr(got))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+# (B, M, K, N, b's batch): K not a multiple of 8 and past the 64-long blocks of the "kn" kernel, M = 1, rows
+# below and above the 4 at which "kn" copies b into a panel, N not a multiple of 8 (the last group's columns),
+# one b shared by every batch, K = 1, N = 1.
+BATCHED_CASES = [(3, 5, 13, 7, 3), (2, 1, 100, 37, 1), (4, 17, 200, 33, 4), (1, 3, 7, 1, 1), (2, 20, 64, 40, 1),
+                 (8, 1, 128, 64, 8), (2, 2, 1, 5, 2), (5, 6, 72, 9, 1)]
+
+
+@pytest.mark.parametrize("B,M,K,N,bb", BATCHED_CASES)
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_neon_batched_equals_scalar(neon, B, M, K, N, bb, layout):
+    """b read along k (a transposed view, as keys are) and along n (row-major, as values are)."""
+    rng = np.random.default_rng(B * 1000 + M * 100 + K + N)
+    a = rng.standard_normal((B, M, K)).astype(np.float32)
+    b = rng.standard_normal((bb, K, N)).astype(np.float32)
+    stored = np.ascontiguousarray(b.transpose(0, 2, 1)) if layout == "nk" else b   # what lies in memory
+    b_mx = mx.array(stored).transpose(0, 2, 1) if layout == "nk" else mx.array(b)
+    want = np.array(kernels.batched_matmul(mx.array(a), b_mx, simd="scalar"))
+    strides = (N * K, 1, K) if layout == "nk" else (K * N, N, 1)
+    got = np.empty((B, M, N), dtype=np.float32)
+    neon.neon_batched_matmul(ptr(a), M * K, K, ptr(stored), *strides, ptr(got), B, M, N, K, int(bb == 1 and B > 1))
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -4,7 +4,8 @@
   the latent space) against a float64 numpy MLA written here from the architecture (keys and values of
   every position expanded through kv_b_proj, ordinary causal attention over past + new), for one and for
   several new positions, with kv_b_proj stored dense (bf16) and packed int4 (compressed-tensors
-  pack-quantized, whose dequantisation by `linear.dense_weight` is checked against numpy's here).
+  pack-quantized, whose dequantisation by `linear.dense_weight` is checked against numpy's here). With the
+  product's own kernels attention's products are their batched kernel, never MLX's matmul.
 - KV against no-KV, on the default synthetic checkpoint and on the independently written Kimi K2.5 / K2 /
   DeepSeek-V3 checkpoints: step 0 bit for bit (token, logits, hidden, every layer's routing), later steps
   the same tokens and experts with logits within 1e-5 relative; and the KV steps against the float64
@@ -26,7 +27,9 @@ computation, is most of opening the 64-shard synthetic checkpoint).
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +226,37 @@ def test_attention_over_cached_latent_state_matches_float64(kernels, kv_b, past_
     full_empty, _ = mla_attention(mx.array(x), attn, cfg, cos, sin, empty)
     assert max_rel(np.array(full), want) <= ATTENTION_REL_TOL
     assert np.array(full).tobytes() == np.array(full_empty).tobytes()
+
+
+def primitives(a: mx.array) -> list[str]:
+    """The names of the primitives an unevaluated array's graph would run."""
+    f = io.StringIO()
+    mx.export_to_dot(f, a)
+    return re.findall(r'label ="([^"]+)", shape=rectangle', f.getvalue())
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_attention_products_run_on_the_chosen_kernels(kernels):
+    """With the product's own kernels every product of attention (3 without a past, 5 over the cached latent
+    state) is their batched kernel and nothing is MLX's matmul, whose Linux arm64 and x86-64 builds sum
+    differently; with MLX's built-ins they are MLX's matmul, as before."""
+    if kernels == "own":
+        own_kernels_or_skip()
+    cfg = text_config()
+    attn = product_attention(make_weights(5, packed_kv_b=False), choose_kernels(kernels, "cpu"))
+    x = mx.array(np.random.default_rng(5).standard_normal((4, HIDDEN)).astype(np.float32))
+    mx.set_default_device(mx.cpu)
+    cos, sin = rope_tables(cfg, 4)
+    full, past = mla_attention(x[:3], attn, cfg, cos[:3], sin[:3])
+    mx.eval(past.latent, past.k_pe)
+    step, _ = mla_attention(x[3:], attn, cfg, cos[3:], sin[3:], past)
+    for out, products in ((full, 3), (step, 5)):
+        names = primitives(out)
+        builtin, own = names.count("Matmul"), names.count("MlxK2BatchedMatmul")
+        if kernels == "own":
+            assert (builtin, own) == (0, products), names
+        else:   # the linears are MLX's matmul too
+            assert own == 0 and builtin >= products, names
 
 
 # ============================================================================ checkpoints and runs

@@ -1,10 +1,12 @@
-"""mlx_k2's CPU kernels: packed-int4, block-FP8 and dense matmuls as lazy MLX ops (an MLX C++ extension, `_ext`).
+"""mlx_k2's CPU kernels: packed-int4, block-FP8, dense and batched float32 matmuls as lazy MLX ops (an MLX C++
+extension, `_ext`).
 
 Every op returns an unevaluated float32 mx.array computed on a CPU stream (the one given, else the default
 stream when the default device is the CPU, else the CPU's default stream). Activations and accumulation are
 float32, with no activation quantisation. Each output element is reduced in one fixed order (8 fused-
 multiply-add lanes, i -> lane i % 8, then a fixed pairwise sum; int4 sums x * (q - 8) within a scale group and
-multiplies by the group's scale once, fp8 likewise sums x * e4m3 within a block's columns; see src/common.h),
+multiplies by the group's scale once, fp8 likewise sums x * e4m3 within a block's columns, batched sums
+a[m, k] * b[k, n] over k as dense does; see src/common.h),
 so results are bit-identical whatever `threads` is and between the SIMD path (simd="avx2" on x86-64, "neon"
 on arm64) and simd="scalar".
 
@@ -32,10 +34,10 @@ else:
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     else:
         _IMPORT_ERROR = ""
-        if not hasattr(_ext, "fp8_matmul"):  # an extension built from older sources: every op must be there
-            _ext, _IMPORT_ERROR = None, "the extension was built before the fp8 kernels"
+        if not hasattr(_ext, "batched_matmul"):  # an extension built from older sources: every op must be there
+            _ext, _IMPORT_ERROR = None, "the extension was built before the batched kernel"
 
-NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/2"
+NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/3"
 _SIMD = {None: 0, "auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
 
 
@@ -46,7 +48,7 @@ class KernelsUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class KernelStatus:
     available: bool
-    name: str      # the kernels' arithmetic version, e.g. "mlx_k2-cpu/2"
+    name: str      # the kernels' arithmetic version, e.g. "mlx_k2-cpu/3"
     simd: str      # the path chosen at run time: "avx2", "neon" or "scalar" ("" if unavailable)
     reason: str    # why unavailable ("" if available)
 
@@ -133,3 +135,14 @@ def dense_matmul(x: mx.array, weight: mx.array, *, threads: int | None = None, s
     """x (T, in) @ weight.T -> (T, out) float32, weight (out, in) bf16, f16 or f32 widened exactly."""
     t, s = _options(threads, simd)
     return _require().dense_matmul(x, weight, t, s, stream=stream)
+
+
+def batched_matmul(a: mx.array, b: mx.array, *, threads: int | None = None, simd: str | None = None,
+                   stream=None) -> mx.array:
+    """a @ b per batch, float32 in and out: a (B, M, K), b (B, K, N), or (1, K, N) or (K, N) for one b shared by
+    every batch -> (B, M, N). Each element is summed over k in the fixed order of src/common.h (the dense
+    reduction, a[m, k] * b[k, n] into lane k % 8), so the bits depend on neither threads, simd nor b's memory
+    layout: a transposed view (keys.transpose(0, 2, 1), b contiguous along K) and a row-major b (values) are
+    both read in place, as are strided views of a whose rows are contiguous; anything else is gathered."""
+    t, s = _options(threads, simd)
+    return _require().batched_matmul(a, b, t, s, stream=stream)

@@ -1,7 +1,8 @@
 """The DeepSeek-V3 / Kimi K2.5 forward pass as functions over (hidden states, weights), float32.
 
 RMSNorm, YaRN rope on interleaved pairs, MLA attention (over the full causal sequence, or new positions
-over the cached latent state), the sigmoid router with group-limited top-k, routed experts plus the shared expert, the dense MLP, and one
+over the cached latent state; its batched products on the kernels of the layer's linears), the sigmoid
+router with group-limited top-k, routed experts plus the shared expert, the dense MLP, and one
 decoder layer. Weights arrive as arguments; the only I/O is the `fetch_experts` callback a MoE layer
 calls once routing is known. Nothing here prints, times or counts bytes.
 """
@@ -16,11 +17,17 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoint.config import TextConfig, yarn_get_mscale
+from ..evidence.schema import BUILTIN_KERNELS
 from .linear import COMPUTE_DTYPE, Linear, dense_weight, gather_rows, linear
 
 # q_a_layernorm and kv_a_layernorm are built without an eps argument in the reference code, so they use
 # the RMSNorm default 1e-6, not config.rms_norm_eps (docs/checkpoint-format.md, hazard 1).
 LORA_NORM_EPS = 1e-6
+
+# The own kernel versions whose whole step (every norm, table, softmax, router, activation, sum and matmul) is
+# the product's own code in a fixed order: their runs give the same bits on any CPU (header run.exactness
+# `portable`). Empty until every operation of the step is theirs.
+PORTABLE_KERNELS: frozenset[str] = frozenset()
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -93,6 +100,13 @@ class Attention:
     q_b_proj: Linear | None = None
     q_proj: Linear | None = None     # q_lora_rank null (DeepSeek-V2-Lite style)
 
+    @property
+    def kernels(self) -> str:
+        """The kernels attention's own products (`attention_matmul`) run on: the product's own where the layer's
+        linears are computed by them (a packed linear of another width than int4 stays on MLX's), else MLX's."""
+        linears = (self.kv_b_proj, self.o_proj, self.kv_a_proj_with_mqa, self.q_b_proj, self.q_a_proj, self.q_proj)
+        return next((l.kernels for l in linears if l is not None and l.own), BUILTIN_KERNELS)
+
 
 @dataclass(frozen=True)
 class LatentKV:
@@ -107,6 +121,19 @@ class LatentKV:
     @property
     def length(self) -> int:
         return self.latent.shape[0]
+
+
+def attention_matmul(a: mx.array, b: mx.array, kernels: str) -> mx.array:
+    """a @ b for attention's float32 products, a (B, M, K), b (B or 1, K, N) or (K, N) -> (B, M, N). With MLX's
+    built-ins MLX's `@` (whose summation order is its build's: the Linux arm64 build fuses multiply-adds, the
+    x86-64 one does not); with the product's own kernels their batched matmul, each element summed in one
+    documented order (kernels/src/common.h), so a step's bits are the same on every machine. b may be a
+    transposed view (keys): both kernels read it in place."""
+    if kernels == BUILTIN_KERNELS:
+        return a @ b
+    from .. import kernels as own
+
+    return own.batched_matmul(a, b)
 
 
 def mla_attention(x: mx.array, w: Attention, cfg: TextConfig, cos: mx.array, sin: mx.array,
@@ -130,21 +157,23 @@ def mla_attention(x: mx.array, w: Attention, cfg: TextConfig, cos: mx.array, sin
     k_pe = apply_rope(compressed[:, cfg.kv_lora_rank:][None], cos, sin)  # (1, T, rope): one key for all heads
     if past is not None and past.length:
         state = LatentKV(mx.concatenate([past.latent, latent]), mx.concatenate([past.k_pe, k_pe[0]]))
-        return linear(_latent_attention(q_nope, q_pe, state, w.kv_b_proj, cfg), w.o_proj), state
+        return linear(_latent_attention(q_nope, q_pe, state, w.kv_b_proj, cfg, w.kernels), w.o_proj), state
 
     vdim = cfg.v_head_dim
     kv = linear(latent, w.kv_b_proj)
     kv = kv.reshape(T, H, nope + vdim).transpose(1, 0, 2)  # (H, T, nope+v): rows per head are [k_nope | v]
     k_nope, v = kv[..., :nope], kv[..., nope:]
-    scores = (q_nope @ k_nope.transpose(0, 2, 1) + q_pe @ k_pe.transpose(0, 2, 1)) * cfg.softmax_scale  # (H, T, T)
+    kernels = w.kernels
+    scores = (attention_matmul(q_nope, k_nope.transpose(0, 2, 1), kernels)
+              + attention_matmul(q_pe, k_pe.transpose(0, 2, 1), kernels)) * cfg.softmax_scale  # (H, T, T)
     causal = mx.triu(mx.full((T, T), -mx.inf, dtype=COMPUTE_DTYPE), k=1)
     probs = mx.softmax(scores + causal, axis=-1)
-    out = (probs @ v).transpose(1, 0, 2).reshape(T, H * vdim)  # (H, T, v) -> (T, H*v)
+    out = attention_matmul(probs, v, kernels).transpose(1, 0, 2).reshape(T, H * vdim)  # (H, T, v) -> (T, H*v)
     return linear(out, w.o_proj), LatentKV(latent, k_pe[0])
 
 
 def _latent_attention(q_nope: mx.array, q_pe: mx.array, state: LatentKV, kv_b_proj: Linear,
-                      cfg: TextConfig) -> mx.array:
+                      cfg: TextConfig, kernels: str = BUILTIN_KERNELS) -> mx.array:
     """The last S positions (q_nope (H, S, nope), q_pe (H, S, rope)) attending over all T positions of
     `state`, in the latent space: kv_b_proj's key half is folded into the query and its value half applied
     after the weighted sum, so no past position is expanded again. -> (S, H * v_head_dim).
@@ -152,18 +181,21 @@ def _latent_attention(q_nope: mx.array, q_pe: mx.array, state: LatentKV, kv_b_pr
     k_nope[h, t] = W_k[h] @ latent[t], so q_nope[h] . k_nope[h, t] = (W_k[h]^T q_nope[h]) . latent[t], and
     sum_t p[t] v[h, t] = W_v[h] @ sum_t p[t] latent[t]: per position and layer the work is O(kv_lora_rank)
     per head instead of expanding every past position through kv_b_proj (16384 x 512 per position on K2.5).
+    The products run on `kernels` (`attention_matmul`).
     """
     H, S = q_nope.shape[0], q_nope.shape[1]
     nope, vdim, T = cfg.qk_nope_head_dim, cfg.v_head_dim, state.length
     per_head = dense_weight(kv_b_proj).reshape(H, nope + vdim, cfg.kv_lora_rank)  # (H, nope+v, rank)
     w_k, w_v = per_head[:, :nope, :], per_head[:, nope:, :]                        # (H, nope, rank), (H, v, rank)
-    q_latent = q_nope @ w_k                                                        # (H, S, rank)
-    scores = (q_latent @ state.latent.T + q_pe @ state.k_pe.T) * cfg.softmax_scale  # (H, S, T)
+    q_latent = attention_matmul(q_nope, w_k, kernels)                              # (H, S, rank)
+    scores = (attention_matmul(q_latent, state.latent.T, kernels)
+              + attention_matmul(q_pe, state.k_pe.T, kernels)) * cfg.softmax_scale  # (H, S, T)
     if S > 1:  # new position i (at T - S + i) sees positions up to itself
         causal = mx.triu(mx.full((S, S), -mx.inf, dtype=COMPUTE_DTYPE), k=1)
         scores = scores + mx.concatenate([mx.zeros((S, T - S), dtype=COMPUTE_DTYPE), causal], axis=1)
     probs = mx.softmax(scores, axis=-1)
-    out = (probs @ state.latent) @ w_v.transpose(0, 2, 1)                           # (H, S, v)
+    latent_out = attention_matmul(probs, state.latent, kernels)                     # (H, S, rank)
+    out = attention_matmul(latent_out, w_v.transpose(0, 2, 1), kernels)            # (H, S, v)
     return out.transpose(1, 0, 2).reshape(S, H * vdim)                             # (S, H*v)
 
 

@@ -53,7 +53,7 @@ def choose_kernels(request: str | None, device: str) -> str:
 
 def kernels_label(kernels: str) -> str:
     """What the ledger header records: `mlx-builtin`, or the own kernels' name with the SIMD path that ran
-    (`mlx_k2-cpu/2:avx2`; the paths agree bit for bit, so an anchor is keyed by the name alone)."""
+    (`mlx_k2-cpu/3:avx2`; the paths agree bit for bit, so an anchor is keyed by the name alone)."""
     if kernels == BUILTIN_KERNELS:
         return kernels
     from .. import kernels as own

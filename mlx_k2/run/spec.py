@@ -77,14 +77,10 @@ class RunSpec:
                      read_method: str = "pread", read_retries: int = 3, capture: bool = True) -> RunSpec:
         """What a person asked for: `device` None picks the GPU where there is one, `kernels` None is auto,
         `cache_bytes` None half the RAM free now, `lookahead` None on with a KV cache."""
-        if read_retries < 0:
-            raise UsageError(f"--read-retries must be 0 or more, got {read_retries}")
-        if read_method not in READ_METHODS:
-            raise UsageError(f"--read-method: unknown method {read_method!r} (choose from {', '.join(READ_METHODS)})")
+        read = read_policy(read_method, read_retries)
         dev = select_device(device)
         return cls(dev, choose_kernels(kernels, dev), kv_cache, default_budget() if cache_bytes is None else cache_bytes,
-                   cache_policy, kv_cache if lookahead is None else lookahead, ReadPolicy(read_method, read_retries),
-                   capture)
+                   cache_policy, kv_cache if lookahead is None else lookahead, read, capture)
 
     @classmethod
     def from_header(cls, run: dict[str, Any], device: str | None = None, read: ReadPolicy = ReadPolicy(),
@@ -157,6 +153,15 @@ class RunSpec:
         if distributed is not None:
             run["distributed"] = distributed
         return run
+
+
+def read_policy(method: str = "pread", retries: int = 3) -> ReadPolicy:
+    """--read-method and --read-retries, checked."""
+    if retries < 0:
+        raise UsageError(f"--read-retries must be 0 or more, got {retries}")
+    if method not in READ_METHODS:
+        raise UsageError(f"--read-method: unknown method {method!r} (choose from {', '.join(READ_METHODS)})")
+    return ReadPolicy(method, retries)
 
 
 def header_budget(run: dict[str, Any]) -> int:

@@ -3,6 +3,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
+#include "batched.h"
 #include "dense.h"
 #include "fp8.h"
 #include "int4.h"
@@ -23,5 +24,7 @@ NB_MODULE(_ext, m) {
   m.def("fp8_gather_matmul", &mlx_k2::fp8_gather_matmul, "x"_a, "weight"_a, "weight_scale_inv"_a, "indices"_a,
         "block_out"_a, "block_in"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(), "stream"_a = nb::none());
   m.def("dense_matmul", &mlx_k2::dense_matmul, "x"_a, "weight"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("batched_matmul", &mlx_k2::batched_matmul, "a"_a, "b"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(),
         "stream"_a = nb::none());
 }

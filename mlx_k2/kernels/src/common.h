@@ -21,6 +21,13 @@
 //   and at the block's end, for l = 0 .. 7
 //     acc[l] = fma(p[l], scale[o / bo][g], acc[l]).
 //   Both bytes 0x7F and 0xFF are one NaN (lanes.h), so a NaN weight's bits are the same on every path.
+// - batched (float32 a (B, M, K) and b (B or 1, K, N), attention's products; batched_rows.h): out[i, m, n] is the
+//   dense reduction with x = a[i, m, :] and w = b[i, :, n]: for k = 0, 1, ..., K-1 in increasing order
+//     acc[k % 8] = fma(a[i, m, k], b[i, k, n], acc[k % 8])
+//   then hsum8(acc). Whether b is read along k (lanes of one element in one register, summed across it) or
+//   along n (eight registers of eight elements, summed register by register) the operations per element are
+//   these, so neither b's memory layout nor the path changes a bit. Threads split (batch, rows of a, columns
+//   of b) blocks of the output only.
 // A SIMD register's lane l is acc[l] (or p[l]); columns past the last full group of 8 follow the same rule
 // (the int4 and fp8 SIMD paths load x there as +0.0f in the lanes past the row's end, against finite weights,
 // which leaves p as it was: p is never -0). Threads split output rows only, so neither the thread count nor
@@ -46,7 +53,8 @@ namespace mx = mlx::core;
 
 // Bump when the arithmetic of any kernel changes: anchors are keyed by it. Adding a family (fp8 joined with
 // /2) changes no existing one's arithmetic, so the name stays while int4's and dense's bits are unchanged.
-inline constexpr const char* kKernelName = "mlx_k2-cpu/2";
+// /3: attention's matmuls are the batched kernel's (they were MLX's `@`): bits change from the second position on.
+inline constexpr const char* kKernelName = "mlx_k2-cpu/3";
 
 Simd best_simd();                      // what this CPU runs with Auto
 Simd resolve_simd(int requested);      // Auto -> best; throws if the CPU lacks the requested path

@@ -21,6 +21,7 @@ MLX_K2_AVX2 inline V8 v8_load_first(const float* p, size_t n) {
 }
 MLX_K2_AVX2 inline V8 v8_splat(float f) { return _mm256_set1_ps(f); }
 MLX_K2_AVX2 inline V8 v8_fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, one rounding
+MLX_K2_AVX2 inline V8 v8_add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
 MLX_K2_AVX2 inline void v8_store(float* p, V8 v) { _mm256_storeu_ps(p, v); }
 MLX_K2_AVX2 inline void v8_prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
@@ -109,6 +110,7 @@ inline V8 v8_load_first(const float* p, size_t n) {
 }
 inline V8 v8_splat(float f) { return {vdupq_n_f32(f), vdupq_n_f32(f)}; }
 inline V8 v8_fma(V8 a, V8 b, V8 c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
+inline V8 v8_add(V8 a, V8 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
 inline void v8_store(float* p, V8 v) {
   vst1q_f32(p, v.lo);
   vst1q_f32(p + 4, v.hi);

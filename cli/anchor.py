@@ -40,7 +40,8 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
                                                   "rank.")] = DEFAULT_TIMEOUT_S,
            backend: Annotated[str, typer.Option(help="With --distributed: MLX's distributed backend.")] = "any"):
     """Reproduce the checkpoint's frozen anchor and prove capture changes nothing. Example: mlx-k2 anchor --device cpu"""
-    from mlx_k2.run.anchor_pass import BACKEND, DTYPE, run_anchor_pass  # needs MLX: imported when asked for
+    from mlx_k2.evidence.platforms import CROSS_PLATFORM_RTOL, describe
+    from mlx_k2.run.anchor_pass import run_anchor_pass  # needs MLX: imported when asked for
     from mlx_k2.run.spec import RunSpec
 
     spec = RunSpec.from_options(device, kernels, cache_bytes=0)  # the anchor's mode: no KV cache, no weight cache
@@ -52,7 +53,8 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
     ids = parse_ids(prompt_ids) or [default_bos(model_dir, load_config(model_dir))]
     report = run_anchor_pass(model_dir, ids, spec, anchors, link, layer_split)
     console.print(f"checkpoint {model_dir}  config {report.identity['config_blake3'][:16]}…  "
-                  f"index {report.identity['index_blake3'][:16]}…  {BACKEND}/{report.device}/{DTYPE}  kernels {report.kernels}")
+                  f"index {report.identity['index_blake3'][:16]}…  {describe(report.platform)} "
+                  f"({report.platform['exactness']})")
     console.print(rows_table("non-perturbation: capture off vs capture on", report.non_perturbation,
                              "capture off", "capture on"))
     console.print("non-perturbation: " + ("[green]identical, bit for bit[/]" if report.non_perturbing
@@ -60,13 +62,13 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
     if freeze_:
         if not report.non_perturbing:
             raise typer.Exit(1)
-        suffix = "" if report.kernels == BUILTIN_KERNELS else "-" + report.kernels.split("/")[0]
-        anchor_name = name or (f"{model_dir.name}-{report.device}{suffix}" if model is not None
-                               else f"synthetic-k25-seed0-{report.device}{suffix}")
+        kernels, device = report.platform["kernels"], report.platform["device"]
+        suffix = "" if kernels == BUILTIN_KERNELS else "-" + kernels.split("/")[0]
+        anchor_name = name or (f"{model_dir.name}-{device}{suffix}" if model is not None
+                               else f"synthetic-k25-seed0-{device}{suffix}")
         source = f"frozen by `mlx-k2 anchor --freeze` from {'the embedded synthetic checkpoint' if model is None else model_dir}"
         path = freeze(anchors or default_dir(), anchor_record(anchor_name, source, report.identity, report.signature,
-                                                              ids, BACKEND, report.device, DTYPE, report.capture_off,
-                                                              report.kernels))
+                                                              ids, report.platform, report.capture_off))
         console.print(f"froze {path}")
         return
     if report.anchor is None:
@@ -74,8 +76,15 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
         raise typer.Exit(1)
     console.print(rows_table(f"anchor {report.anchor.name} ({report.anchor.path.name})", report.rows,
                              "anchor", "this run"))
-    if report.ok:
-        console.print(f"anchor: [green]reproduced[/] {report.anchor.name}")
+    if report.reproduced:
+        console.print(f"anchor: [green]reproduced[/] {report.anchor.name} (bit for bit)")
+    elif report.ok and report.anchor.published:  # taken by another executor
+        console.print(f"anchor: [green]agrees[/] with the published {report.anchor.name} (token exactly, the logit "
+                      "within the anchor's tolerance; its digests and bytes are the other executor's)")
+    elif report.ok:  # taken on another platform: it need not give the same bits, only agree
+        console.print(f"anchor: [green]agrees[/] with {report.anchor.name} (token and bytes exactly, the logit within "
+                      f"{CROSS_PLATFORM_RTOL:g}; digests not compared: the anchor was taken on "
+                      f"{describe(report.anchor.platform)})")
     else:
         console.print(f"anchor: [red]MISMATCH[/] against {report.anchor.name}")
         raise typer.Exit(1)

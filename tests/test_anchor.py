@@ -236,7 +236,7 @@ def test_published_anchor_matches_by_signature(foreign, tmp_path):
     result = invoke(["anchor", "--model", str(model_dir), "--device", "cpu", "--prompt-ids", str(FOREIGN_BOS),
                      "--anchors", str(anchors)])
     assert result.exit_code == 0, result.output
-    assert said(result.output, "anchor", "reproduced", "foreign-k25-bos-published")
+    assert said(result.output, "anchor", "agrees", "published foreign-k25-bos-published")
 
 
 @pytest.mark.parametrize("change", ["logit-beyond-tolerance", "other-token", "this-executor-bytes"])

@@ -1,11 +1,14 @@
 """Frozen anchors: the single-token pass from a given prompt on a given checkpoint, and comparing to them.
 
 An anchor file (anchors/*.json) says which checkpoint it is for (`checkpoint`: BLAKE3 of config and index,
-or for a published anchor taken elsewhere, `model`: the architecture's signature), the prompt, the
-backend/device/dtype its digests were taken on, and the expected token, logit, digests and bytes. Where
-backend, device and dtype match, every value must be equal, bit for bit. Across implementations (a
-published anchor) only the token must be equal and the logit within the anchor's stated tolerance; digests
-and bytes are shown, with the reason they differ. Writing an anchor file is `freeze`, nothing else. Running
+or for a published anchor taken elsewhere, `model`: the architecture's signature), the prompt, the platform
+its digests were taken on (backend, device, dtype, kernels and, from the exactness fields on, machine,
+system and exactness: `platforms.py`), and the expected token, logit, digests and bytes. Where the platform
+promises the same bits (`platforms.same_bits`: a portable anchor on any CPU, a platform anchor on its own
+machine and OS) every value must be equal, bit for bit: the run *reproduced* it. Elsewhere a frozen anchor
+is *agreed with*: token and bytes equal, the logit within CROSS_PLATFORM_RTOL, digests shown. Across
+implementations (a published anchor) only the token must be equal and the logit within the anchor's stated
+tolerance; digests and bytes are shown, with the reason they differ. Writing an anchor file is `freeze`, nothing else. Running
 the pass an anchor freezes is `mlx_k2.run.anchor_pass`.
 """
 
@@ -20,9 +23,11 @@ from typing import Any
 from ..checkpoint.config import ModelConfig
 from ..errors import K2Error
 from .derived import tensor_digest
+from .platforms import CROSS_PLATFORM_RTOL, PLATFORM, describe, kernel_key, same_bits, within_tolerance
 from .schema import BUILTIN_KERNELS
 
 FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")
+AGREEMENT = "agreement within"  # the note of a row compared within tolerance on another platform
 
 
 class AnchorError(K2Error):
@@ -68,15 +73,13 @@ class Anchor:
         """The kernels its digests were taken with (anchors frozen before the field: MLX's built-ins)."""
         return self.data.get("kernels", BUILTIN_KERNELS)
 
-    def same_platform(self, backend: str, device: str, dtype: str, kernels: str = BUILTIN_KERNELS) -> bool:
-        d = self.data
-        return ((d.get("backend"), d.get("device"), d.get("compute_dtype"), self.kernels)
-                == (backend, device, dtype, kernel_key(kernels)))
+    @property
+    def platform(self) -> dict[str, Any]:
+        """The platform its values were taken on (anchors frozen before run.kernels: MLX's built-ins)."""
+        return {**{k: self.data[k] for k in PLATFORM if k in self.data}, "kernels": self.kernels}
 
-
-def kernel_key(kernels: str) -> str:
-    """`mlx_k2-cpu/2:avx2` -> `mlx_k2-cpu/2`: the SIMD paths of one kernel version agree bit for bit."""
-    return kernels.split(":")[0]
+    def same_bits(self, platform: dict[str, Any]) -> bool:
+        return not self.published and same_bits(self.platform, platform)[0]
 
 
 def load_anchors(directory: Path | None = None) -> list[Anchor]:
@@ -98,14 +101,13 @@ def load_anchors(directory: Path | None = None) -> list[Anchor]:
 
 
 def find_anchor(anchors: list[Anchor], identity: dict[str, str], signature: dict[str, Any],
-                prompt_ids: list[int], device: str, backend: str = "mlx",
-                dtype: str = "float32", kernels: str = BUILTIN_KERNELS) -> Anchor | None:
-    """The anchor for this checkpoint and prompt: one frozen for its exact files (preferring the same
-    platform), else a published one for its architecture."""
+                prompt_ids: list[int], platform: dict[str, Any]) -> Anchor | None:
+    """The anchor for this checkpoint and prompt: one frozen for its exact files (preferring one this
+    `platform` must reproduce bit for bit), else a published one for its architecture."""
     prompt = list(prompt_ids)
     frozen = [a for a in anchors if not a.published and a.data.get("checkpoint") == identity
               and a.data["prompt_ids"] == prompt]
-    frozen.sort(key=lambda a: not a.same_platform(backend, device, dtype, kernels))
+    frozen.sort(key=lambda a: not a.same_bits(platform))
     if frozen:
         return frozen[0]
     published = [a for a in anchors if a.published and a.data.get("model") == signature
@@ -122,21 +124,21 @@ class Row:
     note: str = ""
 
 
-def compare(anchor: Anchor, observed: dict[str, Any], backend: str, device: str, dtype: str,
-            kernels: str = BUILTIN_KERNELS) -> list[Row]:
+def compare(anchor: Anchor, observed: dict[str, Any], platform: dict[str, Any]) -> list[Row]:
+    """Rows of step 0 against `anchor` for a run on `platform` (a header's run block, or RunSpec.platform):
+    every row "exact" where it must reproduce the anchor; else an agreement (AGREEMENT notes)."""
     exp = anchor.expected
-    if not anchor.published and anchor.same_platform(backend, device, dtype, kernels):
+    if anchor.same_bits(platform):
         return [Row(f, exp[f], observed[f], exp[f] == observed[f], "exact") for f in FIELDS]
     if not anchor.published:
-        why = (f"anchor taken on {anchor.data.get('backend')}/{anchor.data.get('device')}/"
-               f"{anchor.data.get('compute_dtype')}/{anchor.kernels}, "
-               f"this run on {backend}/{device}/{dtype}/{kernel_key(kernels)}")
-        rows = [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"],
-                    "exact across platforms")]
-        rows += [Row(f, exp[f], observed[f], None, why) for f in FIELDS[1:4]]
-        rows.append(Row("bytes_read", exp["bytes_read"], observed["bytes_read"],
-                        exp["bytes_read"] == observed["bytes_read"], "exact: bytes do not depend on the device"))
-        return rows
+        why = f"anchor taken on {describe(anchor.platform)}, this run on {describe(platform)}"
+        return [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"],
+                    "exact across platforms"),
+                Row("logit", exp["logit"], observed["logit"], within_tolerance(exp["logit"], observed["logit"]),
+                    f"{AGREEMENT} {CROSS_PLATFORM_RTOL:g}: {why}"),
+                *[Row(f, exp[f], observed[f], None, why) for f in FIELDS[2:4]],
+                Row("bytes_read", exp["bytes_read"], observed["bytes_read"],
+                    exp["bytes_read"] == observed["bytes_read"], "exact: bytes do not depend on the platform")]
     tol = anchor.data.get("tolerance", {})
     other = anchor.data.get("differs", {})
     rows = [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"], "exact")]
@@ -155,11 +157,17 @@ def compare(anchor: Anchor, observed: dict[str, Any], backend: str, device: str,
 
 
 def anchor_record(name: str, source: str, identity: dict[str, str], signature: dict[str, Any],
-                  prompt_ids: list[int], backend: str, device: str, dtype: str,
-                  values: dict[str, Any], kernels: str = BUILTIN_KERNELS) -> dict[str, Any]:
+                  prompt_ids: list[int], platform: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A frozen anchor of the pass `values` came from, on `platform` (RunSpec.platform)."""
+    taken = {k: platform[k] for k in PLATFORM if k in platform}
     return {"name": name, "kind": "frozen", "source": source, "checkpoint": identity, "model": signature,
-            "prompt_ids": list(prompt_ids), "backend": backend, "device": device, "compute_dtype": dtype,
-            "kernels": kernel_key(kernels), "expected": {f: values[f] for f in FIELDS}}
+            "prompt_ids": list(prompt_ids), **taken, "kernels": kernel_key(str(platform["kernels"])),
+            "expected": {f: values[f] for f in FIELDS}}
+
+
+def reproduced(rows: list[Row]) -> bool:
+    """Every row compared exactly and equal: the run reproduced the anchor (not merely agreed with it)."""
+    return bool(rows) and all(r.ok is True and r.note == "exact" for r in rows)
 
 
 def freeze(directory: Path, record: dict[str, Any]) -> Path:

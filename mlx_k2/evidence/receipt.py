@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..errors import K2Error, UsageError
 from .derived import root_digest
 from .ledger import read_ledger
+from .platforms import PLATFORM
 from .schema import MANIFEST_NAME, strict_loads
 from .verify import Check, Report, verify
 
@@ -33,7 +34,6 @@ RECEIPT_KIND = "mlx-k2.receipt/1"
 MAX_RECEIPT_BYTES = 1 << 20      # a receipt is a few kB; anything larger is not one
 PUBLIC_SUFFIX = ".pub"
 IDENTITY = ("model_type", "config_blake3", "index_blake3", "tokenizer_blake3")
-PLATFORM = ("backend", "device", "compute_dtype", "kernels")
 
 
 class ReceiptError(K2Error):
@@ -113,7 +113,7 @@ def _claim(path: Path, report: Report, lenient: bool) -> dict[str, Any]:
     return {
         "digest": {"blake3": root_digest(path), "of": MANIFEST_NAME if ledger.bundle else "ledger"},
         "checkpoint": {k: model.get(k) for k in IDENTITY},
-        "run": {k: run.get(k) for k in PLATFORM},
+        "run": {k: run.get(k) for k in PLATFORM if k in run},
         "prompt_ids": run.get("prompt_ids"),
         "tokens": [s.get("token_id") for s in ledger.steps],
         "steps": len(ledger.steps),
@@ -146,7 +146,10 @@ def write_receipt(receipt: dict[str, Any], out: Path) -> None:
         tmp.write_text(json.dumps(receipt, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # never created (read-only filesystem, a path under a file): nothing to remove
         raise ReceiptError(f"{out}: cannot write ({e.strerror})") from None
 
 
@@ -212,17 +215,46 @@ def read_receipt(path: Path) -> dict[str, Any]:
 
 def check_receipt(path: Path, bundle: Path | None = None, pubkey: Path | None = None,
                   anchors_dir: Path | None = None, tokenizer=None) -> ReceiptReport:
-    """The signature (against `pubkey` where given) and, given the run, that it is the one signed for."""
+    """The signature (against `pubkey` where given) and, given the run, that it is the one signed for. Every
+    failing row's detail says which key or field failed and why."""
+    report = _check_receipt(path, bundle, pubkey, anchors_dir, tokenizer)
+    for check in report.checks:
+        check.finish()
+    return report
+
+
+KEYS = ("kind", "claim", "public_key", "signature")
+
+
+def _form_problems(data: dict[str, Any]) -> list[str]:
+    """What makes `data` no well-formed receipt, key by key (lowercase hex only: one spelling per key and
+    signature, so no flipped bit leaves a receipt valid)."""
+    problems = []
+    missing, extra = [k for k in KEYS if k not in data], sorted(set(data) - set(KEYS))
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected key {', '.join(map(repr, extra))} (a receipt has exactly {', '.join(KEYS)})")
+    if "claim" in data and not isinstance(data["claim"], dict):
+        problems.append(f"claim: a {type(data['claim']).__name__}, not an object")
+    for key, digits in (("public_key", 64), ("signature", 128)):
+        value = data.get(key, "")
+        if key in data and not (isinstance(value, str) and re.fullmatch(f"[0-9a-f]{{{digits}}}", value)):
+            problems.append(f"{key}: " + (f"a {type(value).__name__}, not a string" if not isinstance(value, str)
+                                          else f"{len(value)} characters, not {digits} hex digits"
+                                          if len(value) != digits else "not lowercase hex digits only"))
+    return problems
+
+
+def _check_receipt(path: Path, bundle: Path | None, pubkey: Path | None, anchors_dir: Path | None,
+                   tokenizer) -> ReceiptReport:
     data = read_receipt(path)
     form, signature = Check("receipt"), Check("signature")
     claim, public, sig = data.get("claim"), data.get("public_key"), data.get("signature")
     report = ReceiptReport(path, [form, signature])
-    # Lowercase hex only: one spelling per key and signature, so no flipped bit leaves a receipt valid.
-    if not isinstance(claim, dict) or not isinstance(public, str) or not isinstance(sig, str) \
-            or set(data) != {"kind", "claim", "public_key", "signature"} \
-            or not re.fullmatch(r"[0-9a-f]{64}", public) or not re.fullmatch(r"[0-9a-f]{128}", sig):
-        form.fail("receipt: needs exactly kind, claim (an object), public_key (64 lowercase hex) and signature "
-                  "(128 lowercase hex)")
+    problems = _form_problems(data)
+    if problems:
+        form.fail("; ".join(problems))
         signature.ok, signature.detail = None, "not checked (malformed receipt)"
         return report
     report.claim, report.public_key = claim, public
@@ -231,7 +263,8 @@ def check_receipt(path: Path, bundle: Path | None = None, pubkey: Path | None = 
         key.verify(bytes.fromhex(sig), _signed_bytes(claim))
         signature.detail = f"Ed25519 by key {public[:16]}…"
     except (ValueError, InvalidSignature) as e:
-        signature.fail(f"the signature does not verify for the key in the receipt ({type(e).__name__})")
+        signature.fail(f"signature: does not verify over the claim for public_key {public[:16]}… "
+                       f"({type(e).__name__}: the claim, the key or the signature changed after signing)")
     signer = Check("signer")
     report.checks.append(signer)
     if pubkey is not None:
@@ -265,7 +298,7 @@ def _claims_match(claim: dict[str, Any], path: Path) -> Check:
     ledger = read_ledger(path)
     header = ledger.header or {}
     model, run = header.get("model") or {}, header.get("run") or {}
-    ours = {"checkpoint": {k: model.get(k) for k in IDENTITY}, "run": {k: run.get(k) for k in PLATFORM},
+    ours = {"checkpoint": {k: model.get(k) for k in IDENTITY}, "run": {k: run.get(k) for k in PLATFORM if k in run},
             "prompt_ids": run.get("prompt_ids"), "tokens": [s.get("token_id") for s in ledger.steps],
             "steps": len(ledger.steps), "status": ledger.status}
     for name, value in ours.items():

@@ -3,11 +3,11 @@
 `mlx_k2.run.replay` re-executes chosen steps from the checkpoint (that needs MLX) and hands back a `Replay`:
 the checkpoint it opened (identity and model facts), the platform it ran on, and per step the record and
 tensors the run's own builders (`records.step_record`, `bundle.step_tensors`) make from the re-executed
-step. `compare_replay` holds them against the ledger's header, step lines and saved tensors, bit for bit
-where the header's exactness class promises the same bits (`same_bits`): a `portable` run on any machine
-with the same backend, device, compute dtype and kernels; a `platform` run only on the same platform
-(those and the machine and OS); otherwise ids, tokens, experts and bytes exactly, floats within
-CROSS_PLATFORM_RTOL, digests not compared (they hash the floats). The result says which rule applied. Wall times are never compared (they are not a property of the computation). Where the
+step. `compare_replay` holds them against the ledger's header, step lines and saved tensors: bit for bit
+where the header's exactness class promises the same bits (`platforms.same_bits`), otherwise ids, tokens,
+experts and bytes exactly, floats within CROSS_PLATFORM_RTOL, digests not compared (they hash the floats).
+The result says which rule applied. Wall times are never compared (they are not a property of the
+computation). Where the
 re-execution could not have the run's weight cache state (`Replay.bytes_split` false), each step's and
 layer's bytes_read + bytes_cached (what the step consumed, whichever way it came) is compared instead of
 the two, and the result says so. A KV-cache run's steps were re-executed in order from step 0, which the
@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from .anchors import kernel_key
 from .bundle import has_moe_inputs, is_moe_input
-from .schema import BUILTIN_KERNELS, MODEL_FACTS, PORTABLE, QUANTIZATION
+from .platforms import CROSS_PLATFORM_RTOL, computation, describe, same_bits, within_tolerance
+from .schema import MODEL_FACTS, QUANTIZATION
 
 # README: the product's kernels and MLX's agree within 1e-5 relative on the logits; 10x headroom, taken
 # relative to the larger magnitude (and at least 1, so values near 0 compare absolutely).
-CROSS_PLATFORM_RTOL = 1e-4
 # Not values of the computation: times, the chain, and which rank computed a layer of a pipelined run.
 IGNORED = frozenset({"prev", "wall_s", "rank"})
 # Schema 2 additions a ledger from before them lacks (schema.CACHE_PROVENANCE): not compared where it does.
@@ -39,8 +38,6 @@ DIGESTS = frozenset({"hidden_digest", "logits_digest"})
 # from before block FP8 model.quantization: compared where the header has them).
 IDENTITY = ("config_blake3", "index_blake3", "model_type", "num_layers", "n_routed_experts", "experts_per_token",
             *MODEL_FACTS, QUANTIZATION)
-PLATFORM = ("backend", "device", "compute_dtype", "kernels")
-PLATFORM_PLACE = ("machine", "system", "exactness")  # where it ran, and what the bits promise there
 
 
 @dataclass
@@ -125,28 +122,6 @@ class ReplayReport:
         return {**asdict(self), "ok": self.ok, "summary": self.summary()}
 
 
-def _platform(run: dict) -> tuple:
-    return (run.get("backend"), run.get("device"), run.get("compute_dtype"),
-            kernel_key(str(run.get("kernels", BUILTIN_KERNELS))))
-
-
-def same_bits(recorded: dict, ran: dict) -> tuple[bool, str]:
-    """(whether a re-execution on `ran` must give the bits a run on `recorded` wrote, the rule that says so):
-    `recorded` is a header's run block, `ran` the replay's platform (PLATFORM and PLATFORM_PLACE)."""
-    if _platform(recorded) != _platform(ran):
-        return False, ""
-    if recorded.get("exactness") == PORTABLE and ran.get("exactness") == PORTABLE:
-        return True, "portable: the same bits on any CPU"
-    if "machine" not in recorded:  # a header before schema 3 does not say where it ran
-        return True, "same backend, device, dtype and kernels; the header does not record the machine"
-    here, there = _place(ran), _place(recorded)
-    return here == there, f"platform: same {here}" if here == there else ""
-
-
-def _place(run: dict) -> str:
-    return f"{run.get('machine')} {run.get('system')}"
-
-
 def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | None] | None,
                    replay: Replay) -> ReplayReport:
     """`steps` are the ledger's well-formed step records; `tensors` the bundle's saved tensors by step
@@ -156,11 +131,9 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
     problems = [f"{k}: header {model[k]!r}, checkpoint {replay.identity.get(k)!r}"
                 for k in IDENTITY if k in model and model[k] != replay.identity.get(k)]
     exact, rule = same_bits(run, replay.platform)
-    recorded, ran = _platform(run), _platform(replay.platform)
-    where = (f"{' '.join(map(str, recorded))} on {_place(run)}" if "machine" in run else " ".join(map(str, recorded)),
-             f"{' '.join(map(str, ran))} on {_place(replay.platform)}")
-    why = "" if exact else f"recorded on {where[0]}, re-executed on {where[1]}"
-    report = ReplayReport(replay.model_dir, exact, f"{' '.join(map(str, ran))}; {rule}", why, problems, [], len(steps),
+    why = "" if exact else f"recorded on {describe(run)}, re-executed on {describe(replay.platform)}"
+    ran = " ".join(map(str, computation(replay.platform)))
+    report = ReplayReport(replay.model_dir, exact, f"{ran}; {rule}", why, problems, [], len(steps),
                           replay.wall_s, kv_cache=replay.kv_cache,
                           bytes_note="" if replay.bytes_split else replay.bytes_note or "bytes compared as "
                                                                                      f"{SUMMED}")
@@ -218,10 +191,6 @@ def _comparable(recorded: dict, replayed: dict, bytes_split: bool) -> tuple[dict
     return with_layers(recorded, recorded), with_layers(replayed, recorded)
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= CROSS_PLATFORM_RTOL * max(abs(a), abs(b), 1.0)
-
-
 def _compare(recorded: Any, replayed: Any, where: str, exact: bool, diffs: list[str], key: str = "") -> int:
     """Walk both values; note every difference at its path. Returns how many leaf values were compared."""
     if isinstance(recorded, dict) and isinstance(replayed, dict):
@@ -254,7 +223,7 @@ def _compare(recorded: Any, replayed: Any, where: str, exact: bool, diffs: list[
     same = recorded == replayed and type(recorded) is type(replayed)
     if not same and not exact and isinstance(recorded, (int, float)) and isinstance(replayed, float) \
             and not isinstance(recorded, bool) and math.isfinite(recorded):
-        same = _close(float(recorded), replayed)
+        same = within_tolerance(float(recorded), replayed)
     if not same:
         diffs.append(f"{where}: recorded {_short(recorded)}, re-executed {_short(replayed)}")
     return 1

@@ -8,12 +8,13 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evidence.anchors import Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values
+from ..evidence.anchors import (Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values,
+                                reproduced)
 from ..evidence.events import StepDone
 from .distributed import Link
 from .pipeline import rank_0_stage
 from .runner import Model, generate
-from .spec import BACKEND, DTYPE, RunSpec
+from .spec import RunSpec
 
 
 
@@ -21,8 +22,7 @@ from .spec import BACKEND, DTYPE, RunSpec
 class AnchorReport:
     identity: dict[str, str]
     signature: dict
-    device: str
-    kernels: str
+    platform: dict                 # RunSpec.platform: what and where the pass computed
     capture_off: dict
     capture_on: dict
     non_perturbation: list[Row]
@@ -35,7 +35,13 @@ class AnchorReport:
 
     @property
     def ok(self) -> bool:
+        """Capture changed nothing, and step 0 reproduced the anchor or, on another platform, agreed with it."""
         return self.non_perturbing and self.anchor is not None and all(r.ok is not False for r in self.rows)
+
+    @property
+    def reproduced(self) -> bool:
+        """Bit for bit: the anchor was taken where this pass must give the same bits, and it did."""
+        return self.ok and reproduced(self.rows)
 
 
 def single_step(model: Model, prompt_ids: list[int], rest=None) -> StepDone:
@@ -66,7 +72,6 @@ def run_anchor_pass(model_dir: Path, prompt_ids: list[int], spec: RunSpec, ancho
         model.close()
     non_perturbation = [Row(f, off[f], on[f], off[f] == on[f], "capture off vs on, bit for bit")
                         for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read")]
-    dev, used = spec.device, spec.kernels
-    anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, dev, BACKEND, DTYPE, used)
-    rows = compare(anchor, off, BACKEND, dev, DTYPE, used) if anchor else []
-    return AnchorReport(identity, signature, dev, used, off, on, non_perturbation, anchor, rows)
+    anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, spec.platform)
+    rows = compare(anchor, off, spec.platform) if anchor else []
+    return AnchorReport(identity, signature, spec.platform, off, on, non_perturbation, anchor, rows)

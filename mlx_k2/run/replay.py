@@ -34,7 +34,7 @@ from ..evidence.events import StepDone
 from ..evidence.records import model_record, step_record
 from ..evidence.replayed import Replay, ReplayedStep
 from .runner import KVCache, Model
-from .spec import BACKEND, DTYPE, RunSpec, header_budget
+from .spec import RunSpec, header_budget
 
 
 def choose_steps(spec: str | None, sample: int | None, n_steps: int, rng: random.Random | None = None) -> list[int]:
@@ -106,8 +106,7 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
         started, spec = time.perf_counter(), model.spec
         identity = {k: v for k, v in model_record(model.dir, model.checkpoint.identity(), model.config).items()
                     if k != "path"}
-        platform = {"backend": BACKEND, "device": spec.device, "compute_dtype": DTYPE, "kernels": spec.kernels_label,
-                    **spec.place}
+        platform = spec.platform
         split, why = _bytes_split(run)
         out = Replay(str(model.dir), identity, platform, [], 0.0, spec.kv_cache, split, why)
         model_keys = ("config_blake3", "index_blake3", "num_layers", "vocab_size", "hidden_size")

@@ -34,7 +34,7 @@ from .distributed import Link
 from .pipeline import Stage, rank_0_stage
 from .runner import Model, generate
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
-from .spec import BACKEND, DTYPE, RunSpec
+from .spec import RunSpec
 
 # Rough bytes per layer record and per step line besides them, for the free-space check.
 LAYER_RECORD_BYTES, STEP_LINE_BYTES = 400, 2000
@@ -241,8 +241,8 @@ def _drive(model: Model, stage: Stage | None, identity: dict[str, str], ledger: 
     spec, anchor = model.spec, None
     if first_step == 0:
         anchor = find_anchor(load_anchors(anchors_dir), identity, model_signature(model.config), context,
-                             spec.device, BACKEND, DTYPE, spec.kernels)
-    check = AnchorCheck(anchor, BACKEND, spec.device, DTYPE, spec.kernels)
+                             spec.platform)
+    check = AnchorCheck(anchor, spec.platform)
     result = RunResult(ledger.writer.path, "failed", anchor=anchor)
     subscribers = [ledger, *([bundle] if bundle else []), check, *sinks]
     end = RunDone(steps=0, bytes_read=0, wall_s=0.0, status="failed", error="the run did not finish")

@@ -55,10 +55,10 @@ class BundleSink:
 class AnchorCheck:
     """Compares step 0 with the checkpoint's anchor, where one applies."""
 
-    def __init__(self, anchor: Anchor | None, backend: str, device: str, dtype: str, kernels: str):
-        self.anchor, self.platform = anchor, (backend, device, dtype, kernels)
+    def __init__(self, anchor: Anchor | None, platform: dict):
+        self.anchor, self.platform = anchor, platform
         self.rows: list[Row] = []
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, StepDone) and event.step == 0 and self.anchor is not None:
-            self.rows = compare(self.anchor, observed_values(event), *self.platform)
+            self.rows = compare(self.anchor, observed_values(event), self.platform)

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import K2Error, UsageError
-from ..evidence.anchors import kernel_key
+from ..evidence.platforms import kernel_key
 from ..evidence.schema import BUILTIN_KERNELS, PLATFORM_BOUND, PORTABLE
 from ..model.forward import PORTABLE_KERNELS
 from ..model.linear import choose_kernels, kernels_label
@@ -137,6 +137,13 @@ class RunSpec:
         return {"machine": platform.machine(), "system": platform.system(), "exactness": self.exactness}
 
     @property
+    def platform(self) -> dict[str, str]:
+        """What and where it computes, as a header's run block records it (evidence.platforms): the fields
+        anchors, replay and verify decide by whether two computations must give the same bits."""
+        return {"backend": BACKEND, "device": self.device, "compute_dtype": DTYPE, "kernels": self.kernels_label,
+                **self.place}
+
+    @property
     def kernels_label(self) -> str:
         """The ledger header's run.kernels: `mlx-builtin`, or the own kernels' name with the SIMD path."""
         return kernels_label(self.kernels)
@@ -147,9 +154,8 @@ class RunSpec:
         pipelined run records the largest rank's budget, and each rank's in `distributed`."""
         budget = self.cache_bytes if distributed is None else max(r["expert_cache_bytes"] for r in distributed["ranks"])
         run = {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": self.kv_cache,
-               "capture": self.capture, "backend": BACKEND, "device": self.device, "compute_dtype": DTYPE,
-               "kernels": self.kernels_label, "expert_cache_bytes": budget, "cache_policy": self.cache_policy,
-               **self.place, "versions": dict(versions)}
+               "capture": self.capture, **self.platform, "expert_cache_bytes": budget,
+               "cache_policy": self.cache_policy, "versions": dict(versions)}
         if distributed is not None:
             run["distributed"] = distributed
         return run

@@ -68,7 +68,7 @@ def test_reader_refuses_to_overwrite_an_unreleased_slot(opened_synth):
 
 
 def _tokens_and_digests(model_dir, reuse: bool, method: str = "pread"):
-    model = Model(model_dir, RunSpec(read=ReadPolicy(method=method)), reuse_buffers=reuse)
+    model = Model(model_dir, RunSpec(read=ReadPolicy(method=method)), reading={"reuse": reuse})
     try:
         steps = [e for e in generate(model, [163584, 5, 900], 3, stop_at_eos=False)
                  if isinstance(e, StepDone)]

@@ -238,10 +238,10 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
                    "largest_layer_gb": max(e.bytes_read for e in step.layers) / 1e9,
                    "os_read_bytes": None if before is None else after - before, "peak_rss_gb": peak_rss_gb()}
         elif part == "reads":
-            recorder = TensorReader(model.checkpoint, Storage(policy), record=True)
-            model.reader = model.weights.reader = recorder
-            _run_step(model, ids)                      # learn the requests (routing decides the experts)
-            recorder.close()                           # unmapped: mapped pages cannot be dropped
+            recording = Model(model.dir, spec, checkpoint=(model.config, model.checkpoint), reading={"record": True})
+            _run_step(recording, ids)                  # learn the requests (routing decides the experts)
+            recorder = recording.reader
+            recording.close()                          # unmapped: mapped pages cannot be dropped
             replay = TensorReader(model.checkpoint, Storage(policy))
             times = []
             for i in range(2):  # the first grows the reader's buffers, as a run's first step does
@@ -258,14 +258,15 @@ def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPol
             out |= {"read_s": times[1], "read_first_s": times[0], "replayed_bytes": replay.bytes_read - before,
                     "direct_bytes": store.bytes_direct - direct, "staged_bytes": store.bytes_staged - staged}
             replay.close()
-        elif part == "compute":
-            memory = TensorReader(model.checkpoint, Storage(policy), hold=True)
-            model.reader = model.weights.reader = memory
-            _run_step(model, ids)                      # reads every array the step uses, once (untimed)
-            before = memory.bytes_read
-            _, compute = _run_step(model, ids)
-            out |= {"compute_s": compute, "compute_bytes_read": memory.bytes_read - before}  # 0: nothing read
-            memory.close()
+        elif part == "compute":  # a Model over the same checkpoint whose reader holds every array it reads
+            held = Model(model.dir, spec, checkpoint=(model.config, model.checkpoint), reading={"hold": True})
+            try:
+                _run_step(held, ids)                   # reads every array the step uses, once (untimed)
+                before = held.reader.bytes_read
+                _, compute = _run_step(held, ids)
+                out |= {"compute_s": compute, "compute_bytes_read": held.reader.bytes_read - before}  # 0: nothing read
+            finally:
+                held.close()
         else:
             raise ValueError(part)
     finally:

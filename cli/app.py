@@ -6,15 +6,23 @@ library inside their bodies where it needs MLX, so `verify` and `explore` run wh
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mlx_k2.errors import K2Error
+from mlx_k2.errors import K2Error, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain help (click's formatter): flags show no value placeholder, docstring paragraphs wrap to the terminal,
+# at most 80 columns wide.
+HELP = {"rich_markup_mode": None, "context_settings": {"max_content_width": 80}}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, **HELP,
                   help="Run Kimi K2.5-class MoE checkpoints layer by layer, streaming weights, with a ledger.")
 state = {"debug": False}
 
@@ -28,6 +36,25 @@ def fail(message: str, code: int = 2) -> None:
     """Print one error line to stderr and exit with `code`."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def check_writable(path: Path, directory: Path | None = None, makes_dirs: bool = False) -> None:
+    """Refuse at once, as one line naming `path`, an output nothing can be written to: `directory` (default:
+    `path`'s parent) must be a directory that takes a new file, or with `makes_dirs` (the command creates
+    missing directories) the nearest directory above it that exists must. Checked before long work starts,
+    so none is done for nothing."""
+    directory = Path(directory if directory is not None else Path(path).parent)
+    above = (directory, *directory.parents) if makes_dirs else (directory,)
+    here = next((p for p in above if os.path.lexists(p)), None)
+    try:
+        if here is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        if not here.is_dir():
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=here):  # an unnamed file where the system has them: nothing left over
+            pass
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror})") from None
 
 
 def guarded(fn):

@@ -12,7 +12,7 @@ from mlx_k2.errors import UsageError
 from mlx_k2.explorer.page import build_explorer
 from mlx_k2.evidence.receipt import check_receipt
 
-from .app import app, guarded
+from .app import app, check_writable, guarded
 from .verify import reexecute, tokenizer_for
 
 
@@ -23,7 +23,7 @@ def default_output(path: Path) -> Path:
 
 @app.command()
 @guarded
-def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bundle directory.")],
+def explore(path: Annotated[Path, typer.Argument(metavar="PATH", help="A ledger (.jsonl) or a bundle directory.")],
             output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file to write (default: "
                                                            "beside PATH, with .html).")] = None,
             model: Annotated[Optional[Path], typer.Option(help="Checkpoint for verify's token_text check "
@@ -50,6 +50,7 @@ def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bu
         raise UsageError("--steps, --sample and --device go with --replay")
     if receipt is None and pubkey is not None:
         raise UsageError("--pubkey goes with --receipt")
+    check_writable(out)  # before a replay's minutes, not after
     tokenizer = tokenizer_for(path, model)
     replayed = reexecute(path, model, steps, sample, device) if replay else None
     checked = check_receipt(receipt, path, pubkey, anchors, tokenizer) if receipt is not None else None
@@ -59,6 +60,9 @@ def explore(path: Annotated[Path, typer.Argument(help="A ledger (.jsonl) or a bu
         tmp.write_bytes(page)
         os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # never created (read-only filesystem, a path under a file): nothing to remove
         raise UsageError(f"{out}: cannot write ({e.strerror})") from None
     typer.echo(f"wrote {out} ({len(page):,} bytes, {len(page) / 1024:.1f} KiB)")

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 
 from mlx_k2.errors import UsageError
 from mlx_k2.evidence.receipt import keygen as write_keys
 from mlx_k2.evidence.receipt import load_private_key, make_receipt, write_receipt
 
-from .app import app, guarded
-from .verify import run_checks
+from .app import app, check_writable, guarded
+from .verify import print_checks, run_checks
 
 
 @app.command()
@@ -25,9 +26,9 @@ def keygen(output: Annotated[Path, typer.Option("--output", "-o", help="Private 
     typer.echo(f"wrote {private} (private, mode 0600) and {public} (public: give it to whoever checks receipts)")
 
 
-@app.command()
+@app.command(short_help="Verify a run and write a signed receipt of it.")
 @guarded
-def receipt(path: Annotated[Path, typer.Argument(help="A bundle directory (or a ledger).")],
+def receipt(path: Annotated[Path, typer.Argument(metavar="PATH", help="A bundle directory (or a ledger).")],
             output: Annotated[Path, typer.Option("--output", "-o", help="Receipt file to write.")],
             key: Annotated[Path, typer.Option(help="Private key (from mlx-k2 keygen).")],
             model: Annotated[Optional[Path], typer.Option(help="Checkpoint: for --replay and token_text "
@@ -45,7 +46,10 @@ def receipt(path: Annotated[Path, typer.Argument(help="A bundle directory (or a 
     signing_key = load_private_key(key)  # a bad key is reported before minutes of replay
     if output.resolve() == path.resolve() or path.resolve() in output.resolve().parents:
         raise UsageError(f"{output}: would add a file to the bundle; write the receipt elsewhere")
+    check_writable(output)  # before verify and a replay's minutes, not after
     report = run_checks(path, model, anchors, replay, steps, sample, device, None)
+    if not report.summary(lenient)[0]:  # not signed: show which checks failed and why before the error line
+        print_checks(f"verify {path}", report.checks, Console(highlight=False))
     signed = make_receipt(path, report, signing_key, lenient)
     write_receipt(signed, output)
     typer.echo(f"{signed['claim']['verified']['summary']}")

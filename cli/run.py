@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -15,12 +16,13 @@ from mlx_k2.checkpoint.config import load_config
 from mlx_k2.run.dashboard import DashboardState
 from mlx_k2.run.distributed import DEFAULT_TIMEOUT_S
 from mlx_k2.errors import K2Error, UsageError
+from mlx_k2.evidence.anchors import reproduced
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
 from mlx_k2.synth.checkpoint import default_checkpoint
 from mlx_k2.checkpoint.tokenizer import TOKENIZER_FILES, adds_bos, default_bos, load_tokenizer
 
-from .app import app, guarded
+from .app import app, check_writable, guarded
 from .live import live_dashboard
 from .plain import plain_lines, progress_lines
 
@@ -99,6 +101,10 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     from mlx_k2.run.session import run as run_session
     from mlx_k2.run.spec import RunSpec, read_policy
 
+    if resume is None:  # what needs no checkpoint is checked at once, not after its shards are opened
+        if max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        given_ids = parse_ids(prompt_ids)
     link = distributed_link(distributed, layer_split, timeout, backend)
     if resume is not None:  # computes as its header says; only the read method and look-ahead may be given
         spec, read = None, read_policy(read_method, read_retries)
@@ -108,7 +114,9 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     if link is not None and link.rank != 0:
         follow_rank_0(link, model, spec or RunSpec.from_options(device, kernels, read_method=read_method,
                                                                 read_retries=read_retries))
-    if resume is not None:
+    if resume is None:
+        check_output(ledger or default_ledger(bundle), bundle)
+    else:
         header = read_header_line(resume)
         if model is None:
             model = Path(header["model"]["path"])
@@ -119,6 +127,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     def go(sinks):
         model_dir = model if model is not None else default_checkpoint(progress=progress)
         cfg = load_config(model_dir)  # a missing or bad checkpoint is reported before anything else
+        if resume is None:
+            check_fits(cfg, model_dir, given_ids, max_new_tokens)  # config.json decides it: before the shards
         tokenizer = load_tokenizer(model_dir)
         if dashboard is not None:
             dashboard.token_text = tokenizer.token_text if tokenizer else None
@@ -126,7 +136,8 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         if resume is not None:
             return tokenizer, resume_session(resume, model_dir, device, read, lookahead, sinks=sinks,
                                              tokenizer=tokenizer, progress=progress, link=link)
-        ids = prompt_from(prompt, bos, parse_ids(prompt_ids), model_dir, cfg, tokenizer)
+        ids = prompt_from(prompt, bos, given_ids, model_dir, cfg, tokenizer)
+        check_fits(cfg, model_dir, ids, max_new_tokens)
         if tokenizer is None and not quiet:
             typer.echo(f"warning: {model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
                        "tokens are shown as ids", err=True)
@@ -141,11 +152,19 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         tokenizer, result = go(())
     tokens = " ".join(str(s.token_id) for s in result.steps)
     resumed = f" (resumed after {result.resumed_from} recorded steps)" if resume is not None else ""
-    typer.echo(f"{result.status}: {len(result.steps)} tokens [{tokens}]{resumed} ledger {result.ledger}")
-    if tokenizer is not None and result.steps:
-        typer.echo(f"text: {tokenizer.decode([s.token_id for s in result.steps])!r}")
+    again = ""
+    if result.status == "stopped":  # the command that continues it, ready to paste
+        again = f"; resume: mlx-k2 run --resume {shlex.quote(str(resume or bundle or result.ledger))}" + \
+            (" --distributed" if link is not None else "")
+    typer.echo(f"{result.status}: {len(result.steps)} tokens [{tokens}]{resumed} ledger {result.ledger}{again}")
+    generated = [s.token_id for s in result.steps]
+    if resume is not None:  # the whole run's text: the steps recorded before this call and those it added
+        generated = [s.get("token_id") for s in read_ledger(result.ledger).steps]
+    if tokenizer is not None and generated:
+        typer.echo(f"text: {tokenizer.decode(generated)!r}")
     if result.anchor is not None and result.anchor_ok is not None:
-        verdict = "reproduced" if result.anchor_ok else "MISMATCH"
+        verdict = ("reproduced" if reproduced(result.anchor_rows) else "agrees (on another platform: within "
+                   "tolerance)") if result.anchor_ok else "MISMATCH"
         typer.echo(f"anchor {result.anchor.name}: step 0 {verdict}")
     if result.status != "complete":
         raise typer.Exit(130 if result.status == "stopped" else 1)
@@ -185,6 +204,34 @@ def follow_rank_0(link, model: Path | None, spec) -> None:
     load_config(model_dir)  # a missing or bad checkpoint is one line here, before rank 0 waits on it
     serve(link, model_dir, spec)
     raise typer.Exit(0)
+
+
+def check_output(ledger: Path | None, bundle: Path | None) -> None:
+    """The ledger (or bundle) can be written where it is asked for: checked before the checkpoint is opened
+    (the session creates missing directories; whether one exists already is its to say)."""
+    target = bundle if bundle is not None else ledger
+    if target is None:
+        return
+    if bundle is not None and bundle.exists() and not bundle.is_dir():
+        raise UsageError(f"{bundle}: exists and is not a directory (--bundle is a directory)")
+    if bundle is None and ledger.is_dir():
+        raise UsageError(f"{ledger}: is a directory (--ledger is a file; --bundle writes a directory)")
+    check_writable(target, bundle if bundle is not None else ledger.parent, makes_dirs=True)
+
+
+def check_fits(cfg, model_dir: Path, ids: list[int], max_new_tokens: int) -> None:
+    """What config.json alone decides of a run (the library decides it again once the model is open): every
+    prompt id in the vocabulary, and the last step's context (the prompt, or BOS where none is given yet, and
+    every new token but the last) within max_position_embeddings."""
+    text, where = cfg.text, model_dir / "config.json"
+    bad = [i for i in ids if not 0 <= i < text.vocab_size]
+    if bad:
+        raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{text.vocab_size - 1}, vocab_size of "
+                         f"{where})")
+    longest = max(len(ids), 1) + max_new_tokens - 1
+    if longest > text.max_position_embeddings:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the last step's context of {longest} tokens exceeds "
+                         f"max_position_embeddings {text.max_position_embeddings} ({where})")
 
 
 def gigabytes(value: float | None, option: str) -> int | None:

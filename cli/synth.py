@@ -10,12 +10,13 @@ import typer
 
 from mlx_k2.synth.checkpoint import FORMATS, spec_for, write_synthetic
 
-from .app import app, fail, guarded
+from .app import app, check_writable, fail, guarded
 
 
-@app.command()
+@app.command(short_help="Write a synthetic checkpoint in a model's file format.")
 @guarded
-def synth(directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint (new or empty).")],
+def synth(directory: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write the checkpoint (new or "
+                                                                       "empty).")],
           seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
           format: Annotated[str, typer.Option("--format", help="File format: " + ", ".join(FORMATS) + ".")] = "kimi-k25",
           layers: Annotated[int, typer.Option(help="Decoder layers (num_hidden_layers).")] = 61):
@@ -25,7 +26,13 @@ def synth(directory: Annotated[Path, typer.Argument(help="Where to write the che
         fail(f"--format: unknown format {format!r} (choose from {', '.join(FORMATS)})")
     if layers < 1:
         fail(f"--layers must be 1 or more, got {layers}")
-    if directory.exists() and any(directory.iterdir()):
+    if directory.exists() and not directory.is_dir():
+        fail(f"{directory}: exists and is not a directory; choose a new directory")
+    check_writable(directory, directory, makes_dirs=True)
+    if directory.is_dir() and any(directory.iterdir()):
         fail(f"{directory}: not empty; choose a new directory")
-    write_synthetic(directory, seed, spec_for(format, num_hidden_layers=layers))
+    try:
+        write_synthetic(directory, seed, spec_for(format, num_hidden_layers=layers))
+    except OSError as e:  # the disk filled up, say: the files written so far stay, as a partial checkpoint
+        fail(f"{e.filename or directory}: cannot write ({e.strerror}); {directory} is incomplete")
     typer.echo(f"wrote {directory} ({format}, {layers} layers)")

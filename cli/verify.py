@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mlx_k2.errors import UsageError
-from mlx_k2.evidence.ledger import read_ledger
+from mlx_k2.evidence.ledger import read_ledger, require_ledger
 from mlx_k2.evidence.receipt import check_receipt, looks_like_receipt
 from mlx_k2.evidence.verify import Check, Report
 from mlx_k2.evidence.verify import verify as verify_path
@@ -22,29 +22,31 @@ from .app import app, guarded
 
 MARK = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skip/warn[/]"}
 
-LIMITS = """Checks a bundle directory, a ledger file or a receipt (told apart by themselves).
+LIMITS = """Check a bundle directory, a ledger file or a receipt (each is told apart by itself) and say in one line
+what that proves.
 
-\b
-What a consistent-only check proves (no --replay; needs no model and no MLX): the files are the ones
-the manifest and the BLAKE3 chain name, well formed (strict JSON, shapes that fit the header's model,
-no paths leaving the bundle), and every derived value and digest follows from the saved tensors;
-step 0 equals the frozen anchor where one applies. It does not prove the tensors came from the model:
-a forger who rewrites values, tensors, chain and manifest together passes. Summary line: "consistent,
-not re-executed".
-\b
-What --replay proves: the chosen steps were re-executed from the checkpoint at --model (checked to be
-the one the header names) and every recorded value (token, logits, top16, digests, norms, experts,
-routing weights, bytes read, the saved tensors) came out the same, bit for bit where backend, device,
-dtype and kernels match the header, else within tolerance (said so). Summary line: "re-executed N/M
-steps: identical".
-\b
-What neither proves: wall times, when the run happened or who ran it; a signed receipt (mlx-k2 receipt)
-says which key holder vouches for a digest, and --pubkey pins that key.
-\b
+What a consistent-only check proves (no --replay; needs no model and no MLX): the files are the ones the
+manifest and the BLAKE3 chain name, well formed (strict JSON, shapes that fit the header's model, no paths
+leaving the bundle), and every derived value and digest follows from the saved tensors; step 0 equals the
+frozen anchor where one applies. It does not prove the tensors came from the model: a forger who rewrites
+values, tensors, chain and manifest together passes. Summary line: "consistent, not re-executed".
+
+What --replay proves: the chosen steps were re-executed from the checkpoint at --model (checked to be the one
+the header names) and every recorded value (token, logits, top16, digests, norms, experts, routing weights,
+bytes read, the saved tensors) came out the same, bit for bit where backend, device, dtype and kernels match
+the header, else within tolerance (said so). Summary line: "re-executed N/M steps: identical".
+
+What neither proves: wall times, when the run happened or who ran it; a signed receipt (mlx-k2 receipt) says
+which key holder vouches for a digest, and --pubkey pins that key.
+
 Strict by default: a run with no applicable anchor and no replay, an anchor compared only in part, a
 token_text check that could not run, or a receipt whose signer is not pinned exits 1 unless --lenient.
-Exit 0: proven as the summary says; 1: a check failed or not proven; 2: bad input.
-Examples: mlx-k2 verify runs/b1 --replay --model DIR; mlx-k2 verify receipt.json --bundle runs/b1 --pubkey KEY.pub"""
+
+Exit 0: proven as the summary says; 1: a check failed or is not proven; 2: bad input (a file that is not a
+ledger, bundle or receipt, a missing path, an option that does not apply).
+
+Examples: mlx-k2 verify runs/b1 --replay --model DIR; mlx-k2 verify receipt.json --bundle runs/b1 --pubkey
+KEY.pub"""
 
 
 def tokenizer_for(path: Path, model: Path | None):
@@ -82,6 +84,7 @@ def run_checks(path: Path, model: Path | None, anchors: Path | None, replay: boo
         raise UsageError("--steps, --sample and --device go with --replay")
     if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest.strip()):
         raise UsageError(f"--digest: {digest!r} is not a BLAKE3 digest (64 hex digits)")
+    require_ledger(read_ledger(path))  # a file that holds no ledger at all is refused, as the explorer does
     tokenizer = tokenizer_for(path, model)
     replayed = reexecute(path, model, steps, sample, device, echo) if replay else None
     report = verify_path(path, anchors, tokenizer, replay=replayed, digest=digest)
@@ -102,10 +105,10 @@ def print_checks(title: str, checks: list[Check], console: Console) -> None:
     console.print(table)
 
 
-@app.command(help=LIMITS)
+@app.command(help=LIMITS, short_help="Check a bundle, a ledger or a receipt; say what that proves.")
 @guarded
-def verify(path: Annotated[Path, typer.Argument(help="A bundle directory, a ledger (.jsonl) or a receipt "
-                                                     "(.json).")],
+def verify(path: Annotated[Path, typer.Argument(metavar="PATH", help="A bundle directory, a ledger (.jsonl) or a "
+                                                                   "receipt (.json).")],
            model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory: for --replay and the "
                                                                "token_text check (default: the header's "
                                                                "model.path).")] = None,

@@ -11,12 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app, guarded
+from .app import HELP, app, check_writable, guarded
 from .plain import progress_lines
 
-vindex_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+vindex_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, **HELP,
                          help="The vindex: SVD feature databases of the experts, in the published format.")
-app.add_typer(vindex_app, name="vindex")
+app.add_typer(vindex_app, name="vindex",
+              short_help="SVD feature databases of the experts: build, routing, features.")
 
 
 def _duration(seconds: float | None) -> str:
@@ -56,7 +57,7 @@ class _Bar:
         self.progress.update(self.task, completed=p.experts_done, **fields)
 
 
-@vindex_app.command("build")
+@vindex_app.command("build", short_help="Build the vindex of a checkpoint's experts.")
 @guarded
 def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex directory (new, or one to --resume).")],
           model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: the embedded "
@@ -75,17 +76,28 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
           quiet: Annotated[bool, typer.Option("--quiet", help="Print only the summary.")] = False):
     """Build the vindex of a checkpoint's experts (gate_proj top singular vectors, down_proj and router SVD
     statistics). Example: mlx-k2 vindex build --model /models/Kimi-K2.5 -o k25-vindex --layers 1-60"""
+    from mlx_k2.errors import UsageError
     from mlx_k2.synth.checkpoint import default_checkpoint
     from mlx_k2.vindex.build import build_vindex
 
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    check_writable(out, out, makes_dirs=True)  # before the checkpoint is opened, not after
     header_lines = None if quiet else progress_lines()
     bar = None if quiet or not sys.stdout.isatty() else _Bar()
     progress = None if quiet else bar or _plain_build_lines()
     model_dir = model if model is not None else default_checkpoint(progress=header_lines)
     # Under the live bar, no lines for the shards' opening: they would break it.
-    with bar.progress if bar is not None else contextlib.nullcontext():
-        result = build_vindex(model_dir, out, layers, features, batch, resume, progress, workers=workers,
-                              open_progress=None if bar is not None else header_lines)
+    try:
+        with bar.progress if bar is not None else contextlib.nullcontext():
+            result = build_vindex(model_dir, out, layers, features, batch, resume, progress, workers=workers,
+                                  open_progress=None if bar is not None else header_lines)
+    except OSError as e:  # writing the vindex (a full disk, say): the layers written stay, for --resume
+        written = None if e.filename is None else Path(e.filename).resolve()
+        if written is None or (written != out.resolve() and out.resolve() not in written.parents):
+            raise
+        raise UsageError(f"{e.filename}: cannot write ({e.strerror}); the layers already written stay "
+                         f"(--resume continues)") from None
     resumed = f" ({result.resumed_layers} found done)" if result.resumed_layers else ""
     typer.echo(f"vindex {result.out}: {len(result.layers)} MoE layers{resumed}; {result.experts} experts in "
                f"{result.wall_s:.1f} s ({_rate(result.rate)}, {result.workers} SVD processes); read {result.bytes_read:,} bytes "
@@ -93,7 +105,7 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
                + ("" if result.worker_peak_rss_gb is None else f", {result.worker_peak_rss_gb:.2f} GB per SVD process"))
 
 
-@vindex_app.command("bench-svd")
+@vindex_app.command("bench-svd", short_help="Time the top-k SVD methods on one Kimi-like matrix.")
 @guarded
 def bench_svd(shape: Annotated[str, typer.Option(help="Matrix shape ROWSxCOLS (gate_proj's is 2048x7168).")] = "2048x7168",
               k: Annotated[int, typer.Option(help="Top singular values and vectors compared.")] = 64,

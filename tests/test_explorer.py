@@ -251,9 +251,10 @@ def test_non_ledgers_are_refused(tmp_path):
             read_ledger(path)
         with pytest.raises(LedgerReadError, match=message):
             build_explorer(path)
-    # The reader is tolerant of a first line that is no header (verify reports it); the explorer refuses it.
+    # The reader is tolerant of a first line that is no header (verify reports it); the explorer refuses it,
+    # and refuses what holds no ledger record at all as verify does.
     assert read_ledger(tmp_path / "not.jsonl").header is None
-    with pytest.raises(ExplorerError, match="not a ledger"):
+    with pytest.raises(ExplorerError, match="line 1 is not a readable header"):
         build_explorer(tmp_path / "not.jsonl")
 
 
@@ -368,6 +369,41 @@ def test_browser_renders_every_panel(bundle5, tmp_path, artifacts):
     chromium(tmp_path, page_path.as_uri(), f"--screenshot={shot}", "--window-size=1400,1000",
              "--hide-scrollbars")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def in_a_frame(tmp_path: Path, page: str, width: int, height: int = 1000) -> Path:
+    """A page holding `page` in a `width` px wide frame (headless Chromium's window is never narrower than
+    500 px; a frame is the phone's viewport) whose script writes, once the page has rendered, its
+    document's scrollWidth and clientWidth to the body's data-scroll-width and data-client-width."""
+    import html
+
+    wrapper = tmp_path / f"frame-{time.monotonic_ns()}.html"
+    wrapper.write_text(f"""<!doctype html><html><body style="margin:0">
+<iframe id="f" style="border:0;width:{width}px;height:{height}px" srcdoc="{html.escape(page, quote=True)}"></iframe>
+<script>
+var frame = document.getElementById("f");
+frame.addEventListener("load", function () {{
+  var d = frame.contentDocument;
+  document.body.setAttribute("data-rendered", d.body.getAttribute("data-rendered"));
+  document.body.setAttribute("data-scroll-width", String(d.documentElement.scrollWidth));
+  document.body.setAttribute("data-client-width", String(d.documentElement.clientWidth));
+}});
+</script></body></html>""", encoding="utf-8")
+    return wrapper
+
+
+@needs_chromium
+def test_browser_phone_width_does_not_scroll_sideways(bundle5, tmp_path, artifacts):
+    """390 px (a phone held upright): the page fits its width; wide tables scroll inside their cards."""
+    wrapper = in_a_frame(tmp_path, build_explorer(bundle5), 390, 2400)
+    body = dom(chromium(tmp_path, wrapper.as_uri(), "--dump-dom")).all("body")[0]
+    assert body.attrs["data-rendered"] == "true"
+    scroll, client = int(body.attrs["data-scroll-width"]), int(body.attrs["data-client-width"])
+    assert client <= 390 and scroll <= client, f"scrollWidth {scroll} > clientWidth {client}"
+    shot = artifacts / "explorer-390.png"
+    shot.unlink(missing_ok=True)
+    chromium(tmp_path, wrapper.as_uri(), f"--screenshot={shot}", "--window-size=390,2400", "--hide-scrollbars")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @needs_chromium

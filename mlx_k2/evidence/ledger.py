@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ from typing import Any
 from ..errors import K2Error
 from .derived import line_digest
 from .schema import LEDGER_NAME, ledger_file
+
+# The kinds of record a ledger holds, and the start of a line the writer wrote for one (json.dumps puts `kind`
+# first), which is how a last line cut off mid-write is still recognised as a ledger's.
+LEDGER_KINDS = ("header", "step", "footer")
+_KIND_START = re.compile(rb'\{\s*"kind"\s*:\s*"(?:header|step|footer)"')
 
 # A ledger line is ~40 kB for K2.5's 61 layers; a million-token run stays under this. A larger file is not
 # one this writer made, and is refused before it is read, so a crafted file cannot exhaust memory.
@@ -194,3 +200,29 @@ def read_ledger(path: str | Path) -> Ledger:
         else:
             notes.append(f"line {line.number}: unknown kind {kind!r}, skipped")
     return Ledger(path, bundle, ledger_path, lines, bool(cut), header, steps, footer, notes)
+
+
+def not_a_ledger(ledger: Ledger) -> str | None:
+    """Why the file read as `ledger` is no ledger at all, or None when it is one, whole or damaged.
+
+    A ledger is a file with at least one record of a ledger's kind (header, step, footer), or a line that
+    starts as the writer starts one (a line cut off mid-write): so an empty file, random bytes or some other
+    JSON is not one, and a ledger whose header, chain or fields were damaged still is (verify's checks say
+    what is wrong with it). The one decision `mlx-k2 verify`, `mlx-k2 receipt` and the explorer take (the
+    library's `verify` itself still reports such a file as checks that fail)."""
+    for line in ledger.lines:
+        if line.record is not None and line.record.get("kind") in LEDGER_KINDS:
+            return None
+        if line.record is None and _KIND_START.match(line.raw):
+            return None
+    if not any(line.raw.strip() for line in ledger.lines):
+        return "an empty file"
+    return "no line is a header, step or footer record"
+
+
+def require_ledger(ledger: Ledger) -> Ledger:
+    """`ledger`, or a one-line LedgerReadError naming the file where it is no ledger at all (`not_a_ledger`)."""
+    why = not_a_ledger(ledger)
+    if why is not None:
+        raise LedgerReadError(f"{ledger.ledger_path}: not a ledger ({why})")
+    return ledger

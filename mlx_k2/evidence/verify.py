@@ -39,7 +39,7 @@ from .anchors import Anchor, compare, find_anchor, load_anchors
 from .bundle import MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
                       root_digest, tensor_digest, top16)
-from .ledger import read_ledger, require_ledger
+from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
                      DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
@@ -141,7 +141,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     """Every check on the ledger file or bundle directory at `path`; raises only when it holds no ledger.
     `tokenizer` (tokenizer.Tokenizer) checks token_text; `replay` (mlx_k2.run.replay) adds identity and replay;
     `digest` (a published root digest, hex) adds a check that this is the run it names."""
-    ledger = require_ledger(read_ledger(path))  # a damaged ledger is checked; a file that is none is refused
+    ledger = read_ledger(path)
     path, bundle = ledger.path, ledger.bundle
     # A blank line in a whole file is passed over; in a file cut off mid-write every line counts.
     lines = [line for line in ledger.lines if line.raw or ledger.cut_off]

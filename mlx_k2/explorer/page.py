@@ -3,9 +3,10 @@
 The page holds everything inline (CSS, JS, the ledger records as JSON) and fetches nothing: its own script
 draws a token timeline, the residual norm trajectory (SVG), the layer table of the selected step and the
 expert routing grid, and marks every value with its provenance class from the header's provenance map.
-The header of the page, written here, says whether the ledger is complete or partial and shows the table of
-`verify` checks, run at build time, with verify's summary line; given a re-execution (`mlx_k2.run.replay`) or a
-checked receipt (`receipt.check_receipt`), it shows their results too, step by step and check by check. A ledger without a footer is shown as partial; a final line cut off
+The header of the page, written here, shows the prompt and the generated text (decoded with the tokenizer
+where one is given, else the prompt's ids and the steps' token_text), says whether the ledger is complete or
+partial and shows the table of `verify` checks, run at build time, with verify's summary line; given a
+re-execution (`mlx_k2.run.replay`) or a checked receipt (`receipt.check_receipt`), it shows their results too, step by step and check by check. A ledger without a footer is shown as partial; a final line cut off
 mid-write is skipped and the page says so. It renders what the ledger holds and nothing more: no values
 computed beyond the ledger's own, no interpretation; given a vindex, a panel shows which of its feature
 directions each step's saved MoE inputs project onto (`vindex.features`, from the bundle's tensors). The ledger is read by `ledger.read_ledger`. Prints
@@ -25,7 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import K2Error
-from ..evidence.ledger import Ledger, read_ledger
+from ..evidence.ledger import Ledger, read_ledger, require_ledger
 from ..evidence.receipt import ReceiptReport
 from ..evidence.replayed import Replay, ReplayReport
 from ..evidence.verify import Check, Report, verify
@@ -74,9 +75,69 @@ def _obj(value: Any) -> dict:
 
 
 def page_title(header: dict) -> str:
-    model_type = _obj(header.get("model")).get("model_type")
-    name = MODEL_NAMES.get(model_type, model_type) if isinstance(model_type, str) and model_type else "Model"
+    """The header's model_type by its display name (as written where it has none), else the name of the
+    checkpoint directory the header names, else "Model"."""
+    model = _obj(header.get("model"))
+    model_type, path = model.get("model_type"), model.get("path")
+    if isinstance(model_type, str) and model_type:
+        name = MODEL_NAMES.get(model_type, model_type)
+    else:
+        name = Path(path).name if isinstance(path, str) and Path(path).name else "Model"
     return f"{name} Output Formation Ledger"
+
+
+# Control, zero-width and bidi characters, shown as escapes so a token cannot hide or reorder text (as the
+# page's script does for token_text).
+_INVISIBLE = re.compile("[\u0000-\u001f\u007f-\u009f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _visible(text: str) -> str:
+    return _INVISIBLE.sub(lambda m: _ESCAPES.get(m.group(), f"\\u{ord(m.group()):04x}"), text)
+
+
+def _ids(value: Any) -> list[int] | None:
+    ints = isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    return value if ints else None
+
+
+def _decoded(ids: list[int], tokenizer) -> str | None:
+    """`ids` decoded with `tokenizer`, or None without one or where it cannot decode them (an edited id)."""
+    if tokenizer is None:
+        return None
+    try:
+        return tokenizer.decode(ids)
+    except Exception:  # noqa: BLE001  ids outside this tokenizer's vocabulary: shown as ids instead
+        return None
+
+
+def _texts(ledger: Ledger, tokenizer) -> list[tuple[str, str, str, str]]:
+    """(element id, heading, how it was made, text) of the prompt and of the generated tokens: decoded with
+    the tokenizer where one is given, else the ledger's own token_text (the generated tokens) or the ids."""
+    prompt = _ids(_obj(_obj(ledger.header).get("run")).get("prompt_ids"))
+    tokens = _ids([s.get("token_id") for s in ledger.steps])
+    pieces = [s.get("token_text") for s in ledger.steps]
+    out = []
+    for element, heading, ids in (("prompt-text", "Prompt", prompt), ("output-text", "Generated", tokens)):
+        count = "?" if ids is None else f"{len(ids)} token{'s' if len(ids) != 1 else ''}"
+        text = None if ids is None else _decoded(ids, tokenizer)
+        if text is not None:
+            how = "decoded with the checkpoint's tokenizer"
+        elif element == "output-text" and pieces and all(isinstance(p, str) for p in pieces):
+            text, how = "".join(pieces), "the steps' token_text, joined (no tokenizer given)"
+        elif ids is not None:
+            text, how = " ".join(map(str, ids)), "token ids (no tokenizer given: --model DIR decodes them)"
+        else:
+            text, how = "", "not recorded as token ids"
+        out.append((element, heading, f"{count} · {how}", text))
+    return out
+
+
+def _text_html(ledger: Ledger, tokenizer) -> str:
+    return '<section id="run-text" class="run-text">' + "".join(
+        f'<div class="text-part"><h2>{html.escape(heading)} <span class="hint">{html.escape(how)}</span></h2>'
+        f'<pre id="{element}" class="text-box">{html.escape(_visible(text))}</pre></div>'
+        for element, heading, how, text in _texts(ledger, tokenizer)) + "</section>"
 
 
 def _status_html(ledger: Ledger) -> str:
@@ -214,9 +275,10 @@ def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=
     """The explorer page (HTML) for a ledger file or a bundle directory; `replay` and `receipt`, when given,
     are shown with verify's checks; `vindex` (a vindex directory) adds the panel of the feature directions
     each step's MoE inputs project onto (`vindex.features`)."""
-    ledger = read_ledger(path)
+    ledger = require_ledger(read_ledger(path))  # verify's decision of what is no ledger at all
     if ledger.header is None:
-        raise ExplorerError(f"{ledger.ledger_path}: not a ledger (line 1 is not a readable header)")
+        raise ExplorerError(f"{ledger.ledger_path}: a damaged ledger: line 1 is not a readable header, so there "
+                            f"is no run to show (mlx-k2 verify says what is wrong)")
     notes = list(ledger.notes)
     if not isinstance(ledger.header.get("provenance"), dict):
         notes.append("header: no provenance map, so values carry no provenance marks")
@@ -240,6 +302,7 @@ def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=
         "STATUS": _status_html(ledger),
         "META": _meta_html(ledger),
         "NOTES": _notes_html(ledger.notes),
+        "TEXT": _text_html(ledger, tokenizer),
         "VERIFY": _verify_html(report, verify_error, ledger.bundle, receipt),
         "VERSION": html.escape(__version__),
         "DATA": _json_for_script(data),

@@ -33,8 +33,10 @@ values, tensors, chain and manifest together passes. Summary line: "consistent, 
 
 What --replay proves: the chosen steps were re-executed from the checkpoint at --model (checked to be the one
 the header names) and every recorded value (token, logits, top16, digests, norms, experts, routing weights,
-bytes read, the saved tensors) came out the same, bit for bit where backend, device, dtype and kernels match
-the header, else within tolerance (said so). Summary line: "re-executed N/M steps: identical".
+bytes read, the saved tensors) came out the same: bit for bit where the header's exactness class promises
+it (a portable run on any CPU, a platform run on its own machine and OS, with the same backend, device, dtype
+and kernels), else within tolerance; the line says which rule applied. Summary line: "re-executed N/M steps:
+identical".
 
 What neither proves: wall times, when the run happened or who ran it; a signed receipt (mlx-k2 receipt) says
 which key holder vouches for a digest, and --pubkey pins that key.

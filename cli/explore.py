@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +9,7 @@ import typer
 
 from mlx_k2.errors import UsageError
 from mlx_k2.explorer.page import build_explorer
+from mlx_k2.evidence.files import write_atomically
 from mlx_k2.evidence.receipt import check_receipt
 
 from .app import app, check_writable, guarded
@@ -55,14 +55,5 @@ def explore(path: Annotated[Path, typer.Argument(metavar="PATH", help="A ledger 
     replayed = reexecute(path, model, steps, sample, device) if replay else None
     checked = check_receipt(receipt, path, pubkey, anchors, tokenizer) if receipt is not None else None
     page = build_explorer(path, anchors, tokenizer, replayed, checked, vindex).encode("utf-8")
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_bytes(page)
-        os.replace(tmp, out)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # never created (read-only filesystem, a path under a file): nothing to remove
-        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+    write_atomically(out, page, UsageError)
     typer.echo(f"wrote {out} ({len(page):,} bytes, {len(page) / 1024:.1f} KiB)")

@@ -23,6 +23,7 @@ from typing import Any
 from ..checkpoint.config import ModelConfig
 from ..errors import K2Error
 from .derived import tensor_digest
+from .files import write_atomically
 from .platforms import CROSS_PLATFORM_RTOL, PLATFORM, describe, kernel_key, same_bits, within_tolerance
 from .schema import BUILTIN_KERNELS
 
@@ -173,9 +174,7 @@ def reproduced(rows: list[Row]) -> bool:
 def freeze(directory: Path, record: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{record['name']}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (json.dumps(record, indent=2) + "\n").encode("utf-8"), AnchorError)
     return path
 
 

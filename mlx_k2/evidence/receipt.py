@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ..errors import K2Error, UsageError
 from .derived import root_digest
+from .files import write_atomically
 from .ledger import read_ledger
 from .platforms import PLATFORM
 from .schema import MANIFEST_NAME, strict_loads
@@ -141,16 +142,7 @@ def make_receipt(path: Path, report: Report, key: Ed25519PrivateKey, lenient: bo
 
 
 def write_receipt(receipt: dict[str, Any], out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(receipt, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # never created (read-only filesystem, a path under a file): nothing to remove
-        raise ReceiptError(f"{out}: cannot write ({e.strerror})") from None
+    write_atomically(out, (json.dumps(receipt, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), ReceiptError)
 
 
 def looks_like_receipt(path: Path) -> bool:

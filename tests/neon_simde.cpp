@@ -9,6 +9,7 @@
 #include "dense_rows.h"
 #include "fp8_rows.h"
 #include "int4_rows.h"
+#include "pointwise_rows.h"
 
 #if !defined(MLX_K2_NEON) || !defined(SIMDE_X86_FMA_NATIVE)
 #error "build with -DMLX_K2_SIMDE_NEON -mfma: without FMA, SIMDe's vfmaq_f32 is a multiply then an add"
@@ -85,6 +86,20 @@ void neon_batched_matmul(const float* a, int64_t a_bs, int64_t a_ms, const float
   const BatchedLaunch L{a, a_bs, a_ms, b, b_bs, b_ks, b_ns, out, B, M, N, K, shared != 0};
   const BatchedUnits U = batched_units(L);
   batched_rows(L, U, 0, U.count(), Simd::Neon);
+}
+
+// The pointwise ops (pointwise_rows.h) of x (n floats, rows of `row`) into out (5 n floats): exp(x), sigmoid(x),
+// silu_mul(x, y), softmax of each row, rms_norm of each row by w (row floats). They have no intrinsics: this is
+// their C++ as this library is built (-mavx2 -mfma, contraction off), the same code an arm64 build compiles.
+void neon_pointwise(const float* x, const float* y, const float* w, size_t n, size_t row, double eps, float* out) {
+  std::vector<double> e(row);
+  exp_span(x, out, n);
+  sigmoid_span(x, out + n, n);
+  silu_mul_span(x, y, out + 2 * n, n);
+  for (size_t r = 0; r < n / row; ++r) {
+    softmax_row(x + r * row, row, out + 3 * n + r * row, e.data());
+    rms_norm_row(x + r * row, w, row, eps, out + 4 * n + r * row);
+  }
 }
 
 }  // extern "C"

@@ -5,7 +5,9 @@ Reference: value c of a row sits at bits 4*(c % 8) of uint32 word c // 8 and is 
 (q - 8) * scale[o, c // group]; out = x @ W.T. Shapes are awkward on purpose: T = 1, 3, 17, 256; in and out
 not multiples of 8, of the group or of 256; groups that are not powers of two (the SIMD path's condition);
 one expert; every position on one expert. The batched float32 product (attention's) against float64 and
-its documented reduction, with b in each memory layout the kernel reads (all give the same bits).
+its documented reduction, with b in each memory layout the kernel reads (all give the same bits). The
+pointwise ops (exp, sigmoid, silu_mul, softmax, rms_norm, sum_by_position) join the thread-count, stream and
+laziness checks here; their arithmetic is tested in tests/test_portable.py.
 """
 
 from __future__ import annotations
@@ -324,6 +326,15 @@ def all_ops(simd=None, threads=None):
     keys = mx.array(np.ascontiguousarray(b.transpose(0, 2, 1)))
     out["batched_nk"] = kernels.batched_matmul(a, keys.transpose(0, 2, 1), **opts)
     out["batched_shared"] = kernels.batched_matmul(a, mx.array(b[0]), **opts)
+    # the pointwise ops have one path: `simd` does not apply to them
+    rows = mx.array((rng.standard_normal((37, 203)) * 5).astype(np.float32))
+    out["exp"] = kernels.exp(rows, threads=threads)
+    out["sigmoid"] = kernels.sigmoid(rows, threads=threads)
+    out["silu_mul"] = kernels.silu_mul(rows, rows[::-1], threads=threads)
+    out["softmax"] = kernels.softmax(rows, threads=threads)
+    out["rms_norm"] = kernels.rms_norm(rows, mx.array(rng.standard_normal(203).astype(np.float32)), 1e-6,
+                                       threads=threads)
+    out["sum_by_position"] = kernels.sum_by_position(rows, rng.integers(0, 9, 37), 9, threads=threads)
     mx.eval(*out.values())
     return out
 
@@ -431,7 +442,10 @@ def test_ops_are_lazy():
            "MlxK2Int4GatherMatmul": kernels.int4_gather_matmul(x, mx.array(words), mx.array(scales),
                                                                mx.array([1, 0, 1], dtype=mx.uint32), 32),
            "MlxK2DenseMatmul": kernels.dense_matmul(x, mx.ones((16, 64), dtype=mx.bfloat16)),
-           "MlxK2BatchedMatmul": kernels.batched_matmul(x[None], mx.ones((64, 5)))}
+           "MlxK2BatchedMatmul": kernels.batched_matmul(x[None], mx.ones((64, 5))),
+           "MlxK2Exp": kernels.exp(x), "MlxK2Sigmoid": kernels.sigmoid(x), "MlxK2SiluMul": kernels.silu_mul(x, x),
+           "MlxK2Softmax": kernels.softmax(x), "MlxK2RmsNorm": kernels.rms_norm(x, mx.ones((64,)), 1e-6),
+           "MlxK2SumByPosition": kernels.sum_by_position(x, [1, 0, 1], 2)}
     for name, y in ops.items():
         assert name in graph(y), f"{name} was computed before it was asked for"
         mx.eval(y)
@@ -480,6 +494,25 @@ def test_bad_arguments_are_refused():
             kernels.batched_matmul(a, b)
     with pytest.raises(ValueError, match="a must be"):
         kernels.batched_matmul(mx.ones((2, 8)), mx.ones((8, 4)))
+
+
+def test_an_extension_from_older_sources_is_unavailable():
+    """An extension built before an op existed, or from another version's sources, is not used: its ops or
+    their arithmetic are not these wrappers' (the anchors are keyed by the version)."""
+    class Old:
+        NAME = "mlx_k2-cpu/3"
+
+    for op in kernels._OPS[:6]:
+        setattr(Old, op, None)
+    assert "no exp, sigmoid, silu_mul, softmax, rms_norm, sum_by_position" in kernels._outdated(Old)
+
+    class Other:
+        NAME = "mlx_k2-cpu/99"
+
+    for op in kernels._OPS:
+        setattr(Other, op, None)
+    assert "mlx_k2-cpu/99" in kernels._outdated(Other)
+    assert kernels._outdated(kernels._ext) == "" and STATUS.name == "mlx_k2-cpu/4"
 
 
 def test_missing_extension_raises_clearly(monkeypatch):

@@ -1,6 +1,8 @@
 """The CPU kernels' NEON path (arm64), checked on this x86 machine: tests/neon_simde.cpp builds the same row
 kernels with NEON intrinsics from SIMDe (simde-py, a dev extra) into a small library, and its results must
-equal the extension's scalar path bit for bit, on the awkward shapes test_kernels.py uses for AVX2.
+equal the extension's scalar path bit for bit, on the awkward shapes test_kernels.py uses for AVX2; the
+pointwise ops (exp, sigmoid, silu(gate) * up, softmax, RMSNorm), which have no intrinsics, as this build
+compiles them must equal the extension's.
 
 SIMDe's vfmaq_f32 is one fused operation only when built with -mfma (else a multiply then an add, which would
 pass for the wrong reason or fail for one): the build asks for it, the source refuses to build without it,
@@ -57,6 +59,7 @@ def neon(tmp_path_factory):
     so.neon_fp8_matmul.argtypes = [p, z, z, p, p, ctypes.c_int, z, z, z, p]
     i64 = ctypes.c_int64
     so.neon_batched_matmul.argtypes = [p, i64, i64, p, i64, i64, i64, p, z, z, z, z, ctypes.c_int]
+    so.neon_pointwise.argtypes = [p, p, p, z, z, ctypes.c_double, p]
     return so
 
 
@@ -152,4 +155,24 @@ def test_neon_batched_equals_scalar(neon, B, M, K, N, bb, layout):
     strides = (N * K, 1, K) if layout == "nk" else (K * N, N, 1)
     got = np.empty((B, M, N), dtype=np.float32)
     neon.neon_batched_matmul(ptr(a), M * K, K, ptr(stored), *strides, ptr(got), B, M, N, K, int(bb == 1 and B > 1))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("row", [1, 7, 8, 257, 4096])
+def test_neon_build_pointwise_equals_extension(neon, row):
+    """exp, sigmoid, silu(gate) * up, softmax and RMSNorm: plain C++ with no intrinsics, so this build (-mavx2
+    -mfma, vectorised by the compiler) runs the arm64 build's source; its bits are the extension's. (The arm64
+    machine code itself runs under qemu in tests/test_portable.py.)"""
+    rng = np.random.default_rng(row)
+    n = row * max(1, 4096 // row)
+    x = (rng.standard_normal(n) * rng.uniform(0.1, 40, n)).astype(np.float32)
+    x[::53] = -np.inf
+    y = rng.standard_normal(n).astype(np.float32)
+    w = (1.0 + 0.3 * rng.standard_normal(row)).astype(np.float32)
+    got = np.empty(5 * n, dtype=np.float32)
+    neon.neon_pointwise(ptr(x), ptr(y), ptr(w), n, row, 1e-6, ptr(got))
+    rows = mx.array(x.reshape(-1, row))
+    want = [kernels.exp(mx.array(x)), kernels.sigmoid(mx.array(x)), kernels.silu_mul(mx.array(x), mx.array(y)),
+            kernels.softmax(rows), kernels.rms_norm(rows, mx.array(w), 1e-6)]
+    want = np.concatenate([np.array(a).reshape(-1) for a in want])
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -11,6 +11,7 @@ This module checks what can be checked from config.json alone; it does not look 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -124,6 +125,20 @@ class TextConfig:
             scale = scale * m * m
         return scale
 
+    @functools.cached_property
+    def softmax_scale_exact(self) -> float:
+        """softmax_scale's formula with mlx_k2.exact's pow and log (the same bits on every machine) in place of
+        the platform's (`**` and math.log call libm): what the product's own kernels scale attention by."""
+        from ..exact import libm
+
+        scale = float(libm.pow(float(self.q_head_dim), -0.5))
+        rs = self.rope_scaling or {}
+        mscale_all_dim = rs.get("mscale_all_dim", 0)
+        if mscale_all_dim:
+            m = yarn_get_mscale(rs["factor"], mscale_all_dim, exact=True)
+            scale = scale * m * m
+        return scale
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -139,9 +154,15 @@ class ModelConfig:
         return self.quantization.label if self.quantization is not None else "none"
 
 
-def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0, exact: bool = False) -> float:
+    """YaRN's attention scale 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1); `exact`: ln by mlx_k2.exact (the
+    same bits on every machine), else math.log (libm's)."""
     if scale <= 1:
         return 1.0
+    if exact:
+        from ..exact import libm
+
+        return 0.1 * mscale * float(libm.log(float(scale))) + 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
 
 

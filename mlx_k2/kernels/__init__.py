@@ -1,4 +1,5 @@
-"""mlx_k2's CPU kernels: packed-int4, block-FP8, dense and batched float32 matmuls as lazy MLX ops (an MLX C++
+"""mlx_k2's CPU kernels: packed-int4, block-FP8, dense and batched float32 matmuls, and the step's other operations
+(exp, sigmoid, silu(gate) * up, softmax, RMSNorm, the experts' sum per position), as lazy MLX ops (an MLX C++
 extension, `_ext`).
 
 Every op returns an unevaluated float32 mx.array computed on a CPU stream (the one given, else the default
@@ -8,7 +9,9 @@ multiply-add lanes, i -> lane i % 8, then a fixed pairwise sum; int4 sums x * (q
 multiplies by the group's scale once, fp8 likewise sums x * e4m3 within a block's columns, batched sums
 a[m, k] * b[k, n] over k as dense does; see src/common.h),
 so results are bit-identical whatever `threads` is and between the SIMD path (simd="avx2" on x86-64, "neon"
-on arm64) and simd="scalar".
+on arm64) and simd="scalar". The other operations compute each value in double by +, -, *, / and sqrt alone
+in a written order (the project's own exp: src/pointwise_rows.h), rounded once to float32: one code path, the
+same bits on every CPU and thread count.
 
 This module does not decide where the kernels are used (linear.py does), and does not build them
 (`python -m mlx_k2.kernels.build` does). If the extension is missing, `status()` says why and every op
@@ -21,7 +24,27 @@ import operator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import mlx.core as mx  # first: the extension's types live in mlx.core's nanobind domain
+
+_VERSION = "mlx_k2-cpu/4"  # src/common.h's kKernelName: the sources these wrappers are written for
+_OPS = ("int4_matmul", "int4_gather_matmul", "fp8_matmul", "fp8_gather_matmul", "dense_matmul", "batched_matmul",
+        "exp", "sigmoid", "silu_mul", "softmax", "rms_norm", "sum_by_position")
+
+
+
+def _outdated(ext) -> str:
+    """Why a loaded extension cannot serve these wrappers ("" if it can): built from other sources than this
+    version's, so an op is missing or its arithmetic is another version's."""
+    missing = [op for op in _OPS if not hasattr(ext, op)]
+    name = getattr(ext, "NAME", "?")
+    if missing:
+        return f"the extension was built from older sources ({name}: no {', '.join(missing)})"
+    if name != _VERSION:
+        return f"the extension was built from other sources ({name}, not {_VERSION})"
+    return ""
+
 
 if not any(Path(__file__).parent.glob("_ext*")):
     _ext = None
@@ -33,11 +56,11 @@ else:
         _ext = None
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     else:
-        _IMPORT_ERROR = ""
-        if not hasattr(_ext, "batched_matmul"):  # an extension built from older sources: every op must be there
-            _ext, _IMPORT_ERROR = None, "the extension was built before the batched kernel"
+        _IMPORT_ERROR = _outdated(_ext)
+        if _IMPORT_ERROR:
+            _ext = None
 
-NAME = _ext.NAME if _ext is not None else "mlx_k2-cpu/3"
+NAME = _VERSION
 _SIMD = {None: 0, "auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
 
 
@@ -48,7 +71,7 @@ class KernelsUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class KernelStatus:
     available: bool
-    name: str      # the kernels' arithmetic version, e.g. "mlx_k2-cpu/3"
+    name: str      # the kernels' arithmetic version, e.g. "mlx_k2-cpu/4"
     simd: str      # the path chosen at run time: "avx2", "neon" or "scalar" ("" if unavailable)
     reason: str    # why unavailable ("" if available)
 
@@ -146,3 +169,49 @@ def batched_matmul(a: mx.array, b: mx.array, *, threads: int | None = None, simd
     both read in place, as are strided views of a whose rows are contiguous; anything else is gathered."""
     t, s = _options(threads, simd)
     return _require().batched_matmul(a, b, t, s, stream=stream)
+
+
+def _threads(threads: int | None) -> int:
+    return _options(threads, None)[0]
+
+
+def exp(x: mx.array, *, threads: int | None = None, stream=None) -> mx.array:
+    """e**x elementwise, float32 -> float32: the own exp (src/pointwise_rows.h: Cody-Waite reduction and a
+    degree-13 polynomial in double, rounded once), within 0.5 + 2**-26 ulp of float32; NaN gives NaN, and
+    overflow and underflow give inf and 0 as float32 does. bf16 and f16 inputs are widened exactly first."""
+    return _require().exp(x, _threads(threads), stream=stream)
+
+
+def sigmoid(x: mx.array, *, threads: int | None = None, stream=None) -> mx.array:
+    """1 / (1 + e**-x) elementwise, float32: computed in double with the own exp, rounded once."""
+    return _require().sigmoid(x, _threads(threads), stream=stream)
+
+
+def silu_mul(gate: mx.array, up: mx.array, *, threads: int | None = None, stream=None) -> mx.array:
+    """gate * sigmoid(gate) * up elementwise (the MLP's activation times its up projection), gate and up of one
+    shape, float32: (g / (1 + e**-g)) * u in double with the own exp, rounded once."""
+    return _require().silu_mul(gate, up, _threads(threads), stream=stream)
+
+
+def softmax(x: mx.array, *, threads: int | None = None, stream=None) -> mx.array:
+    """Softmax over the last axis, float32: e_i = exp(x_i - max) in double (a -inf entry gives exactly 0), their
+    sum in the kernels' lane order in double, e_i / sum rounded once. A row of only -inf gives NaN."""
+    return _require().softmax(x, _threads(threads), stream=stream)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float, *, threads: int | None = None, stream=None) -> mx.array:
+    """RMSNorm over the last axis: x (..., D), weight (D,) (bf16, f16 or float32, widened exactly) -> float32
+    (x_i * r) * w_i with r = 1 / sqrt(mean(x**2) + eps), all in double (the squares exact, their sum in the
+    kernels' lane order), rounded once. eps is taken as the double it is."""
+    return _require().rms_norm(x, weight, float(eps), _threads(threads), stream=stream)
+
+
+def sum_by_position(y: mx.array, positions, T: int, parts: int = 2, *, threads: int | None = None,
+                    stream=None) -> mx.array:
+    """out (T, D) float32: row t the sum of the rows y[p] of y (P, D) float32 with positions[p] == t ((P,)
+    integers, numpy or mx), in a fixed order: the pairs cut into `parts` consecutive slices as numpy.array_split
+    cuts them, within each slice t's rows added one at a time in increasing p to +0.0 (float32), the slices'
+    sums then added in order. A position outside [0, T) is in no row."""
+    if not isinstance(positions, mx.array):
+        positions = mx.array(np.asarray(positions).astype(np.int64).clip(-1, T).astype(np.uint32))
+    return _require().sum_by_position(y, positions, int(T), int(parts), _threads(threads), stream=stream)

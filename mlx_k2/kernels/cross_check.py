@@ -15,7 +15,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent / "src"
 TARGETS = ("aarch64-linux-gnu", "aarch64-macos")
-SOURCES = ("common.cpp", "int4.cpp", "fp8.cpp", "dense.cpp", "batched.cpp")   # bindings.cpp needs the target's Python headers
+# bindings.cpp needs the target's Python headers
+SOURCES = ("common.cpp", "int4.cpp", "fp8.cpp", "dense.cpp", "batched.cpp", "pointwise.cpp")
 CHOSE_NEON = ('#include "simd8.h"\n'
               'static_assert(mlx_k2::kSimdPath == mlx_k2::Simd::Neon, "this arm64 build has no NEON path");\n')
 

@@ -5,11 +5,24 @@ over the cached latent state; its batched products on the kernels of the layer's
 router with group-limited top-k, routed experts plus the shared expert, the dense MLP, and one
 decoder layer. Weights arrive as arguments; the only I/O is the `fetch_experts` callback a MoE layer
 calls once routing is known. Nothing here prints, times or counts bytes.
+
+Every operation runs on the kernels its weights carry (`Linear.kernels`; a layer's norms and softmax on its
+attention's, the router's sigmoid on the gate's, the experts' activation and sum on the experts'), never on a
+global choice. With MLX's built-ins (`mlx-builtin`) the code is MLX's and numpy's, as it always was. With the
+product's own kernels every floating-point operation of a step is the product's own code in a fixed order:
+the matmuls, RMSNorm, softmax, sigmoid and silu(gate) * up are the kernels' (mlx_k2/kernels/src/common.h),
+the rope tables and YaRN scalars come from mlx_k2.exact's log/sin/cos/pow, the experts' sum per position is
+the kernels' (in the order MLX's scatter-add takes), the router's two sums are written out term by term, and
+what is left is IEEE's own +, -, *, / and comparisons, one MLX or numpy operation each (no fusing without
+mx.compile, which is not used), gathers and concatenations. So such a step gives the same bits on any CPU
+(`PORTABLE_KERNELS`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +31,7 @@ import numpy as np
 
 from ..checkpoint.config import TextConfig, yarn_get_mscale
 from ..evidence.schema import BUILTIN_KERNELS
+from ..exact import libm
 from .linear import COMPUTE_DTYPE, Linear, dense_weight, gather_rows, linear
 
 # q_a_layernorm and kv_a_layernorm are built without an eps argument in the reference code, so they use
@@ -26,36 +40,80 @@ LORA_NORM_EPS = 1e-6
 
 # The own kernel versions whose whole step (every norm, table, softmax, router, activation, sum and matmul) is
 # the product's own code in a fixed order: their runs give the same bits on any CPU (header run.exactness
-# `portable`). Empty until every operation of the step is theirs.
-PORTABLE_KERNELS: frozenset[str] = frozenset()
+# `portable`).
+PORTABLE_KERNELS: frozenset[str] = frozenset({"mlx_k2-cpu/4"})
 
 
-def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    return mx.fast.rms_norm(x, weight.astype(COMPUTE_DTYPE), eps)
+def kernels_of(*linears: Linear | None) -> str:
+    """The kernels a group of linears computes on: the product's own where one of them runs on them (a packed
+    linear of another width than int4 stays on MLX's), else MLX's built-ins."""
+    return next((l.kernels for l in linears if l is not None and l.own), BUILTIN_KERNELS)
+
+
+def _own_ops(kernels: str):
+    """The product's kernels module where `kernels` names them, else None (MLX's built-ins)."""
+    if kernels == BUILTIN_KERNELS:
+        return None
+    from .. import kernels as own
+
+    return own
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float, kernels: str = BUILTIN_KERNELS) -> mx.array:
+    """RMSNorm over the last axis: MLX's `mx.fast.rms_norm` (float32, summed in its build's order), or the
+    product's kernel (in double, summed in the kernels' lane order, rounded once)."""
+    own = _own_ops(kernels)
+    if own is None:
+        return mx.fast.rms_norm(x, weight.astype(COMPUTE_DTYPE), eps)
+    return own.rms_norm(x, weight, eps)
+
+
+def softmax(x: mx.array, kernels: str = BUILTIN_KERNELS) -> mx.array:
+    """Softmax over the last axis (rows may hold -inf, never only -inf): MLX's, or the product's kernel."""
+    own = _own_ops(kernels)
+    return mx.softmax(x, axis=-1) if own is None else own.softmax(x)
+
+
+def sigmoid(x: mx.array, kernels: str = BUILTIN_KERNELS) -> mx.array:
+    own = _own_ops(kernels)
+    return mx.sigmoid(x) if own is None else own.sigmoid(x)
 
 
 def silu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(x)
 
 
+def silu_mul(gate: mx.array, up: mx.array, kernels: str = BUILTIN_KERNELS) -> mx.array:
+    """silu(gate) * up: MLX's sigmoid and two products, or the product's kernel (one rounding)."""
+    own = _own_ops(kernels)
+    return silu(gate) * up if own is None else own.silu_mul(gate, up)
+
+
 def mlp(x: mx.array, gate_proj: Linear, up_proj: Linear, down_proj: Linear) -> mx.array:
-    return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
+    return linear(silu_mul(linear(x, gate_proj), linear(x, up_proj), kernels_of(gate_proj, up_proj, down_proj)),
+                  down_proj)
 
 
 # ---------------------------------------------------------------------------------------------- rope
-def yarn_inv_freq(cfg: TextConfig) -> np.ndarray:
-    """Inverse frequency of each rotary pair (qk_rope_head_dim // 2,), float64, YaRN-blended when configured."""
+def yarn_inv_freq(cfg: TextConfig, exact: bool = False) -> np.ndarray:
+    """Inverse frequency of each rotary pair (qk_rope_head_dim // 2,), float64, YaRN-blended when configured.
+    `exact`: the powers and logarithms by mlx_k2.exact (the same bits on every machine), else numpy's and
+    libm's."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    freq_extra = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if exact:
+        freq_extra = 1.0 / libm.pow(float(base), np.arange(0, dim, 2, dtype=np.float64) / dim)
+    else:
+        freq_extra = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     rs = cfg.rope_scaling
     if not rs:
         return freq_extra
     factor = rs["factor"]
     original = rs.get("original_max_position_embeddings", 4096)
     beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+    log = (lambda v: libm.log(float(v))) if exact else math.log
 
     def correction_dim(rotations: float) -> float:
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        return dim * log(original / (rotations * 2 * math.pi)) / (2 * log(base))
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
@@ -66,8 +124,13 @@ def yarn_inv_freq(cfg: TextConfig) -> np.ndarray:
     return freq_extra / factor * (1 - extrapolate) + freq_extra * extrapolate
 
 
-def rope_tables(cfg: TextConfig, length: int) -> tuple[mx.array, mx.array]:
-    """cos and sin for positions 0..length-1: each (length, qk_rope_head_dim // 2), float32."""
+def rope_tables(cfg: TextConfig, length: int, kernels: str = BUILTIN_KERNELS) -> tuple[mx.array, mx.array]:
+    """cos and sin for positions 0..length-1: each (length, qk_rope_head_dim // 2), float32. With MLX's built-ins
+    from numpy's cos, sin and power and libm's log; with the product's kernels from mlx_k2.exact's
+    (`exact_rope_tables`)."""
+    if kernels != BUILTIN_KERNELS:
+        cos, sin = exact_rope_tables(cfg, length)
+        return mx.array(cos), mx.array(sin)
     freqs = np.outer(np.arange(length, dtype=np.float64), yarn_inv_freq(cfg))  # (T, d/2)
     rs = cfg.rope_scaling or {}
     scale = 1.0
@@ -76,6 +139,44 @@ def rope_tables(cfg: TextConfig, length: int) -> tuple[mx.array, mx.array]:
                  / yarn_get_mscale(rs["factor"], rs.get("mscale_all_dim", 0)))
     return (mx.array((np.cos(freqs) * scale).astype(np.float32)),
             mx.array((np.sin(freqs) * scale).astype(np.float32)))
+
+
+def _exact_rope_rows(cfg: TextConfig, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of positions start..stop-1 (float32), each value on its own: position * inv_freq (one IEEE
+    product), mlx_k2.exact's sin and cos of it in float64, times the YaRN mscale ratio, rounded to float32."""
+    angles = np.outer(np.arange(start, stop, dtype=np.float64), yarn_inv_freq(cfg, exact=True))  # (n, d/2)
+    sin, cos = libm.sin_cos(angles)
+    rs = cfg.rope_scaling or {}
+    scale = 1.0
+    if rs:
+        scale = (yarn_get_mscale(rs["factor"], rs.get("mscale", 1), exact=True)
+                 / yarn_get_mscale(rs["factor"], rs.get("mscale_all_dim", 0), exact=True))
+    return (cos * scale).astype(np.float32), (sin * scale).astype(np.float32)
+
+
+# Rows computed so far, per rope configuration: a run asks for one more position each step, and each row is
+# computed on its own, so extending a table gives the bits computing it whole would.
+_ROPE_ROWS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_ROPE_LOCK = threading.Lock()
+
+
+def exact_rope_tables(cfg: TextConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """rope_tables' cos and sin (float32 numpy, (length, qk_rope_head_dim // 2)) by mlx_k2.exact: the same bits on
+    every machine."""
+    key = json.dumps([cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling], sort_keys=True)
+    with _ROPE_LOCK:
+        have = _ROPE_ROWS.get(key)
+        done = 0 if have is None else have[0].shape[0]
+        if done < length:
+            cos, sin = _exact_rope_rows(cfg, done, length)
+            if have is not None:
+                cos, sin = np.concatenate([have[0], cos]), np.concatenate([have[1], sin])
+            cos.setflags(write=False)  # callers get views of these
+            sin.setflags(write=False)
+            if len(_ROPE_ROWS) >= 16:
+                _ROPE_ROWS.clear()
+            have = _ROPE_ROWS[key] = (cos, sin)
+    return have[0][:length], have[1][:length]
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -102,10 +203,11 @@ class Attention:
 
     @property
     def kernels(self) -> str:
-        """The kernels attention's own products (`attention_matmul`) run on: the product's own where the layer's
-        linears are computed by them (a packed linear of another width than int4 stays on MLX's), else MLX's."""
-        linears = (self.kv_b_proj, self.o_proj, self.kv_a_proj_with_mqa, self.q_b_proj, self.q_a_proj, self.q_proj)
-        return next((l.kernels for l in linears if l is not None and l.own), BUILTIN_KERNELS)
+        """The kernels attention's own operations (its norms, `attention_matmul`, softmax) run on: the product's own
+        where the layer's linears are computed by them (a packed linear of another width than int4 stays on
+        MLX's), else MLX's."""
+        return kernels_of(self.kv_b_proj, self.o_proj, self.kv_a_proj_with_mqa, self.q_b_proj, self.q_a_proj,
+                          self.q_proj)
 
 
 @dataclass(frozen=True)
@@ -136,6 +238,12 @@ def attention_matmul(a: mx.array, b: mx.array, kernels: str) -> mx.array:
     return own.batched_matmul(a, b)
 
 
+def softmax_scale(cfg: TextConfig, kernels: str) -> float:
+    """The attention scores' scale: config's `softmax_scale` (libm's pow and log) with MLX's built-ins, its
+    `softmax_scale_exact` (mlx_k2.exact's) with the product's kernels."""
+    return cfg.softmax_scale if kernels == BUILTIN_KERNELS else cfg.softmax_scale_exact
+
+
 def mla_attention(x: mx.array, w: Attention, cfg: TextConfig, cos: mx.array, sin: mx.array,
                   past: LatentKV | None = None) -> tuple[mx.array, LatentKV]:
     """Multi-head latent attention of the positions x (T, hidden) -> (T, hidden), and the state of every
@@ -145,29 +253,29 @@ def mla_attention(x: mx.array, w: Attention, cfg: TextConfig, cos: mx.array, sin
     the new positions' rows."""
     T = x.shape[0]
     H, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    kernels = w.kernels
     if w.q_proj is not None:
         q = linear(x, w.q_proj)
     else:
-        q = linear(rms_norm(linear(x, w.q_a_proj), w.q_a_layernorm, LORA_NORM_EPS), w.q_b_proj)
+        q = linear(rms_norm(linear(x, w.q_a_proj), w.q_a_layernorm, LORA_NORM_EPS, kernels), w.q_b_proj)
     q = q.reshape(T, H, nope + rope).transpose(1, 0, 2)  # (H, T, nope+rope)
     q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos, sin)  # (H, T, nope), (H, T, rope)
 
     compressed = linear(x, w.kv_a_proj_with_mqa)  # (T, kv_lora_rank + rope)
-    latent = rms_norm(compressed[:, :cfg.kv_lora_rank], w.kv_a_layernorm, LORA_NORM_EPS)  # (T, kv_lora_rank)
+    latent = rms_norm(compressed[:, :cfg.kv_lora_rank], w.kv_a_layernorm, LORA_NORM_EPS, kernels)  # (T, rank)
     k_pe = apply_rope(compressed[:, cfg.kv_lora_rank:][None], cos, sin)  # (1, T, rope): one key for all heads
     if past is not None and past.length:
         state = LatentKV(mx.concatenate([past.latent, latent]), mx.concatenate([past.k_pe, k_pe[0]]))
-        return linear(_latent_attention(q_nope, q_pe, state, w.kv_b_proj, cfg, w.kernels), w.o_proj), state
+        return linear(_latent_attention(q_nope, q_pe, state, w.kv_b_proj, cfg, kernels), w.o_proj), state
 
     vdim = cfg.v_head_dim
     kv = linear(latent, w.kv_b_proj)
     kv = kv.reshape(T, H, nope + vdim).transpose(1, 0, 2)  # (H, T, nope+v): rows per head are [k_nope | v]
     k_nope, v = kv[..., :nope], kv[..., nope:]
-    kernels = w.kernels
     scores = (attention_matmul(q_nope, k_nope.transpose(0, 2, 1), kernels)
-              + attention_matmul(q_pe, k_pe.transpose(0, 2, 1), kernels)) * cfg.softmax_scale  # (H, T, T)
+              + attention_matmul(q_pe, k_pe.transpose(0, 2, 1), kernels)) * softmax_scale(cfg, kernels)  # (H, T, T)
     causal = mx.triu(mx.full((T, T), -mx.inf, dtype=COMPUTE_DTYPE), k=1)
-    probs = mx.softmax(scores + causal, axis=-1)
+    probs = softmax(scores + causal, kernels)
     out = attention_matmul(probs, v, kernels).transpose(1, 0, 2).reshape(T, H * vdim)  # (H, T, v) -> (T, H*v)
     return linear(out, w.o_proj), LatentKV(latent, k_pe[0])
 
@@ -189,11 +297,11 @@ def _latent_attention(q_nope: mx.array, q_pe: mx.array, state: LatentKV, kv_b_pr
     w_k, w_v = per_head[:, :nope, :], per_head[:, nope:, :]                        # (H, nope, rank), (H, v, rank)
     q_latent = attention_matmul(q_nope, w_k, kernels)                              # (H, S, rank)
     scores = (attention_matmul(q_latent, state.latent.T, kernels)
-              + attention_matmul(q_pe, state.k_pe.T, kernels)) * cfg.softmax_scale  # (H, S, T)
+              + attention_matmul(q_pe, state.k_pe.T, kernels)) * softmax_scale(cfg, kernels)  # (H, S, T)
     if S > 1:  # new position i (at T - S + i) sees positions up to itself
         causal = mx.triu(mx.full((S, S), -mx.inf, dtype=COMPUTE_DTYPE), k=1)
         scores = scores + mx.concatenate([mx.zeros((S, T - S), dtype=COMPUTE_DTYPE), causal], axis=1)
-    probs = mx.softmax(scores, axis=-1)
+    probs = softmax(scores, kernels)
     latent_out = attention_matmul(probs, state.latent, kernels)                     # (H, S, rank)
     out = attention_matmul(latent_out, w_v.transpose(0, 2, 1), kernels)            # (H, S, v)
     return out.transpose(1, 0, 2).reshape(S, H * vdim)                             # (S, H*v)
@@ -217,15 +325,20 @@ def route(x: mx.array, gate: Linear, e_score_correction_bias: mx.array | None, c
     """Sigmoid router: the bias shifts the selection only; group-limited when n_group > 1.
 
     The matmul runs in float32 (as the reference code does); selection runs in numpy because the experts
-    chosen decide what is read next. Ties go to the lower expert id.
+    chosen decide what is read next. Ties go to the lower expert id. With the product's kernels (the gate's)
+    the sigmoid is theirs and the two sums (a group's top two, a position's chosen scores) are written out
+    term by term in a fixed order; numpy's sum chooses its own with MLX's built-ins.
     """
-    scores = np.array(mx.sigmoid(linear(x, gate)))  # (T, E) float32
+    kernels = gate.kernels
+    own = kernels != BUILTIN_KERNELS
+    scores = np.array(sigmoid(linear(x, gate), kernels))  # (T, E) float32
     choice = scores if e_score_correction_bias is None else scores + np.array(e_score_correction_bias, np.float32)
     T, E = choice.shape
     if cfg.n_group > 1 and cfg.topk_method != "greedy":
         grouped = choice.reshape(T, cfg.n_group, E // cfg.n_group)  # (T, G, E/G)
         if cfg.topk_method == "noaux_tc":
-            group_scores = -np.sort(-grouped, axis=-1)[..., :2].sum(-1)
+            top2 = -np.sort(-grouped, axis=-1)[..., :2]
+            group_scores = top2[..., 0] + top2[..., 1] if own else top2.sum(-1)
         else:  # group_limited_greedy
             group_scores = grouped.max(-1)
         kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, :cfg.topk_group]  # (T, topk_group)
@@ -234,8 +347,19 @@ def route(x: mx.array, gate: Linear, e_score_correction_bias: mx.array | None, c
         choice = np.where(np.repeat(mask, E // cfg.n_group, axis=-1), -np.inf, choice)
     experts = np.argsort(-choice, axis=-1, kind="stable")[:, :cfg.num_experts_per_tok]  # (T, k)
     chosen = np.take_along_axis(scores, experts, axis=-1)
-    weights = chosen / (chosen.sum(-1, keepdims=True) + np.float32(1e-20)) if cfg.norm_topk_prob else chosen
+    weights = chosen
+    if cfg.norm_topk_prob:
+        total = sum_in_order(chosen) if own else chosen.sum(-1, keepdims=True)
+        weights = chosen / (total + np.float32(1e-20))
     return Routing(experts, chosen, weights.astype(np.float32), scores)
+
+
+def sum_in_order(a: np.ndarray) -> np.ndarray:
+    """Each row's sum, taken left to right: ((a[0] + a[1]) + a[2]) + ... in a's dtype. (..., k) -> (..., 1)."""
+    total = a[..., :1].copy()
+    for j in range(1, a.shape[-1]):
+        total = total + a[..., j:j + 1]
+    return total
 
 
 def _all_here(slot: int) -> None:
@@ -288,7 +412,7 @@ def moe(x: mx.array, routing: Routing, experts: Experts, cfg: TextConfig, stream
     positions = order // k                                                         # (P,) the pair's position
     y = expert_rows(x, positions, chosen[order], experts, streams)                 # (P, hidden)
     y = y * mx.array(scale[order])[:, None]
-    return sum_by_position(y, positions, T)
+    return sum_by_position(y, positions, T, experts.stacks[0].gate_proj.kernels)
 
 
 def expert_rows(x: mx.array, positions: np.ndarray, expert_ids: np.ndarray, experts: Experts,
@@ -322,7 +446,8 @@ def expert_rows(x: mx.array, positions: np.ndarray, expert_ids: np.ndarray, expe
         with mx.stream(streams[0 if own else i % len(streams)]):  # own launches one after another
             xe = x[mx.array(positions[rows].astype(np.uint32))]   # (R, hidden)
             idx = mx.array(slot_of[rows].astype(np.uint32))        # (R,)
-            hidden = silu(gather_rows(xe, stack.gate_proj, idx)) * gather_rows(xe, stack.up_proj, idx)
+            hidden = silu_mul(gather_rows(xe, stack.gate_proj, idx), gather_rows(xe, stack.up_proj, idx),
+                              kernels_of(stack.gate_proj, stack.up_proj))
             out.append((int(rows[0]), gather_rows(hidden, stack.down_proj, idx)))  # (R, hidden)
         mx.async_eval(out[-1][1])
     out.sort(key=lambda piece: piece[0])  # back in pair order
@@ -334,8 +459,16 @@ def expert_rows(x: mx.array, positions: np.ndarray, expert_ids: np.ndarray, expe
 SUM_PARTS = 2
 
 
-def sum_by_position(y: mx.array, positions: np.ndarray, T: int) -> mx.array:
-    """out[t] = the sum of the rows y[p] with positions[p] == t, in a fixed order. y (P, hidden) -> (T, hidden)."""
+def sum_by_position(y: mx.array, positions: np.ndarray, T: int, kernels: str = BUILTIN_KERNELS) -> mx.array:
+    """out[t] = the sum of the rows y[p] with positions[p] == t, in a fixed order. y (P, hidden) -> (T, hidden).
+
+    The pairs are cut into SUM_PARTS halves; within each, a position's rows are added one at a time in
+    increasing p to +0.0; the halves' sums are then added. With MLX's built-ins by MLX's scatter-add (whose CPU
+    loop takes the rows in that order); with the product's kernels by their kernel, which is written in that
+    order (kernels/src/pointwise_rows.h) rather than resting on how a scatter is implemented."""
+    own = _own_ops(kernels)
+    if own is not None:
+        return own.sum_by_position(y, positions, T, SUM_PARTS)
     out = None
     for part in np.array_split(np.arange(len(positions)), SUM_PARTS):
         if not len(part):
@@ -368,6 +501,12 @@ class Layer:
     self_attn: Attention
     mlp: DenseMLP | MoE
 
+    @property
+    def kernels(self) -> str:
+        """The kernels of the layer's own operations outside attention and the MLPs (its two norms): its
+        attention's."""
+        return self.self_attn.kernels
+
 
 @dataclass(frozen=True)
 class LayerResult:
@@ -385,9 +524,11 @@ def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx
     `past`'s. A MoE layer reads its routed experts through `fetch_experts` once routing is known and computes
     them on `streams`; once they are queued, `look_ahead(h)` may look at h (never change it) to start the
     next layer's reads."""
-    attended, kv = mla_attention(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps), w.self_attn, cfg, cos, sin, past)
+    kernels = w.kernels
+    attended, kv = mla_attention(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps, kernels), w.self_attn, cfg, cos, sin,
+                                 past)
     h = x + attended
-    hn = rms_norm(h, w.post_attention_layernorm, cfg.rms_norm_eps)
+    hn = rms_norm(h, w.post_attention_layernorm, cfg.rms_norm_eps, kernels)
     if isinstance(w.mlp, DenseMLP):
         return LayerResult(h + mlp(hn, w.mlp.gate_proj, w.mlp.up_proj, w.mlp.down_proj), None, kv)
     routing = route(hn, w.mlp.gate, w.mlp.e_score_correction_bias, cfg)

@@ -53,7 +53,7 @@ def choose_kernels(request: str | None, device: str) -> str:
 
 def kernels_label(kernels: str) -> str:
     """What the ledger header records: `mlx-builtin`, or the own kernels' name with the SIMD path that ran
-    (`mlx_k2-cpu/3:avx2`; the paths agree bit for bit, so an anchor is keyed by the name alone)."""
+    (`mlx_k2-cpu/4:avx2`; the paths agree bit for bit, so an anchor is keyed by the name alone)."""
     if kernels == BUILTIN_KERNELS:
         return kernels
     from .. import kernels as own
@@ -143,8 +143,23 @@ def dense_weight(w: Linear) -> mx.array:
     if not w.is_packed:
         return w.weight.astype(COMPUTE_DTYPE)
     scales = w.scales.astype(COMPUTE_DTYPE)
+    if w.own:
+        return _dequantize_int4(w.weight, scales, w.group_size)
     biases = w.biases if w.biases is not None else -(1 << (w.bits - 1)) * scales
     return mx.dequantize(w.weight, scales, biases, group_size=w.group_size, bits=w.bits)
+
+
+_NIBBLE_SHIFTS = tuple(4 * i for i in range(8))
+
+
+def _dequantize_int4(words: mx.array, scales: mx.array, group_size: int) -> mx.array:
+    """(q - 8) * scale for the product's kernels (int4 only: other widths stay on MLX's): the nibbles taken out
+    by integer shifts, q - 8 exact in float32, one rounded product a weight. MLX's dequantize computes
+    scale * q + bias, which a build that fuses multiply-adds (Linux arm64) rounds once and one that does not
+    (x86-64) twice, wherever scale * q is not exact (a float32 scale). (.., out, in/8) -> (.., out, in)."""
+    q = mx.right_shift(words[..., None], mx.array(_NIBBLE_SHIFTS, dtype=mx.uint32)) & 0xF   # (.., out, in/8, 8)
+    values = q.reshape(*words.shape[:-1], -1).astype(COMPUTE_DTYPE) - 8.0                 # (.., out, in)
+    return values * mx.repeat(scales, group_size, axis=-1)[..., :values.shape[-1]]
 
 
 def gather_rows(x: mx.array, w: Linear, indices: mx.array) -> mx.array:

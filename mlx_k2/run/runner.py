@@ -77,9 +77,9 @@ class Model:
     `checkpoint`: an opened and validated (config, Checkpoint), or None to open `model_dir` here."""
 
     def __init__(self, model_dir: str | Path, spec: RunSpec = RunSpec(), fault: FaultHook | None = None,
-                 progress: Progress | None = None, reuse_buffers: bool = True,
-                 checkpoint: tuple[ModelConfig, Checkpoint] | None = None):
-        self.dir, self.spec, self._fault, self._reuse = Path(model_dir), spec, fault, reuse_buffers
+                 progress: Progress | None = None, checkpoint: tuple[ModelConfig, Checkpoint] | None = None,
+                 reading: dict[str, bool] | None = None):
+        self.dir, self.spec, self._fault, self._reading = Path(model_dir), spec, fault, dict(reading or {})
         self.config, self.checkpoint = checkpoint or _open_checkpoint(self.dir, progress)
         layers = self.config.text.num_hidden_layers
         # The layers this process computes: all of them, or a rank's range in a pipelined run.
@@ -89,14 +89,16 @@ class Model:
             per_layer, head = layer_step_bytes(self.checkpoint, self.config, non_expert_only=True)
             resident = sum(per_layer[i] for i in self.owned) + (head if self._computes(layers) else 0)
             cache = WeightCache(spec.cache_bytes, resident, spec.cache_policy)
-        # reuse_buffers=False: a fresh array per read (the plain path the tests compare the arenas with)
-        self.reader = TensorReader(self.checkpoint, Storage(spec.read, fault), reuse=reuse_buffers, cache=cache)
+        # `reading`: the reader's modes (tensors.TensorReader): reuse=False a fresh array per read (the plain
+        # path the tests compare the arenas with), record=True keep the requests, hold=True keep every array
+        # read and serve repeats from memory (the bench's reads alone and computation alone)
+        self.reader = TensorReader(self.checkpoint, Storage(spec.read, fault), cache=cache, **self._reading)
         self.weights = WeightFetcher(self.config, self.reader, spec.kernels)
         self._streams: dict[str, list] = {}
 
     def reopen(self, spec: RunSpec) -> Model:
         """A Model over the same opened checkpoint computing as `spec` says (this one stays as it is)."""
-        return Model(self.dir, spec, self._fault, None, self._reuse, (self.config, self.checkpoint))
+        return Model(self.dir, spec, self._fault, None, (self.config, self.checkpoint), self._reading)
 
     @property
     def kernels(self) -> str:
@@ -170,7 +172,7 @@ class Model:
         def guess(h: mx.array) -> None:
             norm, gate, bias = self.weights.router(nxt)
             with mx.stream(self._guess_stream()):  # not queued behind this layer's shared expert
-                routing = route(rms_norm(h, norm, text.rms_norm_eps), gate, bias, text)
+                routing = route(rms_norm(h, norm, text.rms_norm_eps, self.kernels), gate, bias, text)
             self.weights.guess_experts(nxt, sorted(set(int(e) for e in routing.experts.reshape(-1))))
         return guess
 
@@ -182,7 +184,7 @@ class Model:
 
     def head(self, x: mx.array) -> tuple[np.ndarray, np.ndarray]:
         """Final norm and lm_head of the last position: (hidden,), (vocab,) float32."""
-        hidden = rms_norm(x[-1:], self.weights.final_norm(), self.config.text.rms_norm_eps)  # (1, hidden)
+        hidden = rms_norm(x[-1:], self.weights.final_norm(), self.config.text.rms_norm_eps, self.kernels)  # (1, hidden)
         mx.eval(hidden)
         pieces = []
         first = self.config.text.num_hidden_layers  # the final norm's slot, and lm_head block 0's
@@ -241,7 +243,7 @@ class Model:
         """The layers this process computes, from x (the new positions entering the first of them) over a
         context of `length` positions of which `past` are cached (`states`: every layer's, updated in place
         for the owned ones; None without a KV cache). Yields a LayerDone per layer; returns the last hidden."""
-        cos, sin = rope_tables(self.config.text, length)
+        cos, sin = rope_tables(self.config.text, length, self.kernels)
         cos, sin = cos[past:], sin[past:]  # the new positions' rows
         for i in self.owned:
             watch.layer_start()

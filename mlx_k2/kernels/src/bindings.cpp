@@ -7,6 +7,7 @@
 #include "dense.h"
 #include "fp8.h"
 #include "int4.h"
+#include "pointwise.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -26,5 +27,13 @@ NB_MODULE(_ext, m) {
   m.def("dense_matmul", &mlx_k2::dense_matmul, "x"_a, "weight"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("batched_matmul", &mlx_k2::batched_matmul, "a"_a, "b"_a, "threads"_a = 0, "simd"_a = 0, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("exp", &mlx_k2::own_exp, "x"_a, "threads"_a = 0, nb::kw_only(), "stream"_a = nb::none());
+  m.def("sigmoid", &mlx_k2::sigmoid, "x"_a, "threads"_a = 0, nb::kw_only(), "stream"_a = nb::none());
+  m.def("silu_mul", &mlx_k2::silu_mul, "gate"_a, "up"_a, "threads"_a = 0, nb::kw_only(), "stream"_a = nb::none());
+  m.def("softmax", &mlx_k2::softmax, "x"_a, "threads"_a = 0, nb::kw_only(), "stream"_a = nb::none());
+  m.def("sum_by_position", &mlx_k2::sum_by_position, "y"_a, "positions"_a, "T"_a, "parts"_a, "threads"_a = 0,
+        nb::kw_only(), "stream"_a = nb::none());
+  m.def("rms_norm", &mlx_k2::rms_norm, "x"_a, "weight"_a, "eps"_a, "threads"_a = 0, nb::kw_only(),
         "stream"_a = nb::none());
 }

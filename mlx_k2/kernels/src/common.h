@@ -33,6 +33,10 @@
 // which leaves p as it was: p is never -0). Threads split output rows only, so neither the thread count nor
 // the SIMD path changes a sum.
 // The int4 and fp8 tiles are one template (group_rows.h) over each family's loader.
+// - the step's other operations (exp, sigmoid, silu(gate) * up, softmax, RMSNorm; pointwise_rows.h): in double,
+//   by +, -, *, / and sqrt only, in the order written there, rounded once to float32; their row sums (softmax's
+//   sum of exponentials, RMSNorm's sum of squares) are the lane sum above in double (entry i into lane i % 8 in
+//   increasing i, then the hsum8 tree), within one thread. One code path: no SIMD intrinsics.
 #pragma once
 
 #include <functional>
@@ -54,7 +58,10 @@ namespace mx = mlx::core;
 // Bump when the arithmetic of any kernel changes: anchors are keyed by it. Adding a family (fp8 joined with
 // /2) changes no existing one's arithmetic, so the name stays while int4's and dense's bits are unchanged.
 // /3: attention's matmuls are the batched kernel's (they were MLX's `@`): bits change from the second position on.
-inline constexpr const char* kKernelName = "mlx_k2-cpu/3";
+// /4: the step's other operations are the kernels' too (pointwise.h: RMSNorm, softmax, sigmoid, silu(gate) * up,
+// on the own exp), and the forward pass computes its rope tables and YaRN scalars with mlx_k2/exact: a step of
+// these kernels is wholly the product's own arithmetic in a fixed order.
+inline constexpr const char* kKernelName = "mlx_k2-cpu/4";
 
 Simd best_simd();                      // what this CPU runs with Auto
 Simd resolve_simd(int requested);      // Auto -> best; throws if the CPU lacks the requested path

@@ -91,6 +91,12 @@ class Linear:
     def dense(cls, weight: mx.array, kernels: str = BUILTIN_KERNELS) -> "Linear":
         return cls(weight, kernels=kernels)
 
+    @staticmethod
+    def own_covers(quantization) -> bool:
+        """Whether the own kernels compute every linear of a checkpoint quantized this way (a config's
+        `quantization`): dense, block FP8 and int4 do; packed ints of other widths stay on MLX's kernels."""
+        return getattr(quantization, "num_bits", 4) == 4
+
     @classmethod
     def packed(cls, weight_packed: mx.array, weight_scale: mx.array, bits: int, group_size: int,
                kernels: str = BUILTIN_KERNELS) -> "Linear":

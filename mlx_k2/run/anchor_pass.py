@@ -67,11 +67,11 @@ def run_anchor_pass(model_dir: Path, prompt_ids: list[int], spec: RunSpec, ancho
                 on = observed_values(single_step(on_model, prompt_ids, rest))
             finally:
                 on_model.close()
-            identity, signature = model.checkpoint.identity(), model_signature(model.config)
+            identity, signature, platform = model.checkpoint.identity(), model_signature(model.config), model.platform
     finally:
         model.close()
     non_perturbation = [Row(f, off[f], on[f], off[f] == on[f], "capture off vs on, bit for bit")
                         for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read")]
-    anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, spec.platform)
-    rows = compare(anchor, off, spec.platform) if anchor else []
-    return AnchorReport(identity, signature, spec.platform, off, on, non_perturbation, anchor, rows)
+    anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, platform)
+    rows = compare(anchor, off, platform) if anchor else []
+    return AnchorReport(identity, signature, platform, off, on, non_perturbation, anchor, rows)

@@ -106,7 +106,7 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
         started, spec = time.perf_counter(), model.spec
         identity = {k: v for k, v in model_record(model.dir, model.checkpoint.identity(), model.config).items()
                     if k != "path"}
-        platform = spec.platform
+        platform = model.platform
         split, why = _bytes_split(run)
         out = Replay(str(model.dir), identity, platform, [], 0.0, spec.kv_cache, split, why)
         model_keys = ("config_blake3", "index_blake3", "num_layers", "vocab_size", "hidden_size")

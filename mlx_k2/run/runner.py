@@ -34,8 +34,9 @@ from ..checkpoint.validate import validate
 from ..errors import K2Error, UsageError
 from ..evidence.derived import l2_norm
 from ..evidence.events import Event, LayerDone, Progress, RunDone, StepDone
+from ..evidence.schema import PLATFORM_BOUND
 from ..model.forward import LatentKV, LayerResult, Routing, decoder_layer, rms_norm, rope_tables, route
-from ..model.linear import linear
+from ..model.linear import Linear, linear
 from ..model.weights import WeightFetcher
 from ..read.storage import FaultHook, Storage
 from ..read.tensors import TensorReader
@@ -103,6 +104,14 @@ class Model:
     @property
     def kernels(self) -> str:
         return self.spec.kernels
+
+    @property
+    def platform(self) -> dict[str, str]:
+        """What and where it computes (RunSpec.platform), `platform`-bound where this checkpoint has linears
+        the own kernels do not run (their step is then not wholly the product's own)."""
+        if Linear.own_covers(self.config.quantization):
+            return self.spec.platform
+        return {**self.spec.platform, "exactness": PLATFORM_BOUND}
 
     @property
     def rank(self) -> int | None:

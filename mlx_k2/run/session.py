@@ -109,7 +109,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, spec:
             identity = model.checkpoint.identity()
             distributed = None if stage is None else stage.header()
             writer.write(header_record(model_record(model_dir, identity, model.config),
-                                       spec.header_run(prompt_ids, max_new_tokens, _versions(), distributed)))
+                                       spec.header_run(prompt_ids, max_new_tokens, _versions(), mine.platform, distributed)))
             ledger = LedgerSink(writer, tokenizer or load_tokenizer(model_dir))
             return _drive(mine, stage, identity, ledger, bundle, list(prompt_ids), 0, max_new_tokens, sinks,
                           anchors_dir)
@@ -241,8 +241,8 @@ def _drive(model: Model, stage: Stage | None, identity: dict[str, str], ledger: 
     spec, anchor = model.spec, None
     if first_step == 0:
         anchor = find_anchor(load_anchors(anchors_dir), identity, model_signature(model.config), context,
-                             spec.platform)
-    check = AnchorCheck(anchor, spec.platform)
+                             model.platform)
+    check = AnchorCheck(anchor, model.platform)
     result = RunResult(ledger.writer.path, "failed", anchor=anchor)
     subscribers = [ledger, *([bundle] if bundle else []), check, *sinks]
     end = RunDone(steps=0, bytes_read=0, wall_s=0.0, status="failed", error="the run did not finish")

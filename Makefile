@@ -7,7 +7,7 @@ ARGS ?=
 
 DEVICE ?= cpu
 
-.PHONY: install run run-distributed test anchor bench bench-decode clean
+.PHONY: install run run-distributed test test-all anchor bench bench-decode clean check-arm64
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,20 @@ bench:
 bench-decode:
 	$(BIN)/mlx-k2 bench --decode --layers 3 --tokens 16 --json bench-decode.json $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
+# The tests CI runs (under 10 minutes on 2 cores): every behaviour once; tests marked `slow` are left out.
 test:
 	$(BIN)/python -m pytest -q
+
+# Every test, the slow ones too: full-width duplicates of behaviours `make test` checks on smaller cases, a third
+# pipelined launch, and the property tests with more examples each (hypothesis profile "thorough").
+test-all:
+	$(BIN)/python -m pytest -q -m '' --hypothesis-profile thorough
+
+# Same bits on arm64 as on x86-64: the anchor, a 3-step no-KV and a 4-step KV run on the CPU under user-mode QEMU
+# (aarch64 MLX wheels, the kernels cross-built for aarch64) against the same runs here, step by step. Needs root
+# once and qemu-user-static, debootstrap, g++-aarch64-linux-gnu; caches under the cache dir's arm64/. Minutes.
+check-arm64:
+	VENV=$(VENV) scripts/check_arm64.sh $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf runs .pytest_cache

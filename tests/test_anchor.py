@@ -14,7 +14,7 @@
   with token and logit from the float64 numpy reference (tests/reference.py): token exact, logit within
   the stated tolerance, digests and bytes shown only; moving the logit beyond the tolerance or changing the
   token fails.
-- `make anchor` itself, when the project's .venv is installed.
+- `make anchor` itself, when the project's .venv is installed (`make test-all`).
 The repo's anchors/ is only read; every edited or frozen anchor lives in a tmp directory.
 """
 
@@ -269,6 +269,9 @@ def test_published_anchor_needs_the_same_signature(foreign, tmp_path):
 
 # ------------------------------------------------------------------------------------------ make anchor
 
+# End to end through make and the installed console script; in `make test`, the command it runs is
+# test_cli_anchor_default_checkpoint, and test_packaging runs it in a fresh process.
+@pytest.mark.slow
 def test_make_anchor(cache):
     exe = REPO / ".venv" / "bin" / "mlx-k2"
     if not exe.exists():

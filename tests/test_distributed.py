@@ -1,9 +1,11 @@
 """A run pipelined over 2 ranks on 127.0.0.1 (mlx.launch, ring backend) is the single-process run.
 
 `mlx-k2 run --distributed` is started by `mlx.launch` from the test, on the default synthetic checkpoint, in
-the no-KV mode (the balanced plan, no weight cache) and the KV-cache mode (a given --layer-split, a weight
-cache), and its ledger is compared field by field with the one `session.run` writes in one process for the
-same prompt, length, device, kernels and weight cache budget. Excluded, and why:
+the KV-cache mode (the balanced plan, a weight cache) and, in `make test-all`, the no-KV mode (the balanced
+plan, no weight cache; in `make test` a no-KV pipelined run over a given --layer-split is compared the same
+way by test_distributed_faults, killed and resumed), and its ledger is compared field by field with the one
+`session.run` writes in one process for the same prompt, length, device, kernels and weight cache budget.
+Excluded, and why:
 - every `wall_s` (step, layer, footer) and the header's `created`: times;
 - every `prev`: the BLAKE3 chain hashes the lines before, which hold those times;
 - the header's `run.distributed` and `provenance` (which classifies one more field, `rank`), and each
@@ -32,7 +34,7 @@ from mlx_k2.run.distributed import balanced_plan, pack, parse_split, unpack
 from mlx_k2.errors import UsageError
 from mlx_k2.evidence.events import LayerDone
 from mlx_k2.evidence.verify import verify
-from mlx_k2.run.pipeline import layers_from_message, layers_message
+from mlx_k2.run.pipeline import layers_from_message, layers_message, plan_for
 from mlx_k2.run.replay import replay
 from mlx_k2.run.session import run
 from conftest import cpu_spec, SYNTH_RUN_STEPS
@@ -134,6 +136,7 @@ def assert_same_run(distributed: Path, single: Path, split: list[tuple[int, int]
 
 
 # ---------------------------------------------------------------------------------------------- over 2 ranks
+@pytest.mark.slow  # a third launch; in `make test`, no-KV over 2 ranks: test_distributed_faults' killed-and-resumed
 def test_two_ranks_equal_one_process_no_kv(synth_dir, synth_run, tmp_path):
     """The balanced plan, no weight cache: against the shared single-process run (conftest.synth_run)."""
     assert SYNTH_RUN_STEPS == STEPS
@@ -145,12 +148,15 @@ def test_two_ranks_equal_one_process_no_kv(synth_dir, synth_run, tmp_path):
     assert_same_run(ledger, synth_run[1])
 
 
-def test_two_ranks_equal_one_process_kv(synth_dir, tmp_path):
-    """A given split, the KV cache (look-ahead on) and a weight cache on every rank."""
+def test_two_ranks_equal_one_process_kv(synth_dir, opened_synth, tmp_path):
+    """The balanced plan (no --layer-split), the KV cache (look-ahead on) and a weight cache on every rank."""
     ledger = tmp_path / "distributed.jsonl"
-    done = launch(run_args(synth_dir, ledger, kv=True, extra=("--layer-split", "0-30,31-60")))
+    done = launch(run_args(synth_dir, ledger, kv=True))
     assert "complete: 3 tokens" in done.stdout, done.stdout + done.stderr
-    assert_same_run(ledger, single_process(synth_dir, tmp_path / "single.jsonl", kv=True), [(0, 30), (31, 60)])
+    assert "reproduced" in done.stdout  # step 0 against the frozen anchor, on rank 0
+    assert done.stderr.strip() == ""  # the other rank prints nothing
+    balanced = [tuple(r) for r in plan_for(opened_synth, 2, None).ranges]
+    assert_same_run(ledger, single_process(synth_dir, tmp_path / "single.jsonl", kv=True), balanced)
     # re-executed in one process (the layer ranks are not values of the computation): bit for bit
     recs = records(ledger)
     report = verify(ledger, ANCHORS, replay=replay(recs[0], recs[1:-1], [0, 1, 2], synth_dir))

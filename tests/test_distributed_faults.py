@@ -6,24 +6,70 @@ rank 0's ledger keeps step 0 and ends `failed` with an error naming rank 1 and i
 comparison). A rank that stops answering ends the run after `--timeout` the same way. A rank started with
 another checkpoint is refused before step 0 with one line naming it, and no ledger is written; another
 mlx_k2 or MLX version, device or kernels is refused by the same comparison (tested without a launch).
+
+How a rank fails does not depend on the checkpoint's size: `make test` launches these on a small synthetic
+checkpoint (4 layers, 16 experts: each rank starts and steps in moments), `make test-all` on the default one
+too (61 layers, 384 experts).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from mlx_k2.run.pipeline import disagreement
-from tests.test_distributed import assert_same_run, launch, records
+from mlx_k2.run.session import run
+from mlx_k2.synth.checkpoint import SynthSpec, write_synthetic
+from tests.test_distributed import ANCHORS, BOS, STEPS, assert_same_run, launch, records
 
-SPLIT = ("--layer-split", "0-30,31-60")
+from conftest import SYNTH_RUN_STEPS, cpu_spec
+
+SMALL = SynthSpec(num_hidden_layers=4, n_routed_experts=16)  # K2.5's structure and vocabulary otherwise
 
 
-def run_args(synth_dir, ledger, timeout: float = 60) -> list[str]:
-    return ["run", "--model", str(synth_dir), "--max-new-tokens", "3", "--device", "cpu", "--cache", "0",
-            "--ledger", str(ledger), "--quiet", "--timeout", str(timeout), *SPLIT]
+@dataclass(frozen=True)
+class Pipelined:
+    """A checkpoint, the --layer-split its launches use, rank 1's name in the errors, a layer of rank 1's (where
+    its fault strikes, at step 1) and the ledger of the same run in one process."""
+
+    model: Path
+    split: tuple[tuple[int, int], tuple[int, int]]
+    fault_layer: int
+    single: Path
+    default: bool  # the default checkpoint: what a rank opens without --model (rank 1 of a resumed run too)
+
+    @property
+    def rank_1(self) -> str:
+        return f"rank 1 (layers {self.split[1][0]}-{self.split[1][1]})"
+
+
+@pytest.fixture(scope="module", params=["small", pytest.param("default", marks=pytest.mark.slow)])
+def pipelined(request, tmp_path_factory) -> Pipelined:
+    if request.param == "default":
+        assert SYNTH_RUN_STEPS == STEPS
+        single = request.getfixturevalue("synth_run")[1]  # the session's run (conftest.synth_run)
+        return Pipelined(request.getfixturevalue("synth_dir"), ((0, 30), (31, 60)), 40, single, True)
+    root = tmp_path_factory.mktemp("small-pipelined")
+    model = write_synthetic(root / "k25", seed=0, spec=SMALL)
+    single = root / "single.jsonl"  # what `run --device cpu --cache 0` writes in one process
+    result = run(model, [BOS], STEPS, cpu_spec(), ledger_path=single, anchors_dir=ANCHORS)
+    assert result.status == "complete" and len(result.steps) == STEPS
+    return Pipelined(model, ((0, 1), (2, 3)), 3, single, False)
+
+
+def run_args(pipelined: Pipelined, ledger, timeout: float = 60) -> list[str]:
+    split = ",".join(f"{a}-{b}" for a, b in pipelined.split)
+    return ["run", "--model", str(pipelined.model), "--max-new-tokens", str(STEPS), "--device", "cpu", "--cache",
+            "0", "--ledger", str(ledger), "--quiet", "--timeout", str(timeout), "--layer-split", split]
+
+
+def fault(pipelined: Pipelined, action: str) -> dict[str, str]:
+    """Rank 1 exits or hangs just before its fault layer at step 1 (tests/distributed_rank.py)."""
+    return {"MLX_K2_TEST_FAULT": f"1:1:{pipelined.fault_layer}:{action}"}
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -38,30 +84,32 @@ def footer(ledger) -> dict:
     return last
 
 
-def test_a_rank_killed_mid_run_fails_the_run_and_resume_completes_it(synth_dir, synth_run, tmp_path):
+def test_a_rank_killed_mid_run_fails_the_run_and_resume_completes_it(pipelined, tmp_path):
     ledger = tmp_path / "l.jsonl"
-    done = launch(run_args(synth_dir, ledger), env={"MLX_K2_TEST_FAULT": "1:1:40:exit"})
+    done = launch(run_args(pipelined, ledger), env=fault(pipelined, "exit"))
     end = footer(ledger)
     assert end["status"] == "failed" and end["steps"] == 1, end
-    assert "rank 1 (layers 31-60)" in end["error"], end["error"]
+    assert pipelined.rank_1 in end["error"], end["error"]
     errors = error_lines(done.stderr)
-    assert len(errors) == 1 and "rank 1 (layers 31-60)" in errors[0], done.stderr
+    assert len(errors) == 1 and pipelined.rank_1 in errors[0], done.stderr
 
-    resumed = launch(["run", "--resume", str(ledger), "--device", "cpu", "--quiet"])
+    model = [] if pipelined.default else ["--model", str(pipelined.model)]  # rank 0 reads it from the ledger
+    resumed = launch(["run", "--resume", str(ledger), "--device", "cpu", "--quiet", *model])
     assert "complete: 2 tokens" in resumed.stdout and "resumed after 1" in resumed.stdout, resumed.stdout + resumed.stderr
-    assert_same_run(ledger, synth_run[1], [(0, 30), (31, 60)])
+    assert_same_run(ledger, pipelined.single, list(pipelined.split))
 
 
-def test_a_silent_rank_fails_the_run_after_the_timeout(synth_dir, tmp_path):
+def test_a_silent_rank_fails_the_run_after_the_timeout(pipelined, tmp_path):
     ledger = tmp_path / "l.jsonl"
     started = time.monotonic()
-    # 15 s: step 0's own wait for rank 1's 30 layers must stay under it on a loaded 2-core machine.
-    done = launch(run_args(synth_dir, ledger, timeout=15), env={"MLX_K2_TEST_FAULT": "1:1:40:hang"})
+    # 15 s: step 0's own wait for rank 1's layers (30 of the default checkpoint's) must stay under it on a loaded
+    # 2-core machine.
+    done = launch(run_args(pipelined, ledger, timeout=15), env=fault(pipelined, "hang"))
     assert time.monotonic() - started < 100
     end = footer(ledger)
     assert end["status"] == "failed" and end["steps"] == 1, end
-    assert "rank 1 (layers 31-60) at step 1: nothing within 15 s" in end["error"], end["error"]
-    assert "error: rank 1 (layers 31-60)" in done.stderr
+    assert f"{pipelined.rank_1} at step 1: nothing within 15 s" in end["error"], end["error"]
+    assert f"error: {pipelined.rank_1}" in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +121,9 @@ def foreign_k25(tmp_path_factory):
     return path
 
 
-def test_a_rank_with_another_checkpoint_is_refused_before_step_0(synth_dir, foreign_k25, tmp_path):
+def test_a_rank_with_another_checkpoint_is_refused_before_step_0(pipelined, foreign_k25, tmp_path):
     ledger = tmp_path / "l.jsonl"
-    done = launch(run_args(synth_dir, ledger), env={"MLX_K2_TEST_MODEL_1": str(foreign_k25)})
+    done = launch(run_args(pipelined, ledger), env={"MLX_K2_TEST_MODEL_1": str(foreign_k25)})
     errors = error_lines(done.stderr)
     assert len(errors) == 1, done.stderr
     assert "refused before step 0: rank 1 has another checkpoint" in errors[0], done.stderr

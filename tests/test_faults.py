@@ -2,7 +2,7 @@
 
 Faults are injected through the reader's fault hook (called before every read attempt with the file,
 offset, length and attempt number): it raises EIO, or returns a shorter length to simulate a short read.
-The expected tokens come from an uninterrupted run of the same checkpoint.
+The expected tokens come from an uninterrupted run of the same checkpoint (the session's, conftest.synth_run).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from mlx_k2.evidence.verify import verify
 from mlx_k2.run.session import resume, run
 from mlx_k2.read.storage import ReadError, ReadPolicy
 
-from conftest import cpu_spec
+from conftest import SYNTH_RUN_STEPS, cpu_spec
 
 FAST = ReadPolicy(retries=2, backoff_s=0.001)
-STEPS = 4
+STEPS = SYNTH_RUN_STEPS
 
 
 def lines(path):
@@ -32,11 +32,10 @@ def lines(path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(synth_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ok") / "ok.jsonl"
-    result = run(synth_dir, [163584], STEPS, ledger_path=path, spec=cpu_spec())
-    assert result.status == "complete"
-    return [s.token_id for s in result.steps], lines(path)
+def uninterrupted(synth_run):
+    """(tokens, ledger records) of the session's run: STEPS steps from BOS on the CPU."""
+    recs = lines(synth_run[1])
+    return [r["token_id"] for r in recs if r["kind"] == "step"], recs
 
 
 class FailAfter:
@@ -107,9 +106,11 @@ def test_short_read_is_retried_then_reported(synth_dir, tmp_path, method):
 
 
 def test_vanished_shard_comes_back(synth_dir, tmp_path, uninterrupted):
-    """A shard disappears (a dropped share) and returns while the reader is retrying."""
-    copy = tmp_path / "model"
-    shutil.copytree(synth_dir, copy)
+    """A shard disappears (a dropped share) and returns while the reader is retrying (at step 0's layer 9)."""
+    copy = tmp_path / "model"  # the checkpoint's files linked, not copied: the shard's name is what vanishes
+    copy.mkdir()
+    for f in synth_dir.iterdir():
+        (copy / f.name).symlink_to(f)
     shard = copy / "model-00010-of-000064.safetensors"
     away = tmp_path / "away.safetensors"
     state = {"moved": False}
@@ -123,8 +124,9 @@ def test_vanished_shard_comes_back(synth_dir, tmp_path, uninterrupted):
             os.rename(away, shard)
         return None
 
-    result = run(copy, [163584], STEPS, ledger_path=tmp_path / "l.jsonl", spec=cpu_spec(read=FAST), fault=drop)
-    assert result.status == "complete" and [s.token_id for s in result.steps] == uninterrupted[0]
+    result = run(copy, [163584], 1, ledger_path=tmp_path / "l.jsonl", spec=cpu_spec(read=FAST), fault=drop)
+    assert state["moved"] and shard.exists()
+    assert result.status == "complete" and [s.token_id for s in result.steps] == uninterrupted[0][:1]
 
 
 def test_failed_write_keeps_a_valid_prefix(tmp_path, monkeypatch):
@@ -163,10 +165,9 @@ def test_full_disk_is_reported_before_the_run(synth_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "l.jsonl").exists()
 
 
-def test_resume_refuses_another_checkpoint(synth_dir, foreign_k25, tmp_path):
+def test_resume_refuses_another_checkpoint(synth_run, foreign_k25, tmp_path):
     path = tmp_path / "l.jsonl"
-    recs_src = run(synth_dir, [163584], 2, ledger_path=path, spec=cpu_spec())
-    assert recs_src.status == "complete"
+    shutil.copyfile(synth_run[1], path)  # a complete run
     text = path.read_text().splitlines()
     (tmp_path / "p.jsonl").write_text("\n".join(text[:2]) + "\n")  # header + step 0: a crashed run
     with pytest.raises(K2Error, match="recorded for a checkpoint"):
@@ -175,10 +176,8 @@ def test_resume_refuses_another_checkpoint(synth_dir, foreign_k25, tmp_path):
         resume(path, device="cpu")
 
 
-def test_resume_refuses_a_broken_chain(synth_dir, tmp_path):
-    path = tmp_path / "l.jsonl"
-    run(synth_dir, [163584], 3, ledger_path=path, spec=cpu_spec())
-    text = path.read_text().splitlines()
+def test_resume_refuses_a_broken_chain(synth_run, tmp_path):
+    text = synth_run[1].read_text().splitlines()  # a complete 3-step run
     text = [text[0], text[2]]  # step 0 deleted, no footer
     (tmp_path / "p.jsonl").write_text("\n".join(text) + "\n")
     with pytest.raises(K2Error, match="cannot resume: check chain fails"):

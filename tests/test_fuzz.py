@@ -1,6 +1,7 @@
 """Property tests: arbitrary bytes and structures thrown at the safetensors header parser, the config loader
 and the ledger reader either succeed or raise the project's own error types; nothing else escapes, nothing
-hangs (hypothesis deadlines bound each example)."""
+hangs (hypothesis deadlines bound each example). Examples per property: the profile's (conftest: fewer in
+`make test`, more in `make test-all`)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ from mlx_k2.errors import K2Error
 from mlx_k2.evidence.verify import verify
 from mlx_k2.synth.checkpoint import config_json, SynthSpec
 
-from conftest import cpu_spec
-
-FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
                     | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
@@ -134,12 +133,9 @@ def test_ledger_reader_on_random_bytes(tmp_path, data):
 
 
 @pytest.fixture(scope="module")
-def real_ledger(synth_dir, tmp_path_factory):
-    from mlx_k2.run.session import run
-
-    path = tmp_path_factory.mktemp("fuzz") / "l.jsonl"
-    run(synth_dir, [163584], 2, ledger_path=path, spec=cpu_spec())
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def real_ledger(synth_run):
+    """The session's 3-step ledger (conftest.synth_run): header, steps, footer."""
+    return [json.loads(line) for line in synth_run[1].read_text().splitlines()]
 
 
 FIELDS = st.sampled_from(["model", "run", "provenance", "schema", "input_ids", "token_id", "top16", "entropy",
@@ -148,7 +144,8 @@ FIELDS = st.sampled_from(["model", "run", "provenance", "schema", "input_ids", "
 
 
 @FAST
-@given(line=st.integers(0, 3), layer=st.integers(-1, 60), field=FIELDS, value=JSON)
+@given(line=st.integers(0, 4), layer=st.integers(-1, 60), field=FIELDS, value=JSON)  # header .. footer
+@example(line=0, layer=-1, field="run", value={})  # a header without its run block: every run field missing
 def test_ledger_reader_on_mutated_real_ledgers(tmp_path, real_ledger, line, layer, field, value):
     recs = json.loads(json.dumps(real_ledger))
     target = recs[line]

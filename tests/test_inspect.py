@@ -3,6 +3,7 @@
 The checkpoint is written from K25_FORMAT.md §2 (names, shapes, dtypes, 64 shards, shard placement) with
 sparse data regions, so it has the real 595 GB layout on disk without the bytes. The expected one-token step
 size, and what each decode mode and a weight cache budget come to, are summed in the test from that table.
+Its 64 headers (70,000 tensors) are parsed once for the module (`parsed_k25`), `inspect` included.
 """
 
 from __future__ import annotations
@@ -104,6 +105,23 @@ def header_only_k25(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def parsed_k25(header_only_k25):
+    return Checkpoint(header_only_k25)
+
+
+@pytest.fixture
+def inspect_cli(header_only_k25, parsed_k25, monkeypatch):
+    """`mlx-k2 inspect` through CliRunner, its Checkpoint of the header-only directory the module's parsed one."""
+    import mlx_k2_cli.inspect as command
+
+    def checkpoint(model_dir):
+        return parsed_k25 if model_dir == header_only_k25 else Checkpoint(model_dir)
+
+    monkeypatch.setattr(command, "Checkpoint", checkpoint)
+    return CliRunner()
+
+
 ATTENTION = 2 * (1536 * H + 1536 + 12288 * 1536 + 576 * H + 512 + 16384 * 512 + H * 8192)
 NORMS = 2 * 2 * H
 DENSE = 2 * 3 * 18432 * H
@@ -120,8 +138,8 @@ def expected_one_token_bytes() -> int:
     return ROW + L * (ATTENTION + NORMS) + DENSE + 60 * moe + 2 * H + 2 * V * H
 
 
-def test_inventory_of_the_real_layout(header_only_k25):
-    ckpt = Checkpoint(header_only_k25)
+def test_inventory_of_the_real_layout(header_only_k25, parsed_k25):
+    ckpt = parsed_k25
     inv = take_inventory(ckpt, load_config(header_only_k25))
     assert one_token_step_bytes(ckpt, load_config(header_only_k25)) == expected_one_token_bytes() == 32_986_519_552
     # The published run's count is ours plus the whole embedding table less one row, plus weight_shape.
@@ -131,8 +149,8 @@ def test_inventory_of_the_real_layout(header_only_k25):
     assert len(ckpt.shards) == 64
 
 
-def test_inspect_command(header_only_k25):
-    result = CliRunner().invoke(app, ["inspect", "--model", str(header_only_k25)])
+def test_inspect_command(header_only_k25, inspect_cli):
+    result = inspect_cli.invoke(app, ["inspect", "--model", str(header_only_k25)])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
     assert "32,986,519,552" in out
@@ -141,8 +159,8 @@ def test_inspect_command(header_only_k25):
     assert "never read by a text run" in out and "vision" in out
 
 
-def test_decode_bytes_of_the_real_layout(header_only_k25):
-    b = decode_bytes(Checkpoint(header_only_k25), load_config(header_only_k25))
+def test_decode_bytes_of_the_real_layout(header_only_k25, parsed_k25):
+    b = decode_bytes(parsed_k25, load_config(header_only_k25))
     assert (b.embedding_row, b.non_expert, b.expert) == (ROW, NON_EXPERT, 60 * EXPERT)
     assert b.one_position_experts == 60 * 8 * EXPERT
     # A KV decode step reads the new position's row, the non-expert weights and its experts: a one-token step.
@@ -157,8 +175,8 @@ def test_decode_bytes_of_the_real_layout(header_only_k25):
     assert b.cache_cover(10**13) == (NON_EXPERT, 60 * 384)
 
 
-def test_inspect_explains_the_decode_modes(header_only_k25):
-    runner = CliRunner()
+def test_inspect_explains_the_decode_modes(header_only_k25, inspect_cli):
+    runner = inspect_cli
     result = runner.invoke(app, ["inspect", "--model", str(header_only_k25), "--cache", "30"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())

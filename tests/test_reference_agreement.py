@@ -83,11 +83,8 @@ def foreign_run(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory):
-    from mlx_k2.synth.checkpoint import write_synthetic
-
-    model_dir = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(model_dir, seed=0)
+def synthetic_run(synth_dir):
+    model_dir = synth_dir  # the session's default synthetic checkpoint (seed 0)
     prompt = [163584]
     return model_dir, _run_product(model_dir, prompt), reference_generate(model_dir, prompt, NEW_TOKENS)
 

@@ -1,10 +1,11 @@
 """Resuming a KV-cache run: the resumed steps are the steps an uninterrupted run computes.
 
 A KV-cache run with a weight cache (the non-expert tensors and 400 experts, so experts are evicted) is
-stopped by a KeyboardInterrupt after 2 of its 4 steps, then resumed with `session.resume`, which runs steps
+stopped by a KeyboardInterrupt after 2 of its 3 steps, then resumed with `session.resume`, which runs steps
 0 and 1 again first to rebuild the KV cache and the weight cache. Every step of the resumed bundle must equal
-the uninterrupted 4-step run's: context, token, digests, positions, and bytes read and served by the cache,
-of the step and of every layer; and the resumed bundle verifies as a complete run.
+the uninterrupted run's (the session's, conftest.synth_kv_run): context, token, digests, positions, and bytes
+read and served by the cache, of the step and of every layer; and the resumed bundle verifies as a complete
+run.
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from mlx_k2.evidence.events import StepDone
 from mlx_k2.evidence.verify import verify
 from mlx_k2.run.session import resume, run
 
-from conftest import cpu_spec
-from tests.test_verify_kv import PROMPT, cache_budget
+from conftest import SYNTH_KV_PROMPT as PROMPT, SYNTH_KV_STEPS as STEPS, cpu_spec, synth_kv_budget
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
-STEPS, STOP_AFTER = 4, 2
+STOP_AFTER = 2
 STEP_KEYS = ("input_ids", "positions", "token_id", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached")
 LAYER_KEYS = ("experts", "unique_experts", "norm_in", "norm_out", "bytes_read", "bytes_cached")
 
@@ -43,17 +41,11 @@ def stop_after(n: int):
     return sink
 
 
-@pytest.fixture(scope="module")
-def decode(synth_dir):
-    return cpu_spec(kv_cache=True, cache_bytes=cache_budget(synth_dir))
-
-
-def test_resumed_kv_run_equals_the_uninterrupted_one(synth_dir, decode, tmp_path):
-    whole = tmp_path / "whole"
-    result = run(synth_dir, PROMPT, STEPS, bundle_dir=whole, spec=decode, anchors_dir=REPO_ANCHORS)
-    assert result.status == "complete" and len(result.steps) == STEPS
-
+def test_resumed_kv_run_equals_the_uninterrupted_one(synth_dir, synth_kv_run, tmp_path):
+    whole = synth_kv_run  # the same prompt, steps and spec, uninterrupted
+    assert STOP_AFTER < STEPS
     resumed = tmp_path / "resumed"
+    decode = cpu_spec(kv_cache=True, cache_bytes=synth_kv_budget(synth_dir))
     stopped = run(synth_dir, PROMPT, STEPS, bundle_dir=resumed, spec=decode, anchors_dir=REPO_ANCHORS,
                   sinks=(stop_after(STOP_AFTER),))
     assert stopped.status == "stopped" and len(step_lines(resumed)) == STOP_AFTER

@@ -220,6 +220,17 @@ def test_total_size(synth):
 # ------------------------------------------------------------------------------------------ determinism
 
 
+SMALL = SynthSpec(num_hidden_layers=2, n_routed_experts=16, vocab_size=1024)
+
+
+def test_same_seed_same_bytes_at_a_small_width(tmp_path):
+    """The seed decides every byte; at full width (the default checkpoint written again) below, in `make test-all`."""
+    first = _digests(write_synthetic(tmp_path / "a", seed=0, spec=SMALL))
+    assert first == _digests(write_synthetic(tmp_path / "b", seed=0, spec=SMALL))
+    assert len(first) == 2 + 3 + 4  # shards, index, config, tiktoken.model, tokenizer_config.json
+
+
+@pytest.mark.slow  # writes the full-width checkpoint again; the small-width case above is the same behaviour
 def test_same_seed_same_bytes(synth_dir, tmp_path):
     again = write_synthetic(tmp_path / "again", seed=0)
     first, second = _digests(synth_dir), _digests(again)
@@ -229,7 +240,7 @@ def test_same_seed_same_bytes(synth_dir, tmp_path):
 
 def test_different_seed_different_weights(tmp_path):
     # A small spec keeps this quick; the seed handling does not depend on the widths.
-    spec = SynthSpec(num_hidden_layers=2, n_routed_experts=16, vocab_size=1024)
+    spec = SMALL
     (tmp_path / "a").mkdir()  # an existing empty directory is fine to write into
     a = _digests(write_synthetic(tmp_path / "a", seed=0, spec=spec))
     b = _digests(write_synthetic(tmp_path / "b", seed=1, spec=spec))

@@ -432,6 +432,9 @@ def test_no_anchor_not_proven(ctx, tmp_path):
     assert report.ok and not passes and "no anchor applies" in line
 
 
+# End to end (a fresh process runs, this one replays through the CLI); in `make test`, a ledger other processes
+# wrote replays bit for bit here in test_distributed's KV launch, and test_replay_kv replays bundles via the CLI.
+@pytest.mark.slow
 def test_replay_of_a_bundle_another_process_wrote(synth_dir, opened_synth, tmp_path, monkeypatch):
     """A bundle written by `mlx-k2 run` in a fresh process replays bit for bit here, through the CLI."""
     from typer.testing import CliRunner

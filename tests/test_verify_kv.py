@@ -1,9 +1,9 @@
 """`verify` on KV-cache and weight-cache runs: the schema 2 cache fields, their structural checks, and the
 ledgers from before them.
 
-One good bundle is made once per module: 3 greedy steps on CPU with a KV cache and a weight cache whose
-budget holds the non-expert tensors and 400 routed experts (fewer than a step of the synthetic checkpoint
-asks for, so experts are evicted), from a 2-token prompt. LEDGER.md says what it must hold: step 0 computes
+One good bundle, the session's (conftest.synth_kv_run): 3 greedy steps on CPU with a KV cache and a weight
+cache whose budget holds the non-expert tensors and 400 routed experts (fewer than a step of the synthetic
+checkpoint asks for, so experts are evicted), from a 2-token prompt. LEDGER.md says what it must hold: step 0 computes
 the 2 prompt positions, each later step 1; bytes_cached (step and layer) is what the cache served.
 
 1. The good bundle verifies, and holds what the contract says (`test_good_kv_bundle_verifies`).
@@ -32,38 +32,20 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mlx_k2.evidence.verify import verify
-from mlx_k2.run.session import run
 from mlx_k2.checkpoint.tokenizer import load_tokenizer
 
-from conftest import cpu_spec
+from conftest import SYNTH_KV_PROMPT as PROMPT, SYNTH_KV_STEPS as N_STEPS
+from conftest import synth_kv_budget as cache_budget  # the non-expert bytes of a step and 400 experts
 from tests.test_verify_mutations import dumps, read_lines, rechain, rewrite_manifest, write_lines
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
-PROMPT = [163584, 1000]    # BOS and one more token: step 0 computes 2 positions
-N_STEPS = 3
 EDIT_LAYER = 2             # a MoE layer with layers before and after it
-CACHED_EXPERTS = 400       # experts the weight cache holds beyond the non-expert tensors
-
-
-def cache_budget(model_dir: Path) -> int:
-    """The non-expert bytes of a step plus CACHED_EXPERTS routed experts (every expert has one size)."""
-    from mlx_k2.checkpoint.shards import Checkpoint
-    from mlx_k2.checkpoint.config import load_config
-    from mlx_k2.checkpoint.inventory import step_bytes
-
-    config = load_config(model_dir)
-    _, non_expert, experts = step_bytes(Checkpoint(model_dir), config)
-    moe = sum(config.text.is_moe_layer(i) for i in range(config.text.num_hidden_layers))
-    return non_expert + CACHED_EXPERTS * experts // moe
 
 
 @pytest.fixture(scope="module")
-def kv_bundle(synth_dir, tmp_path_factory) -> Path:
-    bundle = tmp_path_factory.mktemp("kv-bundle") / "bundle"
-    result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, anchors_dir=REPO_ANCHORS,
-                 spec=cpu_spec(kv_cache=True, cache_bytes=cache_budget(synth_dir)))
-    assert result.status == "complete" and len(result.steps) == N_STEPS
-    return bundle
+def kv_bundle(synth_kv_run) -> Path:
+    """The session's KV-cache bundle (conftest.synth_kv_run): PROMPT, N_STEPS steps, cache_budget."""
+    return synth_kv_run
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,21 @@ def check_nanobind() -> None:
                          "pip install 'nanobind>=3,<4'")
 
 
+def _run_showing_progress(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd`, echoing its `[ NN%] Building ...` lines as they come (a compile takes 30 s to a few minutes:
+    the install is never silent that long); return its exit status and whole output."""
+    try:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as e:
+        raise BuildError(f"{Path(cmd[0]).name}: {e}") from None
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if re.match(r"\[\s*\d+%\]", line):
+            print(f"  kernels {line.strip()}", flush=True)
+    return process.wait(), "".join(output)
+
+
 def build() -> Path:
     """Build and return the path of the module; raises BuildError with a one-line reason."""
     for old in HERE.glob("_ext*.so"):
@@ -93,13 +108,10 @@ def build() -> Path:
     configure = [cmake, "-S", str(HERE), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DPython_EXECUTABLE={sys.executable}", f"-DMLX_DIR={mlx_dir}", f"-DMLX_K2_OUTPUT_DIR={HERE}"]
     for cmd in (configure, [cmake, "--build", str(out), "-j", str(os.cpu_count() or 2)]):
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as e:
-            raise BuildError(f"{Path(cmd[0]).name}: {e}") from None
-        if done.returncode != 0:
-            (out / "last-error.log").write_text(done.stdout + done.stderr)
-            lines = [l for l in (done.stderr or done.stdout).splitlines() if l.strip()]
+        returncode, output = _run_showing_progress(cmd)
+        if returncode != 0:
+            (out / "last-error.log").write_text(output)
+            lines = [l for l in output.splitlines() if l.strip()]
             first = next((l for l in lines if "error" in l.lower()), lines[0] if lines else "failed")
             raise BuildError(f"{'configure' if cmd is configure else 'compile'} failed: {first.strip()} "
                              f"(full log: {out / 'last-error.log'})")
@@ -111,6 +123,7 @@ def build() -> Path:
 
 def main() -> int:
     start = time.monotonic()
+    print("building the mlx_k2 CPU kernels (C++, about 30 s on 16 cores, 1-3 minutes on 2)", flush=True)
     try:
         path = build()
     except Exception as e:  # BuildError, a missing mlx, anything: one line, never a failed install

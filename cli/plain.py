@@ -1,13 +1,17 @@
 """Plain progress lines for a run without the dashboard: the work before step 0 as a text bar, one line per
-layer, a summary per step. No terminal control codes, so they read the same in a log file."""
+layer, a summary per step and the answer so far, and the run's closing text and summary. No terminal control
+codes (the model's text too has its control characters escaped), so they read the same in a log file."""
 
 from __future__ import annotations
 
 import typer
 
+from mlx_k2.checkpoint.text_stream import TextStream, visible
 from mlx_k2.evidence.events import Event, LayerDone, RunStarted, StepDone, hit_rate
+from mlx_k2.run.summary import RunSummary
 
 BAR_WIDTH = 24
+ANSWER_TAIL = 100  # characters of the answer so far a step's line shows (the whole text comes at the end)
 
 
 def progress_lines():
@@ -27,8 +31,10 @@ def progress_lines():
 def plain_lines(tokenizer):
     """A sink printing what runs, one line per layer and a summary per step: with a weight cache, the bytes it
     served, its fill and hit rate (the step's and the run's); with look-ahead, how many of the experts used
-    were guessed (the step's and the run's)."""
+    were guessed (the step's and the run's); then the answer so far (its last ANSWER_TAIL characters, each
+    newline shown as ⏎)."""
     run: dict = {"cache_budget": 0, "lookahead": False, "read": 0, "cached": 0, "right": 0, "used": 0}
+    answer = TextStream(tokenizer) if tokenizer is not None else None
 
     def sink(event: Event) -> None:
         if isinstance(event, RunStarted):
@@ -55,7 +61,38 @@ def plain_lines(tokenizer):
             typer.echo(f"step {event.step} token {event.token_id}{shown} logit {event.logit:.6f} "
                        f"positions {event.positions} bytes {event.bytes_read}{_cache(event, run)}"
                        f"{_lookahead(event, run)} {event.wall_s:.2f}s")
+            if answer is not None:
+                answer.add(event.token_id)
+                shown = visible(answer.shown).replace("\n", "⏎")
+                typer.echo(f"answer so far: {'...' if len(shown) > ANSWER_TAIL else ''}{shown[-ANSWER_TAIL:]}")
     return sink
+
+
+def summary_line(summary: RunSummary) -> str:
+    """The run's figures in one line: prompt and prefill, generation, bytes read, the weight cache, memory."""
+    prefill = summary.prefill_tokens_per_s
+    generation = summary.generation_tokens_per_s
+    rate = summary.read_gb_per_s
+    prompt = [f"prompt {_tokens(summary.prompt_tokens)}" + (f", prefill {prefill:.2f} tokens/s" if prefill else "")]
+    parts = [*(prompt if summary.prompt_tokens else ()),  # a resumed call did not compute step 0
+             f"generated {_tokens(summary.generated_tokens)}" + (f", {generation:.2f} tokens/s" if generation else ""),
+             f"read {_size(summary.bytes_read)}" + (f" at {_size(rate * 1e9)}/s" if rate else ""),
+             f"weight cache hit rate {_percent(summary.cache_hit_rate)}" if summary.cache_budget else "no weight cache",
+             f"peak RSS {summary.peak_rss_gb:.2f} GB"]
+    return "; ".join(parts)
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """The whole answer for the closing `text:` line: decoded, control characters escaped."""
+    return visible(tokenizer.decode(ids))
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _percent(fraction: float | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 import re
 import shlex
 import signal
@@ -20,11 +21,12 @@ from mlx_k2.evidence.anchors import reproduced
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
 from mlx_k2.synth.checkpoint import default_checkpoint
+from mlx_k2.checkpoint.chat_template import TEMPLATE_FILE, load_chat_template
 from mlx_k2.checkpoint.tokenizer import TOKENIZER_FILES, adds_bos, default_bos, load_tokenizer
 
 from .app import app, check_writable, guarded
 from .live import live_dashboard
-from .plain import plain_lines, progress_lines
+from .plain import answer_text, plain_lines, progress_lines, summary_line
 
 
 def parse_ids(values: list[str] | None) -> list[int]:
@@ -51,16 +53,30 @@ def read_header_line(path: Path) -> dict:
 
 @app.command()
 @guarded
-def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: the embedded "
-                                                              "synthetic K2.5-format checkpoint).")] = None,
-        prompt: Annotated[Optional[str], typer.Option(help="Prompt text, encoded with the checkpoint's "
-                                                           "tokenizer.")] = None,
+def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Prompt text (the same as --prompt).",
+                                                        show_default=False)] = None,
+        model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: the embedded "
+                                                           "synthetic K2.5-format checkpoint, random weights).")] = None,
+        prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text, encoded with the "
+                                                      "checkpoint's tokenizer.")] = None,
+        chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="Render the prompt as a user message "
+                                                    "with the checkpoint's chat template (default where it has "
+                                                    "one), or encode it as it is.")] = None,
+        system: Annotated[Optional[str], typer.Option(help="With --chat: the system message (default: the "
+                                                      "template's own).")] = None,
         bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help="Put BOS before --prompt text (default: "
                                                    "as the model's tokenizer does, tokenizer_config.json's "
-                                                   "add_bos_token).")] = None,
+                                                   "add_bos_token; with --chat, as the template does).")] = None,
         prompt_ids: Annotated[Optional[list[str]], typer.Option(
             "--prompt-ids", help="Token ids, comma- or space-separated; repeatable. Default: BOS.")] = None,
-        max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 5,
+        max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max-tokens", "-n",
+                                                    help="Tokens to generate.")] = 5,
+        temperature: Annotated[float, typer.Option(help="0: greedy (the default, the anchor's mode); above 0: "
+                                                   "sample, reproducibly (--seed).")] = 0.0,
+        top_p: Annotated[float, typer.Option(help="With --temperature: draw from the smallest set of tokens "
+                                             "holding this share of the probability.")] = 1.0,
+        seed: Annotated[int, typer.Option(help="With --temperature: the seed of every draw (step k's draw "
+                                          "depends on the seed and k only).")] = 0,
         ledger: Annotated[Optional[Path], typer.Option(help="Ledger path (default runs/<time>.jsonl).")] = None,
         bundle: Annotated[Optional[Path], typer.Option(help="Write a bundle directory instead: the ledger, "
                                                             "the tensors behind it, a manifest.")] = None,
@@ -100,7 +116,13 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     from mlx_k2.run.session import resume as resume_session  # needs MLX: imported when a run is asked for
     from mlx_k2.run.session import run as run_session
     from mlx_k2.run.spec import RunSpec, read_policy
+    from mlx_k2.run.summary import RunSummary
+    from mlx_k2.evidence.sampling import Sampling
 
+    if text is not None:
+        if prompt is not None:
+            raise UsageError("give the prompt once: as text after `run` or as --prompt, not both")
+        prompt = text
     if resume is None:  # what needs no checkpoint is checked at once, not after its shards are opened
         if max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -110,7 +132,7 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         spec, read = None, read_policy(read_method, read_retries)
     else:
         spec = RunSpec.from_options(device, kernels, kv_cache, gigabytes(cache, "--cache"), cache_policy, lookahead,
-                                    read_method, read_retries)
+                                    read_method, read_retries, sampling=Sampling(temperature, top_p, seed))
     if link is not None and link.rank != 0:
         follow_rank_0(link, model, spec or RunSpec.from_options(device, kernels, read_method=read_method,
                                                                 read_retries=read_retries))
@@ -126,17 +148,19 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
 
     def go(sinks):
         model_dir = model if model is not None else default_checkpoint(progress=progress)
+        if model is None and not quiet:
+            typer.echo(RANDOM_WEIGHTS.format(model_dir), err=dashboard is not None)
         cfg = load_config(model_dir)  # a missing or bad checkpoint is reported before anything else
         if resume is None:
             check_fits(cfg, model_dir, given_ids, max_new_tokens)  # config.json decides it: before the shards
         tokenizer = load_tokenizer(model_dir)
         if dashboard is not None:
-            dashboard.token_text = tokenizer.token_text if tokenizer else None
+            dashboard.tokenizer = tokenizer
         sinks = sinks or ((plain_lines(tokenizer),) if progress else ())
         if resume is not None:
             return tokenizer, resume_session(resume, model_dir, device, read, lookahead, sinks=sinks,
                                              tokenizer=tokenizer, progress=progress, link=link)
-        ids = prompt_from(prompt, bos, given_ids, model_dir, cfg, tokenizer)
+        ids = prompt_from(Prompt(prompt, chat, system, bos), given_ids, model_dir, cfg, tokenizer)
         check_fits(cfg, model_dir, ids, max_new_tokens)
         if tokenizer is None and not quiet:
             typer.echo(f"warning: {model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
@@ -161,7 +185,10 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
     if resume is not None:  # the whole run's text: the steps recorded before this call and those it added
         generated = [s.get("token_id") for s in read_ledger(result.ledger).steps]
     if tokenizer is not None and generated:
-        typer.echo(f"text: {tokenizer.decode(generated)!r}")
+        typer.echo(f"text: {answer_text(tokenizer, generated)}")
+    if result.steps:  # the budget as recorded (a resumed run's is its header's)
+        budget = read_ledger(result.ledger).header["run"].get("expert_cache_bytes", 0)
+        typer.echo(summary_line(RunSummary.of(result.steps, budget)))
     if result.anchor is not None and result.anchor_ok is not None:
         verdict = ("reproduced" if reproduced(result.anchor_rows) else "agrees (on another platform: within "
                    "tolerance)") if result.anchor_ok else "MISMATCH"
@@ -170,6 +197,10 @@ def run(model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory
         raise typer.Exit(130 if result.status == "stopped" else 1)
     if result.anchor_ok is False:
         raise typer.Exit(1)
+
+
+RANDOM_WEIGHTS = ("note: the default checkpoint ({}) is synthetic: Kimi K2.5's format and structure with random "
+                  "weights, so its text is noise. A real checkpoint: --model DIR (README: Running the real Kimi K2.5).")
 
 
 def distributed_link(distributed: bool, layer_split: str | None, timeout: float, backend: str):
@@ -248,16 +279,38 @@ def default_ledger(bundle: Path | None) -> Path | None:
     return None if bundle is not None else Path("runs") / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.jsonl"
 
 
-def prompt_from(prompt: str | None, bos: bool | None, ids: list[int], model_dir: Path, cfg, tokenizer) -> list[int]:
-    """The prompt's token ids: --prompt-ids, or --prompt encoded (after BOS with --bos, or where the model's
-    tokenizer adds it and --no-bos is not given), else the checkpoint's own BOS."""
-    if prompt is not None:
-        if tokenizer is None:
-            raise UsageError(f"--prompt: {model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
-                             "give --prompt-ids instead")
-        if ids:
-            raise UsageError("give --prompt or --prompt-ids, not both")
-        if bos is None:
-            bos = adds_bos(model_dir)
-        return ([default_bos(model_dir, cfg)] if bos else []) + tokenizer.encode(prompt)
-    return ids or [default_bos(model_dir, cfg)]
+@dataclass(frozen=True)
+class Prompt:
+    """The prompt options: text, whether to render it with the chat template (None: where there is one), the
+    system message, whether to put BOS first (None: as the tokenizer, or with a template the template, does)."""
+    text: str | None
+    chat: bool | None
+    system: str | None
+    bos: bool | None
+
+
+def prompt_from(prompt: Prompt, ids: list[int], model_dir: Path, cfg, tokenizer) -> list[int]:
+    """The prompt's token ids: --prompt-ids; or the text as a user message rendered with the checkpoint's chat
+    template and encoded; or (--raw, or no template) the text encoded after BOS where --bos or the model's
+    tokenizer says so; else the checkpoint's own BOS."""
+    if prompt.text is None:
+        if prompt.chat or prompt.system is not None:
+            raise UsageError("--chat and --system need a prompt text")
+        return ids or [default_bos(model_dir, cfg)]
+    if tokenizer is None:
+        raise UsageError(f"--prompt: {model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+                         "give --prompt-ids instead")
+    if ids:
+        raise UsageError("give --prompt or --prompt-ids, not both")
+    template = load_chat_template(model_dir) if prompt.chat is not False else None
+    if prompt.chat and template is None:
+        raise UsageError(f"--chat: {model_dir} has no chat template ({TEMPLATE_FILE} or tokenizer_config.json's "
+                         "chat_template); give --raw")
+    if template is None:
+        if prompt.system is not None:
+            raise UsageError("--system needs the chat template (not --raw)")
+        bos = adds_bos(model_dir) if prompt.bos is None else prompt.bos
+        return ([default_bos(model_dir, cfg)] if bos else []) + tokenizer.encode(prompt.text)
+    messages = ([{"role": "system", "content": prompt.system}] if prompt.system is not None else []) + \
+        [{"role": "user", "content": prompt.text}]
+    return ([default_bos(model_dir, cfg)] if prompt.bos else []) + tokenizer.encode(template.render(messages))

@@ -206,3 +206,78 @@ def test_no_bos_anywhere_is_one_line_error(cli, tmp_path):
     result, ledger = _default_prompt(cli, model_dir, tmp_path)
     _assert_one_line_error(result, str(model_dir), "bos_token_id", "--prompt-ids")
     assert not ledger.exists()
+
+
+# ----------------------------------------------------------------------------- prompt conventions, the end
+
+@pytest.fixture(scope="module")
+def small_model_with_tokenizer(small_model, tmp_path_factory):
+    """The small checkpoint with a byte-level tokenizer.json (400 ids, inside its vocabulary of 512)."""
+    import shutil
+
+    from tests.test_tokenizer import write_hf_tokenizer
+
+    path = tmp_path_factory.mktemp("cli_k25_tok") / "k25"
+    shutil.copytree(small_model, path)
+    write_hf_tokenizer(path)
+    return path
+
+
+def test_prompt_as_argument_or_option_and_n(cli, small_model_with_tokenizer, tmp_path):
+    """`run TEXT -n 1` is `run --prompt TEXT --max-new-tokens 1` (and `-p`, `--max-tokens`): the same ids."""
+    forms = {"argument": ["hello world", "-n", "1"], "-p": ["-p", "hello world", "--max-tokens", "1"],
+             "long": ["--prompt", "hello world", "--max-new-tokens", "1"]}
+    headers = {}
+    for name, args in forms.items():
+        ledger = tmp_path / f"{name}.jsonl"
+        result = cli.invoke(app, ["run", *args, "--model", str(small_model_with_tokenizer), "--ledger", str(ledger),
+                                  "--device", "cpu", "--quiet"])
+        assert result.exit_code == 0, result.output
+        headers[name] = json.loads(_lines(ledger)[0])["run"]
+    assert headers["argument"]["prompt_ids"] == headers["-p"]["prompt_ids"] == headers["long"]["prompt_ids"]
+    assert len(headers["argument"]["prompt_ids"]) > 1 and headers["argument"]["max_new_tokens"] == 1
+    both = cli.invoke(app, ["run", "hello", "--prompt", "hello", "--model", str(small_model_with_tokenizer), "--device", "cpu",
+                            "--ledger", str(tmp_path / "both.jsonl")])
+    _assert_one_line_error(both, "give the prompt once")
+    assert not (tmp_path / "both.jsonl").exists()
+
+
+def test_the_run_ends_with_its_text_and_summary(cli, small_model_with_tokenizer, tmp_path):
+    """The whole text as the tokenizer decodes it (control characters escaped), then the summary line: figures
+    from the ledger's own steps."""
+    from mlx_k2.checkpoint.text_stream import visible
+    from mlx_k2.checkpoint.tokenizer import load_tokenizer
+
+    ledger = tmp_path / "end.jsonl"
+    result = cli.invoke(app, ["run", "-p", "hello", "-n", "3", "--model", str(small_model_with_tokenizer), "--ledger", str(ledger),
+                              "--device", "cpu", "--quiet", "--cache", "0"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in _lines(ledger)]
+    steps = records[1:-1]
+    text = load_tokenizer(small_model_with_tokenizer).decode([s["token_id"] for s in steps])
+    lines = result.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("text: "))
+    assert "\n".join(lines[at:at + 1 + visible(text).count("\n")]) == "text: " + visible(text)
+    summary = lines[-1]
+    prompt = len(records[0]["run"]["prompt_ids"])
+    prefill = prompt / steps[0]["wall_s"]
+    generation = 2 / (steps[1]["wall_s"] + steps[2]["wall_s"])
+    read = sum(s["bytes_read"] for s in steps)
+    assert summary.startswith(f"prompt {prompt} tokens, prefill {prefill:.2f} tokens/s; generated 3 tokens, "
+                              f"{generation:.2f} tokens/s; read {read / 1e6:.1f} MB at "), summary
+    assert summary.endswith(" GB") and "; no weight cache;" in summary  # --cache 0
+
+
+def test_the_default_checkpoint_says_its_weights_are_random(synth_dir, tmp_path):
+    from mlx_k2.synth.checkpoint import default_checkpoint_name
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / default_checkpoint_name()).symlink_to(synth_dir, target_is_directory=True)
+    result = CliRunner().invoke(app, ["run", "-n", "1", "--device", "cpu", "--no-dashboard", "--ledger",
+                                      str(tmp_path / "l.jsonl")], env={"MLX_K2_CACHE": str(cache)})
+    assert result.exit_code == 0, result.output
+    assert "random weights, so its text is noise" in result.output and "--model DIR" in result.output
+    given = CliRunner().invoke(app, ["run", "--model", str(synth_dir), "-n", "1", "--device", "cpu",
+                                     "--no-dashboard", "--ledger", str(tmp_path / "m.jsonl")])
+    assert given.exit_code == 0 and "random weights" not in given.output

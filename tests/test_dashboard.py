@@ -30,11 +30,22 @@ def screen(state: DashboardState) -> str:
     return console.export_text()
 
 
+class WordTokenizer:
+    """Token 7 is "hello", 8 a line break; the others have no text."""
+    WORDS = {7: "hello", 8: "\n"}
+
+    def token_text(self, token_id):
+        return self.WORDS.get(token_id)
+
+    def decode(self, ids):
+        return "".join(self.WORDS.get(i, "") for i in ids)
+
+
 def make_state(clock_values=None) -> DashboardState:
     ticks = iter(clock_values or [100.0] * 50)
     return DashboardState(model_path="/models/k25", model_type="kimi_k25", device="cpu", num_layers=4,
                           n_routed_experts=16, max_new_tokens=2, context_len=1, step_bytes_estimate=5_000_000,
-                          token_text=lambda i: {7: "hello"}.get(i), clock=lambda: next(ticks))
+                          tokenizer=WordTokenizer(), clock=lambda: next(ticks))
 
 
 def layer(step, i, kind, norm_in, norm_out, experts=None, scores=None, nbytes=1_000_000, wall=0.5, **decode):
@@ -83,6 +94,7 @@ def test_end_of_step_frame():
     text = screen(state)
     assert "step 2/2" in text and "context 2 tokens" in text
     assert "'hello'" in text and "5.0000" in text and "1.0000" in text  # token text, logit, margin
+    assert "answer\nhello\n" in text.replace("│", "").replace(" ", "")  # the answer so far, under its title
     assert "4.5 MB" in text
     assert "norm_out prev step " + sparkline([2.0, 3.0, 4.0, 5.0], 5.0, 4) in text
     state.update(RunDone(steps=1, bytes_read=4_500_000, wall_s=2.0, status="complete"))
@@ -289,5 +301,9 @@ def test_run_under_a_pseudo_terminal(synth_dir, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert plain.returncode == 0, plain.stderr
     assert "output formation" not in plain.stdout and "layer 60" in plain.stdout
+    assert "answer so far: " in plain.stdout and "\ntext: " in plain.stdout  # the answer as it forms, then whole
+    assert re.search(r"^prompt 1 token, prefill [0-9.]+ tokens/s; generated 2 tokens, [0-9.]+ tokens/s; read "
+                     r"[0-9.]+ [MG]B at [0-9.]+ [MG]B/s; weight cache hit rate [0-9.]+%; peak RSS [0-9.]+ GB$",
+                     plain.stdout, re.M), plain.stdout
     assert "decode no-KV, weight cache 1.00 GB, look-ahead off" in plain.stdout
     assert _strip_times(tty_ledger) == _strip_times(plain_ledger)

@@ -227,14 +227,14 @@ def test_same_seed_same_bytes_at_a_small_width(tmp_path):
     """The seed decides every byte; at full width (the default checkpoint written again) below, in `make test-all`."""
     first = _digests(write_synthetic(tmp_path / "a", seed=0, spec=SMALL))
     assert first == _digests(write_synthetic(tmp_path / "b", seed=0, spec=SMALL))
-    assert len(first) == 2 + 3 + 4  # shards, index, config, tiktoken.model, tokenizer_config.json
+    assert len(first) == 2 + 3 + 5  # shards, index, config, tiktoken.model, tokenizer_config.json, chat_template.jinja
 
 
 @pytest.mark.slow  # writes the full-width checkpoint again; the small-width case above is the same behaviour
 def test_same_seed_same_bytes(synth_dir, tmp_path):
     again = write_synthetic(tmp_path / "again", seed=0)
     first, second = _digests(synth_dir), _digests(again)
-    assert len(first) == N_SHARDS + 4  # shards, index, config, tiktoken.model, tokenizer_config.json
+    assert len(first) == N_SHARDS + 5  # shards, index, config, tiktoken.model, tokenizer_config.json, chat_template.jinja
     assert first == second
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..checkpoint.config import ModelConfig
 from ..errors import K2Error
 from .derived import tensor_digest
@@ -179,6 +181,9 @@ def freeze(directory: Path, record: dict[str, Any]) -> Path:
 
 
 def observed_values(step) -> dict[str, Any]:
-    """The anchor fields of a StepDone (digests from the one digest function)."""
-    return {"token_id": step.token_id, "logit": step.logit, "hidden_digest": tensor_digest(step.hidden),
+    """The anchor fields of a StepDone (digests from the one digest function). The token is greedy's choice
+    from the step's logits (their first maximum): the step's own token in a greedy run, and in a sampled run
+    what the anchor, taken greedy, is compared with (the draw itself is checked against the logits)."""
+    token = int(np.argmax(step.logits))
+    return {"token_id": token, "logit": float(step.logits[token]), "hidden_digest": tensor_digest(step.hidden),
             "logits_digest": tensor_digest(step.logits), "bytes_read": step.bytes_read}

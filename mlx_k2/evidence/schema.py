@@ -28,6 +28,7 @@ SCHEMA = "mlx-k2.ledger/3"
 # Schema 3 defines the derived values by platform-independent algorithms (norms, entropy and routing weights
 # from exact squares, correctly rounded sums and `exact`'s exp and log: the same bits on every machine, so
 # verify compares them exactly) and adds header run.machine, run.system and run.exactness (RUN_PLATFORM_FIELDS).
+# Then header run.sampling, only in a sampled run (evidence/sampling.py: temperature, top_p, seed).
 SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", SCHEMA)
 # Header run.exactness: `portable` (every operation of a step is the product's own, in a fixed order: the
 # same bits on any CPU) or `platform` (MLX's built-ins or the GPU: the same bits only on the same platform,

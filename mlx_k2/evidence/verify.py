@@ -34,13 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import K2Error
+from ..errors import K2Error, UsageError
 from .anchors import Anchor, compare, find_anchor, load_anchors
 from .bundle import MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
                       root_digest, tensor_digest, top16)
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
+from .sampling import Sampling
 from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
                      DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
                      MODEL_FIELDS, PROVENANCES, RESIDUALS, ROUTED, ROUTER_SCORES, ROUTING_SCORES, RUN_FIELDS,
@@ -163,7 +164,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
         tensors = _read_tensors(path, model, run, steps, shapes)
         checks.append(shapes)
     text_unchecked = _tokenizer_problem(model, steps, tokenizer)
-    checks += _recomputed_checks(steps, tensors, bundle, tokenizer, text_unchecked, version)
+    checks += _recomputed_checks(steps, tensors, bundle, tokenizer, text_unchecked, version, _sampling(run))
     anchor = _check_anchor(header, steps, anchors_dir)
     checks += [anchor, _check_complete(model, run, steps, footer)]
     if digest is not None:
@@ -243,13 +244,13 @@ def _well_formed(schema: Check, lines: list, records: list[dict], provenance: An
 
 
 def _recomputed_checks(steps: list[dict], tensors: dict, bundle: bool, tokenizer, text_unchecked: str,
-                       version: int) -> list[Check]:
+                       version: int, sampling: Sampling) -> list[Check]:
     """The `derived`, `measured` and `digests` rows; token_text is checked only where the tokenizer is the
     header's (`text_unchecked` empty), and says why not where a step has one. From schema 3 on the derived
     values and norms are defined by platform-independent algorithms and compared exactly; before it they were
     the recording machine's numpy and BLAS, and are compared within FLOAT_RTOL (the rows say so)."""
     same = _same if version >= 3 else _close
-    recomputed = _check_recomputed(steps, tensors, bundle, None if text_unchecked else tokenizer, same)
+    recomputed = _check_recomputed(steps, tensors, bundle, None if text_unchecked else tokenizer, sampling, same)
     if version < 3 and bundle:
         for c in recomputed[:2]:
             c.detail = "; ".join(filter(None, [c.detail, f"norms, entropy and routing weights within {FLOAT_RTOL:g} "
@@ -304,6 +305,11 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
                                       and re.fullmatch(QUANTIZATION_LABEL, model[QUANTIZATION])):
         schema.fail(f"header: model.quantization {model[QUANTIZATION]!r} is not none, int<bits>-group<size> or "
                     "fp8-block<size>")
+    if "sampling" in run:
+        try:
+            Sampling.from_record(run["sampling"] if isinstance(run["sampling"], dict) else {})
+        except UsageError as e:
+            schema.fail(f"header: {e}")
     if "cache_policy" in run and run["cache_policy"] not in CACHE_POLICIES:
         schema.fail(f"header: run.cache_policy {run['cache_policy']!r} is not one of {', '.join(CACHE_POLICIES)}")
     budget = run.get("expert_cache_bytes", 0)
@@ -596,23 +602,23 @@ def _same(a: float, b: float) -> bool:
     return a == b
 
 
-def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer, same=_same) -> list[Check]:
-    """`same`: a recorded float against the one recomputed from the saved tensors (exact, or _close)."""
+def _sampling(run: dict) -> Sampling:
+    """The header's token rule (greedy without run.sampling, or where the record is malformed: the schema row
+    says so)."""
+    try:
+        return Sampling.from_record(run.get("sampling"))
+    except UsageError:
+        return Sampling()
+
+
+def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer, sampling: Sampling,
+                      same=_same) -> list[Check]:
+    """`same`: a recorded float against the one recomputed from the saved tensors (exact, or _close). The token
+    is the header's rule applied to the saved logits (greedy: their first maximum, which is top16[0])."""
     derived, measured, digests = Check("derived"), Check("measured"), Check("digests")
     for s in steps:
         k, logits_list = s.get("step"), s.get("top16") or []
-        try:  # checks that hold on the ledger alone
-            pairs = [(int(i), float(v)) for i, v in logits_list]
-        except (TypeError, ValueError):
-            derived.fail(f"step {k}: top16 is not a list of [id, logit]")
-            pairs = []
-        if pairs:
-            if sorted(pairs, key=lambda p: (-p[1], p[0])) != pairs or len(pairs) != 16:
-                derived.fail(f"step {k}: top16 is not 16 logits descending with ties by id")
-            if pairs[0] != (s.get("token_id"), s.get("logit")):
-                derived.fail(f"step {k}: top16[0] is not [token_id, logit]")
-            if len(pairs) > 1 and not _close(s.get("margin", math.nan), pairs[0][1] - pairs[1][1]):
-                derived.fail(f"step {k}: margin is not top16[0] - top16[1]")
+        _check_top16(s, derived, sampling)  # checks that hold on the ledger alone
         for x in s.get("layers") or []:
             if not isinstance(x, dict):
                 continue
@@ -640,9 +646,10 @@ def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer,
             derived.fail(f"step {k}: entropy differs from the saved logits")
         if s.get("margin") != margin(logits):
             derived.fail(f"step {k}: margin differs from the saved logits")
-        token = int(np.argmax(logits))
+        token = sampling.choose(logits, k) if isinstance(k, int) else int(np.argmax(logits))
         if s.get("token_id") != token:
-            measured.fail(f"step {k}: token_id {s.get('token_id')} is not the argmax {token} of the logits")
+            rule = "argmax" if sampling.greedy else "sampled token (run.sampling)"
+            measured.fail(f"step {k}: token_id {s.get('token_id')} is not the {rule} {token} of the logits")
         if s.get("logit") != float(logits[token]):
             measured.fail(f"step {k}: logit differs from the saved logits")
         _check_layer_tensors(k, s.get("layers") or [], t, derived, measured, same)
@@ -655,6 +662,28 @@ def _check_recomputed(steps: list[dict], tensors: dict, bundle: bool, tokenizer,
     if derived.ok and notes:
         derived.detail = "; ".join(notes)
     return [derived, measured, digests]
+
+
+def _check_top16(s: dict, derived: Check, sampling: Sampling) -> None:
+    """A step's top16 against itself, its token, logit and margin (greedy: the token is top16[0]; sampled: a
+    listed token has the step's logit)."""
+    k = s.get("step")
+    try:
+        pairs = [(int(i), float(v)) for i, v in s.get("top16") or []]
+    except (TypeError, ValueError):
+        derived.fail(f"step {k}: top16 is not a list of [id, logit]")
+        return
+    if not pairs:
+        return
+    if sorted(pairs, key=lambda p: (-p[1], p[0])) != pairs or len(pairs) != 16:
+        derived.fail(f"step {k}: top16 is not 16 logits descending with ties by id")
+    listed = dict(pairs)
+    if sampling.greedy and pairs[0] != (s.get("token_id"), s.get("logit")):
+        derived.fail(f"step {k}: top16[0] is not [token_id, logit]")
+    elif not sampling.greedy and s.get("token_id") in listed and listed[s["token_id"]] != s.get("logit"):
+        derived.fail(f"step {k}: the logit of token {s['token_id']} in top16 is not the step's logit")
+    if len(pairs) > 1 and not _close(s.get("margin", math.nan), pairs[0][1] - pairs[1][1]):
+        derived.fail(f"step {k}: margin is not top16[0] - top16[1]")
 
 
 def _check_layer_tensors(k: int, layers: list, t: dict, derived: Check, measured: Check, same) -> None:
@@ -733,6 +762,10 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
         return check
     s = steps[0]
     observed = {f: s.get(f) for f in ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")}
+    if "sampling" in run and isinstance(s.get("top16"), list) and s["top16"] and isinstance(s["top16"][0], list):
+        # The anchor holds greedy's choice: a sampled run's step 0 is compared by the token greedy takes from
+        # the same logits (top16[0]); its own draw is checked from the logits by the `measured` row.
+        observed["token_id"], observed["logit"] = (s["top16"][0] + [None, None])[:2]
     rows = compare(anchor, observed, run)
     for row in rows:
         if row.ok is False:

@@ -61,8 +61,8 @@ def default_budget() -> int:
 
 def peak_rss_gb(who: int = resource.RUSAGE_SELF) -> float:
     """This process's peak resident set in GB, or with RUSAGE_CHILDREN the largest of its finished children."""
-    kb = resource.getrusage(who).ru_maxrss
-    return kb * (1 if os.uname().sysname == "Linux" else 1 / 1024) / 1e6  # Linux: KiB; macOS: bytes
+    maxrss = resource.getrusage(who).ru_maxrss
+    return maxrss * (1024 if os.uname().sysname == "Linux" else 1) / 1e9  # Linux counts KiB, macOS bytes
 
 
 @dataclass

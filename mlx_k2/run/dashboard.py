@@ -4,7 +4,8 @@
 with per-layer times and ETAs, the residual norm trajectory (this step beside the previous one), the
 current MoE layer's experts and weights, a strip over all experts counting selections this run, I/O, the
 decode mode (no-KV or KV cache, positions computed per step, router look-ahead and how often its guesses
-were right), the weight cache's fill and hit rate, and the token timeline. Before the run starts, `progress` shows the work before step 0 (building the default
+were right), the weight cache's fill and hit rate, the answer as it forms (valid UTF-8 across tokens:
+checkpoint.text_stream) and the token timeline. Before the run starts, `progress` shows the work before step 0 (building the default
 checkpoint, reading headers, validating). A figure not known yet is left out, never shown as a guess.
 `render` only reads the state; driving it (rich `Live`) is the CLI's job.
 """
@@ -22,6 +23,7 @@ from rich.text import Text
 
 from ..evidence.events import Event, LayerDone, RunDone, RunStarted, StepDone, hit_rate, lookahead_counts
 from ..evidence.derived import entropy, margin
+from ..checkpoint.text_stream import TextStream, visible
 
 SPARK = "▁▂▃▄▅▆▇█"
 SHADE = " ░▒▓█"
@@ -55,7 +57,7 @@ class DashboardState:
     kv_cache: bool = False                  # decode mode, weight cache budget and look-ahead: from RunStarted
     cache_budget: int = 0
     lookahead: bool = False
-    token_text: object = None               # callable id -> str | None
+    tokenizer: object = None                # checkpoint.tokenizer.Tokenizer, or None: tokens shown as ids
     clock: object = time.perf_counter       # injectable for tests
     step: int = 0
     layers_done: int = 0
@@ -83,6 +85,7 @@ class DashboardState:
     last_step_guesses: tuple[int, int] | None = None  # ... the last finished step
     status: str = "running"                 # "starting" until RunStarted when made empty, then the run's
     preparing: tuple[str, int, int] | None = None   # (what, done, total) of the work before step 0
+    answer: TextStream | None = None        # the text of this call's tokens (from the first StepDone on)
 
     def __post_init__(self):
         if not self.num_layers:
@@ -124,7 +127,10 @@ class DashboardState:
                 self.expert_counts[list(event.experts)] += 1
         elif isinstance(event, StepDone):
             logits = np.asarray(event.logits)
-            text = self.token_text(event.token_id) if callable(self.token_text) else None
+            text = self.tokenizer.token_text(event.token_id) if self.tokenizer is not None else None
+            if self.tokenizer is not None:
+                self.answer = self.answer or TextStream(self.tokenizer)
+                self.answer.add(event.token_id)
             self.tokens.append(TokenRow(event.step, event.token_id, text, event.logit, margin(logits),
                                         entropy(logits), event.bytes_read, event.wall_s, event.positions,
                                         event.bytes_cached))
@@ -259,7 +265,7 @@ def render(state: DashboardState, width: int = 120):
     return Panel(Group(_head(state), _layer_progress(state, inner), Text(""), _norms(state, inner), Text(""),
                        routing_title, routing, _expert_strip_line(state, inner), Text(""),
                        _io_line(state, step_label), _mode_line(state, step_label), _cache_line(state, step_label),
-                       Text(""), _timeline(state)),
+                       Text(""), _answer(state, inner), _timeline(state)),
                  title="output formation", width=width)
 
 
@@ -347,6 +353,20 @@ def _timeline(state: DashboardState) -> Table:
                          f"{t.logit:.4f}", f"{t.margin:.4f}", f"{t.entropy:.3f}", str(t.positions), _gb(t.bytes_read),
                          *((_gb(t.bytes_cached),) if state.cache_budget else ()), _secs(t.wall_s))
     return timeline
+
+
+ANSWER_LINES = 4
+
+
+def _answer(state: DashboardState, inner: int) -> Text:
+    """The answer so far: its last ANSWER_LINES lines at the panel's width (the whole text is printed at the
+    end), control characters escaped."""
+    if state.answer is None:
+        return Text.assemble(("answer ", "bold"), "-" if state.tokenizer is None or not state.tokens else "")
+    lines = []
+    for line in visible(state.answer.shown).split("\n"):
+        lines += [line[i:i + inner] for i in range(0, len(line), inner)] or [""]
+    return Text.assemble(("answer", "bold"), "\n", "\n".join(lines[-ANSWER_LINES:]))
 
 
 def _cache_line(state: DashboardState, step_label: str) -> Text:

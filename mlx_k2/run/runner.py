@@ -229,7 +229,8 @@ class Model:
                 for done in others.layers:
                     watch.layers.append(done)
                     yield done
-        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits, others)
+        token = self.spec.sampling.choose(logits, step)  # greedy, or the seeded draw (evidence.sampling)
+        yield watch.step_done(input_ids, len(input_ids) - past, hidden, logits, token, others)
 
     @contextlib.contextmanager
     def stepping(self, kv: KVCache | None, length: int) -> Iterator[list[LatentKV | None] | None]:
@@ -329,10 +330,10 @@ class StepWatch:
                 "bytes_cached": self.reader.bytes_cached - self.cached_at_start,
                 "cache_held": 0 if cache is None else cache.held, "reads_s": self.reader.wait_s - self.wait_at_start}
 
-    def step_done(self, input_ids: list[int], positions: int, hidden: np.ndarray, logits: np.ndarray,
+    def step_done(self, input_ids: list[int], positions: int, hidden: np.ndarray, logits: np.ndarray, token: int,
                   others=None) -> StepDone:
-        """`others`: the other ranks' part of a pipelined step (their totals add to this process's)."""
-        token = int(np.argmax(logits))  # first maximum: ties go to the lower id
+        """`token`: the step's choice from `logits`; `others`: the other ranks' part of a pipelined step (their
+        totals add to this process's)."""
         totals = self.totals()
         for other in () if others is None else others.totals:
             totals = {k: totals[k] + other[k] for k in totals}

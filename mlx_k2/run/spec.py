@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from ..errors import K2Error, UsageError
 from ..evidence.platforms import kernel_key
+from ..evidence.sampling import Sampling
 from ..evidence.schema import BUILTIN_KERNELS, PLATFORM_BOUND, PORTABLE
 from ..model.forward import PORTABLE_KERNELS
 from ..model.linear import choose_kernels, kernels_label
@@ -60,6 +61,7 @@ class RunSpec:
     rank: int | None = None             # this process's rank in a pipelined run (None: one process)
     streams: int | None = None          # CPU streams a layer's expert rows are spread over (None: one per core,
                                         # up to 8); the bits do not depend on it
+    sampling: Sampling = Sampling()     # how a step's token is chosen from its logits (default greedy)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -74,13 +76,14 @@ class RunSpec:
     @classmethod
     def from_options(cls, device: str | None = None, kernels: str | None = None, kv_cache: bool = False,
                      cache_bytes: int | None = None, cache_policy: str = "lru", lookahead: bool | None = None,
-                     read_method: str = "pread", read_retries: int = 3, capture: bool = True) -> RunSpec:
+                     read_method: str = "pread", read_retries: int = 3, capture: bool = True,
+                     sampling: Sampling = Sampling()) -> RunSpec:
         """What a person asked for: `device` None picks the GPU where there is one, `kernels` None is auto,
         `cache_bytes` None half the RAM free now, `lookahead` None on with a KV cache."""
         read = read_policy(read_method, read_retries)
         dev = select_device(device)
         return cls(dev, choose_kernels(kernels, dev), kv_cache, default_budget() if cache_bytes is None else cache_bytes,
-                   cache_policy, kv_cache if lookahead is None else lookahead, read, capture)
+                   cache_policy, kv_cache if lookahead is None else lookahead, read, capture, sampling=sampling)
 
     @classmethod
     def from_header(cls, run: dict[str, Any], device: str | None = None, read: ReadPolicy = ReadPolicy(),
@@ -109,7 +112,7 @@ class RunSpec:
             if kernels != kernel_key(str(recorded)):
                 raise UsageError(f"recorded with kernels {kernel_key(str(recorded))}, this install has {kernels}")
         return cls(dev, kernels, kv_cache, budget, policy, kv_cache if lookahead is None else lookahead, read,
-                   run.get("capture", True) is not False)
+                   run.get("capture", True) is not False, sampling=Sampling.from_record(run.get("sampling")))
 
     def for_rank(self, layers: tuple[int, int], rank: int, cache_bytes: int, kv_cache: bool, lookahead: bool,
                  cache_policy: str) -> RunSpec:
@@ -156,6 +159,8 @@ class RunSpec:
         run = {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": self.kv_cache,
                "capture": self.capture, **platform, "expert_cache_bytes": budget,
                "cache_policy": self.cache_policy, "versions": dict(versions)}
+        if not self.sampling.greedy:
+            run["sampling"] = self.sampling.record()
         if distributed is not None:
             run["distributed"] = distributed
         return run

@@ -30,6 +30,7 @@ import numpy as np
 from ..checkpoint import names
 from ..checkpoint.safetensors_write import Lazy, e4m3_values, save, to_bf16
 from ..checkpoint.tokenizer import SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS
+from .chat_templates import KIMI_K25
 
 BOS, EOS, PAD = 163584, 163585, 163839
 DEEPSEEK_BOS, DEEPSEEK_EOS = 0, 1
@@ -322,7 +323,8 @@ HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM = 1000, 1001, 1002
 
 
 def write_tokenizer(path: Path, vocab_size: int, seed: int) -> None:
-    """tiktoken.model (base64 token, rank per line) and tokenizer_config.json with K2.5's special ids.
+    """tiktoken.model (base64 token, rank per line), tokenizer_config.json with K2.5's special ids and K2.5's
+    chat template in chat_template.jinja.
 
     The base vocabulary is the 256 bytes plus merges of two earlier tokens, as byte-pair encoding builds
     one, so every id below the first special token decodes to bytes and any text encodes.
@@ -351,6 +353,7 @@ def write_tokenizer(path: Path, vocab_size: int, seed: int) -> None:
               "unk_token": "[UNK]", "tokenizer_class": "TikTokenTokenizer", "model_max_length": 262144,
               "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "chat_template.jinja").write_text(KIMI_K25)
 
 
 def shard_name(i: int, n_shards: int) -> str:
@@ -420,7 +423,7 @@ def cache_root() -> Path:
 
 def default_checkpoint_name(seed: int = 0) -> str:
     """The cache entry of the default checkpoint; the version changes whenever its bytes would."""
-    return f"synthetic-k25-seed{seed}-v2"
+    return f"synthetic-k25-seed{seed}-v3"
 
 
 def default_checkpoint(seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> Path:

@@ -4,7 +4,8 @@ For synthetic checkpoints in the DeepSeek-V3 layout, which carry a Hugging Face 
 `tiktoken.model`. The ids: `<｜begin▁of▁sentence｜>` 0 and `<｜end▁of▁sentence｜>` 1 (DeepSeek-V3's), the
 256 bytes 2..257, then byte-pair merges of two earlier tokens up to `vocab_size` - 1, so every id decodes to
 bytes and any text encodes. Byte-level pre-tokenizer and decoder; a TemplateProcessing post-processor that
-puts BOS first, and tokenizer_config.json's `add_bos_token: true`, as DeepSeek-V3 ships them.
+puts BOS first, and tokenizer_config.json's `add_bos_token: true` and `chat_template` (DeepSeek-V3's form,
+synth/chat_templates.py), as DeepSeek-V3 ships them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from .chat_templates import DEEPSEEK_V3
 
 DSV3_BOS = "<｜begin▁of▁sentence｜>"
 DSV3_EOS = "<｜end▁of▁sentence｜>"
@@ -79,5 +81,5 @@ def write_tokenizer_json(path: str | Path, vocab_size: int, seed: int = 0, bos_t
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": added(bos_token),
               "eos_token": added(eos_token), "pad_token": added(eos_token), "unk_token": None,
               "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 16384,
-              "tokenizer_class": "LlamaTokenizerFast"}
+              "tokenizer_class": "LlamaTokenizerFast", "chat_template": DEEPSEEK_V3}
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

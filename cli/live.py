@@ -16,6 +16,6 @@ REFRESH_PER_SECOND = 4  # redraws happen on Live's own thread; the run never wai
 def live_dashboard(state: DashboardState, console: Console | None = None):
     console = console or Console()
     with Live(console=console, refresh_per_second=REFRESH_PER_SECOND, transient=False, redirect_stdout=False,
-              get_renderable=lambda: render(state, width=min(console.width, 160))) as live:
+              get_renderable=lambda: render(state, width=min(console.width, 160), height=console.height)) as live:
         yield state.update
         live.refresh()

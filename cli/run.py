@@ -188,7 +188,7 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
         typer.echo(f"text: {answer_text(tokenizer, generated)}")
     if result.steps:  # the budget as recorded (a resumed run's is its header's)
         budget = read_ledger(result.ledger).header["run"].get("expert_cache_bytes", 0)
-        typer.echo(summary_line(RunSummary.of(result.steps, budget)))
+        typer.echo(summary_line(RunSummary.of(result.steps, budget, prefill=result.steps[0].step == 0)))
     if result.anchor is not None and result.anchor_ok is not None:
         verdict = ("reproduced" if reproduced(result.anchor_rows) else "agrees (on another platform: within "
                    "tolerance)") if result.anchor_ok else "MISMATCH"

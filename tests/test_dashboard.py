@@ -7,6 +7,8 @@ import os
 import pty
 import re
 import select
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from mlx_k2.run.dashboard import DashboardState, expert_strip, render, sparkline
+from mlx_k2.run.dashboard import FULL_HEIGHT, FULL_WIDTH, DashboardState, expert_strip, render, sparkline
 from mlx_k2.evidence.events import LayerDone, RunDone, RunStarted, StepDone
 from mlx_k2_cli.plain import plain_lines
 
@@ -307,3 +309,74 @@ def test_run_under_a_pseudo_terminal(synth_dir, tmp_path):
                      plain.stdout, re.M), plain.stdout
     assert "decode no-KV, weight cache 1.00 GB, look-ahead off" in plain.stdout
     assert _strip_times(tty_ledger) == _strip_times(plain_ledger)
+
+
+def _sized_screen(state: DashboardState, columns: int, rows: int) -> list[str]:
+    console = Console(record=True, width=columns, height=rows, color_system=None, force_terminal=False)
+    console.print(render(state, width=columns, height=rows))
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("columns, rows, compact", [(80, 24, True), (100, 30, True), (99, 60, True),
+                                                    (140, 45, False), (100, 42, False)])
+def test_the_layout_fits_the_terminal(columns, rows, compact):
+    """Below 100x42 the compact panel: it fits the rows and columns, one line each for the step, the layers,
+    the experts, I/O and the last token, then the answer's last lines; from 100x42 the full panel."""
+    events, _, _ = kv_run_events()
+    state = make_state()
+    for event in events:
+        state.update(event)
+    for i in range(30):  # a long answer, "hello" on each of its lines: only its last lines fit
+        state.update(StepDone(step=2, input_ids=(1,), token_id=7 if i % 2 else 8, logit=1.0,
+                              hidden=np.zeros(4, np.float32),
+                              logits=np.zeros(32, np.float32), bytes_read=1, wall_s=0.1, layers=()))
+    lines = _sized_screen(state, columns, rows)
+    assert len(lines) <= rows and all(len(line) <= columns for line in lines)
+    text = "\n".join(lines)
+    assert ("norm_out this step" not in text) == compact
+    assert "experts" in text and "answer" in text and "step 4/2" not in text
+    if compact:
+        assert re.search(r"token step \d+ id 7 'hello'", text)
+        assert text.count("hello") >= min(rows - 9, 15)  # the answer's last lines, one "hello" each
+
+
+# ------------------------------------------------------------------------------------ real terminal sizes
+
+def _tmux(socket: str, *args: str) -> str:
+    return subprocess.run(["tmux", "-L", socket, *args], capture_output=True, text=True, timeout=30).stdout
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (a real terminal of a given size)")
+# 80x24 in `make test`; the larger sizes (the compact layout again, and the full one) in `make test-all`, the
+# layout for every size being render's, checked above without a terminal.
+@pytest.mark.parametrize("columns, rows", [(80, 24), pytest.param(100, 30, marks=pytest.mark.slow),
+                                           pytest.param(140, 45, marks=pytest.mark.slow)])
+def test_every_terminal_size_shows_answer_experts_and_step(synth_dir, tmp_path, columns, rows):
+    """`run -p Hello -n 3 --kv-cache` in tmux at COLUMNSxROWS: while it runs, a whole frame (both borders) is on
+    the screen with the step line, the current layer's experts and the answer, and no line is wider than the
+    terminal; at 80x24 and 100x30 that is the compact layout. The run then ends with its text and summary."""
+    socket = f"mlx-k2-test-{os.getpid()}-{columns}"
+    done = tmp_path / "done"
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    cmd = (f"unset COLUMNS LINES; cd {shlex.quote(str(ROOT))} && PYTHONPATH={shlex.quote(path)} "
+           f"{shlex.quote(sys.executable)} -m mlx_k2_cli run -p Hello -n 3 --kv-cache --model {shlex.quote(str(synth_dir))} --device cpu --cache 1 "
+           f"--ledger {shlex.quote(str(tmp_path / 'l.jsonl'))}; touch {shlex.quote(str(done))}; sleep 60")
+    _tmux(socket, "new-session", "-d", "-x", str(columns), "-y", str(rows), "-e", "TERM=xterm-256color", cmd)
+    frames = []
+    try:
+        deadline = time.time() + 180
+        while not done.exists() and time.time() < deadline:
+            frames.append(_tmux(socket, "capture-pane", "-p", "-t", "0"))
+            time.sleep(0.3)
+        final = _tmux(socket, "capture-pane", "-p", "-S", "-100", "-t", "0")
+    finally:
+        _tmux(socket, "kill-server")
+    assert done.exists(), final
+    whole = [f for f in frames if "╭" in f and "╰" in f and "answer" in f and "experts" in f
+             and re.search(r"step \d/3", f)]
+    assert whole, frames[-3:]
+    assert all(len(line) <= columns for f in frames for line in f.splitlines())
+    compact = columns < FULL_WIDTH or rows < FULL_HEIGHT
+    wrong = [f for f in whole if ("norm_out this step" in f) == compact]  # the full layout's sparkline row
+    assert not wrong, wrong[0]
+    assert "\ntext: " in final and re.search(r"^prompt \d+ tokens, prefill", final, re.M), final

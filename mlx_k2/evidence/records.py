@@ -17,7 +17,7 @@ import numpy as np
 from .events import LayerDone, StepDone
 from .derived import entropy, file_blake3, margin, tensor_digest, top16
 from ..checkpoint.tokenizer import tokenizer_file
-from .schema import DISTRIBUTED_PROVENANCE, MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA
+from .schema import CHAT_PROVENANCE, DISTRIBUTED_PROVENANCE, MODEL_FACTS, PROVENANCE, QUANTIZATION, SCHEMA
 
 def model_facts(model_dir: Path, config) -> dict[str, Any]:
     """The header's model facts (schema.MODEL_FACTS, and model.quantization) from a model config
@@ -42,10 +42,12 @@ def model_record(model_dir: Path, identity: dict[str, str], config) -> dict[str,
 def header_record(model: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     """The header line from its `model` block (`model_record`) and `run` block (how the run computes, the
     job and the versions of mlx_k2, MLX and Python: `spec.RunSpec.header_run`). A run pipelined over several
-    ranks (`run.distributed`, schema.DISTRIBUTED_FIELDS) has its own provenance map."""
+    ranks (`run.distributed`, schema.DISTRIBUTED_FIELDS) and a chat session (`run.chat`, schema.CHAT_FIELDS) have
+    their own provenance maps."""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    provenance = DISTRIBUTED_PROVENANCE if "distributed" in run else CHAT_PROVENANCE if "chat" in run else PROVENANCE
     return {"kind": "header", "schema": SCHEMA, "created": created, "model": dict(model), "run": dict(run),
-            "provenance": dict(PROVENANCE if "distributed" not in run else DISTRIBUTED_PROVENANCE)}
+            "provenance": dict(provenance)}
 
 
 def layer_record(e: LayerDone) -> dict[str, Any]:
@@ -59,9 +61,11 @@ def layer_record(e: LayerDone) -> dict[str, Any]:
     return record
 
 
-def step_record(e: StepDone, token_text: str | None) -> dict[str, Any]:
+def step_record(e: StepDone, token_text: str | None, appended_ids: list[int] | None = None) -> dict[str, Any]:
+    """A step line; `appended_ids`: the ids a chat's new turn appended before this step (its first step)."""
     logits = np.asarray(e.logits, dtype=np.float32)
-    return {"kind": "step", "step": e.step, "input_ids": list(e.input_ids), "positions": e.positions,
+    turn = {} if appended_ids is None else {"appended_ids": list(appended_ids)}
+    return {"kind": "step", "step": e.step, "input_ids": list(e.input_ids), **turn, "positions": e.positions,
             "token_id": e.token_id,
             "token_text": token_text, "logit": e.logit, "top16": top16(logits), "entropy": entropy(logits),
             "margin": margin(logits), "hidden_digest": tensor_digest(e.hidden),

@@ -74,8 +74,13 @@ PROVENANCE: dict[str, str] = {**PROVENANCE_BEFORE_CACHE, **CACHE_PROVENANCE}
 # `rank`, the rank that computed the layer. Its header's run.distributed (DISTRIBUTED_FIELDS) says which
 # layers each rank owned; a run in one process has neither, and keeps PROVENANCE.
 DISTRIBUTED_PROVENANCE: dict[str, str] = {**PROVENANCE, "rank": MEASURED}
+# A chat session (`mlx-k2 chat`) classifies one more step field: `appended_ids`, the ids a new turn appended
+# to the context after the previous step's token (the user's message rendered with the chat template), on the
+# first step of every turn after the first. Its header's run.chat (CHAT_FIELDS) holds the reply limit and the
+# ids that end a reply; run.max_new_tokens is the reply limit too.
+CHAT_PROVENANCE: dict[str, str] = {**PROVENANCE, "appended_ids": MEASURED}
 # Every provenance map a header verify reads may hold: the current one first.
-PROVENANCES = (PROVENANCE, PROVENANCE_BEFORE_CACHE, DISTRIBUTED_PROVENANCE)
+PROVENANCES = (PROVENANCE, PROVENANCE_BEFORE_CACHE, DISTRIBUTED_PROVENANCE, CHAT_PROVENANCE)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,9 @@ LAYER_CACHE_FIELDS = {"bytes_cached": int}
 # computed, its weight cache budget (run.expert_cache_bytes is the largest of them) and its host name.
 # Rank 0 embeds, the last rank applies the final norm and lm_head.
 DISTRIBUTED_LAYER_FIELDS = {"rank": int}
+# A chat session's header run.chat and its turns' first steps (CHAT_PROVENANCE).
+CHAT_FIELDS = {"max_reply_tokens": int, "stop_ids": ListOf(int)}
+STEP_CHAT_FIELDS = {"appended_ids": ListOf(int)}
 DISTRIBUTED_FIELDS = {"backend": str, "size": int, "ranks": ListOf(dict)}
 DISTRIBUTED_RANK_FIELDS = {"rank": int, "layers": ListOf(int, 2), "expert_cache_bytes": int, "host": str}
 
@@ -117,6 +125,8 @@ def record_fields(provenance: Any) -> tuple[dict[str, Any], dict[str, Any], dict
     """(step fields, optional step fields, layer fields, optional layer fields) of the records of a ledger
     whose header has this provenance map: the cache fields are required where the map classifies them,
     optional where it is the map from before them."""
+    if provenance == CHAT_PROVENANCE:
+        return {**STEP_FIELDS, **STEP_CACHE_FIELDS}, STEP_CHAT_FIELDS, {**LAYER_FIELDS, **LAYER_CACHE_FIELDS}, {}
     if provenance == DISTRIBUTED_PROVENANCE:
         return ({**STEP_FIELDS, **STEP_CACHE_FIELDS}, {},
                 {**LAYER_FIELDS, **LAYER_CACHE_FIELDS, **DISTRIBUTED_LAYER_FIELDS}, {})

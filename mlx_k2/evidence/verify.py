@@ -42,7 +42,7 @@ from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_dige
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .sampling import Sampling
-from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
+from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, CHAT_FIELDS, CHAT_PROVENANCE, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
                      DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
                      MODEL_FIELDS, PROVENANCES, RESIDUALS, ROUTED, ROUTER_SCORES, ROUTING_SCORES, RUN_FIELDS,
                      RUN_PLATFORM_FIELDS, EXACTNESS, SCHEMAS,
@@ -215,6 +215,8 @@ def _check_header_record(schema: Check, header: dict) -> tuple[dict, dict, dict,
         model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     version = schema_number(header)
     _check_header(schema, model, run, version)
+    if ("chat" in run) != (header.get("provenance") == CHAT_PROVENANCE):
+        schema.fail("header: a chat session has run.chat and the chat provenance map; another run has neither")
     return header, model, run, version
 
 
@@ -305,6 +307,14 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
                                       and re.fullmatch(QUANTIZATION_LABEL, model[QUANTIZATION])):
         schema.fail(f"header: model.quantization {model[QUANTIZATION]!r} is not none, int<bits>-group<size> or "
                     "fp8-block<size>")
+    if "chat" in run:
+        chat = run["chat"] if isinstance(run["chat"], dict) else {}
+        if set(chat) != set(CHAT_FIELDS) or not all(has_type(chat[k], t) for k, t in CHAT_FIELDS.items()):
+            schema.fail(f"header: run.chat must be {{max_reply_tokens: int, stop_ids: [int, ...]}}")
+        elif chat["max_reply_tokens"] < 1:
+            schema.fail("header: run.chat.max_reply_tokens must be at least 1")
+        if run.get("kv_cache") is not True:
+            schema.fail("header: a chat session runs with a KV cache (run.kv_cache true)")
     if "sampling" in run:
         try:
             Sampling.from_record(run["sampling"] if isinstance(run["sampling"], dict) else {})
@@ -432,8 +442,11 @@ def _symlinks(path: Path) -> list[str]:
 
 def computed_positions(run: dict, step: dict) -> int:
     """How many positions a (well-formed) step computed, by the header's mode: its whole context without a KV
-    cache; with one, the prompt at step 0 and the one new position at every later step."""
-    return 1 if run.get("kv_cache") is True and step.get("step") != 0 else len(step.get("input_ids") or [])
+    cache; with one, the prompt at step 0 and at every later step the previous token and the ids a new turn
+    of a chat appended (`appended_ids`)."""
+    if run.get("kv_cache") is True and step.get("step") != 0:
+        return 1 + len(step.get("appended_ids") or [])
+    return len(step.get("input_ids") or [])
 
 
 def _check_context(run: dict, steps: list[dict]) -> Check:
@@ -444,15 +457,32 @@ def _check_context(run: dict, steps: list[dict]) -> Check:
     for k, s in enumerate(steps):
         if s.get("step") != k:
             check.fail(f"step line {k + 1}: step number {s.get('step')!r}, expected {k}")
+        if k == 0 and "appended_ids" in s:
+            check.fail("step 0: appended_ids on the first step (its context is the prompt)")
+        expected = expected + s.get("appended_ids", [])  # a chat's new turn: the user's ids after the last token
         if s.get("input_ids") != expected:
-            check.fail(f"step {k}: input_ids is not the previous context plus its token")
+            check.fail(f"step {k}: input_ids is not the previous context plus its token"
+                       + (" and the ids its turn appended" if "appended_ids" in s else ""))
         if "positions" in s and s["positions"] != computed_positions(run, s):
             check.fail(f"step {k}: positions {s['positions']}, expected {computed_positions(run, s)} ({mode})")
         expected = (s.get("input_ids") or []) + [s.get("token_id")]
     max_new = run.get("max_new_tokens")
-    if isinstance(max_new, int) and len(steps) > max_new:
-        check.fail(f"{len(steps)} steps but max_new_tokens {max_new}")
+    turns = _turns(steps) if "chat" in run else [steps]
+    for turn in turns:
+        if isinstance(max_new, int) and len(turn) > max_new:
+            where = f"the turn from step {turn[0].get('step')} has" if "chat" in run else "the run has"
+            check.fail(f"{where} {len(turn)} steps but max_new_tokens {max_new}")
     return check
+
+
+def _turns(steps: list[dict]) -> list[list[dict]]:
+    """A chat session's steps by turn: a turn starts at step 0 and at every step with appended_ids."""
+    turns: list[list[dict]] = []
+    for s in steps:
+        if not turns or "appended_ids" in s:
+            turns.append([])
+        turns[-1].append(s)
+    return turns
 
 
 def _check_totals(run: dict, steps: list[dict], footer: dict | None) -> Check:
@@ -784,7 +814,10 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
 
 
 def _check_complete(model: dict, run: dict, steps: list[dict], footer: dict | None) -> Check:
-    """A complete run generated max_new_tokens tokens or stopped at EOS, and generated nothing after EOS."""
+    """A complete run generated max_new_tokens tokens or stopped at EOS, and generated nothing after EOS. A
+    chat session: no turn goes on after a token that ends a reply; it is complete when the person ended it."""
+    if "chat" in run:
+        return _check_chat_complete(run, steps, footer)
     complete = Check("complete")
     eos, max_new = model.get("eos_token_id"), run.get("max_new_tokens")
     eos_known = "eos_token_id" in model
@@ -811,6 +844,25 @@ def _check_complete(model: dict, run: dict, steps: list[dict], footer: dict | No
             return complete
     if complete.ok:
         complete.detail = f"{len(steps)} steps, footer complete" + (" (ended at EOS)" if ended_at_eos else "")
+    return complete
+
+
+def _check_chat_complete(run: dict, steps: list[dict], footer: dict | None) -> Check:
+    complete = Check("complete")
+    chat = run["chat"] if isinstance(run.get("chat"), dict) else {}
+    stops = set(chat.get("stop_ids") or [])
+    turns = _turns(steps)
+    for turn in turns:
+        for s in turn[:-1]:
+            if s.get("token_id") in stops:
+                complete.fail(f"step {s.get('step')}: token {s.get('token_id')} ends a reply, yet the turn went on")
+    if footer is None:
+        complete.ok, complete.detail = (None if complete.ok else False), "partial: no footer (the session did " \
+                                                                         "not end normally)"
+    elif footer.get("status") != "complete" and complete.ok:
+        complete.ok, complete.detail = None, f"session ended {footer.get('status')}: {footer.get('error')}"
+    elif complete.ok:
+        complete.detail = f"{len(steps)} steps in {len(turns)} turns, footer complete"
     return complete
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from rich.cells import chop_cells
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -254,19 +255,87 @@ def _bar(fraction: float, width: int) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
-def render(state: DashboardState, width: int = 120):
-    """The whole screen for `state` (pure: reads the state, returns rich renderables)."""
+FULL_HEIGHT = 42  # rows the full layout needs (its timeline of 8 tokens and answer of 4 lines included)
+FULL_WIDTH = 100  # columns its lines need unwrapped
+
+
+def render(state: DashboardState, width: int = 120, height: int | None = None):
+    """The whole screen for `state` (pure: reads the state, returns rich renderables). A terminal smaller than
+    the full layout (`height` rows, `width` columns) gets the compact one, whose every line fits."""
     inner = max(width - 6, 40)
     if state.status == "starting":
         return Panel(_preparing(state, inner), title="output formation", width=width)
+    if (height is not None and height < FULL_HEIGHT) or width < FULL_WIDTH:
+        return _compact(state, width, height or FULL_HEIGHT)
     # Between steps and after the last one, the per-step figures shown are the last finished step's.
     step_label = "this step" if state.showing_running_step() else "last step"
     routing_title, routing = _routing(state)
-    return Panel(Group(_head(state), _layer_progress(state, inner), Text(""), _norms(state, inner), Text(""),
-                       routing_title, routing, _expert_strip_line(state, inner), Text(""),
-                       _io_line(state, step_label), _mode_line(state, step_label), _cache_line(state, step_label),
-                       Text(""), _answer(state, inner), _timeline(state)),
+    lines = [_head(state), _layer_progress(state, inner), _io_line(state, step_label), _mode_line(state, step_label),
+             _cache_line(state, step_label)]
+    for line in lines:  # one line each: cut with an ellipsis, never wrapped
+        line.no_wrap, line.overflow = True, "ellipsis"
+    head, progress, io, mode, cache = lines
+    return Panel(Group(head, progress, Text(""), _norms(state, inner), Text(""), routing_title, routing,
+                       _expert_strip_line(state, inner), Text(""), io, mode, cache, Text(""), _answer(state, inner),
+                       _timeline(state)),
                  title="output formation", width=width)
+
+
+COMPACT_FIXED = 9  # the compact layout's rows besides the answer: borders, 6 lines, the answer's title
+
+
+def _compact(state: DashboardState, width: int, height: int) -> Panel:
+    """The layout for a small terminal (80x24 and up): one line each for the step, the layers, the current
+    MoE layer's experts, I/O and the decode mode with the cache, the last token, then the answer in the rows
+    left. Lines are cut with an ellipsis, never wrapped."""
+    inner = width - 4
+    step_label = "this step" if state.showing_running_step() else "last step"
+    last_time = state.layer_times[-1] if state.layer_times else None
+    lines = [
+        Text.assemble(("step ", "bold"), f"{min(state.step + 1, state.max_new_tokens)}/{state.max_new_tokens}  ",
+                      ("context ", "bold"), f"{state.context_len}  ", (state.status, "italic"),
+                      f"  {state.device} {state.kernels}  {state.model_type}"),
+        Text.assemble(("layers ", "bold"), _bar(state.layers_done / state.num_layers, 20),
+                      f" {state.layers_done}/{state.num_layers} {state.layer_kind or '-'}"
+                      + _known("ETA step", state.eta_step(), _secs) + _known("run", state.eta_run(), _secs)
+                      + _known("last layer", last_time, _secs)),
+        _compact_experts(state),
+        _compact_io(state, step_label),
+        _compact_token(state),
+    ]
+    answer_rows = max(height - COMPACT_FIXED, 1)
+    answer = _answer(state, inner, answer_rows)
+    for line in lines:
+        line.no_wrap, line.overflow = True, "ellipsis"
+    return Panel(Group(*lines, answer), title="output formation", width=width)
+
+
+def _compact_experts(state: DashboardState) -> Text:
+    """`layer L e3 .41 e9 .22 ...`: the current MoE layer's experts and routing weights on one line."""
+    if state.moe_layer is None:
+        return Text("no MoE layer yet", style="bold")
+    pairs = "  ".join(f"e{e} {w:.2f}".replace(" 0.", " .") for e, w in zip(state.experts, state.weights))
+    return Text.assemble((f"layer {state.moe_layer} experts ", "bold"), pairs)
+
+
+def _compact_io(state: DashboardState, step_label: str) -> Text:
+    """Bytes of the step shown and of the run, the decode mode, the weight cache's hit rates."""
+    step_bytes = state.bytes_step if state.showing_running_step() else state.last_step_bytes
+    cache = "no cache" if not state.cache_budget else (
+        "cache" + _known(step_label, state.step_hit_rate(), _pct) + _known("run", state.run_hit_rate(), _pct))
+    return Text.assemble(("I/O ", "bold"), _known(step_label, step_bytes, _gb).lstrip(),
+                         _known("total", state.bytes_total, _gb), "  ",
+                         "KV" if state.kv_cache else "no-KV", "  ", cache)
+
+
+def _compact_token(state: DashboardState) -> Text:
+    """The last token: step, id, text, logit, time."""
+    if not state.tokens:
+        return Text("no token yet", style="dim")
+    t = state.tokens[-1]
+    text = repr(visible(t.text)) if t.text is not None else "-"
+    return Text.assemble(("token ", "bold"), f"step {t.step} id {t.token_id} {text} logit {t.logit:.3f} "
+                         f"{_secs(t.wall_s)}")
 
 
 def _head(state: DashboardState) -> Text:
@@ -358,15 +427,15 @@ def _timeline(state: DashboardState) -> Table:
 ANSWER_LINES = 4
 
 
-def _answer(state: DashboardState, inner: int) -> Text:
-    """The answer so far: its last ANSWER_LINES lines at the panel's width (the whole text is printed at the
-    end), control characters escaped."""
+def _answer(state: DashboardState, inner: int, rows: int = ANSWER_LINES) -> Text:
+    """The answer so far: its last `rows` lines at the panel's width (the whole text is printed at the end),
+    control characters escaped."""
     if state.answer is None:
         return Text.assemble(("answer ", "bold"), "-" if state.tokenizer is None or not state.tokens else "")
     lines = []
     for line in visible(state.answer.shown).split("\n"):
-        lines += [line[i:i + inner] for i in range(0, len(line), inner)] or [""]
-    return Text.assemble(("answer", "bold"), "\n", "\n".join(lines[-ANSWER_LINES:]))
+        lines += chop_cells(line, inner) or [""]  # by terminal cells: a CJK character takes two
+    return Text.assemble(("answer", "bold"), "\n", "\n".join(lines[-rows:]))
 
 
 def _cache_line(state: DashboardState, step_label: str) -> Text:

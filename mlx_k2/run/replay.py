@@ -83,12 +83,14 @@ def _step_ids(s: dict | None, k: int, model: Model) -> list[int]:
     return ids
 
 
-def _run_step(model: Model, k: int, ids: list[int], kv: KVCache | None, tokenizer) -> ReplayedStep:
+def _run_step(model: Model, k: int, ids: list[int], kv: KVCache | None, tokenizer,
+              appended: list[int] | None = None) -> ReplayedStep:
+    """`appended`: the ids a chat's turn appended before step k (recorded on its first step)."""
     for event in model.step(k, ids, kv):
         pass
     assert isinstance(event, StepDone)
     text_of = tokenizer.token_text(event.token_id) if tokenizer else None
-    return ReplayedStep(k, step_record(event, text_of), step_tensors(event))
+    return ReplayedStep(k, step_record(event, text_of, appended), step_tensors(event))
 
 
 def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | str | Path,
@@ -154,7 +156,8 @@ def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, 
                 if ids[:len(held)] != held or len(ids) <= len(held):
                     raise UsageError(f"step {k}: input_ids do not extend step {k - 1}'s, so no KV cache holds "
                                      "their state")
-                done = _run_step(model, k, ids, kv, tokenizer)
+                turn = "appended_ids" in (by_step.get(k) or {})  # a chat's turn: what it appended after held
+                done = _run_step(model, k, ids, kv, tokenizer, ids[len(held) + 1:] if turn else None)
                 held = ids
             except K2Error as e:
                 broken = str(e)

@@ -58,7 +58,7 @@ class RunResult:
         return all(r.ok is not False for r in self.anchor_rows)
 
 
-def _check_space(directory: Path, model: Model, steps: int, bundle: bool) -> None:
+def check_space(directory: Path, model: Model, steps: int, bundle: bool) -> None:
     t = model.config.text
     need = steps * (STEP_LINE_BYTES + t.num_hidden_layers * LAYER_RECORD_BYTES)
     if bundle:
@@ -81,7 +81,7 @@ def _open(model_dir: Path, spec: RunSpec, fault: FaultHook | None, progress: Pro
     return model
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     return {"mlx_k2": __version__, "mlx": mx.__version__, "python": platform.python_version()}
 
 
@@ -94,7 +94,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, spec:
     `link` (this process is rank 0 of an mlx.launch group) the layers are pipelined over the group's ranks
     (`pipeline.py`), split as `layer_split` says or balanced."""
     model_dir = Path(model_dir)
-    ledger_path = _new_ledger_path(ledger_path, bundle_dir, overwrite)
+    ledger_path = new_ledger_path(ledger_path, bundle_dir, overwrite)
     model = _open(model_dir, spec, fault, progress, prompt_ids, max_new_tokens, 0)
     try:
         # every rank checked and given its layers before the ledger exists
@@ -102,14 +102,14 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, spec:
             try:
                 ledger_path.parent.mkdir(parents=True, exist_ok=True)
                 bundle = BundleSink(Path(bundle_dir)) if bundle_dir is not None else None
-                _check_space(ledger_path.parent, model, max_new_tokens, bundle is not None)
+                check_space(ledger_path.parent, model, max_new_tokens, bundle is not None)
                 writer = LedgerWriter(ledger_path)
             except OSError as e:
                 raise UsageError(f"{ledger_path}: cannot write the ledger ({e.strerror})") from None
             identity = model.checkpoint.identity()
             distributed = None if stage is None else stage.header()
             writer.write(header_record(model_record(model_dir, identity, model.config),
-                                       spec.header_run(prompt_ids, max_new_tokens, _versions(), mine.platform, distributed)))
+                                       spec.header_run(prompt_ids, max_new_tokens, versions(), mine.platform, distributed)))
             ledger = LedgerSink(writer, tokenizer or load_tokenizer(model_dir))
             return _drive(mine, stage, identity, ledger, bundle, list(prompt_ids), 0, max_new_tokens, sinks,
                           anchors_dir)
@@ -117,7 +117,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, spec:
         model.close()
 
 
-def _new_ledger_path(ledger_path: str | Path | None, bundle_dir: str | Path | None, overwrite: bool) -> Path:
+def new_ledger_path(ledger_path: str | Path | None, bundle_dir: str | Path | None, overwrite: bool) -> Path:
     """Where the new ledger goes (a bundle's own ledger file), refusing to replace one without `overwrite`."""
     if bundle_dir is not None:
         bundle_dir = Path(bundle_dir)
@@ -161,6 +161,8 @@ def _recorded(path: Path, anchors_dir: Path | None) -> _Recorded:
         if c is not None and c.ok is False:
             raise UsageError(f"{ledger_path}: cannot resume: check {name} fails ({c.detail})")
     ledger = read_ledger(path)
+    if "chat" in ledger.header.get("run", {}):
+        raise UsageError(f"{ledger_path}: a chat session's ledger; it cannot be resumed as a run")
     lines = ledger.raw_lines
     if ledger.footer is not None:
         if ledger.footer.get("status") == "complete":
@@ -223,7 +225,7 @@ def _same_checkpoint(done: _Recorded, model: Model) -> dict[str, str]:
     return identity
 
 
-def _started(model: Model, context: list[int], first_step: int, max_new_tokens: int) -> RunStarted:
+def run_started(model: Model, context: list[int], first_step: int, max_new_tokens: int) -> RunStarted:
     text, spec = model.config.text, model.spec
     return RunStarted(model_path=str(model.dir), model_type=model.config.model_type, device=spec.device,
                       num_layers=text.num_hidden_layers, n_routed_experts=text.n_routed_experts,
@@ -248,7 +250,7 @@ def _drive(model: Model, stage: Stage | None, identity: dict[str, str], ledger: 
     end = RunDone(steps=0, bytes_read=0, wall_s=0.0, status="failed", error="the run did not finish")
     try:
         for sink in subscribers:
-            sink(_started(model, context, first_step, max_new_tokens))
+            sink(run_started(model, context, first_step, max_new_tokens))
         for event in generate(model, context, max_new_tokens, first_step=first_step,
                               rest=None if stage is None else stage.rest_of_step):
             if isinstance(event, RunDone):

@@ -22,21 +22,31 @@ Sink = Callable[[Event], None]
 
 class LedgerSink:
     """Writes each step line as its step finishes and the footer at the end; `records` are the step lines
-    already in the ledger (a resumed run), so the footer's totals cover the whole run."""
+    already in the ledger (a resumed run), so the footer's totals cover the whole run. In a chat session
+    (`turns`) a step whose context goes beyond the previous one and its token records the ids its turn
+    appended."""
 
-    def __init__(self, writer: LedgerWriter, tokenizer: Tokenizer | None, records: list[dict] = ()):
-        self.writer, self.tokenizer, self.records = writer, tokenizer, list(records)
+    def __init__(self, writer: LedgerWriter, tokenizer: Tokenizer | None, records: list[dict] = (),
+                 turns: bool = False):
+        self.writer, self.tokenizer, self.records, self.turns = writer, tokenizer, list(records), turns
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, StepDone):
             text = self.tokenizer.token_text(event.token_id) if self.tokenizer else None
-            self.records.append(step_record(event, text))
+            self.records.append(step_record(event, text, self._appended(event)))
             self.writer.write(self.records[-1])
         elif isinstance(event, RunDone):
             try:
                 self.writer.write(footer_record(self.records, event.status, event.error))
             finally:
                 self.writer.close()
+
+
+    def _appended(self, event: StepDone) -> list[int] | None:
+        if not self.turns or not self.records:
+            return None
+        before = len(self.records[-1]["input_ids"]) + 1  # the previous context and its token
+        return list(event.input_ids[before:]) if len(event.input_ids) > before else None
 
 
 class BundleSink:

@@ -152,9 +152,11 @@ class RunSpec:
         return kernels_label(self.kernels)
 
     def header_run(self, prompt_ids: list[int], max_new_tokens: int, versions: dict[str, str],
-                   platform: dict[str, str], distributed: dict[str, Any] | None = None) -> dict[str, Any]:
+                   platform: dict[str, str], distributed: dict[str, Any] | None = None,
+                   chat: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ledger header's `run` block (schema.RUN_FIELDS): this spec with the job and the versions. A
-        pipelined run records the largest rank's budget, and each rank's in `distributed`."""
+        pipelined run records the largest rank's budget, and each rank's in `distributed`; a chat session its
+        reply limit and the ids that end a reply in `chat` (schema.CHAT_FIELDS)."""
         budget = self.cache_bytes if distributed is None else max(r["expert_cache_bytes"] for r in distributed["ranks"])
         run = {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "kv_cache": self.kv_cache,
                "capture": self.capture, **platform, "expert_cache_bytes": budget,
@@ -163,6 +165,8 @@ class RunSpec:
             run["sampling"] = self.sampling.record()
         if distributed is not None:
             run["distributed"] = distributed
+        if chat is not None:
+            run["chat"] = chat
         return run
 
 

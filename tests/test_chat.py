@@ -1,0 +1,136 @@
+"""`mlx-k2 chat` and run.chat.ChatSession: a conversation whose turns extend one KV cache and one ledger.
+
+On a small K2.5-format checkpoint with a DeepSeek-V3-style tokenizer and chat template (synth.tokenizer): the
+second turn appends exactly what the template adds after the first reply (written here from DeepSeek-V3's
+markers: the reply's end, `<｜User｜>`, the message, `<｜Assistant｜>`) and computes only those positions and
+the last token; the session's ledger verifies and replays bit for bit; a reply stopped by Ctrl-C leaves the
+session usable and the ledger valid; verify names a turn that went on after a token that ends a reply; the
+command line takes turns from standard input, with /save and /exit; a checkpoint without a chat template is
+a one-line error, and `run --resume` refuses a chat ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_k2.errors import UsageError
+from mlx_k2.evidence.events import StepDone
+from mlx_k2.evidence.verify import verify
+from mlx_k2.run.chat import ChatSession
+from mlx_k2.run.replay import replay
+from mlx_k2.synth.tokenizer import write_tokenizer_json
+from mlx_k2_cli.main import app
+from tests.foreign_checkpoint import write_foreign_checkpoint
+from tests.test_verify_mutations import dumps, read_lines, rechain, write_lines
+
+from conftest import cpu_spec
+
+EOS_TEXT = "<｜end▁of▁sentence｜>"  # id 1 in the synthetic DeepSeek-V3 tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat") / "k25"
+    write_foreign_checkpoint(path, "kimi_k25", seed=9)
+    write_tokenizer_json(path, 512, seed=2)
+    return path
+
+
+def _records(path):
+    return [json.loads(x) for x in read_lines(path)]
+
+
+@pytest.fixture(scope="module")
+def two_turns(chat_model, tmp_path_factory):
+    ledger = tmp_path_factory.mktemp("chat-ledger") / "chat.jsonl"
+    session = ChatSession(chat_model, cpu_spec(kv_cache=True), 3, ledger, system="Be brief.")
+    first = session.turn("hello")
+    second = session.turn("and then?")
+    session.close()
+    return session, ledger, first, second
+
+
+def test_the_second_turn_appends_only_the_new_message(two_turns):
+    session, ledger, first, second = two_turns
+    tokenizer = session.tokenizer
+    records = _records(ledger)
+    header, steps = records[0], records[1:-1]
+    assert header["run"]["chat"] == {"max_reply_tokens": 3, "stop_ids": sorted(session.stop_ids)}
+    assert header["run"]["prompt_ids"] == tokenizer.encode("<｜begin▁of▁sentence｜>Be brief.<｜User｜>hello<｜Assistant｜>")
+    turn_start = steps[len(first.steps)]
+    closing = [] if first.ended == "stop" else tokenizer.encode(EOS_TEXT)
+    assert turn_start["appended_ids"] == closing + tokenizer.encode("<｜User｜>and then?<｜Assistant｜>")
+    assert turn_start["positions"] == 1 + len(turn_start["appended_ids"]) < len(turn_start["input_ids"])
+    assert all(s["positions"] == 1 for s in steps[1:] if "appended_ids" not in s)
+    assert session.messages[-1] == {"role": "assistant", "content": second.text}
+
+
+def test_the_session_verifies_and_replays_bit_for_bit(chat_model, two_turns):
+    _, ledger, _, _ = two_turns
+    records = _records(ledger)
+    report = verify(ledger, replay=replay(records[0], records[1:-1], list(range(len(records) - 2)), chat_model))
+    assert report.ok, [(c.name, c.detail) for c in report.checks if c.ok is False]
+    assert report.replay.exact and report.replay.kv_cache
+    assert {c.name: c for c in report.checks}["complete"].detail.endswith("in 2 turns, footer complete")
+
+
+def test_a_stopped_reply_leaves_the_session_usable(chat_model, tmp_path):
+    ledger = tmp_path / "chat.jsonl"
+    session = ChatSession(chat_model, cpu_spec(kv_cache=True), 4, ledger)
+    session.turn("hello")
+
+    def stop_after_one_step(event):
+        if isinstance(event, StepDone):
+            raise KeyboardInterrupt
+
+    stopped = session.turn("go on", (stop_after_one_step,))
+    assert stopped.ended == "stopped" and len(stopped.ids) == 1
+    third = session.turn("once more")
+    session.close()
+    assert list(third.steps[0].input_ids[:len(stopped.steps[0].input_ids) + 1]) == \
+        list(stopped.steps[0].input_ids) + stopped.ids  # the stopped reply's token stays in the context
+    report = verify(ledger)
+    assert report.ok, [(c.name, c.detail) for c in report.checks if c.ok is False]
+
+
+def test_verify_names_a_turn_that_went_on_after_its_end(two_turns, tmp_path):
+    _, ledger, _, _ = two_turns
+    lines = read_lines(ledger)
+    records = [json.loads(x) for x in lines]
+    mid_turn = records[1]["token_id"]  # the first reply's first token, followed by its second step
+    records[0]["run"]["chat"]["stop_ids"] = sorted({*records[0]["run"]["chat"]["stop_ids"], mid_turn})
+    lines[0] = dumps(records[0])
+    edited = tmp_path / "chat.jsonl"
+    write_lines(edited, rechain(lines))
+    complete = {c.name: c for c in verify(edited).checks}["complete"]
+    assert complete.ok is False and f"token {mid_turn} ends a reply, yet the turn went on" in complete.detail
+
+
+def test_chat_command_takes_turns_from_standard_input(chat_model, tmp_path):
+    ledger, saved = tmp_path / "c.jsonl", tmp_path / "conversation.json"
+    result = CliRunner().invoke(app, ["chat", "--model", str(chat_model), "-n", "2", "--device", "cpu", "--cache",
+                                      "0", "--ledger", str(ledger)], input=f"hi\n/save {saved}\nmore\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("model> ") == 2 and f"ledger {ledger}" in result.output
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "hi"
+    assert verify(ledger).ok
+    assert sum("appended_ids" in r for r in _records(ledger)) == 1  # the second turn
+
+
+def test_chat_needs_a_template_and_run_refuses_to_resume_it(chat_model, two_turns, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(chat_model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="no chat template"):
+        ChatSession(bare, cpu_spec(kv_cache=True), 2, tmp_path / "x.jsonl")
+    cut = tmp_path / "cut.jsonl"
+    write_lines(cut, read_lines(two_turns[1])[:-1])  # no footer: a session that did not end
+    result = CliRunner().invoke(app, ["run", "--resume", str(cut), "--quiet"])
+    assert result.exit_code == 2 and "a chat session's ledger" in result.stderr, result.output

@@ -51,7 +51,7 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
     console = Console()
     model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
     ids = parse_ids(prompt_ids) or [default_bos(model_dir, load_config(model_dir))]
-    report = run_anchor_pass(model_dir, ids, spec, anchors, link, layer_split)
+    report = run_anchor_pass(model_dir, ids, spec, anchors, link, layer_split, progress_lines())
     console.print(f"checkpoint {model_dir}  config {report.identity['config_blake3'][:16]}…  "
                   f"index {report.identity['index_blake3'][:16]}…  {describe(report.platform)} "
                   f"({report.platform['exactness']})")

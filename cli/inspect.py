@@ -19,6 +19,7 @@ from mlx_k2.synth.checkpoint import default_checkpoint
 from mlx_k2.checkpoint.validate import problems
 
 from .app import app, guarded
+from .plain import progress_lines
 
 
 @app.command()
@@ -32,9 +33,10 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
     Example: mlx-k2 inspect --model DIR --cache 24"""
     if cache is not None and not cache >= 0:
         raise UsageError(f"--cache must be 0 or more GB, got {cache}")
-    model_dir = model if model is not None else default_checkpoint()
+    progress = progress_lines(err=True)  # on stderr: stdout is the report
+    model_dir = model if model is not None else default_checkpoint(progress=progress)
     cfg = load_config(model_dir)
-    ckpt = Checkpoint(model_dir)
+    ckpt = Checkpoint(model_dir, progress)
     inv = take_inventory(ckpt, cfg)
     t = cfg.text
     console = Console()

@@ -14,8 +14,9 @@ BAR_WIDTH = 24
 ANSWER_TAIL = 100  # characters of the answer so far a step's line shows (the whole text comes at the end)
 
 
-def progress_lines():
-    """A progress callback printing a bar line each time a piece of work passes another eighth."""
+def progress_lines(err: bool = False):
+    """A progress callback printing a bar line each time a piece of work passes another eighth (on stderr with
+    `err`, where stdout is a command's report)."""
     shown: dict[str, int] = {}
 
     def progress(what: str, done: int, total: int) -> None:
@@ -24,7 +25,7 @@ def progress_lines():
             return
         shown[what] = eighth
         filled = BAR_WIDTH * done // total if total else BAR_WIDTH
-        typer.echo(f"{what:<32} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total}")
+        typer.echo(f"{what:<32} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total}", err=err)
     return progress
 
 

@@ -131,7 +131,7 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
     if resume is not None:  # computes as its header says; only the read method and look-ahead may be given
         spec, read = None, read_policy(read_method, read_retries)
     else:
-        spec = RunSpec.from_options(device, kernels, kv_cache, gigabytes(cache, "--cache"), cache_policy, lookahead,
+        spec = RunSpec.from_options(device, kernels, kv_cache, cache_budget(cache, link), cache_policy, lookahead,
                                     read_method, read_retries, sampling=Sampling(temperature, top_p, seed))
     if link is not None and link.rank != 0:
         follow_rank_0(link, model, spec or RunSpec.from_options(device, kernels, read_method=read_method,
@@ -186,9 +186,12 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
         generated = [s.get("token_id") for s in read_ledger(result.ledger).steps]
     if tokenizer is not None and generated:
         typer.echo(f"text: {answer_text(tokenizer, generated)}")
+    recorded = read_ledger(result.ledger).header["run"]
     if result.steps:  # the budget as recorded (a resumed run's is its header's)
-        budget = read_ledger(result.ledger).header["run"].get("expert_cache_bytes", 0)
+        budget = recorded.get("expert_cache_bytes", 0)
         typer.echo(summary_line(RunSummary.of(result.steps, budget, prefill=result.steps[0].step == 0)))
+    if "distributed" in recorded:
+        typer.echo(ranks_line(recorded["distributed"]))
     if result.anchor is not None and result.anchor_ok is not None:
         verdict = ("reproduced" if reproduced(result.anchor_rows) else "agrees (on another platform: within "
                    "tolerance)") if result.anchor_ok else "MISMATCH"
@@ -263,6 +266,25 @@ def check_fits(cfg, model_dir: Path, ids: list[int], max_new_tokens: int) -> Non
     if longest > text.max_position_embeddings:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: the last step's context of {longest} tokens exceeds "
                          f"max_position_embeddings {text.max_position_embeddings} ({where})")
+
+
+def cache_budget(cache: float | None, link) -> int | None:
+    """--cache in bytes; without it, a rank of a pipelined run takes its share of the default (half the free
+    RAM) with the other ranks on its machine (None: the default of a run in one process)."""
+    budget = gigabytes(cache, "--cache")
+    if budget is None and link is not None:
+        from mlx_k2.read.weight_cache import default_budget
+        from mlx_k2.run.distributed import ranks_on_this_host
+
+        budget = default_budget() // ranks_on_this_host(link.rank)
+    return budget
+
+
+def ranks_line(distributed: dict) -> str:
+    """`pipelined over N ranks (backend): rank 0 layers 0-30 on HOST, cache X GB; ...` from the header."""
+    ranks = "; ".join(f"rank {r['rank']} layers {r['layers'][0]}-{r['layers'][1]} on {r['host']}, cache "
+                      f"{r['expert_cache_bytes'] / 1e9:.2f} GB" for r in distributed["ranks"])
+    return f"pipelined over {distributed['size']} ranks ({distributed['backend']}): {ranks}"
 
 
 def gigabytes(value: float | None, option: str) -> int | None:

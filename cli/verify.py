@@ -61,6 +61,8 @@ def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | N
     """Re-execute the chosen steps of the run at `path` (the one place the CLI needs MLX here)."""
     from mlx_k2.run.replay import choose_steps, replay  # needs MLX: imported only for --replay
 
+    from .plain import progress_lines
+
     ledger = read_ledger(path)
     model_dir = model if model is not None else ledger.model_dir
     if model_dir is None or not model_dir.is_dir():
@@ -74,7 +76,8 @@ def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | N
         what = f"{done.record.get('positions', len(done.record['input_ids']))} positions" if done.record else done.error
         echo(f"  step {done.step}: re-executed ({what}, {seconds:.1f} s)")
 
-    return replay(ledger.header, ledger.steps, chosen, model_dir, device, on_step=progress)
+    return replay(ledger.header, ledger.steps, chosen, model_dir, device, on_step=progress,
+                  progress=progress_lines(err=True))  # the checkpoint's opening, before step 0
 
 
 def run_checks(path: Path, model: Path | None, anchors: Path | None, replay: bool, steps: str | None,

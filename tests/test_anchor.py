@@ -128,6 +128,9 @@ def test_cli_anchor_default_checkpoint(cache):
     assert set(verdicts(result.output, "non-perturbation: capture off").values()) == {"ok"}
     assert verdicts(result.output, f"anchor {SYNTH_ANCHOR}") == {f: "ok" for f in FIELDS}
     assert sorted(p.name for p in cache.iterdir()) == [default_checkpoint_name()]   # nothing rebuilt
+    # the waits before the tables show their progress: the headers read, each pass's layers
+    assert all(f"{what:<32} [" in result.output for what in ("reading headers", "step 0, capture off",
+                                                              "step 0, capture on"))
 
 
 def _edit(field: str, value):

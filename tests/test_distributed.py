@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import os
 import socket
 import subprocess
@@ -144,6 +145,8 @@ def test_two_ranks_equal_one_process_no_kv(synth_dir, synth_run, tmp_path):
     done = launch(run_args(synth_dir, ledger, cache_gb=0))
     assert "complete: 3 tokens" in done.stdout, done.stdout + done.stderr
     assert "reproduced" in done.stdout  # step 0 against the frozen anchor, on rank 0
+    assert re.search(r"^pipelined over 2 ranks \(ring\): rank 0 layers 0-\d+ on .+, cache [0-9.]+ GB; rank 1 ",
+                     done.stdout, re.M), done.stdout
     assert done.stderr.strip() == ""  # the other rank prints nothing
     assert_same_run(ledger, synth_run[1])
 
@@ -154,6 +157,8 @@ def test_two_ranks_equal_one_process_kv(synth_dir, opened_synth, tmp_path):
     done = launch(run_args(synth_dir, ledger, kv=True))
     assert "complete: 3 tokens" in done.stdout, done.stdout + done.stderr
     assert "reproduced" in done.stdout  # step 0 against the frozen anchor, on rank 0
+    assert re.search(r"^pipelined over 2 ranks \(ring\): rank 0 layers 0-\d+ on .+, cache [0-9.]+ GB; rank 1 ",
+                     done.stdout, re.M), done.stdout
     assert done.stderr.strip() == ""  # the other rank prints nothing
     balanced = [tuple(r) for r in plan_for(opened_synth, 2, None).ranges]
     assert_same_run(ledger, single_process(synth_dir, tmp_path / "single.jsonl", kv=True), balanced)
@@ -205,3 +210,16 @@ def test_layer_records_travel_exactly():
                 assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
             else:
                 assert x == y and type(x) is type(y), name
+
+
+def test_ranks_on_one_host_share_its_memory(tmp_path, monkeypatch):
+    """The default weight cache of a rank is half the free RAM divided by the ranks mlx.launch put on its host,
+    read from the ring hostfile (one list of ip:port per rank)."""
+    from mlx_k2.run.distributed import ranks_on_this_host
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["10.0.0.2:5000"]]))
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    assert [ranks_on_this_host(r) for r in range(3)] == [2, 2, 1]
+    monkeypatch.delenv("MLX_HOSTFILE")
+    assert ranks_on_this_host(0) == 1  # no hostfile: the machine is taken to be this rank's

@@ -115,8 +115,8 @@ def inspect_cli(header_only_k25, parsed_k25, monkeypatch):
     """`mlx-k2 inspect` through CliRunner, its Checkpoint of the header-only directory the module's parsed one."""
     import mlx_k2_cli.inspect as command
 
-    def checkpoint(model_dir):
-        return parsed_k25 if model_dir == header_only_k25 else Checkpoint(model_dir)
+    def checkpoint(model_dir, progress=None):
+        return parsed_k25 if model_dir == header_only_k25 else Checkpoint(model_dir, progress)
 
     monkeypatch.setattr(command, "Checkpoint", checkpoint)
     return CliRunner()

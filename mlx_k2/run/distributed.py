@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -262,3 +263,15 @@ def _launched_backend() -> str:
     if "MLX_HOSTFILE" in os.environ:
         return "ring"
     return "any"
+
+
+def ranks_on_this_host(rank: int) -> int:
+    """How many ranks of the group mlx.launch started share this rank's host: the ring hostfile's entries
+    (MLX_HOSTFILE: one list of "ip:port" per rank) whose IP is this rank's. 1 where it cannot tell (another
+    backend, no hostfile): a rank then assumes the machine is its own."""
+    try:
+        hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+        ip = [entry.rsplit(":", 1)[0] for entry in hosts[rank]]
+        return max(1, sum(1 for h in hosts if [entry.rsplit(":", 1)[0] for entry in h] == ip))
+    except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError):
+        return 1

@@ -94,13 +94,15 @@ def _run_step(model: Model, k: int, ids: list[int], kv: KVCache | None, tokenize
 
 
 def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | str | Path,
-           device: str | None = None, on_step: Callable[[ReplayedStep, float], None] | None = None) -> Replay:
+           device: str | None = None, on_step: Callable[[ReplayedStep, float], None] | None = None,
+           progress: Progress | None = None) -> Replay:
     """Re-execute the `chosen` step numbers of the ledger's `steps` (well-formed step records) on `model`, as
     the header says the run computed (`RunSpec.from_header`, the nearest this machine has): a checkpoint
-    directory, or an opened Model whose checkpoint, device and kernels are used (it stays open)."""
+    directory (opened with `progress`), or an opened Model whose checkpoint, device and kernels are used (it
+    stays open)."""
     run = header.get("run") if isinstance(header.get("run"), dict) else {}
     if isinstance(model, (str, Path)):
-        model = Model(model, RunSpec.from_header(run, device, replay=True))
+        model = Model(model, RunSpec.from_header(run, device, replay=True), progress=progress)
     else:  # the opened checkpoint, computing as the header says on this Model's device and kernels
         model = model.reopen(RunSpec.from_header(run, model.spec.device, replay=True, kernels=model.spec.kernels))
     mx.set_default_device(model.spec.mx_device)

@@ -18,6 +18,7 @@ import typer
 from mlx_k2.checkpoint.text_stream import TextStream, visible
 from mlx_k2.errors import UsageError
 from mlx_k2.evidence.events import StepDone
+from mlx_k2.evidence.schema import LEDGER_NAME
 from mlx_k2.run.dashboard import DashboardState
 from mlx_k2.synth.checkpoint import default_checkpoint
 
@@ -48,28 +49,41 @@ def chat(model: Annotated[Optional[Path], typer.Option(help="Checkpoint director
          top_p: Annotated[float, typer.Option(help="With --temperature: the nucleus' share.")] = 1.0,
          seed: Annotated[int, typer.Option(help="With --temperature: the seed of every draw.")] = 0,
          no_dashboard: Annotated[bool, typer.Option("--no-dashboard", help="Plain text replies, no live "
-                                                                           "panel.")] = False):
+                                                                           "panel.")] = False,
+         resume: Annotated[Optional[Path], typer.Option(help="Go on with an ended chat's ledger or bundle (its "
+                                                        "settings; the KV cache it kept, else recomputed).")] = None):
     """Talk with the model: each turn appends your message to the context and the reply is computed over the
     KV cache kept from the turns before. The session's ledger verifies and replays like any KV run."""
     from mlx_k2.evidence.sampling import Sampling
     from mlx_k2.run.chat import ChatSession
     from mlx_k2.run.spec import RunSpec
 
-    spec = RunSpec.from_options(device, kernels, True, gigabytes(cache, "--cache"), cache_policy, None,
-                                sampling=Sampling(temperature, top_p, seed))
-    target = bundle if bundle is not None else ledger or default_ledger(None)
-    check_output(None if bundle is not None else target, bundle)
     live = not no_dashboard and sys.stdout.isatty()
-    model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
-    if model is None:
-        typer.echo(RANDOM_WEIGHTS.format(model_dir))
+    if resume is not None:  # the recorded session's settings
+        session = ChatSession.resume(resume, model, device, progress_lines())
+        target, model_dir, spec = session.ledger_path, session.dir, session.model.spec
+        max_new_tokens = session.max_reply_tokens
+        typer.echo(f"going on with {target}: {session.steps} steps, the KV cache {session.kept_from}")
+    else:
+        spec = RunSpec.from_options(device, kernels, True, gigabytes(cache, "--cache"), cache_policy, None,
+                                    sampling=Sampling(temperature, top_p, seed))
+        target = bundle if bundle is not None else ledger or default_ledger(None)
+        check_output(None if bundle is not None else target, bundle)
+        model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
+        if model is None:
+            typer.echo(RANDOM_WEIGHTS.format(model_dir))
 
-    def opened(path):
-        return ChatSession(model_dir, spec, max_new_tokens, None if bundle is not None else path,
-                           path if bundle is not None else None, overwrite, system, progress_lines())
+    def opened(path: Path):
+        """A new conversation whose ledger (or bundle) is `path`."""
+        as_bundle = bundle is not None or path.name == LEDGER_NAME
+        where = path.parent if path.name == LEDGER_NAME else path
+        return ChatSession(model_dir, spec, max_new_tokens, None if as_bundle else where,
+                           where if as_bundle else None, overwrite, system, progress_lines())
 
-    session, conversations = opened(target), 1
-    typer.echo(f"chat with {model_dir} (replies up to {max_new_tokens} tokens; {HELP_LINE})")
+    if resume is None:
+        session = opened(target)
+    conversations = 1
+    typer.echo(f"chat with {model_dir} (replies up to {session.max_reply_tokens} tokens; {HELP_LINE})")
     try:
         while True:
             line = _read_line()

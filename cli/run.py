@@ -175,7 +175,8 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
     else:
         tokenizer, result = go(())
     tokens = " ".join(str(s.token_id) for s in result.steps)
-    resumed = f" (resumed after {result.resumed_from} recorded steps)" if resume is not None else ""
+    kv_from = {"kept": ", from the kept KV cache", "rebuilt": ", KV cache recomputed"}.get(result.kv_from, "")
+    resumed = f" (resumed after {result.resumed_from} recorded steps{kv_from})" if resume is not None else ""
     again = ""
     if result.status == "stopped":  # the command that continues it, ready to paste
         again = f"; resume: mlx-k2 run --resume {shlex.quote(str(resume or bundle or result.ledger))}" + \

@@ -76,8 +76,19 @@ def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | N
         what = f"{done.record.get('positions', len(done.record['input_ids']))} positions" if done.record else done.error
         echo(f"  step {done.step}: re-executed ({what}, {seconds:.1f} s)")
 
+    kept = ledger.footer.get("kv_cache") if isinstance(ledger.footer, dict) else None
+    name = kept.get("file") if isinstance(kept, dict) else None
+    kept_file = ledger.ledger_path.parent / name if isinstance(name, str) and Path(name).name == name else None
     return replay(ledger.header, ledger.steps, chosen, model_dir, device, on_step=progress,
-                  progress=progress_lines(err=True))  # the checkpoint's opening, before step 0
+                  progress=progress_lines(err=True),  # the checkpoint's opening, before step 0
+                  kept_kv=kept_file if kept_file is not None and kept_file.is_file() else None,
+                  cache_restarts=_restarts(ledger.footer))
+
+
+def _restarts(footer: dict | None) -> tuple[int, ...]:
+    """The footer's weight_cache_restarts (the steps a resumed process began with an empty weight cache)."""
+    restarts = footer.get("weight_cache_restarts") if isinstance(footer, dict) else None
+    return tuple(k for k in restarts if isinstance(k, int)) if isinstance(restarts, list) else ()
 
 
 def run_checks(path: Path, model: Path | None, anchors: Path | None, replay: bool, steps: str | None,

@@ -134,3 +134,33 @@ def test_chat_needs_a_template_and_run_refuses_to_resume_it(chat_model, two_turn
     write_lines(cut, read_lines(two_turns[1])[:-1])  # no footer: a session that did not end
     result = CliRunner().invoke(app, ["run", "--resume", str(cut), "--quiet"])
     assert result.exit_code == 2 and "a chat session's ledger" in result.stderr, result.output
+
+
+def test_a_resumed_session_goes_on_from_its_kept_kv_cache(chat_model, tmp_path):
+    """Two turns, closed (the footer names the kept KV cache, the conversation is beside the ledger), then
+    `ChatSession.resume` and a third turn: nothing recomputed, the same tokens and digests as one session
+    taking the three turns, the weight cache's restart in the footer, and a replay bit for bit."""
+    spec = cpu_spec(kv_cache=True, cache_bytes=10**8)
+    whole = ChatSession(chat_model, spec, 3, tmp_path / "whole.jsonl")
+    for text in ("hello", "and then?", "why?"):
+        whole.turn(text)
+    whole.close()
+    first = ChatSession(chat_model, spec, 3, tmp_path / "split.jsonl")
+    for text in ("hello", "and then?"):
+        first.turn(text)
+    first.close()
+    assert (tmp_path / "split.kv.safetensors").is_file() and (tmp_path / "split.chat.json").is_file()
+    again = ChatSession.resume(tmp_path / "split.jsonl", device="cpu")
+    assert again.kept_from == "kept"
+    again.turn("why?")
+    again.close()
+    keys = ("input_ids", "token_id", "hidden_digest", "logits_digest", "positions")
+    whole_steps, split_steps = _records(tmp_path / "whole.jsonl")[1:-1], _records(tmp_path / "split.jsonl")[1:-1]
+    assert [{k: s[k] for k in keys} for s in split_steps] == [{k: s[k] for k in keys} for s in whole_steps]
+    records = _records(tmp_path / "split.jsonl")
+    assert records[-1]["weight_cache_restarts"] == [first.steps]
+    report = verify(tmp_path / "split.jsonl", replay=replay(
+        records[0], records[1:-1], list(range(len(records) - 2)), chat_model,
+        kept_kv=tmp_path / "split.kv.safetensors", cache_restarts=tuple(records[-1]["weight_cache_restarts"])))
+    assert report.ok and report.replay.exact and report.replay.kept_kv_compared, \
+        [(c.name, c.detail) for c in report.checks if c.ok is False]

@@ -121,6 +121,8 @@ class RunDone:
     wall_s: float
     status: str                  # "complete" | "stopped" | "failed"
     error: str | None = None
+    kept_kv: dict | None = None  # the footer's kv_cache record: the KV cache saved beside the ledger
+    cache_restarts: tuple[int, ...] = ()  # steps a resumed process began with an empty weight cache
 
 
 Event = RunStarted | LayerDone | StepDone | RunDone

@@ -74,8 +74,16 @@ def step_record(e: StepDone, token_text: str | None, appended_ids: list[int] | N
             "layers": [layer_record(layer) for layer in e.layers]}
 
 
-def footer_record(step_records: list[dict[str, Any]], status: str, error: str | None) -> dict[str, Any]:
-    """The footer's totals are the sums of the step lines' (so a reader can check them)."""
-    return {"kind": "footer", "steps": len(step_records),
-            "bytes_read": sum(r["bytes_read"] for r in step_records),
-            "wall_s": round(sum(r["wall_s"] for r in step_records), 6), "status": status, "error": error}
+def footer_record(step_records: list[dict[str, Any]], status: str, error: str | None,
+                  kept_kv: dict | None = None, cache_restarts: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The footer's totals are the sums of the step lines' (so a reader can check them); `kept_kv` names the
+    KV cache saved beside the ledger (evidence/kept_kv.py), `cache_restarts` the steps at which a resumed
+    process began with an empty weight cache."""
+    footer = {"kind": "footer", "steps": len(step_records),
+              "bytes_read": sum(r["bytes_read"] for r in step_records),
+              "wall_s": round(sum(r["wall_s"] for r in step_records), 6), "status": status, "error": error}
+    if kept_kv is not None:
+        footer["kv_cache"] = dict(kept_kv)
+    if cache_restarts:
+        footer["weight_cache_restarts"] = list(cache_restarts)
+    return footer

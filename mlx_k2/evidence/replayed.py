@@ -60,6 +60,8 @@ class Replay:
     kv_cache: bool = False        # re-executed in order from step 0 with one KV cache (the run's mode)
     bytes_split: bool = True      # bytes_read and bytes_cached reproduce as recorded (else only their sum)
     bytes_note: str = ""          # why they do not
+    kept_kv: list[str] | None = None  # the kept KV cache against the state recomputed through the last step:
+                                      # its differences (None: not compared)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class ReplayReport:
     text_checked: bool = False    # token_text was re-made with the checkpoint's own tokenizer
     kv_cache: bool = False        # a KV-cache run, re-executed in order from step 0
     bytes_note: str = ""          # when only bytes_read + bytes_cached was compared: why
+    kept_kv_compared: bool = False  # the kept KV cache was compared with the recomputed state, bit for bit
 
     @property
     def covers_text(self) -> bool:
@@ -101,6 +104,8 @@ class ReplayReport:
                f"within tolerance {CROSS_PLATFORM_RTOL:g}, digests not compared: {self.why}")
         if self.kv_cache:
             how += "; KV cache rebuilt from step 0 in order, from the recorded input ids"
+        if self.kept_kv_compared:
+            how += "; the kept KV cache compared with the state after the last step"
         if self.bytes_note:
             how += f"; {self.bytes_note}"
         return how
@@ -139,6 +144,7 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
                                                                                      f"{SUMMED}")
     if problems:
         return report
+    report.kept_kv_compared = replay.kept_kv is not None and exact
     by_step = {s.get("step"): s for s in steps}
     for r in replay.steps:
         result = StepResult(r.step, False, 0, None, 0)
@@ -165,6 +171,8 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
                 diffs.append(f"step {r.step}: no readable saved tensors to compare")
             else:
                 result.compared += _compare_tensors(saved, r.tensors or {}, f"step {r.step}", exact, diffs)
+        if report.kept_kv_compared and r is replay.steps[-1]:
+            diffs += replay.kept_kv  # the state after the last step: only bit for bit is a comparison
         result.differences, result.ok = diffs, not diffs
     return report
 

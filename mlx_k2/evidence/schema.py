@@ -135,6 +135,11 @@ def record_fields(provenance: Any) -> tuple[dict[str, Any], dict[str, Any], dict
     return STEP_FIELDS, STEP_CACHE_FIELDS, LAYER_FIELDS, LAYER_CACHE_FIELDS
 
 
+# A KV-cache run's footer may name its kept KV cache (evidence/kept_kv.py): the file beside the ledger, its
+# BLAKE3 and the positions it holds; and, for a run with a weight cache resumed from a kept KV cache, the
+# steps at which a process started with an empty weight cache (replay starts a fresh one there too).
+FOOTER_OPTIONAL = {"kv_cache": dict, "weight_cache_restarts": ListOf(int)}
+KEPT_KV_FIELDS = {"file": str, "blake3": str, "positions": int}
 FOOTER_FIELDS = {"kind": str, "prev": str, "steps": int, "bytes_read": int, "wall_s": float, "status": str,
                  "error": (str, NONE)}
 

@@ -39,11 +39,12 @@ from .anchors import Anchor, compare, find_anchor, load_anchors
 from .bundle import MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
                       root_digest, tensor_digest, top16)
+from .kept_kv import UNLISTED, read_kept_kv
 from .ledger import read_ledger
 from .replayed import Replay, ReplayReport, compare_replay
 from .sampling import Sampling
 from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, CHAT_FIELDS, CHAT_PROVENANCE, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
-                     DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
+                     DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, FOOTER_OPTIONAL, KEPT_KV_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
                      MODEL_FIELDS, PROVENANCES, RESIDUALS, ROUTED, ROUTER_SCORES, ROUTING_SCORES, RUN_FIELDS,
                      RUN_PLATFORM_FIELDS, EXACTNESS, SCHEMAS,
                      QUANTIZATION, QUANTIZATION_LABEL, TOKENIZER_FILES, has_type, layer_tensor, record_fields,
@@ -167,6 +168,8 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     checks += _recomputed_checks(steps, tensors, bundle, tokenizer, text_unchecked, version, _sampling(run))
     anchor = _check_anchor(header, steps, anchors_dir)
     checks += [anchor, _check_complete(model, run, steps, footer)]
+    if footer is not None and "kv_cache" in footer:
+        checks.append(_check_kept_kv(ledger.ledger_path, model, run, steps, footer["kv_cache"]))
     if digest is not None:
         checks.append(_check_digest(path, bundle, digest))
     report_replay = None
@@ -238,7 +241,7 @@ def _well_formed(schema: Check, lines: list, records: list[dict], provenance: An
         elif kind == "footer":
             if line is not lines[-1]:
                 schema.fail(f"{where}: footer before the last line")
-            elif _check_fields(schema, rec, FOOTER_FIELDS, where):
+            elif _check_fields(schema, rec, FOOTER_FIELDS, where, FOOTER_OPTIONAL):
                 footer = rec
         elif rec:
             schema.fail(f"{where}: unknown kind {kind!r}")
@@ -419,7 +422,7 @@ def _check_manifest(path: Path, n_steps: int) -> Check:
     for root, dirs, names in os.walk(path):  # never follows a symlinked directory
         for n in names:
             present.add((Path(root) / n).relative_to(path).as_posix())
-    present -= {MANIFEST_NAME}
+    present -= {MANIFEST_NAME, *UNLISTED}  # the kept KV cache is pinned by the footer; the conversation is no evidence
     for name in sorted(present - set(files)):
         check.fail(f"{name}: in the bundle but not in the manifest")
     for name, digest in sorted(inside.items()):
@@ -507,6 +510,10 @@ def _check_totals(run: dict, steps: list[dict], footer: dict | None) -> Check:
         for name in ("bytes_read", "wall_s"):
             if isinstance(footer.get(name), (int, float)) and footer[name] < 0:
                 check.fail(f"footer: {name} {footer[name]} is negative")
+        restarts = footer.get("weight_cache_restarts", [])
+        if restarts != sorted(set(restarts)) or any(not 0 < k < len(steps) for k in restarts):
+            check.fail(f"footer: weight_cache_restarts {restarts} are not ascending steps after step 0 of the "
+                       f"{len(steps)}")
         if footer.get("steps") != len(steps):
             check.fail(f"footer: steps {footer.get('steps')} but {len(steps)} step lines")
         total = sum(s.get("bytes_read", 0) for s in steps if isinstance(s.get("bytes_read"), int))
@@ -845,6 +852,39 @@ def _check_complete(model: dict, run: dict, steps: list[dict], footer: dict | No
     if complete.ok:
         complete.detail = f"{len(steps)} steps, footer complete" + (" (ended at EOS)" if ended_at_eos else "")
     return complete
+
+
+def _check_kept_kv(ledger_path: Path, model: dict, run: dict, steps: list[dict], record: Any) -> Check:
+    """The footer's kv_cache: a KV-cache run's kept state, a file beside the ledger with the BLAKE3 and the
+    positions the record gives (the last step's context), a latent and a rope key for every layer. Not
+    there: not checked (the ledger holds without it)."""
+    kept = Check("kept kv")
+    if not (isinstance(record, dict) and set(record) == set(KEPT_KV_FIELDS)
+            and all(has_type(record[k], t) for k, t in KEPT_KV_FIELDS.items())):
+        kept.fail("footer: kv_cache must be {file: str, blake3: str, positions: int}")
+        return kept
+    name = record["file"]
+    if run.get("kv_cache") is not True:
+        kept.fail("footer: kv_cache in a run without a KV cache")
+    if Path(name).name != name or name in ("", ".", ".."):
+        kept.fail(f"footer: kv_cache.file {name!r} is not a file name beside the ledger")
+        return kept
+    if steps and record["positions"] != len(steps[-1].get("input_ids") or []):
+        kept.fail(f"footer: kv_cache.positions {record['positions']}, but the last step computed over "
+                  f"{len(steps[-1].get('input_ids') or [])}")
+    path = ledger_path.parent / name
+    if not path.is_file():
+        if kept.ok:
+            kept.ok, kept.detail = None, f"{name} not present: not checked"
+        return kept
+    layers = model.get("num_layers")
+    try:
+        read_kept_kv(path, record, layers if isinstance(layers, int) and 0 < layers <= 4096 else 0)
+    except K2Error as e:
+        kept.fail(str(e))
+    if kept.ok:
+        kept.detail = f"{name}: {record['positions']} positions, BLAKE3 as the footer says"
+    return kept
 
 
 def _check_chat_complete(run: dict, steps: list[dict], footer: dict | None) -> Check:

@@ -30,7 +30,8 @@ import mlx.core as mx
 from ..checkpoint.tokenizer import load_tokenizer
 from ..errors import K2Error, UsageError
 from ..evidence.bundle import step_tensors
-from ..evidence.events import StepDone
+from ..evidence.events import Progress, StepDone
+from ..evidence.kept_kv import kept_kv_differences
 from ..evidence.records import model_record, step_record
 from ..evidence.replayed import Replay, ReplayedStep
 from .runner import KVCache, Model
@@ -95,11 +96,14 @@ def _run_step(model: Model, k: int, ids: list[int], kv: KVCache | None, tokenize
 
 def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | str | Path,
            device: str | None = None, on_step: Callable[[ReplayedStep, float], None] | None = None,
-           progress: Progress | None = None) -> Replay:
+           progress: Progress | None = None, kept_kv: Path | None = None,
+           cache_restarts: tuple[int, ...] = ()) -> Replay:
     """Re-execute the `chosen` step numbers of the ledger's `steps` (well-formed step records) on `model`, as
     the header says the run computed (`RunSpec.from_header`, the nearest this machine has): a checkpoint
     directory (opened with `progress`), or an opened Model whose checkpoint, device and kernels are used (it
-    stays open)."""
+    stays open). `kept_kv`: the run's kept KV cache file, compared with the state after the ledger's last
+    step where that step is re-executed; `cache_restarts`: the steps the run's process began with an empty
+    weight cache (the footer's weight_cache_restarts), where the re-execution starts a fresh one too."""
     run = header.get("run") if isinstance(header.get("run"), dict) else {}
     if isinstance(model, (str, Path)):
         model = Model(model, RunSpec.from_header(run, device, replay=True), progress=progress)
@@ -118,7 +122,12 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
         if any(k in recorded and recorded[k] != identity[k] for k in model_keys):
             return out  # another checkpoint: compare_replay says so, and nothing is worth running
         by_step, tokenizer = {s.get("step"): s for s in steps}, load_tokenizer(model.dir)
-        (_replay_in_order if spec.kv_cache else _replay_alone)(model, by_step, chosen, tokenizer, out, on_step)
+        if spec.kv_cache:
+            kv = _replay_in_order(model, by_step, chosen, tokenizer, out, on_step, set(cache_restarts))
+            if kept_kv is not None and kv is not None and max(chosen, default=-1) == len(steps) - 1:
+                out.kept_kv = kept_kv_differences(kept_kv, kv.to_numpy())
+        else:
+            _replay_alone(model, by_step, chosen, tokenizer, out, on_step)
         out.wall_s = time.perf_counter() - started
         return out
     finally:
@@ -140,16 +149,23 @@ def _replay_alone(model: Model, by_step: dict, chosen: list[int], tokenizer, out
 
 
 def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, out: Replay,
-                     on_step: Callable[[ReplayedStep, float], None] | None) -> None:
+                     on_step: Callable[[ReplayedStep, float], None] | None,
+                     restarts: set[int] = frozenset()) -> KVCache | None:
     """A KV-cache run: steps 0 .. max(chosen) in order with one KV cache, each from its recorded input ids;
-    the chosen ones are kept. A step that cannot run leaves the cache unusable for every later one."""
-    wanted = set(chosen)
+    the chosen ones are kept. A step that cannot run leaves the cache unusable for every later one. At each
+    of `restarts` the steps go on in a fresh Model over the same checkpoint: an empty weight cache, as the
+    resumed process had. Returns the KV cache after the last step run (None where one failed)."""
+    wanted, current = set(chosen), model
     kv = KVCache(model.config.text.num_hidden_layers)
     held: list[int] = []      # the context the KV cache holds the state of
     broken = ""               # why the steps after a failed one cannot run
     t0 = time.perf_counter()
     for k in range(max(chosen, default=-1) + 1):
         done = None
+        if k in restarts and k > 0:
+            if current is not model:
+                current.close()
+            current = model.reopen(model.spec)
         if broken:
             done = ReplayedStep(k, None, None, f"the KV cache could not be rebuilt up to it ({broken})")
         else:
@@ -159,7 +175,7 @@ def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, 
                     raise UsageError(f"step {k}: input_ids do not extend step {k - 1}'s, so no KV cache holds "
                                      "their state")
                 turn = "appended_ids" in (by_step.get(k) or {})  # a chat's turn: what it appended after held
-                done = _run_step(model, k, ids, kv, tokenizer, ids[len(held) + 1:] if turn else None)
+                done = _run_step(current, k, ids, kv, tokenizer, ids[len(held) + 1:] if turn else None)
                 held = ids
             except K2Error as e:
                 broken = str(e)
@@ -169,3 +185,6 @@ def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, 
             if on_step is not None:
                 on_step(done, time.perf_counter() - t0)
             t0 = time.perf_counter()
+    if current is not model:
+        current.close()
+    return None if broken else kv

@@ -70,6 +70,18 @@ class KVCache:
     def commit(self, layers: list[LatentKV], length: int) -> None:
         self.layers, self.length = list(layers), length
 
+    def to_numpy(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every layer's (latent, k_pe) as float32 arrays: what evidence.kept_kv writes."""
+        return [(np.array(s.latent), np.array(s.k_pe)) for s in self.layers]
+
+    @classmethod
+    def from_numpy(cls, layers: list[tuple[np.ndarray, np.ndarray]]) -> "KVCache":
+        """The cache a kept file holds (evidence.kept_kv.read_kept_kv's layers)."""
+        kv = cls(len(layers))
+        kv.commit([LatentKV(mx.array(latent), mx.array(k_pe)) for latent, k_pe in layers],
+                  layers[0][0].shape[0] if layers else 0)
+        return kv
+
 
 class Model:
     """An opened checkpoint computing as a RunSpec says: config, tensor map and reader. Holds no weights between
@@ -345,7 +357,7 @@ class StepWatch:
 
 
 def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True,
-             first_step: int = 0, rest: RestOfStep | None = None) -> Iterator[Event]:
+             first_step: int = 0, rest: RestOfStep | None = None, kv: KVCache | None = None) -> Iterator[Event]:
     """Greedy generation on an opened `model`, on its spec's device: yields LayerDone/StepDone events per step
     and a RunDone at the end.
 
@@ -353,14 +365,16 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, stop_at_e
     passes the context its next step computes from). With the spec's KV cache, a resumed run first rebuilds
     the cache exactly as the run built it: it runs steps 0 .. first_step - 1 again from the original prompt
     (the context without the first_step tokens generated since), silently, and checks each gives the token
-    the context holds. A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own
+    the context holds; given `kv` already holding that state (a kept KV cache), it goes on from it instead.
+    A consumer that stops iterating (Ctrl-C, an error) gets no RunDone; it writes its own
     ending. `rest`: the other ranks' part of each step in a pipelined run (`Model.step`). The caller has
     checked the context fits the model (`Model.check_run`), before writing anything.
     """
     mx.set_default_device(model.spec.mx_device)
     ids = list(prompt_ids)
-    kv = KVCache(model.config.text.num_hidden_layers) if model.spec.kv_cache else None
-    if kv is not None and first_step:
+    if kv is None and model.spec.kv_cache:
+        kv = KVCache(model.config.text.num_hidden_layers)
+    if kv is not None and first_step and not kv.length:  # a resumed run without its kept KV cache
         rebuild(model, ids, first_step, kv, rest)
     start, total, steps = time.perf_counter(), 0, 0
     for k in range(first_step, max_new_tokens):

@@ -12,6 +12,7 @@ verifies as one run. Subscribers only read events.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -26,13 +27,14 @@ from ..errors import K2Error, UsageError
 from ..evidence.anchors import Anchor, Row, find_anchor, load_anchors, model_signature
 from ..evidence.derived import line_digest
 from ..evidence.events import Progress, RunDone, RunStarted, StepDone
+from ..evidence.kept_kv import kept_state, kv_file_for, write_kept_kv
 from ..evidence.ledger import LedgerWriter, read_ledger
 from ..evidence.records import header_record, model_record
 from ..evidence.schema import LEDGER_NAME
 from ..read.storage import FaultHook, ReadPolicy
 from .distributed import Link
 from .pipeline import Stage, rank_0_stage
-from .runner import Model, generate
+from .runner import KVCache, Model, generate
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
 from .spec import RunSpec
 
@@ -49,6 +51,7 @@ class RunResult:
     anchor: Anchor | None = None
     anchor_rows: list[Row] = field(default_factory=list)
     resumed_from: int = 0                                   # steps already in the ledger before this call
+    kv_from: str = ""                                       # how a resumed KV run got its cache: "kept", "rebuilt"
 
     @property
     def anchor_ok(self) -> bool | None:
@@ -142,6 +145,8 @@ class _Recorded:
     header: dict
     steps: list[dict]
     lines: list[str]
+    kept_kv: dict | None = None   # the old footer's kv_cache record
+    cache_restarts: tuple[int, ...] = ()  # the old footer's weight_cache_restarts
 
     @property
     def context(self) -> list[int]:
@@ -164,6 +169,8 @@ def _recorded(path: Path, anchors_dir: Path | None) -> _Recorded:
     if "chat" in ledger.header.get("run", {}):
         raise UsageError(f"{ledger_path}: a chat session's ledger; it cannot be resumed as a run")
     lines = ledger.raw_lines
+    kept = ledger.footer.get("kv_cache") if ledger.footer is not None else None
+    restarts = ledger.footer.get("weight_cache_restarts", []) if ledger.footer is not None else []
     if ledger.footer is not None:
         if ledger.footer.get("status") == "complete":
             raise UsageError(f"{ledger_path}: the run is complete; nothing to resume")
@@ -171,7 +178,8 @@ def _recorded(path: Path, anchors_dir: Path | None) -> _Recorded:
     if len(ledger.steps) >= ledger.header["run"]["max_new_tokens"]:
         raise UsageError(f"{ledger_path}: all {ledger.header['run']['max_new_tokens']} steps are recorded; "
                          "nothing to resume")
-    return _Recorded(ledger_path, bundle_dir, ledger.header, ledger.steps, lines)
+    return _Recorded(ledger_path, bundle_dir, ledger.header, ledger.steps, lines,
+                     kept if isinstance(kept, dict) else None, tuple(restarts))
 
 
 def resume(path: str | Path, model_dir: str | Path | None = None, device: str | None = None,
@@ -206,12 +214,25 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
             writer = LedgerWriter(done.path, resume_at=(size, line_digest(done.lines[-1])))
             bundle = BundleSink(done.bundle_dir) if done.bundle_dir is not None else None
             ledger_sink = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), done.steps)
+            kv = _kept_kv(done, mine) if stage is None and spec.kv_cache else None
+            # from a kept KV cache the weight cache starts empty here, where an uninterrupted run's was warm
+            restarts = done.cache_restarts + ((len(done.steps),) if kv is not None and spec.cache_bytes else ())
             result = _drive(mine, stage, identity, ledger_sink, bundle, done.context, len(done.steps),
-                            run_info["max_new_tokens"], sinks, anchors_dir)
+                            run_info["max_new_tokens"], sinks, anchors_dir, kv, restarts)
             result.resumed_from = len(done.steps)
+            result.kv_from = "" if not spec.kv_cache else "kept" if kv is not None else "rebuilt"
             return result
     finally:
         model.close()
+
+
+def _kept_kv(done: _Recorded, model: Model) -> KVCache | None:
+    """The KV cache the stopped run kept beside its ledger, where it holds exactly the context's prefix the
+    last step computed over; None (the prefix is recomputed) where there is none or it does not fit."""
+    if not done.steps:
+        return None
+    kept = kept_state(done.path, done.kept_kv, len(done.steps[-1]["input_ids"]), model.config.text.num_hidden_layers)
+    return None if kept is None else KVCache.from_numpy(kept)
 
 
 def _same_checkpoint(done: _Recorded, model: Model) -> dict[str, str]:
@@ -237,10 +258,14 @@ def run_started(model: Model, context: list[int], first_step: int, max_new_token
 
 def _drive(model: Model, stage: Stage | None, identity: dict[str, str], ledger: LedgerSink,
            bundle: BundleSink | None, context: list[int], first_step: int, max_new_tokens: int,
-           sinks: tuple[Sink, ...], anchors_dir: Path | None) -> RunResult:
+           sinks: tuple[Sink, ...], anchors_dir: Path | None, kv: KVCache | None = None,
+           cache_restarts: tuple[int, ...] = ()) -> RunResult:
     """Run steps first_step.. and hand every event to the sinks, the ledger first; every sink is closed with
-    the run's status (a RunDone), whatever ends it."""
+    the run's status (a RunDone), whatever ends it. A KV-cache run in one process keeps its KV cache beside
+    the ledger at the end (`kv`: the state a resumed run starts from, else a new cache)."""
     spec, anchor = model.spec, None
+    if spec.kv_cache and stage is None and kv is None:
+        kv = KVCache(model.config.text.num_hidden_layers)
     if first_step == 0:
         anchor = find_anchor(load_anchors(anchors_dir), identity, model_signature(model.config), context,
                              model.platform)
@@ -252,7 +277,7 @@ def _drive(model: Model, stage: Stage | None, identity: dict[str, str], ledger: 
         for sink in subscribers:
             sink(run_started(model, context, first_step, max_new_tokens))
         for event in generate(model, context, max_new_tokens, first_step=first_step,
-                              rest=None if stage is None else stage.rest_of_step):
+                              rest=None if stage is None else stage.rest_of_step, kv=kv):
             if isinstance(event, RunDone):
                 end = event
                 break
@@ -267,8 +292,20 @@ def _drive(model: Model, stage: Stage | None, identity: dict[str, str], ledger: 
         raise
     finally:
         result.status, result.error, result.anchor_rows = end.status, end.error, check.rows
-        _close(subscribers, end)
+        _close(subscribers, dataclasses.replace(end, kept_kv=keep_kv(kv, ledger.writer.path),
+                                                cache_restarts=cache_restarts))
     return result
+
+
+def keep_kv(kv: KVCache | None, ledger_path: Path) -> dict | None:
+    """Save `kv` beside the ledger (evidence.kept_kv) and return the footer's record; None where there is
+    nothing to keep or it cannot be written (the footer then names no file: a resume recomputes the prefix)."""
+    if kv is None or not kv.length:
+        return None
+    try:
+        return write_kept_kv(kv_file_for(ledger_path), kv.to_numpy())
+    except K2Error:
+        return None
 
 
 def _close(subscribers: list[Sink], end: RunDone) -> None:

@@ -37,7 +37,8 @@ class LedgerSink:
             self.writer.write(self.records[-1])
         elif isinstance(event, RunDone):
             try:
-                self.writer.write(footer_record(self.records, event.status, event.error))
+                self.writer.write(footer_record(self.records, event.status, event.error, event.kept_kv,
+                                                event.cache_restarts))
             finally:
                 self.writer.close()
 

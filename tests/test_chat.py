@@ -164,3 +164,53 @@ def test_a_resumed_session_goes_on_from_its_kept_kv_cache(chat_model, tmp_path):
         kept_kv=tmp_path / "split.kv.safetensors", cache_restarts=tuple(records[-1]["weight_cache_restarts"])))
     assert report.ok and report.replay.exact and report.replay.kept_kv_compared, \
         [(c.name, c.detail) for c in report.checks if c.ok is False]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (a real terminal)")
+def test_two_turns_typed_in_a_terminal(chat_model, tmp_path):
+    """`mlx-k2 chat` in tmux at 80x24, two messages typed (send-keys): each reply is drawn with the live panel
+    (it stays on the screen above the reply's text), the second turn computes only its new positions, and
+    the session's ledger verifies."""
+    import os
+    import shlex
+    import sys
+    import time
+
+    from tests.test_dashboard import ROOT, _tmux
+
+    socket, ledger, done = f"mlx-k2-chat-{os.getpid()}", tmp_path / "c.jsonl", tmp_path / "done"
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    cmd = (f"unset COLUMNS LINES; cd {shlex.quote(str(ROOT))} && PYTHONPATH={shlex.quote(path)} "
+           f"{shlex.quote(sys.executable)} -m mlx_k2_cli chat --model {shlex.quote(str(chat_model))} -n 3 --device "
+           f"cpu --cache 0 --ledger {shlex.quote(str(ledger))}; touch {shlex.quote(str(done))}; sleep 60")
+    _tmux(socket, "new-session", "-d", "-x", "80", "-y", "24", "-e", "TERM=xterm-256color", cmd)
+
+    def screen() -> str:
+        return _tmux(socket, "capture-pane", "-p", "-S", "-200", "-t", "0")
+
+    def wait_for(count: int, what: str = "you>") -> str:  # the prompt (a pane keeps no trailing blank)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            text = screen()
+            if text.count(what) >= count:
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"{what!r} not seen {count} times:\n{screen()}")
+
+    try:
+        wait_for(1)
+        _tmux(socket, "send-keys", "-t", "0", "hello", "Enter")
+        wait_for(2)
+        _tmux(socket, "send-keys", "-t", "0", "and then?", "Enter")
+        text = wait_for(3)
+        _tmux(socket, "send-keys", "-t", "0", "/exit", "Enter")
+        deadline = time.time() + 60
+        while not done.exists() and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        _tmux(socket, "kill-server")
+    assert text.count("output formation") >= 2 and text.count("model> ") == 2, text
+    steps = _records(ledger)[1:-1]
+    turn = next(s for s in steps if "appended_ids" in s)
+    assert turn["positions"] == 1 + len(turn["appended_ids"]) < len(turn["input_ids"])
+    assert verify(ledger).ok

@@ -9,7 +9,8 @@ Excluded, and why:
 - every `wall_s` (step, layer, footer) and the header's `created`: times;
 - every `prev`: the BLAKE3 chain hashes the lines before, which hold those times;
 - the header's `run.distributed` and `provenance` (which classifies one more field, `rank`), and each
-  layer's `rank`: the distributed fields themselves, checked here against the plan instead.
+  layer's `rank`: the distributed fields themselves, checked here against the plan instead;
+- the footer's `kv_cache`: a run in one process keeps its KV cache beside the ledger, the ranks keep none.
 Everything else (tokens, logits, digests, norms, experts, routing weights, bytes read and cached per step
 and per layer, positions, footer totals and status) must be equal, and `verify` must pass the distributed
 ledger (and the KV run re-executes bit for bit in one process with `verify --replay`). The plan and the
@@ -111,6 +112,8 @@ def without_distributed(recs: list[dict]) -> list[dict]:
             rec.pop("created")
             rec.pop("provenance")
             rec["run"].pop("distributed", None)
+        if rec["kind"] == "footer":
+            rec.pop("kv_cache", None)  # one process keeps its KV cache beside the ledger; the ranks keep none
         for layer in rec.get("layers", []):
             layer.pop("wall_s")
             layer.pop("rank", None)

@@ -57,6 +57,21 @@ def check_writable(path: Path, directory: Path | None = None, makes_dirs: bool =
         raise UsageError(f"{path}: cannot write ({e.strerror})") from None
 
 
+def check_outside(output: Path, model_dir: Path) -> None:
+    """Nothing a command writes lands in a checkpoint directory: the checkpoint is only ever read."""
+    model_dir = Path(model_dir).resolve()
+    target = Path(output).resolve()
+    if target == model_dir or model_dir in target.parents:
+        raise UsageError(f"{output}: inside the checkpoint directory {model_dir}; write it elsewhere (a checkpoint "
+                         "is only read)")
+
+
+def check_new(path: Path, overwrite: bool) -> None:
+    """An output file that exists is replaced only when asked (--overwrite), as `run` and `keygen` do."""
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path}: exists (pass --overwrite to replace it)")
+
+
 def guarded(fn):
     """Run a command body: project errors become one line and exit 2, Ctrl-C exits 130."""
     @functools.wraps(fn)

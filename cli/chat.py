@@ -22,7 +22,7 @@ from mlx_k2.evidence.schema import LEDGER_NAME
 from mlx_k2.run.dashboard import DashboardState
 from mlx_k2.synth.checkpoint import default_checkpoint
 
-from .app import app, guarded
+from .app import app, check_outside, guarded
 from .live import live_dashboard
 from .plain import progress_lines, summary_line
 from .run import RANDOM_WEIGHTS, check_output, default_ledger, gigabytes
@@ -68,8 +68,11 @@ def chat(model: Annotated[Optional[Path], typer.Option(help="Checkpoint director
         spec = RunSpec.from_options(device, kernels, True, gigabytes(cache, "--cache"), cache_policy, None,
                                     sampling=Sampling(temperature, top_p, seed))
         target = bundle if bundle is not None else ledger or default_ledger(None)
+        if model is not None:  # before the writability probe, which would create a file there
+            check_outside(target, model)
         check_output(None if bundle is not None else target, bundle)
         model_dir = model if model is not None else default_checkpoint(progress=progress_lines())
+        check_outside(target, model_dir)
         if model is None:
             typer.echo(RANDOM_WEIGHTS.format(model_dir))
 

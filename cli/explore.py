@@ -12,7 +12,7 @@ from mlx_k2.explorer.page import build_explorer
 from mlx_k2.evidence.files import write_atomically
 from mlx_k2.evidence.receipt import check_receipt
 
-from .app import app, check_writable, guarded
+from .app import app, check_new, check_writable, guarded
 from .verify import reexecute, tokenizer_for
 
 
@@ -39,7 +39,8 @@ def explore(path: Annotated[Path, typer.Argument(metavar="PATH", help="A ledger 
             pubkey: Annotated[Optional[Path], typer.Option(help="With --receipt: the signer's public key.")] = None,
             vindex: Annotated[Optional[Path], typer.Option(help="A vindex directory: add the panel of the feature "
                                                                 "directions each step's MoE inputs project onto "
-                                                                "(a bundle of format 2).")] = None):
+                                                                "(a bundle of format 2).")] = None,
+            overwrite: Annotated[bool, typer.Option(help="Replace an existing HTML file.")] = False):
     """Write a self-contained HTML explorer of a ledger or bundle. Example: mlx-k2 explore runs/b1 -o b1.html"""
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
@@ -50,6 +51,7 @@ def explore(path: Annotated[Path, typer.Argument(metavar="PATH", help="A ledger 
         raise UsageError("--steps, --sample and --device go with --replay")
     if receipt is None and pubkey is not None:
         raise UsageError("--pubkey goes with --receipt")
+    check_new(out, overwrite)
     check_writable(out)  # before a replay's minutes, not after
     tokenizer = tokenizer_for(path, model)
     replayed = reexecute(path, model, steps, sample, device) if replay else None

@@ -12,7 +12,7 @@ from mlx_k2.errors import UsageError
 from mlx_k2.evidence.receipt import keygen as write_keys
 from mlx_k2.evidence.receipt import load_private_key, make_receipt, write_receipt
 
-from .app import app, check_writable, guarded
+from .app import app, check_new, check_writable, guarded
 from .verify import print_checks, run_checks
 
 
@@ -40,12 +40,14 @@ def receipt(path: Annotated[Path, typer.Argument(metavar="PATH", help="A bundle 
             sample: Annotated[Optional[int], typer.Option(help="With --replay: N steps at random.")] = None,
             device: Annotated[Optional[str], typer.Option(help="With --replay: gpu or cpu.")] = None,
             lenient: Annotated[bool, typer.Option("--lenient", help="Sign what is consistent but not proven "
-                                                                    "(the receipt says so).")] = False):
+                                                                    "(the receipt says so).")] = False,
+            overwrite: Annotated[bool, typer.Option(help="Replace an existing receipt file.")] = False):
     """Verify a run and write a signed receipt of it: its root digest, checkpoint, prompt, tokens and what was
     verified. Example: mlx-k2 receipt runs/b1 -o b1.receipt.json --key KEY --replay"""
     signing_key = load_private_key(key)  # a bad key is reported before minutes of replay
     if output.resolve() == path.resolve() or path.resolve() in output.resolve().parents:
         raise UsageError(f"{output}: would add a file to the bundle; write the receipt elsewhere")
+    check_new(output, overwrite)
     check_writable(output)  # before verify and a replay's minutes, not after
     report = run_checks(path, model, anchors, replay, steps, sample, device, None)
     if not report.summary(lenient)[0]:  # not signed: show which checks failed and why before the error line

@@ -24,7 +24,7 @@ from mlx_k2.synth.checkpoint import default_checkpoint
 from mlx_k2.checkpoint.chat_template import TEMPLATE_FILE, load_chat_template
 from mlx_k2.checkpoint.tokenizer import TOKENIZER_FILES, adds_bos, default_bos, load_tokenizer
 
-from .app import app, check_writable, guarded
+from .app import app, check_outside, check_writable, guarded
 from .live import live_dashboard
 from .plain import answer_text, plain_lines, progress_lines, summary_line
 
@@ -137,6 +137,8 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
         follow_rank_0(link, model, spec or RunSpec.from_options(device, kernels, read_method=read_method,
                                                                 read_retries=read_retries))
     if resume is None:
+        if model is not None:  # before the writability probe, which would create a file there
+            check_outside(bundle if bundle is not None else ledger or Path("runs"), model)
         check_output(ledger or default_ledger(bundle), bundle)
     else:
         header = read_header_line(resume)
@@ -148,6 +150,7 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
 
     def go(sinks):
         model_dir = model if model is not None else default_checkpoint(progress=progress)
+        check_outside(bundle if bundle is not None else resume or ledger or Path("runs"), model_dir)
         if model is None and not quiet:
             typer.echo(RANDOM_WEIGHTS.format(model_dir), err=dashboard is not None)
         cfg = load_config(model_dir)  # a missing or bad checkpoint is reported before anything else

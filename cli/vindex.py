@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import HELP, app, check_writable, guarded
+from .app import HELP, app, check_outside, check_writable, guarded
 from .plain import progress_lines
 
 vindex_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, **HELP,
@@ -82,11 +82,14 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
+    if model is not None:  # before the writability probe, which would create a file there
+        check_outside(out, model)
     check_writable(out, out, makes_dirs=True)  # before the checkpoint is opened, not after
     header_lines = None if quiet else progress_lines()
     bar = None if quiet or not sys.stdout.isatty() else _Bar()
     progress = None if quiet else bar or _plain_build_lines()
     model_dir = model if model is not None else default_checkpoint(progress=header_lines)
+    check_outside(out, model_dir)
     # Under the live bar, no lines for the shards' opening: they would break it.
     try:
         with bar.progress if bar is not None else contextlib.nullcontext():

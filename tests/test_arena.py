@@ -108,3 +108,44 @@ def test_poison_catches_a_release_before_evaluation(synth_dir, monkeypatch):
     finally:
         model.close()
     assert np.isnan(step.logits).all()
+
+
+def test_more_than_a_chunk_holds_goes_into_several_kept_chunks():
+    """A use larger than one chunk (MLX's 32-bit dimensions cap a byte array under 2 GiB) takes several
+    chunks; released, the same use fits in them again without a new allocation."""
+    arena = Arena(poison=False, max_chunk=MIN_CHUNK)
+    sizes = [MIN_CHUNK // 3] * 7  # more than two chunks' worth
+    for _ in range(3):
+        views = [arena.take(n)[1] for n in sizes]
+        for i, v in enumerate(views):
+            v[:1] = bytes([i])
+        assert [v[0] for v in views] == list(range(len(sizes)))  # no two takes share bytes
+        chunks = list(arena._chunks)
+        assert len(chunks) >= 3 and all(c.size <= MIN_CHUNK for c in chunks)
+        arena.release()
+    assert arena._chunks == chunks  # kept, none added in the later uses
+    with pytest.raises(ValueError, match="more than one chunk holds"):
+        arena.take(MIN_CHUNK)
+
+
+def test_experts_split_over_stacks_give_the_same_bits(tmp_path, monkeypatch):
+    """A prefill that routes to more experts than one stacked tensor may hold is read as several stacks
+    (weights.MAX_STACK_BYTES); the step's bits are those of one stack (here: one expert per stack against all
+    in one), with either kernels."""
+    from conftest import cpu_spec
+    from mlx_k2.model import weights
+    from mlx_k2.run.session import run
+    from tests.foreign_checkpoint import write_foreign_checkpoint
+
+    model = tmp_path / "k25"
+    write_foreign_checkpoint(model, "kimi_k25", seed=5)
+    prompt = [508, *range(10, 40)]  # 31 positions: most experts routed
+    digests, whole = {}, weights.MAX_STACK_BYTES
+    for cap in (whole, 1):
+        monkeypatch.setattr(weights, "MAX_STACK_BYTES", cap)
+        for kernels in ("builtin", "own"):
+            result = run(model, prompt, 2, cpu_spec(kernels, kv_cache=True),
+                         ledger_path=tmp_path / f"{cap}-{kernels}.jsonl")
+            digests[cap, kernels] = [(s.token_id, s.logits.tobytes(), s.hidden.tobytes()) for s in result.steps]
+    for kernels in ("builtin", "own"):
+        assert digests[1, kernels] == digests[whole, kernels]

@@ -484,3 +484,30 @@ frame.addEventListener("load", function () {{
     header = json.loads(synth_run[1].read_bytes().splitlines()[0])
     assert int(body.attrs["data-cells"]) == header["model"]["experts_per_token"] == 8
     assert body.attrs["data-outside"] == "0" and body.attrs["data-cut"] == "0", body.attrs
+
+
+# ------------------------------------------------------------------- outputs: not over files, not in a checkpoint
+
+def test_outputs_never_replace_a_file_unasked_nor_land_in_the_checkpoint(cli, synth_dir, synth_run, tmp_path):
+    """explore -o and receipt -o refuse an existing file without --overwrite (as run and keygen do); run,
+    chat and vindex build refuse to write into the checkpoint directory. Each: one line, exit 2, nothing
+    written."""
+    page = tmp_path / "page.html"
+    page.write_text("mine")
+    refused = cli.invoke(app, ["explore", str(synth_run[0]), "-o", str(page)])
+    assert refused.exit_code == 2 and "exists (pass --overwrite" in refused.stderr and page.read_text() == "mine"
+    replaced = cli.invoke(app, ["explore", str(synth_run[0]), "-o", str(page), "--overwrite"])
+    assert replaced.exit_code == 0 and page.read_text() != "mine", replaced.output
+    key = tmp_path / "key"
+    assert cli.invoke(app, ["keygen", "-o", str(key)]).exit_code == 0
+    receipt = tmp_path / "r.json"
+    receipt.write_text("mine")
+    refused = cli.invoke(app, ["receipt", str(synth_run[0]), "-o", str(receipt), "--key", str(key), "--lenient"])
+    assert refused.exit_code == 2 and "exists (pass --overwrite" in refused.stderr and receipt.read_text() == "mine"
+    before = sorted(p.name for p in synth_dir.iterdir())
+    for args in (["run", "--model", str(synth_dir), "-n", "1", "--ledger", str(synth_dir / "l.jsonl")],
+                 ["chat", "--model", str(synth_dir), "--ledger", str(synth_dir / "c.jsonl")],
+                 ["vindex", "build", "--model", str(synth_dir), "-o", str(synth_dir / "vx"), "--layers", "1"]):
+        result = cli.invoke(app, args, input="/exit\n")
+        assert result.exit_code == 2 and "inside the checkpoint directory" in result.stderr, (args, result.output)
+    assert sorted(p.name for p in synth_dir.iterdir()) == before

@@ -572,3 +572,19 @@ def test_replay_on_other_kernels_agrees_within_tolerance(ctx, synth_dir):
                              / np.maximum(np.abs(saved[n].astype(np.float64)), 1.0)))
                 for n in ("hidden", "logits", "residuals"))
     assert 0 < worst < CROSS_PLATFORM_RTOL / 10
+
+
+def test_a_stopped_run_is_never_called_complete(synth_run, tmp_path):
+    """A ledger whose footer says the run stopped verifies (every step it holds checks out) and its line says
+    how it ended: never "(complete)". The footer is rewritten the way a stopped run writes it, chain too."""
+    from tests.test_verify_mutations import dumps, read_lines, rechain, write_lines
+
+    ledger = tmp_path / "l.jsonl"
+    lines = read_lines(synth_run[1])
+    footer = json.loads(lines[-1])
+    footer.update(status="stopped", error="interrupted")
+    lines[-1] = dumps(footer)
+    write_lines(ledger, rechain(lines))
+    report = verify(ledger, ANCHORS)
+    passes, line = report.summary(lenient=True)
+    assert passes and "(stopped: interrupted; not complete)" in line and "(complete)" not in line, line

@@ -85,6 +85,7 @@ class Report:
     anchor_name: str | None = None
     text_unchecked: str = ""          # why token_text could not be checked ("" when it was, or there is none)
     replay: ReplayReport | None = None
+    ended: str = ""                   # the footer's status and error where it is not complete: "stopped: ..."
 
     @property
     def ok(self) -> bool:
@@ -117,7 +118,7 @@ class Report:
         if not self.ok:
             bad = [c.name for c in self.checks if c.ok is False]
             return False, f"verification FAILED: {len(bad)} of {len(self.checks)} checks fail ({', '.join(bad)})"
-        state = "partial: no footer" if self.partial else "complete"
+        state = "partial: no footer" if self.partial else f"{self.ended}; not complete" if self.ended else "complete"
         what = f"{self.steps} step{'s' if self.steps != 1 else ''} ({state}), all {len(self.checks)} checks pass"
         if self.replayed:
             line = f"{self.replay.summary()}; {what}"
@@ -179,8 +180,11 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     text_gap = text_unchecked if any(s.get("token_text") is not None for s in steps) else ""
     if report_replay is not None and report_replay.covers_text:
         text_gap = ""  # replay re-made every token_text with the checkpoint's tokenizer
+    ended = "" if footer is None or footer.get("status") == "complete" else \
+        f"{footer.get('status')}: {footer.get('error')}"
     return Report(path, [c.finish() for c in checks], len(steps), footer is None, bundle,
-                  getattr(anchor, "state", "none"), getattr(anchor, "anchor_name", None), text_gap, report_replay)
+                  getattr(anchor, "state", "none"), getattr(anchor, "anchor_name", None), text_gap, report_replay,
+                  ended)
 
 
 def _check_lines(lines: list, cut_off: bool) -> tuple[Check, Check, list[dict]]:

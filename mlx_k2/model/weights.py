@@ -26,6 +26,7 @@ from .linear import Linear
 from ..read.tensors import PendingTensor, TensorReader
 
 HEAD_ROWS_PER_BLOCK = 16384  # lm_head rows computed at a time (K2.5: 235 MB of bf16 per block)
+MAX_STACK_BYTES = 1 << 30    # one stacked expert tensor's bytes at most (_stack_batches); K2.5: 146 experts
 
 
 class WeightFetcher:
@@ -87,7 +88,7 @@ class WeightFetcher:
         the stack positions given (experts a guess read that nobody uses)."""
         n = self.tensor_names.layer(layer)
         own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
-        batches = [[e] for e in ids] if own else [list(ids)]
+        batches = [[e] for e in ids] if own else self._stack_batches(layer, list(ids))
         # One call for every batch: their fresh arrays are made together, their reads issued in order.
         every, per_linear = self._stack_reads([[n.experts(e, m) for e in batch] for batch in batches
                                            for m in names.MLP_PROJECTIONS], layer, ahead, own)
@@ -109,6 +110,16 @@ class WeightFetcher:
             out.append((ExpertStack(np.array(batch, dtype=np.int64), *linears, arrived=arrived),
                         arrays if own else (), unused))
         return out
+
+    def _stack_batches(self, layer: int, ids: list[int]) -> list[list[int]]:
+        """`ids` in consecutive stacks, each stored part of a stack (one projection's weight for its experts)
+        at most MAX_STACK_BYTES: an MLX dimension is a 32-bit int (a stack of 384 K2.5 experts' gate_proj
+        is 2.8 GB). Which stack holds an expert never changes a bit (forward.moe)."""
+        n = self.tensor_names.layer(layer)
+        largest = max(self.checkpoint.info(t).nbytes for m in names.MLP_PROJECTIONS
+                      for t in names.linear_parts(n.experts(0, m), self.checkpoint))
+        per_stack = max(1, MAX_STACK_BYTES // largest)
+        return [ids[i:i + per_stack] for i in range(0, len(ids), per_stack)]
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one routed expert of `layer` (its three projections as stored)."""

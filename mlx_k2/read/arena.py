@@ -22,6 +22,9 @@ import numpy as np
 
 PAGE = 4096                 # direct I/O alignment of addresses, file offsets and lengths (safe everywhere)
 MIN_CHUNK = 64 << 20        # the first chunk; later ones are as large as the request that did not fit
+# The largest chunk: an MLX array's dimension is a 32-bit int, so a 1-D byte array holds under 2 GiB. A use
+# that needs more keeps several chunks (a K2.5 prefill reads most of a layer's 384 experts: ~8 GB).
+MAX_CHUNK = (1 << 31) - PAGE
 POISON_ENV = "MLX_K2_POISON_ARENAS"
 
 
@@ -46,9 +49,11 @@ class _Chunk:
 class Arena:
     """Byte ranges for one generation of tensors; reused as a whole after `release()`."""
 
-    def __init__(self, poison: bool | None = None):
+    def __init__(self, poison: bool | None = None, max_chunk: int = MAX_CHUNK):
         self.poison = os.environ.get(POISON_ENV, "") not in ("", "0") if poison is None else poison
+        self.max_chunk = max_chunk
         self._chunks: list[_Chunk] = []
+        self._current = 0  # the chunk takes go into; later ones follow once it is full
         self._takes = 0
         self._regrow = 0  # bytes of the single chunk the next take replaces the chunks with (0: keep them)
 
@@ -58,19 +63,24 @@ class Arena:
 
     def take(self, nbytes: int, phase: int = 0) -> tuple[mx.array, memoryview]:
         """`nbytes` bytes whose address is `phase` modulo PAGE: an MLX uint8 view (nbytes,) sharing the
-        arena's memory, and a writable memoryview of the same bytes."""
+        arena's memory, and a writable memoryview of the same bytes. At most `max_chunk` - 2 pages."""
+        if nbytes + 2 * PAGE > self.max_chunk:
+            raise ValueError(f"a read buffer of {nbytes:,} bytes: more than one chunk holds ({self.max_chunk:,})")
         if self._regrow:
             # Done at the next use, not at release: the released layer's arrays (and so its chunks) are
             # still alive where release is called, and old plus new chunks at once raised peak RSS.
             self._chunks = []  # dropped before the new one is allocated
             self._chunks = [_Chunk(self._regrow)]
             self._regrow = 0
-        chunk = self._chunks[-1] if self._chunks else None
-        start = None if chunk is None else self._place(chunk, phase)
-        if chunk is None or start + nbytes > chunk.size:
-            chunk = _Chunk(max(MIN_CHUNK if not self._chunks else 0, nbytes + 2 * PAGE))
-            self._chunks.append(chunk)
+        while True:  # the current chunk, else the next one kept, else a new one
+            if self._current == len(self._chunks):
+                self._chunks.append(_Chunk(min(self.max_chunk, max(MIN_CHUNK if not self._chunks else 0,
+                                                                   nbytes + 2 * PAGE))))
+            chunk = self._chunks[self._current]
             start = self._place(chunk, phase)
+            if start + nbytes <= chunk.size:
+                break
+            self._current += 1
         chunk.end = start + nbytes
         self._takes += 1
         # A slice of an evaluated contiguous array shares its buffer. Left lazy: it is evaluated with the
@@ -91,7 +101,8 @@ class Arena:
                 np.frombuffer(c.bytes, dtype=np.uint8)[:] = 0xFF
         if len(self._chunks) > 1:
             # Each take wastes under PAGE to its phase; the sum of the ends already includes that once.
-            self._regrow = sum(c.end for c in self._chunks) + self._takes * PAGE
+            needed = sum(c.end for c in self._chunks) + self._takes * PAGE
+            self._regrow = needed if needed <= self.max_chunk else 0  # else the chunks are kept as they are
         for c in self._chunks:
             c.end = 0
-        self._takes = 0
+        self._takes, self._current = 0, 0

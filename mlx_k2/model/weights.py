@@ -61,14 +61,14 @@ class WeightFetcher:
         return self._make_linear(base, [self.reader.tensor(p, slot) for p in names.linear_parts(base, self.checkpoint)])
 
     def _stack_reads(self, projections: list[list[str]], slot: int, ahead: bool = False,
-                     own: bool = False) -> tuple[list[PendingTensor], int]:
+                     own: bool = False, expert: str | None = None) -> tuple[list[PendingTensor], int]:
         """Issue the reads of linears stacked per projection (routed experts), one expert at a time: the
         pending arrays (each stored part of a projection: weight, then scale where there is one) and how
-        many parts a projection has."""
+        many parts a projection has. `expert`: the cache key when the stacks are that one expert's."""
         parts = [[names.linear_parts(b, self.checkpoint) for b in bases] for bases in projections]
         per_linear = len(parts[0][0])
         groups = [[p[part] for p in group] for group in parts for part in range(per_linear)]
-        return self.reader.start_stacked(groups, slot, ahead, own), per_linear
+        return self.reader.start_stacked(groups, slot, ahead, own, expert), per_linear
 
     def _stack_linears(self, arrays: list[mx.array] | tuple[mx.array, ...], per_linear: int, base: str) -> list[Linear]:
         return [self._make_linear(base, arrays[i:i + per_linear]) for i in range(0, len(arrays), per_linear)]
@@ -89,9 +89,15 @@ class WeightFetcher:
         n = self.tensor_names.layer(layer)
         own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
         batches = [[e] for e in ids] if own else self._stack_batches(layer, list(ids))
-        # One call for every batch: their fresh arrays are made together, their reads issued in order.
-        every, per_linear = self._stack_reads([[n.experts(e, m) for e in batch] for batch in batches
-                                           for m in names.MLP_PROJECTIONS], layer, ahead, own)
+        if own:  # each expert into a slot of the cache's slab (tensors.py), its reads issued in order
+            every = []
+            for e in ids:
+                pending, per_linear = self._stack_reads([[n.experts(e, m)] for m in names.MLP_PROJECTIONS], layer,
+                                                        ahead, own, self._expert_key(layer, e))
+                every += pending
+        else:  # one call for every batch: their fresh arrays are made together, their reads issued in order
+            every, per_linear = self._stack_reads([[n.experts(e, m) for e in batch] for batch in batches
+                                                   for m in names.MLP_PROJECTIONS], layer, ahead)
         per_batch = len(every) // len(batches)  # the pending arrays of one batch: (weight, scale) per projection
         out = []
         for b, batch in enumerate(batches):

@@ -37,6 +37,7 @@ import numpy as np
 from .arena import PAGE, Arena
 from ..checkpoint.shards import Checkpoint, TensorInfo
 from ..errors import CheckpointError
+from .slab import ExpertSlab
 from .storage import ByteRange, PendingRead, Storage
 from .weight_cache import WeightCache
 
@@ -45,6 +46,10 @@ from .weight_cache import WeightCache
 _DTYPES = {"BF16": mx.uint16, "F16": mx.float16, "F32": mx.float32, "I32": mx.int32, "U32": mx.uint32,
            "F8_E4M3": mx.uint8}
 _ITEM = 8  # a file offset this aligned keeps the array aligned for every dtype above at the same phase
+# Expert slots beyond what the cache's budget holds: experts are read into slots before the cache takes them
+# and evicts others for them, so a decode layer's misses and the next layer's guesses (k = 8 each in K2.5
+# and DeepSeek-V3) are in flight beside a full cache. More than that (a prefill) read into fresh arrays.
+SLOTS_IN_FLIGHT = 16
 
 
 class PendingTensor:
@@ -100,6 +105,9 @@ class TensorReader:
         self.bytes_cached = 0   # bytes the cache served instead of storage
         self.wait_s = 0.0       # time spent waiting for bytes a computation needed
         self._keep: list[tuple[int, str, tuple[mx.array, ...], int, bool]] = []  # for the cache, at release
+        self.slab: ExpertSlab | None = None  # the cache's expert slots (slab.py), made at the first expert
+        self._in_slot: dict[str, tuple[int, int]] = {}  # expert key -> (read slot, slab slot) until put or dropped
+        self._slab_of: dict[str, int] = {}               # expert key the cache holds -> its slab slot
         self._unnamed_ahead: list[PendingTensor] = []  # stacks and row blocks read ahead, until their slot is released
         self._ahead: dict[str, PendingTensor] = {}
         self._arenas = [Arena(), Arena()]
@@ -152,11 +160,17 @@ class TensorReader:
         self._note("release", slot)
         if self.cache is not None:
             for entry in [e for e in self._keep if e[0] == slot]:
-                self.cache.put(*entry[1:])
+                evicted: list[str] = []
+                if self.cache.put(*entry[1:], evicted=evicted) and entry[1] in self._in_slot:
+                    self._slab_of[entry[1]] = self._in_slot.pop(entry[1])[1]
+                for key in evicted:
+                    if key in self._slab_of:
+                        self.slab.give_back(self._slab_of.pop(key))
             self._keep = [e for e in self._keep if e[0] != slot]
         for pending in [p for p in self._unnamed_ahead if p.slot == slot]:
             pending.cancel()  # a guess nobody used: its reads must end before the buffer is reused
         self._unnamed_ahead = [p for p in self._unnamed_ahead if p.slot != slot]
+        self._give_back_slots(slot)
         i = slot % 2
         if self._owner[i] == slot:
             for name in [n for n, p in self._ahead.items() if p.slot == slot]:
@@ -173,9 +187,31 @@ class TensorReader:
             pending.cancel()
         self._unnamed_ahead.clear()
         self.drop_prefetched()
+        self._give_back_slots(None)
         for owner in list(self._owner):
             if owner is not None:
                 self.release(owner)
+
+    def _give_back_slots(self, slot: int | None) -> None:
+        """Slab slots read into for `slot` (None: any) that the cache did not take: free again, their reads
+        ended (waited for, or cancelled above). Then, between layers, the slab makes slots ahead."""
+        for key, (read_slot, slab_slot) in list(self._in_slot.items()):
+            if slot is None or read_slot == slot:
+                del self._in_slot[key]
+                self.slab.give_back(slab_slot)
+        if self.slab is not None:
+            self.slab.ahead()
+
+    def _slab_buffers(self, infos: list[TensorInfo]) -> tuple[int, list] | None:
+        """A slab slot for one routed expert's stored parts (`infos`, one tensor each), or None."""
+        parts = [(_DTYPES[i.dtype], (1, *i.shape), i.nbytes, i.offset) for i in infos if i.dtype in _DTYPES]
+        if len(parts) != len(infos) or self.cache is None or not self.cache.expert_budget:
+            return None
+        if self.slab is None:
+            nbytes = sum(i.nbytes for i in infos)
+            self.slab = ExpertSlab(self.cache.expert_budget // nbytes + SLOTS_IN_FLIGHT,
+                                   ExpertSlab.room([(i.nbytes, i.offset) for i in infos]))
+        return self.slab.take(parts)
 
     # ------------------------------------------------------------------ reads
     def _start(self, names: list[str], slot: int | None, ahead: bool = False, own: bool = False) -> PendingTensor:
@@ -184,23 +220,33 @@ class TensorReader:
         return self._start_stacks([names], slot, ahead, own)[0]
 
     def start_stacked(self, groups: list[list[str]], slot: int | None = None, ahead: bool = False,
-                      own: bool = False) -> list[PendingTensor]:
+                      own: bool = False, expert: str | None = None) -> list[PendingTensor]:
         """Issue the reads of `stacked(groups, slot)` one stack position at a time (tensor 0 of every group, then
         tensor 1, ...), so a position's tensors land together and in order: `wait_part(u)` on every result
-        gives position u. `own`: into arrays of their own (for the cache), not the slot's arena. Stacks issued
-        `ahead` (on a guess) may never be waited for: their reads are cancelled when the slot is released."""
+        gives position u. `own`: into arrays of their own (for the cache), not the slot's arena; with `expert`
+        (the cache key of the one routed expert whose parts the groups are, one tensor each) into a slot of
+        the cache's expert slab where one is free. Stacks issued `ahead` (on a guess) may never be waited
+        for: their reads are cancelled when the slot is released."""
         self._note("start_stacked", [list(g) for g in groups], slot)
         if self._held is not None:
             arrays = self._hold(lambda: [p.wait() for p in self._start_stacks(groups, None)], "stacked",
                                 [list(g) for g in groups])
             return [Landed(array) for array in arrays]
-        stacks = self._start_stacks(groups, slot, ahead, own)
+        buffers = None
+        if own and expert is not None and slot is not None:
+            taken = self._slab_buffers([self.checkpoint.info(g[0]) for g in groups])
+            if taken is not None:
+                self._in_slot[expert], buffers = (slot, taken[0]), taken[1]
+        stacks = self._start_stacks(groups, slot, ahead, own, inline=False, buffers=buffers)
         if ahead:
             self._unnamed_ahead += stacks
         return stacks
 
     def _start_stacks(self, groups: list[list[str]], slot: int | None, ahead: bool = False,
-                      own: bool = False) -> list[PendingTensor]:
+                      own: bool = False, inline: bool = True, buffers: list | None = None) -> list[PendingTensor]:
+        """`inline`: small reads may be made on the calling thread (storage.submit); stacks (a layer's
+        routed experts, many reads issued together) pass False so none of them holds the caller.
+        `buffers`: an (array, writable view) per group to read into (a slab slot) instead of allocating."""
         stacks = []
         for names in groups:
             infos = [self.checkpoint.info(n) for n in names]
@@ -209,8 +255,9 @@ class TensorReader:
                 if (info.dtype, info.shape) != (first.dtype, first.shape):
                     raise CheckpointError(f"{info.path}: tensor {info.name}: {info.dtype} {list(info.shape)} "
                                           f"differs from {first.name}: {first.dtype} {list(first.shape)}")
-            stacks.append((infos, *self._alloc(first, (len(infos), *first.shape), None if own else slot,
-                                               first.offset)))
+            stacks.append((infos, *(buffers[len(stacks)] if buffers else
+                                    self._alloc(first, (len(infos), *first.shape), None if own else slot,
+                                                first.offset))))
         stacks = [(infos, arr, dest) for (infos, _, _), (arr, dest) in
                   zip(stacks, _fill([(arr, dest) for _, arr, dest in stacks]))]
         reads: list[list[PendingRead]] = [[] for _ in groups]
@@ -219,7 +266,8 @@ class TensorReader:
                 if u < len(infos):
                     info, n = infos[u], infos[u].nbytes
                     reads[g].append(self.storage.submit([ByteRange(info.path, info.offset, n)],
-                                                        dest[u * n:(u + 1) * n], f"tensor {info.name}", ahead))
+                                                        dest[u * n:(u + 1) * n], f"tensor {info.name}", ahead,
+                                                        inline))
         return [PendingTensor(self, arr, reads[g], sum(i.nbytes for i in infos), infos[0].dtype, slot, own)
                 for g, (infos, arr, _) in enumerate(stacks)]
 
@@ -255,7 +303,7 @@ class TensorReader:
         if self._held is not None:
             return self.tensor(name, slot)
         self.prefetch([name], slot)
-        return self._ahead[name].peek()[0]
+        return _unstack(self._ahead[name].peek())
 
     def drop_prefetched(self) -> None:
         """Forget reads issued ahead but never consumed (they are not counted)."""
@@ -266,7 +314,7 @@ class TensorReader:
     def tensor(self, name: str, slot: int | None = None) -> mx.array:
         self._note("tensor", name, slot)
         if self._held is not None:
-            return self._hold(lambda: self._start([name], None).wait()[0], "tensor", name)
+            return self._hold(lambda: _unstack(self._start([name], None).wait()), "tensor", name)
         info = self.checkpoint.info(name)
         arrays = self.cached(name, info.nbytes)
         if arrays is not None:
@@ -276,7 +324,7 @@ class TensorReader:
             pending.cancel()  # issued ahead for another slot: its buffer's lifetime is not this caller's
             pending = None
         pending = pending or self._start([name], slot, own=slot is not None and self._cacheable(name))
-        array = pending.wait()[0]  # (1, *shape) -> shape
+        array = _unstack(pending.wait())
         if pending.own and slot is not None:
             self.keep(slot, name, (array,), info.nbytes, expert=False)
         return array
@@ -322,6 +370,13 @@ class TensorReader:
         if ahead:
             self._unnamed_ahead.append(pending)
         return pending
+
+
+def _unstack(stack: mx.array) -> mx.array:
+    """A one-tensor stack (1, *shape) as the tensor (shape), sharing its memory. Not `stack[0]`: MLX makes
+    that a gather, a copy of the whole tensor into fresh memory (measured: a third of a KV step's time at
+    K2.5's widths went to faulting in the pages of those copies)."""
+    return stack.reshape(stack.shape[1:])
 
 
 class Landed:

@@ -116,15 +116,19 @@ class WeightCache:
             return nbytes <= self.expert_budget
         return self.pinned + nbytes <= self.budget
 
-    def put(self, key: str, arrays: tuple[mx.array, ...], nbytes: int, expert: bool) -> bool:
-        """Keep `arrays` (evaluated, their bytes consumed) under `key`; experts may evict other experts.
-        Returns whether they were kept."""
+    def put(self, key: str, arrays: tuple[mx.array, ...], nbytes: int, expert: bool,
+            evicted: list[str] | None = None) -> bool:
+        """Keep `arrays` (evaluated, their bytes consumed) under `key`; experts may evict other experts (their
+        keys appended to `evicted`, where given: the reader reuses their memory). Returns whether they were kept."""
         if key in self._entries or not self.admits(nbytes, expert):
             return False
         if expert:
             expert_held = self.held - self.pinned
             while expert_held + nbytes > self.expert_budget:
-                expert_held -= self._evict()
+                victim, freed = self._evict()
+                expert_held -= freed
+                if evicted is not None:
+                    evicted.append(victim)
             self._experts[key] = None
         else:
             self.pinned += nbytes
@@ -132,7 +136,7 @@ class WeightCache:
         self.held += nbytes
         return True
 
-    def _evict(self) -> int:
+    def _evict(self) -> tuple[str, int]:
         if self.policy == "lfu":  # a scan: min keeps the least recent of equally frequent experts
             victim = min(self._experts, key=lambda k: self._asked.get(k, 0))
         else:
@@ -140,7 +144,7 @@ class WeightCache:
         del self._experts[victim]
         entry = self._entries.pop(victim)
         self.held -= entry.nbytes
-        return entry.nbytes
+        return victim, entry.nbytes
 
     @property
     def experts_held(self) -> int:

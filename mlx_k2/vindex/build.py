@@ -466,7 +466,7 @@ class _Streamer:
         """Wait for a unit's bytes: its stacked Linears (in `bases` order) and, for a head unit, the router."""
         reads, router = started
         stacked = [linear for read in reads for linear in read()]
-        return stacked, None if router is None else Linear.dense(router.wait()[0])  # (1, E, H) -> (E, H)
+        return stacked, None if router is None else Linear.dense(router.wait().reshape(router.array.shape[1:]))  # (1, E, H) -> (E, H), no copy
 
 
 def dequantised(stack: Linear, i: int) -> np.ndarray:

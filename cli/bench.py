@@ -111,7 +111,8 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
           json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures here.")] = None,
           directory: Annotated[Optional[Path], typer.Option("--dir", help="Where checkpoints are built once "
                                                                           "(default: the cache).")] = None,
-          peer: Annotated[bool, typer.Option(help="Compare with mlx-lm on a 2-layer checkpoint.")] = True,
+          peer: Annotated[bool, typer.Option(help="Compare with mlx-lm on a 2-layer checkpoint (with --decode: "
+                                             "16 tokens resident).")] = True,
           methods: Annotated[str, typer.Option(help="Read methods to measure, comma-separated.")] = "pread,mmap,direct",
           kernels: Annotated[bool, typer.Option("--kernels", help="Only the CPU kernels vs MLX's built-ins "
                                                                   "(GB/s of weight bytes); no checkpoint.")] = False,
@@ -123,6 +124,8 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
                                                            "bytes plus this share of the routed experts' bytes.")] = 0.25,
           no_kv_tokens: Annotated[Optional[int], typer.Option(help="With --decode: fewer tokens for the no-KV "
                                                                    "configuration (default: --tokens).")] = None,
+          repeats: Annotated[int, typer.Option(help="With --decode: runs of each configuration, round by round; "
+                                                    "the median is reported.")] = 1,
           format: Annotated[str, typer.Option("--format", help="The full-width checkpoint's format: kimi-k25 (int4 "
                                                                "experts) or kimi-k2-fp8 (block FP8).")] = "kimi-k25"):
     """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json;
@@ -134,7 +137,7 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
         from .bench_decode import run_decode
 
         run_decode(model, layers, 16 if tokens is None else tokens, no_kv_tokens, expert_share, directory or cache_root() / "bench",
-                   json_out)
+                   json_out, peer=peer, repeats=repeats)
         return
     tokens = 3 if tokens is None else tokens
     from mlx_k2.bench.streaming import build_full_width, goals, memcopy_gbps, raw_read_gbps, shard_files  # needs MLX

@@ -52,6 +52,9 @@ def _summary_table(result: dict) -> Table:
 
     row("tokens", lambda c: str(len(c["tokens"])))
     row("tokens/s", lambda c: f"{c['summary']['tokens_s']:.3f}")
+    row("plan's prediction tokens/s", lambda c: f"{c['summary']['predicted_tokens_s']:.3f} "
+        f"({c['summary']['tokens_s'] / c['summary']['predicted_tokens_s']:.2f}x)" if "predicted_tokens_s" in c["summary"]
+        else "-")
     row("x no-KV tokens/s", lambda c: f"{c['summary']['tokens_s'] / result['cases'][0]['summary']['tokens_s']:.2f}")
     row("cache budget GB", lambda c: _gb(c["cache_bytes"]))
     row("policy / look-ahead", lambda c: f"{c['cache_policy'] if c['cache_bytes'] else '-'} / "
@@ -96,23 +99,72 @@ def _token_table(result: dict) -> Table:
 
 
 def _policy_reason(cases: list[dict]) -> str:
-    read = {c["cache_policy"]: c["summary"]["bytes_read"] for c in cases if c["name"].startswith("KV+experts")}
-    if read["lru"] == read["lfu"]:
-        return "lru and lfu read the same bytes: no expert was evicted; tie to lru"
-    return "fewer bytes read from storage"
+    rows = [c for c in cases if c["name"].startswith("KV+experts") and not c["lookahead"]]
+    return "; ".join(f"{c['cache_policy']} {c['summary']['tokens_s']:.3f} tokens/s, hit share "
+                     f"{_pct(c['summary']['hit_share'])}, {c['summary']['bytes_read'] / 1e9:.2f} GB read" for c in rows)
+
+
+def _median(runs: list[dict], model: Path, rates: dict) -> dict:
+    """Of one configuration's runs, the one with the median tokens/s, every run's tokens/s beside it, and
+    plan's prediction for it (`bench.decode.predicted`)."""
+    from mlx_k2.bench.decode import predicted
+
+    runs = sorted(runs, key=lambda c: c["summary"]["tokens_s"])
+    case = runs[len(runs) // 2]
+    case["summary"]["tokens_s_runs"] = [c["summary"]["tokens_s"] for c in runs]
+    case["summary"]["predicted_tokens_s"] = predicted(model, rates, case)
+    return case
+
+
+def _peer(model: Optional[Path], directory: Path, tokens: int, kernels: Optional[str], console: Console) -> dict:
+    """mlx-lm's own Kimi K2.5 model decoding `tokens` tokens with every weight resident, beside this product's
+    KV + a cache holding every weight (its second pass), on one checkpoint: `--model`, else the 2-layer
+    full-width one (mlx-lm holds every expert of a layer in memory: the 3-layer checkpoint, 25 GB, is more
+    than a 24 GB machine has)."""
+    from mlx_k2.bench.streaming import build_full_width
+
+    peer_dir = model if model is not None else build_full_width(directory, 2)
+    console.print(f"peer: mlx-lm's Kimi K2.5 model, {tokens} tokens, every weight resident, on {peer_dir} ...")
+    try:
+        theirs = _case(peer_dir, {"mlx_lm": True, "tokens": tokens})
+    except UsageError as e:
+        return {"checkpoint": str(peer_dir), "error": str(e)}
+    ours = _case(peer_dir, {"compute_alone": True, "tokens": tokens, "kernels": kernels})
+    our_ids = [t["token_id"] for t in ours["tokens"]]
+    walls = [t["wall_s"] for t in ours["tokens"]][1:]
+    agree = next((i for i, (a, b) in enumerate(zip(our_ids, theirs["token_ids"])) if a != b), len(our_ids))
+    return {"checkpoint": str(peer_dir), "mlx_lm": theirs,
+            "mlx_k2": {"token_ids": our_ids, "tokens_s_later": len(walls) / sum(walls), "peak_rss_gb": ours["peak_rss_gb"],
+                       "kernels": ours["kernels"]},
+            "tokens_agree": agree}
+
+
+def _print_peer(console: Console, p: dict) -> None:
+    if "error" in p:
+        console.print(f"peer on {p['checkpoint']}: mlx-lm not run ({p['error']}; `pip install mlx-lm`)")
+        return
+    ours, theirs = p["mlx_k2"], p["mlx_lm"]
+    console.print(f"peer on {p['checkpoint']}: mlx_k2 KV + full cache {ours['tokens_s_later']:.3f} tokens/s, peak RSS "
+                  f"{ours['peak_rss_gb']:.2f} GB | mlx-lm resident {theirs['tokens_s_later']:.3f} tokens/s "
+                  f"(+{theirs['load_s']:.1f} s load), peak RSS {theirs['peak_rss_gb']:.2f} GB | the same first "
+                  f"{p['tokens_agree']} of {len(ours['token_ids'])} tokens")
 
 
 def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Optional[int], expert_share: float,
-               directory: Path, json_out: Optional[Path], kernels: Optional[str] = None) -> None:
+               directory: Path, json_out: Optional[Path], kernels: Optional[str] = None, peer: bool = True,
+               repeats: int = 1) -> None:
     from mlx_k2.bench.streaming import build_full_width, shard_files  # needs MLX
-    from mlx_k2.bench.decode import (better_policy, budgets, configurations, decode_step_bytes, goals, read_alone,
-                                     summary)
+    from mlx_k2.bench.decode import (DEVICE_GOAL, PLAN_GOAL, better_policy, budgets, configurations,
+                                     decode_step_bytes, goals, plan_rates, read_alone, summary)
 
+    if repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {repeats}")
     if tokens < 2:
         raise UsageError("--tokens must be at least 2 for --decode (step 0 is the prompt's)")
     if not 0 <= expert_share <= 1:
         raise UsageError(f"--expert-share must be between 0 and 1, got {expert_share}")
     console = Console(width=max(Console().width, 200))
+    given = model  # the peer runs on it; else on the 2-layer full-width checkpoint
     if model is None:
         console.print(f"building (once) a full-width {layers}-layer checkpoint under {directory} ...")
         model = build_full_width(directory, layers)
@@ -124,28 +176,46 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
     result = {"checkpoint": str(model), "checkpoint_bytes": sum(f.stat().st_size for f in shard_files(model)),
               "tokens": tokens, "expert_share": expert_share, "budgets": budget, "read_alone": read_alone(model, step),
               "cases": []}
+    console.print("plan's rates: the same files read warm, the kernels at 1 and 64 positions ...")
+    result["plan"] = plan_rates(model, result["read_alone"])
 
-    def measure(config: dict) -> None:
+    def measure(config: dict) -> dict:
+        """One run of a configuration in a fresh process."""
         n = no_kv_tokens if not config["kv"] and no_kv_tokens else tokens
         console.print(f"{config['name']} ({n} tokens, fresh process, checkpoint pages dropped first) ...")
         spec = {k: config[k] for k in ("kv", "cache_bytes", "cache_policy", "lookahead")}
         case = _case(model, {**spec, "tokens": n, "kernels": kernels, "cold": True})
         case |= {"name": config["name"], "summary": summary(case)}
-        result["cases"].append(case)
-        s = case["summary"]
-        console.print(f"  {s['tokens_s']:.3f} tokens/s, {s['bytes_read_per_token'] / 1e9:.3f} GB read per token, "
-                      f"hit share {_pct(s['hit_share'])}, peak RSS {case['peak_rss_gb']:.2f} GB")
+        console.print(f"  {case['summary']['tokens_s']:.3f} tokens/s, "
+                      f"{case['summary']['bytes_read_per_token'] / 1e9:.3f} GB read per token, hit share "
+                      f"{_pct(case['summary']['hit_share'])}, peak RSS {case['peak_rss_gb']:.2f} GB")
+        return case
 
-    for config in configurations(budget):
-        measure(config)
+    # Round by round (every configuration once a round), so a slow hour of the disk falls on all of them, each
+    # round starting one configuration later: the run after a small one found its memory held by the page
+    # cache and paid to reclaim it (measured: a 16-token run of the expert cache 0.92 tokens/s right after the
+    # non-expert-only one, 1.30-1.34 after another expert cache, same bytes read).
+    configs = configurations(budget)
+    runs: dict[str, list[dict]] = {c["name"]: [] for c in configs}
+    for r in range(repeats):
+        for config in configs[r % len(configs):] + configs[:r % len(configs)]:
+            runs[config["name"]].append(measure(config))
+    result["cases"] = [_median(runs[c["name"]], model, result["plan"]) for c in configs]
     policy = better_policy(result["cases"])
-    measure({"name": f"KV+experts {policy}+look-ahead", "kv": True, "cache_bytes": budget["experts"],
-             "cache_policy": policy, "lookahead": True})
+    look = {"name": f"KV+experts {policy}+look-ahead", "kv": True, "cache_bytes": budget["experts"],
+            "cache_policy": policy, "lookahead": True}
+    result["cases"].append(_median([measure(look) for _ in range(repeats)], model, result["plan"]))
+    for case in result["cases"]:
+        s = case["summary"]
+        console.print(f"{case['name']}: median {s['tokens_s']:.3f} tokens/s of "
+                      f"{', '.join(f'{v:.3f}' for v in s['tokens_s_runs'])}; plan {s['predicted_tokens_s']:.3f}")
     console.print(f"compute alone ({tokens} tokens, KV, every weight in the weight cache: second pass) ...")
     compute = _case(model, {"compute_alone": True, "tokens": tokens, "kernels": kernels})
     result["compute_alone"] = compute | {"summary": summary(compute)}
     result["kernels"] = compute["kernels"]
     result["goals"] = goals(result)
+    if peer:
+        result["peer"] = _peer(given, directory, tokens, kernels, console)
     console.print(_token_table(result))
     console.print(_summary_table(result))
     g = result["goals"]
@@ -156,9 +226,17 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
     console.print(f"KV bytes per token = non-expert + one embedding row + the new position's experts (headers): "
                   f"{'exact at every step' if g['kv_bytes_exact'] else 'NOT exact'}; KV+cache+look-ahead "
                   f"{g['speedup']:.2f}x no-KV tokens/s (goal >= 3x: {'ok' if g['speedup_ok'] else 'short'}); "
-                  f"expert policy for look-ahead: {policy} ({_policy_reason(result['cases'])}); same tokens in every "
+                  f"expert policy for look-ahead: {policy}, the fastest ({_policy_reason(result['cases'])}); same tokens in every "
                   "configuration: "
                   f"{g['tokens_agree']}")
+    console.print(f"plan's predictions within {PLAN_GOAL:.0%}: {'ok' if g['plan_ok'] else 'NOT all'} (measured / predicted: "
+                  + ", ".join(f"{n} {r:.2f}" for n, r in g["plan_ratio"].items()) + "); caching experts against the "
+                  "non-expert weights alone: " + ", ".join(f"{n} {r:.2f}x" for n, r in g["experts_vs_resident"].items())
+                  + f" ({'pays' if g['experts_pay'] else 'does NOT pay'}); device bytes / step's bytes at most "
+                  + ", ".join(f"{n} {r:.2f}" for n, r in g["device_over_read"].items())
+                  + f" (goal <= {DEVICE_GOAL}: {'ok' if g['device_ok'] else 'over'})")
+    if peer:
+        _print_peer(console, result["peer"])
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_out}")

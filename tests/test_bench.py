@@ -156,13 +156,13 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
 def test_decode_goals_compare_the_configurations():
     from mlx_k2.bench.decode import goals
 
-    def token(wall, read, cached=0, minimum=None):
-        return {"wall_s": wall, "bytes_read": read, "bytes_cached": cached,
+    def token(wall, read, cached=0, minimum=None, device=None):
+        return {"wall_s": wall, "bytes_read": read, "bytes_cached": cached, "os_read_bytes": device,
                 "bytes_min": read + cached if minimum is None else minimum}
 
-    def case(name, kv, tokens_s, steps, lookahead=False, read_later=0.0, wall_later=0.0, ids=(1, 2)):
+    def case(name, kv, tokens_s, steps, lookahead=False, read_later=0.0, wall_later=0.0, ids=(1, 2), plan=None):
         return {"name": name, "kv": kv, "lookahead": lookahead, "tokens": steps,
-                "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": read_later,
+                "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": read_later, "predicted_tokens_s": plan,
                             "wall_per_token_later_s": wall_later, "token_ids": list(ids)}}
 
     result = {"read_alone": {"raw_read_gbps": 2.0},
@@ -179,6 +179,34 @@ def test_decode_goals_compare_the_configurations():
     assert g["overlap"]["look"]["bound_s"] == pytest.approx(1.1) and not g["overlap"]["look"]["ok"]
     assert "no-KV" not in g["overlap"] and g["tokens_agree"]  # the shared prefix (1, 2) agrees
     assert [c["summary"]["ratio_to_no_kv"] for c in result["cases"]] == pytest.approx([1.0, 2.0, 3.5])
+    assert g["plan_ratio"] == {} and g["experts_vs_resident"] == {} and g["device_over_read"] == {}
+
+
+def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
+    from mlx_k2.bench.decode import goals
+
+    def case(name, tokens_s, plan, device, lookahead=False):
+        steps = [{"wall_s": 1, "bytes_read": 100, "bytes_cached": 0, "bytes_min": 100, "os_read_bytes": d}
+                 for d in device]
+        return {"name": name, "kv": name != "no-KV", "lookahead": lookahead, "tokens": steps,
+                "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": 0.0, "predicted_tokens_s": plan,
+                            "wall_per_token_later_s": 1.0, "token_ids": [1, 2]}}
+
+    cases = [case("no-KV", 0.1, 0.12, [100, 104]), case("KV", 0.2, 0.2, [101, 90]),
+             case("KV+resident", 0.5, 0.45, [100, 50]), case("KV+experts lru", 0.55, 0.5, [100, 30]),
+             case("KV+experts lfu", 0.45, 0.5, [100, 20]), case("KV+experts lfu+look-ahead", 0.6, 0.5, [180, 60], True)]
+    g = goals({"read_alone": {"raw_read_gbps": 1.0}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
+               "cases": cases})
+    # measured / predicted: 0.1/0.12 = 0.83, 1.0, 1.11, 1.1, 0.9, 1.2: all within 25%
+    assert g["plan_ratio"]["no-KV"] == pytest.approx(0.1 / 0.12) and g["plan_ok"]
+    # lru 0.55/0.5 = 1.1x the resident configuration, lfu 0.9x (loses), look-ahead 1.2x
+    assert g["experts_vs_resident"] == pytest.approx({"KV+experts lru": 1.1, "KV+experts lfu": 0.9,
+                                                       "KV+experts lfu+look-ahead": 1.2})
+    assert not g["experts_pay"]
+    # the device: at most 1.04 (no-KV's second step); look-ahead's 1.8 is not judged (its wrong guesses)
+    assert g["device_over_read"] == pytest.approx({"no-KV": 1.04, "KV": 1.01, "KV+resident": 1.0,
+                                                   "KV+experts lru": 1.0, "KV+experts lfu": 1.0})
+    assert g["device_ok"]
 
 
 # ---------------------------------------------------------------- a DeepSeek-V3-format checkpoint

@@ -99,7 +99,9 @@ def header_only_k25(tmp_path_factory):
             "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
                                     "config_groups": {"group_0": {"weights": {
                                         "num_bits": 4, "group_size": 32, "strategy": "group", "symmetric": True,
-                                        "type": "int", "actorder": None}}}}}
+                                        "type": "int", "actorder": None}}},
+                                    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                                               "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]}}
     (root / "config.json").write_text(json.dumps({"model_type": "kimi_k25", "bos_token_id": 163584,
                                                   "text_config": text}))
     return root
@@ -173,6 +175,18 @@ def test_decode_bytes_of_the_real_layout(header_only_k25, parsed_k25):
     assert b.cache_cover(10 * 10**9) == (10 * 10**9, 0)
     assert b.cache_cover(30 * 10**9) == (NON_EXPERT, (30 * 10**9 - NON_EXPERT) // EXPERT)
     assert b.cache_cover(10**13) == (NON_EXPERT, 60 * 384)
+
+
+def test_config_alone_weighs_the_real_layout_as_its_headers(header_only_k25, parsed_k25):
+    """`mlx-k2 plan --config` weighs a model before its download: config.json's tensors, as the release
+    stores them, give the step bytes the 64 headers give."""
+    from mlx_k2.checkpoint.sizes import ImpliedTensors
+
+    cfg = load_config(header_only_k25)
+    implied = decode_bytes(ImpliedTensors(cfg), cfg)
+    assert implied == decode_bytes(parsed_k25, cfg)
+    assert implied.kv_step == ROW + NON_EXPERT + 480 * EXPERT
+    assert implied.non_expert_dense == NON_EXPERT and implied.expert_dense == 0  # only the routed experts are int4
 
 
 def test_inspect_explains_the_decode_modes(header_only_k25, inspect_cli):

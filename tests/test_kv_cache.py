@@ -459,6 +459,8 @@ VARIANTS = {
     "some-lru": ("some", "lru", False),
     "some-lfu": ("some", "lfu", False),
     "some-lfu-look-ahead": ("some", "lfu", True),
+    "some-lru2": ("some", "lru2", False),
+    "some-lru2-look-ahead": ("some", "lru2", True),
     "all-lfu-look-ahead": ("all", "lfu", True),
 }
 KV_VARIANTS = list(VARIANTS)
@@ -656,6 +658,17 @@ def test_cache_serves_what_is_not_read(checkpoints, case, kv, variant):
                       for e in np.unique(pl.routed) if (pl.layer, int(e)) not in held)
         want = layout.row * len(set(new_ids)) + missing
         assert step.bytes_read == want, f"step {k}: read {step.bytes_read}, want rows + missing experts = {want}"
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru2"])
+@pytest.mark.parametrize("case", [c for c in CACHE_CASES if c.name != "synthetic"], ids=lambda c: c.id)
+def test_look_ahead_never_changes_what_the_cache_holds_or_reads(checkpoints, case, policy):
+    """A guess reads ahead, but the cache takes and keeps the same experts as without one: the same bytes
+    read and served at every step, the same experts held at the end."""
+    plain, guessed = checkpoints.run(case, True, f"some-{policy}"), checkpoints.run(case, True, f"some-{policy}-look-ahead")
+    assert [(s.bytes_read, s.bytes_cached) for s in plain] == [(s.bytes_read, s.bytes_cached) for s in guessed]
+    held = [list(checkpoints.cache(case, True, v)._experts) for v in (f"some-{policy}", f"some-{policy}-look-ahead")]
+    assert held[0] == held[1]
 
 
 # ============================================================================ session.run in KV mode

@@ -151,6 +151,19 @@ def test_peek_does_not_make_an_expert_recent():
     assert held_experts(cache, ["a", "b", "c"]) == ["b", "c"]
 
 
+def test_lru2_takes_an_expert_from_its_second_use_whether_read_now_or_ahead():
+    cache = WeightCache(100, resident=0, policy="lru2")
+    assert not cache.takes("e1", 10, asked=False)       # a guess before any use
+    cache.get("e1", expert=True)                         # first use: counted, then read
+    assert not cache.takes("e1", 10, asked=True)
+    assert cache.takes("e1", 10, asked=False)            # a guess before its second use
+    cache.get("e1", expert=True)
+    assert cache.takes("e1", 10, asked=True)             # the second use itself: the same answer
+    assert not cache.takes("e1", 101, asked=True)        # never more than the experts' share
+    lru = WeightCache(100, resident=0, policy="lru")
+    assert lru.takes("e2", 10, asked=False) and lru.takes("e2", 10, asked=True)
+
+
 def test_unknown_policy_is_a_one_line_error_naming_it():
     with pytest.raises(ValueError, match="'mru'") as info:
         WeightCache(10, 0, policy="mru")

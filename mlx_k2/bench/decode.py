@@ -1,7 +1,8 @@
 """The decode benchmark: what each decode mode costs per generated token, on one checkpoint.
 
 The configurations (`configurations(...)`): no-KV; KV; KV + a weight cache holding the non-expert weights
-only; KV + a larger cache that also holds routed experts (lru and lfu); KV + that cache + router look-ahead.
+only; KV + a larger cache that also holds routed experts (lru, lfu, lru2); KV + that cache + router
+look-ahead.
 `decode_case(...)` runs one of them in this process (the CLI gives each its own process, so its peak RSS
 and page-cache state are its own): greedy generation from the checkpoint's own BOS (`prompt_ids` in its
 figures) for `tokens` steps, never stopping at EOS, and
@@ -63,14 +64,16 @@ def configurations(budget: dict[str, int]) -> list[dict]:
          "lookahead": False},
         {"name": "KV+experts lfu", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lfu",
          "lookahead": False},
+        {"name": "KV+experts lru2", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lru2",
+         "lookahead": False},
     ]
 
 
 def better_policy(cases: list[dict]) -> str:
-    """Of the lru and lfu runs with the expert budget, the one that read fewer bytes from storage (what the
-    policy decides, and deterministic; ties to lru)."""
-    read = {c["cache_policy"]: c["summary"]["bytes_read"] for c in cases if c["name"].startswith("KV+experts")}
-    return "lfu" if read.get("lfu", float("inf")) < read.get("lru", float("inf")) else "lru"
+    """Of the runs with the expert budget (lru, lfu, lru2), the one with the most tokens/s: a policy decides
+    the bytes read and the memory made for experts it keeps, and tokens/s counts both (ties to lru)."""
+    speed = {c["cache_policy"]: c["summary"]["tokens_s"] for c in cases if c["name"].startswith("KV+experts")}
+    return max(sorted(speed), key=lambda p: (speed[p], p == "lru"))
 
 
 def _lookahead_accuracy(step: StepDone) -> float | None:
@@ -200,7 +203,77 @@ def goals(result: dict) -> dict:
             "kv_bytes_exact_later": all(t["bytes_read"] == t["bytes_min"] for t in kv[1:]),
             "speedup": look["summary"]["tokens_s"] / no_kv, "speedup_ok": look["summary"]["tokens_s"] >= SPEEDUP_GOAL * no_kv,
             "overlap": overlap,
-            "tokens_agree": _prefixes_agree([c["summary"]["token_ids"] for c in cases.values()])}
+            "tokens_agree": _prefixes_agree([c["summary"]["token_ids"] for c in cases.values()]),
+            **_plan_and_cache_goals(cases)}
+
+
+PLAN_GOAL = 0.25        # plan's prediction within this share of the measured tokens/s
+DEVICE_GOAL = 1.05      # the device delivers at most this x what a step reads
+
+
+def _plan_and_cache_goals(cases: dict[str, dict]) -> dict:
+    """plan's prediction against each configuration's measured tokens/s; the expert-caching configurations
+    against the one caching the non-expert weights alone (per token, over the run); and, without look-ahead
+    (whose wrong guesses are read on purpose), the device's bytes against the step's at every step."""
+    plan = {n: c["summary"]["tokens_s"] / c["summary"]["predicted_tokens_s"] for n, c in cases.items()
+            if c["summary"].get("predicted_tokens_s")}
+    resident = cases.get("KV+resident", {}).get("summary", {}).get("tokens_s")
+    experts = {n: c["summary"]["tokens_s"] / resident for n, c in cases.items()
+               if resident and n.startswith("KV+experts")}
+    device = {n: max(t["os_read_bytes"] / t["bytes_read"] for t in c["tokens"] if t["bytes_read"])
+              for n, c in cases.items()
+              if not c["lookahead"] and all(t.get("os_read_bytes") is not None for t in c["tokens"])}
+    return {"plan_ratio": plan, "plan_ok": all(abs(r - 1) <= PLAN_GOAL for r in plan.values()),
+            "experts_vs_resident": experts, "experts_pay": all(r >= 1 for r in experts.values()),
+            "device_over_read": device, "device_ok": all(r <= DEVICE_GOAL for r in device.values())}
+
+
+def mlx_lm_decode(model_dir: str | Path, tokens: int) -> dict:
+    """The peer: mlx-lm's own Kimi K2.5 model on the same checkpoint, every weight resident (loaded before the
+    clock starts), greedy from the checkpoint's BOS with mlx-lm's KV cache for `tokens` tokens: per-token
+    wall, the token ids, tokens/s over the tokens after the first, and the process's peak RSS."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    model_dir = Path(model_dir)
+    mx.set_default_device(mx.cpu)
+    start = time.perf_counter()
+    model, _ = load_model(model_dir)
+    load = time.perf_counter() - start
+    cache = make_prompt_cache(model)
+    ids, walls = [default_bos(model_dir, load_config(model_dir))], []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        logits = model(mx.array([ids[-1:]]), cache=cache)[0, -1]
+        ids.append(int(mx.argmax(logits).item()))
+        walls.append(time.perf_counter() - start)
+    later = walls[1:] or walls
+    return {"token_ids": ids[1:], "wall_s": walls, "load_s": load, "tokens_s_later": len(later) / sum(later),
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def plan_rates(model_dir: Path, read: dict) -> dict:
+    """The rates `plan` predicts this machine with (bench.plan.Rates as a dict): the bench's cold sequential
+    read, the same files read warm, the kernels at 1 and BATCH positions, the fixed work per layer, and the
+    machine's RAM."""
+    from .plan import compute_rates, layer_seconds, machine_ram
+    from .streaming import warm_read_gbps
+
+    dense, quant, dense_batch, quant_batch = compute_rates(load_config(model_dir))
+    return {"disk_gbps": read["raw_read_gbps"], "warm_gbps": warm_read_gbps(shard_files(model_dir)),
+            "dense_gbps": dense, "quant_gbps": quant, "dense_batch_gbps": dense_batch,
+            "quant_batch_gbps": quant_batch, "layer_s": layer_seconds(), "ram_bytes": machine_ram()}
+
+
+def predicted(model_dir: Path, rates: dict, case: dict) -> float:
+    """plan's tokens/s for a measured configuration: a run of as many tokens, from a cold start, with its
+    decode mode and cache budget (`plan.predict_run`)."""
+    from .plan import Rates, predict_run, shape_of
+
+    shape = shape_of(Checkpoint(model_dir), load_config(model_dir))
+    machine = Rates(**{k: v for k, v in rates.items() if k != "ram_bytes"})
+    return predict_run(shape, machine, rates["ram_bytes"], len(case["tokens"]), case["kv"], case["cache_bytes"],
+                       len(case["prompt_ids"]))
 
 
 def _prefixes_agree(sequences: list[list[int]]) -> bool:

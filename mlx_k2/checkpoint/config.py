@@ -33,6 +33,9 @@ class Quantization:
 
     num_bits: int
     group_size: int
+    # quantization_config.ignore: the modules left unquantized ("re:" + a regex, else a module name). The
+    # stored tensors decide how a step reads; `sizes.py` uses it to weigh a checkpoint from config.json alone.
+    ignore: tuple[str, ...] = ()
 
     @property
     def offset(self) -> int:
@@ -290,7 +293,10 @@ def _quantization(raw: dict[str, Any] | None, where: str) -> Quantization | Bloc
     if group not in SUPPORTED_GROUP_SIZES:
         raise ConfigError(f"{where}: unsupported quantization weights.group_size {group!r} "
                           f"(supported {SUPPORTED_GROUP_SIZES})")
-    return Quantization(num_bits=bits, group_size=group)
+    ignore = raw.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
+        raise ConfigError(f"{where}: quantization_config.ignore must be a list of strings")
+    return Quantization(num_bits=bits, group_size=group, ignore=tuple(ignore))
 
 
 def parse_config(raw: Any, where: str = "config.json") -> ModelConfig:

@@ -112,6 +112,8 @@ class DecodeBytes:
     experts_per_token: int   # k
     moe_layers: int
     n_routed_experts: int
+    non_expert_dense: int = 0  # of `non_expert`, the bytes computed as floats (bf16, f16, f32; not a quantized linear's scales)
+    expert_dense: int = 0      # of `expert`, likewise (0 where experts are int4 or FP8)
 
     @property
     def one_position_experts(self) -> int:
@@ -146,8 +148,22 @@ class DecodeBytes:
         return non_expert, min(experts, self.moe_layers * self.n_routed_experts)
 
 
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
 def decode_bytes(checkpoint: Checkpoint, cfg: ModelConfig) -> DecodeBytes:
     row, non_expert, expert = step_bytes(checkpoint, cfg)
-    text = cfg.text
-    return DecodeBytes(row, non_expert, expert, text.num_experts_per_tok,
-                       sum(map(text.is_moe_layer, range(text.num_hidden_layers))), text.n_routed_experts)
+    text, tensor_names = cfg.text, names.TensorNames(cfg.weight_prefix)
+
+    def dense(tensors: list[str]) -> int:  # stored as floats and computed as such (a quantized linear's scales are not)
+        return sum(checkpoint.info(t).nbytes for t in tensors if checkpoint.info(t).dtype in FLOAT_DTYPES
+                   and not t.endswith((names.weight_scale(""), names.weight_scale_inv(""))))
+
+    moe = [layer for layer in range(text.num_hidden_layers) if text.is_moe_layer(layer)]
+    non_expert_dense = dense([tensor_names.norm, *names.linear_parts(tensor_names.lm_head, checkpoint)]) + sum(
+        dense(layer_tensors(checkpoint, cfg, layer)) for layer in range(text.num_hidden_layers))
+    expert_dense = sum(dense([part for m in names.MLP_PROJECTIONS
+                              for part in names.linear_parts(tensor_names.layer(layer).experts(0, m), checkpoint)])
+                       for layer in moe)
+    return DecodeBytes(row, non_expert, expert, text.num_experts_per_tok, len(moe), text.n_routed_experts,
+                       non_expert_dense, expert_dense)

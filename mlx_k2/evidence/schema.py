@@ -36,7 +36,7 @@ SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", SCHEMA)
 PORTABLE, PLATFORM_BOUND = "portable", "platform"
 EXACTNESS = (PORTABLE, PLATFORM_BOUND)
 RUN_PLATFORM_FIELDS = {"machine": str, "system": str, "exactness": str}
-CACHE_POLICIES = ("lru", "lfu")
+CACHE_POLICIES = ("lru", "lfu", "lru2")
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
                "tokenizer_blake3": (str, type(None))}

@@ -220,3 +220,30 @@ def run(repeats: int = 5, budget_s: float = 3.0, tokens: tuple[int, ...] = TOKEN
     say("memory-read ceiling")
     return {"ceiling_gbps": memory_read_ceiling_gbps(), "kernel_name": st.name, "simd": st.simd,
             "threads": os.cpu_count() or 1, "cases": measured.cases}
+
+
+
+
+def step_rates(copies: int = 8, repeats: int = 3, budget_s: float = 0.5, positions: int = 1) -> dict[str, float]:
+    """GB/s of weight bytes (counted once a call) over `positions` positions with the product's kernels, as a
+    step computes: `dense` a bf16 7168 -> 2048 projection, `int4` and `fp8` a routed expert's 7168 -> 2048
+    projection. Each timed call computes `copies` different weights one after another (bf16: 235 MB), so
+    they come from memory, not from a cache that held the last call's, as a step's weights do. What
+    `mlx-k2 plan` turns bytes into compute time with (seconds in all)."""
+    st = status()
+    if not st.available:
+        raise RuntimeError(f"CPU kernels unavailable: {st.reason}")
+    mx.random.seed(0)
+    with mx.stream(mx.default_stream(mx.cpu)):
+        x = _x(positions, HIDDEN)
+        dense = [mx.random.normal((MOE_INTER, HIDDEN)).astype(mx.bfloat16) for _ in range(copies)]
+        int4 = [_int4_weights(MOE_INTER, HIDDEN) for _ in range(copies)]
+        fp8 = [_fp8_weights((), MOE_INTER, HIDDEN) for _ in range(copies)]
+        mx.eval(x, dense, int4, fp8)
+
+        def rate(weights: list, call: Callable) -> float:
+            nbytes = sum(a.nbytes for w in weights for a in (w if isinstance(w, tuple) else (w,)))
+            return _gbps(nbytes, _median_seconds(lambda: [call(w) for w in weights], repeats, budget_s))
+        return {"dense": rate(dense, lambda w: dense_matmul(x, w)),
+                "int4": rate(int4, lambda w: int4_matmul(x, w[0], w[1], GROUP)),
+                "fp8": rate(fp8, lambda w: fp8_matmul(x, w[0], w[1]))}

@@ -82,26 +82,18 @@ class WeightFetcher:
         return lambda: self._stack_linears([p.wait() for p in pending], per_linear, stacks[0][0])
 
     def _read_experts(self, layer: int, ids: list[int], ahead: bool = False) -> list[tuple[ExpertStack, tuple, Callable]]:
-        """Start reading routed experts `ids` of `layer`: one stack in the layer's arena, or, where the cache
-        takes experts, one stack of one expert each in arrays of their own. Each stack comes with those
-        arrays (to offer the cache once used; else an empty tuple) and a function that cancels the reads of
-        the stack positions given (experts a guess read that nobody uses)."""
-        n = self.tensor_names.layer(layer)
-        own = self.reader.cache is not None and self.reader.cache.admits(self.expert_bytes(layer), expert=True)
-        batches = [[e] for e in ids] if own else self._stack_batches(layer, list(ids))
-        if own:  # each expert into a slot of the cache's slab (tensors.py), its reads issued in order
-            every = []
-            for e in ids:
-                pending, per_linear = self._stack_reads([[n.experts(e, m)] for m in names.MLP_PROJECTIONS], layer,
-                                                        ahead, own, self._expert_key(layer, e))
-                every += pending
-        else:  # one call for every batch: their fresh arrays are made together, their reads issued in order
-            every, per_linear = self._stack_reads([[n.experts(e, m) for e in batch] for batch in batches
-                                                   for m in names.MLP_PROJECTIONS], layer, ahead)
-        per_batch = len(every) // len(batches)  # the pending arrays of one batch: (weight, scale) per projection
+        """Start reading routed experts `ids` of `layer`: those the cache will take (`WeightCache.takes`) one
+        stack each, in slots of the cache's slab (arrays of their own); the rest in stacks in the layer's
+        arena. Each stack comes with the arrays to offer the cache once used (else an empty tuple) and a
+        function that cancels the reads of the stack positions given (experts a guess read that nobody uses)."""
+        n, cache, nbytes = self.tensor_names.layer(layer), self.reader.cache, self.expert_bytes(layer)
+        kept = [e for e in ids if cache is not None and cache.takes(self._expert_key(layer, e), nbytes, not ahead)]
+        rest = sorted(set(ids) - set(kept))
+        batches = [([e], True) for e in kept] + [(batch, False) for batch in self._stack_batches(layer, rest) if batch]
         out = []
-        for b, batch in enumerate(batches):
-            pending = every[b * per_batch:(b + 1) * per_batch]
+        for batch, own in batches:
+            pending, per_linear = self._stack_reads([[n.experts(e, m) for e in batch] for m in names.MLP_PROJECTIONS],
+                                                    layer, ahead, own, self._expert_key(layer, batch[0]) if own else None)
 
             def arrived(u: int, pending=pending) -> None:
                 for stack in pending:
@@ -214,7 +206,9 @@ class WeightFetcher:
         if missing:
             used += [(stack, arrays) for stack, arrays, _ in self._read_experts(layer, missing)]
         stacks += [stack for stack, _ in used]
-        for stack, arrays in used:
+        # Offered to the cache in expert order, wherever they were read (ahead on a guess or now): the order
+        # they become recent in, so a guess never changes which expert a later eviction picks.
+        for stack, arrays in sorted(used, key=lambda u: int(u[0].ids[0])):
             if arrays and int(stack.ids[0]) in ids:  # one expert per stack when the cache takes them
                 self.reader.keep(layer, self._expert_key(layer, int(stack.ids[0])), arrays, nbytes, expert=True)
         return Experts(tuple(stacks))

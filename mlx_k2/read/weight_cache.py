@@ -3,8 +3,10 @@
 Every step reads the same non-expert tensors (norms, attention, routers, shared experts, the dense MLP, the
 final norm and the lm_head), so they are kept first: they are pinned while the budget allows and never
 evicted. What the budget leaves beyond the step's non-expert bytes holds routed experts, evicted by recency
-(`lru`) or by how often they were asked for (`lfu`, ties to the least recent). A hit costs no read and no
-copy: the array that was read is the one computed from.
+(`lru`) or by how often they were asked for (`lfu`, ties to the least recent); `lru2` evicts as `lru` does
+but takes an expert only from its second use on (an expert used once is read into the layer's buffers, not
+kept: keeping one costs memory made for it, which pays only if it is used again). A hit costs no read and
+no copy: the array that was read is the one computed from.
 
 Entries are added only for bytes a computation consumed, after the layer that used them was evaluated
 (`tensors.TensorReader` decides when), so what the cache holds is a function of the steps run, never of
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the cache only holds arrays: `inspect` uses the budget functions without MLX
     import mlx.core as mx
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "lru2")
 # The default budget is this share of the memory free when the run starts: the rest stays with the OS page
 # cache (a cache that starves it makes every miss a disk read) and the working set of a layer.
 DEFAULT_SHARE = 0.5
@@ -115,6 +117,15 @@ class WeightCache:
         if expert:
             return nbytes <= self.expert_budget
         return self.pinned + nbytes <= self.budget
+
+    def takes(self, key: str, nbytes: int, asked: bool) -> bool:
+        """Whether routed expert `key` (`nbytes`), being read for a use, is to be kept once used. `asked`: its
+        `get` for this use has been counted already (a read now), else not yet (a read ahead on a guess):
+        either way the answer is the same, so a guess never changes what the cache holds."""
+        if not self.admits(nbytes, expert=True):
+            return False
+        before = self._asked.get(key, 0) - (1 if asked else 0)  # asks before this use
+        return self.policy != "lru2" or before >= 1
 
     def put(self, key: str, arrays: tuple[mx.array, ...], nbytes: int, expert: bool,
             evicted: list[str] | None = None) -> bool:

@@ -1,0 +1,266 @@
+"""What a run will do on a machine, before it runs: for each decode mode the bytes a token reads, the RAM it
+holds, cold and warm tokens/s and the time to the first token of a prompt, from a checkpoint's bytes
+(`inventory.DecodeBytes`: its headers, or config.json alone via `checkpoint.sizes`) and the machine's rates
+(`Rates`: storage, page cache, compute; measured here or given). Never prints.
+
+The model (docs/performance.md, "plan"), one step at a time:
+- A step reads its position's embedding row, the non-expert weights (norms, attention, routers, shared
+  experts, dense MLP, final norm, lm_head) and, per MoE layer, the experts its positions route to. The
+  weight cache at budget B holds the non-expert weights first and then routed experts
+  (`DecodeBytes.cache_cover`). Routing is taken as uniform: a position picks k of the n experts of a layer,
+  so an expert is in a cache holding a share s of all experts with probability s, and a step over c
+  positions uses n (1 - (1 - k/n)^c) distinct experts of a layer.
+- Bytes the cache does not serve come from the OS page cache (at `warm_gbps`) where it still holds them,
+  else from storage (at `disk_gbps`). Cold: nothing in the page cache. Warm: the page cache holds what
+  the RAM leaves beside the process (the non-expert bytes first, then experts, uniformly). A run from cold
+  (`predict_run`, what `bench --decode` measures) has the page cache holding everything the run has read
+  so far, as far as the RAM allows.
+- Compute: bytes stored as floats at `dense_gbps`, int4/FP8 bytes at `quant_gbps` (the kernels at one
+  position, `kernels.bench.step_rates`), a call over several positions as measured at BATCH positions
+  (linear between): the non-expert weights over all the step's positions, each expert used over the
+  positions that picked it; plus a fixed time per layer (`layer_s`: measured as a KV step of the default
+  checkpoint, 61 layers of small widths, over its layer count).
+- Wall: the non-expert reads are issued a layer ahead and overlap the computation; a layer's routed experts
+  are known only after its router, so their reads do not: wall = max(non-expert reads, compute) + expert
+  reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import os
+from pathlib import Path
+
+from ..checkpoint.config import BlockFP8, ModelConfig
+from ..checkpoint.inventory import DecodeBytes, decode_bytes, layer_step_bytes
+
+MODES = ("no-KV", "KV", "KV+cache")
+BATCH = 64            # the second number of positions the compute rates are measured at
+RSS_BASE = 4 * 10**9  # the process beside its weights (MLX, Python, arenas' bookkeeping): the decode bench's bound
+CACHE_SHARE = 0.5     # a run's default weight cache: half the memory free (`weight_cache.DEFAULT_SHARE`)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A machine's rates: GB/s from storage (cold) and from the page cache (warm); compute: GB/s of weight
+    bytes (counted once a call) for float and for int4/FP8 weights at one position and at BATCH positions
+    (None: a call's time grows with the positions, as many times over), and seconds of fixed work per layer."""
+
+    disk_gbps: float
+    warm_gbps: float
+    dense_gbps: float
+    quant_gbps: float
+    dense_batch_gbps: float | None = None
+    quant_batch_gbps: float | None = None
+    layer_s: float = 0.0  # fixed work per layer a step (scheduling, small reads, routing), whatever its widths
+
+    def seconds_per_byte(self, dense: bool, positions: int) -> float:
+        """A call's time per weight byte over `positions` positions: linear between the two measured points
+        (one position and BATCH)."""
+        one = 1 / ((self.dense_gbps if dense else self.quant_gbps) * 1e9)
+        batch = self.dense_batch_gbps if dense else self.quant_batch_gbps
+        per_position = one if batch is None else (1 / (batch * 1e9) - one) / (BATCH - 1)
+        return one + (positions - 1) * per_position
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a model: its step bytes, its layer count and one layer's working set (the
+    largest layer's reads, held while it computes)."""
+
+    bytes: DecodeBytes
+    num_layers: int
+    layer_bytes_max: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's prediction: bytes from storage, from the page cache and from the weight cache; seconds."""
+
+    disk: float
+    warm: float
+    cached: float
+    compute_s: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    mode: str
+    cache_bytes: int
+    ram_bytes: int          # the process at its peak: base + a layer's working set + the cache
+    fits: bool              # ram_bytes within the machine's RAM
+    read_per_token: float   # bytes a decode step takes from storage or the page cache (steady state)
+    cached_per_token: float  # bytes the weight cache serves a decode step
+    cold_tokens_s: float
+    warm_tokens_s: float
+    first_token_s: float    # step 0 over the prompt, cold
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def distinct(n: int, k: int, positions: int) -> float:
+    """Expected distinct experts of a layer that `positions` positions route to (k of n each, uniform)."""
+    return n * (1 - (1 - k / n) ** positions) if n else 0.0
+
+
+def _compute_s(shape: Shape, rates: Rates, positions: int) -> float:
+    """The non-expert weights over every position at once; each routed expert used over the positions that
+    picked it (positions x k / distinct of them, on average)."""
+    b = shape.bytes
+    dense = b.non_expert_dense * rates.seconds_per_byte(True, positions)
+    quant = (b.non_expert - b.non_expert_dense) * rates.seconds_per_byte(False, positions)
+    used = distinct(b.n_routed_experts, b.experts_per_token, positions)
+    if used:
+        rows = max(1, round(positions * b.experts_per_token / used))
+        share = b.expert_dense / b.expert if b.expert else 0.0
+        experts = used * b.expert
+        quant += experts * (1 - share) * rates.seconds_per_byte(False, rows)
+        dense += experts * share * rates.seconds_per_byte(True, rows)
+    return dense + quant + shape.num_layers * rates.layer_s
+
+
+def step(shape: Shape, rates: Rates, positions: int, cache_bytes: int, non_expert_warm: float,
+         expert_warm: float, seen: float | None = None) -> Step:
+    """A step computing `positions` new positions (a KV step: 1; a no-KV step: its whole context) with a
+    weight cache of `cache_bytes`. `non_expert_warm`: the share of the uncached non-expert bytes the page
+    cache holds. Steady state (`seen` None): the cache holds its share of all experts and the page cache
+    `expert_warm` of the rest. A run from cold: `seen` is the share of the step's experts the run used
+    before; the weight cache holds them as far as its room goes, the page cache the others as far as
+    `expert_warm` says; the rest come from storage."""
+    b = shape.bytes
+    cached_non_expert, cached_experts = b.cache_cover(cache_bytes)
+    all_experts = b.moe_layers * b.n_routed_experts
+    room = min(1.0, cached_experts / all_experts) if all_experts else 0.0
+    used = distinct(b.n_routed_experts, b.experts_per_token, positions) * b.expert  # the step's experts' bytes
+    hit = room if seen is None else min(seen, room)
+    warm_experts = used * ((1 - hit) if seen is None else max(seen - hit, 0.0)) * expert_warm
+    cold_experts = used * (1 - hit) - warm_experts
+    uncached = b.non_expert - cached_non_expert
+    warm_ne = uncached * non_expert_warm
+    cold_ne = uncached - warm_ne + positions * b.embedding_row
+    gb = 1e9
+    reads_ne = cold_ne / rates.disk_gbps / gb + warm_ne / rates.warm_gbps / gb
+    reads_experts = cold_experts / rates.disk_gbps / gb + warm_experts / rates.warm_gbps / gb
+    compute = _compute_s(shape, rates, positions)
+    return Step(cold_ne + cold_experts, warm_ne + warm_experts, cached_non_expert + used * hit, compute,
+                max(reads_ne, compute) + reads_experts)
+
+
+def page_cache_shares(shape: Shape, ram: int, cache_bytes: int) -> tuple[float, float]:
+    """The shares of the uncached non-expert bytes and of the uncached experts a warm page cache holds: the
+    RAM left beside the process, non-expert bytes first."""
+    b = shape.bytes
+    cached_non_expert, cached_experts = b.cache_cover(cache_bytes)
+    left = max(ram - ram_used(shape, cache_bytes), 0)
+    uncached_ne = b.non_expert - cached_non_expert
+    ne_share = 1.0 if not uncached_ne else min(1.0, left / uncached_ne)
+    left = max(left - uncached_ne, 0)
+    uncached_experts = (b.moe_layers * b.n_routed_experts - cached_experts) * (b.expert / max(b.moe_layers, 1))
+    return ne_share, 1.0 if uncached_experts <= 0 else min(1.0, left / uncached_experts)
+
+
+def ram_used(shape: Shape, cache_bytes: int) -> int:
+    return RSS_BASE + shape.layer_bytes_max + cache_bytes
+
+
+def mode_budgets(shape: Shape, ram: int) -> dict[str, int]:
+    """The cache budget of each mode: none, none, and the run's default for this RAM (half of what the
+    process leaves free), at least nothing."""
+    default = int(max(ram - RSS_BASE - shape.layer_bytes_max, 0) * CACHE_SHARE)
+    return {"no-KV": 0, "KV": 0, "KV+cache": default}
+
+
+def plan(shape: Shape, rates: Rates, ram: int, prompt_tokens: int, context: int = 64) -> list[ModePlan]:
+    """Each mode on a machine with `ram` bytes: steady-state decode (no-KV at a context of `context`
+    positions), cold and warm, and the first token of a `prompt_tokens` prompt from cold."""
+    out = []
+    for mode, budget in mode_budgets(shape, ram).items():
+        positions = context if mode == "no-KV" else 1
+        cold = step(shape, rates, positions, budget, 0.0, 0.0)
+        warm = step(shape, rates, positions, budget, *page_cache_shares(shape, ram, budget))
+        first = step(shape, rates, prompt_tokens, budget, 0.0, 0.0)
+        used = ram_used(shape, budget)
+        out.append(ModePlan(mode, budget, used, used <= ram, warm.disk + warm.warm, warm.cached,
+                            1 / cold.wall_s, 1 / warm.wall_s, first.wall_s))
+    return out
+
+
+def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cache_bytes: int,
+                prompt_tokens: int = 1) -> float:
+    """Tokens/s of a greedy run of `tokens` steps from a cold start (nothing in the page cache or the weight
+    cache), as `bench --decode` runs each mode: step 0 over the prompt, then one position a step with `kv`,
+    else the whole context. The page cache keeps what the run read, as far as the RAM beside the process
+    allows (non-expert bytes first); an expert the run used before is in the weight cache or the page cache."""
+    b = shape.bytes
+    n, k = b.n_routed_experts, b.experts_per_token
+    left = max(ram - ram_used(shape, cache_bytes), 0)
+    ne_warm = 1.0 if b.non_expert <= cache_bytes else min(1.0, left / b.non_expert)
+    wall = step(shape, rates, prompt_tokens, 0, 0.0, 0.0).wall_s
+    for t in range(1, tokens):
+        context = prompt_tokens + t
+        positions = 1 if kv else context
+        if kv:  # the new position's experts, used before by one of the context - 1 earlier positions
+            seen = 1 - (1 - k / n) ** (context - 1) if n else 0.0
+        else:   # the context's experts, of which the previous step used all but those only the newest picks
+            seen = distinct(n, k, context - 1) / distinct(n, k, context) if n else 0.0
+        read_before = distinct(n, k, context - 1) * b.expert
+        expert_warm = 1.0 if not read_before else min(1.0, max(left - b.non_expert, 0) / read_before)
+        wall += step(shape, rates, positions, cache_bytes, ne_warm, expert_warm, seen).wall_s
+    return tokens / wall
+
+
+def shape_of(tensors, cfg: ModelConfig) -> Shape:
+    """The plan's view of a model from its tensors: a `Checkpoint` (headers) or `sizes.ImpliedTensors`
+    (config.json alone)."""
+    per_layer, head = layer_step_bytes(tensors, cfg)
+    return Shape(decode_bytes(tensors, cfg), cfg.text.num_hidden_layers, max(per_layer + [head]))
+
+
+def machine_ram() -> int:
+    """This machine's physical memory in bytes (0 where it cannot be told)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - macOS has them; other systems may not
+        return 0
+
+
+def measure_storage(paths: list[Path], limit: int = 2 << 30) -> tuple[float, float]:
+    """(cold, warm) GB/s reading up to `limit` bytes of `paths` in order: once with their pages dropped from
+    the page cache, then again from it."""
+    from .streaming import raw_read_gbps, warm_read_gbps
+
+    cold = raw_read_gbps(paths, limit)
+    return cold, warm_read_gbps(paths, limit)
+
+
+def compute_rates(cfg: ModelConfig) -> tuple[float, float, float, float]:
+    """(dense, quantized) GB/s at one position, then at BATCH positions, with this machine's kernels
+    (`kernels.bench.step_rates`): the quantized rates are FP8's for a block-FP8 checkpoint, int4's otherwise."""
+    from ..kernels.bench import step_rates
+
+    quant = "fp8" if isinstance(cfg.quantization, BlockFP8) else "int4"
+    one, batch = step_rates(), step_rates(copies=2, positions=BATCH)
+    return one["dense"], one[quant], batch["dense"], batch[quant]
+
+
+def layer_seconds(steps: int = 6) -> float:
+    """Fixed work per layer a step, on this machine: a KV step of the default checkpoint (K2.5's 61 layers at
+    small widths, so its bytes take no time to speak of) from the page cache, over its layer count; the median
+    of `steps` - 1 steps after a first that warms the page cache."""
+    import statistics
+
+    from ..evidence.events import StepDone
+    from ..run.runner import Model, generate
+    from ..run.spec import RunSpec
+    from ..synth.checkpoint import default_checkpoint
+
+    model = Model(default_checkpoint(), RunSpec.from_options("cpu", None, True, 0, "lru", False, "pread", 3))
+    try:
+        walls = [e.wall_s for e in generate(model, [model.config.text.bos_token_id or 0], steps, stop_at_eos=False)
+                 if isinstance(e, StepDone)]
+    finally:
+        model.close()
+    return statistics.median(walls[1:]) / model.config.text.num_hidden_layers

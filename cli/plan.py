@@ -148,9 +148,9 @@ def _print(console: Console, what: str, shape, rates, source: dict, ram: int, pr
                   f"bf16, {rates.quant_gbps:.1f} GB/s int4/FP8 ({source['compute']})")
     table = Table(title=f"decode modes (no-KV at a {prompt}-token context; first token: a {prompt}-token prompt)",
                   title_justify="left")
-    for col in ("mode", "cache GB", "RAM GB", "fits", "GB read / token", "GB cached / token", "tokens/s cold",
-                "tokens/s warm", "first token s"):
-        table.add_column(col, justify="left" if col in ("mode", "fits") else "right")
+    for col in ("mode", "cache\nGB", "RAM\nGB", "fits", "read\nGB/tok", "cached\nGB/tok", "tok/s\ncold",
+                "tok/s\nwarm", "1st\ntoken s"):
+        table.add_column(col, justify="left" if col in ("mode", "fits") else "right", no_wrap=True)
     for m in modes:
         table.add_row(m.mode, f"{m.cache_bytes / 1e9:.1f}", f"{m.ram_bytes / 1e9:.1f}", "yes" if m.fits else "NO",
                       f"{m.read_per_token / 1e9:.2f}", f"{m.cached_per_token / 1e9:.2f}", f"{m.cold_tokens_s:.3f}",

@@ -15,6 +15,7 @@ from rich.table import Table
 from mlx_k2.errors import UsageError
 
 from .app import app, check_new, check_outside, check_writable, guarded
+from mlx_k2 import jsonio
 
 
 def _positive(value: Optional[float], option: str) -> None:
@@ -40,7 +41,7 @@ def _tensors(model: Optional[Path], config: Optional[Path]):
         cfg = parse_config(config_json(full_width(61)), "Kimi K2.5's config.json")
         return "Kimi K2.5 (its published config.json)", ImpliedTensors(cfg), cfg, []
     try:
-        raw = json.loads(config.read_bytes())
+        raw = jsonio.loads(config.read_bytes())
     except OSError as e:
         raise ConfigError(f"{config}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -131,6 +131,7 @@ NOT_LEDGERS = {
     "random-bytes": bytes(range(256))[::-1] * 3,
     "json-object": b'{"hello":"world"}\n',
     "empty": b"",
+    "deeply-nested": b"[" * 100_000 + b"]" * 100_000 + b"\n",  # a RecursionError in Python's parser
 }
 
 
@@ -142,6 +143,35 @@ def test_verify_says_not_a_ledger_like_explore(cli, tmp_path, name):
     explored = one_line_error(cli.invoke(app, ["explore", str(path), "-o", str(tmp_path / "x.html")]))
     assert verified == explored
     assert not (tmp_path / "x.html").exists()
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+def test_a_config_nested_too_deeply_is_one_line(cli, tmp_path, depth):
+    (tmp_path / "config.json").write_text('{"model_type": ' + "[" * depth + "]" * depth + "}")
+    one_line_error(cli.invoke(app, ["inspect", "--model", str(tmp_path)]), "config.json", "nested deeper than 64")
+    planned = cli.invoke(app, ["plan", "--config", str(tmp_path / "config.json"), "--disk", "1", "--compute", "1"])
+    assert planned.exit_code == 2 and "Traceback" not in planned.output
+    assert planned.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'config.json'}: not valid JSON (nested " \
+        "deeper than 64 levels)"  # after plan's progress line
+
+
+def test_a_shard_that_is_not_a_regular_file_is_refused_without_opening_it(tmp_path):
+    from mlx_k2.checkpoint.shards import read_header
+    from mlx_k2.errors import CheckpointError
+
+    fifo = tmp_path / "model-00001-of-00001.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_header(fifo)
+
+
+def test_json_nesting_is_bounded_where_it_is_parsed():
+    from mlx_k2 import jsonio
+
+    assert jsonio.loads("[" * 63 + "{}" + "]" * 63) == jsonio.loads("[" * 63 + "{}" + "]" * 63)  # 64 levels
+    for text in ("[" * 64 + "{}" + "]" * 64, '{"a": ' * 70 + "1" + "}" * 70, "[" * 10**6 + "]" * 10**6):
+        with pytest.raises(json.JSONDecodeError, match="nested deeper than 64 levels"):
+            jsonio.loads(text)
 
 
 def test_verify_directory_without_ledger(cli, tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 import blake3
 
 from ..errors import CheckpointError, UsageError
+from .. import jsonio
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -93,7 +94,7 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_bytes())
+        value = jsonio.loads(path.read_bytes())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .names import FLAT_PREFIX, WRAPPED_PREFIX
+from .. import jsonio
 
 TEXT_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 WRAPPED_MODEL_TYPES = ("kimi_k25",)
@@ -324,7 +325,7 @@ def parse_config(raw: Any, where: str = "config.json") -> ModelConfig:
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     try:
-        raw = json.loads(path.read_bytes())
+        raw = jsonio.loads(path.read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None
     except OSError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import blake3
 
 from ..errors import CheckpointError
+from .. import jsonio
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,8 +45,11 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header into TensorInfos with absolute offsets, checking them."""
+    """Parse one safetensors file's header into TensorInfos with absolute offsets, checking them. Only a
+    regular file is opened: opening a FIFO or a device blocks or never ends."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode):
+            raise CheckpointError(f"{path}: not a regular file, not a shard")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
@@ -61,7 +66,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = jsonio.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -148,7 +153,7 @@ class Checkpoint:
 
     def _read_index(self, path: Path) -> dict[str, str]:
         try:
-            raw = json.loads(path.read_bytes())
+            raw = jsonio.loads(path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         except OSError as e:

@@ -20,6 +20,7 @@ from .config import ModelConfig
 from ..errors import CheckpointError, UsageError
 from .tokenizer_hf import HuggingFaceTokenizer
 from .tokenizer_tiktoken import NUM_RESERVED_SPECIAL_TOKENS, SPECIAL_TOKENS, TiktokenTokenizer
+from .. import jsonio
 
 __all__ = ["NUM_RESERVED_SPECIAL_TOKENS", "SPECIAL_TOKENS", "TOKENIZER_FILES", "HuggingFaceTokenizer",
            "TiktokenTokenizer", "Tokenizer", "adds_bos", "default_bos", "load_tokenizer", "tokenizer_file"]
@@ -61,7 +62,7 @@ def adds_bos(model_dir: str | Path) -> bool:
     """tokenizer_config.json's `add_bos_token` (False where the file or the key is absent)."""
     path = Path(model_dir) / TOKENIZER_CONFIG
     try:
-        raw = json.loads(path.read_bytes()) if path.exists() else {}
+        raw = jsonio.loads(path.read_bytes()) if path.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     value = raw.get("add_bos_token", False) if isinstance(raw, dict) else False
@@ -78,7 +79,7 @@ def default_bos(model_dir: str | Path, cfg: ModelConfig) -> int:
         return cfg.text.bos_token_id
     path = Path(model_dir) / TOKENIZER_CONFIG
     try:
-        raw = json.loads(path.read_bytes()) if path.exists() else {}
+        raw = jsonio.loads(path.read_bytes()) if path.exists() else {}
         bos = raw.get("bos_token")
         content = bos.get("content") if isinstance(bos, dict) else bos
         for token_id, entry in (raw.get("added_tokens_decoder") or {}).items():

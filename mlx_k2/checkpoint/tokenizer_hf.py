@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .. import jsonio
 
 
 def _one_line(error: Exception) -> str:
@@ -43,7 +44,7 @@ class HuggingFaceTokenizer:
         if tokenizer_config is None or not tokenizer_config.exists():
             return None
         try:
-            bos = json.loads(tokenizer_config.read_bytes()).get("bos_token")
+            bos = jsonio.loads(tokenizer_config.read_bytes()).get("bos_token")
             content = bos.get("content") if isinstance(bos, dict) else bos
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise CheckpointError(f"{tokenizer_config}: cannot read its bos_token ({_one_line(e)})") from None

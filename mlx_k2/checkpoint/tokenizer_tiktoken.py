@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .. import jsonio
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 PAT_STR = "|".join([
@@ -46,7 +47,7 @@ class TiktokenTokenizer:
         named: dict[int, str] = {}
         if tokenizer_config is not None and tokenizer_config.exists():
             try:
-                added = json.loads(tokenizer_config.read_bytes()).get("added_tokens_decoder", {})
+                added = jsonio.loads(tokenizer_config.read_bytes()).get("added_tokens_decoder", {})
                 named = {int(i): entry["content"] for i, entry in added.items()}
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError,
                     ValueError) as e:

@@ -28,6 +28,7 @@ from .derived import tensor_digest
 from .files import write_atomically
 from .platforms import CROSS_PLATFORM_RTOL, PLATFORM, describe, kernel_key, same_bits, within_tolerance
 from .schema import BUILTIN_KERNELS
+from .. import jsonio
 
 FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")
 AGREEMENT = "agreement within"  # the note of a row compared within tolerance on another platform
@@ -90,7 +91,7 @@ def load_anchors(directory: Path | None = None) -> list[Anchor]:
     anchors = []
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
-            data = json.loads(path.read_bytes())
+            data = jsonio.loads(path.read_bytes())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AnchorError(f"{path}: not a readable anchor ({e})") from None
         if not isinstance(data, dict) or not isinstance(data.get("expected"), dict) \

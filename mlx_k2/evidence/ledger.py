@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import K2Error
 from .derived import line_digest
 from .schema import LEDGER_NAME, ledger_file
+from .. import jsonio
 
 # The kinds of record a ledger holds, and the start of a line the writer wrote for one (json.dumps puts `kind`
 # first), which is how a last line cut off mid-write is still recognised as a ledger's.
@@ -140,7 +141,7 @@ class Ledger:
 
 def _parse(number: int, raw: bytes) -> Line:
     try:
-        record = json.loads(raw)
+        record = jsonio.loads(raw)
         if not isinstance(record, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as e:

@@ -30,6 +30,7 @@ from .ledger import read_ledger
 from .platforms import PLATFORM
 from .schema import MANIFEST_NAME, strict_loads
 from .verify import Check, Report, verify
+from .. import jsonio
 
 RECEIPT_KIND = "mlx-k2.receipt/1"
 MAX_RECEIPT_BYTES = 1 << 20      # a receipt is a few kB; anything larger is not one
@@ -151,7 +152,7 @@ def looks_like_receipt(path: Path) -> bool:
     try:
         if not path.is_file() or path.stat().st_size > MAX_RECEIPT_BYTES:
             return False
-        data = json.loads(path.read_bytes())
+        data = jsonio.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("kind") == RECEIPT_KIND

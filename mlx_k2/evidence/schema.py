@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.tokenizer import TOKENIZER_FILES
+from .. import jsonio
 
 SCHEMA = "mlx-k2.ledger/3"
 # Every version verify reads (docs/ledger.md). Schema 2 adds fields to schema 1, each written by the capability that
@@ -182,7 +183,7 @@ def _no_constant(name: str) -> Any:
 def strict_loads(data: bytes | str) -> Any:
     """Parse JSON as RFC 8259 has it: no repeated keys in an object, no NaN / Infinity (the writer emits
     neither, so either means the file was edited). Raises ValueError (StrictJSONError for these two)."""
-    return json.loads(data, object_pairs_hook=_no_repeats, parse_constant=_no_constant)
+    return jsonio.loads(data, object_pairs_hook=_no_repeats, parse_constant=_no_constant)
 
 
 # A bundle directory: the ledger, one tensor file per step, and a manifest of both (see bundle.py).

@@ -33,6 +33,7 @@ from .runner import KVCache, Model
 from .session import check_space, keep_kv, new_ledger_path, run_started, versions
 from .sinks import BundleSink, LedgerSink
 from .spec import RunSpec
+from .. import jsonio
 
 END_OF_TURN = ("<|im_end|>",)  # K2.5's reply end (K25_FORMAT.md section 4), beside the checkpoint's EOS
 
@@ -261,7 +262,7 @@ def recorded_chat(path: Path) -> Continuation:
         raise UsageError(f"{ledger.ledger_path}: no turn recorded; start a new chat")
     messages_path = conversation_file(ledger.ledger_path)
     try:
-        messages = json.loads(messages_path.read_text())
+        messages = jsonio.loads(messages_path.read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"{messages_path}: the conversation to go on with cannot be read ({e})") from None
     lines = ledger.raw_lines[:-1] if ledger.footer is not None else ledger.raw_lines

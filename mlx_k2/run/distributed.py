@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import K2Error, UsageError
+from .. import jsonio
 
 DEFAULT_TIMEOUT_S = 600.0  # a rank's share of one step (tens of layers streamed from storage) fits this
 BACKENDS = ("any", "ring", "jaccl", "mpi", "nccl")
@@ -123,7 +124,7 @@ def pack(meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> b
 
 def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        meta = json.loads(z["meta"].tobytes().decode())
+        meta = jsonio.loads(z["meta"].tobytes().decode())
         return meta, {k[2:]: z[k] for k in z.files if k.startswith("a/")}
 
 
@@ -270,7 +271,7 @@ def ranks_on_this_host(rank: int) -> int:
     (MLX_HOSTFILE: one list of "ip:port" per rank) whose IP is this rank's. 1 where it cannot tell (another
     backend, no hostfile): a rank then assumes the machine is its own."""
     try:
-        hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+        hosts = jsonio.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
         ip = [entry.rsplit(":", 1)[0] for entry in hosts[rank]]
         return max(1, sum(1 for h in hosts if [entry.rsplit(":", 1)[0] for entry in h] == ip))
     except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError):

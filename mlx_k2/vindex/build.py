@@ -70,6 +70,7 @@ from ..read.weight_cache import peak_rss_gb
 from ..checkpoint.validate import validate
 from ..model.weights import WeightFetcher
 from .svd import TopSingular, blas_threads, gate_and_down, one_blas_thread, singular_values, var_at
+from .. import jsonio
 
 VINDEX_FORMAT = "mlx_k2.vindex/1"
 BIN = "gate_vectors.bin"
@@ -240,7 +241,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_bytes())
+        obj = jsonio.loads(path.read_bytes())
     except FileNotFoundError:
         raise UsageError(f"{path}: missing from the vindex being resumed") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -144,7 +144,7 @@ def test_plan_command_plans_k25_by_default_and_writes_json(tmp_path):
     (["--disk", "-1"], "--disk must be more than 0"),
     (["--config", "/nonexistent/config.json", "--disk", "1"], "/nonexistent/config.json: cannot read"),
     (["--model", ".", "--config", "x"], "not both"),
-    (["--compute", "fast", "--disk", "1"], "--compute 'fast'"),
+    (["--compute", "fast", "--disk", "1", "--warm", "1"], "--compute 'fast'"),
 ])
 def test_plan_command_refuses_bad_input_in_one_line(args, message):
     result = CliRunner().invoke(app, ["plan", *args])

@@ -104,15 +104,15 @@ def _policy_reason(cases: list[dict]) -> str:
                      f"{_pct(c['summary']['hit_share'])}, {c['summary']['bytes_read'] / 1e9:.2f} GB read" for c in rows)
 
 
-def _median(runs: list[dict], model: Path, rates: dict) -> dict:
+def _median(runs: list[dict], shape, rates: dict) -> dict:
     """Of one configuration's runs, the one with the median tokens/s, every run's tokens/s beside it, and
-    plan's prediction for it (`bench.decode.predicted`)."""
+    plan's prediction for it (`bench.decode.predicted`; `shape`: the checkpoint as the plan weighs it)."""
     from mlx_k2.bench.decode import predicted
 
     runs = sorted(runs, key=lambda c: c["summary"]["tokens_s"])
     case = runs[len(runs) // 2]
     case["summary"]["tokens_s_runs"] = [c["summary"]["tokens_s"] for c in runs]
-    case["summary"]["predicted_tokens_s"] = predicted(model, rates, case)
+    case["summary"]["predicted_tokens_s"] = predicted(shape, rates, case)
     return case
 
 
@@ -155,7 +155,7 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
                repeats: int = 1) -> None:
     from mlx_k2.bench.streaming import build_full_width, shard_files  # needs MLX
     from mlx_k2.bench.decode import (DEVICE_GOAL, PLAN_GOAL, better_policy, budgets, configurations,
-                                     decode_step_bytes, goals, plan_rates, read_alone, summary)
+                                     decode_step_bytes, goals, plan_rates, plan_shape, read_alone, summary)
 
     if repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {repeats}")
@@ -200,11 +200,12 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
     for r in range(repeats):
         for config in configs[r % len(configs):] + configs[:r % len(configs)]:
             runs[config["name"]].append(measure(config))
-    result["cases"] = [_median(runs[c["name"]], model, result["plan"]) for c in configs]
+    shape = plan_shape(model)
+    result["cases"] = [_median(runs[c["name"]], shape, result["plan"]) for c in configs]
     policy = better_policy(result["cases"])
     look = {"name": f"KV+experts {policy}+look-ahead", "kv": True, "cache_bytes": budget["experts"],
             "cache_policy": policy, "lookahead": True}
-    result["cases"].append(_median([measure(look) for _ in range(repeats)], model, result["plan"]))
+    result["cases"].append(_median([measure(look) for _ in range(repeats)], shape, result["plan"]))
     for case in result["cases"]:
         s = case["summary"]
         console.print(f"{case['name']}: median {s['tokens_s']:.3f} tokens/s of "

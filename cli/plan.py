@@ -15,7 +15,6 @@ from rich.table import Table
 from mlx_k2.errors import UsageError
 
 from .app import app, check_new, check_outside, check_writable, guarded
-from mlx_k2 import jsonio
 
 
 def _positive(value: Optional[float], option: str) -> None:
@@ -25,10 +24,9 @@ def _positive(value: Optional[float], option: str) -> None:
 
 def _tensors(model: Optional[Path], config: Optional[Path]):
     """(what is planned, its tensors as the plan weighs them, the parsed config, shard files to measure)."""
-    from mlx_k2.checkpoint.config import load_config, parse_config
+    from mlx_k2.checkpoint.config import load_config, parse_config, read_config
     from mlx_k2.checkpoint.shards import Checkpoint
     from mlx_k2.checkpoint.sizes import ImpliedTensors
-    from mlx_k2.errors import ConfigError
 
     if model is not None and config is not None:
         raise UsageError("give --model or --config, not both")
@@ -40,13 +38,7 @@ def _tensors(model: Optional[Path], config: Optional[Path]):
 
         cfg = parse_config(config_json(full_width(61)), "Kimi K2.5's config.json")
         return "Kimi K2.5 (its published config.json)", ImpliedTensors(cfg), cfg, []
-    try:
-        raw = jsonio.loads(config.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"{config}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config}: not valid JSON ({e})") from None
-    cfg = parse_config(raw, str(config))
+    cfg = read_config(config)
     return f"{config} (config.json alone)", ImpliedTensors(cfg), cfg, []
 
 

@@ -142,7 +142,7 @@ def test_plan_command_plans_k25_by_default_and_writes_json(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "0"], "--prompt must be at least 1"),
     (["--disk", "-1"], "--disk must be more than 0"),
-    (["--config", "/nonexistent/config.json", "--disk", "1"], "/nonexistent/config.json: cannot read"),
+    (["--config", "/nonexistent/config.json", "--disk", "1"], "/nonexistent/config.json: not found"),
     (["--model", ".", "--config", "x"], "not both"),
     (["--compute", "fast", "--disk", "1", "--warm", "1"], "--compute 'fast'"),
 ])

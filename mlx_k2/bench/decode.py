@@ -265,12 +265,18 @@ def plan_rates(model_dir: Path, read: dict) -> dict:
             "quant_batch_gbps": quant_batch, "layer_s": layer_seconds(), "ram_bytes": machine_ram()}
 
 
-def predicted(model_dir: Path, rates: dict, case: dict) -> float:
-    """plan's tokens/s for a measured configuration: a run of as many tokens, from a cold start, with its
-    decode mode and cache budget (`plan.predict_run`)."""
-    from .plan import Rates, predict_run, shape_of
+def plan_shape(model_dir: Path):
+    """The checkpoint as `plan` weighs it (`plan.Shape`), from its headers: once per bench, for every case."""
+    from .plan import shape_of
 
-    shape = shape_of(Checkpoint(model_dir), load_config(model_dir))
+    return shape_of(Checkpoint(model_dir), load_config(model_dir))
+
+
+def predicted(shape, rates: dict, case: dict) -> float:
+    """plan's tokens/s for a measured configuration of the checkpoint `shape` (`plan_shape`): a run of as many
+    tokens, from a cold start, with its decode mode and cache budget (`plan.predict_run`)."""
+    from .plan import Rates, predict_run
+
     machine = Rates(**{k: v for k, v in rates.items() if k != "ram_bytes"})
     return predict_run(shape, machine, rates["ram_bytes"], len(case["tokens"]), case["kv"], case["cache_bytes"],
                        len(case["prompt_ids"]))

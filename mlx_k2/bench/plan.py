@@ -35,7 +35,6 @@ from pathlib import Path
 from ..checkpoint.config import BlockFP8, ModelConfig
 from ..checkpoint.inventory import DecodeBytes, decode_bytes, layer_step_bytes
 
-MODES = ("no-KV", "KV", "KV+cache")
 BATCH = 64            # the second number of positions the compute rates are measured at
 RSS_BASE = 4 * 10**9  # the process beside its weights (MLX, Python, arenas' bookkeeping): the decode bench's bound
 CACHE_SHARE = 0.5     # a run's default weight cache: half the memory free (`weight_cache.DEFAULT_SHARE`)

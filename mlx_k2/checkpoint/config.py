@@ -323,7 +323,11 @@ def parse_config(raw: Any, where: str = "config.json") -> ModelConfig:
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
-    path = Path(model_dir) / "config.json"
+    return read_config(Path(model_dir) / "config.json")
+
+
+def read_config(path: Path) -> ModelConfig:
+    """A config file by its own path (`plan --config` takes one under any name)."""
     try:
         raw = jsonio.loads(path.read_bytes())
     except FileNotFoundError:

@@ -7,7 +7,6 @@ from here. This module builds, reads and checks nothing beyond testing one JSON 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

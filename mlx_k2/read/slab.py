@@ -108,7 +108,3 @@ class ExpertSlab:
         self._chunks.append(_Chunk(count * self.slot_bytes, self._stream))
         self._free[:0] = range(first + count - 1, first - 1, -1)  # behind the slots already free
         self.made += count
-
-    @property
-    def bytes_made(self) -> int:
-        return self.made * self.slot_bytes

@@ -11,7 +11,8 @@ from rich.console import Console
 
 from mlx_k2.checkpoint.config import load_config
 from mlx_k2.run.distributed import DEFAULT_TIMEOUT_S
-from mlx_k2.evidence.anchors import anchor_record, default_dir, freeze
+from mlx_k2.evidence.anchors import anchor_facts, anchor_record, default_dir, freeze
+from mlx_k2.evidence.records import model_record
 from mlx_k2.evidence.schema import BUILTIN_KERNELS
 from mlx_k2.synth.checkpoint import default_checkpoint
 from mlx_k2.checkpoint.tokenizer import default_bos
@@ -67,8 +68,10 @@ def anchor(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defau
         anchor_name = name or (f"{model_dir.name}-{device}{suffix}" if model is not None
                                else f"synthetic-k25-seed0-{device}{suffix}")
         source = f"frozen by `mlx-k2 anchor --freeze` from {'the embedded synthetic checkpoint' if model is None else model_dir}"
+        facts = anchor_facts(model_record(model_dir, report.identity, load_config(model_dir)))
         path = freeze(anchors or default_dir(), anchor_record(anchor_name, source, report.identity, report.signature,
-                                                              ids, report.platform, report.capture_off))
+                                                              ids, report.platform, report.capture_off, facts,
+                                                              report.content))
         console.print(f"froze {path}")
         return
     if report.anchor is None:

@@ -66,6 +66,21 @@ def check_outside(output: Path, model_dir: Path) -> None:
                          "is only read)")
 
 
+# What marks a directory as a checkpoint's: its config, its index or a shard.
+CHECKPOINT_MARKS = ("config.json", "model.safetensors.index.json", "*.safetensors")
+
+
+def check_not_checkpoint(output: Path) -> None:
+    """An output directory is neither a checkpoint directory (any, not only the one the command reads) nor
+    directly inside one: a checkpoint is only ever read."""
+    target = Path(output).resolve()
+    for directory in (target, target.parent):
+        if directory.is_dir() and any(next(directory.glob(mark), None) is not None for mark in CHECKPOINT_MARKS):
+            where = "a" if directory == target else "inside a"
+            raise UsageError(f"{output}: {where} checkpoint directory ({directory} holds config.json or "
+                             "safetensors files); write it elsewhere (a checkpoint is only read)")
+
+
 def check_new(path: Path, overwrite: bool) -> None:
     """An output file that exists is replaced only when asked (--overwrite), as `run` and `keygen` do."""
     if path.exists() and not overwrite:

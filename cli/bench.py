@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_k2.errors import UsageError
-from mlx_k2.synth.checkpoint import cache_root
+from mlx_k2.checkpoint.user_cache import cache_root
 
 from .app import app, guarded
 
@@ -103,6 +103,32 @@ def _kernels(json_out: Optional[Path]) -> None:
         console.print(f"wrote {json_out}")
 
 
+def _digest_cost(layers: int, directory: Path, rounds: int, json_out: Optional[Path]) -> None:
+    """Cold one-token steps of the full-width checkpoint with and without the digests of what they read
+    (read/content.py), in alternating order round by round; the median wall of each and their ratio."""
+    import statistics
+
+    from mlx_k2.bench.streaming import build_full_width
+
+    console = Console()
+    console.print(f"building (once) a full-width {layers}-layer checkpoint under {directory} ...")
+    model_dir = build_full_width(directory, layers)
+    walls: dict[str, list[float]] = {"step": [], "step-undigested": []}
+    for r in range(rounds):
+        for part in (("step", "step-undigested") if r % 2 == 0 else ("step-undigested", "step")):
+            console.print(f"round {r + 1}/{rounds}: cold 1-token {part} ...")
+            done = _part(model_dir, 1, True, part, "pread")
+            walls[part].append(done["wall_s"])
+    with_, without = statistics.median(walls["step"]), statistics.median(walls["step-undigested"])
+    result = {"checkpoint": str(model_dir), "layers": layers, "bytes_read": done["bytes_read"], "walls_s": walls,
+              "digested_s": with_, "undigested_s": without, "cost": with_ / without - 1, "goal": 0.05}
+    console.print(f"cold 1-token step, {done['bytes_read'] / 1e9:.2f} GB read: median {with_:.2f} s with digests, "
+                  f"{without:.2f} s without: {100 * result['cost']:+.1f}% (goal at most +5%)")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
 @app.command()
 @guarded
 def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width checkpoint (1 dense + N-1 MoE).")] = 3,
@@ -127,11 +153,17 @@ def bench(layers: Annotated[int, typer.Option(help="Layers of the full-width che
           repeats: Annotated[int, typer.Option(help="With --decode: runs of each configuration, round by round; "
                                                     "the median is reported.")] = 1,
           format: Annotated[str, typer.Option("--format", help="The full-width checkpoint's format: kimi-k25 (int4 "
-                                                               "experts) or kimi-k2-fp8 (block FP8).")] = "kimi-k25"):
+                                                               "experts) or kimi-k2-fp8 (block FP8).")] = "kimi-k25",
+          digests: Annotated[bool, typer.Option("--digests", help="Only what naming the weights read by content "
+                                                "costs: cold 1-token steps with and without, alternated "
+                                                "(--repeats rounds).")] = False):
     """Measure a step's bytes, read, compute and wall time, RSS. Example: mlx-k2 bench --layers 3 --tokens 3 --json b.json;
     mlx-k2 bench --decode --tokens 16 --json decode.json"""
     if kernels:
         _kernels(json_out)
+        return
+    if digests:
+        _digest_cost(layers, directory or cache_root() / "bench", max(repeats, 3), json_out)
         return
     if decode:
         from .bench_decode import run_decode

@@ -26,8 +26,10 @@ def default_output(path: Path) -> Path:
 def explore(path: Annotated[Path, typer.Argument(metavar="PATH", help="A ledger (.jsonl) or a bundle directory.")],
             output: Annotated[Optional[Path], typer.Option("--output", "-o", help="HTML file to write (default: "
                                                            "beside PATH, with .html).")] = None,
-            model: Annotated[Optional[Path], typer.Option(help="Checkpoint for verify's token_text check "
-                                                               "(default: the header's model.path).")] = None,
+            model: Annotated[Optional[Path], typer.Option(help="Checkpoint whose tokenizer checks and decodes "
+                                                               "the text (without it the ledger's token_text is "
+                                                               "shown as unverified); --replay re-executes from "
+                                                               "it (default: the header's model.path).")] = None,
             anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory for verify (default: "
                                                                  "anchors/).")] = None,
             replay: Annotated[bool, typer.Option("--replay", help="Re-execute steps from the checkpoint (--model) "
@@ -53,9 +55,10 @@ def explore(path: Annotated[Path, typer.Argument(metavar="PATH", help="A ledger 
         raise UsageError("--pubkey goes with --receipt")
     check_new(out, overwrite)
     check_writable(out)  # before a replay's minutes, not after
-    tokenizer = tokenizer_for(path, model)
+    tokenizer = tokenizer_for(model)
     replayed = reexecute(path, model, steps, sample, device) if replay else None
     checked = check_receipt(receipt, path, pubkey, anchors, tokenizer) if receipt is not None else None
-    page = build_explorer(path, anchors, tokenizer, replayed, checked, vindex).encode("utf-8")
+    page = build_explorer(path, anchors, tokenizer, replayed, checked, vindex,
+                          replay_text=model is not None).encode("utf-8")
     write_atomically(out, page, UsageError)
     typer.echo(f"wrote {out} ({len(page):,} bytes, {len(page) / 1024:.1f} KiB)")

@@ -4,6 +4,7 @@ config, reading the experts' `weight_shape` values."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -73,15 +74,20 @@ def inspect(model: Annotated[Optional[Path], typer.Option(help="Checkpoint (defa
         console.print("never read by a text run: " + ", ".join(f"{k} ({g.tensors:,} tensors, {g.nbytes:,} bytes)"
                                                              for k, g in never.items()))
     if deep:
-        found = list(problems(ckpt, cfg, deep=True))
-        for problem in found:
+        # At most SHOWN_PROBLEMS + 1 drawn: a config that claims far more experts than the checkpoint holds would
+        # otherwise list (and loop over) every missing one.
+        found = list(itertools.islice(problems(ckpt, cfg, deep=True), SHOWN_PROBLEMS + 1))
+        for problem in found[:SHOWN_PROBLEMS]:
             typer.echo(f"problem: {problem}", err=True)
         if found:
-            typer.echo(f"deep check: {len(found)} problem(s)", err=True)
+            more = len(found) > SHOWN_PROBLEMS
+            typer.echo(f"deep check: {'more than ' if more else ''}{min(len(found), SHOWN_PROBLEMS)} problem(s)",
+                       err=True)
             raise typer.Exit(1)
         console.print("deep check: every tensor agrees with the config, weight_shape values included")
 
 
+SHOWN_PROBLEMS = 1000  # problems --deep lists before it stops looking
 NO_KV_EXAMPLES = (16, 64)  # context lengths the no-KV bound is shown for
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import anchor, bench, chat, explore, inspect, plan, receipt, run, synth, verify, vindex, vindex_analysis  # noqa: F401  (each adds its command)
+from . import anchor, bench, chat, checkpoint, explore, inspect, plan, receipt, run, synth, verify, vindex, vindex_analysis  # noqa: F401  (each adds its command)
 from .app import app
 
 

@@ -41,8 +41,12 @@ identical".
 What neither proves: wall times, when the run happened or who ran it; a signed receipt (mlx-k2 receipt) says
 which key holder vouches for a digest, and --pubkey pins that key.
 
-Strict by default: a run with no applicable anchor and no replay, an anchor compared only in part, a
-token_text check that could not run, or a receipt whose signer is not pinned exits 1 unless --lenient.
+token_text is checked only with the tokenizer of --model DIR (never one the ledger names): without it the
+text is not checked and the line says so.
+
+Strict by default: a run with no applicable anchor and no replay, an anchor compared only in part, header
+model facts the anchor does not pin (and no replay), a token_text check that could not run, or a receipt
+whose signer is not pinned exits 1 unless --lenient.
 
 Exit 0: proven as the summary says; 1: a check failed or is not proven; 2: bad input (a file that is not a
 ledger, bundle or receipt, a missing path, an option that does not apply).
@@ -51,9 +55,15 @@ Examples: mlx-k2 verify runs/b1 --replay --model DIR; mlx-k2 verify receipt.json
 KEY.pub"""
 
 
-def tokenizer_for(path: Path, model: Path | None):
-    tok_dir = model if model is not None else read_ledger(path).model_dir
-    return load_tokenizer(tok_dir) if tok_dir is not None and tok_dir.is_dir() else None
+def tokenizer_for(model: Path | None):
+    """The tokenizer that checks token_text: only ever the checkpoint given with --model. The header's
+    model.path (and its tokenizer_blake3) are what the ledger says of itself: a forger writes them, and a
+    tokenizer shipped beside the ledger would vouch for any text."""
+    if model is None:
+        return None
+    if not model.is_dir():
+        raise UsageError(f"--model: {model} is not a directory")
+    return load_tokenizer(model)
 
 
 def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | None, device: str | None,
@@ -101,9 +111,10 @@ def run_checks(path: Path, model: Path | None, anchors: Path | None, replay: boo
     if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest.strip()):
         raise UsageError(f"--digest: {digest!r} is not a BLAKE3 digest (64 hex digits)")
     require_ledger(read_ledger(path))  # a file that holds no ledger at all is refused, as the explorer does
-    tokenizer = tokenizer_for(path, model)
+    tokenizer = tokenizer_for(model)
     replayed = reexecute(path, model, steps, sample, device, echo) if replay else None
-    report = verify_path(path, anchors, tokenizer, replay=replayed, digest=digest)
+    # A replay from the header's model.path (no --model) re-made token_text with a tokenizer the ledger named.
+    report = verify_path(path, anchors, tokenizer, replay=replayed, digest=digest, replay_text=model is not None)
     if report.replay is not None:
         for r in report.replay.results:
             how = "identical" if r.ok and report.replay.exact else "agrees within tolerance" if r.ok else \
@@ -125,9 +136,10 @@ def print_checks(title: str, checks: list[Check], console: Console) -> None:
 @guarded
 def verify(path: Annotated[Path, typer.Argument(metavar="PATH", help="A bundle directory, a ledger (.jsonl) or a "
                                                                    "receipt (.json).")],
-           model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory: for --replay and the "
-                                                               "token_text check (default: the header's "
-                                                               "model.path).")] = None,
+           model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory: its tokenizer checks "
+                                                               "token_text (without it the text is not checked); "
+                                                               "--replay re-executes from it (default: the "
+                                                               "header's model.path).")] = None,
            anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory (default: anchors/).")] = None,
            replay: Annotated[bool, typer.Option("--replay", help="Re-execute steps from the checkpoint and "
                                                                  "compare every value (needs MLX).")] = False,
@@ -149,7 +161,7 @@ def verify(path: Annotated[Path, typer.Argument(metavar="PATH", help="A bundle d
         if replay or digest is not None or steps is not None or sample is not None:
             raise UsageError(f"{path}: a receipt; --replay and --digest apply to a bundle or ledger "
                              "(give it with --bundle)")
-        tokenizer = tokenizer_for(bundle, model) if bundle is not None and bundle.exists() else None
+        tokenizer = tokenizer_for(model) if bundle is not None and bundle.exists() else None
         result = check_receipt(path, bundle, pubkey, anchors, tokenizer)
         print_checks(f"verify receipt {path}", result.checks, console)
         if result.bundle is not None:

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import HELP, app, check_outside, check_writable, guarded
+from .app import HELP, app, check_not_checkpoint, check_outside, check_writable, guarded
 from .plain import progress_lines
 
 vindex_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, **HELP,
@@ -84,6 +84,7 @@ def build(out: Annotated[Path, typer.Option("-o", "--out", help="The vindex dire
         raise UsageError(f"{out}: exists and is not a directory")
     if model is not None:  # before the writability probe, which would create a file there
         check_outside(out, model)
+    check_not_checkpoint(out)  # any checkpoint's directory, not only --model's: before the probe too
     check_writable(out, out, makes_dirs=True)  # before the checkpoint is opened, not after
     header_lines = None if quiet else progress_lines()
     bar = None if quiet or not sys.stdout.isatty() else _Bar()

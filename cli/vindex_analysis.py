@@ -39,13 +39,17 @@ def routing(paths: Annotated[list[Path], typer.Argument(help="Ledgers (.jsonl) a
             output: Annotated[Path, typer.Option("--output", "-o", help="The vindex directory to write "
                                                  "phase3_routing_stats.json into (created if missing).")],
             anchors: Annotated[Optional[Path], typer.Option(help="Anchor directory for verify (default: "
-                                                                 "anchors/).")] = None):
+                                                                 "anchors/).")] = None,
+            lenient: Annotated[bool, typer.Option("--lenient", help="Count runs verify finds consistent but does "
+                                                                    "not prove (no anchor applies, say).")] = False):
     """Routing statistics (phase 3) from runs: per MoE layer and expert, selection counts and shares, over how
     many tokens and prompts, and C2 (the selected experts' share of the router's score mass). Each input is
-    verified first and refused when a check fails. Example: mlx-k2 vindex routing runs/b1 runs/l2.jsonl -o vx"""
+    verified first, strictly as `mlx-k2 verify` does (token_text aside, which the counts never use), and
+    refused when a check fails or verify does not prove it (unless --lenient). Example: mlx-k2 vindex routing
+    runs/b1 runs/l2.jsonl -o vx"""
     from mlx_k2.vindex.routing import routing_stats, write_routing_stats
 
-    stats = routing_stats(paths, anchors)
+    stats = routing_stats(paths, anchors, lenient)
     target = write_routing_stats(stats, output)
     c2 = stats["c2"]
     c2_text = "C2 not measured (no bundle saves every expert's score)" if c2 is None else \

@@ -1,19 +1,35 @@
-"""JSON from files a user hands in, parsed with a bound on how deeply it nests.
+"""JSON from files a user hands in, parsed with bounds on how deeply it nests, how long a number is and how
+large the file is.
 
 Every file the product reads as JSON (config.json, the index, safetensors headers, tokenizer_config.json,
 ledgers, manifests, receipts, anchors) goes through `loads`. Python's parser recurses once per level: a
 file nested a few thousand levels deep raised RecursionError, a traceback, where a malformed file must give
 one line naming it. `loads` turns that, and any nesting deeper than MAX_DEPTH (no file the product reads
-comes near it), into `TooDeep`, a json.JSONDecodeError: every caller already reports those as its one-line
-"not valid JSON" error, naming the file.
+comes near it), into `TooDeep`; an integer of more than MAX_INT_DIGITS digits (Python's own limit, 4,300,
+raised a bare ValueError, and parsing one costs quadratic time) into `TooLong`. Both are
+json.JSONDecodeError: every caller already reports those as its one-line "not valid JSON" error, naming the
+file. `read_bytes` reads a file only when it is a regular file within a size cap (a FIFO blocks forever, a
+sparse file of 100 GB reads for minutes), refusing with an OSError whose strerror says why, which every
+caller reports as its "cannot read (...)" line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import stat
+from pathlib import Path
 from typing import Any
 
+from .limits import MAX_INT_DIGITS
+
 MAX_DEPTH = 64  # the deepest a ledger record goes is 5 levels; a tokenizer_config.json about 4
+# A run of more digits than an integer may have, anywhere in the text: only then is each integer checked (a
+# Python call per integer would slow every ledger read; a long digit run inside a string is harmless).
+_LONG_RUN = {str: re.compile("[0-9]{%d}" % (MAX_INT_DIGITS + 1)),
+             bytes: re.compile(b"[0-9]{%d}" % (MAX_INT_DIGITS + 1))}
 
 
 class TooDeep(json.JSONDecodeError):
@@ -26,8 +42,29 @@ class TooDeep(json.JSONDecodeError):
         return self.msg  # no position: the whole document is refused, not one place in it
 
 
+class TooLong(json.JSONDecodeError):
+    """An integer of more than MAX_INT_DIGITS digits."""
+
+    def __init__(self, digits: int):
+        super().__init__(f"an integer of {digits:,} digits, more than the {MAX_INT_DIGITS} any field can have", "", 0)
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+def _bounded_int(numeral: str) -> int:
+    digits = len(numeral.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise TooLong(digits)
+    return int(numeral)
+
+
 def loads(data: str | bytes, **options: Any) -> Any:
-    """json.loads(data, **options), refusing nesting deeper than MAX_DEPTH (TooDeep) before anyone walks it."""
+    """json.loads(data, **options), refusing nesting deeper than MAX_DEPTH (TooDeep) before anyone walks it and
+    integers longer than MAX_INT_DIGITS (TooLong) before Python converts them."""
+    pattern = _LONG_RUN[str if isinstance(data, str) else bytes] if isinstance(data, (str, bytes)) else None
+    if pattern is not None and pattern.search(data):
+        options = {**options, "parse_int": _bounded_int}
     try:
         value = json.loads(data, **options)
     except RecursionError:
@@ -42,3 +79,21 @@ def loads(data: str | bytes, **options: Any) -> Any:
                     raise TooDeep(data)
                 pending.append((child, depth + 1))
     return value
+
+
+def read_bytes(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file at `path`, of at most `max_bytes`; checked before it is opened (a FIFO or
+    a device blocks or never ends) and before anything is read. Refusals are OSErrors with a strerror."""
+    info = os.stat(path)  # FileNotFoundError and the like pass through as they are
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    if info.st_size > max_bytes:
+        raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, more than the {max_bytes:,} this file can have",
+                      str(path))
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew since the stat
+        raise OSError(errno.EFBIG, f"more than the {max_bytes:,} bytes this file can have", str(path))
+    return data

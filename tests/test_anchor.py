@@ -45,6 +45,7 @@ SYNTH_ANCHOR = DEFAULT_ANCHOR  # what a default CPU run reproduces
 BOS = 163584
 FOREIGN_BOS = 508
 FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")
+EXPECTED = (*FIELDS, "all_weights_blake3")  # docs/ledger.md: schema 4's anchors also pin what step 0 read
 LOGIT_TOL = 1e-4       # float32 product vs float64 reference through 4 small layers
 
 
@@ -108,13 +109,14 @@ def said(output: str, *words: str) -> bool:
 
 def test_capture_off_and_on_agree_and_reproduce_the_frozen_anchor(synth_dir, shared_model):
     report = run_anchor_pass(synth_dir, [BOS], cpu_spec(), REPO_ANCHORS)
-    assert [r.field for r in report.non_perturbation] == ["token_id", "hidden_digest", "logits_digest", "bytes_read"]
+    assert [r.field for r in report.non_perturbation] == ["token_id", "hidden_digest", "logits_digest", "bytes_read",
+                                                          "all_weights_blake3"]
     assert all(r.ok is True and r.expected == r.observed for r in report.non_perturbation)
     assert report.non_perturbing
     anchor = frozen_anchor()
     assert anchor["checkpoint"] == identity_of(synth_dir) == report.identity
     assert report.anchor is not None and report.anchor.name == SYNTH_ANCHOR
-    for f in FIELDS:       # both passes equal the frozen values, bit for bit
+    for f in EXPECTED:     # both passes equal the frozen values, bit for bit
         assert report.capture_off[f] == anchor["expected"][f], f
         assert report.capture_on[f] == anchor["expected"][f], f
     assert report.ok and all(r.ok is True for r in report.rows)
@@ -126,7 +128,7 @@ def test_cli_anchor_default_checkpoint(cache):
     assert said(result.output, "non-perturbation", "identical")
     assert said(result.output, "anchor", "reproduced", SYNTH_ANCHOR)
     assert set(verdicts(result.output, "non-perturbation: capture off").values()) == {"ok"}
-    assert verdicts(result.output, f"anchor {SYNTH_ANCHOR}") == {f: "ok" for f in FIELDS}
+    assert verdicts(result.output, f"anchor {SYNTH_ANCHOR}") == {f: "ok" for f in EXPECTED}
     assert sorted(p.name for p in cache.iterdir()) == [default_checkpoint_name()]   # nothing rebuilt
     # the waits before the tables show their progress: the headers read, each pass's layers
     assert all(f"{what:<32} [" in result.output for what in ("reading headers", "step 0, capture off",
@@ -143,7 +145,7 @@ def _edit(field: str, value):
     return ("1" if value[0] == "0" else "0") + value[1:]
 
 
-@pytest.mark.parametrize("field", ["token_id", "logit", "hidden_digest", "bytes_read"])
+@pytest.mark.parametrize("field", ["token_id", "logit", "hidden_digest", "bytes_read", "all_weights_blake3"])
 def test_cli_anchor_edited_value_fails_naming_the_field(cache, shared_model, tmp_path, field):
     anchors = tmp_path / "anchors"
     shutil.copytree(REPO_ANCHORS, anchors)
@@ -156,7 +158,7 @@ def test_cli_anchor_edited_value_fails_naming_the_field(cache, shared_model, tmp
     assert result.exit_code != 0, result.output
     assert said(result.output, "anchor", "MISMATCH") and not said(result.output, "reproduced")
     rows = verdicts(result.output, f"anchor {SYNTH_ANCHOR}")
-    assert rows == {f: ("MISMATCH" if f == field else "ok") for f in FIELDS}
+    assert rows == {f: ("MISMATCH" if f == field else "ok") for f in EXPECTED}
     # capture still changes nothing: the failure is the anchor's, not non-perturbation's
     assert said(result.output, "non-perturbation", "identical")
 
@@ -172,7 +174,7 @@ def test_freeze_into_empty_dir_then_reproduce(cache, synth_dir, shared_model, tm
     assert data["kind"] == "frozen" and data["prompt_ids"] == [BOS]
     assert data["checkpoint"] == identity_of(synth_dir)
     assert (data["backend"], data["device"], data["compute_dtype"]) == ("mlx", "cpu", "float32")
-    assert set(data["expected"]) == set(FIELDS)
+    assert set(data["expected"]) == set(EXPECTED)
     assert data["expected"] == frozen_anchor()["expected"]   # the repo's anchor, frozen earlier, is reproduced
 
     again = invoke(["anchor", "--device", "cpu", "--anchors", str(anchors)], cache_dir=cache)

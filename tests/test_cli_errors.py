@@ -126,6 +126,21 @@ def test_vindex_build_out_unwritable(cli, synth_dir, unwritable):
     one_line_error(result, str(out), reason)
 
 
+@pytest.mark.parametrize("mark", ["config.json", "model-00001-of-000002.safetensors"])
+@pytest.mark.parametrize("where", ["the directory", "inside it"])
+def test_vindex_build_never_writes_into_a_checkpoint_directory(cli, synth_dir, tmp_path, mark, where):
+    """Any checkpoint's directory (not only --model's), or a new directory directly inside one: refused in one
+    line before anything is opened or written there."""
+    ckpt = tmp_path / "other-ckpt"
+    ckpt.mkdir()
+    (ckpt / mark).write_text("{}")
+    out = ckpt if where == "the directory" else ckpt / "vx"
+    result = cli.invoke(app, ["vindex", "build", "--model", str(synth_dir), "--layers", "1", "-o", str(out),
+                              "--workers", "0", "--quiet"])
+    one_line_error(result, str(out), "checkpoint directory")
+    assert sorted(p.name for p in ckpt.iterdir()) == [mark]
+
+
 # ---- verify on what is no ledger ----------------------------------------------------------------------------
 NOT_LEDGERS = {
     "random-bytes": bytes(range(256))[::-1] * 3,

@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 LIBRARY = Path(__file__).resolve().parents[1] / "mlx_k2"
-LAYERS = ("errors", "jsonio", "exact", "checkpoint", "evidence", "read", "kernels", "model", "run", "vindex", "explorer", "synth",
-          "bench")
+LAYERS = ("errors", "limits", "jsonio", "exact", "checkpoint", "evidence", "read", "kernels", "model", "run", "vindex",
+          "explorer", "synth", "bench")
 LONGEST_FUNCTION = 60  # lines, decorators and docstring included
 
 

@@ -32,9 +32,9 @@ from tests.reference import entropy_nats
 
 N_STEPS = 3
 # LEDGER.md, "Provenance classes", and "Schema 2 (additions)": step positions and bytes_cached, layer
-# bytes_cached, all M.
+# bytes_cached, all M; docs/ledger.md, schema 4: step and layer weights_blake3, M.
 MEASURED = ("token_id", "logit", "norm_in", "norm_out", "experts", "bytes_read", "wall_s", "input_ids",
-            "positions", "bytes_cached")
+            "positions", "bytes_cached", "weights_blake3")
 DERIVED = ("top16", "entropy", "margin", "routing_weights", "unique_experts", "hidden_digest", "logits_digest",
            "token_text")
 EXPECTED_PROVENANCE = {**{f: "M" for f in MEASURED}, **{f: "D" for f in DERIVED}}
@@ -44,14 +44,17 @@ MODEL_KEYS = {"path", "model_type", "num_layers", "n_routed_experts", "experts_p
               "index_blake3",
               # schema 2's model facts: what verify's structural checks need without the model
               "vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace", "moe_layer_freq",
-              "tokenizer_blake3", "quantization"}
+              "tokenizer_blake3", "quantization",
+              # schema 4: the checkpoint's content identity (null where it was not digested)
+              "content_blake3"}
 RUN_KEYS = {"prompt_ids", "max_new_tokens", "kv_cache", "capture", "backend", "device", "compute_dtype", "kernels",
             "expert_cache_bytes", "cache_policy", "machine", "system", "exactness", "versions"}
 VERSION_KEYS = {"mlx_k2", "mlx", "python"}
 STEP_KEYS = {"kind", "step", "prev", "input_ids", "positions", "token_id", "token_text", "logit", "top16", "entropy",
-             "margin", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached", "wall_s", "layers"}
+             "margin", "hidden_digest", "logits_digest", "bytes_read", "bytes_cached", "weights_blake3", "wall_s",
+             "layers"}
 LAYER_KEYS = {"layer", "kind", "norm_in", "norm_out", "experts", "routing_weights", "unique_experts", "bytes_read",
-              "bytes_cached", "wall_s"}
+              "bytes_cached", "weights_blake3", "wall_s"}
 FOOTER_KEYS = {"kind", "prev", "steps", "bytes_read", "wall_s", "status", "error"}
 
 
@@ -211,7 +214,7 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     header, steps, footer = recs[0], recs[1:-1], recs[-1]
     assert set(header) == HEADER_KEYS and set(header["model"]) == MODEL_KEYS
     assert set(header["run"]) == RUN_KEYS and set(header["run"]["versions"]) == VERSION_KEYS
-    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/3"
+    assert header["kind"] == "header" and header["schema"] == "mlx-k2.ledger/4"
     text = json.loads((synth_dir / "config.json").read_text())["text_config"]
     for name in ("vocab_size", "hidden_size", "first_k_dense_replace"):
         assert header["model"][name] == text[name], name

@@ -31,7 +31,7 @@ from mlx_k2.evidence.verify import verify
 from mlx_k2.run.replay import replay
 from mlx_k2.run.session import run
 from mlx_k2.checkpoint.tokenizer import load_tokenizer
-from tests.test_verify_kv import PROMPT, cache_budget
+from tests.test_verify_kv import PROMPT, _schema_3, cache_budget
 from tests.test_verify_mutations import dumps, read_lines, rechain, rewrite_manifest, write_lines
 
 REPO_ANCHORS = Path(__file__).resolve().parents[1] / "anchors"
@@ -146,7 +146,8 @@ def test_kv_step_whose_context_does_not_extend_the_last(bundles, opened_synth, t
     target = tampered(bundles["kv"], tmp_path, splice)
     report = replayed(target, [1, 2], opened_synth, tokenizer)
     assert {"context", "replay"} <= set(failed(report))
-    step1, step2 = report.replay.results
+    step0, step1, step2 = report.replay.results  # every step re-executed is compared, not only the chosen
+    assert step0.ok
     assert "do not extend step 0's" in step1.differences[0] and "could not be rebuilt" in step2.differences[0]
 
 
@@ -160,13 +161,20 @@ def test_kv_bundle_on_an_opened_model_without_a_cache_replays_as_recorded(bundle
 
 
 def test_kv_header_without_the_cache_policy_compares_the_sum(bundles, opened_synth, tokenizer, tmp_path):
-    """A header from before run.cache_policy was recorded: what the cache evicted cannot be known, so the
-    bytes are compared as their sum, and the result says why."""
-    target = tampered(bundles["kv"], tmp_path, lambda recs, bundle: recs[0]["run"].pop("cache_policy"))
+    """A schema 3 header from before run.cache_policy was recorded: what the cache evicted cannot be known, so
+    the bytes are compared as their sum, and the line names the split as not checked. A schema 4 header
+    must record the policy: one that drops it (to choose that comparison) fails."""
+    def older(recs, bundle):
+        _schema_3(recs)
+        recs[0]["run"].pop("cache_policy")
+    target = tampered(bundles["kv"], tmp_path, older)
     report = replayed(target, [0, 1], opened_synth, tokenizer)
     assert report.ok and report.replay.exact, failed(report)
-    assert "does not record the weight cache's eviction policy, so only " f"{SUMMED} is compared" \
-        in report.summary()[1]
+    line = report.summary()[1]
+    assert "does not record the weight cache's eviction policy, so only " f"{SUMMED} is compared" in line
+    assert "not checked by re-execution: the bytes_read / bytes_cached split" in line
+    dropped = tampered(bundles["kv"], tmp_path / "dropped", lambda recs, bundle: recs[0]["run"].pop("cache_policy"))
+    assert "run.cache_policy missing" in failed(verify(dropped, REPO_ANCHORS, tokenizer))["schema"]
 
 
 def test_lfu_kv_run_replays_bit_for_bit(synth_dir, tokenizer, tmp_path):
@@ -181,25 +189,27 @@ def test_lfu_kv_run_replays_bit_for_bit(synth_dir, tokenizer, tmp_path):
 
 
 def test_cli_replays_a_later_kv_step(bundles, synth_dir):
-    """`verify --replay --steps 2`: steps 0 and 1 run first (not compared), and step 2 is identical."""
+    """`verify --replay --steps 2`: steps 0 and 1 run first, and every step re-executed is compared."""
     result = CliRunner().invoke(app, ["verify", str(bundles["kv"]), "--replay", "--steps", "2", "--model",
                                       str(synth_dir), "--anchors", str(REPO_ANCHORS)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
-    assert "re-executed 1/3 steps: identical (bit for bit" in result.output
-    assert "step 2: 1 positions -> token " in result.output and "step 1:" not in result.output
+    assert "re-executed 3/3 steps: identical (bit for bit" in result.output
+    assert "step 2: 1 positions -> token " in result.output and "step 1: 1 positions -> token " in result.output
 
 
 # ------------------------------------------------------------------------------ a no-KV run with a cache
 
-def test_cached_no_kv_bundle_replays_with_bytes_as_their_sum(bundles, opened_synth, tokenizer):
-    """(Replay opens a no-KV run's checkpoint without a weight cache: the shared opened one is that.)"""
+def test_cached_no_kv_bundle_replays_its_bytes_exactly(bundles, opened_synth, tokenizer):
+    """A no-KV run with a weight cache is re-executed in order from step 0 with a fresh cache of its budget
+    and policy (the shared opened checkpoint has none: replay makes its own), so bytes_read and bytes_cached
+    reproduce each, not only their sum."""
     recs = records(bundles["no-kv"])
     assert recs[0]["run"]["kv_cache"] is False and recs[2]["bytes_cached"] > 0
-    report = replayed(bundles["no-kv"], [0, 1, 2], opened_synth, tokenizer)
+    report = replayed(bundles["no-kv"], [2], opened_synth, tokenizer)
     assert report.ok and report.replay.exact and not report.replay.kv_cache, failed(report)
     line = report.summary()[1]
-    assert line.startswith("re-executed 3/3 steps: identical (bit for bit")
-    assert f"re-executed alone, with no weight cache, so only {SUMMED} is compared" in line
+    assert line.startswith("re-executed 3/3 steps: identical (bit for bit") and SUMMED not in line, line
+    assert "not checked" not in line
 
 
 def test_cached_no_kv_bundle_with_a_byte_more_is_caught(bundles, opened_synth, tokenizer, tmp_path):
@@ -210,9 +220,9 @@ def test_cached_no_kv_bundle_with_a_byte_more_is_caught(bundles, opened_synth, t
     assert verify(target, REPO_ANCHORS, tokenizer).ok
     report = replayed(target, [1], opened_synth, tokenizer)
     assert set(failed(report)) == {"replay"}, failed(report)
-    differences = report.replay.results[0].differences
-    assert any(d.startswith(f"step 1 {SUMMED}: recorded ") for d in differences), differences
-    assert any(d.startswith(f"step 1 layer {EDIT_LAYER} {SUMMED}: recorded ") for d in differences), differences
+    differences = report.replay.results[1].differences
+    assert any(d.startswith("step 1 bytes_cached: recorded ") for d in differences), differences
+    assert any(d.startswith(f"step 1 layer {EDIT_LAYER} bytes_cached: recorded ") for d in differences), differences
 
 
 def test_cli_replays_a_cached_no_kv_bundle(bundles, synth_dir, opened_synth, monkeypatch):
@@ -221,4 +231,38 @@ def test_cli_replays_a_cached_no_kv_bundle(bundles, synth_dir, opened_synth, mon
                                       "--anchors", str(REPO_ANCHORS)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "re-executed 3/3 steps: identical (bit for bit" in result.output
-    assert f"only {SUMMED} is compared" in result.output
+    assert f"only {SUMMED} is compared" not in result.output
+
+
+# ------------------------------------------------------------------ what a forger of the cache's bytes can try
+
+def test_a_cache_serving_more_than_its_budget_is_caught(bundles, tokenizer, tmp_path):
+    """The budget shrunk to one byte, the served bytes left as they were (so bytes_read could be cut while the
+    sum stays): the totals check bounds bytes_cached by what a cache of the header's budget could hold."""
+    target = tampered(bundles["kv"], tmp_path, lambda recs, bundle: recs[0]["run"].update(expert_cache_bytes=1))
+    assert "more than the weight cache could hold (1 bytes" in failed(verify(target, REPO_ANCHORS, tokenizer))["totals"]
+
+
+def test_a_first_step_served_from_the_cache_is_caught(bundles, tokenizer, tmp_path):
+    """Step 0 began with an empty cache: bytes it claims were served from one are forged."""
+    def moved(recs, bundle):
+        recs[1]["bytes_read"] -= 1000
+        recs[1]["bytes_cached"] += 1000
+        recs[1]["layers"][EDIT_LAYER]["bytes_read"] -= 1000
+        recs[1]["layers"][EDIT_LAYER]["bytes_cached"] += 1000
+        recs[-1]["bytes_read"] -= 1000
+    target = tampered(bundles["kv"], tmp_path, moved)
+    assert "began with an empty weight cache" in failed(verify(target, REPO_ANCHORS, tokenizer))["totals"]
+
+
+def test_claims_replay_cannot_check_are_named():
+    """A pipelined run's ranks and hosts, a SIMD path the re-execution did not take, a content identity the
+    re-executing copy has none of: each named in the replay's line, never passed over in silence."""
+    from mlx_k2.evidence.replayed import Replay, unchecked_claims
+
+    run = {"distributed": {"backend": "ring", "size": 2, "ranks": []}, "kernels": "mlx_k2-cpu/4:neon"}
+    replay_ = Replay("dir", {"content_blake3": None}, {"kernels": "mlx_k2-cpu/4:avx2"}, [], 0.0,
+                     bytes_split=False, bytes_note="the run's weight caches were one per rank")
+    named = unchecked_claims({"content_blake3": "ab" * 32}, run, replay_)
+    assert [n.split(" ")[:3] for n in named] == [["the", "bytes_read", "/"], ["which", "rank", "computed"],
+                                                 ["the", "SIMD", "path"], ["the", "checkpoint's", "content"]]

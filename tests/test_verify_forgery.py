@@ -473,10 +473,20 @@ def test_explorer_shows_replay_step_by_step(ctx, tmp_path):
     assert 'data-proven="no"' in page and "verification FAILED" in page
 
 
+def _without_weights(recs: list[dict]) -> None:
+    """What a writer before schema 4 wrote: no weights named by content, no content identity."""
+    del recs[0]["provenance"]["weights_blake3"], recs[0]["model"]["content_blake3"]
+    for rec in recs[1:-1]:
+        del rec["weights_blake3"]
+        for layer in rec["layers"]:
+            del layer["weights_blake3"]
+
+
 def test_schema_2_bundle_still_verifies(ctx, tmp_path):
     """A bundle whose header has no model facts (schema 2 as the first release wrote it): shapes checked
     against step 0's, and it passes."""
     def to_schema_2(bundle, recs, c):
+        _without_weights(recs)
         recs[0]["schema"] = "mlx-k2.ledger/2"
         for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
                      "moe_layer_freq", "tokenizer_blake3"):
@@ -497,6 +507,7 @@ def test_schema_2_norms_by_the_machines_blas_verify_within_tolerance(ctx, tmp_pa
     """A schema 2 bundle defined its norms and entropy by the recording machine's numpy and BLAS: they verify
     within FLOAT_RTOL, and the rows say so; its norms one part in 1e6 off fail."""
     def to_schema_2(bundle, recs, c, scale=1.0):
+        _without_weights(recs)
         recs[0]["schema"] = "mlx-k2.ledger/2"
         for name in ("machine", "system", "exactness"):
             del recs[0]["run"][name]
@@ -588,3 +599,175 @@ def test_a_stopped_run_is_never_called_complete(synth_run, tmp_path):
     report = verify(ledger, ANCHORS)
     passes, line = report.summary(lenient=True)
     assert passes and "(stopped: interrupted; not complete)" in line and "(complete)" not in line, line
+
+
+# --------------------------------------- verify never trusts what the files say of how to check them
+# A forger controls every file of the bundle, the header's model.path and tokenizer_blake3 included. Each attempt
+# below is made on a copy of the session's run; the check that now catches it is named.
+
+def _swapped_tokenizer(bundle, recs, ctx):
+    """A tokenizer shipped inside the bundle (two tokens' bytes swapped, so step 0's token reads as another's
+    text), listed in the manifest, named by a relative model.path and its own tokenizer_blake3; every
+    token_text rewritten to what it decodes."""
+    ckpt = bundle / "ckpt"
+    ckpt.mkdir()
+    real = Path(recs[0]["model"]["path"]) / "tiktoken.model"
+    lines = real.read_bytes().splitlines()
+    a, b = recs[1]["token_id"], recs[1]["token_id"] + 1
+    lines[a], lines[b] = lines[b].split(b" ")[0] + b" %d" % a, lines[a].split(b" ")[0] + b" %d" % b
+    (ckpt / "tiktoken.model").write_bytes(b"\n".join(lines) + b"\n")
+    for s in recs[1:-1]:
+        swapped = {a: b, b: a}.get(s["token_id"], s["token_id"])
+        s["token_text"] = ctx["tokenizer"].token_text(swapped)
+    recs[0]["model"].update(path="bundle/ckpt", tokenizer_blake3=file_blake3(ckpt / "tiktoken.model"))
+    ctx["manifest_extra"] = {"ckpt/tiktoken.model": file_blake3(ckpt / "tiktoken.model")}
+
+
+def _moe_layers_as_dense(bundle, recs, ctx):
+    """first_k_dense_replace 1 -> 2: layer 1 made dense in every step, its routing tensors deleted."""
+    recs[0]["model"]["first_k_dense_replace"] = 2
+    for k, s in enumerate(recs[1:-1]):
+        s["layers"][1].update(kind="dense", experts=None, routing_weights=None, unique_experts=None)
+        t = tensors_of(bundle, k)
+        for name in [n for n in t if n.startswith("layers.1.")]:
+            del t[name]
+        save_tensors(bundle, k, t)
+
+
+def _seven_experts(bundle, recs, ctx):
+    """experts_per_token 8 -> 7: every MoE layer's routing of every step rewritten to its first 7 picks, with
+    the scores, weights and unique counts that follow from the saved tensors."""
+    recs[0]["model"]["experts_per_token"] = 7
+    for k, s in enumerate(recs[1:-1]):
+        t = tensors_of(bundle, k)
+        for x in s["layers"]:
+            if x["kind"] != "moe":
+                continue
+            i = x["layer"]
+            routed = t[f"layers.{i}.routed"][:, :7].copy()
+            experts = sorted(int(e) for e in routed[-1])
+            scores = t[f"layers.{i}.router_scores"][np.array(experts)].copy()
+            t[f"layers.{i}.routed"], t[f"layers.{i}.routing_scores"] = routed, scores
+            x.update(experts=experts, routing_weights=normalise(scores), unique_experts=distinct_experts(routed))
+        save_tensors(bundle, k, t)
+
+
+def _eos_at_the_cut(bundle, recs, ctx):
+    """The last step dropped and eos_token_id rewritten to the new last token: a cut run reads as complete."""
+    _drop_last_step(bundle, recs, ctx)
+    recs[0]["model"]["eos_token_id"] = recs[LAST]["token_id"]
+
+
+def _facts_dropped(bundle, recs, ctx):
+    """Every model fact deleted from the header (as a first schema 2 release wrote none), so nothing is
+    compared with the anchor's and the checks that need them fall back."""
+    for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
+                 "moe_layer_freq", "tokenizer_blake3"):
+        del recs[0]["model"][name]
+
+
+def _listed_extra_file(bundle, recs, ctx):
+    (bundle / "tensors" / "notes.txt").write_text("vouched for by the root digest\n")
+    ctx["manifest_extra"] = {"tensors/notes.txt": b3(b"vouched for by the root digest\n")}
+
+
+def _fifo(bundle, recs, ctx):
+    os.mkfifo(bundle / "kv.fifo")   # a reader that opened it would block (beside the ledger: the forger's
+                                    # own manifest writer lists tensors/ only)
+
+
+SELF_DESCRIBED_FORGERIES = [
+    Forgery("a tokenizer shipped in the bundle, named by a relative model.path", _swapped_tokenizer, "manifest"),
+    Forgery("a file the bundle does not write, listed in the manifest", _listed_extra_file, "manifest"),
+    Forgery("a FIFO in the bundle", _fifo, "manifest"),
+    Forgery("first_k_dense_replace 2, layer 1 made dense throughout", _moe_layers_as_dense, "anchor"),
+    Forgery("experts_per_token 7, every step's routing rewritten", _seven_experts, "anchor"),
+    Forgery("eos_token_id rewritten to the last token of a cut run", _eos_at_the_cut, "anchor"),
+    Forgery("the model facts dropped from the header", _facts_dropped, "schema"),
+]
+
+
+@pytest.mark.parametrize("forgery", SELF_DESCRIBED_FORGERIES, ids=[f.name for f in SELF_DESCRIBED_FORGERIES])
+def test_what_the_files_say_of_themselves_is_checked(ctx, tmp_path, forgery):
+    target = forged_copy(ctx, tmp_path, forgery)
+    report = verify(target, ANCHORS, ctx["tokenizer"])
+    assert report.check("chain").ok is True   # the forger kept the chain
+    assert forgery.caught_by in failed(report), {c.name: c.detail for c in report.checks}
+    assert not report.summary(lenient=True)[0]
+    if forgery.caught_by == "anchor":  # the header's facts against the ones the anchor pins, and nothing else
+        assert set(failed(report)) == {"anchor"} and "but anchor synthetic-k25-seed0-" in failed(report)["anchor"]
+
+
+def recs_model_dir(bundle: Path) -> Path:
+    return Path(read_records(bundle)[0]["model"]["path"])
+
+
+def test_a_tokenizer_the_ledger_names_is_never_loaded(ctx, tmp_path, monkeypatch):
+    """Through the CLI, from where the relative model.path resolves: without --model no tokenizer is loaded
+    (token_text not checked), and the forgery fails manifest and anchor (its tokenizer_blake3); exit 1. The
+    untouched bundle, whose header names the real checkpoint, is NOT PROVEN without --model and proven with
+    it."""
+    from typer.testing import CliRunner
+
+    from mlx_k2_cli import verify as cli_verify
+    from mlx_k2_cli.main import app
+
+    target = forged_copy(ctx, tmp_path, SELF_DESCRIBED_FORGERIES[0])
+    loaded = []
+    monkeypatch.setattr(cli_verify, "load_tokenizer", lambda d: loaded.append(d) or load_tokenizer(d))
+    monkeypatch.chdir(tmp_path)
+    runner, env = CliRunner(), {"COLUMNS": "400"}
+    result = runner.invoke(app, ["verify", str(target), "--anchors", str(ANCHORS)], env=env)
+    assert result.exit_code == 1 and loaded == [], result.output
+    assert "verification FAILED: 2 of" in result.output and "(manifest, anchor)" in result.output
+    result = runner.invoke(app, ["verify", str(ctx["bundle"]), "--anchors", str(ANCHORS)], env=env)
+    assert result.exit_code == 1 and loaded == [], result.output
+    assert "NOT PROVEN (token_text not checked: no tokenizer (give --model DIR" in result.output
+    model = recs_model_dir(ctx["bundle"])
+    result = runner.invoke(app, ["verify", str(ctx["bundle"]), "--anchors", str(ANCHORS), "--model", str(model)],
+                           env=env)
+    assert result.exit_code == 0 and loaded == [model], result.output
+
+
+def test_the_explorer_marks_token_text_it_could_not_check(ctx):
+    """Without the verifier's tokenizer the page shows the ledger's token_text as unverified, never text from a
+    tokenizer the ledger names; with it, verified and decoded."""
+    from mlx_k2.explorer.page import build_explorer
+
+    page = build_explorer(ctx["bundle"], ANCHORS, None)
+    data = json.loads(page[page.index('id="ledger-data">') + 17:page.index("</script>", page.index("ledger-data"))])
+    assert data["text_verified"] is False and "as the ledger states it: unverified" in page
+    page = build_explorer(ctx["bundle"], ANCHORS, ctx["tokenizer"])
+    assert '"text_verified":true' in page and "decoded with the tokenizer of the checkpoint given" in page
+
+
+def test_anchor_without_facts_names_them_as_unchecked(ctx, tmp_path):
+    """An anchor frozen before it pinned the model facts: the line names the facts it leaves unchecked and a
+    strict verify does not pass (the eos forgery, which such an anchor cannot catch, included)."""
+    anchors = tmp_path / "old-anchors"
+    anchors.mkdir()
+    for p in ANCHORS.glob("*.json"):
+        data = json.loads(p.read_text())
+        data.pop("facts", None)
+        (anchors / p.name).write_text(json.dumps(data))
+    for bundle in (ctx["bundle"], forged_copy(ctx, tmp_path, SELF_DESCRIBED_FORGERIES[5])):
+        report = verify(bundle, anchors, ctx["tokenizer"])
+        passes, line = report.summary()
+        assert report.ok and not passes, failed(report)
+        assert ("NOT PROVEN (header model facts experts_per_token, first_k_dense_replace, moe_layer_freq, "
+                "eos_token_id, bos_token_id, tokenizer_blake3, quantization not checked (anchor ") in line
+        assert report.summary(lenient=True)[0]
+
+
+def test_a_sparse_tail_is_refused_before_it_is_hashed(ctx, tmp_path):
+    """A 100 GB sparse tail on a listed step file: the manifest refuses it by its size on disk under the hard
+    cap (the largest model's widths, the step's positions), never hashing it; the tensors row too."""
+    import time
+
+    target = forged_copy(ctx, tmp_path, Forgery("no-op", lambda b, r, c: None, ""))
+    path = target / "tensors" / "step-0001.safetensors"
+    os.truncate(path, path.stat().st_size + 100_000_000_000)
+    start = time.monotonic()
+    report = verify(target, ANCHORS, ctx["tokenizer"])
+    assert time.monotonic() - start < 10
+    assert "not hashed" in failed(report)["manifest"] and "more than the" in failed(report)["tensors"]

@@ -211,7 +211,18 @@ def _strip_cache_fields(recs: list[dict], steps: range | None = None) -> None:
                 x.pop("bytes_cached", None)
 
 
+def _schema_3(recs: list[dict]) -> None:
+    """The records as a schema 3 writer wrote them: no weights named by content, no content identity."""
+    recs[0]["schema"] = "mlx-k2.ledger/3"
+    del recs[0]["provenance"]["weights_blake3"], recs[0]["model"]["content_blake3"]
+    for rec in recs[1:-1]:
+        del rec["weights_blake3"]
+        for x in rec["layers"]:
+            del x["weights_blake3"]
+
+
 def _old_provenance(recs: list[dict]) -> None:
+    _schema_3(recs)
     for f in CACHE_FIELDS:
         del recs[0]["provenance"][f]
 

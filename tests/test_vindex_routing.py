@@ -100,7 +100,7 @@ def test_a_ledger_counts_the_last_position_of_each_step(synth_run):
 
 def test_bundles_count_every_position_once_and_measure_c2(synth_run, kv_bundle):
     bundle, _ = synth_run
-    stats = routing_stats([kv_bundle, bundle], REPO_ANCHORS)
+    stats = routing_stats([kv_bundle, bundle], REPO_ANCHORS, lenient=True)  # no anchor applies to kv_bundle
     a_counts, a_positions, a_c2 = counted_from_bundle(bundle)
     b_counts, b_positions, b_c2 = counted_from_bundle(kv_bundle)
     # without a KV cache every step recomputes its context: the 3-step run from BOS routes positions 0..2
@@ -127,8 +127,8 @@ def test_bundles_count_every_position_once_and_measure_c2(synth_run, kv_bundle):
 
 def test_the_output_does_not_depend_on_the_order_of_the_inputs(synth_run, kv_bundle, tmp_path):
     bundle, _ = synth_run
-    one = write_routing_stats(routing_stats([bundle, kv_bundle], REPO_ANCHORS), tmp_path / "a")
-    two = write_routing_stats(routing_stats([kv_bundle, bundle], REPO_ANCHORS), tmp_path / "b")
+    one = write_routing_stats(routing_stats([bundle, kv_bundle], REPO_ANCHORS, lenient=True), tmp_path / "a")
+    two = write_routing_stats(routing_stats([kv_bundle, bundle], REPO_ANCHORS, lenient=True), tmp_path / "b")
     assert one.name == two.name == STATS_NAME
     assert one.read_bytes() == two.read_bytes()
     assert json.loads(one.read_text())["layers"]["1"]["counts"] == as_list(
@@ -152,6 +152,22 @@ def test_the_command_writes_the_file_and_refuses_a_damaged_input(synth_run, tmp_
     assert result.exit_code == 2
     message = result.output.strip().splitlines()
     assert len(message) == 1 and str(damaged) in message[0] and "damaged" in message[0]
+
+
+def test_a_run_verify_does_not_prove_is_refused_unless_lenient(kv_bundle, tmp_path):
+    """Strict verify decides what is counted: kv_bundle's prompt has no anchor and nothing re-executed it, so
+    the command refuses it in one line (exit 2); --lenient counts it. token_text is never what refuses a run:
+    the counts do not use it (no --model here)."""
+    out = tmp_path / "vx"
+    result = CliRunner().invoke(app, ["vindex", "routing", str(kv_bundle), "-o", str(out), "--anchors",
+                                      str(REPO_ANCHORS)])
+    message = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(message) == 1, result.output
+    assert str(kv_bundle) in message[0] and "not proven" in message[0] and "no anchor applies" in message[0]
+    assert not (out / STATS_NAME).exists()
+    result = CliRunner().invoke(app, ["vindex", "routing", str(kv_bundle), "-o", str(out), "--anchors",
+                                      str(REPO_ANCHORS), "--lenient"])
+    assert result.exit_code == 0 and (out / STATS_NAME).is_file(), result.output
 
 
 def test_the_same_run_twice_is_refused(synth_run, tmp_path):

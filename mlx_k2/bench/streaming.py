@@ -234,17 +234,18 @@ def bytes_min(checkpoint: Checkpoint, cfg: ModelConfig, ids: list[int], step: St
 
 def measure(model_dir: Path, tokens: int, cold: bool, part: str, policy: ReadPolicy = ReadPolicy(),
             kernels: str | None = None) -> dict:
-    """One part of a case in this process: "step" (wall, bytes, RSS, OS bytes), "reads" (the same reads
+    """One part of a case in this process: "step" (wall, bytes, RSS, OS bytes), "step-undigested" (the same
+    with no digest of what it read: what naming the weights by content costs), "reads" (the same reads
     with no compute) or "compute" (the step with every weight already in memory). `kernels` as `run` takes
     them (default: auto)."""
     spec = RunSpec.from_options("cpu", kernels, cache_bytes=0, read_method=policy.method, read_retries=policy.retries)
     mx.set_default_device(spec.mx_device)
-    model = Model(model_dir, spec)
+    model = Model(model_dir, spec, reading={"digests": part != "step-undigested"})
     ids = checkpoint_context(model.dir, model.config, tokens)
     files = shard_files(model_dir)
     out: dict = {"kernels": spec.kernels_label}
     try:
-        if part == "step":
+        if part in ("step", "step-undigested"):
             if cold:
                 drop_cache(files)
             before = os_read_bytes()

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .names import FLAT_PREFIX, WRAPPED_PREFIX
-from .. import jsonio
+from .. import jsonio, limits
 
 TEXT_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 WRAPPED_MODEL_TYPES = ("kimi_k25",)
@@ -170,14 +170,31 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0, exact: bool = False
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-# Fields that must be > 0 when present (zero would divide or loop forever).
-_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
-             "qk_rope_head_dim", "v_head_dim", "q_lora_rank", "n_group", "topk_group", "moe_layer_freq",
-             "max_position_embeddings", "rms_norm_eps", "rope_theta")
-_NON_NEGATIVE = ("num_nextn_predict_layers", "first_k_dense_replace", "n_shared_experts")
+# Every integer field's range (mlx_k2/limits.py: far above K2.5's and DeepSeek-V3's): a zero would divide or
+# loop forever, a forged 10**12 experts or 10**9 layers would loop for minutes and 10**30 widths allocate
+# without end, so each is checked here, before anything is sized by it.
+_INT_RANGES = {
+    "vocab_size": (1, limits.MAX_VOCAB), "hidden_size": (1, limits.MAX_HIDDEN),
+    "intermediate_size": (1, limits.MAX_INTERMEDIATE), "moe_intermediate_size": (1, limits.MAX_INTERMEDIATE),
+    "num_hidden_layers": (1, limits.MAX_LAYERS), "num_attention_heads": (1, limits.MAX_HEADS),
+    "n_routed_experts": (1, limits.MAX_EXPERTS), "num_experts_per_tok": (1, limits.MAX_EXPERTS),
+    "kv_lora_rank": (1, limits.MAX_HIDDEN), "q_lora_rank": (1, limits.MAX_HIDDEN),
+    "qk_nope_head_dim": (1, limits.MAX_HEAD_DIM), "qk_rope_head_dim": (1, limits.MAX_HEAD_DIM),
+    "v_head_dim": (1, limits.MAX_HEAD_DIM), "n_group": (1, limits.MAX_EXPERTS), "topk_group": (1, limits.MAX_EXPERTS),
+    "moe_layer_freq": (1, limits.MAX_LAYERS), "max_position_embeddings": (1, limits.MAX_POSITIONS),
+    "num_nextn_predict_layers": (0, limits.MAX_LAYERS), "first_k_dense_replace": (0, limits.MAX_LAYERS),
+    "n_shared_experts": (0, limits.MAX_SHARED_EXPERTS),
+    "bos_token_id": (0, limits.MAX_VOCAB - 1), "eos_token_id": (0, limits.MAX_VOCAB - 1),
+}
+# Float fields that must be finite and > 0 (an int is taken as a float; JSON's 1e400 parses as infinity).
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
 _TYPES = {"int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "str": (str,),
           "dict | None": (dict, type(None))}
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a number is finite (an int always is; math.isfinite of one past 1e308 would raise)."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _check_type(name: str, value: Any, annotation: str, where: str) -> None:
@@ -187,7 +204,8 @@ def _check_type(name: str, value: Any, annotation: str, where: str) -> None:
     else:
         ok = isinstance(value, allowed)
     if not ok:
-        raise ConfigError(f"{where}: field {name!r} has {type(value).__name__} {value!r}, expected {annotation}")
+        raise ConfigError(f"{where}: field {name!r} has {type(value).__name__} {limits.shown(value)}, expected "
+                          f"{annotation}")
 
 
 def _text_config(raw: dict[str, Any], where: str) -> TextConfig:
@@ -206,12 +224,15 @@ def _text_config(raw: dict[str, Any], where: str) -> TextConfig:
         values["eos_token_id"] = (values["eos_token_id"] or [None])[0]
     for name, value in values.items():
         _check_type(name, value, fields[name].type, where)
-    for name in _POSITIVE:
-        if name in values and values[name] is not None and values[name] <= 0:
-            raise ConfigError(f"{where}: field {name!r} must be positive, got {values[name]!r}")
-    for name in _NON_NEGATIVE:
-        if name in values and values[name] < 0:
-            raise ConfigError(f"{where}: field {name!r} must not be negative, got {values[name]!r}")
+        if name in _INT_RANGES and value is not None:
+            limits.check_int(value, *_INT_RANGES[name], f"{where}: field {name!r}", ConfigError)
+    for name in _POSITIVE_FLOATS:
+        if name in values and not (_finite(values[name]) and values[name] > 0):
+            raise ConfigError(f"{where}: field {name!r} must be a positive finite number, got "
+                              f"{limits.shown(values[name])}")
+    if not _finite(values.get("routed_scaling_factor", 1.0)):
+        raise ConfigError(f"{where}: field 'routed_scaling_factor' must be finite, got "
+                          f"{values['routed_scaling_factor']!r}")
     cfg = TextConfig(**values)
     _check_text(cfg, where)
     return cfg
@@ -240,8 +261,10 @@ def _check_text(cfg: TextConfig, where: str) -> None:
             raise ConfigError(f"{where}: unsupported rope_scaling type {kind!r} (only 'yarn')")
         for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings"):
             v = rs.get(key, 1)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 and key != "mscale_all_dim":
-                raise ConfigError(f"{where}: rope_scaling field {key!r} must be a positive number, got {v!r}")
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v)
+                    or v <= 0 and key != "mscale_all_dim"):
+                raise ConfigError(f"{where}: rope_scaling field {key!r} must be a positive number, got "
+                                  f"{limits.shown(v)}")
         if "factor" not in rs:
             raise ConfigError(f"{where}: rope_scaling has no 'factor'")
 
@@ -329,7 +352,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 def read_config(path: Path) -> ModelConfig:
     """A config file by its own path (`plan --config` takes one under any name)."""
     try:
-        raw = jsonio.loads(path.read_bytes())
+        raw = jsonio.loads(jsonio.read_bytes(path, limits.MAX_CONFIG_BYTES))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None
     except OSError as e:

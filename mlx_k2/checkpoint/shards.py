@@ -18,7 +18,7 @@ from pathlib import Path
 import blake3
 
 from ..errors import CheckpointError
-from .. import jsonio
+from .. import jsonio, limits
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -153,7 +153,7 @@ class Checkpoint:
 
     def _read_index(self, path: Path) -> dict[str, str]:
         try:
-            raw = jsonio.loads(path.read_bytes())
+            raw = jsonio.loads(jsonio.read_bytes(path, limits.MAX_INDEX_BYTES))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         except OSError as e:
@@ -182,9 +182,9 @@ class Checkpoint:
     def identity(self) -> dict[str, str]:
         """BLAKE3 of config.json and of the index (for a single-file checkpoint: of its header bytes)."""
         try:
-            config = (self.dir / CONFIG_FILE).read_bytes()
+            config = jsonio.read_bytes(self.dir / CONFIG_FILE, limits.MAX_CONFIG_BYTES)
             if self.index_path.name == INDEX_FILE:
-                index = self.index_path.read_bytes()
+                index = jsonio.read_bytes(self.index_path, limits.MAX_INDEX_BYTES)
             else:
                 with open(self.index_path, "rb") as f:
                     (n,) = struct.unpack("<Q", f.read(8))

@@ -20,7 +20,7 @@ from .config import ModelConfig
 from ..errors import CheckpointError, UsageError
 from .tokenizer_hf import HuggingFaceTokenizer
 from .tokenizer_tiktoken import NUM_RESERVED_SPECIAL_TOKENS, SPECIAL_TOKENS, TiktokenTokenizer
-from .. import jsonio
+from .. import jsonio, limits
 
 __all__ = ["NUM_RESERVED_SPECIAL_TOKENS", "SPECIAL_TOKENS", "TOKENIZER_FILES", "HuggingFaceTokenizer",
            "TiktokenTokenizer", "Tokenizer", "adds_bos", "default_bos", "load_tokenizer", "tokenizer_file"]
@@ -62,9 +62,11 @@ def adds_bos(model_dir: str | Path) -> bool:
     """tokenizer_config.json's `add_bos_token` (False where the file or the key is absent)."""
     path = Path(model_dir) / TOKENIZER_CONFIG
     try:
-        raw = jsonio.loads(path.read_bytes()) if path.exists() else {}
+        raw = jsonio.loads(jsonio.read_bytes(path, limits.MAX_CONFIG_BYTES)) if path.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     value = raw.get("add_bos_token", False) if isinstance(raw, dict) else False
     if not isinstance(value, bool):
         raise CheckpointError(f"{path}: add_bos_token is {value!r}, expected true or false")
@@ -79,14 +81,18 @@ def default_bos(model_dir: str | Path, cfg: ModelConfig) -> int:
         return cfg.text.bos_token_id
     path = Path(model_dir) / TOKENIZER_CONFIG
     try:
-        raw = jsonio.loads(path.read_bytes()) if path.exists() else {}
+        raw = jsonio.loads(jsonio.read_bytes(path, limits.MAX_CONFIG_BYTES)) if path.exists() else {}
         bos = raw.get("bos_token")
         content = bos.get("content") if isinstance(bos, dict) else bos
         for token_id, entry in (raw.get("added_tokens_decoder") or {}).items():
             if content is not None and entry.get("content") == content:
-                return int(token_id)
+                # a token id picks an embedding row: a negative one would pick from the end
+                return limits.check_int(int(token_id), 0, limits.MAX_VOCAB - 1,
+                                        f"{path}: added_tokens_decoder id of the bos_token", CheckpointError)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read its bos_token ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     vocab_file = tokenizer_file(model_dir)
     if content is not None and vocab_file is not None and vocab_file.name == TOKENIZER_JSON:
         return HuggingFaceTokenizer(vocab_file, path).bos_token_id  # found, or a CheckpointError naming it

@@ -1,7 +1,9 @@
 """Frozen anchors: the single-token pass from a given prompt on a given checkpoint, and comparing to them.
 
 An anchor file (anchors/*.json) says which checkpoint it is for (`checkpoint`: BLAKE3 of config and index,
-or for a published anchor taken elsewhere, `model`: the architecture's signature), the prompt, the platform
+or for a published anchor taken elsewhere, `model`: the architecture's signature), the model facts a ledger
+header states of that checkpoint (`facts`, FACTS: what verify checks a header against without the model;
+anchors frozen before them lack it), the prompt, the platform
 its digests were taken on (backend, device, dtype, kernels and, from the exactness fields on, machine,
 system and exactness: `platforms.py`), and the expected token, logit, digests and bytes. Where the platform
 promises the same bits (`platforms.same_bits`: a portable anchor on any CPU, a platform anchor on its own
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 
 from ..checkpoint.config import ModelConfig
@@ -31,6 +34,18 @@ from .schema import BUILTIN_KERNELS
 from .. import jsonio
 
 FIELDS = ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")
+# Everything step 0 read, by content (`step_weights` of its weights_blake3 and its layers', docs/ledger.md,
+# "Weights by content"): in `expected` from schema 4 on (anchors frozen before lack it). Compared exactly on
+# every platform: the bytes read do not depend on it.
+WEIGHTS = "all_weights_blake3"
+# The content identity of the checkpoint a frozen anchor was taken from (`mlx-k2 checkpoint digest`), where
+# it was digested: a header naming another content identity for the same config and index fails against it.
+CONTENT = "content_blake3"
+# The header's model facts beyond the signature (`model_signature`), by their names in a ledger header's
+# `model` block: verify's structural checks rely on them (which layers are MoE, how many experts a token
+# takes, where a run may end, which tokenizer made token_text), so a frozen anchor pins them too.
+FACTS = ("experts_per_token", "first_k_dense_replace", "moe_layer_freq", "eos_token_id", "bos_token_id",
+         "tokenizer_blake3", "quantization")
 AGREEMENT = "agreement within"  # the note of a row compared within tolerance on another platform
 
 
@@ -132,8 +147,11 @@ def compare(anchor: Anchor, observed: dict[str, Any], platform: dict[str, Any]) 
     """Rows of step 0 against `anchor` for a run on `platform` (a header's run block, or RunSpec.platform):
     every row "exact" where it must reproduce the anchor; else an agreement (AGREEMENT notes)."""
     exp = anchor.expected
+    # A ledger before schema 4 names no weights: its step 0 is pinned by the digests where they are compared.
+    weights = [] if anchor.published or WEIGHTS not in exp or observed.get(WEIGHTS) is None else \
+        [Row(WEIGHTS, exp[WEIGHTS], observed[WEIGHTS], observed[WEIGHTS] == exp[WEIGHTS], "exact")]
     if anchor.same_bits(platform):
-        return [Row(f, exp[f], observed[f], exp[f] == observed[f], "exact") for f in FIELDS]
+        return [Row(f, exp[f], observed[f], exp[f] == observed[f], "exact") for f in FIELDS] + weights
     if not anchor.published:
         why = f"anchor taken on {describe(anchor.platform)}, this run on {describe(platform)}"
         return [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"],
@@ -142,7 +160,8 @@ def compare(anchor: Anchor, observed: dict[str, Any], platform: dict[str, Any]) 
                     f"{AGREEMENT} {CROSS_PLATFORM_RTOL:g}: {why}"),
                 *[Row(f, exp[f], observed[f], None, why) for f in FIELDS[2:4]],
                 Row("bytes_read", exp["bytes_read"], observed["bytes_read"],
-                    exp["bytes_read"] == observed["bytes_read"], "exact: bytes do not depend on the platform")]
+                    exp["bytes_read"] == observed["bytes_read"], "exact: bytes do not depend on the platform"),
+                *weights]
     tol = anchor.data.get("tolerance", {})
     other = anchor.data.get("differs", {})
     rows = [Row("token_id", exp["token_id"], observed["token_id"], exp["token_id"] == observed["token_id"], "exact")]
@@ -160,13 +179,31 @@ def compare(anchor: Anchor, observed: dict[str, Any], platform: dict[str, Any]) 
     return rows
 
 
+def step_weights(step: str | None, layers: list[Any]) -> str | None:
+    """Everything a step read, by content: the BLAKE3 of its own `weights_blake3` (embedding rows, final norm,
+    lm_head) and then each layer's, in layer order, joined by newlines; None where one is missing."""
+    if not isinstance(step, str) or not all(isinstance(w, str) for w in layers):
+        return None
+    return blake3.blake3("\n".join([step, *layers]).encode()).hexdigest()
+
+
+def anchor_facts(header_model: dict[str, Any]) -> dict[str, Any]:
+    """The FACTS of a ledger header's `model` block (`records.model_record` of the checkpoint) that it has."""
+    return {f: header_model[f] for f in FACTS if f in header_model}
+
+
 def anchor_record(name: str, source: str, identity: dict[str, str], signature: dict[str, Any],
-                  prompt_ids: list[int], platform: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """A frozen anchor of the pass `values` came from, on `platform` (RunSpec.platform)."""
+                  prompt_ids: list[int], platform: dict[str, Any], values: dict[str, Any],
+                  facts: dict[str, Any] | None = None, content: str | None = None) -> dict[str, Any]:
+    """A frozen anchor of the pass `values` came from, on `platform` (RunSpec.platform); `facts`
+    (`anchor_facts`) pins the checkpoint's model facts, `content` its content identity (CONTENT: where the
+    copy frozen from was digested, checkpoint/content.py)."""
     taken = {k: platform[k] for k in PLATFORM if k in platform}
     return {"name": name, "kind": "frozen", "source": source, "checkpoint": identity, "model": signature,
+            **({"facts": dict(facts)} if facts is not None else {}),
+            **({CONTENT: content} if content is not None else {}),
             "prompt_ids": list(prompt_ids), **taken, "kernels": kernel_key(str(platform["kernels"])),
-            "expected": {f: values[f] for f in FIELDS}}
+            "expected": {f: values[f] for f in (*FIELDS, WEIGHTS) if values.get(f) is not None}}
 
 
 def reproduced(rows: list[Row]) -> bool:
@@ -187,4 +224,5 @@ def observed_values(step) -> dict[str, Any]:
     what the anchor, taken greedy, is compared with (the draw itself is checked against the logits)."""
     token = int(np.argmax(step.logits))
     return {"token_id": token, "logit": float(step.logits[token]), "hidden_digest": tensor_digest(step.hidden),
-            "logits_digest": tensor_digest(step.logits), "bytes_read": step.bytes_read}
+            "logits_digest": tensor_digest(step.logits), "bytes_read": step.bytes_read,
+            WEIGHTS: step_weights(step.weights_blake3, [layer.weights_blake3 for layer in step.layers])}

@@ -31,6 +31,7 @@ none (a bundle written before them); what a file holds decides, not its metadata
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
@@ -40,6 +41,8 @@ import numpy as np
 
 from ..checkpoint.shards import read_header
 from ..errors import K2Error
+# the step-file caps: MAX_STEP_FILE_BYTES also where a header (schema 1 and 2) gives no widths
+from ..limits import LARGEST_MODEL, MAX_CONTEXT, MAX_STEP_FILE_BYTES
 from .events import StepDone
 from ..checkpoint.safetensors_write import bf16_to_f32, save
 from .derived import file_blake3
@@ -49,8 +52,6 @@ from .schema import (HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MOE_INPUT, MOE_
 
 # A step file's JSON header is a few kB (one entry per MoE layer); 1 MiB is far above any real one.
 MAX_STEP_HEADER_BYTES = 1 << 20
-# Where the header does not give the model's widths (schema 1 and 2): no step file is larger than this.
-MAX_STEP_FILE_BYTES = 1 << 30
 STEP_DTYPES = {"F32": np.dtype("<f4"), "I32": np.dtype("<i4")}
 BUNDLE_FORMAT = "mlx-k2.bundle/2"
 
@@ -122,6 +123,21 @@ def step_file_bytes(expected: dict[str, tuple[str, tuple[int, ...]]]) -> int:
     return 8 + MAX_STEP_HEADER_BYTES + data
 
 
+# A step file of any bundle is at most what `step_file_limit` gives from the widths of the largest model the
+# project runs and its longest context (LARGEST_MODEL, MAX_CONTEXT: mlx_k2/limits.py), whatever widths its
+# header claims.
+
+
+def step_file_limit(positions: int) -> int:
+    """A hard cap on a step file of `positions` computed positions (at most MAX_CONTEXT): twice what a step of
+    LARGEST_MODEL, every layer MoE, can hold. Checked before a file is hashed or read, so a header's forged
+    widths or a sparse tail cannot make a reader go through gigabytes."""
+    m = LARGEST_MODEL
+    expected = expected_step_tensors(m["hidden"], m["vocab"], m["layers"], list(range(m["layers"])),
+                                     max(1, min(positions, MAX_CONTEXT)), m["experts_per_token"], True, m["experts"])
+    return 2 * step_file_bytes(expected)
+
+
 def read_step_file(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]] | None,
                    max_bytes: int = MAX_STEP_FILE_BYTES,
                    older: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> dict[str, np.ndarray]:
@@ -183,7 +199,7 @@ def _packed_tensors(path: Path, header: dict, body: memoryview) -> dict[str, np.
             ok = False
         if not ok:
             raise StepFileError(f"{path.name}: tensor {name!r}: not an F32/I32 entry with shape and data_offsets")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python ints: a forged dim of 10**30 must not overflow int64 into a match
         if not 0 <= start <= end <= len(body) or end - start != 4 * count:
             raise StepFileError(f"{path.name}: tensor {name!r}: data_offsets [{start}, {end}] do not hold "
                                 f"{dtype} {shape} inside the file")

@@ -58,6 +58,8 @@ class LayerDone:
     moe_input: np.ndarray | None = None         # (hidden,) float32: the last position's post-attention normed
                                                 # state, the router's and the experts' input (MoE layers, capture)
     rank: int | None = None                     # the rank that computed the layer (None: a run in one process)
+    weights_blake3: str | None = None           # what the layer read, by content (read/content.py); None until
+                                                # the step is done (the live event), or with digests off
 
     @property
     def routing_weights(self) -> list[float] | None:
@@ -85,6 +87,8 @@ class StepDone:
     bytes_cached: int = 0        # bytes the weight cache served instead of storage
     cache_held: int = 0          # bytes the weight cache holds after the step
     reads_s: float = 0.0         # time spent waiting for reads a computation needed (not hidden behind compute)
+    weights_blake3: str | None = None  # what the step read outside its layers (embedding rows, final norm,
+                                       # lm_head), by content (read/content.py); None with digests off
 
     @property
     def cache_hit_rate(self) -> float | None:

@@ -4,7 +4,9 @@
 BLAKE3 of the previous line's bytes, and every line is flushed and fsynced before the run goes on.
 `read_ledger` reads a ledger file or a bundle directory tolerantly: a missing footer, a line cut off
 mid-write or an unparseable line is kept in `lines` and noted, never raised; only a path that holds no
-ledger at all is an error. Deciding what is a failure is `verify.py`'s job, showing it the explorer's.
+ledger at all is an error, and so is a header with a number beyond its hard limit (`check_header_limits`),
+refused before anything is sized by it. Deciding what is a failure is `verify.py`'s job, showing it the
+explorer's.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import K2Error
 from .derived import line_digest
 from .schema import LEDGER_NAME, ledger_file
-from .. import jsonio
+from .. import jsonio, limits
+from ..limits import MAX_EXPERTS, MAX_HIDDEN, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB
 
 # The kinds of record a ledger holds, and the start of a line the writer wrote for one (json.dumps puts `kind`
 # first), which is how a last line cut off mid-write is still recognised as a ledger's.
@@ -29,6 +32,20 @@ _KIND_START = re.compile(rb'\{\s*"kind"\s*:\s*"(?:header|step|footer)"')
 # A ledger line is ~40 kB for K2.5's 61 layers; a million-token run stays under this. A larger file is not
 # one this writer made, and is refused before it is read, so a crafted file cannot exhaust memory.
 MAX_LEDGER_BYTES = 1 << 30
+
+
+# The header numbers verify, replay and the explorer size arrays and loops by or index with (the step files'
+# shapes, the layer and rank loops, embedding rows): each within its hard limit (mlx_k2/limits.py), checked where
+# the ledger is read, so a forged 10**9 layers is one line, not gigabytes. A value of another type is left to
+# verify's schema check; a bool is refused here (JSON's true is an int to Python).
+HEADER_RANGES = {("model", "num_layers"): (1, MAX_LAYERS), ("model", "n_routed_experts"): (1, MAX_EXPERTS),
+                 ("model", "experts_per_token"): (1, MAX_EXPERTS), ("model", "vocab_size"): (1, MAX_VOCAB),
+                 ("model", "hidden_size"): (1, MAX_HIDDEN), ("model", "first_k_dense_replace"): (0, MAX_LAYERS),
+                 ("model", "moe_layer_freq"): (1, MAX_LAYERS), ("model", "eos_token_id"): (0, MAX_VOCAB - 1),
+                 ("model", "bos_token_id"): (0, MAX_VOCAB - 1), ("run", "max_new_tokens"): (1, MAX_POSITIONS),
+                 ("run", "chat", "max_reply_tokens"): (1, MAX_POSITIONS),
+                 ("run", "distributed", "size"): (1, MAX_LAYERS)}
+HEADER_ID_LISTS = (("run", "prompt_ids"), ("run", "chat", "stop_ids"))  # token ids: rows of the embedding
 
 
 class LedgerWriteError(K2Error):
@@ -139,6 +156,37 @@ class Ledger:
         return Path(path) if isinstance(path, str) and path else None
 
 
+def _at(record: Any, path: tuple[str, ...]) -> Any:
+    """The value at `path` in nested objects, None where one of them is missing or not an object."""
+    for key in path:
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
+
+
+def _header_numbers(header: dict) -> Iterator[tuple[str, Any, int, int]]:
+    """(field, value, lowest, highest) of every int (or bool) in the header that has a hard limit."""
+    for path, (lo, hi) in HEADER_RANGES.items():
+        if isinstance(_at(header, path), int):
+            yield ".".join(path), _at(header, path), lo, hi
+    for path in HEADER_ID_LISTS:
+        ids = _at(header, path)
+        for i, value in enumerate(ids if isinstance(ids, list) else []):
+            if isinstance(value, int):
+                yield f"{'.'.join(path)}[{i}]", value, 0, MAX_VOCAB - 1
+    ranks = _at(header, ("run", "distributed", "ranks"))
+    for r, rank in enumerate(ranks if isinstance(ranks, list) else []):
+        layers = _at(rank, ("layers",))
+        for i, value in enumerate(layers if isinstance(layers, list) else []):
+            if isinstance(value, int):  # verify walks each rank's range of layers
+                yield f"run.distributed.ranks[{r}].layers[{i}]", value, 0, MAX_LAYERS - 1
+
+
+def check_header_limits(header: dict, where: str | Path) -> None:
+    """A LedgerReadError naming the file and the field where a header number is beyond its hard limit."""
+    for name, value, lo, hi in _header_numbers(header):
+        limits.check_int(value, lo, hi, f"{where}: header {name}", LedgerReadError)
+
+
 def _parse(number: int, raw: bytes) -> Line:
     try:
         record = jsonio.loads(raw)
@@ -186,6 +234,8 @@ def read_ledger(path: str | Path) -> Ledger:
 
     first = parsed[0] if parsed and parsed[0].number == 1 else None
     header = first.record if first is not None and first.record.get("kind") == "header" else None
+    if header is not None:
+        check_header_limits(header, ledger_path)
     steps: list[dict[str, Any]] = []
     footer = None
     for line in parsed:

@@ -30,7 +30,7 @@ from .ledger import read_ledger
 from .platforms import PLATFORM
 from .schema import MANIFEST_NAME, strict_loads
 from .verify import Check, Report, verify
-from .. import jsonio
+from .. import jsonio, limits
 
 RECEIPT_KIND = "mlx-k2.receipt/1"
 MAX_RECEIPT_BYTES = 1 << 20      # a receipt is a few kB; anything larger is not one
@@ -196,14 +196,39 @@ def read_receipt(path: Path) -> dict[str, Any]:
         size = path.stat().st_size
         if size > MAX_RECEIPT_BYTES:
             raise ReceiptError(f"{path}: {size:,} bytes, more than a receipt's {MAX_RECEIPT_BYTES:,}")
-        data = strict_loads(path.read_bytes())
+        data = strict_loads(jsonio.read_bytes(path, MAX_RECEIPT_BYTES))  # a regular file: a FIFO would block
     except OSError as e:
         raise ReceiptError(f"{path}: cannot read ({e.strerror})") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ReceiptError(f"{path}: not a receipt (not strict JSON: {e})") from None
     if not isinstance(data, dict) or data.get("kind") != RECEIPT_KIND:
         raise ReceiptError(f"{path}: not a receipt (kind is not {RECEIPT_KIND})")
+    if isinstance(data.get("claim"), dict):
+        _check_claim(path, data["claim"])
     return data
+
+
+# The JSON type of each claim field that checking a receipt reads (a claim as `_claim` writes it). A signature
+# over a claim of other types still says who signed it, but what it claims cannot be read: the receipt is
+# refused with one line naming the field.
+_OBJECT, _LIST, _INT, _STR = (dict, "an object"), (list, "a list"), (int, "an integer"), (str, "a string")
+CLAIM_TYPES = {"digest": _OBJECT, "checkpoint": _OBJECT, "run": _OBJECT, "prompt_ids": ((list, type(None)), "a list"),
+               "tokens": _LIST, "steps": _INT, "status": _STR, "verified": _OBJECT, "signed_at": _STR}
+VERIFIED_TYPES = {"summary": _STR, "checks": _OBJECT, "anchor": _OBJECT,
+                  "replay": ((dict, type(None)), "an object or null")}
+
+
+def _check_claim(path: Path, claim: dict[str, Any]) -> None:
+    """A ReceiptError naming the first claim field (present) of the wrong type, or a count beyond its limit."""
+    verified = claim.get("verified")
+    fields = [(f"claim.{k}", claim[k], t) for k, t in CLAIM_TYPES.items() if k in claim]
+    if isinstance(verified, dict):
+        fields += [(f"claim.verified.{k}", verified[k], t) for k, t in VERIFIED_TYPES.items() if k in verified]
+    for name, value, (kind, what) in fields:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ReceiptError(f"{path}: {name} is {type(value).__name__} {limits.shown(value)}, not {what}")
+    if "steps" in claim:
+        limits.check_int(claim["steps"], 0, limits.MAX_POSITIONS, f"{path}: claim.steps", ReceiptError)
 
 
 def check_receipt(path: Path, bundle: Path | None = None, pubkey: Path | None = None,

@@ -55,7 +55,8 @@ def layer_record(e: LayerDone) -> dict[str, Any]:
     record = {"layer": e.layer, "kind": e.kind, "norm_in": e.norm_in, "norm_out": e.norm_out,
               "experts": None if e.experts is None else list(e.experts),
               "routing_weights": e.routing_weights, "unique_experts": e.unique_experts,
-              "bytes_read": e.bytes_read, "bytes_cached": e.bytes_cached, "wall_s": round(e.wall_s, 6)}
+              "bytes_read": e.bytes_read, "bytes_cached": e.bytes_cached, "weights_blake3": e.weights_blake3,
+              "wall_s": round(e.wall_s, 6)}
     if e.rank is not None:
         record["rank"] = e.rank
     return record
@@ -70,7 +71,7 @@ def step_record(e: StepDone, token_text: str | None, appended_ids: list[int] | N
             "token_text": token_text, "logit": e.logit, "top16": top16(logits), "entropy": entropy(logits),
             "margin": margin(logits), "hidden_digest": tensor_digest(e.hidden),
             "logits_digest": tensor_digest(logits), "bytes_read": e.bytes_read, "bytes_cached": e.bytes_cached,
-            "wall_s": round(e.wall_s, 6),
+            "weights_blake3": e.weights_blake3, "wall_s": round(e.wall_s, 6),
             "layers": [layer_record(layer) for layer in e.layers]}
 
 

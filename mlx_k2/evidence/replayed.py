@@ -30,8 +30,10 @@ from .schema import MODEL_FACTS, QUANTIZATION
 # relative to the larger magnitude (and at least 1, so values near 0 compare absolutely).
 # Not values of the computation: times, the chain, and which rank computed a layer of a pipelined run.
 IGNORED = frozenset({"prev", "wall_s", "rank"})
-# Schema 2 additions a ledger from before them lacks (schema.CACHE_PROVENANCE): not compared where it does.
-CACHE_FIELDS = ("positions", "bytes_cached")
+# Schema 2 additions a ledger from before them lacks (schema.CACHE_PROVENANCE), and schema 4's names of the
+# weights read (schema.WEIGHTS_PROVENANCE): not compared where it does (strict verify requires them from the
+# schema that brought them, so a ledger cannot drop them to escape the comparison).
+WHERE_RECORDED = ("positions", "bytes_cached", "weights_blake3")
 SUMMED = "bytes_read + bytes_cached"  # the field compared where the split between the two is not reproducible
 DIGESTS = frozenset({"hidden_digest", "logits_digest"})
 # Header facts the opened checkpoint must agree with (schema 1/2 headers lack the MODEL_FACTS ones, headers
@@ -88,6 +90,7 @@ class ReplayReport:
     kv_cache: bool = False        # a KV-cache run, re-executed in order from step 0
     bytes_note: str = ""          # when only bytes_read + bytes_cached was compared: why
     kept_kv_compared: bool = False  # the kept KV cache was compared with the recomputed state, bit for bit
+    unchecked: list[str] = field(default_factory=list)  # claims of the header a re-execution cannot check
 
     @property
     def covers_text(self) -> bool:
@@ -121,7 +124,8 @@ class ReplayReport:
             return f"{head}: nothing to compare"
         if bad:
             return f"{head}: {len(bad)} differ (step{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))})"
-        return f"{head}: {'identical' if self.exact else 'agree'} ({self.mode})"
+        unchecked = f"; not checked by re-execution: {'; '.join(self.unchecked)}" if self.unchecked else ""
+        return f"{head}: {'identical' if self.exact else 'agree'} ({self.mode}){unchecked}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "summary": self.summary()}
@@ -135,6 +139,9 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
     run = header.get("run") if isinstance(header.get("run"), dict) else {}
     problems = [f"{k}: header {model[k]!r}, checkpoint {replay.identity.get(k)!r}"
                 for k in IDENTITY if k in model and model[k] != replay.identity.get(k)]
+    content = model.get("content_blake3"), replay.identity.get("content_blake3")
+    if None not in content and content[0] != content[1]:  # both digested (checkpoint/content.py): other weights
+        problems.append(f"content_blake3: header {content[0]!r}, checkpoint {content[1]!r} (other weights)")
     exact, rule = same_bits(run, replay.platform)
     why = "" if exact else f"recorded on {describe(run)}, re-executed on {describe(replay.platform)}"
     ran = " ".join(map(str, computation(replay.platform)))
@@ -142,6 +149,7 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
                           replay.wall_s, kv_cache=replay.kv_cache,
                           bytes_note="" if replay.bytes_split else replay.bytes_note or "bytes compared as "
                                                                                      f"{SUMMED}")
+    report.unchecked = unchecked_claims(model, run, replay)
     if problems:
         return report
     report.kept_kv_compared = replay.kept_kv is not None and exact
@@ -177,12 +185,31 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
     return report
 
 
+def unchecked_claims(model: dict, run: dict, replay: Replay) -> list[str]:
+    """What the header claims that re-executing its steps here cannot confirm, each with why."""
+    out = []
+    if not replay.bytes_split:
+        out.append(f"the bytes_read / bytes_cached split ({replay.bytes_note or 'only their sum compared'})")
+    distributed = run.get("distributed")
+    if isinstance(distributed, dict):
+        out.append("which rank computed which layers and on which hosts (run.distributed: the re-execution "
+                   "runs every layer in one process)")
+    kernels, ran = run.get("kernels"), replay.platform.get("kernels")
+    if isinstance(kernels, str) and ":" in kernels and kernels != ran:
+        out.append(f"the SIMD path of run.kernels {kernels!r} (re-executed with {ran!r}; the own kernels give the "
+                   "same bits on every path)")
+    if model.get("content_blake3") is not None and replay.identity.get("content_blake3") is None:
+        out.append("the checkpoint's content identity model.content_blake3 (this copy is not digested: run "
+                   "mlx-k2 checkpoint digest --model DIR; each step's weights_blake3 was compared)")
+    return out
+
+
 def _comparable(recorded: dict, replayed: dict, bytes_split: bool) -> tuple[dict, dict]:
     """The recorded step and the re-executed record as they are compared: the cache fields only where the
     ledger has them (a ledger from before them does not), and with `bytes_split` false, bytes_read and
     bytes_cached of the step and of every layer as their sum."""
     def shape(rec: dict, like: dict) -> dict:
-        out = {k: v for k, v in rec.items() if k not in CACHE_FIELDS or k in like}
+        out = {k: v for k, v in rec.items() if k not in WHERE_RECORDED or k in like}
         if not bytes_split and isinstance(out.get("bytes_read"), int):
             cached = out.pop("bytes_cached", 0)
             out[SUMMED] = out.pop("bytes_read") + (cached if isinstance(cached, int) else 0)

@@ -15,7 +15,7 @@ from typing import Any
 from ..checkpoint.tokenizer import TOKENIZER_FILES
 from .. import jsonio
 
-SCHEMA = "mlx-k2.ledger/3"
+SCHEMA = "mlx-k2.ledger/4"
 # Every version verify reads (docs/ledger.md). Schema 2 adds fields to schema 1, each written by the capability that
 # needs it (a reader ignores fields it does not know): header run.kernels, and the model facts the structural
 # checks need, in header `model` (MODEL_FACTS): vocab_size, hidden_size, eos_token_id, bos_token_id,
@@ -29,7 +29,10 @@ SCHEMA = "mlx-k2.ledger/3"
 # from exact squares, correctly rounded sums and `exact`'s exp and log: the same bits on every machine, so
 # verify compares them exactly) and adds header run.machine, run.system and run.exactness (RUN_PLATFORM_FIELDS).
 # Then header run.sampling, only in a sampled run (evidence/sampling.py: temperature, top_p, seed).
-SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", SCHEMA)
+# Schema 4 names the weights a step read by their content (WEIGHTS_PROVENANCE: `weights_blake3` in every step
+# and layer line, read/content.py) and adds header model.content_blake3, the checkpoint's content identity
+# where `mlx-k2 checkpoint digest` has made it on the running machine (null where not).
+SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", "mlx-k2.ledger/3", SCHEMA)
 # Header run.exactness: `portable` (every operation of a step is the product's own, in a fixed order: the
 # same bits on any CPU) or `platform` (MLX's built-ins or the GPU: the same bits only on the same platform,
 # machine and system, if at all). Replay's rule is keyed on it.
@@ -69,18 +72,40 @@ PROVENANCE_BEFORE_CACHE: dict[str, str] = {
 # Every run writes them since; a ledger from before them has none, and its header's provenance map lacks
 # them (the first runs that wrote them kept that map: under it the fields may be there or not).
 CACHE_PROVENANCE = {"positions": MEASURED, "bytes_cached": MEASURED}
-PROVENANCE: dict[str, str] = {**PROVENANCE_BEFORE_CACHE, **CACHE_PROVENANCE}
+# Schema 4: the BLAKE3 naming the weight bytes a layer read (layer line) and what the step read outside its
+# layers: embedding rows, final norm, lm_head (step line). Measured: a digest of what was read.
+WEIGHTS_PROVENANCE = {"weights_blake3": MEASURED}
+PROVENANCE_3: dict[str, str] = {**PROVENANCE_BEFORE_CACHE, **CACHE_PROVENANCE}
+PROVENANCE: dict[str, str] = {**PROVENANCE_3, **WEIGHTS_PROVENANCE}
 # A run whose layers were pipelined over several ranks (`--distributed`) classifies one more layer field:
 # `rank`, the rank that computed the layer. Its header's run.distributed (DISTRIBUTED_FIELDS) says which
 # layers each rank owned; a run in one process has neither, and keeps PROVENANCE.
 DISTRIBUTED_PROVENANCE: dict[str, str] = {**PROVENANCE, "rank": MEASURED}
+DISTRIBUTED_PROVENANCE_3: dict[str, str] = {**PROVENANCE_3, "rank": MEASURED}
 # A chat session (`mlx-k2 chat`) classifies one more step field: `appended_ids`, the ids a new turn appended
 # to the context after the previous step's token (the user's message rendered with the chat template), on the
 # first step of every turn after the first. Its header's run.chat (CHAT_FIELDS) holds the reply limit and the
 # ids that end a reply; run.max_new_tokens is the reply limit too.
 CHAT_PROVENANCE: dict[str, str] = {**PROVENANCE, "appended_ids": MEASURED}
-# Every provenance map a header verify reads may hold: the current one first.
-PROVENANCES = (PROVENANCE, PROVENANCE_BEFORE_CACHE, DISTRIBUTED_PROVENANCE, CHAT_PROVENANCE)
+CHAT_PROVENANCE_3: dict[str, str] = {**PROVENANCE_3, "appended_ids": MEASURED}
+# Every provenance map a header verify reads may hold: the current ones first, then schema 3's and older.
+PROVENANCES = (PROVENANCE, DISTRIBUTED_PROVENANCE, CHAT_PROVENANCE, PROVENANCE_3, DISTRIBUTED_PROVENANCE_3,
+               CHAT_PROVENANCE_3, PROVENANCE_BEFORE_CACHE)
+
+
+def is_chat(provenance: Any) -> bool:
+    """A chat session's provenance map (it classifies `appended_ids`)."""
+    return isinstance(provenance, dict) and "appended_ids" in provenance
+
+
+def is_distributed(provenance: Any) -> bool:
+    """A pipelined run's provenance map (it classifies the layers' `rank`)."""
+    return isinstance(provenance, dict) and "rank" in provenance
+
+
+def names_weights(provenance: Any) -> bool:
+    """A schema 4 provenance map: every step and layer line names the weights it read (`weights_blake3`)."""
+    return isinstance(provenance, dict) and "weights_blake3" in provenance
 
 
 @dataclass(frozen=True)
@@ -106,6 +131,8 @@ STEP_FIELDS = {"kind": str, "step": int, "prev": str, "input_ids": ListOf(int), 
 LAYER_FIELDS = {"layer": int, "kind": str, "norm_in": (float, NONE), "norm_out": (float, NONE),
                 "experts": (ListOf(int), NONE), "routing_weights": (ListOf(float), NONE),
                 "unique_experts": (int, NONE), "bytes_read": int, "wall_s": float}
+# Schema 4's field of every step and layer line (WEIGHTS_PROVENANCE): 64 hex digits.
+WEIGHTS_FIELDS = {"weights_blake3": str}
 # The fields the cache additions bring (CACHE_PROVENANCE).
 STEP_CACHE_FIELDS = {"positions": int, "bytes_cached": int}
 LAYER_CACHE_FIELDS = {"bytes_cached": int}
@@ -125,13 +152,16 @@ def record_fields(provenance: Any) -> tuple[dict[str, Any], dict[str, Any], dict
     """(step fields, optional step fields, layer fields, optional layer fields) of the records of a ledger
     whose header has this provenance map: the cache fields are required where the map classifies them,
     optional where it is the map from before them."""
-    if provenance == CHAT_PROVENANCE:
-        return {**STEP_FIELDS, **STEP_CACHE_FIELDS}, STEP_CHAT_FIELDS, {**LAYER_FIELDS, **LAYER_CACHE_FIELDS}, {}
-    if provenance == DISTRIBUTED_PROVENANCE:
-        return ({**STEP_FIELDS, **STEP_CACHE_FIELDS}, {},
-                {**LAYER_FIELDS, **LAYER_CACHE_FIELDS, **DISTRIBUTED_LAYER_FIELDS}, {})
+    weights = WEIGHTS_FIELDS if names_weights(provenance) else {}
+    if is_chat(provenance):
+        return ({**STEP_FIELDS, **STEP_CACHE_FIELDS, **weights}, STEP_CHAT_FIELDS,
+                {**LAYER_FIELDS, **LAYER_CACHE_FIELDS, **weights}, {})
+    if is_distributed(provenance):
+        return ({**STEP_FIELDS, **STEP_CACHE_FIELDS, **weights}, {},
+                {**LAYER_FIELDS, **LAYER_CACHE_FIELDS, **DISTRIBUTED_LAYER_FIELDS, **weights}, {})
     if isinstance(provenance, dict) and all(name in provenance for name in CACHE_PROVENANCE):
-        return {**STEP_FIELDS, **STEP_CACHE_FIELDS}, {}, {**LAYER_FIELDS, **LAYER_CACHE_FIELDS}, {}
+        return ({**STEP_FIELDS, **STEP_CACHE_FIELDS, **weights}, {}, {**LAYER_FIELDS, **LAYER_CACHE_FIELDS, **weights},
+                {})
     return STEP_FIELDS, STEP_CACHE_FIELDS, LAYER_FIELDS, LAYER_CACHE_FIELDS
 
 

@@ -16,44 +16,48 @@ header's provenance map classifies them and optional under the map from before t
 step's `positions` follows the header's mode (the whole context without a KV cache; with one, the prompt
 at step 0 and 1 after), and so do unique_experts' bound and the saved routing's shape; `bytes_cached` is
 never negative, the layers' never more than the step's, and 0 where the header's expert_cache_bytes is.
+Nothing the files say about how to check them is taken on trust: token_text is checked only with a tokenizer
+the caller gives (the verifier's own checkpoint, never the header's model.path), the manifest must list
+exactly the bundle's own files (`manifest.py`), each under a hard cap before it is hashed, and the header's
+model facts are compared with the ones the anchor pins (anchors.FACTS), or named as unchecked.
 What the checks cannot prove without re-execution (a value forged together with its tensors, chain and
 manifest) is what `summary` states: "consistent, not re-executed" unless a replay
 was given; strict by default, a run with no applicable anchor and no replay, an anchor compared only in
-part, or a text check that could not run does not pass. Prints nothing.
+part or that does not pin the model facts, or a text check that could not run does not pass. Prints nothing.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import K2Error, UsageError
-from .anchors import Anchor, compare, find_anchor, load_anchors
-from .bundle import MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes
+from ..limits import MAX_LAYERS
+from .anchors import CONTENT, FACTS, WEIGHTS, Anchor, compare, find_anchor, load_anchors, step_weights
+from .bundle import (MAX_CONTEXT, MAX_STEP_FILE_BYTES, expected_step_tensors, read_step_file, step_file_bytes,
+                     step_file_limit)
 from .derived import (distinct_experts, entropy, file_blake3, l2_norm, line_digest, margin, normalise,
                       root_digest, tensor_digest, top16)
-from .kept_kv import UNLISTED, read_kept_kv
-from .ledger import read_ledger
+from .kept_kv import read_kept_kv
+from .ledger import MAX_LEDGER_BYTES, read_ledger
+from .manifest import check_manifest
 from .replayed import Replay, ReplayReport, compare_replay
 from .sampling import Sampling
-from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, CHAT_FIELDS, CHAT_PROVENANCE, DISTRIBUTED_FIELDS, DISTRIBUTED_PROVENANCE,
+from .schema import (BUILTIN_KERNELS, CACHE_POLICIES, CHAT_FIELDS, DISTRIBUTED_FIELDS,
                      DISTRIBUTED_RANK_FIELDS, FOOTER_FIELDS, FOOTER_OPTIONAL, KEPT_KV_FIELDS, HIDDEN, LEDGER_NAME, LOGITS, MANIFEST_NAME, MODEL_FACTS,
                      MODEL_FIELDS, PROVENANCES, RESIDUALS, ROUTED, ROUTER_SCORES, ROUTING_SCORES, RUN_FIELDS,
                      RUN_PLATFORM_FIELDS, EXACTNESS, SCHEMAS,
-                     QUANTIZATION, QUANTIZATION_LABEL, TOKENIZER_FILES, has_type, layer_tensor, record_fields,
+                     QUANTIZATION, QUANTIZATION_LABEL, TOKENIZER_FILES, has_type, is_chat, is_distributed, layer_tensor, names_weights,
+                     record_fields,
                      schema_number, step_tensor_path, strict_loads)
 
 # Recomputed floats that go through a numpy reduction may differ in the last bits between numpy builds.
 FLOAT_RTOL = 1e-9
-# A manifest lists a ledger and one file per step: a few kB per hundred steps.
-MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Report:
     text_unchecked: str = ""          # why token_text could not be checked ("" when it was, or there is none)
     replay: ReplayReport | None = None
     ended: str = ""                   # the footer's status and error where it is not complete: "stopped: ..."
+    unpinned: list[str] = field(default_factory=list)  # header model facts verify used that the anchor lacks
 
     @property
     def ok(self) -> bool:
@@ -101,15 +106,24 @@ class Report:
     @property
     def gaps(self) -> list[str]:
         """What this verification could not establish, each a reason a strict verify does not pass."""
+        return self.unproven()
+
+    def unproven(self, text: bool = True) -> list[str]:
+        """`gaps`, leaving out the token_text one unless `text` (for a reader that never uses the text)."""
         gaps = []
         if not self.replayed and self.steps:
             if self.anchor == "none":
-                gaps.append("no anchor applies to this checkpoint and prompt, and nothing was re-executed "
-                            "(--replay --model DIR re-executes)")
+                gaps.append("no anchor applies to this checkpoint and prompt, and nothing was re-executed, so "
+                            "neither step 0 nor the header's model facts are checked (--replay --model DIR "
+                            "re-executes)")
             elif self.anchor == "partial":
                 gaps.append(f"anchor {self.anchor_name} compared only in part (recorded on another platform), "
                             "and nothing was re-executed (--replay --model DIR re-executes)")
-        if self.text_unchecked:
+            if self.anchor in ("matched", "partial") and self.unpinned:
+                # An anchor frozen before it pinned the model facts: the header states them unchecked.
+                gaps.append(f"header model facts {', '.join(self.unpinned)} not checked (anchor "
+                            f"{self.anchor_name} does not pin them; --replay --model DIR checks them)")
+        if self.text_unchecked and text:
             gaps.append(f"token_text not checked: {self.text_unchecked}")
         return gaps
 
@@ -140,10 +154,13 @@ def _close(a: float, b: float) -> bool:
 
 
 def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
-           replay: Replay | None = None, digest: str | None = None) -> Report:
+           replay: Replay | None = None, digest: str | None = None, replay_text: bool = True) -> Report:
     """Every check on the ledger file or bundle directory at `path`; raises only when it holds no ledger.
-    `tokenizer` (tokenizer.Tokenizer) checks token_text; `replay` (mlx_k2.run.replay) adds identity and replay;
-    `digest` (a published root digest, hex) adds a check that this is the run it names."""
+    `tokenizer` (tokenizer.Tokenizer, from a checkpoint the verifier chose, never one the ledger names) checks
+    token_text; `replay` (mlx_k2.run.replay) adds identity and replay, and covers token_text where
+    `replay_text` (false: the replay's checkpoint is the one the header names, so its tokenizer proves
+    nothing about the text); `digest` (a published root digest, hex) adds a check that this is the run it
+    names."""
     ledger = read_ledger(path)
     path, bundle = ledger.path, ledger.bundle
     # A blank line in a whole file is passed over; in a file cut off mid-write every line counts.
@@ -158,7 +175,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
 
     checks = [parse, schema, chain]
     if bundle:
-        checks.append(_check_manifest(path, len(steps)))
+        checks.append(_check_manifest(path, run, [r for r in records[1:] if r.get("kind") == "step"]))
     checks += [_check_context(run, steps), _check_totals(run, steps, footer), _check_layers(model, run, steps, version)]
     tensors: dict = {}
     if bundle:
@@ -178,13 +195,13 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
         report_replay = compare_replay(header, steps, tensors if bundle else None, replay)
         checks += _replay_checks(report_replay)
     text_gap = text_unchecked if any(s.get("token_text") is not None for s in steps) else ""
-    if report_replay is not None and report_replay.covers_text:
+    if report_replay is not None and report_replay.covers_text and replay_text:
         text_gap = ""  # replay re-made every token_text with the checkpoint's tokenizer
     ended = "" if footer is None or footer.get("status") == "complete" else \
         f"{footer.get('status')}: {footer.get('error')}"
     return Report(path, [c.finish() for c in checks], len(steps), footer is None, bundle,
                   getattr(anchor, "state", "none"), getattr(anchor, "anchor_name", None), text_gap, report_replay,
-                  ended)
+                  ended, list(getattr(anchor, "unpinned", [])))
 
 
 def _check_lines(lines: list, cut_off: bool) -> tuple[Check, Check, list[dict]]:
@@ -221,8 +238,11 @@ def _check_header_record(schema: Check, header: dict) -> tuple[dict, dict, dict,
         schema.fail("header: 'model' and 'run' must be objects")
         model, run = (model if isinstance(model, dict) else {}), (run if isinstance(run, dict) else {})
     version = schema_number(header)
+    if header.get("provenance") in PROVENANCES and (version >= 4) != names_weights(header.get("provenance")):
+        schema.fail(f"header: a schema {version} ledger's provenance map "
+                    f"{'lacks' if version >= 4 else 'has'} weights_blake3")
     _check_header(schema, model, run, version)
-    if ("chat" in run) != (header.get("provenance") == CHAT_PROVENANCE):
+    if ("chat" in run) != is_chat(header.get("provenance")):
         schema.fail("header: a chat session has run.chat and the chat provenance map; another run has neither")
     return header, model, run, version
 
@@ -282,6 +302,10 @@ def _check_digest(path: Path, bundle: bool, digest: str) -> Check:
     return published
 
 
+def _is_hex_digest(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
 def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
     """Types of the header fields the checks rely on; a schema 2 header has all the model facts (MODEL_FACTS)
     or none (the first release's)."""
@@ -298,7 +322,8 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
             schema.fail(f"header: run.{name} missing or not a string")
     if version >= 3 and run.get("exactness") not in EXACTNESS:
         schema.fail(f"header: run.exactness {run.get('exactness')!r} is not one of {', '.join(EXACTNESS)}")
-    if version >= 2 and any(name in model for name in MODEL_FACTS):
+    # Schema 3 always wrote them: a header that drops them would leave the checks that need them unmade.
+    if version >= 3 or (version >= 2 and any(name in model for name in MODEL_FACTS)):
         for name, kind in MODEL_FACTS.items():
             if name not in model or not has_type(model[name], kind):
                 schema.fail(f"header: model.{name} missing or of the wrong type (the model facts come together)")
@@ -333,6 +358,22 @@ def _check_header(schema: Check, model: dict, run: dict, version: int) -> None:
     if not (has_type(budget, int) and budget >= 0):
         schema.fail(f"header: run.expert_cache_bytes {budget!r} is not a byte count (an integer, 0 for no weight "
                     "cache)")
+    if version >= 4:
+        _check_header_4(schema, model, run)
+
+
+def _check_header_4(schema: Check, model: dict, run: dict) -> None:
+    """What schema 4 requires of a header: the content identity (null where not digested), and the weight
+    cache's budget and policy (replay fills a fresh cache as the run did only knowing both: a header that
+    drops one would leave the bytes_read / bytes_cached split unchecked)."""
+    if "content_blake3" not in model:
+        schema.fail("header: model.content_blake3 missing (null where the checkpoint's content was not digested)")
+    elif not (model["content_blake3"] is None or _is_hex_digest(model["content_blake3"])):
+        schema.fail("header: model.content_blake3 is neither null nor 64 hex digits")
+    if "expert_cache_bytes" not in run:
+        schema.fail("header: run.expert_cache_bytes missing (0 where the run had no weight cache)")
+    elif has_type(run["expert_cache_bytes"], int) and run["expert_cache_bytes"] > 0 and "cache_policy" not in run:
+        schema.fail("header: run.cache_policy missing (a run with a weight cache records how it evicts)")
 
 
 def _check_ranks(schema: Check, provenance: Any, model: dict, run: dict, steps: list[dict]) -> None:
@@ -340,10 +381,10 @@ def _check_ranks(schema: Check, provenance: Any, model: dict, run: dict, steps: 
     and each layer record computed by the rank that owns the layer. A run in one process has no rank fields."""
     distributed = run.get("distributed")
     if distributed is None:
-        if provenance == DISTRIBUTED_PROVENANCE:
+        if is_distributed(provenance):
             schema.fail("header: the provenance map classifies layer ranks but run.distributed is missing")
         return
-    if provenance != DISTRIBUTED_PROVENANCE:
+    if not is_distributed(provenance):
         schema.fail("header: run.distributed without the provenance map that classifies layer ranks")
     if not isinstance(distributed, dict) or not _check_fields(schema, distributed, DISTRIBUTED_FIELDS,
                                                               "header: run.distributed"):
@@ -395,56 +436,19 @@ def _check_fields(check: Check, rec: dict, fields: dict, where: str, optional: d
     return ok
 
 
-def _check_manifest(path: Path, n_steps: int) -> Check:
+def _check_manifest(path: Path, run: dict, step_lines: list[dict]) -> Check:
+    """The manifest lists exactly the bundle's own files (`manifest.check_manifest`: the ledger and one file
+    per step line, well formed or not), each hashed only under a hard cap: the ledger's, and a step file's
+    from the positions the step computed and the largest model's widths (never the header's, which a forger
+    writes; a step line too malformed to say: the longest context)."""
     check = Check("manifest")
-    manifest = path / MANIFEST_NAME
-    try:
-        info = os.lstat(manifest)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > MAX_MANIFEST_BYTES:
-            raise ValueError(f"{info.st_size:,} bytes, more than {MAX_MANIFEST_BYTES:,}")
-        files = strict_loads(manifest.read_bytes())["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise ValueError("'files' is not an object of BLAKE3 hex strings")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        check.fail(f"{MANIFEST_NAME}: unreadable ({e})")
-        return check
-    for link in _symlinks(path):
-        check.fail(f"{link}: a symlink (a bundle holds its files itself)")
-    inside = {}
-    for name in files:
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in name or name != pure.as_posix():
-            check.fail(f"{name!r}: a manifest path that is absolute, climbs out with '..' or is not plain POSIX")
-        else:
-            inside[name] = files[name]
-    expected = {LEDGER_NAME} | {step_tensor_path(k) for k in range(n_steps)}
-    for name in sorted(expected - set(files)):
-        check.fail(f"{name}: not in the manifest")
-    present = set()
-    for root, dirs, names in os.walk(path):  # never follows a symlinked directory
-        for n in names:
-            present.add((Path(root) / n).relative_to(path).as_posix())
-    present -= {MANIFEST_NAME, *UNLISTED}  # the kept KV cache is pinned by the footer; the conversation is no evidence
-    for name in sorted(present - set(files)):
-        check.fail(f"{name}: in the bundle but not in the manifest")
-    for name, digest in sorted(inside.items()):
-        p = path / name
-        if p.is_symlink() or not p.is_file():
-            check.fail(f"{name}: listed in the manifest but missing")
-        elif file_blake3(p) != digest:
-            check.fail(f"{name}: BLAKE3 differs from the manifest")
+    own = {LEDGER_NAME: MAX_LEDGER_BYTES}
+    for k, s in enumerate(step_lines):
+        known = isinstance(s.get("input_ids"), list) and isinstance(s.get("appended_ids", []), list)
+        own[step_tensor_path(k)] = step_file_limit(computed_positions(run, s) if known else MAX_CONTEXT)
+    for problem in check_manifest(path, own):
+        check.fail(problem)
     return check
-
-
-def _symlinks(path: Path) -> list[str]:
-    found = []
-    for root, dirs, names in os.walk(path):
-        for n in dirs + names:
-            if (Path(root) / n).is_symlink():
-                found.append((Path(root) / n).relative_to(path).as_posix())
-    return sorted(found)
 
 
 def computed_positions(run: dict, step: dict) -> int:
@@ -492,10 +496,34 @@ def _turns(steps: list[dict]) -> list[list[dict]]:
     return turns
 
 
+def _cache_bound(run: dict) -> int | None:
+    """The most bytes the run's weight caches could serve in one step: what they hold at its start (a step
+    consumes each weight once, so nothing it puts in a cache is served back to it). A pipelined run has one
+    cache per rank; None where the header gives no budget to bound by."""
+    distributed = run.get("distributed")
+    ranks = distributed.get("ranks") if isinstance(distributed, dict) else None
+    if isinstance(ranks, list) and ranks:
+        budgets = [r.get("expert_cache_bytes") for r in ranks if isinstance(r, dict)]
+        return sum(budgets) if all(has_type(b, int) for b in budgets) else None
+    budget = run.get("expert_cache_bytes", 0)
+    return budget if has_type(budget, int) else None
+
+
 def _check_totals(run: dict, steps: list[dict], footer: dict | None) -> Check:
     check = Check("totals")
     no_cache = run.get("expert_cache_bytes") == 0
+    bound = _cache_bound(run)
+    restarted = (footer or {}).get("weight_cache_restarts")
+    # the steps a process began with an empty weight cache
+    fresh = {0, *(k for k in restarted if has_type(k, int))} if isinstance(restarted, list) else {0}
     for s in steps:
+        cached = s.get("bytes_cached")
+        if has_type(cached, int) and bound is not None and cached > bound:
+            check.fail(f"step {s.get('step')}: bytes_cached {cached} is more than the weight cache could hold "
+                       f"({bound} bytes, the header's budget)")
+        if has_type(cached, int) and cached > 0 and s.get("step") in fresh:
+            check.fail(f"step {s.get('step')}: bytes_cached {cached}, but its process began with an empty weight "
+                       "cache (nothing a step puts in the cache is served back to it)")
         layers = [x for x in s.get("layers") or [] if isinstance(x, dict)]
         for where, rec in [(f"step {s.get('step')}", s)] + [(f"step {s.get('step')} layer {x.get('layer')}", x)
                                                             for x in layers]:
@@ -571,7 +599,8 @@ def _check_layers(model: dict, run: dict, steps: list[dict], version: int) -> Ch
             if capture and (x.get("norm_in") is None or x.get("norm_out") is None):
                 check.fail(f"{where}: a captured run without norm_in/norm_out")
             if experts is not None and (len(experts) != k or experts != sorted(set(experts))
-                                        or not all(isinstance(e, int) and 0 <= e < n_experts for e in experts)):
+                                        or not all(isinstance(e, int) and isinstance(n_experts, int)
+                                                   and 0 <= e < n_experts for e in experts)):
                 check.fail(f"{where}: experts must be {k} distinct ascending ids below {n_experts}")
             unique = x.get("unique_experts")
             if isinstance(unique, int) and experts is not None and isinstance(k, int) and isinstance(n_experts, int):
@@ -600,14 +629,15 @@ def _read_tensors(path: Path, model: dict, run: dict, steps: list[dict], check: 
     for s in steps:
         step = s.get("step")
         p = path / step_tensor_path(step if isinstance(step, int) else -1)
-        expected, cap = None, MAX_STEP_FILE_BYTES
+        # never more than a step of the largest model can hold, whatever widths the header claims
+        expected, cap = None, min(MAX_STEP_FILE_BYTES, step_file_limit(computed_positions(run, s)))
         if widths:
             layers = moe if moe is not None else [x.get("layer") for x in s.get("layers") or []
                                                   if isinstance(x, dict) and x.get("experts") is not None]
             expected = expected_step_tensors(hidden, vocab, n_layers, layers, computed_positions(run, s), k,
                                              capture, n_experts if has_type(n_experts, int) else None)
             older = expected_step_tensors(hidden, vocab, n_layers, layers, computed_positions(run, s), k, capture)
-            cap = step_file_bytes(expected)
+            cap = min(cap, step_file_bytes(expected))
         try:
             t = read_step_file(p, expected, cap, older if widths else None)
         except K2Error as e:
@@ -767,6 +797,7 @@ class AnchorCheck(Check):
 
     state: str = "none"               # matched, partial, none, failed, no-steps
     anchor_name: str | None = None
+    unpinned: tuple[str, ...] = ()    # header model facts (anchors.FACTS) the anchor does not pin
 
 
 # Header model facts and the anchor's `model` signature, by their names in each.
@@ -785,7 +816,8 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
         check.fail(f"header: run.kernels is {type(kernels).__name__}, expected a string")
         check.state = "failed"
         return check
-    anchor: Anchor | None = find_anchor(anchors, identity, {}, run.get("prompt_ids") or [], run)
+    prompt = run.get("prompt_ids") if isinstance(run.get("prompt_ids"), list) else []  # another type fails schema
+    anchor: Anchor | None = find_anchor(anchors, identity, {}, prompt, run)
     if anchor is None:
         check.ok, check.detail = None, "no anchor for this checkpoint and prompt"
         return check
@@ -793,16 +825,26 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
     # The anchor knows this checkpoint's shape: a header that shrinks the model (a 60-layer ledger of a
     # 61-layer checkpoint) contradicts it without the model at hand.
     signature = anchor.data.get("model") if isinstance(anchor.data.get("model"), dict) else {}
-    for ours, theirs in SIGNATURE.items():
-        if ours in model and theirs in signature and model[ours] != signature[theirs]:
-            check.fail(f"header: model.{ours} {model[ours]!r}, but anchor {anchor.name} says this checkpoint "
-                       f"has {signature[theirs]!r}")
+    facts = anchor.data.get("facts") if isinstance(anchor.data.get("facts"), dict) else {}
+    pinned = {**{ours: signature[theirs] for ours, theirs in SIGNATURE.items() if theirs in signature},
+              **{name: facts[name] for name in FACTS if name in facts}}
+    for name, value in pinned.items():
+        if name in model and (model[name] != value or type(model[name]) is not type(value)):
+            check.fail(f"header: model.{name} {model[name]!r}, but anchor {anchor.name} says this checkpoint "
+                       f"has {value!r}")
+    check.unpinned = tuple(name for name in (*SIGNATURE, *FACTS) if name in model and name not in pinned)
+    content = anchor.data.get(CONTENT)
+    if content is not None and model.get(CONTENT) is not None and model[CONTENT] != content:
+        check.fail(f"header: model.content_blake3 {str(model[CONTENT])[:16]}…, but anchor {anchor.name} was taken "
+                   f"from a checkpoint whose content is {str(content)[:16]}… (other weights, same config and index)")
     if not steps:
         check.ok, check.detail, check.state = (None if check.ok else False), f"{anchor.name}: no step to compare", \
             "no-steps"
         return check
     s = steps[0]
     observed = {f: s.get(f) for f in ("token_id", "logit", "hidden_digest", "logits_digest", "bytes_read")}
+    observed[WEIGHTS] = step_weights(s.get("weights_blake3"),
+                                     [x.get("weights_blake3") for x in s.get("layers") or [] if isinstance(x, dict)])
     if "sampling" in run and isinstance(s.get("top16"), list) and s["top16"] and isinstance(s["top16"][0], list):
         # The anchor holds greedy's choice: a sampled run's step 0 is compared by the token greedy takes from
         # the same logits (top16[0]); its own draw is checked from the logits by the `measured` row.
@@ -883,7 +925,7 @@ def _check_kept_kv(ledger_path: Path, model: dict, run: dict, steps: list[dict],
         return kept
     layers = model.get("num_layers")
     try:
-        read_kept_kv(path, record, layers if isinstance(layers, int) and 0 < layers <= 4096 else 0)
+        read_kept_kv(path, record, layers if isinstance(layers, int) and 0 < layers <= MAX_LAYERS else 0)
     except K2Error as e:
         kept.fail(str(e))
     if kept.ok:

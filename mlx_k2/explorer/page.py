@@ -113,7 +113,8 @@ def _decoded(ids: list[int], tokenizer) -> str | None:
 
 def _texts(ledger: Ledger, tokenizer) -> list[tuple[str, str, str, str]]:
     """(element id, heading, how it was made, text) of the prompt and of the generated tokens: decoded with
-    the tokenizer where one is given, else the ledger's own token_text (the generated tokens) or the ids."""
+    the tokenizer where one is given (the verifier's own, from --model: never one the ledger names), else the
+    ledger's own token_text (the generated tokens, marked unverified) or the ids."""
     prompt = _ids(_obj(_obj(ledger.header).get("run")).get("prompt_ids"))
     tokens = _ids([s.get("token_id") for s in ledger.steps])
     pieces = [s.get("token_text") for s in ledger.steps]
@@ -122,9 +123,10 @@ def _texts(ledger: Ledger, tokenizer) -> list[tuple[str, str, str, str]]:
         count = "?" if ids is None else f"{len(ids)} token{'s' if len(ids) != 1 else ''}"
         text = None if ids is None else _decoded(ids, tokenizer)
         if text is not None:
-            how = "decoded with the checkpoint's tokenizer"
+            how = "decoded with the tokenizer of the checkpoint given (--model)"
         elif element == "output-text" and pieces and all(isinstance(p, str) for p in pieces):
-            text, how = "".join(pieces), "the steps' token_text, joined (no tokenizer given)"
+            text, how = "".join(pieces), "the steps' token_text, joined, as the ledger states it: unverified (no " \
+                                         "tokenizer given: --model DIR checks and decodes it)"
         elif ids is not None:
             text, how = " ".join(map(str, ids)), "token ids (no tokenizer given: --model DIR decodes them)"
         else:
@@ -138,6 +140,12 @@ def _text_html(ledger: Ledger, tokenizer) -> str:
         f'<div class="text-part"><h2>{html.escape(heading)} <span class="hint">{html.escape(how)}</span></h2>'
         f'<pre id="{element}" class="text-box">{html.escape(_visible(text))}</pre></div>'
         for element, heading, how, text in _texts(ledger, tokenizer)) + "</section>"
+
+
+def _text_verified(report: Report | None) -> bool:
+    """Whether verify checked the steps' token_text (against the verifier's tokenizer, or by a replay) and
+    found it right: the page shows it unmarked only then."""
+    return report is not None and report.check("derived").ok is True and not report.text_unchecked
 
 
 def _status_html(ledger: Ledger) -> str:
@@ -271,10 +279,11 @@ FEATURES_TOP = 5
 
 
 def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=None, replay: Replay | None = None,
-                   receipt: ReceiptReport | None = None, vindex: Path | None = None) -> str:
+                   receipt: ReceiptReport | None = None, vindex: Path | None = None, replay_text: bool = True) -> str:
     """The explorer page (HTML) for a ledger file or a bundle directory; `replay` and `receipt`, when given,
-    are shown with verify's checks; `vindex` (a vindex directory) adds the panel of the feature directions
-    each step's MoE inputs project onto (`vindex.features`)."""
+    are shown with verify's checks (`tokenizer` and `replay_text` as verify takes them); `vindex` (a vindex
+    directory) adds the panel of the feature directions each step's MoE inputs project onto
+    (`vindex.features`). The steps' token_text is marked unverified unless verify checked it."""
     ledger = require_ledger(read_ledger(path))  # verify's decision of what is no ledger at all
     if ledger.header is None:
         raise ExplorerError(f"{ledger.ledger_path}: a damaged ledger: line 1 is not a readable header, so there "
@@ -287,13 +296,13 @@ def build_explorer(path: str | Path, anchors_dir: Path | None = None, tokenizer=
                                  notes=notes)
     report, verify_error = None, None
     try:
-        report = verify(ledger.path, anchors_dir, tokenizer, replay=replay)
+        report = verify(ledger.path, anchors_dir, tokenizer, replay=replay, replay_text=replay_text)
     except K2Error as e:
         verify_error = str(e)
     except Exception as e:  # noqa: BLE001  verify's own bug on an odd ledger: show it, still render the ledger
         verify_error = f"verify raised {type(e).__name__}: {e}"
     data = {"header": ledger.header, "steps": ledger.steps, "footer": ledger.footer, "status": ledger.status,
-            "notes": ledger.notes}
+            "notes": ledger.notes, "text_verified": _text_verified(report)}
     if vindex is not None:
         data["features"] = _features(ledger, report, Path(vindex), anchors_dir)
     title = page_title(ledger.header)

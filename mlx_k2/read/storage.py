@@ -34,12 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import blake3
+
 from ..errors import K2Error
 
 METHODS = ("pread", "mmap", "direct")
 ALIGN = 4096  # direct I/O: buffer address, file offset and length multiples of this (safe on every filesystem)
 CHUNK_BYTES = 8 << 20  # large requests are read in 8 MiB pieces so several are in flight at once
 INLINE_BYTES = 1 << 20  # smaller requests are read on the calling thread: a pool hand-off costs more
+SMALL_DIGEST = 64 << 10  # a buffer under this is hashed when consumed, on the consuming thread
 
 # A fault hook for tests: (path, offset, length, attempt) -> None, or raise OSError, or return a shorter
 # length to simulate a short read.
@@ -69,21 +72,23 @@ class ByteRange(NamedTuple):
 
 
 class PendingRead:
-    """Reads in flight into one buffer. `wait()` returns when all have landed, or raises ReadError."""
+    """Reads in flight into one buffer. `wait()` returns when all have landed, or raises ReadError. Asked
+    for (`Storage.submit(digest=True)`), `digest.result()` is the BLAKE3 of the buffer once it has landed."""
 
-    def __init__(self, pieces: list[Future]):
-        self._pieces = pieces
+    def __init__(self, pieces: list[Future], digest: "Future | Hashed | None" = None):
+        self.pieces = pieces  # the pool's jobs; none where the read was made on the caller's thread
+        self.digest = digest
 
     def wait(self) -> None:
-        for piece in self._pieces:
+        for piece in self.pieces:
             piece.result()  # re-raises ReadError
 
     def cancel(self) -> None:
         """Stop the pieces not started yet and wait for the running ones (their buffer must outlive them);
         errors are dropped: nobody wants these bytes any more."""
-        for piece in self._pieces:
+        for piece in self.pieces:
             piece.cancel()
-        for piece in self._pieces:
+        for piece in self.pieces:
             if not piece.cancelled():
                 piece.exception()
 
@@ -159,38 +164,50 @@ class Storage:
         self._maps.clear()
 
     def submit(self, ranges: Sequence[ByteRange], dest: memoryview, what: str, ahead: bool = False,
-               inline: bool = True) -> PendingRead:
+               inline: bool = True, digest: bool = False) -> PendingRead:
         """Read `ranges` back to back into `dest` (bytes). `what` names the request in errors.
 
         Requests under INLINE_BYTES are read on the calling thread before this returns, unless `ahead`
         (the caller issues them before it needs them and must not wait) or not `inline` (one request of
         many the caller issues together: a routed expert's scales, 0.9 MB each in K2.5, read inline from a
         cold disk held the computing thread for every one of them): then they are one pool job.
-        Larger requests go to the pool in CHUNK_BYTES pieces."""
+        Larger requests go to the pool in CHUNK_BYTES pieces. With `digest`, `dest` is hashed where its last
+        byte lands: by the job itself where there is one (its result), else by the thread that lands the
+        last piece (`_digest_after`)."""
         total = sum(r.length for r in ranges)
         if total < INLINE_BYTES:
             if ahead or not inline:
-                return PendingRead([self._pool.submit(ahead, self._read_all, ranges, dest, what)])
-            self._read_all(ranges, dest, what)
-            return PendingRead([])
-        pieces, at = [], 0
+                job = self._pool.submit(ahead, self._read_all, ranges, dest, what, digest)
+                return PendingRead([job], job if digest else None)
+            return PendingRead([], self._read_all(ranges, dest, what, digest))
+        parts, at = [], 0
         for r in ranges:
             # Pieces after the first start at page-aligned file offsets: a direct read of each covers all
             # of its aligned bytes, and only the range's own edges are read buffered.
             first = CHUNK_BYTES - r.offset % ALIGN
             for start in [0, *range(first, r.length, CHUNK_BYTES)]:
                 n = min(first if start == 0 else CHUNK_BYTES, r.length - start)
-                pieces.append(self._pool.submit(ahead, self._read_into, r.path, r.offset + start,
-                                                dest[at + start:at + start + n], what))
+                parts.append((r.path, r.offset + start, dest[at + start:at + start + n]))
             at += r.length
-        return PendingRead(pieces)
+        if len(parts) == 1:  # one job: it hashes what it read
+            job = self._pool.submit(ahead, self._read_all, ranges, dest, what, digest)
+            return PendingRead([job], job if digest else None)
+        pieces = [self._pool.submit(ahead, self._read_into, path, offset, view, what) for path, offset, view in parts]
+        return PendingRead(pieces, _digest_after(pieces, dest) if digest else None)
 
     # ------------------------------------------------------------------ one range, retried
-    def _read_all(self, ranges: Sequence[ByteRange], dest: memoryview, what: str) -> None:
+    def _read_all(self, ranges: Sequence[ByteRange], dest: memoryview, what: str,
+                  digest: bool = False) -> "Hashed | None":
         at = 0
         for r in ranges:
             self._read_into(r.path, r.offset, dest[at:at + r.length], what)
             at += r.length
+        if not digest:
+            return None
+        # a small buffer is hashed by whoever asks first (the computing thread, when it consumes the bytes:
+        # ~2 us for 4 KB), not here: a reading thread holding the GIL for it slowed a step of the small
+        # default checkpoint's thousands of tensors by a third
+        return Deferred(dest) if len(dest) < SMALL_DIGEST else Hashed(blake3.blake3(dest).digest())
 
     def _read_into(self, path: Path, offset: int, buf: memoryview, what: str) -> None:
         """Fill `buf` from absolute file `offset`, retrying failures; raises ReadError at the end."""
@@ -341,6 +358,52 @@ class Storage:
                     m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._maps[path] = m
             return m
+
+
+class Deferred:
+    """The digest of a small buffer, made on first `result()` (the consumer calls it while the bytes are
+    still the read's: before the buffer may be reused)."""
+
+    def __init__(self, view: memoryview):
+        self._view, self._digest = view, None
+
+    def result(self) -> bytes:
+        if self._digest is None:
+            self._digest, self._view = blake3.blake3(self._view).digest(), None
+        return self._digest
+
+    def done(self) -> bool:
+        return True
+
+
+class Hashed(bytes):
+    """A digest already made (of a read done on the caller's thread, or as a job's result): read like the
+    Future of one, `result()`."""
+
+    def result(self) -> bytes:
+        return bytes(self)
+
+
+def _digest_after(pieces: list[Future], view: memoryview) -> Future:
+    """The BLAKE3 of `view` once every piece filling it has landed, made by the thread that lands the last
+    one (BLAKE3 releases the GIL). A read that fails or is cancelled gets no digest: the future holds the
+    error."""
+    digest: Future = Future()
+    left, lock = [len(pieces)], threading.Lock()
+
+    def landed(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        if any(p.cancelled() or p.exception() is not None for p in pieces):
+            digest.set_exception(RuntimeError("the read was cancelled or failed"))
+        else:
+            digest.set_result(blake3.blake3(view).digest())
+
+    for piece in pieces:
+        piece.add_done_callback(landed)
+    return digest
 
 
 def _no_read_ahead(fd: int) -> None:

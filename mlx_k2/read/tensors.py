@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future
 
 import mlx.core as mx
 import numpy as np
 
 from .arena import PAGE, Arena
+from .content import ContentLog, rows_label
 from ..checkpoint.shards import Checkpoint, TensorInfo
 from ..errors import CheckpointError
 from .slab import ExpertSlab
-from .storage import ByteRange, PendingRead, Storage
+from .storage import ByteRange, Deferred, Hashed, PendingRead, Storage
 from .weight_cache import WeightCache
 
 # safetensors dtype -> the MLX dtype an array holding its bytes is allocated as (bf16 is viewed afterwards;
@@ -55,14 +57,20 @@ SLOTS_IN_FLIGHT = 16
 class PendingTensor:
     """An array whose bytes are on their way, in parts (a stack's tensors, one part each; else one part).
     `wait()` returns it once every part has landed; `wait_part(i)` waits for one. Each part's bytes are
-    counted as consumed once, when first waited for."""
+    counted as consumed once, when first waited for, and logged by content (`content.py`) under its label
+    (`labels`, one per part) with the digest its read made."""
 
     def __init__(self, reader: "TensorReader", array: mx.array, reads: list[PendingRead], nbytes: int, dtype: str,
-                 slot: int | None, own: bool = False):
+                 slot: int | None, own: bool = False, labels: list[str] = ()):
         self._reader, self._reads, self._nbytes, self.slot = reader, reads, nbytes, slot
         self.own = own  # in an array of its own (for the cache), not in the slot's arena
         self.array = array.view(mx.bfloat16) if dtype == "BF16" else array  # read it only after waiting
         self._waited = [False] * len(reads)
+        self._digests = [read.digest for read in reads] if reader.content is not None else []
+        self._labels = list(labels)
+        # a digest made after its read has landed (by the thread landing a large read's last piece): its
+        # buffer must not be reused before it is made
+        reader.hashing += [(slot, read.digest) for read in reads if len(read.pieces) > 1 and read.digest]
 
     def wait_part(self, i: int) -> None:
         if not self._waited[i]:
@@ -71,6 +79,8 @@ class PendingTensor:
             self._reader.wait_s += time.perf_counter() - started
             self._waited[i] = True
             self._reader.bytes_read += self._nbytes // len(self._reads)
+            if self._digests:
+                self._reader.content.consume([(self._labels[i], _made(self._digests[i]))], remember=self.own)
 
     def peek(self) -> mx.array:
         """The array once its bytes have landed, without consuming them (nothing is counted)."""
@@ -94,8 +104,11 @@ class TensorReader:
     """Tensors of one checkpoint by name. Owns its storage (closed with it) and its two arenas."""
 
     def __init__(self, checkpoint: Checkpoint, storage: Storage, reuse: bool = True, cache: WeightCache | None = None,
-                 record: bool = False, hold: bool = False):
+                 record: bool = False, hold: bool = False, digests: bool = True):
         self.checkpoint = checkpoint
+        # what the computations read, by content (off only for the benchmark that measures what it costs)
+        self.content = ContentLog() if digests else None
+        self.hashing: list[tuple[int | None, Future]] = []  # (slot, digest) until the slot's memory may be reused
         self.storage = storage
         self.reuse = reuse and not hold  # held arrays outlive the step: never in reused buffers
         self.cache = cache
@@ -116,6 +129,14 @@ class TensorReader:
     def close(self) -> None:
         self.drop_prefetched()
         self.storage.close()
+        self._hashed(None)
+
+    def _hashed(self, slot: int | None) -> None:
+        """Wait until every digest of `slot`'s reads (None: of any) is made: its buffers may be reused then."""
+        for s, digest in self.hashing:
+            if (slot is None or s == slot) and not digest.done():
+                digest.exception()  # waits; a failed read's digest holds its error, nobody needs it
+        self.hashing = [(s, d) for s, d in self.hashing if not (slot is None or s == slot)]
 
     def _note(self, *request) -> None:
         if self.requests is not None:
@@ -158,6 +179,7 @@ class TensorReader:
     def release(self, slot: int) -> None:
         """Everything computed from `slot`'s tensors has been evaluated: its arena may be overwritten."""
         self._note("release", slot)
+        self._hashed(slot)
         if self.cache is not None:
             for entry in [e for e in self._keep if e[0] == slot]:
                 evicted: list[str] = []
@@ -182,6 +204,7 @@ class TensorReader:
         """Between steps (or after a step was abandoned): cancel reads issued ahead, free both arenas. Bytes
         meant for the cache whose slot was never released are dropped (their computation did not finish)."""
         self._note("end_step")
+        self._hashed(None)
         self._keep.clear()
         for pending in self._unnamed_ahead:
             pending.cancel()
@@ -237,6 +260,8 @@ class TensorReader:
             taken = self._slab_buffers([self.checkpoint.info(g[0]) for g in groups])
             if taken is not None:
                 self._in_slot[expert], buffers = (slot, taken[0]), taken[1]
+            if self.content is not None:
+                self.content.name_key(expert, [g[0] for g in groups])
         stacks = self._start_stacks(groups, slot, ahead, own, inline=False, buffers=buffers)
         if ahead:
             self._unnamed_ahead += stacks
@@ -265,10 +290,11 @@ class TensorReader:
             for g, (infos, _, dest) in enumerate(stacks):
                 if u < len(infos):
                     info, n = infos[u], infos[u].nbytes
-                    reads[g].append(self.storage.submit([ByteRange(info.path, info.offset, n)],
-                                                        dest[u * n:(u + 1) * n], f"tensor {info.name}", ahead,
-                                                        inline))
-        return [PendingTensor(self, arr, reads[g], sum(i.nbytes for i in infos), infos[0].dtype, slot, own)
+                    reads[g].append(self.storage.submit([ByteRange(info.path, info.offset, n)], dest[u * n:(u + 1) * n],
+                                                        f"tensor {info.name}", ahead, inline,
+                                                        self.content is not None))
+        return [PendingTensor(self, arr, reads[g], sum(i.nbytes for i in infos), infos[0].dtype, slot, own,
+                              [i.name for i in infos])
                 for g, (infos, arr, _) in enumerate(stacks)]
 
     def prefetch(self, names: list[str], slot: int | None = None) -> None:
@@ -293,6 +319,8 @@ class TensorReader:
         arrays = None if self.cache is None else self.cache.get(key, expert)
         if arrays is not None:
             self.bytes_cached += nbytes
+            if self.content is not None:
+                self.content.serve(key)
         return arrays
 
     def peek(self, name: str, slot: int) -> mx.array:
@@ -365,11 +393,21 @@ class TensorReader:
         starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)
         ends = np.append(starts[1:], len(ids))
         ranges = [ByteRange(info.path, info.offset + int(ids[i]) * rb, int(j - i) * rb) for i, j in zip(starts, ends)]
-        read = self.storage.submit(ranges, dest, f"tensor {name}", ahead)
-        pending = PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot, own)
+        read = self.storage.submit(ranges, dest, f"tensor {name}", ahead, digest=self.content is not None)
+        pending = PendingTensor(self, arr, [read], rb * len(rows), info.dtype, slot, own, [rows_label(name, rows)])
         if ahead:
             self._unnamed_ahead.append(pending)
         return pending
+
+
+def _made(digest):
+    """A consumed part's digest as the log keeps it: made now where it is small (storage.Deferred: its bytes
+    are still the read's), the digest itself where its read job made it, or the future a large read's last
+    piece will fulfil."""
+    if isinstance(digest, Future) and digest.done() and not digest.cancelled() and digest.exception() is None:
+        digest = digest.result()  # the read job's own result, or a large read's digest, made since
+        digest = digest if isinstance(digest, (Hashed, Deferred)) else Hashed(digest)
+    return Hashed(digest.result()) if isinstance(digest, Deferred) else digest
 
 
 def _unstack(stack: mx.array) -> mx.array:

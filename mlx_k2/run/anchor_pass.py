@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evidence.anchors import (Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values,
+from ..evidence.anchors import (WEIGHTS, Anchor, Row, compare, find_anchor, load_anchors, model_signature, observed_values,
                                 reproduced)
 from ..evidence.events import LayerDone, Progress, StepDone
 from .distributed import Link
@@ -28,6 +28,7 @@ class AnchorReport:
     non_perturbation: list[Row]
     anchor: Anchor | None
     rows: list[Row]
+    content: str | None = None     # the checkpoint's content identity where this copy is digested
 
     @property
     def non_perturbing(self) -> bool:
@@ -75,10 +76,11 @@ def run_anchor_pass(model_dir: Path, prompt_ids: list[int], spec: RunSpec, ancho
             finally:
                 on_model.close()
             identity, signature, platform = model.checkpoint.identity(), model_signature(model.config), model.platform
+            content = model.identity()["content_blake3"]
     finally:
         model.close()
     non_perturbation = [Row(f, off[f], on[f], off[f] == on[f], "capture off vs on, bit for bit")
-                        for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read")]
+                        for f in ("token_id", "hidden_digest", "logits_digest", "bytes_read", WEIGHTS)]
     anchor = find_anchor(load_anchors(anchors_dir), identity, signature, prompt_ids, platform)
     rows = compare(anchor, off, platform) if anchor else []
-    return AnchorReport(identity, signature, platform, off, on, non_perturbation, anchor, rows)
+    return AnchorReport(identity, signature, platform, off, on, non_perturbation, anchor, rows, content)

@@ -223,7 +223,7 @@ class ChatSession:
             raise UsageError(f"{self.ledger_path}: cannot write the ledger ({e.strerror})") from None
         chat = {"max_reply_tokens": self.max_reply_tokens, "stop_ids": sorted(self.stop_ids)}
         run = spec.header_run(prompt_ids, self.max_reply_tokens, versions(), model.platform, chat=chat)
-        writer.write(header_record(model_record(self.dir, model.checkpoint.identity(), model.config), run))
+        writer.write(header_record(model_record(self.dir, model.identity(), model.config), run))
         self.evidence = [LedgerSink(writer, self.tokenizer, turns=True), *([bundle] if bundle else [])]
 
     # ------------------------------------------------------------------------------------------------ end

@@ -278,7 +278,7 @@ def _step(model: Model, plan: RankPlan, meta: dict, arrays: dict, kv: KVCache | 
         x = _returned(model.own_layers(watch, x, length, past, states))  # the watch keeps the LayerDones
         if last:
             hidden, logits = model.head(x)
-    metas, layer_arrays = layers_message(watch.layers)
+    metas, layer_arrays = layers_message(watch.finished_layers())
     offset = len(meta["layers"])
     previous = dict(arrays)  # the ranks before this one's layer arrays
     moved = {f"{int(k.split('.', 1)[0]) + offset}.{k.split('.', 1)[1]}": v for k, v in layer_arrays.items()}

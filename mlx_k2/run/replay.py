@@ -1,18 +1,17 @@
 """Re-execute what a ledger claims: chosen steps, from the checkpoint and each step's recorded input ids.
 
-A no-KV step depends only on the checkpoint and its input ids, so each chosen step is run again alone
-through `runner.Model.step` exactly as the run ran it (same capture, the same kernels where this install
-has them, the header's device where this machine has it) and turned into a step record and bundle tensors
-by the run's own builders. A KV-cache step depends on the attention state of the steps before it, so a
-KV run is re-executed from step 0 in order, up to the last chosen step, with one `runner.KVCache`, each
-step from its recorded input ids (the recorded context, not re-generated tokens); only the chosen steps are
-compared.
-
-How a step's bytes split into `bytes_read` and `bytes_cached` depends on what the weight cache holds. A KV
-run replayed from step 0 on a fresh cache of the header's budget and eviction policy (`run.expert_cache_bytes`,
-`run.cache_policy`) fills it as the run did, so both reproduce exactly; a step of a cached run without a KV
-cache is replayed alone, with no cache, and only their sum (the bytes the step consumed) is comparable, as
-it is where the header does not record the policy: the Replay says which (`bytes_split`). What it ran on
+A no-KV step's computation depends only on the checkpoint and its input ids, so without a weight cache each
+chosen step is run again alone through `runner.Model.step` exactly as the run ran it (same capture, the same
+kernels where this install has them, the header's device where this machine has it) and turned into a step
+record and bundle tensors by the run's own builders. A KV-cache step depends on the attention state of the
+steps before it, and how any step's bytes split into `bytes_read` and `bytes_cached` on what the weight
+cache holds: so a KV run, or a run with a weight cache, is re-executed from step 0 in order, up to the last
+chosen step, with one `runner.KVCache` (where it had one) and a fresh weight cache of the header's budget and
+eviction policy (`run.expert_cache_bytes`, `run.cache_policy`), each step from its recorded input ids (the
+recorded context, not re-generated tokens), and every step re-executed is compared: the caches fill as the
+run's did, so both byte counts reproduce exactly. Where they cannot, a header without the policy (a ledger
+from before schema 4) or a pipelined run's caches (one per rank), only their sum (the bytes the step
+consumed) is compared, and the Replay says so and why (`bytes_split`). What it ran on
 and the opened checkpoint's identity go with them; comparing is `evidence.replayed.compare_replay` (no MLX). `choose_steps` reads `all`, `0,2,4` or a random sample.
 Prints nothing: `on_step` hears about each chosen step as it finishes.
 """
@@ -61,13 +60,11 @@ def choose_steps(spec: str | None, sample: int | None, n_steps: int, rng: random
 
 def _bytes_split(run: dict) -> tuple[bool, str]:
     """(whether the re-execution reproduces the run's bytes_read / bytes_cached split, why not). The weight
-    cache re-executed with is a fresh one of the header's budget and policy (`RunSpec.from_header`)."""
+    cache re-executed with is a fresh one of the header's budget and policy (`RunSpec.from_header`), filled
+    by the steps from step 0 in order, as the run filled it."""
     if header_budget(run) == 0:
         return True, ""
-    if run.get("kv_cache") is not True:
-        return False, ("a step without a KV cache is re-executed alone, with no weight cache, so only "
-                       "bytes_read + bytes_cached is compared")
-    if run.get("cache_policy") is None:
+    if run.get("cache_policy") is None:  # a ledger from before the field (schema 4 requires it)
         return False, ("the header does not record the weight cache's eviction policy, so only "
                        "bytes_read + bytes_cached is compared")
     if run.get("distributed") is not None:
@@ -112,17 +109,19 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
     mx.set_default_device(model.spec.mx_device)
     try:
         started, spec = time.perf_counter(), model.spec
-        identity = {k: v for k, v in model_record(model.dir, model.checkpoint.identity(), model.config).items()
+        identity = {k: v for k, v in model_record(model.dir, model.identity(), model.config).items()
                     if k != "path"}
         platform = model.platform
         split, why = _bytes_split(run)
         out = Replay(str(model.dir), identity, platform, [], 0.0, spec.kv_cache, split, why)
         model_keys = ("config_blake3", "index_blake3", "num_layers", "vocab_size", "hidden_size")
         recorded = header.get("model") if isinstance(header.get("model"), dict) else {}
-        if any(k in recorded and recorded[k] != identity[k] for k in model_keys):
+        contents = recorded.get("content_blake3"), identity.get("content_blake3")
+        if any(k in recorded and recorded[k] != identity[k] for k in model_keys) or \
+                (None not in contents and contents[0] != contents[1]):
             return out  # another checkpoint: compare_replay says so, and nothing is worth running
         by_step, tokenizer = {s.get("step"): s for s in steps}, load_tokenizer(model.dir)
-        if spec.kv_cache:
+        if spec.kv_cache or spec.cache_bytes > 0:
             kv = _replay_in_order(model, by_step, chosen, tokenizer, out, on_step, set(cache_restarts))
             if kept_kv is not None and kv is not None and max(chosen, default=-1) == len(steps) - 1:
                 out.kept_kv = kept_kv_differences(kept_kv, kv.to_numpy())
@@ -151,12 +150,14 @@ def _replay_alone(model: Model, by_step: dict, chosen: list[int], tokenizer, out
 def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, out: Replay,
                      on_step: Callable[[ReplayedStep, float], None] | None,
                      restarts: set[int] = frozenset()) -> KVCache | None:
-    """A KV-cache run: steps 0 .. max(chosen) in order with one KV cache, each from its recorded input ids;
-    the chosen ones are kept. A step that cannot run leaves the cache unusable for every later one. At each
-    of `restarts` the steps go on in a fresh Model over the same checkpoint: an empty weight cache, as the
-    resumed process had. Returns the KV cache after the last step run (None where one failed)."""
-    wanted, current = set(chosen), model
-    kv = KVCache(model.config.text.num_hidden_layers)
+    """A KV-cache run, or a run whose weight cache's state each step depends on: steps 0 .. max(chosen) in
+    order with one KV cache (where the run had one) and one weight cache, each from its recorded input ids;
+    every step re-executed is kept and compared, not only the chosen ones. A step that cannot run leaves the
+    caches unusable for every later one. At each of `restarts` the steps go on in a fresh Model over the same
+    checkpoint: an empty weight cache, as the resumed process had. Returns the KV cache after the last step
+    run (None where one failed, or without one)."""
+    current = model
+    kv = KVCache(model.config.text.num_hidden_layers) if model.spec.kv_cache else None
     held: list[int] = []      # the context the KV cache holds the state of
     broken = ""               # why the steps after a failed one cannot run
     t0 = time.perf_counter()
@@ -171,7 +172,7 @@ def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, 
         else:
             try:
                 ids = _step_ids(by_step.get(k), k, model)
-                if ids[:len(held)] != held or len(ids) <= len(held):
+                if kv is not None and (ids[:len(held)] != held or len(ids) <= len(held)):
                     raise UsageError(f"step {k}: input_ids do not extend step {k - 1}'s, so no KV cache holds "
                                      "their state")
                 turn = "appended_ids" in (by_step.get(k) or {})  # a chat's turn: what it appended after held
@@ -180,11 +181,10 @@ def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, 
             except K2Error as e:
                 broken = str(e)
                 done = ReplayedStep(k, None, None, broken)
-        if k in wanted:
-            out.steps.append(done)
-            if on_step is not None:
-                on_step(done, time.perf_counter() - t0)
-            t0 = time.perf_counter()
+        out.steps.append(done)
+        if on_step is not None:
+            on_step(done, time.perf_counter() - t0)
+        t0 = time.perf_counter()
     if current is not model:
         current.close()
     return None if broken else kv

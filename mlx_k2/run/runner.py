@@ -21,6 +21,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Protocol
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoint.config import ModelConfig, load_config
+from ..checkpoint.content import known_content
 from ..checkpoint.inventory import layer_step_bytes
 from ..checkpoint.shards import Checkpoint
 from ..checkpoint.validate import validate
@@ -38,6 +40,8 @@ from ..evidence.schema import PLATFORM_BOUND
 from ..model.forward import LatentKV, LayerResult, Routing, decoder_layer, rms_norm, rope_tables, route
 from ..model.linear import Linear, linear
 from ..model.weights import WeightFetcher
+from ..read.content import pieces_digest, resolve
+from .finite import fail_if_non_finite
 from ..read.storage import FaultHook, Storage
 from ..read.tensors import TensorReader
 from ..read.weight_cache import WeightCache
@@ -116,6 +120,11 @@ class Model:
     @property
     def kernels(self) -> str:
         return self.spec.kernels
+
+    def identity(self) -> dict[str, str | None]:
+        """The checkpoint's identity as a ledger header names it: config and index BLAKE3, and its content
+        identity where `mlx-k2 checkpoint digest` has digested this copy (checkpoint/content.py; else None)."""
+        return {**self.checkpoint.identity(), "content_blake3": known_content(self.checkpoint)}
 
     @property
     def platform(self) -> dict[str, str]:
@@ -302,6 +311,12 @@ class StepWatch:
         self.started, self.bytes_at_start = time.perf_counter(), reader.bytes_read
         self.cached_at_start, self.wait_at_start = reader.bytes_cached, reader.wait_s
         self.layers: list[LayerDone] = []
+        # What the step read, by content (read/content.py): each layer's pieces, and the step's own (the rest)
+        self.content = reader.content
+        if self.content is not None:
+            self.content.restart()  # the log holds one step's pieces at a time
+        self.step_mark = 0
+        self.layer_pieces: dict[int, tuple[int, int]] = {}  # layer -> its range of the content log
 
     def start(self, x: mx.array) -> None:
         self.residual = np.array(x[-1]) if self.capture else None  # what enters layer 0
@@ -309,6 +324,7 @@ class StepWatch:
     def layer_start(self) -> None:
         self.layer_started, self.layer_bytes = time.perf_counter(), self.reader.bytes_read
         self.layer_cached = self.reader.bytes_cached
+        self.layer_mark = None if self.content is None else self.content.mark()
 
     def layer_done(self, i: int, x: mx.array, routing: Routing | None, moe_input: mx.array | None = None) -> LayerDone:
         residual_in = self.residual
@@ -332,15 +348,39 @@ class StepWatch:
             # the routing evaluated moe_input already: this copies its last row, it computes nothing new
             moe_input=None if observed is None or moe_input is None else np.array(moe_input[-1], np.float32),
             rank=self.rank)
+        if self.content is not None:
+            self.layer_pieces[i] = (self.layer_mark, self.content.mark())
+        if not mx.all(mx.isfinite(x)).item():  # x is evaluated: one reduction beside the computation, not in it
+            first = not self.layers  # the first layer's input is the embedding rows: its suspects too
+            labels = [] if self.content is None else \
+                [label for label, _ in self.content.since(self.step_mark if first else self.layer_mark)]
+            fail_if_non_finite(np.array(x, np.float32), f"step {self.step} layer {i}", self.reader.checkpoint, labels)
         self.layers.append(done)
         return done
+
+    def finished_layers(self) -> list[LayerDone]:
+        """The layers so far, this process's with the digest of the weights each read (`weights_blake3`,
+        waiting for the last digests if they are still being made: never before the step is computed)."""
+        return [replace(done, weights_blake3=resolve(self.content.since(*self.layer_pieces[done.layer])))
+                if done.layer in self.layer_pieces and done.weights_blake3 is None else done for done in self.layers]
+
+    def _rest_pieces(self) -> list[list[str]]:
+        """[label, digest hex] of what this process read for the step outside its layers (embedding rows,
+        final norm, lm_head), in the order it was consumed."""
+        if self.content is None:
+            return []
+        inside = {n for lo, hi in self.layer_pieces.values() for n in range(lo, hi)}
+        pieces = self.content.since(self.step_mark)
+        return [[label, future.result().hex()] for n, (label, future) in enumerate(pieces, self.step_mark)
+                if n not in inside]
 
     def totals(self) -> dict[str, int | float]:
         """What this process read, took from its weight cache, holds in it and waited for since the step began."""
         cache = self.reader.cache
         return {"bytes_read": self.reader.bytes_read - self.bytes_at_start,
                 "bytes_cached": self.reader.bytes_cached - self.cached_at_start,
-                "cache_held": 0 if cache is None else cache.held, "reads_s": self.reader.wait_s - self.wait_at_start}
+                "cache_held": 0 if cache is None else cache.held, "reads_s": self.reader.wait_s - self.wait_at_start,
+                "weights": self._rest_pieces()}  # lists: the ranks' add up to all of them
 
     def step_done(self, input_ids: list[int], positions: int, hidden: np.ndarray, logits: np.ndarray, token: int,
                   others=None) -> StepDone:
@@ -349,11 +389,15 @@ class StepWatch:
         totals = self.totals()
         for other in () if others is None else others.totals:
             totals = {k: totals[k] + other[k] for k in totals}
+        fail_if_non_finite(logits, f"step {self.step} final norm and lm_head", self.reader.checkpoint,
+                           [label for label, _ in totals["weights"]])
+        rest = None if self.content is None else \
+            pieces_digest([(label, bytes.fromhex(digest)) for label, digest in totals["weights"]])
         return StepDone(step=self.step, input_ids=tuple(input_ids), token_id=token, logit=float(logits[token]),
                         hidden=hidden, logits=logits, bytes_read=totals["bytes_read"],
-                        wall_s=time.perf_counter() - self.started, layers=tuple(self.layers), positions=positions,
-                        bytes_cached=totals["bytes_cached"], cache_held=totals["cache_held"],
-                        reads_s=totals["reads_s"])
+                        wall_s=time.perf_counter() - self.started, layers=tuple(self.finished_layers()),
+                        positions=positions, bytes_cached=totals["bytes_cached"], cache_held=totals["cache_held"],
+                        reads_s=totals["reads_s"], weights_blake3=rest)
 
 
 def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True,

@@ -111,7 +111,7 @@ def run(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, spec:
                 raise UsageError(f"{ledger_path}: cannot write the ledger ({e.strerror})") from None
             identity = model.checkpoint.identity()
             distributed = None if stage is None else stage.header()
-            writer.write(header_record(model_record(model_dir, identity, model.config),
+            writer.write(header_record(model_record(model_dir, model.identity(), model.config),
                                        spec.header_run(prompt_ids, max_new_tokens, versions(), mine.platform, distributed)))
             ledger = LedgerSink(writer, tokenizer or load_tokenizer(model_dir))
             return _drive(mine, stage, identity, ledger, bundle, list(prompt_ids), 0, max_new_tokens, sinks,

@@ -89,8 +89,9 @@ class RunSpec:
     def from_header(cls, run: dict[str, Any], device: str | None = None, read: ReadPolicy = ReadPolicy(),
                     lookahead: bool | None = None, replay: bool = False, kernels: str | None = None) -> RunSpec:
         """The settings a ledger header's `run` recorded, for resuming it (`replay` False: a device or kernels
-        this machine lacks is a one-line error) or re-executing it (`replay`: the nearest this machine has,
-        and a step without a KV cache is run alone, so with no weight cache). `device` asks for a device and,
+        this machine lacks is a one-line error) or re-executing it (`replay`: the nearest this machine has; a
+        run without a KV cache whose cache cannot be rebuilt as it was, one without a recorded policy or
+        pipelined, is re-executed step by step alone, so with no weight cache). `device` asks for a device and,
         in a replay, `kernels` (resolved kernels) for other kernels than the recorded ones."""
         kv_cache = run.get("kv_cache") is True
         budget = header_budget(run)
@@ -103,7 +104,8 @@ class RunSpec:
                 kernels = kernels or choose_kernels(wanted, dev)
             except K2Error:  # not built here: the default, and the comparison says the kernels differ
                 kernels = choose_kernels(None, dev)
-            budget = budget if kv_cache else 0
+            if not kv_cache and (run.get("cache_policy") not in POLICIES or run.get("distributed") is not None):
+                budget = 0  # steps re-executed alone: a cache unlike the run's would serve nothing comparable
         else:
             dev = select_device(device or run.get("device"))
             if dev != run.get("device"):

@@ -30,6 +30,7 @@ import numpy as np
 from ..checkpoint import names
 from ..checkpoint.safetensors_write import Lazy, e4m3_values, save, to_bf16
 from ..checkpoint.tokenizer import SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS
+from ..checkpoint.user_cache import cache_root
 from .chat_templates import KIMI_K25
 
 BOS, EOS, PAD = 163584, 163585, 163839
@@ -414,11 +415,6 @@ def write_synthetic(path: str | Path, seed: int = 0, spec: SynthSpec = SynthSpec
             progress("building the default checkpoint", i, n_shards)
     write_index_and_config(path, spec, weight_map, total, seed)
     return path
-
-
-def cache_root() -> Path:
-    root = os.environ.get("MLX_K2_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "mlx_k2"
 
 
 def default_checkpoint_name(seed: int = 0) -> str:

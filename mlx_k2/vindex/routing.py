@@ -1,8 +1,11 @@
 """Phase 3 of the vindex: routing statistics from the ledgers and bundles the product wrote
 (`phase3_routing_stats.json`), where the seed's builder ran live inference on 8 GPUs.
 
-Every input is first checked with `verify` (structure, chain, manifest, tensors, recomputed values; no
-model, no MLX): one that fails a check is refused with one line naming the file and the check. All inputs
+Every input is first checked with strict `verify` (structure, chain, manifest, tensors, recomputed values,
+step 0 and the header's model facts against the anchor; no model, no MLX): one that fails a check is refused
+with one line naming the file and the check, and one that verify does not prove (no anchor applies, an
+anchor compared only in part or that does not pin the model facts the counts rely on) is refused with one
+line saying why, unless `lenient`. token_text, which the statistics never use, need not have been checked. All inputs
 must be runs of one checkpoint (the header's config and index BLAKE3), each given once (a run is its header
 line: the same header twice is the same run).
 
@@ -72,12 +75,15 @@ class _Layer:
     c2: list[float] = field(default_factory=list)      # one per position with every expert's score saved
 
 
-def _refuse_damaged(path: Path, anchors_dir: Path | None) -> None:
+def _refuse_unverified(path: Path, anchors_dir: Path | None, lenient: bool) -> None:
     report = verify(path, anchors_dir)
     failed = [c for c in report.checks if c.ok is False]
     if failed:
         raise RoutingInputError(f"{path}: damaged, not counted (verify check {failed[0].name} fails: "
                                 f"{failed[0].detail})")
+    gaps = report.unproven(text=False)
+    if gaps and not lenient:
+        raise RoutingInputError(f"{path}: not proven, not counted ({gaps[0]}; --lenient counts it)")
 
 
 def _c2(scores: np.ndarray, experts: list[int]) -> float:
@@ -135,13 +141,14 @@ def _summary(values: list[float]) -> dict[str, Any] | None:
             "min": float(v[0]), "max": float(v[-1])}
 
 
-def routing_stats(paths: list[str | Path], anchors_dir: Path | None = None) -> dict[str, Any]:
-    """The phase 3 statistics (module docstring) of the runs at `paths` (ledger files or bundle directories)."""
+def routing_stats(paths: list[str | Path], anchors_dir: Path | None = None, lenient: bool = False) -> dict[str, Any]:
+    """The phase 3 statistics (module docstring) of the runs at `paths` (ledger files or bundle directories);
+    `lenient` counts runs that verify finds consistent but does not prove."""
     if not paths:
         raise RoutingInputError("give at least one ledger or bundle")
     runs = []
     for p in sorted((Path(p) for p in paths), key=str):
-        _refuse_damaged(p, anchors_dir)
+        _refuse_unverified(p, anchors_dir, lenient)
         runs.append((p, read_ledger(p)))
     first_path, first = runs[0]
     model = {k: first.header["model"].get(k) for k in SAME_MODEL}

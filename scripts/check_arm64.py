@@ -24,7 +24,7 @@ EXCLUDED = {"scipy"}
 BUILD_ONLY = ["nanobind"]
 
 RUNS = (("nokv", "3-step no-KV"), ("kv", "4-step KV"))
-LAYER_FIELDS = ("norm_in", "norm_out", "experts")
+LAYER_FIELDS = ("norm_in", "norm_out", "experts", "weights_blake3")  # and what each layer read, by content
 
 
 def mirror() -> int:
@@ -134,7 +134,7 @@ def _ulps(x: float, y: float) -> int:
 
 def _compare_step(a: dict, b: dict) -> tuple[list[str], list[str], int, int, bool]:
     """(differing fields, detail phrases, equal layers, layers, whether only the norms differ, by <= 2 ulp)."""
-    fields = [f for f in ("token_id", "hidden_digest", "logits_digest") if a.get(f) != b.get(f)]
+    fields = [f for f in ("token_id", "hidden_digest", "logits_digest", "weights_blake3") if a.get(f) != b.get(f)]
     la = {l["layer"]: l for l in a.get("layers") or []}
     lb = {l["layer"]: l for l in b.get("layers") or []}
     layers = sorted(set(la) | set(lb))
@@ -243,7 +243,8 @@ def compare(results: Path) -> int:
     for run, step, fields, _ in rows:
         for f in fields:
             where.setdefault(f, {}).setdefault(run, []).append(step)
-    ordered = [f for f in ("missing", "token_id", "hidden_digest", "logits_digest", *LAYER_FIELDS, "layers") if f in where]
+    ordered = [f for f in ("missing", "token_id", "hidden_digest", "logits_digest", *LAYER_FIELDS, "layers")
+               if f in where]
     spots = "; ".join(f"{f} at " + ", ".join(f"{run} steps {_ranges(v)}" for run, v in where[f].items())
                       for f in ordered)
     same = [f for f in ("token_id", "hidden_digest", "logits_digest", *LAYER_FIELDS) if f not in where]

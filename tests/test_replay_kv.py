@@ -177,6 +177,7 @@ def test_kv_header_without_the_cache_policy_compares_the_sum(bundles, opened_syn
     assert "run.cache_policy missing" in failed(verify(dropped, REPO_ANCHORS, tokenizer))["schema"]
 
 
+@pytest.mark.slow  # another policy of what test_kv_bundle_replays_bit_for_bit checks with lru (make test-all)
 def test_lfu_kv_run_replays_bit_for_bit(synth_dir, tokenizer, tmp_path):
     """The recorded policy is the one replay evicts by: an lfu run, whose cache evicts experts, reproduces its
     bytes_read and bytes_cached exactly."""
@@ -225,6 +226,7 @@ def test_cached_no_kv_bundle_with_a_byte_more_is_caught(bundles, opened_synth, t
     assert any(d.startswith(f"step 1 layer {EDIT_LAYER} bytes_cached: recorded ") for d in differences), differences
 
 
+@pytest.mark.slow  # the CLI path of test_cached_no_kv_bundle_replays_its_bytes_exactly (make test-all)
 def test_cli_replays_a_cached_no_kv_bundle(bundles, synth_dir, opened_synth, monkeypatch):
     share_opened_model(monkeypatch, opened_synth, "mlx_k2.run.replay.Model")   # the same files, no cache
     result = CliRunner().invoke(app, ["verify", str(bundles["no-kv"]), "--replay", "--model", str(synth_dir),

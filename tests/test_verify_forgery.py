@@ -483,8 +483,8 @@ def _without_weights(recs: list[dict]) -> None:
 
 
 def test_schema_2_bundle_still_verifies(ctx, tmp_path):
-    """A bundle whose header has no model facts (schema 2 as the first release wrote it): shapes checked
-    against step 0's, and it passes."""
+    """A bundle whose header has no model facts (schema 2 as the first release wrote it): the anchor's facts
+    stand in for them (the tensors' shapes checked against its widths), and it passes."""
     def to_schema_2(bundle, recs, c):
         _without_weights(recs)
         recs[0]["schema"] = "mlx-k2.ledger/2"
@@ -495,7 +495,23 @@ def test_schema_2_bundle_still_verifies(ctx, tmp_path):
     target = forged_copy(ctx, tmp_path, Forgery("schema 2", to_schema_2, ""))
     report = verify(target, ANCHORS, ctx["tokenizer"])
     assert report.ok and report.summary()[0], failed(report)
-    assert "shapes against step 0's" in report.check("tensors").detail
+    assert report.check("tensors").ok is True and report.check("layers").ok is True
+
+
+def test_a_header_relabelled_older_to_drop_its_facts_is_checked_by_the_anchors(ctx, tmp_path):
+    """Layer 1 made dense throughout, the header relabelled schema 2 and its model facts deleted (so it states
+    no first_k_dense_replace to contradict): the anchor's facts stand in for the header's, and `layers` fails."""
+    def downgraded(bundle, recs, c):
+        _moe_layers_as_dense(bundle, recs, c)
+        _without_weights(recs)
+        recs[0]["schema"] = "mlx-k2.ledger/2"
+        for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
+                     "moe_layer_freq", "tokenizer_blake3"):
+            del recs[0]["model"][name]
+
+    report = verify(forged_copy(ctx, tmp_path, Forgery("downgraded", downgraded, "layers")), ANCHORS,
+                    ctx["tokenizer"])
+    assert "first_k_dense_replace/moe_layer_freq make it moe" in failed(report)["layers"], failed(report)
 
 
 def _numpy_norm(v) -> float:

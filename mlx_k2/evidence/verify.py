@@ -176,6 +176,10 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     checks = [parse, schema, chain]
     if bundle:
         checks.append(_check_manifest(path, run, [r for r in records[1:] if r.get("kind") == "step"]))
+    anchor = _check_anchor(header, steps, anchors_dir)
+    # What the anchor pins of this checkpoint stands in for what a header leaves out (an older schema's, or
+    # one relabelled as older to drop them): the structural checks use the facts either way.
+    model = {**dict(anchor.pinned), **model}
     checks += [_check_context(run, steps), _check_totals(run, steps, footer), _check_layers(model, run, steps, version)]
     tensors: dict = {}
     if bundle:
@@ -184,7 +188,6 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
         checks.append(shapes)
     text_unchecked = _tokenizer_problem(model, steps, tokenizer)
     checks += _recomputed_checks(steps, tensors, bundle, tokenizer, text_unchecked, version, _sampling(run))
-    anchor = _check_anchor(header, steps, anchors_dir)
     checks += [anchor, _check_complete(model, run, steps, footer)]
     if footer is not None and "kv_cache" in footer:
         checks.append(_check_kept_kv(ledger.ledger_path, model, run, steps, footer["kv_cache"]))
@@ -798,6 +801,7 @@ class AnchorCheck(Check):
     state: str = "none"               # matched, partial, none, failed, no-steps
     anchor_name: str | None = None
     unpinned: tuple[str, ...] = ()    # header model facts (anchors.FACTS) the anchor does not pin
+    pinned: tuple[tuple[str, Any], ...] = ()  # the model facts it pins, (name in a header, value)
 
 
 # Header model facts and the anchor's `model` signature, by their names in each.
@@ -833,6 +837,7 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
             check.fail(f"header: model.{name} {model[name]!r}, but anchor {anchor.name} says this checkpoint "
                        f"has {value!r}")
     check.unpinned = tuple(name for name in (*SIGNATURE, *FACTS) if name in model and name not in pinned)
+    check.pinned = tuple(pinned.items())
     content = anchor.data.get(CONTENT)
     if content is not None and model.get(CONTENT) is not None and model[CONTENT] != content:
         check.fail(f"header: model.content_blake3 {str(model[CONTENT])[:16]}…, but anchor {anchor.name} was taken "

@@ -80,7 +80,11 @@ def reexecute(path: Path, model: Path | None, steps: str | None, sample: int | N
     if ledger.header is None:
         raise UsageError(f"{ledger.ledger_path}: no header, nothing to re-execute")
     chosen = choose_steps(steps, sample, len(ledger.steps))
-    echo(f"re-executing steps {', '.join(map(str, chosen)) or '(none)'} of {len(ledger.steps)} from {model_dir}")
+    in_order = ledger.header.get("run", {}) if isinstance(ledger.header.get("run"), dict) else {}
+    before = " (and every step before, in order: the KV or weight cache is rebuilt as the run built it)" \
+        if in_order.get("kv_cache") is True or in_order.get("expert_cache_bytes") else ""
+    echo(f"re-executing steps {', '.join(map(str, chosen)) or '(none)'} of {len(ledger.steps)} from {model_dir}"
+         f"{before}")
 
     def progress(done, seconds):
         what = f"{done.record.get('positions', len(done.record['input_ids']))} positions" if done.record else done.error

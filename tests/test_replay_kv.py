@@ -210,7 +210,7 @@ def test_cached_no_kv_bundle_replays_its_bytes_exactly(bundles, opened_synth, to
     assert report.ok and report.replay.exact and not report.replay.kv_cache, failed(report)
     line = report.summary()[1]
     assert line.startswith("re-executed 3/3 steps: identical (bit for bit") and SUMMED not in line, line
-    assert "not checked" not in line
+    assert "split" not in line
 
 
 def test_cached_no_kv_bundle_with_a_byte_more_is_caught(bundles, opened_synth, tokenizer, tmp_path):
@@ -268,3 +268,41 @@ def test_claims_replay_cannot_check_are_named():
     named = unchecked_claims({"content_blake3": "ab" * 32}, run, replay_)
     assert [n.split(" ")[:3] for n in named] == [["the", "bytes_read", "/"], ["which", "rank", "computed"],
                                                  ["the", "SIMD", "path"], ["the", "checkpoint's", "content"]]
+    # a header naming no content, steps naming no weights (a ledger relabelled as before schema 4)
+    older = unchecked_claims({"content_blake3": None}, {}, Replay("dir", {}, {}, [], 0.0), [{"step": 0}])
+    assert [n.split(" ")[:4] for n in older] == [["which", "copy", "of", "the"], ["the", "weights", "each", "step"]]
+
+
+class _FailAfter:
+    """A fault hook: every read of one shard fails once `after` reads have been made (a disk that went away)."""
+
+    def __init__(self, after: int, shard: str):
+        self.after, self.shard, self.reads = after, shard, 0
+
+    def __call__(self, path, offset, length, attempt):
+        self.reads += 1
+        if self.reads > self.after and path.name == self.shard:
+            raise OSError(5, "EIO")
+
+
+def test_a_resumed_cached_no_kv_run_replays_its_bytes(synth_dir, tokenizer, tmp_path):
+    """A run without a KV cache, with a weight cache, stopped by a failing disk and resumed: the resumed process
+    began with an empty cache, the footer says so (weight_cache_restarts), and the replay starts a fresh cache
+    there too, so every step's bytes_read and bytes_cached reproduce."""
+    import dataclasses
+
+    from mlx_k2.read.storage import ReadError, ReadPolicy
+    from mlx_k2.run.session import resume
+
+    ledger = tmp_path / "l.jsonl"
+    spec = dataclasses.replace(cpu_spec(cache_bytes=cache_budget(synth_dir)), read=ReadPolicy(retries=0))
+    with pytest.raises(ReadError):
+        run(synth_dir, PROMPT, N_STEPS, spec, ledger_path=ledger,
+            fault=_FailAfter(2 * 5000, "model-00031-of-000064.safetensors"))
+    done = resume(ledger, device="cpu")
+    assert done.status == "complete" and done.resumed_from >= 1
+    recs = [json.loads(line) for line in read_lines(ledger)]
+    assert recs[-1]["weight_cache_restarts"] == [done.resumed_from]
+    again = replay(recs[0], recs[1:-1], [N_STEPS - 1], synth_dir, cache_restarts=tuple(recs[-1]["weight_cache_restarts"]))
+    report = verify(ledger, REPO_ANCHORS, tokenizer, replay=again)
+    assert report.ok and report.replay.bytes_note == "", failed(report)

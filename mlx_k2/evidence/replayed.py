@@ -149,7 +149,7 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
                           replay.wall_s, kv_cache=replay.kv_cache,
                           bytes_note="" if replay.bytes_split else replay.bytes_note or "bytes compared as "
                                                                                      f"{SUMMED}")
-    report.unchecked = unchecked_claims(model, run, replay)
+    report.unchecked = unchecked_claims(model, run, replay, steps)
     if problems:
         return report
     report.kept_kv_compared = replay.kept_kv is not None and exact
@@ -185,7 +185,7 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
     return report
 
 
-def unchecked_claims(model: dict, run: dict, replay: Replay) -> list[str]:
+def unchecked_claims(model: dict, run: dict, replay: Replay, steps: list[dict] = ()) -> list[str]:
     """What the header claims that re-executing its steps here cannot confirm, each with why."""
     out = []
     if not replay.bytes_split:
@@ -201,6 +201,11 @@ def unchecked_claims(model: dict, run: dict, replay: Replay) -> list[str]:
     if model.get("content_blake3") is not None and replay.identity.get("content_blake3") is None:
         out.append("the checkpoint's content identity model.content_blake3 (this copy is not digested: run "
                    "mlx-k2 checkpoint digest --model DIR; each step's weights_blake3 was compared)")
+    elif model.get("content_blake3") is None:
+        out.append("which copy of the weights the run read (its header names no content identity: the run's copy "
+                   "was not digested; each step's weights are compared with the copy given here)")
+    if not all("weights_blake3" in s for s in steps):
+        out.append("the weights each step read (the ledger names none: a schema before 4)")
     return out
 
 

@@ -179,7 +179,6 @@ class TensorReader:
     def release(self, slot: int) -> None:
         """Everything computed from `slot`'s tensors has been evaluated: its arena may be overwritten."""
         self._note("release", slot)
-        self._hashed(slot)
         if self.cache is not None:
             for entry in [e for e in self._keep if e[0] == slot]:
                 evicted: list[str] = []
@@ -192,11 +191,13 @@ class TensorReader:
         for pending in [p for p in self._unnamed_ahead if p.slot == slot]:
             pending.cancel()  # a guess nobody used: its reads must end before the buffer is reused
         self._unnamed_ahead = [p for p in self._unnamed_ahead if p.slot != slot]
-        self._give_back_slots(slot)
         i = slot % 2
         if self._owner[i] == slot:
             for name in [n for n, p in self._ahead.items() if p.slot == slot]:
                 self._ahead.pop(name).cancel()  # never poison or overwrite a buffer a read is still filling
+        self._hashed(slot)  # after the cancels: a digest waits for every piece of its read to land or stop
+        self._give_back_slots(slot)
+        if self._owner[i] == slot:
             self._arenas[i].release()
             self._owner[i] = None
 
@@ -204,12 +205,12 @@ class TensorReader:
         """Between steps (or after a step was abandoned): cancel reads issued ahead, free both arenas. Bytes
         meant for the cache whose slot was never released are dropped (their computation did not finish)."""
         self._note("end_step")
-        self._hashed(None)
         self._keep.clear()
         for pending in self._unnamed_ahead:
             pending.cancel()
         self._unnamed_ahead.clear()
         self.drop_prefetched()
+        self._hashed(None)
         self._give_back_slots(None)
         for owner in list(self._owner):
             if owner is not None:

@@ -31,8 +31,11 @@ def non_finite_kind(values: np.ndarray) -> str | None:
 
 def _tensor_kind(checkpoint: Checkpoint, name: str) -> str | None:
     info = checkpoint.info(name)
+    if info.dtype == "F8_E4M3":  # e4m3 has no Inf; its NaN is the codes 0x7F and 0xFF
+        codes = np.fromfile(info.path, np.uint8, info.nbytes, offset=info.offset)
+        return "NaN" if ((codes & 0x7F) == 0x7F).any() else None
     dtype = _FLOATS.get(info.dtype)
-    if dtype is None:  # packed integers and FP8 codes here are never NaN as stored (FP8 scales are floats)
+    if dtype is None:  # packed integers are never NaN
         return None
     count = info.nbytes // np.dtype(dtype).itemsize
     step = max(1, _ROWS_READ * (info.shape[-1] if info.shape else 1))

@@ -34,6 +34,7 @@ from ..evidence.kept_kv import kept_kv_differences
 from ..evidence.records import model_record, step_record
 from ..evidence.replayed import Replay, ReplayedStep
 from .runner import KVCache, Model
+from ..read.weight_cache import available_memory
 from .spec import RunSpec, header_budget
 
 
@@ -64,6 +65,10 @@ def _bytes_split(run: dict) -> tuple[bool, str]:
     by the steps from step 0 in order, as the run filled it."""
     if header_budget(run) == 0:
         return True, ""
+    if header_budget(run) > available_memory():
+        return False, (f"the recorded weight cache budget ({header_budget(run):,} bytes) is more than this machine "
+                       "can hold now, so it is re-executed without one and only bytes_read + bytes_cached is "
+                       "compared")
     if run.get("cache_policy") is None:  # a ledger from before the field (schema 4 requires it)
         return False, ("the header does not record the weight cache's eviction policy, so only "
                        "bytes_read + bytes_cached is compared")
@@ -168,7 +173,7 @@ def _replay_in_order(model: Model, by_step: dict, chosen: list[int], tokenizer, 
                 current.close()
             current = model.reopen(model.spec)
         if broken:
-            done = ReplayedStep(k, None, None, f"the KV cache could not be rebuilt up to it ({broken})")
+            done = ReplayedStep(k, None, None, f"the caches could not be rebuilt up to it ({broken})")
         else:
             try:
                 ids = _step_ids(by_step.get(k), k, model)

@@ -215,8 +215,10 @@ def resume(path: str | Path, model_dir: str | Path | None = None, device: str | 
             bundle = BundleSink(done.bundle_dir) if done.bundle_dir is not None else None
             ledger_sink = LedgerSink(writer, tokenizer or load_tokenizer(model.dir), done.steps)
             kv = _kept_kv(done, mine) if stage is None and spec.kv_cache else None
-            # from a kept KV cache the weight cache starts empty here, where an uninterrupted run's was warm
-            restarts = done.cache_restarts + ((len(done.steps),) if kv is not None and spec.cache_bytes else ())
+            # the weight cache starts empty here, where an uninterrupted run's was warm: from a kept KV cache,
+            # and in a run without a KV cache (nothing is rebuilt); a rebuilt KV cache refills it as the run did
+            fresh = spec.cache_bytes and (kv is not None or not spec.kv_cache)
+            restarts = done.cache_restarts + ((len(done.steps),) if fresh else ())
             result = _drive(mine, stage, identity, ledger_sink, bundle, done.context, len(done.steps),
                             run_info["max_new_tokens"], sinks, anchors_dir, kv, restarts)
             result.resumed_from = len(done.steps)

@@ -26,7 +26,7 @@ from ..evidence.schema import BUILTIN_KERNELS, PLATFORM_BOUND, PORTABLE
 from ..model.forward import PORTABLE_KERNELS
 from ..model.linear import choose_kernels, kernels_label
 from ..read.storage import METHODS as READ_METHODS, ReadPolicy
-from ..read.weight_cache import POLICIES, default_budget
+from ..read.weight_cache import POLICIES, available_memory, default_budget
 
 DEVICES = ("gpu", "cpu")
 BACKEND, DTYPE = "mlx", "float32"  # what every run computes with (the header's run.backend, run.compute_dtype)
@@ -106,6 +106,8 @@ class RunSpec:
                 kernels = choose_kernels(None, dev)
             if not kv_cache and (run.get("cache_policy") not in POLICIES or run.get("distributed") is not None):
                 budget = 0  # steps re-executed alone: a cache unlike the run's would serve nothing comparable
+            if budget > available_memory():
+                budget = 0  # a budget this machine cannot hold (or a forged one): no cache, the sum compared
         else:
             dev = select_device(device or run.get("device"))
             if dev != run.get("device"):

@@ -544,7 +544,7 @@ def build_vindex(model_dir: str | Path, out: str | Path, layers: str | list[int]
     files = _Files(out, cfg, checkpoint, selection, num_feats)
     done = files.start(resume)
     units = _units(text, selection, selection[len(done):], batch)
-    reader = TensorReader(checkpoint, Storage(policy))
+    reader = TensorReader(checkpoint, Storage(policy), digests=False)  # no ledger names these reads
     streamer = _Streamer(cfg, reader)
     bytes_minimum = sum(checkpoint.info(t).nbytes for unit in units for t in streamer.tensors(unit))
     results = _Results(files, num_feats, text)

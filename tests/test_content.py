@@ -237,3 +237,18 @@ def test_the_anchor_pins_step_0s_weights_and_the_checkpoints_content(synth_run, 
     report = verify(target, anchors, None)
     anchor = next(c for c in report.checks if c.name == "anchor")
     assert anchor.ok is False and says in anchor.detail, anchor.detail
+
+
+def test_a_replay_on_a_copy_with_other_content_than_the_anchors_fails_identity():
+    """The anchor was taken from a checkpoint whose content it names; a copy re-executed on that is digested
+    to other content fails `identity`, whatever the ledger's header says (it may name none)."""
+    from mlx_k2.evidence.replayed import ReplayReport
+    from mlx_k2.evidence.verify import AnchorCheck, _replay_checks
+
+    anchor = AnchorCheck("anchor")
+    anchor.anchor_name, anchor.content = "synthetic", "a" * 64
+    report = ReplayReport("copy", True, "cpu", "", [], [], 0, 0.0, content="b" * 64)
+    identity = _replay_checks(report, anchor)[0].finish()
+    assert identity.ok is False and "is not the content anchor synthetic was taken from" in identity.detail
+    same = ReplayReport("copy", True, "cpu", "", [], [], 0, 0.0, content="a" * 64)
+    assert _replay_checks(same, anchor)[0].ok is not False

@@ -91,6 +91,7 @@ class ReplayReport:
     bytes_note: str = ""          # when only bytes_read + bytes_cached was compared: why
     kept_kv_compared: bool = False  # the kept KV cache was compared with the recomputed state, bit for bit
     unchecked: list[str] = field(default_factory=list)  # claims of the header a re-execution cannot check
+    content: str | None = None    # the re-executing copy's content identity, where it is digested
 
     @property
     def covers_text(self) -> bool:
@@ -150,6 +151,7 @@ def compare_replay(header: dict, steps: list[dict], tensors: dict[int, dict | No
                           bytes_note="" if replay.bytes_split else replay.bytes_note or "bytes compared as "
                                                                                      f"{SUMMED}")
     report.unchecked = unchecked_claims(model, run, replay, steps)
+    report.content = replay.identity.get("content_blake3")
     if problems:
         return report
     report.kept_kv_compared = replay.kept_kv is not None and exact

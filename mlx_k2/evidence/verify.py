@@ -196,7 +196,7 @@ def verify(path: str | Path, anchors_dir: Path | None = None, tokenizer=None,
     report_replay = None
     if replay is not None:
         report_replay = compare_replay(header, steps, tensors if bundle else None, replay)
-        checks += _replay_checks(report_replay)
+        checks += _replay_checks(report_replay, anchor)
     text_gap = text_unchecked if any(s.get("token_text") is not None for s in steps) else ""
     if report_replay is not None and report_replay.covers_text and replay_text:
         text_gap = ""  # replay re-made every token_text with the checkpoint's tokenizer
@@ -802,11 +802,21 @@ class AnchorCheck(Check):
     anchor_name: str | None = None
     unpinned: tuple[str, ...] = ()    # header model facts (anchors.FACTS) the anchor does not pin
     pinned: tuple[tuple[str, Any], ...] = ()  # the model facts it pins, (name in a header, value)
+    content: str | None = None        # the content identity of the checkpoint it was taken from (where known)
 
 
 # Header model facts and the anchor's `model` signature, by their names in each.
 SIGNATURE = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "n_routed_experts": "n_routed_experts",
              "vocab_size": "vocab_size", "model_type": "model_type"}
+
+
+def _check_content(check: AnchorCheck, anchor: Anchor, model: dict) -> None:
+    """The header's content identity against the one the anchor was taken from, where both are known."""
+    content = anchor.data.get(CONTENT)
+    check.content = content if isinstance(content, str) else None
+    if check.content is not None and model.get(CONTENT) is not None and model[CONTENT] != check.content:
+        check.fail(f"header: model.content_blake3 {str(model[CONTENT])[:16]}…, but anchor {anchor.name} was taken "
+                   f"from a checkpoint whose content is {check.content[:16]}… (other weights, same config and index)")
 
 
 def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> AnchorCheck:
@@ -838,10 +848,7 @@ def _check_anchor(header: dict, steps: list[dict], anchors_dir: Path | None) -> 
                        f"has {value!r}")
     check.unpinned = tuple(name for name in (*SIGNATURE, *FACTS) if name in model and name not in pinned)
     check.pinned = tuple(pinned.items())
-    content = anchor.data.get(CONTENT)
-    if content is not None and model.get(CONTENT) is not None and model[CONTENT] != content:
-        check.fail(f"header: model.content_blake3 {str(model[CONTENT])[:16]}…, but anchor {anchor.name} was taken "
-                   f"from a checkpoint whose content is {str(content)[:16]}… (other weights, same config and index)")
+    _check_content(check, anchor, model)
     if not steps:
         check.ok, check.detail, check.state = (None if check.ok else False), f"{anchor.name}: no step to compare", \
             "no-steps"
@@ -957,10 +964,16 @@ def _check_chat_complete(run: dict, steps: list[dict], footer: dict | None) -> C
     return complete
 
 
-def _replay_checks(report: ReplayReport) -> list[Check]:
+def _replay_checks(report: ReplayReport, anchor: AnchorCheck) -> list[Check]:
+    """`identity` and `replay`; the copy re-executed on must also hold the content the anchor was taken from,
+    where both are known (a header may name none: its run's copy was not digested)."""
     identity, replay = Check("identity"), Check("replay")
     for problem in report.identity_problems:
         identity.fail(f"{report.model_dir}: {problem}")
+    copy = report.content
+    if anchor.content is not None and copy is not None and copy != anchor.content:
+        identity.fail(f"{report.model_dir}: its content {copy[:16]}… is not the content anchor {anchor.anchor_name} "
+                      f"was taken from, {anchor.content[:16]}… (other weights)")
     if identity.ok:
         identity.detail = f"{report.model_dir} is the checkpoint the header names"
     for r in report.results:

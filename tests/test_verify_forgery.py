@@ -33,6 +33,7 @@ from mlx_k2.evidence.derived import (distinct_experts, entropy, file_blake3, l2_
                                     tensor_digest, top16)
 from mlx_k2.evidence.verify import verify
 from mlx_k2.checkpoint.tokenizer import load_tokenizer
+from tests.test_verify_kv import _schema_3  # a record as a writer before schema 4 wrote it
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = REPO / "anchors"
@@ -473,20 +474,11 @@ def test_explorer_shows_replay_step_by_step(ctx, tmp_path):
     assert 'data-proven="no"' in page and "verification FAILED" in page
 
 
-def _without_weights(recs: list[dict]) -> None:
-    """What a writer before schema 4 wrote: no weights named by content, no content identity."""
-    del recs[0]["provenance"]["weights_blake3"], recs[0]["model"]["content_blake3"]
-    for rec in recs[1:-1]:
-        del rec["weights_blake3"]
-        for layer in rec["layers"]:
-            del layer["weights_blake3"]
-
-
 def test_schema_2_bundle_still_verifies(ctx, tmp_path):
     """A bundle whose header has no model facts (schema 2 as the first release wrote it): the anchor's facts
     stand in for them (the tensors' shapes checked against its widths), and it passes."""
     def to_schema_2(bundle, recs, c):
-        _without_weights(recs)
+        _schema_3(recs)  # no weights named; the schema set below
         recs[0]["schema"] = "mlx-k2.ledger/2"
         for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
                      "moe_layer_freq", "tokenizer_blake3"):
@@ -503,7 +495,7 @@ def test_a_header_relabelled_older_to_drop_its_facts_is_checked_by_the_anchors(c
     no first_k_dense_replace to contradict): the anchor's facts stand in for the header's, and `layers` fails."""
     def downgraded(bundle, recs, c):
         _moe_layers_as_dense(bundle, recs, c)
-        _without_weights(recs)
+        _schema_3(recs)  # no weights named; the schema set below
         recs[0]["schema"] = "mlx-k2.ledger/2"
         for name in ("vocab_size", "hidden_size", "eos_token_id", "bos_token_id", "first_k_dense_replace",
                      "moe_layer_freq", "tokenizer_blake3"):
@@ -523,7 +515,7 @@ def test_schema_2_norms_by_the_machines_blas_verify_within_tolerance(ctx, tmp_pa
     """A schema 2 bundle defined its norms and entropy by the recording machine's numpy and BLAS: they verify
     within FLOAT_RTOL, and the rows say so; its norms one part in 1e6 off fail."""
     def to_schema_2(bundle, recs, c, scale=1.0):
-        _without_weights(recs)
+        _schema_3(recs)  # no weights named; the schema set below
         recs[0]["schema"] = "mlx-k2.ledger/2"
         for name in ("machine", "system", "exactness"):
             del recs[0]["run"][name]

@@ -372,9 +372,6 @@ class Deferred:
             self._digest, self._view = blake3.blake3(self._view).digest(), None
         return self._digest
 
-    def done(self) -> bool:
-        return True
-
 
 class Hashed(bytes):
     """A digest already made (of a read done on the caller's thread, or as a job's result): read like the

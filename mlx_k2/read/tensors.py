@@ -404,8 +404,8 @@ class TensorReader:
 def _made(digest):
     """A consumed part's digest as the log keeps it: made now where it is small (storage.Deferred: its bytes
     are still the read's), the digest itself where its read job made it, or the future a large read's last
-    piece will fulfil."""
-    if isinstance(digest, Future) and digest.done() and not digest.cancelled() and digest.exception() is None:
+    piece will fulfil. (Consumed: its read succeeded, so a finished future holds a digest, not an error.)"""
+    if isinstance(digest, Future) and digest.done():
         digest = digest.result()  # the read job's own result, or a large read's digest, made since
         digest = digest if isinstance(digest, (Hashed, Deferred)) else Hashed(digest)
     return Hashed(digest.result()) if isinstance(digest, Deferred) else digest

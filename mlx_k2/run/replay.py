@@ -34,7 +34,6 @@ from ..evidence.kept_kv import kept_kv_differences
 from ..evidence.records import model_record, step_record
 from ..evidence.replayed import Replay, ReplayedStep
 from .runner import KVCache, Model
-from ..read.weight_cache import available_memory
 from .spec import RunSpec, header_budget
 
 
@@ -59,22 +58,22 @@ def choose_steps(spec: str | None, sample: int | None, n_steps: int, rng: random
     return sorted(set(steps))
 
 
-def _bytes_split(run: dict) -> tuple[bool, str]:
+def _bytes_split(run: dict, spec: RunSpec) -> tuple[bool, str]:
     """(whether the re-execution reproduces the run's bytes_read / bytes_cached split, why not). The weight
-    cache re-executed with is a fresh one of the header's budget and policy (`RunSpec.from_header`), filled
-    by the steps from step 0 in order, as the run filled it."""
+    cache re-executed with is a fresh one of `spec`'s budget (`RunSpec.from_header`: the header's, where this
+    machine can hold it) and the header's policy, filled by the steps from step 0 in order, as the run filled it."""
     if header_budget(run) == 0:
         return True, ""
-    if header_budget(run) > available_memory():
-        return False, (f"the recorded weight cache budget ({header_budget(run):,} bytes) is more than this machine "
-                       "can hold now, so it is re-executed without one and only bytes_read + bytes_cached is "
-                       "compared")
     if run.get("cache_policy") is None:  # a ledger from before the field (schema 4 requires it)
         return False, ("the header does not record the weight cache's eviction policy, so only "
                        "bytes_read + bytes_cached is compared")
     if run.get("distributed") is not None:
         return False, ("the run's weight caches were one per rank, re-executed as one, so only "
                        "bytes_read + bytes_cached is compared")
+    if spec.cache_bytes != header_budget(run):
+        return False, (f"the recorded weight cache budget ({header_budget(run):,} bytes) is more than this machine "
+                       "can hold now, so it is re-executed without one and only bytes_read + bytes_cached is "
+                       "compared")
     return True, ""
 
 
@@ -117,7 +116,7 @@ def replay(header: dict, steps: list[dict], chosen: list[int], model: Model | st
         identity = {k: v for k, v in model_record(model.dir, model.identity(), model.config).items()
                     if k != "path"}
         platform = model.platform
-        split, why = _bytes_split(run)
+        split, why = _bytes_split(run, spec)
         out = Replay(str(model.dir), identity, platform, [], 0.0, spec.kv_cache, split, why)
         model_keys = ("config_blake3", "index_blake3", "num_layers", "vocab_size", "hidden_size")
         recorded = header.get("model") if isinstance(header.get("model"), dict) else {}

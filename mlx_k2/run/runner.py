@@ -41,10 +41,10 @@ from ..model.forward import LatentKV, LayerResult, Routing, decoder_layer, rms_n
 from ..model.linear import Linear, linear
 from ..model.weights import WeightFetcher
 from ..read.content import pieces_digest, resolve
-from .finite import fail_if_non_finite
 from ..read.storage import FaultHook, Storage
 from ..read.tensors import TensorReader
 from ..read.weight_cache import WeightCache
+from .finite import fail_if_non_finite
 from .spec import RunSpec
 
 def compute_streams(device: mx.Device, count: int | None = None) -> list:
@@ -314,8 +314,7 @@ class StepWatch:
         # What the step read, by content (read/content.py): each layer's pieces, and the step's own (the rest)
         self.content = reader.content
         if self.content is not None:
-            self.content.restart()  # the log holds one step's pieces at a time
-        self.step_mark = 0
+            self.content.restart()  # the log holds one step's pieces at a time, from 0
         self.layer_pieces: dict[int, tuple[int, int]] = {}  # layer -> its range of the content log
 
     def start(self, x: mx.array) -> None:
@@ -353,7 +352,7 @@ class StepWatch:
         if not mx.all(mx.isfinite(x)).item():  # x is evaluated: one reduction beside the computation, not in it
             first = not self.layers  # the first layer's input is the embedding rows: its suspects too
             labels = [] if self.content is None else \
-                [label for label, _ in self.content.since(self.step_mark if first else self.layer_mark)]
+                [label for label, _ in self.content.since(0 if first else self.layer_mark)]
             fail_if_non_finite(np.array(x, np.float32), f"step {self.step} layer {i}", self.reader.checkpoint, labels)
         self.layers.append(done)
         return done
@@ -370,8 +369,7 @@ class StepWatch:
         if self.content is None:
             return []
         inside = {n for lo, hi in self.layer_pieces.values() for n in range(lo, hi)}
-        pieces = self.content.since(self.step_mark)
-        return [[label, future.result().hex()] for n, (label, future) in enumerate(pieces, self.step_mark)
+        return [[label, future.result().hex()] for n, (label, future) in enumerate(self.content.since(0))
                 if n not in inside]
 
     def totals(self) -> dict[str, int | float]:

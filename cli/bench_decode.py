@@ -70,6 +70,8 @@ def _summary_table(result: dict) -> Table:
     row("read wait s / token (>= 1)", lambda c: f"{c['summary']['reads_s_per_token_later']:.3f}")
     row("read alone s / token (>= 1)", lambda c: f"{g['overlap'][c['name']]['read_alone_s']:.3f}"
         if c["name"] in g["overlap"] else "-")
+    row("read alone at the product's rate s", lambda c: f"{g['overlap'][c['name']]['read_alone_product_s']:.3f}"
+        if c["name"] in g["overlap"] else "-")
     row("1.1 x max(read, compute) s", lambda c: f"{g['overlap'][c['name']]['bound_s']:.3f} "
         f"{'ok' if g['overlap'][c['name']]['ok'] else 'over'}" if c["name"] in g["overlap"] else "-")
     row("bytes = headers' count", lambda c: "yes" if c["summary"]["bytes_exact"] else "NO")
@@ -221,7 +223,8 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
     console.print(_summary_table(result))
     g = result["goals"]
     console.print(f"read alone: {result['read_alone']['bytes'] / 1e9:.3f} GB in {result['read_alone']['read_s']:.2f} s "
-                  f"({result['read_alone']['raw_read_gbps']:.2f} GB/s cold sequential); compute alone "
+                  f"({result['read_alone']['raw_read_gbps']:.2f} GB/s cold sequential; "
+                  f"{result['read_alone']['product_read_gbps']:.2f} GB/s as the product reads); compute alone "
                   f"{result['compute_alone']['summary']['wall_per_token_later_s']:.3f} s per token "
                   f"({_gb(result['compute_alone']['summary']['bytes_read_per_token_later'])} GB read per token)")
     console.print(f"KV bytes per token = non-expert + one embedding row + the new position's experts (headers): "

@@ -44,7 +44,7 @@ def _tensors(model: Optional[Path], config: Optional[Path]):
 
 def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float], warm: Optional[float],
            compute: Optional[str], say) -> tuple:
-    from mlx_k2.bench.plan import Rates, compute_rates, layer_seconds, measure_storage
+    from mlx_k2.bench.plan import Rates, compute_rates, layer_seconds, measure_storage, touch_gbps
     from mlx_k2.bench.streaming import memcopy_gbps
 
     source = {}
@@ -72,8 +72,9 @@ def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float
         say("measuring the kernels at 1 and 64 positions (about 15 s) ...")
         dense, quant, dense_batch, quant_batch = compute_rates(cfg)
         say("measuring the fixed work per layer (a few steps of the default checkpoint) ...")
-        layer_s = layer_seconds()
-        source["compute"] = f"measured (this machine's CPU kernels; {layer_s * 1e3:.1f} ms fixed work per layer)"
+        layer_s, touch = layer_seconds(), touch_gbps()
+        source["compute"] = (f"measured (this machine's CPU kernels; {layer_s * 1e3:.1f} ms fixed work per layer; "
+                             f"fresh memory {touch:.1f} GB/s)")
     else:
         parts = compute.split(",")
         try:
@@ -82,9 +83,9 @@ def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float
             raise UsageError(f"--compute {compute!r}: give GBps, or DENSE,QUANT GBps") from None
         _positive(min(dense, quant), "--compute")
         dense_batch = quant_batch = None  # a given rate: a step over T positions takes T times as long
-        layer_s = 0.0                     # and no fixed work per layer is added
+        layer_s, touch = 0.0, None        # and no fixed work per layer, nor fresh memory, is added
         source["compute"] = "given"
-    return Rates(disk, warm, dense, quant, dense_batch, quant_batch, layer_s), source
+    return Rates(disk, warm, dense, quant, dense_batch, quant_batch, layer_s, touch), source
 
 
 @app.command()
@@ -104,7 +105,8 @@ def plan(model: Annotated[Optional[Path], typer.Option(help="A checkpoint: its h
     """Predict each decode mode on a machine before running (or downloading) a model: bytes a token, RAM,
     cold and warm tokens/s, time to the first token. Without --model or --config: Kimi K2.5.
     Example: mlx-k2 plan --ram 128 --disk 6"""
-    from mlx_k2.bench.plan import machine_ram, plan as make_plan, shape_of
+    from mlx_k2.bench.plan import plan as make_plan, shape_of
+    from mlx_k2.read.storage import physical_memory
 
     for value, option in ((ram, "--ram"), (disk, "--disk"), (warm, "--warm")):
         _positive(value, option)
@@ -121,7 +123,7 @@ def plan(model: Annotated[Optional[Path], typer.Option(help="A checkpoint: its h
     what, tensors, cfg, files = _tensors(model, config)
     shape = shape_of(tensors, cfg)
     rates, source = _rates(cfg, files, measure, disk, warm, compute, say)
-    ram_bytes = int(ram * 1e9) if ram is not None else machine_ram()
+    ram_bytes = int(ram * 1e9) if ram is not None else physical_memory()
     modes = make_plan(shape, rates, ram_bytes, prompt, context=prompt)
     _print(console, what, shape, rates, source, ram_bytes, prompt, modes)
     if json_out is not None:

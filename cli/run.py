@@ -88,8 +88,10 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
         resume: Annotated[Optional[Path], typer.Option(help="Continue a partial, stopped or failed ledger or "
                                                             "bundle (its prompt, length and device).")] = None,
         read_retries: Annotated[int, typer.Option(help="Retries of a failed read before the run stops.")] = 3,
-        read_method: Annotated[str, typer.Option(help="pread (parallel positional reads), direct (the same, "
-                                                         "bypassing the page cache) or mmap.")] = "pread",
+        read_method: Annotated[str, typer.Option(help="auto (default: direct with a weight cache when the "
+                                                         "checkpoint is larger than the memory, else pread), "
+                                                         "pread (parallel positional reads), direct (the same, "
+                                                         "bypassing the page cache) or mmap.")] = "auto",
         kernels: Annotated[Optional[str], typer.Option(help="auto (default: the product's CPU kernels on "
                                                             "--device cpu where built, else MLX's), builtin or own; "
                                                             "a resumed run keeps its own.")] = None,

@@ -30,8 +30,9 @@ def test_direct_replay_reads_every_byte_direct(synth_dir):
     step = measure(synth_dir, 1, cold=False, part="step", policy=ReadPolicy(method="direct"))
     reads = measure(synth_dir, 1, cold=True, part="reads", policy=ReadPolicy(method="direct"))
     assert reads["replayed_bytes"] == step["bytes_read"]
-    if hasattr(os, "O_DIRECT"):  # everything but the in-place ranges' unaligned edges bypasses the page cache
-        assert 0.9 * step["bytes_read"] < reads["direct_bytes"] <= step["bytes_read"]
+    if hasattr(os, "O_DIRECT"):  # all but the unaligned edges and the ranges under two pages (small scales)
+        assert 0.8 * step["bytes_read"] < reads["direct_bytes"] <= step["bytes_read"]
+        assert reads["staged_bytes"] == 0  # routed experts too: each at its file offset's page phase
 
 
 def test_compute_part_reads_nothing(synth_dir):

@@ -60,6 +60,9 @@ def test_direct_reads_the_same_bytes(data_file, offset, length, same_phase):
     assert store.bytes_transferred == length  # the tensor's bytes, not the aligned superset
     if hasattr(os, "O_DIRECT"):
         middle = (length - (-offset % ALIGN)) // ALIGN * ALIGN if length > -offset % ALIGN else 0
+        if length < 2 * ALIGN:  # may hold no aligned block: read buffered
+            assert store.bytes_direct == store.bytes_staged == 0
+            return
         in_place = same_phase and middle > 0  # else the aligned superset is staged and copied
         assert store.bytes_direct == (middle if in_place else length)
         assert store.bytes_staged == (0 if in_place else length)

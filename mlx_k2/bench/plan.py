@@ -14,7 +14,9 @@ The model (docs/performance.md, "plan"), one step at a time:
   else from storage (at `disk_gbps`). Cold: nothing in the page cache. Warm: the page cache holds what
   the RAM leaves beside the process (the non-expert bytes first, then experts, uniformly). A run from cold
   (`predict_run`, what `bench --decode` measures) has the page cache holding everything the run has read
-  so far, as far as the RAM allows.
+  so far, as far as the RAM allows. A run with a weight cache of a model larger than the RAM reads with
+  direct I/O by default (`storage.auto_method`): the page cache then holds nothing it read, and every byte
+  the weight cache does not serve comes from storage.
 - Compute: bytes stored as floats at `dense_gbps`, int4/FP8 bytes at `quant_gbps` (the kernels at one
   position, `kernels.bench.step_rates`), a call over several positions as measured at BATCH positions
   (linear between): the non-expert weights over all the step's positions, each expert used over the
@@ -22,18 +24,18 @@ The model (docs/performance.md, "plan"), one step at a time:
   checkpoint, 61 layers of small widths, over its layer count).
 - Wall: the non-expert reads are issued a layer ahead and overlap the computation; a layer's routed experts
   are known only after its router, so their reads do not: wall = max(non-expert reads, compute) + expert
-  reads.
+  reads. A process's first step also makes ready the fresh memory its reads land in (`first_touch_s`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import os
 from pathlib import Path
 
 from ..checkpoint.config import BlockFP8, ModelConfig
 from ..checkpoint.inventory import DecodeBytes, decode_bytes, layer_step_bytes
+from ..read.storage import auto_method
 
 BATCH = 64            # the second number of positions the compute rates are measured at
 RSS_BASE = 4 * 10**9  # the process beside its weights (MLX, Python, arenas' bookkeeping): the decode bench's bound
@@ -53,6 +55,7 @@ class Rates:
     dense_batch_gbps: float | None = None
     quant_batch_gbps: float | None = None
     layer_s: float = 0.0  # fixed work per layer a step (scheduling, small reads, routing), whatever its widths
+    touch_gbps: float | None = None  # fresh memory made ready (allocated, zeroed, faulted in); None: not counted
 
     def seconds_per_byte(self, dense: bool, positions: int) -> float:
         """A call's time per weight byte over `positions` positions: linear between the two measured points
@@ -71,6 +74,7 @@ class Shape:
     bytes: DecodeBytes
     num_layers: int
     layer_bytes_max: int
+    total_bytes: int = 0  # every tensor's bytes: whether the page cache could hold the model
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,29 @@ def step(shape: Shape, rates: Rates, positions: int, cache_bytes: int, non_exper
                 max(reads_ne, compute) + reads_experts)
 
 
+def buffered(shape: Shape, ram: int, cache_bytes: int) -> bool:
+    """Whether a run with this weight cache budget reads through the page cache (its default read method)."""
+    return auto_method(cache_bytes, shape.total_bytes, ram) != "direct"
+
+
+def first_touch_s(shape: Shape, rates: Rates, cache_bytes: int, positions: int) -> float:
+    """A process's first step puts what it reads in memory it has not touched before: the two read arenas
+    (each grows to the largest layer's reads) and the weight cache's own arrays (what it keeps, up to its
+    budget); making that memory ready takes `touch_gbps` (measured on the project's 2-core machine: 1.3-1.6
+    GB/s, so 4.33 GB of K2.5-width reads took 3 s beside the reads themselves)."""
+    if not rates.touch_gbps:
+        return 0.0
+    b = shape.bytes
+    read = positions * b.embedding_row + b.non_expert + distinct(b.n_routed_experts, b.experts_per_token,
+                                                                 positions) * b.expert
+    return min(read, cache_bytes + 2 * shape.layer_bytes_max) / (rates.touch_gbps * 1e9)
+
+
 def page_cache_shares(shape: Shape, ram: int, cache_bytes: int) -> tuple[float, float]:
     """The shares of the uncached non-expert bytes and of the uncached experts a warm page cache holds: the
-    RAM left beside the process, non-expert bytes first."""
+    RAM left beside the process, non-expert bytes first (none where the run reads with direct I/O)."""
+    if not buffered(shape, ram, cache_bytes):
+        return 0.0, 0.0
     b = shape.bytes
     cached_non_expert, cached_experts = b.cache_cover(cache_bytes)
     left = max(ram - ram_used(shape, cache_bytes), 0)
@@ -180,10 +204,11 @@ def plan(shape: Shape, rates: Rates, ram: int, prompt_tokens: int, context: int 
         positions = context if mode == "no-KV" else 1
         cold = step(shape, rates, positions, budget, 0.0, 0.0)
         warm = step(shape, rates, positions, budget, *page_cache_shares(shape, ram, budget))
-        first = step(shape, rates, prompt_tokens, budget, 0.0, 0.0)
+        first = step(shape, rates, prompt_tokens, budget, 0.0, 0.0).wall_s + first_touch_s(shape, rates, budget,
+                                                                                          prompt_tokens)
         used = ram_used(shape, budget)
         out.append(ModePlan(mode, budget, used, used <= ram, warm.disk + warm.warm, warm.cached,
-                            1 / cold.wall_s, 1 / warm.wall_s, first.wall_s))
+                            1 / cold.wall_s, 1 / warm.wall_s, first))
     return out
 
 
@@ -195,9 +220,9 @@ def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cac
     allows (non-expert bytes first); an expert the run used before is in the weight cache or the page cache."""
     b = shape.bytes
     n, k = b.n_routed_experts, b.experts_per_token
-    left = max(ram - ram_used(shape, cache_bytes), 0)
+    left = max(ram - ram_used(shape, cache_bytes), 0) if buffered(shape, ram, cache_bytes) else 0
     ne_warm = 1.0 if b.non_expert <= cache_bytes else min(1.0, left / b.non_expert)
-    wall = step(shape, rates, prompt_tokens, 0, 0.0, 0.0).wall_s
+    wall = step(shape, rates, prompt_tokens, 0, 0.0, 0.0).wall_s + first_touch_s(shape, rates, cache_bytes, prompt_tokens)
     for t in range(1, tokens):
         context = prompt_tokens + t
         positions = 1 if kv else context
@@ -215,24 +240,34 @@ def shape_of(tensors, cfg: ModelConfig) -> Shape:
     """The plan's view of a model from its tensors: a `Checkpoint` (headers) or `sizes.ImpliedTensors`
     (config.json alone)."""
     per_layer, head = layer_step_bytes(tensors, cfg)
-    return Shape(decode_bytes(tensors, cfg), cfg.text.num_hidden_layers, max(per_layer + [head]))
+    total = sum(info.nbytes for info in tensors.tensors.values())  # a Checkpoint or config.json's implied tensors
+    return Shape(decode_bytes(tensors, cfg), cfg.text.num_hidden_layers, max(per_layer + [head]), total)
 
 
-def machine_ram() -> int:
-    """This machine's physical memory in bytes (0 where it cannot be told)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # pragma: no cover - macOS has them; other systems may not
-        return 0
+def touch_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:
+    """GB/s of fresh memory made ready as the read arenas make it (an MLX byte array of zeros, evaluated):
+    the best of `repeats`."""
+    import time
+
+    import mlx.core as mx
+
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fresh = mx.zeros((nbytes,), dtype=mx.uint8)
+        mx.eval(fresh)
+        best = min(best, time.perf_counter() - start)
+        del fresh
+    return nbytes / best / 1e9
 
 
 def measure_storage(paths: list[Path], limit: int = 2 << 30) -> tuple[float, float]:
-    """(cold, warm) GB/s reading up to `limit` bytes of `paths` in order: once with their pages dropped from
-    the page cache, then again from it."""
-    from .streaming import raw_read_gbps, warm_read_gbps
+    """(cold, warm) GB/s reading up to `limit` bytes of `paths` in order as a run reads (several pieces in
+    flight, hashed): once with their pages dropped from the page cache, with direct I/O, then buffered from
+    the page cache (`streaming.product_read_gbps`)."""
+    from .streaming import product_read_gbps
 
-    cold = raw_read_gbps(paths, limit)
-    return cold, warm_read_gbps(paths, limit)
+    return product_read_gbps(paths, limit), product_read_gbps(paths, limit, cold=False)
 
 
 def compute_rates(cfg: ModelConfig) -> tuple[float, float, float, float]:

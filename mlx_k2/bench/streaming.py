@@ -33,7 +33,7 @@ from ..evidence.events import LayerDone, StepDone
 from ..checkpoint import names
 from ..run.runner import Model
 from ..run.spec import RunSpec
-from ..read.storage import ReadPolicy, Storage
+from ..read.storage import ALIGN, ByteRange, ReadPolicy, Storage
 from ..synth.checkpoint import (HEAD_STREAM, PROJECTOR_STREAM, VISION_STREAM, full_width, head_tensors, layer_tensors,
                     projector_tensors, shard_name, vision_tensors, write_index_and_config, write_shard)
 from ..read.tensors import TensorReader
@@ -118,6 +118,47 @@ def warm_read_gbps(paths: list[Path], limit: int = 2 << 30) -> float:
     """The same reads served by the page cache: read once to bring the bytes in, then timed."""
     _sequential_gbps(paths, limit)
     return _sequential_gbps(paths, limit)
+
+
+def product_read_gbps(paths: list[Path], limit: int = 2 << 30, cold: bool = True) -> float:
+    """Reads as a run makes them (`storage.Storage`, requests of 32 MiB cut in pieces with several in
+    flight, each named by its BLAKE3 as a run's reads are) of up to `limit` bytes of `paths` in order: cold
+    with direct I/O, the pages dropped first (a run with a weight cache), or warm, buffered from the page
+    cache (read once first). The rates `plan` predicts with: a single plain stream (`raw_read_gbps`) may
+    leave the device idle, and a plain copy out of the page cache (`warm_read_gbps`) hashes nothing."""
+    size, slots = 32 << 20, 8
+    raw = np.empty(size * slots + ALIGN, dtype=np.uint8)
+    ring = memoryview(raw[-raw.ctypes.data % ALIGN:][:size * slots])  # page-aligned: direct reads land in place
+    ranges, done = [], 0
+    for p in sorted(paths, key=lambda q: -q.stat().st_size):
+        for offset in range(0, p.stat().st_size, size):
+            n = min(size, p.stat().st_size - offset, limit - done)
+            if n <= 0:
+                break
+            ranges.append(ByteRange(p, offset, n))
+            done += n
+    if cold:
+        drop_cache(paths)
+    else:
+        _sequential_gbps(paths, limit)
+    store = Storage(ReadPolicy(method="direct" if cold else "pread"))
+    start, in_flight = time.perf_counter(), []
+    try:
+        for i, r in enumerate(ranges):
+            if len(in_flight) == slots:
+                _landed(in_flight.pop(0))
+            slot = ring[(i % slots) * size:][:r.length]
+            in_flight.append(store.submit([r], slot, f"{r.path.name} at {r.offset}", digest=True))
+        for read in in_flight:
+            _landed(read)
+    finally:
+        store.close()
+    return done / (time.perf_counter() - start) / 1e9
+
+
+def _landed(read) -> None:
+    read.wait()
+    read.digest.result()
 
 
 def _sequential_gbps(paths: list[Path], limit: int, cold: bool = False) -> float:

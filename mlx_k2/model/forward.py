@@ -523,14 +523,18 @@ def decoder_layer(x: mx.array, w: Layer, cfg: TextConfig, cos: mx.array, sin: mx
     """h = x + attn(norm(x)); out = h + mlp(norm(h)). x (T, hidden): the positions computed now, after
     `past`'s. A MoE layer reads its routed experts through `fetch_experts` once routing is known and computes
     them on `streams`; once they are queued, `look_ahead(h)` may look at h (never change it) to start the
-    next layer's reads."""
+    next layer's reads (after a dense layer's MLP is queued, likewise)."""
     kernels = w.kernels
     attended, kv = mla_attention(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps, kernels), w.self_attn, cfg, cos, sin,
                                  past)
     h = x + attended
     hn = rms_norm(h, w.post_attention_layernorm, cfg.rms_norm_eps, kernels)
     if isinstance(w.mlp, DenseMLP):
-        return LayerResult(h + mlp(hn, w.mlp.gate_proj, w.mlp.up_proj, w.mlp.down_proj), None, kv)
+        y = mlp(hn, w.mlp.gate_proj, w.mlp.up_proj, w.mlp.down_proj)
+        if look_ahead is not None:  # a dense layer before a MoE one (K2.5's layer 0): guess beside its MLP
+            mx.async_eval(y)
+            look_ahead(h)
+        return LayerResult(h + y, None, kv)
     routing = route(hn, w.mlp.gate, w.mlp.e_score_correction_bias, cfg)
     experts = fetch_experts(np.unique(routing.experts))  # their reads are in flight
     shared = None

@@ -112,7 +112,12 @@ class WeightFetcher:
     def _stack_batches(self, layer: int, ids: list[int]) -> list[list[int]]:
         """`ids` in consecutive stacks, each stored part of a stack (one projection's weight for its experts)
         at most MAX_STACK_BYTES: an MLX dimension is a 32-bit int (a stack of 384 K2.5 experts' gate_proj
-        is 2.8 GB). Which stack holds an expert never changes a bit (forward.moe)."""
+        is 2.8 GB). With direct reads, one expert a stack: in the file each expert's tensors are separated by
+        its `weight_shape` tensors, so experts stacked contiguously in memory cannot all sit at their file
+        offsets' page phase, and their reads went through a staging copy; alone, each lands in place. Which
+        stack holds an expert never changes a bit (forward.moe)."""
+        if self.reader.storage.policy.method == "direct":
+            return [[e] for e in ids]
         n = self.tensor_names.layer(layer)
         largest = max(self.checkpoint.info(t).nbytes for m in names.MLP_PROJECTIONS
                       for t in names.linear_parts(n.experts(0, m), self.checkpoint))

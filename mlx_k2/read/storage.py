@@ -65,6 +65,23 @@ class ReadPolicy:
     workers: int = 8          # reads in flight at once
 
 
+def auto_method(cache_bytes: int, model_bytes: int, ram_bytes: int) -> str:
+    """The read method a run takes by default ("auto"): direct I/O where a weight cache (`cache_bytes` > 0)
+    keeps what is read and the checkpoint (`model_bytes`) is larger than the machine's memory, so the page
+    cache could only hold part of it, a second copy beside what the cache keeps, while filling it costs the
+    reading threads a copy and its reclaim; buffered reads otherwise: without a weight cache the page cache
+    is the only place a re-read can hit, and a checkpoint that fits in memory stays there between runs."""
+    return "direct" if cache_bytes > 0 and model_bytes > ram_bytes else "pread"
+
+
+def physical_memory() -> int:
+    """This machine's physical memory in bytes (0 where it cannot be told)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - macOS has them; other systems may not
+        return 0
+
+
 class ByteRange(NamedTuple):
     path: Path
     offset: int   # absolute byte offset in the file
@@ -254,12 +271,12 @@ class Storage:
         """Read `buf` with direct I/O; False (nothing read) when the file cannot be: read it buffered.
 
         Where the buffer's address has the file offset's phase, the aligned middle lands in place and the
-        edges (under ALIGN bytes each) are read buffered. Otherwise (stacked experts: one array, offsets of
-        every phase) the aligned superset is read into this thread's staging buffer and copied out: one
-        copy, as a buffered read makes, without the page cache."""
+        edges (under ALIGN bytes each) are read buffered. Otherwise (a buffer not placed at its offset's
+        phase) the aligned superset is read into this thread's staging buffer and copied out: one copy, as a
+        buffered read makes, without the page cache. A range under two pages is read buffered."""
         length = len(buf)
-        if path in self._no_direct:
-            return False
+        if path in self._no_direct or length < 2 * ALIGN:
+            return False  # a range this small may hold no aligned block: nothing to gain over a buffered read
         dfd = self._direct_fd(path)
         if dfd is None:
             return False

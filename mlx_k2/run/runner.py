@@ -41,7 +41,7 @@ from ..model.forward import LatentKV, LayerResult, Routing, decoder_layer, rms_n
 from ..model.linear import Linear, linear
 from ..model.weights import WeightFetcher
 from ..read.content import pieces_digest, resolve
-from ..read.storage import FaultHook, Storage
+from ..read.storage import FaultHook, Storage, physical_memory
 from ..read.tensors import TensorReader
 from ..read.weight_cache import WeightCache
 from .finite import fail_if_non_finite
@@ -54,6 +54,22 @@ def compute_streams(device: mx.Device, count: int | None = None) -> list:
         return [mx.default_stream(device)]
     count = count or max(1, min(os.cpu_count() or 1, 8))
     return [mx.new_stream(device) for _ in range(count)]
+
+
+# MLX keeps freed buffers for reuse up to its cache limit, 32 MiB by default on the CPU: under one layer's
+# widened kv_b_proj at K2.5's widths (33.5 MB of float32), so a step's transients came from fresh memory,
+# faulted in page by page, every layer of every step (measured on the 3-layer full-width checkpoint: 25,000
+# page faults and 0.3 s of kernel time a KV step, about half of its computation). A decode step's transients
+# stay near 40 MB once reused.
+TRANSIENT_CACHE_BYTES = 256 << 20
+
+
+def keep_transients() -> None:
+    """Let MLX reuse a step's freed buffers (at least TRANSIENT_CACHE_BYTES of them): raised, never lowered
+    (Metal's default limit is far larger)."""
+    previous = mx.set_cache_limit(TRANSIENT_CACHE_BYTES)
+    if previous > TRANSIENT_CACHE_BYTES:
+        mx.set_cache_limit(previous)
 
 
 class RestOfStep(Protocol):
@@ -109,9 +125,11 @@ class Model:
         # `reading`: the reader's modes (tensors.TensorReader): reuse=False a fresh array per read (the plain
         # path the tests compare the arenas with), record=True keep the requests, hold=True keep every array
         # read and serve repeats from memory (the bench's reads alone and computation alone)
-        self.reader = TensorReader(self.checkpoint, Storage(spec.read, fault), cache=cache, **self._reading)
+        reads = spec.reads_for(self.checkpoint.total_bytes, physical_memory())
+        self.reader = TensorReader(self.checkpoint, Storage(reads, fault), cache=cache, **self._reading)
         self.weights = WeightFetcher(self.config, self.reader, spec.kernels)
         self._streams: dict[str, list] = {}
+        keep_transients()
 
     def reopen(self, spec: RunSpec) -> Model:
         """A Model over the same opened checkpoint computing as `spec` says (this one stays as it is)."""

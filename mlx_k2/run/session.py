@@ -36,7 +36,7 @@ from .distributed import Link
 from .pipeline import Stage, rank_0_stage
 from .runner import KVCache, Model, generate
 from .sinks import AnchorCheck, BundleSink, LedgerSink, Sink
-from .spec import RunSpec
+from .spec import AUTO_READS, RunSpec
 
 # Rough bytes per layer record and per step line besides them, for the free-space check.
 LAYER_RECORD_BYTES, STEP_LINE_BYTES = 400, 2000
@@ -183,7 +183,7 @@ def _recorded(path: Path, anchors_dir: Path | None) -> _Recorded:
 
 
 def resume(path: str | Path, model_dir: str | Path | None = None, device: str | None = None,
-           read: ReadPolicy = ReadPolicy(), lookahead: bool | None = None, sinks: tuple[Sink, ...] = (),
+           read: ReadPolicy = AUTO_READS, lookahead: bool | None = None, sinks: tuple[Sink, ...] = (),
            tokenizer: Tokenizer | None = None, anchors_dir: Path | None = None, fault: FaultHook | None = None,
            progress: Progress | None = None, link: Link | None = None) -> RunResult:
     """Continue the run recorded in a ledger (or bundle) that did not complete, as its header says it computed

@@ -636,6 +636,10 @@ def test_weight_cache_and_look_ahead_change_no_bit(checkpoints, case, kv, varian
     if lookahead:
         guessed = [pl for s in cached for pl in s.layers if pl.lookahead_guessed is not None]
         assert guessed, "look-ahead on, but no layer had a guess"
+        # every MoE layer after the first layer is guessed, the one after a dense layer included
+        unguessed = [(s.step, i) for s in cached for i, pl in enumerate(s.layers)
+                     if i > 0 and pl.routed is not None and pl.lookahead_guessed is None]
+        assert not unguessed, f"MoE layers without a guess (step, layer): {unguessed}"
         for pl in guessed:
             assert pl.experts_used == len(np.unique(pl.routed))
             assert 0 <= pl.lookahead_hits <= min(pl.lookahead_guessed, pl.experts_used)

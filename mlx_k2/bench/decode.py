@@ -262,8 +262,8 @@ def mlx_lm_decode(model_dir: str | Path, tokens: int) -> dict:
 
 def plan_rates(model_dir: Path, read: dict) -> dict:
     """The rates `plan` predicts this machine with (bench.plan.Rates as a dict): the bench's cold reads as the
-    product makes them, the same bytes read so from the page cache, the kernels at 1 and BATCH positions, the fixed work per layer, fresh memory made
-    ready, and the machine's RAM."""
+    product makes them (`read_alone`), the same bytes read so from the page cache, the kernels at 1 and BATCH
+    positions, the fixed work per layer, fresh memory made ready, and the machine's RAM."""
     from ..read.storage import physical_memory
     from .plan import compute_rates, layer_seconds, touch_gbps
     from .streaming import product_read_gbps

@@ -131,10 +131,9 @@ def product_read_gbps(paths: list[Path], limit: int = 2 << 30, cold: bool = True
     ring = memoryview(raw[-raw.ctypes.data % ALIGN:][:size * slots])  # page-aligned: direct reads land in place
     ranges, done = [], 0
     for p in sorted(paths, key=lambda q: -q.stat().st_size):
-        for offset in range(0, p.stat().st_size, size):
-            n = min(size, p.stat().st_size - offset, limit - done)
-            if n <= 0:
-                break
+        end = p.stat().st_size
+        for offset in range(0, min(end, limit - done), size):
+            n = min(size, end - offset, limit - done)
             ranges.append(ByteRange(p, offset, n))
             done += n
     if cold:

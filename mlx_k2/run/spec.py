@@ -29,7 +29,7 @@ from ..read.storage import METHODS as READ_METHODS, ReadPolicy, auto_method
 from ..read.weight_cache import POLICIES, available_memory, default_budget
 
 DEVICES = ("gpu", "cpu")
-AUTO_READ = "auto"  # --read-method's default: direct I/O where a weight cache keeps what is read, else pread
+AUTO_READ = "auto"  # --read-method's default: direct I/O with a weight cache and a model larger than the RAM
 READ_CHOICES = (AUTO_READ, *READ_METHODS)
 AUTO_READS = ReadPolicy(method=AUTO_READ)  # resolved by the spec that holds it (`RunSpec.reads_for`)
 BACKEND, DTYPE = "mlx", "float32"  # what every run computes with (the header's run.backend, run.compute_dtype)

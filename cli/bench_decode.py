@@ -156,6 +156,7 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
                directory: Path, json_out: Optional[Path], kernels: Optional[str] = None, peer: bool = True,
                repeats: int = 1) -> None:
     from mlx_k2.bench.streaming import build_full_width, shard_files  # needs MLX
+    from mlx_k2.bench.streaming import COLD_GOAL, WARM_GOAL
     from mlx_k2.bench.decode import (DEVICE_GOAL, PLAN_GOAL, better_policy, budgets, configurations,
                                      decode_step_bytes, goals, plan_rates, plan_shape, read_alone, summary)
 
@@ -222,11 +223,19 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
     console.print(_token_table(result))
     console.print(_summary_table(result))
     g = result["goals"]
-    console.print(f"read alone: {result['read_alone']['bytes'] / 1e9:.3f} GB in {result['read_alone']['read_s']:.2f} s "
-                  f"({result['read_alone']['raw_read_gbps']:.2f} GB/s cold sequential; "
-                  f"{result['read_alone']['product_read_gbps']:.2f} GB/s as the product reads); compute alone "
+    read, r = result["read_alone"], g["reads"]
+    console.print(f"read alone: {read['bytes'] / 1e9:.3f} GB in {read['read_s']:.2f} s "
+                  f"({read['raw_read_gbps']:.2f} GB/s cold sequential; "
+                  f"{read['product_read_gbps']:.2f} GB/s as the product reads); compute alone "
                   f"{result['compute_alone']['summary']['wall_per_token_later_s']:.3f} s per token "
                   f"({_gb(result['compute_alone']['summary']['bytes_read_per_token_later'])} GB read per token)")
+    hashing = f"{r['hash_of_memcopy']:.2f}x" if r["hash_of_memcopy"] is not None else "not measured"
+    console.print(f"reads as the product makes them: cold {r['cold_of_raw']:.2f}x the raw sequential read (goal >= "
+                  f"{COLD_GOAL}: {'ok' if r['cold_ok'] else 'short'}); warm {read['product_warm_gbps']:.2f} GB/s, "
+                  f"{r['warm_of_memcopy']:.2f}x a memory copy of {read['memcopy_gbps']:.2f} GB/s (goal >= {WARM_GOAL}: "
+                  f"{'ok' if r['warm_ok'] else 'short'}); unhashed {read['product_warm_unhashed_gbps']:.2f} GB/s, "
+                  f"{r['warm_unhashed_of_memcopy']:.2f}x ({'ok' if r['warm_unhashed_ok'] else 'short'}); BLAKE3 of "
+                  f"every byte on every core: {hashing} a copy")
     console.print(f"KV bytes per token = non-expert + one embedding row + the new position's experts (headers): "
                   f"{'exact at every step' if g['kv_bytes_exact'] else 'NOT exact'}; KV+cache+look-ahead "
                   f"{g['speedup']:.2f}x no-KV tokens/s (goal >= 3x: {'ok' if g['speedup_ok'] else 'short'}); "

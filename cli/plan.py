@@ -44,7 +44,7 @@ def _tensors(model: Optional[Path], config: Optional[Path]):
 
 def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float], warm: Optional[float],
            compute: Optional[str], say) -> tuple:
-    from mlx_k2.bench.plan import Rates, compute_rates, layer_seconds, measure_storage, touch_gbps
+    from mlx_k2.bench.plan import Rates, compute_rates, hash_gbps, layer_seconds, measure_storage, touch_gbps
     from mlx_k2.bench.streaming import memcopy_gbps
 
     source = {}
@@ -72,9 +72,10 @@ def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float
         say("measuring the kernels at 1 and 64 positions (about 15 s) ...")
         dense, quant, dense_batch, quant_batch = compute_rates(cfg)
         say("measuring the fixed work per layer (a few steps of the default checkpoint) ...")
-        layer_s, touch = layer_seconds(), touch_gbps()
+        layer_s, touch, hashing = layer_seconds(), touch_gbps(), hash_gbps()
         source["compute"] = (f"measured (this machine's CPU kernels; {layer_s * 1e3:.1f} ms fixed work per layer; "
-                             f"fresh memory {touch:.1f} GB/s)")
+                             f"fresh memory {touch:.1f} GB/s; the reads' hashing {hashing:.1f} GB/s on the same "
+                             f"cores)")
     else:
         parts = compute.split(",")
         try:
@@ -83,9 +84,10 @@ def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float
             raise UsageError(f"--compute {compute!r}: give GBps, or DENSE,QUANT GBps") from None
         _positive(min(dense, quant), "--compute")
         dense_batch = quant_batch = None  # a given rate: a step over T positions takes T times as long
-        layer_s, touch = 0.0, None        # and no fixed work per layer, nor fresh memory, is added
+        layer_s, touch, hashing = 0.0, None, None  # no fixed work per layer nor fresh memory is added, and
+        # the reads' CPU work is taken to run beside the compute (a GPU's)
         source["compute"] = "given"
-    return Rates(disk, warm, dense, quant, dense_batch, quant_batch, layer_s, touch), source
+    return Rates(disk, warm, dense, quant, dense_batch, quant_batch, layer_s, touch, hashing), source
 
 
 @app.command()

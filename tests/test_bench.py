@@ -166,7 +166,11 @@ def test_decode_goals_compare_the_configurations():
                 "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": read_later, "predicted_tokens_s": plan,
                             "wall_per_token_later_s": wall_later, "token_ids": list(ids)}}
 
-    result = {"read_alone": {"raw_read_gbps": 2.0},
+    # reads: cold 2.4 / raw 2.0 = 1.2x; warm hashed 7 / copy 14 = 0.5x, unhashed 12 / 14 = 0.857x; BLAKE3 on
+    # every core 7 / 14 = 0.5x
+    read = {"raw_read_gbps": 2.0, "product_read_gbps": 2.4, "product_warm_gbps": 7.0,
+            "product_warm_unhashed_gbps": 12.0, "memcopy_gbps": 14.0}
+    result = {"read_alone": read, "plan": {"hash_gbps": 7.0},
               "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
               "cases": [case("no-KV", False, 0.1, [token(5, 10), token(5, 12)]),
                         case("KV", True, 0.2, [token(2, 10), token(2, 8, minimum=9)], read_later=4e9, wall_later=2.1),
@@ -181,6 +185,10 @@ def test_decode_goals_compare_the_configurations():
     assert "no-KV" not in g["overlap"] and g["tokens_agree"]  # the shared prefix (1, 2) agrees
     assert [c["summary"]["ratio_to_no_kv"] for c in result["cases"]] == pytest.approx([1.0, 2.0, 3.5])
     assert g["plan_ratio"] == {} and g["experts_vs_resident"] == {} and g["device_over_read"] == {}
+    ratios = {k: v for k, v in g["reads"].items() if not k.endswith("_ok")}
+    assert ratios == pytest.approx({"cold_of_raw": 1.2, "warm_of_memcopy": 0.5, "warm_unhashed_of_memcopy": 12 / 14,
+                                    "hash_of_memcopy": 0.5})
+    assert (g["reads"]["cold_ok"], g["reads"]["warm_ok"], g["reads"]["warm_unhashed_ok"]) == (True, False, True)
 
 
 def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
@@ -196,7 +204,9 @@ def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
     cases = [case("no-KV", 0.1, 0.12, [100, 104]), case("KV", 0.2, 0.2, [101, 90]),
              case("KV+resident", 0.5, 0.45, [100, 50]), case("KV+experts lru", 0.55, 0.5, [100, 30]),
              case("KV+experts lfu", 0.45, 0.5, [100, 20]), case("KV+experts lfu+look-ahead", 0.6, 0.5, [180, 60], True)]
-    g = goals({"read_alone": {"raw_read_gbps": 1.0}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
+    read = {"raw_read_gbps": 1.0, "product_read_gbps": 1.0, "product_warm_gbps": 1.0,
+            "product_warm_unhashed_gbps": 1.0, "memcopy_gbps": 1.0}
+    g = goals({"read_alone": read, "plan": {}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
                "cases": cases})
     # measured / predicted: 0.1/0.12 = 0.83, 1.0, 1.11, 1.1, 0.9, 1.2: all within 25%
     assert g["plan_ratio"]["no-KV"] == pytest.approx(0.1 / 0.12) and g["plan_ok"]

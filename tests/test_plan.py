@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -95,6 +96,11 @@ def test_a_kv_step_is_the_documented_model_worked_by_hand():
     warm = step(SHAPE, RATES, 1, 0, 1.0, 0.5)
     assert warm.warm == pytest.approx(1000 + 100) and warm.disk == pytest.approx(10 + 100)
     assert warm.wall_s == pytest.approx(max(1.0 + 0.1, 6.0) + 1.0 + 0.1)
+    # the compute on the cores that read: the warm non-expert bytes' copy and hash (1 s) and the row's hash
+    # (10 B at 100 B/s: 0.1 s) take them from the compute; the experts' reads wait for the router as before
+    shared = step(SHAPE, replace(RATES, hash_gbps=100 / GB), 1, 0, 1.0, 0.5)
+    assert shared.compute_s == pytest.approx(6.0)
+    assert shared.wall_s == pytest.approx(max(1.0 + 0.1, 6.0 + 1.0 + 0.1) + 1.0 + 0.1)
 
 
 def test_a_no_kv_step_over_its_context_is_the_model_worked_by_hand():

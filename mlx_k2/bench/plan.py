@@ -24,7 +24,10 @@ The model (docs/performance.md, "plan"), one step at a time:
   checkpoint, 61 layers of small widths, over its layer count).
 - Wall: the non-expert reads are issued a layer ahead and overlap the computation; a layer's routed experts
   are known only after its router, so their reads do not: wall = max(non-expert reads, compute) + expert
-  reads. A process's first step also makes ready the fresh memory its reads land in (`first_touch_s`).
+  reads. Where the compute runs on the CPU (`hash_gbps` given), the non-expert reads' CPU work (a warm read
+  is a copy and a BLAKE3 hash, a cold one the hash) takes the same cores: wall = max(non-expert reads,
+  compute + their CPU work) + expert reads. A process's first step also makes ready the fresh memory its
+  reads land in (`first_touch_s`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ class Rates:
     quant_batch_gbps: float | None = None
     layer_s: float = 0.0  # fixed work per layer a step (scheduling, small reads, routing), whatever its widths
     touch_gbps: float | None = None  # fresh memory made ready (allocated, zeroed, faulted in); None: not counted
+    hash_gbps: float | None = None   # BLAKE3 of read bytes on every core, where the compute runs on those same
+                                     # cores; None: the reads' CPU work takes nothing from the compute (a GPU)
+
+    def read_cpu_s(self, cold_bytes: float, warm_bytes: float) -> float:
+        """Seconds the cores spend on reads, where they are also the compute's (`hash_gbps` given): a warm read
+        is all CPU work (a copy out of the page cache and its hash, at `warm_gbps`), a cold one hashes what
+        lands."""
+        if self.hash_gbps is None:
+            return 0.0
+        return (cold_bytes / self.hash_gbps + warm_bytes / self.warm_gbps) / 1e9
 
     def seconds_per_byte(self, dense: bool, positions: int) -> float:
         """A call's time per weight byte over `positions` positions: linear between the two measured points
@@ -148,8 +161,9 @@ def step(shape: Shape, rates: Rates, positions: int, cache_bytes: int, non_exper
     reads_ne = cold_ne / rates.disk_gbps / gb + warm_ne / rates.warm_gbps / gb
     reads_experts = cold_experts / rates.disk_gbps / gb + warm_experts / rates.warm_gbps / gb
     compute = _compute_s(shape, rates, positions)
+    busy = compute + rates.read_cpu_s(cold_ne, warm_ne)  # the cores copy and hash the reads issued ahead too
     return Step(cold_ne + cold_experts, warm_ne + warm_experts, cached_non_expert + used * hit, compute,
-                max(reads_ne, compute) + reads_experts)
+                max(reads_ne, busy) + reads_experts)
 
 
 def buffered(shape: Shape, ram: int, cache_bytes: int) -> bool:
@@ -258,6 +272,23 @@ def touch_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:
         mx.eval(fresh)
         best = min(best, time.perf_counter() - start)
         del fresh
+    return nbytes / best / 1e9
+
+
+def hash_gbps(nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """GB/s of BLAKE3 on every core of this machine (the digest of every byte a run reads): the best of
+    `repeats`."""
+    import time
+
+    import blake3
+    import numpy as np
+
+    data = memoryview(np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+        best = min(best, time.perf_counter() - start)
     return nbytes / best / 1e9
 
 

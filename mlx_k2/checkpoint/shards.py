@@ -66,6 +66,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: is a directory, not a shard") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    return _parse_header(path, size, n, raw)
+
+
+# A process opens one checkpoint many times (a run, its replay, the plan, a test suite's runs): K2.5's 64
+# headers hold ~200,000 tensors and parsing them took 3 s each time. The parse depends on the path, the file's
+# size and the header's bytes alone, so it is kept under exactly those (the bytes compared whole on a hit);
+# its TensorInfos are frozen and the dict is never changed by a caller. A header that fails is not kept.
+@functools.lru_cache(maxsize=256)
+def _parse_header(path: Path, size: int, n: int, raw: bytes) -> dict[str, TensorInfo]:
     try:
         header = jsonio.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -112,6 +121,22 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
     return TensorInfo(name, path, data_start + begin, end - begin, dtype, tuple(shape))
 
 
+@functools.lru_cache(maxsize=16)
+def _parse_index(path: Path, raw: bytes) -> dict[str, str]:
+    """The index's weight map (kept, as a header's parse is, under its exact bytes)."""
+    try:
+        index = jsonio.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: no 'weight_map' object of tensor name -> shard file")
+    for shard in set(weight_map.values()):
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{path}: shard name {shard!r} is not a file in the checkpoint directory")
+    return weight_map
+
+
 def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
@@ -152,20 +177,12 @@ class Checkpoint:
                     raise CheckpointError(f"{self.dir / shard}: tensor {name} is named by {INDEX_FILE} "
                                           "but the shard does not hold it")
 
-    def _read_index(self, path: Path) -> dict[str, str]:
+    @staticmethod
+    def _read_index(path: Path) -> dict[str, str]:
         try:
-            raw = jsonio.loads(jsonio.read_bytes(path, limits.MAX_INDEX_BYTES))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            return _parse_index(path, jsonio.read_bytes(path, limits.MAX_INDEX_BYTES))
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{path}: no 'weight_map' object of tensor name -> shard file")
-        for shard in set(weight_map.values()):
-            if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-                raise CheckpointError(f"{path}: shard name {shard!r} is not a file in the checkpoint directory")
-        return weight_map
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -166,10 +166,10 @@ def test_decode_goals_compare_the_configurations():
                 "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": read_later, "predicted_tokens_s": plan,
                             "wall_per_token_later_s": wall_later, "token_ids": list(ids)}}
 
-    # reads: cold 2.4 / raw 2.0 = 1.2x; warm hashed 7 / copy 14 = 0.5x, unhashed 12 / 14 = 0.857x; BLAKE3 on
-    # every core 7 / 14 = 0.5x
+    # reads: cold 2.4 / raw 2.0 = 1.2x; warm hashed 7 / copy 14 = 0.5x, unhashed 12 / 14 = 0.857x; a plain warm
+    # read 10.5 / 14 = 0.75x the copy, the unhashed reads 12 / 10.5 of it; BLAKE3 on every core 7 / 14 = 0.5x
     read = {"raw_read_gbps": 2.0, "product_read_gbps": 2.4, "product_warm_gbps": 7.0,
-            "product_warm_unhashed_gbps": 12.0, "memcopy_gbps": 14.0}
+            "product_warm_unhashed_gbps": 12.0, "plain_warm_gbps": 10.5, "memcopy_gbps": 14.0}
     result = {"read_alone": read, "plan": {"hash_gbps": 7.0},
               "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
               "cases": [case("no-KV", False, 0.1, [token(5, 10), token(5, 12)]),
@@ -187,6 +187,7 @@ def test_decode_goals_compare_the_configurations():
     assert g["plan_ratio"] == {} and g["experts_vs_resident"] == {} and g["device_over_read"] == {}
     ratios = {k: v for k, v in g["reads"].items() if not k.endswith("_ok")}
     assert ratios == pytest.approx({"cold_of_raw": 1.2, "warm_of_memcopy": 0.5, "warm_unhashed_of_memcopy": 12 / 14,
+                                    "plain_warm_of_memcopy": 0.75, "warm_unhashed_of_plain": 12 / 10.5,
                                     "hash_of_memcopy": 0.5})
     assert (g["reads"]["cold_ok"], g["reads"]["warm_ok"], g["reads"]["warm_unhashed_ok"]) == (True, False, True)
 
@@ -205,7 +206,7 @@ def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
              case("KV+resident", 0.5, 0.45, [100, 50]), case("KV+experts lru", 0.55, 0.5, [100, 30]),
              case("KV+experts lfu", 0.45, 0.5, [100, 20]), case("KV+experts lfu+look-ahead", 0.6, 0.5, [180, 60], True)]
     read = {"raw_read_gbps": 1.0, "product_read_gbps": 1.0, "product_warm_gbps": 1.0,
-            "product_warm_unhashed_gbps": 1.0, "memcopy_gbps": 1.0}
+            "product_warm_unhashed_gbps": 1.0, "plain_warm_gbps": 1.0, "memcopy_gbps": 1.0}
     g = goals({"read_alone": read, "plan": {}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
                "cases": cases})
     # measured / predicted: 0.1/0.12 = 0.83, 1.0, 1.11, 1.1, 0.9, 1.2: all within 25%

@@ -133,6 +133,22 @@ def test_the_modes_and_a_run_from_cold():
     assert predict_run(SHAPE, RATES, ram, 3, kv=True, cache_bytes=0) == pytest.approx(3 / sum(walls))
 
 
+def test_a_no_kv_run_pays_for_the_arenas_its_context_outgrows():
+    # One layer's reads 100 B at one position; one expert 200 B over the 2 MoE layers, 100 B of a layer. After
+    # step 0 an arena holds 1.5 x 100 B; at 2 positions the layer needs 100 + (3 - 2) x 100 = 200 B: both
+    # arenas are made again at 1.5 x 200 B (600 B of fresh memory); at 3 and 4 positions (250, 275 B) they fit.
+    shape = Shape(replace(BYTES, expert=200), num_layers=3, layer_bytes_max=100)
+    touch = replace(RATES, touch_gbps=50 / GB)  # 50 B/s
+    ram = 10**12
+    wall = 4 / predict_run(shape, touch, ram, 4, kv=False, cache_bytes=0)
+    untouched = 4 / predict_run(shape, RATES, ram, 4, kv=False, cache_bytes=0)
+    first = min(10 + 1000 + 2 * 200, 2 * 100) / 50  # step 0: the two arenas' first use
+    assert wall - untouched == pytest.approx(first + 600 / 50)
+    # a KV run's steps never outgrow them
+    assert 4 / predict_run(shape, touch, ram, 4, kv=True, cache_bytes=0) - 4 / predict_run(
+        shape, RATES, ram, 4, kv=True, cache_bytes=0) == pytest.approx(first)
+
+
 def test_plan_command_plans_k25_by_default_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--ram", "128", "--disk", "6", "--warm", "50", "--compute", "200",

@@ -27,7 +27,8 @@ The model (docs/performance.md, "plan"), one step at a time:
   reads. Where the compute runs on the CPU (`hash_gbps` given), the non-expert reads' CPU work (a warm read
   is a copy and a BLAKE3 hash, a cold one the hash) takes the same cores: wall = max(non-expert reads,
   compute + their CPU work) + expert reads. A process's first step also makes ready the fresh memory its
-  reads land in (`first_touch_s`).
+  reads land in (`first_touch_s`), and a no-KV run's later steps the larger read arenas their growing
+  contexts need (`arena_bytes`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..read.storage import auto_method
 BATCH = 64            # the second number of positions the compute rates are measured at
 RSS_BASE = 4 * 10**9  # the process beside its weights (MLX, Python, arenas' bookkeeping): the decode bench's bound
 CACHE_SHARE = 0.5     # a run's default weight cache: half the memory free (`weight_cache.DEFAULT_SHARE`)
+GROWTH_ROOM = 1.5     # a read arena regrown holds this much more than the use that outgrew it (`arena.GROWTH`)
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,14 @@ def plan(shape: Shape, rates: Rates, ram: int, prompt_tokens: int, context: int 
     return out
 
 
+def arena_bytes(shape: Shape, positions: int) -> float:
+    """What a read arena holds for the largest layer of a step over `positions` positions: its reads at one
+    position and the experts of one layer (`expert` is one expert of every MoE layer) the others add."""
+    b = shape.bytes
+    more = distinct(b.n_routed_experts, b.experts_per_token, positions) - min(b.experts_per_token, b.n_routed_experts)
+    return shape.layer_bytes_max + max(more, 0.0) * b.expert / max(b.moe_layers, 1)
+
+
 def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cache_bytes: int,
                 prompt_tokens: int = 1) -> float:
     """Tokens/s of a greedy run of `tokens` steps from a cold start (nothing in the page cache or the weight
@@ -237,9 +247,15 @@ def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cac
     left = max(ram - ram_used(shape, cache_bytes), 0) if buffered(shape, ram, cache_bytes) else 0
     ne_warm = 1.0 if b.non_expert <= cache_bytes else min(1.0, left / b.non_expert)
     wall = step(shape, rates, prompt_tokens, 0, 0.0, 0.0).wall_s + first_touch_s(shape, rates, cache_bytes, prompt_tokens)
+    arena = GROWTH_ROOM * arena_bytes(shape, prompt_tokens)  # step 0 leaves the arenas room to grow
     for t in range(1, tokens):
         context = prompt_tokens + t
         positions = 1 if kv else context
+        if rates.touch_gbps and arena_bytes(shape, positions) > arena:
+            # a no-KV step's layers outgrow the two read arenas: each is made again, with room to grow, in
+            # fresh memory
+            arena = GROWTH_ROOM * arena_bytes(shape, positions)
+            wall += 2 * arena / (rates.touch_gbps * 1e9)
         if kv:  # the new position's experts, used before by one of the context - 1 earlier positions
             seen = 1 - (1 - k / n) ** (context - 1) if n else 0.0
         else:   # the context's experts, of which the previous step used all but those only the newest picks

@@ -137,6 +137,10 @@ def test_a_no_kv_run_pays_for_the_arenas_its_context_outgrows():
     # One layer's reads 100 B at one position; one expert 200 B over the 2 MoE layers, 100 B of a layer. After
     # step 0 an arena holds 1.5 x 100 B; at 2 positions the layer needs 100 + (3 - 2) x 100 = 200 B: both
     # arenas are made again at 1.5 x 200 B (600 B of fresh memory); at 3 and 4 positions (250, 275 B) they fit.
+    from mlx_k2.bench.plan import GROWTH_ROOM
+    from mlx_k2.read.arena import GROWTH
+
+    assert GROWTH_ROOM == GROWTH  # the plan's copy of the arenas' room (the plan imports no MLX)
     shape = Shape(replace(BYTES, expert=200), num_layers=3, layer_bytes_max=100)
     touch = replace(RATES, touch_gbps=50 / GB)  # 50 B/s
     ram = 10**12

@@ -155,8 +155,7 @@ def _print_peer(console: Console, p: dict) -> None:
 def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Optional[int], expert_share: float,
                directory: Path, json_out: Optional[Path], kernels: Optional[str] = None, peer: bool = True,
                repeats: int = 1) -> None:
-    from mlx_k2.bench.streaming import build_full_width, shard_files  # needs MLX
-    from mlx_k2.bench.streaming import COLD_GOAL, WARM_GOAL
+    from mlx_k2.bench.streaming import COLD_GOAL, WARM_GOAL, build_full_width, shard_files  # needs MLX
     from mlx_k2.bench.decode import (DEVICE_GOAL, PLAN_GOAL, better_policy, budgets, configurations,
                                      decode_step_bytes, goals, plan_rates, plan_shape, read_alone, summary)
 

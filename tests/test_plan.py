@@ -134,20 +134,21 @@ def test_the_modes_and_a_run_from_cold():
 
 
 def test_a_no_kv_run_pays_for_the_arenas_its_context_outgrows():
-    # One layer's reads 100 B at one position; one expert 200 B over the 2 MoE layers, 100 B of a layer. After
-    # step 0 an arena holds 1.5 x 100 B; at 2 positions the layer needs 100 + (3 - 2) x 100 = 200 B: both
-    # arenas are made again at 1.5 x 200 B (600 B of fresh memory); at 3 and 4 positions (250, 275 B) they fit.
     from mlx_k2.bench.plan import GROWTH_ROOM
     from mlx_k2.read.arena import GROWTH
 
     assert GROWTH_ROOM == GROWTH  # the plan's copy of the arenas' room (the plan imports no MLX)
-    shape = Shape(replace(BYTES, expert=200), num_layers=3, layer_bytes_max=100)
+    # A dense layer reading 100 B and a MoE layer of 40 B with experts of 30 B (k = 2 of n = 4): at one position
+    # the largest layer reads 100 B, and step 0 leaves each arena 1.5 x 100 = 150 B. The MoE layer at c
+    # positions reads 40 + 30 x 4 (1 - (1/2)^c): 130 B at 2, 145 B at 3, 152.5 B at 4: there both arenas are
+    # made again at 1.5 x 152.5 B (457.5 B of fresh memory).
+    shape = Shape(BYTES, num_layers=2, layer_bytes_max=100, layers=((100, 0), (40, 30)))
     touch = replace(RATES, touch_gbps=50 / GB)  # 50 B/s
     ram = 10**12
     wall = 4 / predict_run(shape, touch, ram, 4, kv=False, cache_bytes=0)
     untouched = 4 / predict_run(shape, RATES, ram, 4, kv=False, cache_bytes=0)
-    first = min(10 + 1000 + 2 * 200, 2 * 100) / 50  # step 0: the two arenas' first use
-    assert wall - untouched == pytest.approx(first + 600 / 50)
+    first = 2 * 100 / 50  # step 0: the two arenas' first use (fewer bytes than the step reads)
+    assert wall - untouched == pytest.approx(first + 2 * 1.5 * 152.5 / 50)
     # a KV run's steps never outgrow them
     assert 4 / predict_run(shape, touch, ram, 4, kv=True, cache_bytes=0) - 4 / predict_run(
         shape, RATES, ram, 4, kv=True, cache_bytes=0) == pytest.approx(first)

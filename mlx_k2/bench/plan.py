@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint.config import BlockFP8, ModelConfig
-from ..checkpoint.inventory import DecodeBytes, decode_bytes, layer_step_bytes
+from ..checkpoint.inventory import DecodeBytes, decode_bytes, layer_bytes
 from ..read.storage import auto_method
 
 BATCH = 64            # the second number of positions the compute rates are measured at
@@ -90,6 +90,7 @@ class Shape:
     num_layers: int
     layer_bytes_max: int
     total_bytes: int = 0  # every tensor's bytes: whether the page cache could hold the model
+    layers: tuple[tuple[int, int], ...] = ()  # each layer's (non-expert bytes, one routed expert's; 0: dense)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def buffered(shape: Shape, ram: int, cache_bytes: int) -> bool:
 def first_touch_s(shape: Shape, rates: Rates, cache_bytes: int, positions: int) -> float:
     """A process's first step puts what it reads in memory it has not touched before: the two read arenas
     (each grows to the largest layer's reads) and the weight cache's own arrays (what it keeps, up to its
-    budget); making that memory ready takes `touch_gbps` (measured on the project's 2-core machine: 1.3-1.6
+    budget); making that memory ready takes `touch_gbps` (measured on the project's 2-core machine: 1.3-1.9
     GB/s, so 4.33 GB of K2.5-width reads took 3 s beside the reads themselves)."""
     if not rates.touch_gbps:
         return 0.0
@@ -229,11 +230,10 @@ def plan(shape: Shape, rates: Rates, ram: int, prompt_tokens: int, context: int 
 
 
 def arena_bytes(shape: Shape, positions: int) -> float:
-    """What a read arena holds for the largest layer of a step over `positions` positions: its reads at one
-    position and the experts of one layer (`expert` is one expert of every MoE layer) the others add."""
-    b = shape.bytes
-    more = distinct(b.n_routed_experts, b.experts_per_token, positions) - min(b.experts_per_token, b.n_routed_experts)
-    return shape.layer_bytes_max + max(more, 0.0) * b.expert / max(b.moe_layers, 1)
+    """What a read arena holds for a step over `positions` positions: its largest layer's reads (a MoE layer's
+    non-expert tensors and the distinct experts its positions route to)."""
+    used = distinct(shape.bytes.n_routed_experts, shape.bytes.experts_per_token, positions)
+    return max((non_expert + used * expert for non_expert, expert in shape.layers), default=0.0)
 
 
 def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cache_bytes: int,
@@ -269,9 +269,11 @@ def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cac
 def shape_of(tensors, cfg: ModelConfig) -> Shape:
     """The plan's view of a model from its tensors: a `Checkpoint` (headers) or `sizes.ImpliedTensors`
     (config.json alone)."""
-    per_layer, head = layer_step_bytes(tensors, cfg)
+    per_layer, head = layer_bytes(tensors, cfg)
+    k = cfg.text.num_experts_per_tok
     total = sum(info.nbytes for info in tensors.tensors.values())  # a Checkpoint or config.json's implied tensors
-    return Shape(decode_bytes(tensors, cfg), cfg.text.num_hidden_layers, max(per_layer + [head]), total)
+    return Shape(decode_bytes(tensors, cfg), cfg.text.num_hidden_layers,
+                 max([non_expert + k * expert for non_expert, expert in per_layer] + [head]), total, tuple(per_layer))
 
 
 def touch_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:

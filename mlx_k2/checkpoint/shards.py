@@ -12,9 +12,10 @@ import json
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import blake3
 
@@ -45,7 +46,7 @@ class TensorInfo:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
+def read_header(path: Path) -> Mapping[str, TensorInfo]:
     """Parse one safetensors file's header into TensorInfos with absolute offsets, checking them. Only a
     regular file is opened: opening a FIFO or a device blocks or never ends."""
     try:
@@ -72,9 +73,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 # A process opens one checkpoint many times (a run, its replay, the plan, a test suite's runs): K2.5's 64
 # headers hold ~200,000 tensors and parsing them took 3 s each time. The parse depends on the path, the file's
 # size and the header's bytes alone, so it is kept under exactly those (the bytes compared whole on a hit);
-# its TensorInfos are frozen and the dict is never changed by a caller. A header that fails is not kept.
-@functools.lru_cache(maxsize=256)
-def _parse_header(path: Path, size: int, n: int, raw: bytes) -> dict[str, TensorInfo]:
+# its TensorInfos are frozen and every caller gets a read-only view. A header that fails is not kept. At most
+# two K2.5-sized checkpoints' headers are kept (a header of K2.5 is ~300 KB).
+@functools.lru_cache(maxsize=128)
+def _parse_header(path: Path, size: int, n: int, raw: bytes) -> Mapping[str, TensorInfo]:
     try:
         header = jsonio.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -88,7 +90,7 @@ def _parse_header(path: Path, size: int, n: int, raw: bytes) -> dict[str, Tensor
             continue
         tensors[name] = _tensor_info(path, name, entry, data_start, size)
     _check_no_overlap(path, tensors)
-    return tensors
+    return MappingProxyType(tensors)
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
@@ -122,7 +124,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
 
 
 @functools.lru_cache(maxsize=16)
-def _parse_index(path: Path, raw: bytes) -> dict[str, str]:
+def _parse_index(path: Path, raw: bytes) -> Mapping[str, str]:
     """The index's weight map (kept, as a header's parse is, under its exact bytes)."""
     try:
         index = jsonio.loads(raw)
@@ -134,7 +136,7 @@ def _parse_index(path: Path, raw: bytes) -> dict[str, str]:
     for shard in set(weight_map.values()):
         if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{path}: shard name {shard!r} is not a file in the checkpoint directory")
-    return weight_map
+    return MappingProxyType(weight_map)
 
 
 def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
@@ -178,7 +180,7 @@ class Checkpoint:
                                           "but the shard does not hold it")
 
     @staticmethod
-    def _read_index(path: Path) -> dict[str, str]:
+    def _read_index(path: Path) -> Mapping[str, str]:
         try:
             return _parse_index(path, jsonio.read_bytes(path, limits.MAX_INDEX_BYTES))
         except OSError as e:

@@ -47,7 +47,7 @@ def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float
     from mlx_k2.bench.plan import Rates, compute_rates, hash_gbps, layer_seconds, measure_storage, touch_gbps
     from mlx_k2.bench.streaming import memcopy_gbps
 
-    source = {}
+    source, warm_is_copy = {}, False
     if measure is not None:
         if not measure.exists():
             raise UsageError(f"--measure {measure}: no such file or directory")
@@ -65,7 +65,7 @@ def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float
                              "directory on that storage)")
         else:
             say("measuring the memory copy rate (warm reads' ceiling) ...")
-            warm, source["warm"] = memcopy_gbps(), "memory copy, measured"
+            warm, source["warm"], warm_is_copy = memcopy_gbps(), "memory copy, measured", True
     source.setdefault("disk", "given")
     source.setdefault("warm", "given")
     if compute is None:
@@ -76,7 +76,7 @@ def _rates(cfg, files: list[Path], measure: Optional[Path], disk: Optional[float
         source["compute"] = (f"measured (this machine's CPU kernels; {layer_s * 1e3:.1f} ms fixed work per layer; "
                              f"fresh memory {touch:.1f} GB/s; the reads' hashing {hashing:.1f} GB/s on the same "
                              f"cores)")
-        if source["warm"] == "memory copy, measured":  # a run's warm read is a copy and its hash
+        if warm_is_copy:  # a run's warm read is a copy and its hash
             warm, source["warm"] = 1 / (1 / warm + 1 / hashing), "memory copy and BLAKE3, measured"
     else:
         parts = compute.split(",")

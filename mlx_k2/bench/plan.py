@@ -276,38 +276,41 @@ def shape_of(tensors, cfg: ModelConfig) -> Shape:
                  max([non_expert + k * expert for non_expert, expert in per_layer] + [head]), total, tuple(per_layer))
 
 
-def touch_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:
-    """GB/s of fresh memory made ready as the read arenas make it (an MLX byte array of zeros, evaluated):
-    the best of `repeats`."""
+def best_seconds(work, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `work()` (a rate's best case on a shared, noisy machine). What a
+    call returns is let go after its clock stops: freeing it is no part of the work."""
     import time
-
-    import mlx.core as mx
 
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fresh = mx.zeros((nbytes,), dtype=mx.uint8)
-        mx.eval(fresh)
+        made = work()
         best = min(best, time.perf_counter() - start)
-        del fresh
-    return nbytes / best / 1e9
+        del made
+    return best
+
+
+def touch_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:
+    """GB/s of fresh memory made ready as the read arenas make it (an MLX byte array of zeros, evaluated):
+    the best of `repeats`."""
+    import mlx.core as mx
+
+    def fresh():
+        zeros = mx.zeros((nbytes,), dtype=mx.uint8)
+        mx.eval(zeros)
+        return zeros
+
+    return nbytes / best_seconds(fresh, repeats) / 1e9
 
 
 def hash_gbps(nbytes: int = 256 << 20, repeats: int = 3) -> float:
     """GB/s of BLAKE3 on every core of this machine (the digest of every byte a run reads): the best of
     `repeats`."""
-    import time
-
     import blake3
     import numpy as np
 
     data = memoryview(np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
+    return nbytes / best_seconds(lambda: blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest(), repeats) / 1e9
 
 
 def measure_storage(paths: list[Path], limit: int = 2 << 30) -> tuple[float, float]:

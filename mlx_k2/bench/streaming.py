@@ -185,14 +185,11 @@ def _sequential_gbps(paths: list[Path], limit: int, cold: bool = False) -> float
 def memcopy_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:
     """Bytes copied per second between two large, already faulted buffers (best of `repeats`): the
     ceiling for reads served from the page cache, which the kernel copies out of it."""
+    from .plan import best_seconds
+
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.zeros(nbytes, dtype=np.uint8)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
+    return nbytes / best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
 COLD_GOAL, WARM_GOAL = 0.9, 0.8  # cold reads vs raw sequential reads; warm reads vs a memory copy

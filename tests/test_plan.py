@@ -154,6 +154,32 @@ def test_a_no_kv_run_pays_for_the_arenas_its_context_outgrows():
         shape, RATES, ram, 4, kv=True, cache_bytes=0) == pytest.approx(first)
 
 
+def test_a_run_whose_cache_keeps_experts_pays_for_the_slab_chunks_they_are_kept_in():
+    from mlx_k2.bench.plan import SLAB_CHUNK, SLAB_SPARE, slab_bytes
+    from mlx_k2.read.slab import CHUNK_BYTES
+    from mlx_k2.read.tensors import SLOTS_IN_FLIGHT
+
+    assert (SLAB_CHUNK, SLAB_SPARE) == (CHUNK_BYTES, SLOTS_IN_FLIGHT)  # the plan's copies (it imports no MLX)
+    # Experts of 256 MiB a layer (two MoE layers: 512 MiB an expert id), k = 2 of n = 16: four slots a 1 GiB
+    # chunk. A budget of the non-expert 1000 B and 20 experts.
+    shape = Shape(replace(BYTES, expert=2**29, n_routed_experts=16), num_layers=3, layer_bytes_max=300)
+    budget = 1000 + 20 * 2**28
+    # Two chunks once the first expert is kept (the next one is started as soon as fewer than a chunk's
+    # slots are free); a third once more than four are held; never more than the 20 + 16 slots.
+    assert slab_bytes(shape, budget, 0) == 0 and slab_bytes(shape, 1000, 5) == 0  # no room for experts
+    assert [slab_bytes(shape, budget, h) / 2**30 for h in (1, 4, 5, 9, 20, 40)] == [2, 2, 3, 4, 6, 6]
+    assert slab_bytes(replace(shape, bytes=replace(shape.bytes, expert=2**30)), 1000 + 5 * 2**29, 5) / 2**29 == 8
+    # A KV run of 4 tokens: the context's distinct experts a layer 16 (1 - (7/8)^c) = 2, 3.75, 5.28, 6.62, so
+    # the cache holds 4, 7.5, 10.56, 13.24 of them: 2, 3, 4, 5 chunks. At 1 GiB/s: step 0 makes 2 GiB of
+    # chunks and puts the 1010 B it reads besides (a row and the non-expert tensors) in fresh memory;
+    # steps 1 to 3 make a chunk each.
+    touch = replace(RATES, touch_gbps=2**30 / GB)
+    ram = 10**12
+    extra = 4 / predict_run(shape, touch, ram, 4, kv=True, cache_bytes=budget) - 4 / predict_run(
+        shape, RATES, ram, 4, kv=True, cache_bytes=budget)
+    assert extra == pytest.approx((1010 + 2 * 2**30) / 2**30 + 3)
+
+
 def test_plan_command_plans_k25_by_default_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--ram", "128", "--disk", "6", "--warm", "50", "--compute", "200",

@@ -27,12 +27,14 @@ The model (docs/performance.md, "plan"), one step at a time:
   reads. Where the compute runs on the CPU (`hash_gbps` given), the non-expert reads' CPU work (a warm read
   is a copy and a BLAKE3 hash, a cold one the hash) takes the same cores: wall = max(non-expert reads,
   compute + their CPU work) + expert reads. A process's first step also makes ready the fresh memory its
-  reads land in (`first_touch_s`), and a no-KV run's later steps the larger read arenas their growing
-  contexts need (`arena_bytes`).
+  reads land in (`first_touch_s`), a no-KV run's later steps the larger read arenas their growing
+  contexts need (`arena_bytes`), and a run whose cache holds experts the slab chunks they are kept in, as
+  the cache takes them (`slab_bytes`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from pathlib import Path
@@ -45,6 +47,8 @@ BATCH = 64            # the second number of positions the compute rates are mea
 RSS_BASE = 4 * 10**9  # the process beside its weights (MLX, Python, arenas' bookkeeping): the decode bench's bound
 CACHE_SHARE = 0.5     # a run's default weight cache: half the memory free (`weight_cache.DEFAULT_SHARE`)
 GROWTH_ROOM = 1.5     # a read arena regrown holds this much more than the use that outgrew it (`arena.GROWTH`)
+SLAB_CHUNK = 1 << 30  # the expert slab's chunk of slots (`slab.CHUNK_BYTES`)
+SLAB_SPARE = 16       # the slab's slots beyond the experts the budget holds (`tensors.SLOTS_IN_FLIGHT`)
 
 
 @dataclass(frozen=True)
@@ -175,16 +179,36 @@ def buffered(shape: Shape, ram: int, cache_bytes: int) -> bool:
 
 
 def first_touch_s(shape: Shape, rates: Rates, cache_bytes: int, positions: int) -> float:
-    """A process's first step puts what it reads in memory it has not touched before: the two read arenas
-    (each grows to the largest layer's reads) and the weight cache's own arrays (what it keeps, up to its
-    budget); making that memory ready takes `touch_gbps` (measured on the project's 2-core machine: 1.3-1.9
-    GB/s, so 4.33 GB of K2.5-width reads took 3 s beside the reads themselves)."""
+    """A process's first step puts what it reads in memory it has not touched before: the weight cache's
+    arrays for the non-expert tensors it keeps, the slab chunks for the experts it keeps, and the two read
+    arenas for the rest. The arenas are counted at the step's largest read of one layer or the lm_head
+    (`layer_bytes_max`) each: more than an arena holds at once (the lm_head is read in blocks), but an arena
+    that needed several chunks is made again, 1.5 x as large, at its next use, within step 0 (measured at
+    K2.5's widths: a KV step 0 made fresh memory for about all 4.33 GB it read, not for two layers' 2 GB).
+    Making memory ready takes `touch_gbps` (measured on the project's 2-core machine: 1.3-1.9 GB/s)."""
     if not rates.touch_gbps:
         return 0.0
     b = shape.bytes
-    read = positions * b.embedding_row + b.non_expert + distinct(b.n_routed_experts, b.experts_per_token,
-                                                                 positions) * b.expert
-    return min(read, cache_bytes + 2 * shape.layer_bytes_max) / (rates.touch_gbps * 1e9)
+    used = distinct(b.n_routed_experts, b.experts_per_token, positions)
+    kept = min(b.cache_cover(cache_bytes)[1], b.moe_layers * used)  # experts the slab takes (one layer's each)
+    read = positions * b.embedding_row + b.non_expert + (used - kept / max(b.moe_layers, 1)) * b.expert
+    unkept = min(read, b.cache_cover(cache_bytes)[0] + 2 * shape.layer_bytes_max)
+    return (unkept + slab_bytes(shape, cache_bytes, kept)) / (rates.touch_gbps * 1e9)
+
+
+def slab_bytes(shape: Shape, cache_bytes: int, held: float) -> float:
+    """Fresh memory the expert slab (`read/slab.py`) has made while the weight cache at `cache_bytes` holds
+    `held` routed experts: chunks of SLAB_CHUNK bytes of one-expert slots, the next one started once fewer
+    than a chunk's slots are free (so one to two chunks ahead of the slots in use), up to the budget's
+    experts and SLAB_SPARE more."""
+    b = shape.bytes
+    room = b.cache_cover(cache_bytes)[1]
+    if not room or held <= 0:
+        return 0.0
+    slot = b.expert / b.moe_layers  # one layer's expert: an average layer's
+    per_chunk = max(1, int(SLAB_CHUNK // slot))
+    chunks = 2 + (math.ceil(min(held, room)) - 1) // per_chunk
+    return min(room + SLAB_SPARE, chunks * per_chunk) * slot
 
 
 def page_cache_shares(shape: Shape, ram: int, cache_bytes: int) -> tuple[float, float]:
@@ -248,9 +272,15 @@ def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cac
     ne_warm = 1.0 if b.non_expert <= cache_bytes else min(1.0, left / b.non_expert)
     wall = step(shape, rates, prompt_tokens, 0, 0.0, 0.0).wall_s + first_touch_s(shape, rates, cache_bytes, prompt_tokens)
     arena = GROWTH_ROOM * arena_bytes(shape, prompt_tokens)  # step 0 leaves the arenas room to grow
+    room = b.cache_cover(cache_bytes)[1]
+    slab = slab_bytes(shape, cache_bytes, min(room, b.moe_layers * distinct(n, k, prompt_tokens)))
     for t in range(1, tokens):
         context = prompt_tokens + t
         positions = 1 if kv else context
+        if rates.touch_gbps:  # the experts the context used are kept, as far as the cache's room goes
+            made = slab_bytes(shape, cache_bytes, min(room, b.moe_layers * distinct(n, k, context)))
+            wall += (made - slab) / (rates.touch_gbps * 1e9)
+            slab = made
         if rates.touch_gbps and arena_bytes(shape, positions) > arena:
             # a no-KV step's layers outgrow the two read arenas: each is made again, with room to grow, in
             # fresh memory

@@ -126,6 +126,12 @@ class TensorReader:
         self._arenas = [Arena(), Arena()]
         self._owner: list[int | None] = [None, None]  # the slot each arena's bytes belong to, until released
 
+    def settle(self) -> None:
+        """Wait for the memory being made ahead of need (the expert slab's chunks): between runs measured
+        apart, so one's background work is not charged to the next."""
+        if self.slab is not None:
+            self.slab.settle()
+
     def close(self) -> None:
         self.drop_prefetched()
         self.storage.close()

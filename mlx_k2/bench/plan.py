@@ -183,9 +183,10 @@ def first_touch_s(shape: Shape, rates: Rates, cache_bytes: int, positions: int) 
     arrays for the non-expert tensors it keeps, the slab chunks for the experts it keeps, and the two read
     arenas for the rest. The arenas are counted at the step's largest read of one layer or the lm_head
     (`layer_bytes_max`) each: more than an arena holds at once (the lm_head is read in blocks), but an arena
-    that needed several chunks is made again, 1.5 x as large, at its next use, within step 0 (measured at
-    K2.5's widths: a KV step 0 made fresh memory for about all 4.33 GB it read, not for two layers' 2 GB).
-    Making memory ready takes `touch_gbps` (measured on the project's 2-core machine: 1.3-1.9 GB/s)."""
+    that needed several chunks is made again, 1.5 x as large, at its next use, within step 0 (at K2.5's
+    widths, on the bench's figures: counted so, the KV mode's prediction was 0.81x of its measured tokens/s;
+    counted as two layers' arenas, 0.76x). Making memory ready takes `touch_gbps` (measured on the project's
+    2-core machine: 1.3-2.0 GB/s)."""
     if not rates.touch_gbps:
         return 0.0
     b = shape.bytes

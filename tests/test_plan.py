@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -160,24 +161,50 @@ def test_a_run_whose_cache_keeps_experts_pays_for_the_slab_chunks_they_are_kept_
     from mlx_k2.read.tensors import SLOTS_IN_FLIGHT
 
     assert (SLAB_CHUNK, SLAB_SPARE) == (CHUNK_BYTES, SLOTS_IN_FLIGHT)  # the plan's copies (it imports no MLX)
-    # Experts of 256 MiB a layer (two MoE layers: 512 MiB an expert id), k = 2 of n = 16: four slots a 1 GiB
+    # Experts of 250 MiB a layer (two MoE layers: 500 MiB an expert id), k = 2 of n = 16: four slots a 1 GiB
     # chunk. A budget of the non-expert 1000 B and 20 experts.
-    shape = Shape(replace(BYTES, expert=2**29, n_routed_experts=16), num_layers=3, layer_bytes_max=300)
-    budget = 1000 + 20 * 2**28
-    # Two chunks once the first expert is kept (the next one is started as soon as fewer than a chunk's
-    # slots are free); a third once more than four are held; never more than the 20 + 16 slots.
+    mib = 2**20
+    shape = Shape(replace(BYTES, expert=500 * mib, n_routed_experts=16), num_layers=3, layer_bytes_max=300)
+    budget = 1000 + 20 * 250 * mib
+    # Two chunks (8 slots) once the first expert is kept (the next one is started as soon as fewer than a
+    # chunk's slots are free); a third once more than four are held; 24 slots for the 20 the room holds.
     assert slab_bytes(shape, budget, 0) == 0 and slab_bytes(shape, 1000, 5) == 0  # no room for experts
-    assert [slab_bytes(shape, budget, h) / 2**30 for h in (1, 4, 5, 9, 20, 40)] == [2, 2, 3, 4, 6, 6]
-    assert slab_bytes(replace(shape, bytes=replace(shape.bytes, expert=2**30)), 1000 + 5 * 2**29, 5) / 2**29 == 8
+    assert [slab_bytes(shape, budget, h) / (250 * mib) for h in (1, 4, 5, 9, 20, 40)] == [8, 8, 12, 16, 24, 24]
+    # Experts of 16 MiB: 64 slots a chunk, but never more than the room's 20 and SLAB_SPARE more
+    small = replace(shape, bytes=replace(shape.bytes, expert=32 * mib))
+    assert slab_bytes(small, 1000 + 20 * 16 * mib, 5) == (20 + SLAB_SPARE) * 16 * mib
     # A KV run of 4 tokens: the context's distinct experts a layer 16 (1 - (7/8)^c) = 2, 3.75, 5.28, 6.62, so
-    # the cache holds 4, 7.5, 10.56, 13.24 of them: 2, 3, 4, 5 chunks. At 1 GiB/s: step 0 makes 2 GiB of
-    # chunks and puts the 1010 B it reads besides (a row and the non-expert tensors) in fresh memory;
-    # steps 1 to 3 make a chunk each.
-    touch = replace(RATES, touch_gbps=2**30 / GB)
+    # the cache holds 4, 7.5, 10.56, 13.24 of them: 2, 3, 4, 5 chunks. At 250 MiB a second (a slot a second):
+    # step 0 makes 8 slots and puts the 1010 B it reads besides (a row and the non-expert tensors) in fresh
+    # memory; steps 1 to 3 make a chunk (4 slots) each.
+    touch = replace(RATES, touch_gbps=250 * mib / GB)
     ram = 10**12
     extra = 4 / predict_run(shape, touch, ram, 4, kv=True, cache_bytes=budget) - 4 / predict_run(
         shape, RATES, ram, 4, kv=True, cache_bytes=budget)
-    assert extra == pytest.approx((1010 + 2 * 2**30) / 2**30 + 3)
+    assert extra == pytest.approx(1010 / (250 * mib) + 8 + 3 * 4)
+
+
+def test_the_plans_slab_makes_what_the_product_slab_makes(monkeypatch):
+    from mlx_k2.bench import plan as plan_module
+    from mlx_k2.read.slab import ExpertSlab
+
+    # The product's slab with small slots, taking experts a layer at a time (3 a layer) and making chunks
+    # ahead between layers as the reader does, against the plan's count with the same chunk size.
+    slot = ExpertSlab.room([(3 * 4096, 0)])  # one part of three pages and room for its page phase
+    assert slot == 4 * 4096
+    room = 20
+    monkeypatch.setattr(plan_module, "SLAB_CHUNK", 4 * slot)
+    shape = Shape(replace(BYTES, expert=2 * slot, n_routed_experts=64), num_layers=3, layer_bytes_max=300)
+    budget = BYTES.non_expert + room * slot
+    product = ExpertSlab(room + plan_module.SLAB_SPARE, slot, chunk_bytes=4 * slot)
+    held = 0
+    for layer in range(12):
+        for _ in range(3):
+            if held < room:
+                assert product.take([(mx.uint8, (1, 3 * 4096), 3 * 4096, 0)]) is not None
+                held += 1
+        product.ahead()
+        assert plan_module.slab_bytes(shape, budget, held) == product.made * slot, (layer, held)
 
 
 def test_plan_command_plans_k25_by_default_and_writes_json(tmp_path):

@@ -184,24 +184,35 @@ def first_touch_s(shape: Shape, rates: Rates, cache_bytes: int, positions: int) 
     arenas for the rest. The arenas are counted at the step's largest read of one layer or the lm_head
     (`layer_bytes_max`) each: more than an arena holds at once (the lm_head is read in blocks), but an arena
     that needed several chunks is made again, 1.5 x as large, at its next use, within step 0 (at K2.5's
-    widths, on the bench's figures: counted so, the KV mode's prediction was 0.81x of its measured tokens/s;
-    counted as two layers' arenas, 0.76x). Making memory ready takes `touch_gbps` (measured on the project's
-    2-core machine: 1.3-2.0 GB/s)."""
+    widths, in a bench sitting: the KV mode measured 0.81x of its prediction counted so, 0.76x counted as two
+    layers' arenas). Making memory ready takes `touch_gbps` (measured on the project's 2-core machine:
+    1.3-2.0 GB/s)."""
     if not rates.touch_gbps:
         return 0.0
     b = shape.bytes
-    used = distinct(b.n_routed_experts, b.experts_per_token, positions)
-    kept = min(b.cache_cover(cache_bytes)[1], b.moe_layers * used)  # experts the slab takes (one layer's each)
-    read = positions * b.embedding_row + b.non_expert + (used - kept / max(b.moe_layers, 1)) * b.expert
-    unkept = min(read, b.cache_cover(cache_bytes)[0] + 2 * shape.layer_bytes_max)
+    cached_non_expert = b.cache_cover(cache_bytes)[0]
+    kept = kept_experts(shape, cache_bytes, positions)
+    read = positions * b.embedding_row + b.non_expert + (
+        distinct(b.n_routed_experts, b.experts_per_token, positions) - kept / max(b.moe_layers, 1)) * b.expert
+    unkept = min(read, cached_non_expert + 2 * shape.layer_bytes_max)
     return (unkept + slab_bytes(shape, cache_bytes, kept)) / (rates.touch_gbps * 1e9)
+
+
+def kept_experts(shape: Shape, cache_bytes: int, positions: int) -> float:
+    """Routed experts (one layer's each) a weight cache at `cache_bytes` holds once `positions` positions
+    have used theirs: every one used, as far as its room goes. (lru and lfu keep an expert from its first
+    use; lru2 from its second, so it holds fewer: the plan does not tell the policies apart.)"""
+    b = shape.bytes
+    used = b.moe_layers * distinct(b.n_routed_experts, b.experts_per_token, positions)
+    return min(b.cache_cover(cache_bytes)[1], used)
 
 
 def slab_bytes(shape: Shape, cache_bytes: int, held: float) -> float:
     """Fresh memory the expert slab (`read/slab.py`) has made while the weight cache at `cache_bytes` holds
     `held` routed experts: chunks of SLAB_CHUNK bytes of one-expert slots, the next one started once fewer
     than a chunk's slots are free (so one to two chunks ahead of the slots in use), up to the budget's
-    experts and SLAB_SPARE more."""
+    experts and SLAB_SPARE more. A slot is taken as one expert's bytes: the slab's slot also pads each
+    stored part to its page phase (K2.5: under 0.1%, the same 43 slots a chunk)."""
     b = shape.bytes
     room = b.cache_cover(cache_bytes)[1]
     if not room or held <= 0:
@@ -273,13 +284,12 @@ def predict_run(shape: Shape, rates: Rates, ram: int, tokens: int, kv: bool, cac
     ne_warm = 1.0 if b.non_expert <= cache_bytes else min(1.0, left / b.non_expert)
     wall = step(shape, rates, prompt_tokens, 0, 0.0, 0.0).wall_s + first_touch_s(shape, rates, cache_bytes, prompt_tokens)
     arena = GROWTH_ROOM * arena_bytes(shape, prompt_tokens)  # step 0 leaves the arenas room to grow
-    room = b.cache_cover(cache_bytes)[1]
-    slab = slab_bytes(shape, cache_bytes, min(room, b.moe_layers * distinct(n, k, prompt_tokens)))
+    slab = slab_bytes(shape, cache_bytes, kept_experts(shape, cache_bytes, prompt_tokens))
     for t in range(1, tokens):
         context = prompt_tokens + t
         positions = 1 if kv else context
         if rates.touch_gbps:  # the experts the context used are kept, as far as the cache's room goes
-            made = slab_bytes(shape, cache_bytes, min(room, b.moe_layers * distinct(n, k, context)))
+            made = slab_bytes(shape, cache_bytes, kept_experts(shape, cache_bytes, context))
             wall += (made - slab) / (rates.touch_gbps * 1e9)
             slab = made
         if rates.touch_gbps and arena_bytes(shape, positions) > arena:

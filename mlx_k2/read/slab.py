@@ -23,7 +23,7 @@ import numpy as np
 
 from .arena import PAGE, POISON_ENV, address
 
-CHUNK_BYTES = 1 << 30   # one chunk: under MLX's 2 GiB array limit; K2.5: 46 experts of 22.5 MB
+CHUNK_BYTES = 1 << 30   # one chunk: under MLX's 2 GiB array limit; K2.5: 43 experts of 24.8 MB
 
 
 class _Chunk:
@@ -55,7 +55,6 @@ class ExpertSlab:
         self._chunks: list[_Chunk] = []
         self._free: list[int] = []     # slot numbers (chunk * per_chunk + i), most recently freed last
         self.made = 0                  # slots in chunks made or being made
-        self._taken = False            # a slot was taken since the last `ahead`
         self.poison = os.environ.get(POISON_ENV, "") not in ("", "0")
 
     @staticmethod
@@ -73,7 +72,6 @@ class ExpertSlab:
             if not self._free:
                 return None
         slot = self._free.pop()
-        self._taken = True
         chunk = self._chunks[slot // self.per_chunk]
         memory, at, out = chunk.ready(), (slot % self.per_chunk) * self.slot_bytes, []
         for dtype, shape, nbytes, offset in parts:
@@ -95,16 +93,14 @@ class ExpertSlab:
         return len(self._free)
 
     def ahead(self) -> None:
-        """Between uses (the reader calls it after each layer): where the use took a slot and fewer than a
-        chunk's slots are free, start making the next chunk, so it has been faulted in by the time a use
-        needs it. A chunk ahead is steps of lead at decode (K2.5: 46 slots, 8 experts taken per MoE layer at
-        most); one layer of lead was not enough on a 2-core machine, where zero-filling 1 GiB took 1.2-2.8 s.
-        A use that took none (every expert it used was cached) starts nothing: a warm cache's steps would
-        otherwise zero-fill a chunk no expert asked for, beside their computation (measured at K2.5's widths
-        with every weight cached: 24,000 page faults a step, 0.3 s of kernel time in a 0.3 s step)."""
-        if self._taken and self._chunks and len(self._free) < self.per_chunk:
+        """Between uses (the reader calls it after each layer): while fewer than a chunk's slots are free,
+        start making the next chunk, so it has been faulted in by the time a use needs it. A chunk ahead is
+        steps of lead at decode (K2.5: 43 slots, 8 experts taken per MoE layer at most); one layer of lead
+        was not enough on a 2-core machine, where zero-filling 1 GiB took 1.2-2.8 s. Only a take lowers the
+        free slots, and a chunk made brings them to a chunk's worth (or the slab to its size), so a run whose
+        experts are all cached starts no chunk."""
+        if self._chunks and len(self._free) < self.per_chunk:
             self._grow()
-        self._taken = False
 
     def settle(self) -> None:
         """Wait until every chunk started has been made: the background stream's work ends here (before a

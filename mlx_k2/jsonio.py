@@ -27,9 +27,16 @@ from .limits import MAX_INT_DIGITS
 
 MAX_DEPTH = 64  # the deepest a ledger record goes is 5 levels; a tokenizer_config.json about 4
 # A run of more digits than an integer may have, anywhere in the text: only then is each integer checked (a
-# Python call per integer would slow every ledger read; a long digit run inside a string is harmless).
-_LONG_RUN = {str: re.compile("[0-9]{%d}" % (MAX_INT_DIGITS + 1)),
-             bytes: re.compile(b"[0-9]{%d}" % (MAX_INT_DIGITS + 1))}
+# Python call per integer would slow every ledger read; a long digit run inside a string is harmless). Found
+# as a run of zeros once every digit is a zero: a regular expression took 0.4 s over K2.5's headers.
+_ZEROS = {str: str.maketrans("123456789", "0" * 9), bytes: bytes.maketrans(b"123456789", b"0" * 9)}
+_LONG_RUN = {str: "0" * (MAX_INT_DIGITS + 1), bytes: b"0" * (MAX_INT_DIGITS + 1)}
+# How deep valid JSON nests, from its text: without its strings (the only place a bracket is not structure)
+# and everything but the brackets, each pass drops every innermost pair, one level of every container.
+_STRING = {str: re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S), bytes: re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)}
+_NOT_BRACKET = {str: re.compile(r"[^\[\]{}]+"), bytes: re.compile(rb"[^\[\]{}]+")}
+_OPENERS = {str: ("[", "{"), bytes: (b"[", b"{")}
+_INNERMOST = {str: re.compile(r"\[\]|\{\}"), bytes: re.compile(rb"\[\]|\{\}")}
 
 
 class TooDeep(json.JSONDecodeError):
@@ -59,25 +66,34 @@ def _bounded_int(numeral: str) -> int:
     return int(numeral)
 
 
-def loads(data: str | bytes, **options: Any) -> Any:
+def _deeper_than(text: str | bytes, levels: int) -> bool:
+    """Whether the valid JSON `text` nests more than `levels` containers deep. Passes over the text at C speed:
+    walking the parsed value took 0.44 s over a K2.5-shaped checkpoint's headers (208,226 tensors), this 0.25 s."""
+    kind = type(text)
+    if sum(map(text.count, _OPENERS[kind])) <= levels:  # an index or a config: no pass needed
+        return False
+    brackets = _NOT_BRACKET[kind].sub(kind(), _STRING[kind].sub(kind(), text))
+    for _ in range(levels):
+        if not brackets:
+            return False
+        brackets = _INNERMOST[kind].sub(kind(), brackets)
+    return bool(brackets)
+
+
+def loads(data: str | bytes | bytearray, **options: Any) -> Any:
     """json.loads(data, **options), refusing nesting deeper than MAX_DEPTH (TooDeep) before anyone walks it and
     integers longer than MAX_INT_DIGITS (TooLong) before Python converts them."""
-    pattern = _LONG_RUN[str if isinstance(data, str) else bytes] if isinstance(data, (str, bytes)) else None
-    if pattern is not None and pattern.search(data):
+    text = bytes(data) if isinstance(data, bytearray) else data
+    if isinstance(text, bytes) and json.detect_encoding(text) not in ("utf-8", "utf-8-sig"):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")  # as json.loads does: UTF-16 and -32
+    if _LONG_RUN[type(text)] in text.translate(_ZEROS[type(text)]):
         options = {**options, "parse_int": _bounded_int}
     try:
-        value = json.loads(data, **options)
+        value = json.loads(text, **options)
     except RecursionError:
-        raise TooDeep(data) from None
-    pending = [(value, 1)]
-    while pending:  # iterative: a walk that recursed would fail where the parse did
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > MAX_DEPTH:
-                    raise TooDeep(data)
-                pending.append((child, depth + 1))
+        raise TooDeep(text) from None
+    if _deeper_than(text, MAX_DEPTH):
+        raise TooDeep(text)
     return value
 
 

@@ -373,6 +373,37 @@ def test_ledger_header_parser_on_hostile_values(tmp_path, real_ledger, edits):
         pass
 
 
+def _depth(value) -> int:
+    """Containers nested in a parsed JSON value, by walking it (the reference for jsonio's text-level count)."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+# Strings full of what the text-level count must not take for structure: brackets, quotes, backslashes.
+_TRICKY = st.text(alphabet='[]{}"\\/ab\u0122\n', max_size=6)
+_NESTED = st.recursive(st.none() | st.integers() | _TRICKY,
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY, inner, max_size=3),
+                       max_leaves=40)
+
+
+@FAST
+@given(value=_NESTED, wrapped=st.integers(50, 64), ascii_only=st.booleans(),
+       encoding=st.sampled_from(["str", "utf-8", "utf-16", "utf-32-be"]))
+def test_jsonio_refuses_exactly_the_values_nested_deeper_than_the_limit(value, wrapped, ascii_only, encoding):
+    for _ in range(wrapped):  # near the limit, so that the value's own depth decides
+        value = [value]
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    data = text if encoding == "str" else text.encode(encoding)
+    deep = _depth(value) > jsonio.MAX_DEPTH
+    try:
+        assert jsonio.loads(data) == value and not deep
+    except jsonio.TooDeep:
+        assert deep
+
+
 @FAST
 @given(text=st.text(alphabet="0123456789-[]{}\",: ", max_size=200))
 def test_jsonio_gives_a_value_or_a_decode_error(text):

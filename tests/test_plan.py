@@ -156,11 +156,12 @@ def test_a_no_kv_run_pays_for_the_arenas_its_context_outgrows():
 
 
 def test_a_run_whose_cache_keeps_experts_pays_for_the_slab_chunks_they_are_kept_in():
-    from mlx_k2.bench.plan import SLAB_CHUNK, SLAB_SPARE, slab_bytes
-    from mlx_k2.read.slab import CHUNK_BYTES
+    from mlx_k2.bench.plan import SLAB_CHUNK, SLAB_CHUNK_SLOTS, SLAB_SPARE, slab_bytes
+    from mlx_k2.read.slab import CHUNK_BYTES, CHUNK_SLOTS
     from mlx_k2.read.tensors import SLOTS_IN_FLIGHT
 
-    assert (SLAB_CHUNK, SLAB_SPARE) == (CHUNK_BYTES, SLOTS_IN_FLIGHT)  # the plan's copies (it imports no MLX)
+    # the plan's copies (it imports no MLX)
+    assert (SLAB_CHUNK, SLAB_CHUNK_SLOTS, SLAB_SPARE) == (CHUNK_BYTES, CHUNK_SLOTS, SLOTS_IN_FLIGHT)
     # Experts of 250 MiB a layer (two MoE layers: 500 MiB an expert id), k = 2 of n = 16: four slots a 1 GiB
     # chunk. A budget of the non-expert 1000 B and 20 experts.
     mib = 2**20
@@ -173,6 +174,9 @@ def test_a_run_whose_cache_keeps_experts_pays_for_the_slab_chunks_they_are_kept_
     # Experts of 16 MiB: 64 slots a chunk, but never more than the room's 20 and SLAB_SPARE more
     small = replace(shape, bytes=replace(shape.bytes, expert=32 * mib))
     assert slab_bytes(small, 1000 + 20 * 16 * mib, 5) == (20 + SLAB_SPARE) * 16 * mib
+    # Experts of 32 KiB, 10,000 a layer: 32,768 would fit a chunk, but it has 1024 slots; two once one is kept
+    tiny = replace(shape, bytes=replace(shape.bytes, expert=64 * 1024, n_routed_experts=10**4))
+    assert slab_bytes(tiny, 1000 + 10**5 * 32 * 1024, 1) == 2 * 1024 * 32 * 1024
     # A KV run of 4 tokens: the context's distinct experts a layer 16 (1 - (7/8)^c) = 2, 3.75, 5.28, 6.62, so
     # the cache holds 4, 7.5, 10.56, 13.24 of them: 2, 3, 4, 5 chunks. At 250 MiB a second (a slot a second):
     # step 0 makes 8 slots and puts the 1010 B it reads besides (a row and the non-expert tensors) in fresh

@@ -48,6 +48,7 @@ RSS_BASE = 4 * 10**9  # the process beside its weights (MLX, Python, arenas' boo
 CACHE_SHARE = 0.5     # a run's default weight cache: half the memory free (`weight_cache.DEFAULT_SHARE`)
 GROWTH_ROOM = 1.5     # a read arena regrown holds this much more than the use that outgrew it (`arena.GROWTH`)
 SLAB_CHUNK = 1 << 30  # the expert slab's chunk of slots (`slab.CHUNK_BYTES`)
+SLAB_CHUNK_SLOTS = 1024  # and the most slots a chunk has (`slab.CHUNK_SLOTS`)
 SLAB_SPARE = 16       # the slab's slots beyond the experts the budget holds (`tensors.SLOTS_IN_FLIGHT`)
 
 
@@ -209,7 +210,7 @@ def kept_experts(shape: Shape, cache_bytes: int, positions: int) -> float:
 
 def slab_bytes(shape: Shape, cache_bytes: int, held: float) -> float:
     """Fresh memory the expert slab (`read/slab.py`) has made while the weight cache at `cache_bytes` holds
-    `held` routed experts: chunks of SLAB_CHUNK bytes of one-expert slots, the next one started once fewer
+    `held` routed experts: chunks of SLAB_CHUNK bytes (SLAB_CHUNK_SLOTS at most) of one-expert slots, the next one started once fewer
     than a chunk's slots are free (so one to two chunks ahead of the slots in use), up to the budget's
     experts and SLAB_SPARE more. A slot is taken as one expert's bytes: the slab's slot also pads each
     stored part to its page phase (K2.5: under 0.1%, the same 43 slots a chunk)."""
@@ -218,7 +219,7 @@ def slab_bytes(shape: Shape, cache_bytes: int, held: float) -> float:
     if not room or held <= 0:
         return 0.0
     slot = b.expert / b.moe_layers  # one layer's expert: an average layer's
-    per_chunk = max(1, int(SLAB_CHUNK // slot))
+    per_chunk = max(1, min(SLAB_CHUNK_SLOTS, int(SLAB_CHUNK // slot)))
     chunks = 2 + (math.ceil(min(held, room)) - 1) // per_chunk
     return min(room + SLAB_SPARE, chunks * per_chunk) * slot
 

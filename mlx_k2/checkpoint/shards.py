@@ -131,7 +131,7 @@ def _parse_index(path: Path, raw: bytes) -> Mapping[str, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not set(map(type, weight_map.values())) <= {str}:
         raise CheckpointError(f"{path}: no 'weight_map' object of tensor name -> shard file")
     for shard in set(weight_map.values()):
         if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
@@ -168,9 +168,9 @@ class Checkpoint:
         if progress:
             progress("reading headers", 0, len(self.shards))
         for done, shard in enumerate(self.shards, 1):
-            for name, info in read_header(shard).items():
-                if weight_map is None or weight_map.get(name) == shard.name:
-                    self.tensors[name] = info
+            header, file = read_header(shard), shard.name
+            self.tensors.update(header if weight_map is None else
+                                ((name, info) for name, info in header.items() if weight_map.get(name) == file))
             if progress:
                 progress("reading headers", done, len(self.shards))
         if weight_map is not None:

@@ -24,6 +24,10 @@ import numpy as np
 from .arena import PAGE, POISON_ENV, address
 
 CHUNK_BYTES = 1 << 30   # one chunk: under MLX's 2 GiB array limit; K2.5: 43 experts of 24.8 MB
+# ... and at most this many slots: a small checkpoint's experts (a test's, 28 KB) made 1 GiB chunks, half a
+# second of zero-filling and a GiB held for a run that keeps a few MB of them. Two tokens of lead at 8 of a
+# layer's experts over 60 MoE layers.
+CHUNK_SLOTS = 1024
 
 
 class _Chunk:
@@ -49,7 +53,7 @@ class ExpertSlab:
 
     def __init__(self, max_slots: int, slot_bytes: int, chunk_bytes: int = CHUNK_BYTES):
         self.slot_bytes = -(-slot_bytes // PAGE) * PAGE
-        self.per_chunk = max(1, chunk_bytes // self.slot_bytes)
+        self.per_chunk = max(1, min(CHUNK_SLOTS, chunk_bytes // self.slot_bytes))
         self.max_slots = max_slots
         self._stream = mx.new_stream(mx.cpu)
         self._chunks: list[_Chunk] = []

@@ -72,6 +72,10 @@ def _summary_table(result: dict) -> Table:
         if c["name"] in g["overlap"] else "-")
     row("read alone at the product's rate s", lambda c: f"{g['overlap'][c['name']]['read_alone_product_s']:.3f}"
         if c["name"] in g["overlap"] else "-")
+    row("CPU s / token (>= 1), every thread", lambda c: f"{c['summary']['cpu_per_token_later_s']:.3f}")
+    row("CPU s / cores: the least wall", lambda c: f"{g['overlap'][c['name']]['cpu_floor_s']:.3f} "
+        f"({c['cores']}; {'cores were the limit' if g['overlap'][c['name']]['cpu_bound'] else 'cores idle'})"
+        if c["name"] in g["overlap"] else "-")
     row("1.1 x max(read, compute) s", lambda c: f"{g['overlap'][c['name']]['bound_s']:.3f} "
         f"{'ok' if g['overlap'][c['name']]['ok'] else 'over'}" if c["name"] in g["overlap"] else "-")
     row("bytes = headers' count", lambda c: "yes" if c["summary"]["bytes_exact"] else "NO")

@@ -134,13 +134,16 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     assert [t["step"] for t in plain["tokens"]] == list(range(tokens))
     assert [t["token_id"] for t in plain["tokens"]] == generated
     assert all(t["positions"] == 1 and t["bytes_cached"] == 0 and t["hit_share"] == 0.0
-               and t["lookahead_accuracy"] is None and t["wall_s"] > 0 and t["reads_s"] >= 0 for t in plain["tokens"])
+               and t["lookahead_accuracy"] is None and t["wall_s"] > 0 and t["reads_s"] >= 0 and t["cpu_s"] > 0
+               for t in plain["tokens"])
+    assert plain["cores"] == len(os.sched_getaffinity(0))
     # Nothing cached: exactly the non-expert bytes + one embedding row + the new position's experts.
     assert [t["bytes_read"] for t in plain["tokens"]] == expected
     assert plain["peak_rss_gb"] > 0 and plain["rss_bound_gb"] == pytest.approx(4 + plain["layer_working_set_gb"])
     s = summary(plain)
     assert s["bytes_exact"] and s["token_ids"] == generated and s["bytes_read"] == sum(expected)
     assert s["tokens_s"] == pytest.approx(tokens / sum(t["wall_s"] for t in plain["tokens"]))
+    assert s["cpu_per_token_later_s"] == pytest.approx(sum(t["cpu_s"] for t in plain["tokens"][1:]) / (tokens - 1))
 
     # With a weight cache and look-ahead: same tokens; what storage and the cache served together is the count.
     budget = sum(p.stat().st_size for p in synth_dir.glob("*.safetensors")) // 2
@@ -161,10 +164,12 @@ def test_decode_goals_compare_the_configurations():
         return {"wall_s": wall, "bytes_read": read, "bytes_cached": cached, "os_read_bytes": device,
                 "bytes_min": read + cached if minimum is None else minimum}
 
-    def case(name, kv, tokens_s, steps, lookahead=False, read_later=0.0, wall_later=0.0, ids=(1, 2), plan=None):
-        return {"name": name, "kv": kv, "lookahead": lookahead, "tokens": steps,
+    def case(name, kv, tokens_s, steps, lookahead=False, read_later=0.0, wall_later=0.0, cpu_later=0.0, ids=(1, 2),
+             plan=None):
+        return {"name": name, "kv": kv, "lookahead": lookahead, "tokens": steps, "cores": 2,
                 "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": read_later, "predicted_tokens_s": plan,
-                            "wall_per_token_later_s": wall_later, "token_ids": list(ids)}}
+                            "wall_per_token_later_s": wall_later, "cpu_per_token_later_s": cpu_later,
+                            "token_ids": list(ids)}}
 
     # reads: cold 2.4 / raw 2.0 = 1.2x; warm hashed 7 / copy 14 = 0.5x, unhashed 12 / 14 = 0.857x; a plain warm
     # read 10.5 / 14 = 0.75x the copy, the unhashed reads 12 / 10.5 of it; BLAKE3 on every core 7 / 14 = 0.5x
@@ -173,15 +178,20 @@ def test_decode_goals_compare_the_configurations():
     result = {"read_alone": read, "plan": {"hash_gbps": 7.0},
               "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
               "cases": [case("no-KV", False, 0.1, [token(5, 10), token(5, 12)]),
-                        case("KV", True, 0.2, [token(2, 10), token(2, 8, minimum=9)], read_later=4e9, wall_later=2.1),
+                        case("KV", True, 0.2, [token(2, 10), token(2, 8, minimum=9)], read_later=4e9, wall_later=2.1,
+                             cpu_later=4.0),
                         case("look", True, 0.35, [token(1, 1, 2), token(1, 1, 2)], lookahead=True, read_later=1e9,
-                             wall_later=1.2, ids=(1, 2, 3))]}
+                             wall_later=1.2, cpu_later=1.0, ids=(1, 2, 3))]}
     g = goals(result)
     assert g["kv_bytes_exact"] is False and g["kv_bytes_exact_later"] is False  # step 1 read 8 of 9
     assert g["speedup"] == pytest.approx(3.5) and g["speedup_ok"]
     # KV: read alone 4e9 / 2 GB/s = 2 s > compute 1 s: bound 2.2 s; look: bound 1.1 x 1 s = 1.1 s < 1.2 s
     assert g["overlap"]["KV"]["bound_s"] == pytest.approx(2.2) and g["overlap"]["KV"]["ok"]
     assert g["overlap"]["look"]["bound_s"] == pytest.approx(1.1) and not g["overlap"]["look"]["ok"]
+    # KV: 4 CPU s on 2 cores is at least 2 s of wall, and 2.1 s is within 1.1x of it: the cores were the limit;
+    # look: 1 CPU s on 2 cores, 0.5 s, and 1.2 s is more than 1.1x of that: they were not
+    assert g["overlap"]["KV"]["cpu_floor_s"] == pytest.approx(2.0) and g["overlap"]["KV"]["cpu_bound"]
+    assert g["overlap"]["look"]["cpu_floor_s"] == pytest.approx(0.5) and not g["overlap"]["look"]["cpu_bound"]
     assert "no-KV" not in g["overlap"] and g["tokens_agree"]  # the shared prefix (1, 2) agrees
     assert [c["summary"]["ratio_to_no_kv"] for c in result["cases"]] == pytest.approx([1.0, 2.0, 3.5])
     assert g["plan_ratio"] == {} and g["experts_vs_resident"] == {} and g["device_over_read"] == {}
@@ -198,9 +208,9 @@ def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
     def case(name, tokens_s, plan, device, lookahead=False):
         steps = [{"wall_s": 1, "bytes_read": 100, "bytes_cached": 0, "bytes_min": 100, "os_read_bytes": d}
                  for d in device]
-        return {"name": name, "kv": name != "no-KV", "lookahead": lookahead, "tokens": steps,
+        return {"name": name, "kv": name != "no-KV", "lookahead": lookahead, "tokens": steps, "cores": 1,
                 "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": 0.0, "predicted_tokens_s": plan,
-                            "wall_per_token_later_s": 1.0, "token_ids": [1, 2]}}
+                            "wall_per_token_later_s": 1.0, "cpu_per_token_later_s": 1.0, "token_ids": [1, 2]}}
 
     cases = [case("no-KV", 0.1, 0.12, [100, 104]), case("KV", 0.2, 0.2, [101, 90]),
              case("KV+resident", 0.5, 0.45, [100, 50]), case("KV+experts lru", 0.55, 0.5, [100, 30]),

@@ -391,7 +391,7 @@ _NESTED = st.recursive(st.none() | st.integers() | _TRICKY,
 
 @FAST
 @given(value=_NESTED, wrapped=st.integers(50, 64), ascii_only=st.booleans(),
-       encoding=st.sampled_from(["str", "utf-8", "utf-16", "utf-32-be"]))
+       encoding=st.sampled_from(["str", "utf-8", "utf-8-sig", "utf-16", "utf-32-be"]))
 def test_jsonio_refuses_exactly_the_values_nested_deeper_than_the_limit(value, wrapped, ascii_only, encoding):
     for _ in range(wrapped):  # near the limit, so that the value's own depth decides
         value = [value]

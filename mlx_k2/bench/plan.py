@@ -210,10 +210,12 @@ def kept_experts(shape: Shape, cache_bytes: int, positions: int) -> float:
 
 def slab_bytes(shape: Shape, cache_bytes: int, held: float) -> float:
     """Fresh memory the expert slab (`read/slab.py`) has made while the weight cache at `cache_bytes` holds
-    `held` routed experts: chunks of SLAB_CHUNK bytes (SLAB_CHUNK_SLOTS at most) of one-expert slots, the next one started once fewer
-    than a chunk's slots are free (so one to two chunks ahead of the slots in use), up to the budget's
-    experts and SLAB_SPARE more. A slot is taken as one expert's bytes: the slab's slot also pads each
-    stored part to its page phase (K2.5: under 0.1%, the same 43 slots a chunk)."""
+    `held` routed experts: chunks of SLAB_CHUNK bytes (SLAB_CHUNK_SLOTS at most) of one-expert slots, the
+    next one started once fewer than a chunk's slots are free (so one to two chunks ahead of the slots in use),
+    up to the budget's experts and SLAB_SPARE more. A slot is taken as one expert's bytes: the slab's slot also
+    pads each stored part to its page phase (K2.5: under 0.1%, the same 43 slots a chunk; experts under 1 MiB
+    have chunks of SLAB_CHUNK_SLOTS slots, and there the padding, up to a page a part, is left out: a few tens
+    of MB)."""
     b = shape.bytes
     room = b.cache_cover(cache_bytes)[1]
     if not room or held <= 0:

@@ -161,7 +161,8 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
                repeats: int = 1) -> None:
     from mlx_k2.bench.streaming import COLD_GOAL, WARM_GOAL, build_full_width, shard_files  # needs MLX
     from mlx_k2.bench.decode import (DEVICE_GOAL, PLAN_GOAL, better_policy, budgets, configurations,
-                                     decode_step_bytes, goals, plan_rates, plan_shape, read_alone, summary)
+                                     decode_step_bytes, goals, plan_rates, plan_shape, read_alone, round_order,
+                                     summary)
 
     if repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {repeats}")
@@ -197,14 +198,12 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
                       f"{_pct(case['summary']['hit_share'])}, peak RSS {case['peak_rss_gb']:.2f} GB")
         return case
 
-    # Round by round (every configuration once a round), so a slow hour of the disk falls on all of them, each
-    # round starting one configuration later: the run after a small one found its memory held by the page
-    # cache and paid to reclaim it (measured: a 16-token run of the expert cache 0.92 tokens/s right after the
-    # non-expert-only one, 1.30-1.34 after another expert cache, same bytes read).
+    # Round by round, in `round_order`: the expert policies take turns at the place right after the
+    # non-expert cache's run, which costs the run there its fresh memory.
     configs = configurations(budget)
     runs: dict[str, list[dict]] = {c["name"]: [] for c in configs}
     for r in range(repeats):
-        for config in configs[r % len(configs):] + configs[:r % len(configs)]:
+        for config in round_order(configs, r):
             runs[config["name"]].append(measure(config))
     shape = plan_shape(model)
     result["cases"] = [_median(runs[c["name"]], shape, result["plan"]) for c in configs]

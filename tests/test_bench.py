@@ -157,6 +157,21 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     assert cached["rss_bound_gb"] == pytest.approx(4 + cached["layer_working_set_gb"] + budget / 1e9)
 
 
+def test_rounds_run_every_configuration_and_give_each_policy_the_place_after_the_non_expert_cache():
+    from mlx_k2.bench.decode import configurations, round_order
+
+    configs = configurations({"resident": 10, "experts": 20})
+    names = [c["name"] for c in configs]
+    after_resident = []
+    assert [c["name"] for c in round_order(configs, 0)] == names
+    for r in range(6):
+        order = [c["name"] for c in round_order(configs, r)]
+        assert sorted(order) == sorted(names)
+        at = order.index("KV+resident")
+        after_resident.append(order[(at + 1) % len(order)])
+    assert after_resident == ["KV+experts lru", "KV+experts lfu", "KV+experts lru2"] * 2
+
+
 def test_decode_goals_compare_the_configurations():
     from mlx_k2.bench.decode import goals
 

@@ -9,8 +9,9 @@ figures) for `tokens` steps, never stopping at EOS, and per token the ids it com
 time, the CPU time of every thread of the process (`cpu_s`), `bytes_read` (from storage), `bytes_cached`
 (served by the weight cache), the cache's hit share, the look-ahead accuracy, the time spent waiting for
 reads, and `bytes_min`: what the step's computed positions need, counted from the headers and the routing
-alone (not from the reader's counter). With `cold`, the checkpoint's pages are dropped from the OS page cache (posix_fadvise DONTNEED)
-before the first step; later steps find in it whatever earlier steps read and the OS kept.
+alone (not from the reader's counter). With `cold`, the checkpoint's pages are dropped from the OS page
+cache (posix_fadvise DONTNEED) before the first step; later steps find in it whatever earlier steps read and
+the OS kept.
 `compute_alone(...)` is a KV run with every weight it needs already in the weight cache (a second pass over
 the same tokens), `read_alone(...)` plain sequential reads of one decode step's bytes. `summary(...)` and
 `goals(...)` turn the figures into the issue's comparisons. Never prints.

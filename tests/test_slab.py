@@ -79,6 +79,15 @@ def test_chunks_are_made_ahead_up_to_max_slots():
     assert s.made == 5 and s.take(PARTS) is None
 
 
+def test_a_chunk_holds_at_most_chunk_slots_slots():
+    from mlx_k2.read.slab import CHUNK_BYTES, CHUNK_SLOTS
+
+    small = ExpertSlab(10**6, PAGE)                 # 262,144 one-page slots would fit CHUNK_BYTES
+    assert CHUNK_BYTES // PAGE > CHUNK_SLOTS and small.per_chunk == CHUNK_SLOTS
+    large = ExpertSlab(10**6, 24_800_000)           # K2.5's expert: the chunk's bytes decide (43 slots)
+    assert large.per_chunk == CHUNK_BYTES // large.slot_bytes == 43
+
+
 def test_settle_waits_for_every_chunk_started():
     s = slab(8, chunk_slots=2)
     s.take(PARTS)

@@ -19,7 +19,6 @@ the same tokens), `read_alone(...)` plain sequential reads of one decode step's 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from ..evidence.events import StepDone
 from ..checkpoint.inventory import one_token_step_bytes, step_bytes
 from ..run.runner import Model, generate
 from ..run.spec import AUTO_READS, RunSpec
-from ..read.storage import ReadPolicy
+from ..read.storage import ReadPolicy, usable_cores
 
 RSS_BASE_GB = 4.0          # the issue's memory bound: 4 GB + one layer's working set + the cache budget
 OVERLAP_GOAL = 1.1         # wall per token at most this x max(read alone, compute alone)
@@ -150,8 +149,8 @@ def decode_case(model_dir: str | Path, tokens: int, kv: bool, cache_bytes: int =
     working_set = max(t["layer_bytes_max"] for t in per_token)
     return {"kv": kv, "cache_bytes": cache_bytes, "cache_policy": cache_policy, "lookahead": lookahead,
             "read_method": model.reader.storage.policy.method,
-            "kernels": spec.kernels_label, "cold": cold, "passes": passes, "prompt_ids": prompt, "cores": cores(),
-            "tokens": per_token,
+            "kernels": spec.kernels_label, "cold": cold, "passes": passes, "prompt_ids": prompt,
+            "cores": usable_cores(), "tokens": per_token,
             "peak_rss_gb": peak_rss_gb(), "layer_working_set_gb": working_set / 1e9,
             "rss_bound_gb": RSS_BASE_GB + (working_set + cache_bytes) / 1e9}
 
@@ -177,11 +176,6 @@ def summary(case: dict) -> dict:
             "os_read_bytes": None if any(t["os_read_bytes"] is None for t in steps)
             else sum(t["os_read_bytes"] for t in steps),
             "rss_ok": case["peak_rss_gb"] <= case["rss_bound_gb"]}
-
-
-def cores() -> int:
-    """The cores this process may run on (its affinity, else the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def decode_step_bytes(model_dir: Path) -> int:

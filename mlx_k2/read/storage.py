@@ -82,6 +82,11 @@ def physical_memory() -> int:
         return 0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system has one, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class ByteRange(NamedTuple):
     path: Path
     offset: int   # absolute byte offset in the file

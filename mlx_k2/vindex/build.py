@@ -64,7 +64,7 @@ from ..checkpoint.shards import Checkpoint
 from ..checkpoint.config import ModelConfig, TextConfig, load_config
 from ..errors import K2Error, UsageError
 from ..model.linear import Linear, dense_weight
-from ..read.storage import ReadPolicy, Storage
+from ..read.storage import ReadPolicy, Storage, usable_cores
 from ..read.tensors import PendingTensor, TensorReader
 from ..read.weight_cache import peak_rss_gb
 from ..checkpoint.validate import validate
@@ -482,7 +482,7 @@ def dequantised(stack: Linear, i: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- SVD processes
 def default_workers() -> int:
     """One SVD process per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 class SvdProcessError(K2Error):

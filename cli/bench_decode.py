@@ -249,8 +249,9 @@ def run_decode(model: Optional[Path], layers: int, tokens: int, no_kv_tokens: Op
     console.print(f"plan's predictions within {PLAN_GOAL:.0%}: {'ok' if g['plan_ok'] else 'NOT all'} (measured / predicted: "
                   + ", ".join(f"{n} {r:.2f}" for n, r in g["plan_ratio"].items()) + "); caching experts against the "
                   "non-expert weights alone: " + ", ".join(f"{n} {r:.2f}x" for n, r in g["experts_vs_resident"].items())
-                  + f" ({'pays' if g['experts_pay'] else 'does NOT pay'}); device bytes / step's bytes at most "
-                  + ", ".join(f"{n} {r:.2f}" for n, r in g["device_over_read"].items())
+                  + f" ({'pays' if g['experts_pay'] else 'does NOT pay'}); device bytes / the pages a step's reads "
+                  "span, at most "
+                  + ", ".join(f"{n} {r:.2f}" for n, r in g["device_over_pages"].items())
                   + f" (goal <= {DEVICE_GOAL}: {'ok' if g['device_ok'] else 'over'})")
     if peer:
         _print_peer(console, result["peer"])

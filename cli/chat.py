@@ -19,6 +19,7 @@ from mlx_k2.checkpoint.text_stream import TextStream, visible
 from mlx_k2.errors import UsageError
 from mlx_k2.evidence.events import StepDone
 from mlx_k2.evidence.schema import LEDGER_NAME
+from mlx_k2.read.weight_cache import DEFAULT_POLICY
 from mlx_k2.run.dashboard import DashboardState
 from mlx_k2.synth.checkpoint import default_checkpoint
 
@@ -44,7 +45,7 @@ def chat(model: Annotated[Optional[Path], typer.Option(help="Checkpoint director
          kernels: Annotated[Optional[str], typer.Option(help="auto, builtin or own (as for run).")] = None,
          cache: Annotated[Optional[float], typer.Option(help="Weight cache budget in GB (default: half the RAM "
                                                         "free at start).")] = None,
-         cache_policy: Annotated[str, typer.Option(help="lru, lfu or lru2.")] = "lru",
+         cache_policy: Annotated[str, typer.Option(help="lru, lfu or lru2 (default).")] = DEFAULT_POLICY,
          temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sample (--seed).")] = 0.0,
          top_p: Annotated[float, typer.Option(help="With --temperature: the nucleus' share.")] = 1.0,
          seed: Annotated[int, typer.Option(help="With --temperature: the seed of every draw.")] = 0,

@@ -20,6 +20,7 @@ from mlx_k2.errors import K2Error, UsageError
 from mlx_k2.evidence.anchors import reproduced
 from mlx_k2.evidence.ledger import read_ledger
 from mlx_k2.evidence.schema import ledger_file
+from mlx_k2.read.weight_cache import DEFAULT_POLICY
 from mlx_k2.synth.checkpoint import default_checkpoint
 from mlx_k2.checkpoint.chat_template import TEMPLATE_FILE, load_chat_template
 from mlx_k2.checkpoint.tokenizer import TOKENIZER_FILES, adds_bos, default_bos, load_tokenizer
@@ -102,7 +103,8 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
                                                             "half the RAM free at start). Non-expert weights "
                                                             "are kept first, then experts.")] = None,
         cache_policy: Annotated[str, typer.Option(help="Which cached experts make room: lru, lfu or lru2 "
-                                                          "(lru, keeping an expert from its second use).")] = "lru",
+                                                          "(lru, keeping an expert from its second use on; the "
+                                                          "default).")] = DEFAULT_POLICY,
         lookahead: Annotated[Optional[bool], typer.Option("--lookahead/--no-lookahead", help="Guess the next "
                                                           "layer's experts and read them early (default: on with "
                                                           "--kv-cache).")] = None,

@@ -82,25 +82,26 @@ def _headers(model_dir) -> dict[str, tuple[list[int], int]]:
     return out
 
 
-def _decode_step_bytes(headers, new_ids: list[int], experts_by_layer: dict[int, set[int]]) -> int:
-    """What a step computing `new_ids` must read, from the headers: every language-model tensor but the
-    embedding and the routed experts whole, one embedding row per distinct new id, and the three projections
-    (packed weight and scale, not the shape metadata) of each expert the new positions routed to."""
+def _decode_step_bytes(headers, new_ids: list[int], experts_by_layer: dict[int, set[int]]) -> tuple[int, int]:
+    """What a step computing `new_ids` must read, from the headers, and in how many pieces: every
+    language-model tensor but the embedding and the routed experts whole, one embedding row per distinct new
+    id, and the three projections (packed weight and scale, not the shape metadata) of each expert the new
+    positions routed to."""
     import re
 
-    total = 0
+    total = pieces = 0
     for name, (shape, nbytes) in headers.items():
         if not name.startswith("language_model."):
             continue  # vision tower and projector: never read
         expert = re.search(r"\.layers\.(\d+)\.mlp\.experts\.(\d+)\.", name)
         if name.endswith("embed_tokens.weight"):
-            total += nbytes // shape[0] * len(set(new_ids))
+            total, pieces = total + nbytes // shape[0] * len(set(new_ids)), pieces + len(set(new_ids))
         elif expert:
             if not name.endswith("weight_shape") and int(expert[2]) in experts_by_layer.get(int(expert[1]), ()):
-                total += nbytes
+                total, pieces = total + nbytes, pieces + 1
         else:
-            total += nbytes
-    return total
+            total, pieces = total + nbytes, pieces + 1
+    return total, pieces
 
 
 def test_decode_case_reads_what_the_new_position_needs(synth_dir):
@@ -127,7 +128,8 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
             layers = {}
     model.close()
     headers = _headers(synth_dir)
-    expected = [_decode_step_bytes(headers, [([BOS] + generated)[k]], routing[k]) for k in range(tokens)]
+    expected, pieces = zip(*[_decode_step_bytes(headers, [([BOS] + generated)[k]], routing[k]) for k in range(tokens)])
+    expected = list(expected)
 
     plain = decode_case(synth_dir, tokens, kv=True)
     assert plain["prompt_ids"] == [BOS] == [163584]
@@ -139,6 +141,11 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     assert plain["cores"] == len(os.sched_getaffinity(0))
     # Nothing cached: exactly the non-expert bytes + one embedding row + the new position's experts.
     assert [t["bytes_read"] for t in plain["tokens"]] == expected
+    # The whole pages those reads span: at least the bytes, and at most two pages more a tensor (its edges;
+    # tensors read back to back share theirs), never what a read-ahead would add.
+    for t, n in zip(plain["tokens"], pieces):
+        assert t["bytes_read"] <= t["bytes_paged"] <= t["bytes_read"] + 2 * 4096 * n
+        assert t["bytes_paged"] % 4096 == 0
     assert plain["peak_rss_gb"] > 0 and plain["rss_bound_gb"] == pytest.approx(4 + plain["layer_working_set_gb"])
     s = summary(plain)
     assert s["bytes_exact"] and s["token_ids"] == generated and s["bytes_read"] == sum(expected)
@@ -209,7 +216,7 @@ def test_decode_goals_compare_the_configurations():
     assert g["overlap"]["look"]["cpu_floor_s"] == pytest.approx(0.5) and not g["overlap"]["look"]["cpu_bound"]
     assert "no-KV" not in g["overlap"] and g["tokens_agree"]  # the shared prefix (1, 2) agrees
     assert [c["summary"]["ratio_to_no_kv"] for c in result["cases"]] == pytest.approx([1.0, 2.0, 3.5])
-    assert g["plan_ratio"] == {} and g["experts_vs_resident"] == {} and g["device_over_read"] == {}
+    assert g["plan_ratio"] == {} and g["experts_vs_resident"] == {} and g["device_over_pages"] == {}
     ratios = {k: v for k, v in g["reads"].items() if not k.endswith("_ok")}
     assert ratios == pytest.approx({"cold_of_raw": 1.2, "warm_of_memcopy": 0.5, "warm_unhashed_of_memcopy": 12 / 14,
                                     "plain_warm_of_memcopy": 0.75, "warm_unhashed_of_plain": 12 / 10.5,
@@ -220,16 +227,19 @@ def test_decode_goals_compare_the_configurations():
 def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
     from mlx_k2.bench.decode import goals
 
-    def case(name, tokens_s, plan, device, lookahead=False):
-        steps = [{"wall_s": 1, "bytes_read": 100, "bytes_cached": 0, "bytes_min": 100, "os_read_bytes": d}
-                 for d in device]
+    def case(name, tokens_s, plan, device, lookahead=False, read=4096, paged=4096):
+        steps = [{"wall_s": 1, "bytes_read": read, "bytes_cached": 0, "bytes_min": read, "os_read_bytes": d,
+                  "bytes_paged": paged} for d in device]
         return {"name": name, "kv": name != "no-KV", "lookahead": lookahead, "tokens": steps, "cores": 1,
                 "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": 0.0, "predicted_tokens_s": plan,
                             "wall_per_token_later_s": 1.0, "cpu_per_token_later_s": 1.0, "token_ids": [1, 2]}}
 
-    cases = [case("no-KV", 0.1, 0.12, [100, 104]), case("KV", 0.2, 0.2, [101, 90]),
-             case("KV+resident", 0.5, 0.45, [100, 50]), case("KV+experts lru", 0.55, 0.5, [100, 30]),
-             case("KV+experts lfu", 0.45, 0.5, [100, 20]), case("KV+experts lfu+look-ahead", 0.6, 0.5, [180, 60], True)]
+    cases = [case("no-KV", 0.1, 0.12, [4096, 4260]), case("KV", 0.2, 0.2, [4137, 3686]),
+             case("KV+resident", 0.5, 0.45, [4096, 2048]),
+             # a step that read one 14,336-byte row, 5 pages: the device gave those pages and no more
+             case("KV+experts lru", 0.55, 0.5, [20480, 0], read=14336, paged=20480),
+             case("KV+experts lfu", 0.45, 0.5, [4096, 819]),
+             case("KV+experts lfu+look-ahead", 0.6, 0.5, [7373, 2458], True)]
     read = {"raw_read_gbps": 1.0, "product_read_gbps": 1.0, "product_warm_gbps": 1.0,
             "product_warm_unhashed_gbps": 1.0, "plain_warm_gbps": 1.0, "memcopy_gbps": 1.0}
     g = goals({"read_alone": read, "plan": {}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
@@ -240,10 +250,16 @@ def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
     assert g["experts_vs_resident"] == pytest.approx({"KV+experts lru": 1.1, "KV+experts lfu": 0.9,
                                                        "KV+experts lfu+look-ahead": 1.2})
     assert not g["experts_pay"]
-    # the device: at most 1.04 (no-KV's second step); look-ahead's 1.8 is not judged (its wrong guesses)
-    assert g["device_over_read"] == pytest.approx({"no-KV": 1.04, "KV": 1.01, "KV+resident": 1.0,
-                                                   "KV+experts lru": 1.0, "KV+experts lfu": 1.0})
+    # the device over the pages the step's reads span: at most 1.04 (no-KV's second step; 4260 / 4096); the
+    # row's 20480 / 20480 is 1.0 (1.43 of the bytes asked for); look-ahead's 1.8 is not judged (wrong guesses)
+    assert g["device_over_pages"] == pytest.approx({"no-KV": 4260 / 4096, "KV": 4137 / 4096, "KV+resident": 1.0,
+                                                    "KV+experts lru": 1.0, "KV+experts lfu": 1.0})
     assert g["device_ok"]
+    # read-ahead past the pages is what the goal catches: 128 KiB from the device for the row's 5 pages
+    cases[3] = case("KV+experts lru", 0.55, 0.5, [131072], read=14336, paged=20480)
+    g = goals({"read_alone": read, "plan": {}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
+               "cases": cases})
+    assert g["device_over_pages"]["KV+experts lru"] == pytest.approx(6.4) and not g["device_ok"]
 
 
 # ---------------------------------------------------------------- a DeepSeek-V3-format checkpoint

@@ -163,6 +163,7 @@ class Storage:
         self.policy = policy
         self.fault = fault
         self.bytes_transferred = 0
+        self.bytes_paged = 0     # the whole pages of each range read: the least a device delivers for them
         self.bytes_direct = 0    # bytes delivered by direct I/O ...
         self.bytes_staged = 0    # ... of which copied out of a staging buffer (phases differed)
         self._local = threading.local()  # each reading thread's staging buffer
@@ -237,8 +238,10 @@ class Storage:
         for attempt in range(attempts):
             try:
                 self._read_once(path, buf, offset, attempt)
+                first, end = offset - offset % ALIGN, -(-(offset + len(buf)) // ALIGN) * ALIGN
                 with self._lock:
                     self.bytes_transferred += len(buf)
+                    self.bytes_paged += end - first
                 return
             except OSError as e:
                 error = e.strerror or str(e)

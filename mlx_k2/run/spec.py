@@ -26,7 +26,7 @@ from ..evidence.schema import BUILTIN_KERNELS, PLATFORM_BOUND, PORTABLE
 from ..model.forward import PORTABLE_KERNELS
 from ..model.linear import choose_kernels, kernels_label
 from ..read.storage import METHODS as READ_METHODS, ReadPolicy, auto_method
-from ..read.weight_cache import POLICIES, available_memory, default_budget
+from ..read.weight_cache import DEFAULT_POLICY, POLICIES, available_memory, default_budget
 
 DEVICES = ("gpu", "cpu")
 AUTO_READ = "auto"  # --read-method's default: direct I/O with a weight cache and a model larger than the RAM
@@ -56,7 +56,7 @@ class RunSpec:
     kernels: str = BUILTIN_KERNELS      # the matmul kernels, as resolved by linear.choose_kernels
     kv_cache: bool = False              # new positions over cached attention state (else the whole context)
     cache_bytes: int = 0                # the weight cache's budget (0: none)
-    cache_policy: str = "lru"           # which cached experts make room (weight_cache.POLICIES)
+    cache_policy: str = DEFAULT_POLICY  # which cached experts make room (weight_cache.POLICIES)
     lookahead: bool = False             # guess the next layer's experts and read them early
     read: ReadPolicy = AUTO_READS       # how bytes are read: method (or "auto": `reads_for`), retries
     capture: bool = True                # observe norms and routing (the computation is the same either way)
@@ -78,7 +78,7 @@ class RunSpec:
     # ------------------------------------------------------------------------------------ constructors
     @classmethod
     def from_options(cls, device: str | None = None, kernels: str | None = None, kv_cache: bool = False,
-                     cache_bytes: int | None = None, cache_policy: str = "lru", lookahead: bool | None = None,
+                     cache_bytes: int | None = None, cache_policy: str = DEFAULT_POLICY, lookahead: bool | None = None,
                      read_method: str = AUTO_READ, read_retries: int = 3, capture: bool = True,
                      sampling: Sampling = Sampling()) -> RunSpec:
         """What a person asked for: `device` None picks the GPU where there is one, `kernels` None is auto,
@@ -98,6 +98,7 @@ class RunSpec:
         in a replay, `kernels` (resolved kernels) for other kernels than the recorded ones."""
         kv_cache = run.get("kv_cache") is True
         budget = header_budget(run)
+        # a header without the field is from before there were policies: its runs evicted by recency
         policy = run.get("cache_policy") if run.get("cache_policy") in POLICIES else "lru"
         recorded = run.get("kernels", BUILTIN_KERNELS)
         wanted = "builtin" if kernel_key(str(recorded)) == BUILTIN_KERNELS else "own"

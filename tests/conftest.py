@@ -154,7 +154,7 @@ def synth_kv_budget(model_dir: Path) -> int:
 @pytest.fixture(scope="session")
 def synth_kv_run(synth_dir, tmp_path_factory) -> Path:
     """The bundle of one SYNTH_KV_STEPS-step run from SYNTH_KV_PROMPT on the CPU in the KV-cache mode, with a
-    weight cache of `synth_kv_budget` (lru). Read-only: a test that edits it works on a copy."""
+    weight cache of `synth_kv_budget` (the default policy, lfu). Read-only: a test that edits it works on a copy."""
     from mlx_k2.run.session import run
 
     bundle = tmp_path_factory.mktemp("synth-kv-run") / "bundle"

@@ -141,8 +141,8 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     assert plain["cores"] == len(os.sched_getaffinity(0))
     # Nothing cached: exactly the non-expert bytes + one embedding row + the new position's experts.
     assert [t["bytes_read"] for t in plain["tokens"]] == expected
-    # The whole pages those reads span: at least the bytes, and at most two pages more a tensor (its edges;
-    # tensors read back to back share theirs), never what a read-ahead would add.
+    # The whole pages of each range read: at least the bytes, and at most two pages more a tensor (its edges;
+    # tensors read back to back as one range have one pair), never what a read-ahead would add.
     for t, n in zip(plain["tokens"], pieces):
         assert t["bytes_read"] <= t["bytes_paged"] <= t["bytes_read"] + 2 * 4096 * n
         assert t["bytes_paged"] % 4096 == 0
@@ -162,6 +162,17 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
         assert t["hit_share"] == pytest.approx(t["bytes_cached"] / (t["bytes_read"] + t["bytes_cached"]))
         assert 0 <= t["lookahead_accuracy"] <= 1
     assert cached["rss_bound_gb"] == pytest.approx(4 + cached["layer_working_set_gb"] + budget / 1e9)
+
+
+def test_compute_alone_reads_only_the_new_embedding_rows(synth_dir):
+    """Its measured pass finds every weight the tokens use in the cache: with the default policy (lru2) the
+    experts used once in the first pass would be read again."""
+    from mlx_k2.bench.decode import compute_alone
+
+    shape, nbytes = next(v for k, v in _headers(synth_dir).items() if k.endswith("embed_tokens.weight"))
+    case = compute_alone(synth_dir, 3)
+    assert [t["bytes_read"] for t in case["tokens"]] == [nbytes // shape[0]] * 3
+    assert all(t["bytes_cached"] > 0 for t in case["tokens"])
 
 
 def test_rounds_run_every_configuration_and_give_each_policy_the_place_after_the_non_expert_cache():
@@ -227,9 +238,9 @@ def test_decode_goals_compare_the_configurations():
 def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
     from mlx_k2.bench.decode import goals
 
-    def case(name, tokens_s, plan, device, lookahead=False, read=4096, paged=4096):
+    def case(name, tokens_s, plan, device, lookahead=False, read=4096, paged=(4096, 4096)):
         steps = [{"wall_s": 1, "bytes_read": read, "bytes_cached": 0, "bytes_min": read, "os_read_bytes": d,
-                  "bytes_paged": paged} for d in device]
+                  "bytes_paged": p} for d, p in zip(device, paged)]
         return {"name": name, "kv": name != "no-KV", "lookahead": lookahead, "tokens": steps, "cores": 1,
                 "summary": {"tokens_s": tokens_s, "bytes_read_per_token_later": 0.0, "predicted_tokens_s": plan,
                             "wall_per_token_later_s": 1.0, "cpu_per_token_later_s": 1.0, "token_ids": [1, 2]}}
@@ -237,9 +248,10 @@ def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
     cases = [case("no-KV", 0.1, 0.12, [4096, 4260]), case("KV", 0.2, 0.2, [4137, 3686]),
              case("KV+resident", 0.5, 0.45, [4096, 2048]),
              # a step that read one 14,336-byte row, 5 pages: the device gave those pages and no more
-             case("KV+experts lru", 0.55, 0.5, [20480, 0], read=14336, paged=20480),
+             case("KV+experts lru", 0.55, 0.5, [20480, 0], read=14336, paged=(20480, 20480)),
              case("KV+experts lfu", 0.45, 0.5, [4096, 819]),
-             case("KV+experts lfu+look-ahead", 0.6, 0.5, [7373, 2458], True)]
+             # look-ahead's wrong guesses: read from the device and counted in the pages alike
+             case("KV+experts lfu+look-ahead", 0.6, 0.5, [12288, 2458], True, paged=(12288, 4096))]
     read = {"raw_read_gbps": 1.0, "product_read_gbps": 1.0, "product_warm_gbps": 1.0,
             "product_warm_unhashed_gbps": 1.0, "plain_warm_gbps": 1.0, "memcopy_gbps": 1.0}
     g = goals({"read_alone": read, "plan": {}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
@@ -250,16 +262,23 @@ def test_decode_goals_judge_the_plan_the_expert_cache_and_the_device_reads():
     assert g["experts_vs_resident"] == pytest.approx({"KV+experts lru": 1.1, "KV+experts lfu": 0.9,
                                                        "KV+experts lfu+look-ahead": 1.2})
     assert not g["experts_pay"]
-    # the device over the pages the step's reads span: at most 1.04 (no-KV's second step; 4260 / 4096); the
-    # row's 20480 / 20480 is 1.0 (1.43 of the bytes asked for); look-ahead's 1.8 is not judged (wrong guesses)
+    # the device over the pages of the step's reads: at most 1.04 (no-KV's second step; 4260 / 4096); the
+    # row's 20480 / 20480 is 1.0 (1.43 of the bytes asked for)
     assert g["device_over_pages"] == pytest.approx({"no-KV": 4260 / 4096, "KV": 4137 / 4096, "KV+resident": 1.0,
-                                                    "KV+experts lru": 1.0, "KV+experts lfu": 1.0})
+                                                    "KV+experts lru": 1.0, "KV+experts lfu": 1.0,
+                                                    "KV+experts lfu+look-ahead": 1.0})
     assert g["device_ok"]
+
+    def judged(device, paged):
+        cases[3] = case("KV+experts lru", 0.55, 0.5, device, read=14336, paged=paged)
+        g = goals({"read_alone": read, "plan": {}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
+                   "cases": cases})
+        return g["device_over_pages"]["KV+experts lru"], g["device_ok"]
+
     # read-ahead past the pages is what the goal catches: 128 KiB from the device for the row's 5 pages
-    cases[3] = case("KV+experts lru", 0.55, 0.5, [131072], read=14336, paged=20480)
-    g = goals({"read_alone": read, "plan": {}, "compute_alone": {"summary": {"wall_per_token_later_s": 1.0}},
-               "cases": cases})
-    assert g["device_over_pages"]["KV+experts lru"] == pytest.approx(6.4) and not g["device_ok"]
+    assert judged([131072], [20480]) == (pytest.approx(6.4), False)
+    # and bytes from the device for a step that read nothing
+    assert judged([20480, 4096], [20480, 0]) == (float("inf"), False)
 
 
 # ---------------------------------------------------------------- a DeepSeek-V3-format checkpoint

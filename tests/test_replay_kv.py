@@ -177,14 +177,15 @@ def test_kv_header_without_the_cache_policy_compares_the_sum(bundles, opened_syn
     assert "run.cache_policy missing" in failed(verify(dropped, REPO_ANCHORS, tokenizer))["schema"]
 
 
-@pytest.mark.slow  # another policy of what test_kv_bundle_replays_bit_for_bit checks with lru (make test-all)
-def test_lfu_kv_run_replays_bit_for_bit(synth_dir, tokenizer, tmp_path):
-    """The recorded policy is the one replay evicts by: an lfu run, whose cache evicts experts, reproduces its
-    bytes_read and bytes_cached exactly."""
-    bundle = tmp_path / "lfu"
+@pytest.mark.slow  # the other policies of what test_kv_bundle_replays_bit_for_bit checks with lfu (make test-all)
+@pytest.mark.parametrize("policy", ["lru", "lru2"])
+def test_other_policies_kv_runs_replay_bit_for_bit(policy, synth_dir, tokenizer, tmp_path):
+    """The recorded policy is the one replay evicts by: a run of each other policy reproduces its bytes_read
+    and bytes_cached exactly."""
+    bundle = tmp_path / policy
     result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, anchors_dir=REPO_ANCHORS,
-                 spec=cpu_spec(kv_cache=True, cache_bytes=cache_budget(synth_dir), cache_policy="lfu"))
-    assert result.status == "complete" and records(bundle)[0]["run"]["cache_policy"] == "lfu"
+                 spec=cpu_spec(kv_cache=True, cache_bytes=cache_budget(synth_dir), cache_policy=policy))
+    assert result.status == "complete" and records(bundle)[0]["run"]["cache_policy"] == policy
     report = replayed(bundle, [0, 1, 2], synth_dir, tokenizer)
     assert report.ok and report.replay.exact and not report.replay.bytes_note, failed(report)
 

@@ -10,9 +10,10 @@ staging buffer and copied out; a filesystem that refuses direct I/O (EINVAL, e.g
 after one logged line. `mmap` maps the files read-only and copies out of the map. A failed read (EIO, a
 short read, a vanished file) is retried with backoff `retries` times, reopening the file, then raised as
 `ReadError` naming the file and what was being read. A fault hook (tests) is called before every attempt.
-`bytes_transferred` counts every byte brought in, whether or not anyone used it, `bytes_direct` the part
-of it read with direct I/O and `bytes_staged` the part of that copied out of a staging buffer (the
-ledger's `bytes_read` is counted by `tensors.py`, when consumed).
+`bytes_transferred` counts every byte brought in, whether or not anyone used it, `bytes_paged` the whole
+pages of each range read (summed: a page two ranges share, or one the page cache holds, counts each time),
+`bytes_direct` the part read with direct I/O and `bytes_staged` the part of that copied out of a staging
+buffer (the ledger's `bytes_read` is counted by `tensors.py`, when consumed).
 This module knows (path, offset, length) and a destination buffer only: no tensors, no dtypes, no MLX.
 """
 
@@ -163,7 +164,7 @@ class Storage:
         self.policy = policy
         self.fault = fault
         self.bytes_transferred = 0
-        self.bytes_paged = 0     # the whole pages of each range read: the least a device delivers for them
+        self.bytes_paged = 0     # the whole pages of each range read (a device delivers pages)
         self.bytes_direct = 0    # bytes delivered by direct I/O ...
         self.bytes_staged = 0    # ... of which copied out of a staging buffer (phases differed)
         self._local = threading.local()  # each reading thread's staging buffer
@@ -238,7 +239,7 @@ class Storage:
         for attempt in range(attempts):
             try:
                 self._read_once(path, buf, offset, attempt)
-                first, end = offset - offset % ALIGN, -(-(offset + len(buf)) // ALIGN) * ALIGN
+                first, end = _pages(offset, len(buf))
                 with self._lock:
                     self.bytes_transferred += len(buf)
                     self.bytes_paged += end - first
@@ -314,8 +315,7 @@ class Storage:
     def _read_staged(self, dfd: int, buf: memoryview, offset: int) -> int:
         """Direct-read the page-aligned superset of the range into the staging buffer, copy the range's bytes
         into `buf`; returns how many it had (fewer only at the end of the file)."""
-        start = offset - offset % ALIGN
-        end = -(-(offset + len(buf)) // ALIGN) * ALIGN
+        start, end = _pages(offset, len(buf))
         stage = getattr(self._local, "stage", None)
         if stage is None or len(stage) < end - start:
             stage = self._local.stage = mmap.mmap(-1, max(end - start, CHUNK_BYTES + 2 * ALIGN))  # page-aligned
@@ -444,3 +444,8 @@ def _no_read_ahead(fd: int) -> None:
 def _address(buf: memoryview) -> int:
     """Address of a writable buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
+
+
+def _pages(offset: int, length: int) -> tuple[int, int]:
+    """The page-aligned file offsets around [offset, offset + length): what a direct read of it covers."""
+    return offset - offset % ALIGN, -(-(offset + length) // ALIGN) * ALIGN

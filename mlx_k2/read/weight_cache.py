@@ -3,10 +3,9 @@
 Every step reads the same non-expert tensors (norms, attention, routers, shared experts, the dense MLP, the
 final norm and the lm_head), so they are kept first: they are pinned while the budget allows and never
 evicted. What the budget leaves beyond the step's non-expert bytes holds routed experts, evicted by recency
-(`lru`) or by how often they were asked for (`lfu`, ties to the least recent); `lru2`, the default, evicts as
+(`lru`) or by how often they were asked for (`lfu`, the default; ties to the least recent); `lru2` evicts as
 `lru` does but takes an expert only from its second use on (an expert used once is read into the layer's
-buffers, not kept: keeping one costs memory made for it, which pays only if it is used again, and it would
-push out an expert the routing keeps returning to). A hit costs no read and
+buffers, not kept: keeping one costs memory made for it, which pays only if it is used again). A hit costs no read and
 no copy: the array that was read is the one computed from.
 
 Entries are added only for bytes a computation consumed, after the layer that used them was evaluated
@@ -28,10 +27,11 @@ if TYPE_CHECKING:  # the cache only holds arrays: `inspect` uses the budget func
     import mlx.core as mx
 
 POLICIES = ("lru", "lfu", "lru2")
-# Measured at K2.5's widths (`bench --decode`, the policies taking turns at the slow place in the run order):
-# over 64 tokens lru2 ran 2.998 tokens/s (median of 3) against lfu's 2.847 and lru's 2.321, at a 96% hit share
-# against 97% and 1.1 GB less memory made; over 16 tokens 1.190 against 1.165 and 1.108.
-DEFAULT_POLICY = "lru2"
+# The default: ahead of lru in tokens/s in every fair sitting at K2.5's widths, and the highest hit share or within
+# 2 points of it at a Mac's budgets for K2.5 in scripts/cache_policy_sim.py (lru2, the fastest on the project's
+# machine for the memory it does not make, hits far less with a large cache). docs/performance.md#the-expert-policy
+DEFAULT_POLICY = "lfu"
+POLICY_BEFORE_RECORDED = "lru"  # how runs from before a ledger recorded its policy evicted (the only policy)
 # The default budget is this share of the memory free when the run starts: the rest stays with the OS page
 # cache (a cache that starves it makes every miss a disk read) and the working set of a layer.
 DEFAULT_SHARE = 0.5

@@ -26,7 +26,7 @@ from ..evidence.schema import BUILTIN_KERNELS, PLATFORM_BOUND, PORTABLE
 from ..model.forward import PORTABLE_KERNELS
 from ..model.linear import choose_kernels, kernels_label
 from ..read.storage import METHODS as READ_METHODS, ReadPolicy, auto_method
-from ..read.weight_cache import DEFAULT_POLICY, POLICIES, available_memory, default_budget
+from ..read.weight_cache import DEFAULT_POLICY, POLICIES, POLICY_BEFORE_RECORDED, available_memory, default_budget
 
 DEVICES = ("gpu", "cpu")
 AUTO_READ = "auto"  # --read-method's default: direct I/O with a weight cache and a model larger than the RAM
@@ -98,8 +98,7 @@ class RunSpec:
         in a replay, `kernels` (resolved kernels) for other kernels than the recorded ones."""
         kv_cache = run.get("kv_cache") is True
         budget = header_budget(run)
-        # a header without the field is from before there were policies: its runs evicted by recency
-        policy = run.get("cache_policy") if run.get("cache_policy") in POLICIES else "lru"
+        policy = run.get("cache_policy") if run.get("cache_policy") in POLICIES else POLICY_BEFORE_RECORDED
         recorded = run.get("kernels", BUILTIN_KERNELS)
         wanted = "builtin" if kernel_key(str(recorded)) == BUILTIN_KERNELS else "own"
         if replay:

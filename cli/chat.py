@@ -45,7 +45,7 @@ def chat(model: Annotated[Optional[Path], typer.Option(help="Checkpoint director
          kernels: Annotated[Optional[str], typer.Option(help="auto, builtin or own (as for run).")] = None,
          cache: Annotated[Optional[float], typer.Option(help="Weight cache budget in GB (default: half the RAM "
                                                         "free at start).")] = None,
-         cache_policy: Annotated[str, typer.Option(help="lfu (default), lru or lru2.")] = DEFAULT_POLICY,
+         cache_policy: Annotated[str, typer.Option(help="lfu-aged (default), lfu, lru or lru2.")] = DEFAULT_POLICY,
          temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sample (--seed).")] = 0.0,
          top_p: Annotated[float, typer.Option(help="With --temperature: the nucleus' share.")] = 1.0,
          seed: Annotated[int, typer.Option(help="With --temperature: the seed of every draw.")] = 0,

@@ -102,9 +102,10 @@ def run(text: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Pr
         cache: Annotated[Optional[float], typer.Option(help="Weight cache budget in GB (0: none; default: "
                                                             "half the RAM free at start). Non-expert weights "
                                                             "are kept first, then experts.")] = None,
-        cache_policy: Annotated[str, typer.Option(help="Which cached experts make room: lfu (the default: the "
-                                                          "least often asked for), lru or lru2 (lru, keeping an "
-                                                          "expert from its second use on).")] = DEFAULT_POLICY,
+        cache_policy: Annotated[str, typer.Option(help="Which cached experts make room: lfu-aged (the default: "
+                                                          "the least often asked for lately), lfu, lru or lru2 "
+                                                          "(lru, keeping an expert from its second use on)."
+                                                          )] = DEFAULT_POLICY,
         lookahead: Annotated[Optional[bool], typer.Option("--lookahead/--no-lookahead", help="Guess the next "
                                                           "layer's experts and read them early (default: on with "
                                                           "--kv-cache).")] = None,

@@ -134,9 +134,9 @@ SYNTH_KV_CACHED_EXPERTS = 400     # experts the weight cache holds beyond the no
 
 
 @functools.cache
-def synth_kv_budget(model_dir: Path) -> int:
-    """A weight cache budget for `model_dir`: the non-expert bytes of a step plus SYNTH_KV_CACHED_EXPERTS routed
-    experts (every expert has one size): fewer than a step of the synthetic checkpoint asks for, so experts
+def synth_kv_budget(model_dir: Path, experts_held: int = SYNTH_KV_CACHED_EXPERTS) -> int:
+    """A weight cache budget for `model_dir`: the non-expert bytes of a step plus `experts_held` routed experts
+    (every expert has one size): by default fewer than a step of the synthetic checkpoint asks for, so experts
     are evicted."""
     from mlx_k2.checkpoint.inventory import step_bytes
     from mlx_k2.run.runner import Model
@@ -148,13 +148,14 @@ def synth_kv_budget(model_dir: Path) -> int:
     finally:
         model.close()
     moe = sum(config.text.is_moe_layer(i) for i in range(config.text.num_hidden_layers))
-    return non_expert + SYNTH_KV_CACHED_EXPERTS * experts // moe
+    return non_expert + experts_held * experts // moe
 
 
 @pytest.fixture(scope="session")
 def synth_kv_run(synth_dir, tmp_path_factory) -> Path:
     """The bundle of one SYNTH_KV_STEPS-step run from SYNTH_KV_PROMPT on the CPU in the KV-cache mode, with a
-    weight cache of `synth_kv_budget` (the default policy, lfu). Read-only: a test that edits it works on a copy."""
+    weight cache of `synth_kv_budget` (the default policy, lfu-aged). Read-only: a test that edits it works on
+    a copy."""
     from mlx_k2.run.session import run
 
     bundle = tmp_path_factory.mktemp("synth-kv-run") / "bundle"

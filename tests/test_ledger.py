@@ -230,7 +230,7 @@ def test_real_ledger_chain_and_fields(cli_ledgers, synth_dir):
     assert header["run"]["prompt_ids"] == [163584] and header["run"]["max_new_tokens"] == N_STEPS
     assert header["run"]["kv_cache"] is False and header["run"]["device"] == "cpu"
     assert header["run"]["expert_cache_bytes"] == 10**9                            # --cache 1 (GB)
-    assert header["run"]["cache_policy"] == "lfu"                                  # --cache-policy's default
+    assert header["run"]["cache_policy"] == "lfu-aged"                             # --cache-policy's default
     assert len(steps) == N_STEPS and [s["step"] for s in steps] == list(range(N_STEPS))
     cfg = json.loads((synth_dir / "config.json").read_text())["text_config"]
     for s in steps:

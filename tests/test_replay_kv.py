@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import cpu_spec, share_opened_model
+from conftest import cpu_spec, share_opened_model, synth_kv_budget
 from typer.testing import CliRunner
 
 from mlx_k2_cli.main import app
@@ -177,8 +177,26 @@ def test_kv_header_without_the_cache_policy_compares_the_sum(bundles, opened_syn
     assert "run.cache_policy missing" in failed(verify(dropped, REPO_ANCHORS, tokenizer))["schema"]
 
 
-@pytest.mark.slow  # the other policies of what test_kv_bundle_replays_bit_for_bit checks with lfu (make test-all)
-@pytest.mark.parametrize("policy", ["lru", "lru2"])
+def test_lfu_aged_halves_its_counts_within_a_run_and_replays_bit_for_bit(synth_dir, tokenizer, tmp_path):
+    """The default policy with room for 30 experts: its counts halve every AGE_WINDOW x 30 asks (one ask per
+    distinct expert of a MoE layer's step), which the run passes twice over, and the replay keeps and evicts
+    as the run did: bytes_read and bytes_cached reproduce exactly."""
+    from mlx_k2.read.weight_cache import AGE_WINDOW, DEFAULT_POLICY
+
+    room = 30
+    bundle = tmp_path / "lfu-aged"
+    result = run(synth_dir, PROMPT, N_STEPS, bundle_dir=bundle, anchors_dir=REPO_ANCHORS,
+                 spec=cpu_spec(kv_cache=True, cache_bytes=synth_kv_budget(synth_dir, room)))
+    recs = records(bundle)
+    assert result.status == "complete" and recs[0]["run"]["cache_policy"] == DEFAULT_POLICY == "lfu-aged"
+    asks = sum(layer["unique_experts"] for step in recs[1:-1] for layer in step["layers"] if layer["kind"] == "moe")
+    assert asks >= 2 * AGE_WINDOW * room
+    report = replayed(bundle, [0, 1, 2], synth_dir, tokenizer)
+    assert report.ok and report.replay.exact and not report.replay.bytes_note, failed(report)
+
+
+@pytest.mark.slow  # the other policies of what test_kv_bundle_replays_bit_for_bit checks with lfu-aged (make test-all)
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lru2"])
 def test_other_policies_kv_runs_replay_bit_for_bit(policy, synth_dir, tokenizer, tmp_path):
     """The recorded policy is the one replay evicts by: a run of each other policy reproduces its bytes_read
     and bytes_cached exactly."""

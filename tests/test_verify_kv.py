@@ -73,7 +73,7 @@ def test_good_kv_bundle_verifies(kv_bundle, tokenizer, synth_dir):
     recs = records(kv_bundle)
     header, steps = recs[0], recs[1:-1]
     assert header["run"]["kv_cache"] is True and header["run"]["expert_cache_bytes"] == cache_budget(synth_dir)
-    assert header["run"]["cache_policy"] == "lfu"                   # RunSpec's default
+    assert header["run"]["cache_policy"] == "lfu-aged"              # RunSpec's default
     assert [s["positions"] for s in steps] == [len(PROMPT), 1, 1]
     k = header["model"]["experts_per_token"]
     for s in steps:

@@ -4,7 +4,9 @@
 - The experts' share is budget - min(budget, resident): what the budget leaves beyond one step's
   non-expert bytes, never negative.
 - `lru` evicts the expert used least recently (a hit or a put makes it recent); `lfu` the one asked for
-  least often (misses count as asks), ties going to the least recent.
+  least often (misses count as asks), ties going to the least recent; `lfu-aged` decides as `lfu` until
+  its window of asks (AGE_WINDOW x the experts its room holds) is reached, then every count is halved.
+- The policies are the ones a ledger may name.
 - `admits`/`put` refuse what could never fit (an expert above the experts' share, a tensor that would
   take the pins past the budget), and a key already held; a refusal changes nothing.
 - `held`, `pinned`, `hits`, `misses`, `experts_held` count what they say; `peek` counts nothing.
@@ -19,7 +21,8 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_k2.read.weight_cache import WeightCache, available_memory, default_budget
+from mlx_k2.evidence.schema import CACHE_POLICIES
+from mlx_k2.read.weight_cache import AGE_WINDOW, POLICIES, WeightCache, available_memory, default_budget
 
 
 def arrays(tag: int) -> tuple[mx.array, ...]:
@@ -101,6 +104,30 @@ def test_lfu_tie_between_equally_asked_goes_to_the_least_recently_used():
     cache.get("x", expert=True)   # both asked once; y is now the less recent
     assert cache.put("z", arrays(2), 10, expert=True)
     assert held_experts(cache, ["x", "y", "z"]) == ["x", "z"]
+
+
+def test_the_policies_are_the_ones_a_ledger_may_name():
+    assert POLICIES == CACHE_POLICIES
+
+
+def test_lfu_aged_decides_as_lfu_until_its_window_then_halves_every_count():
+    assert AGE_WINDOW == 8  # room for 2 experts of 10 bytes: a window of 16 asks
+
+    def run(policy: str, b_asks: int) -> list[str]:
+        cache = WeightCache(20, resident=0, policy=policy)
+        fill(cache, ["a", "b"], 10)           # the first expert kept sets the window
+        for key, asks in (("a", 10), ("b", b_asks)):
+            for _ in range(asks):
+                cache.get(key, expert=True)
+        assert cache.put("c", arrays(2), 10, expert=True)
+        return held_experts(cache, ["a", "b", "c"])
+
+    # 15 asks (a 10, b 5): no halving yet, b the least asked for either way
+    assert run("lfu", 5) == run("lfu-aged", 5) == ["a", "c"]
+    # the 16th ask (b's 6th) halves a to 5 and b to 3; b's next 3 asks make it 6, ahead of a's 5. lfu still
+    # counts a 10 against b 9.
+    assert run("lfu", 9) == ["a", "c"]
+    assert run("lfu-aged", 9) == ["b", "c"]
 
 
 def test_admits_and_put_refuse_what_does_not_fit():

@@ -201,8 +201,9 @@ def first_touch_s(shape: Shape, rates: Rates, cache_bytes: int, positions: int) 
 
 def kept_experts(shape: Shape, cache_bytes: int, positions: int) -> float:
     """Routed experts (one layer's each) a weight cache at `cache_bytes` holds once `positions` positions
-    have used theirs: every one used, as far as its room goes. (lru and lfu keep an expert from its first
-    use; lru2 from its second, so it holds fewer: the plan does not tell the policies apart.)"""
+    have used theirs: every one used, as far as its room goes. (lfu-aged, the default, lfu and lru keep an
+    expert from its first use; lru2 from its second, so it holds fewer: the plan does not tell the policies
+    apart.)"""
     b = shape.bytes
     used = b.moe_layers * distinct(b.n_routed_experts, b.experts_per_token, positions)
     return min(b.cache_cover(cache_bytes)[1], used)

@@ -23,7 +23,8 @@ SCHEMA = "mlx-k2.ledger/4"
 # checkpoint's tokenizer file, or null where it has none). Schema 2 ledgers of the first release carry
 # run.kernels only: a header has either all the model facts or none. Header run.expert_cache_bytes (the
 # weight cache's budget, 0 = none) came with the cache fields of the records (CACHE_PROVENANCE below), and
-# run.cache_policy (how it evicts experts: CACHE_POLICIES, weight_cache.POLICIES) after them. Header
+# run.cache_policy (how it evicts experts: CACHE_POLICIES, weight_cache.POLICIES; lfu-aged joined them
+# later, and an earlier verifier refuses it) after them. Header
 # model.quantization (QUANTIZATION) came with block FP8 checkpoints; a header from before it lacks it.
 # Schema 3 defines the derived values by platform-independent algorithms (norms, entropy and routing weights
 # from exact squares, correctly rounded sums and `exact`'s exp and log: the same bits on every machine, so
@@ -39,7 +40,7 @@ SCHEMAS = ("mlx-k2.ledger/1", "mlx-k2.ledger/2", "mlx-k2.ledger/3", SCHEMA)
 PORTABLE, PLATFORM_BOUND = "portable", "platform"
 EXACTNESS = (PORTABLE, PLATFORM_BOUND)
 RUN_PLATFORM_FIELDS = {"machine": str, "system": str, "exactness": str}
-CACHE_POLICIES = ("lru", "lfu", "lru2")
+CACHE_POLICIES = ("lru", "lfu", "lru2", "lfu-aged")
 MODEL_FACTS = {"vocab_size": int, "hidden_size": int, "eos_token_id": (int, type(None)),
                "bos_token_id": (int, type(None)), "first_k_dense_replace": int, "moe_layer_freq": int,
                "tokenizer_blake3": (str, type(None))}

@@ -1,8 +1,8 @@
 """The expert hit share of each weight-cache policy at K2.5's shape, under modelled routing: what the policies
 would do on a Mac's budget, where the project's machine cannot hold one.
 
-The product's own `WeightCache` is driven as the reader drives it (a lookup for each expert a layer's new
-position routes to; on a miss, kept if the policy takes it), one expert counting as one unit. K2.5: 60 MoE
+The product's own `WeightCache` is driven as the reader drives it: a layer's experts looked up in ascending
+order, then the misses the policy takes kept in that order once the layer is done; one expert is one unit. K2.5: 60 MoE
 layers of 384 experts, 8 a token. Routing is modelled, not measured: `uniform` (every expert equally likely,
 the plan's assumption and a cache's worst case) or `zipf` (per layer, the experts' popularity falling as
 1 / rank, in an order of its own), and `--change` gives the second half of the tokens a new popularity
@@ -44,11 +44,11 @@ def hit_shares(policy: str, slots: int, parts: list[np.ndarray]) -> list[float]:
         hits = 0
         for token in part:
             for layer, ids in enumerate(token):
-                for expert in ids:
-                    key = f"{layer}.{expert}"
-                    if cache.get(key, expert=True) is not None:
-                        hits += 1
-                    elif cache.takes(key, 1, asked=True):
+                keys = [f"{layer}.{expert}" for expert in sorted(ids)]
+                missed = [key for key in keys if cache.get(key, expert=True) is None]
+                hits += len(keys) - len(missed)
+                for key in missed:
+                    if cache.takes(key, 1, asked=True):
                         cache.put(key, (), 1, expert=True)
         shares.append(hits / part[..., 0].size / TOP_K)
     return shares

@@ -154,7 +154,7 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
 
     # With a weight cache and look-ahead: same tokens; what storage and the cache served together is the count.
     budget = sum(p.stat().st_size for p in synth_dir.glob("*.safetensors")) // 2
-    cached = decode_case(synth_dir, tokens, kv=True, cache_bytes=budget, cache_policy="lfu", lookahead=True)
+    cached = decode_case(synth_dir, tokens, kv=True, cache_bytes=budget, lookahead=True)  # the default policy
     assert [t["token_id"] for t in cached["tokens"]] == generated
     assert [t["bytes_read"] + t["bytes_cached"] for t in cached["tokens"]] == expected
     assert cached["tokens"][0]["bytes_cached"] == 0 < cached["tokens"][1]["bytes_cached"]  # step 0 fills the cache
@@ -165,8 +165,8 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
 
 
 def test_compute_alone_reads_only_the_new_embedding_rows(synth_dir):
-    """Its measured pass finds every weight the tokens use in the cache: with the default policy (lru2) the
-    experts used once in the first pass would be read again."""
+    """Its measured pass finds every weight the tokens use in the cache: with a policy that keeps an expert
+    only from its second use (lru2) the experts used once in the first pass would be read again."""
     from mlx_k2.bench.decode import compute_alone
 
     shape, nbytes = next(v for k, v in _headers(synth_dir).items() if k.endswith("embed_tokens.weight"))
@@ -187,7 +187,7 @@ def test_rounds_run_every_configuration_and_give_each_policy_the_place_after_the
         assert sorted(order) == sorted(names)
         at = order.index("KV+resident")
         after_resident.append(order[(at + 1) % len(order)])
-    assert after_resident == ["KV+experts lru", "KV+experts lfu", "KV+experts lru2"] * 2
+    assert after_resident == ["KV+experts lru", "KV+experts lfu-aged", "KV+experts lru2"] * 2
 
 
 def test_decode_goals_compare_the_configurations():

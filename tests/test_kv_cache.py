@@ -11,7 +11,7 @@
   the same tokens and experts with logits within 1e-5 relative; and the KV steps against the float64
   forward of tests/reference.py over the whole context (every position's logits in one pass).
 - The weight cache and look-ahead change no bit, in either mode: no cache, part of the non-expert
-  tensors, exactly the non-expert tensors, those plus a few experts (lru and lfu, evicting), everything;
+  tensors, exactly the non-expert tensors, those plus a few experts (lru, lfu-aged and lru2, evicting), everything;
   look-ahead on and off.
 - Bytes, against a count taken here from the safetensors headers: a KV step reads one embedding row,
   every layer's non-expert tensors, the final norm, the lm_head and the experts its new position routes
@@ -457,8 +457,8 @@ VARIANTS = {
     "part-lru": ("part", "lru", False),
     "non-expert-lru": ("non-expert", "lru", False),
     "some-lru": ("some", "lru", False),
-    "some-lfu": ("some", "lfu", False),
-    "some-lfu-look-ahead": ("some", "lfu", True),
+    "some-lfu-aged": ("some", "lfu-aged", False),        # the default policy
+    "some-lfu-aged-look-ahead": ("some", "lfu-aged", True),
     "some-lru2": ("some", "lru2", False),
     "some-lru2-look-ahead": ("some", "lru2", True),
     "all-lfu-look-ahead": ("all", "lfu", True),
@@ -466,7 +466,7 @@ VARIANTS = {
 KV_VARIANTS = list(VARIANTS)
 NO_KV_VARIANTS = ["part-lru", "some-lru", "all-lfu-look-ahead"]
 # The 61-layer synthetic checkpoint takes seconds per run: a few variants there, every one on the small ones.
-SYNTH_VARIANTS = {(True, "some-lfu-look-ahead"), (True, "non-expert-lru")}
+SYNTH_VARIANTS = {(True, "some-lfu-aged-look-ahead"), (True, "non-expert-lru")}
 
 
 @pytest.fixture(scope="module")
@@ -670,7 +670,7 @@ def test_cache_serves_what_is_not_read(checkpoints, case, kv, variant):
         assert step.bytes_read == want, f"step {k}: read {step.bytes_read}, want rows + missing experts = {want}"
 
 
-@pytest.mark.parametrize("policy", ["lfu", "lru2"])
+@pytest.mark.parametrize("policy", ["lfu-aged", "lru2"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.kernels == "builtin" else [])
                                   for c in CACHE_CASES if c.name != "synthetic"])
 def test_look_ahead_never_changes_what_the_cache_holds_or_reads(checkpoints, case, policy):

@@ -130,6 +130,41 @@ def test_lfu_aged_decides_as_lfu_until_its_window_then_halves_every_count():
     assert run("lfu-aged", 9) == ["b", "c"]
 
 
+@pytest.mark.parametrize("policy", ["lfu", "lfu-aged"])
+def test_frequency_eviction_matches_a_plain_scan(policy):
+    """Random asks, each miss kept: the cache holds exactly what a plain model holds, one that scans every
+    held expert for the least asked for (ties to the least recently used) and, for lfu-aged, halves every
+    count each AGE_WINDOW x room asks counted from the first expert kept."""
+    import random
+
+    rng = random.Random(policy)
+    room, size, universe = 12, 10, [f"e{i}" for i in range(40)]
+    weights = [1 / (i + 1) for i in range(len(universe))]  # some experts asked for far more than others
+    cache = WeightCache(room * size, resident=0, policy=policy)
+    asked: dict[str, int] = {}
+    order: list[str] = []  # held, least recently used first
+    window, since = (AGE_WINDOW * room if policy == "lfu-aged" else 0), None
+    for _ in range(4000):
+        key = rng.choices(universe, weights)[0]
+        asked[key] = asked.get(key, 0) + 1
+        if window and since is not None:
+            since += 1
+            if since == window:
+                since, asked = 0, {k: n // 2 for k, n in asked.items() if n >= 2}
+        hit = cache.get(key, expert=True) is not None
+        assert hit == (key in order)
+        if hit:
+            order.remove(key)
+        else:
+            if len(order) == room:
+                order.remove(min(order, key=lambda k: asked.get(k, 0)))
+            assert cache.put(key, arrays(0), size, expert=True)
+            since = 0 if since is None else since
+        order.append(key)
+        assert [k for k in universe if k in cache] == [k for k in universe if k in order]
+    assert cache.halvings == (4000 - 1) // window if window else cache.halvings == 0
+
+
 def test_admits_and_put_refuse_what_does_not_fit():
     cache = WeightCache(100, resident=70)      # 30 bytes for experts
     assert not cache.admits(31, expert=True)

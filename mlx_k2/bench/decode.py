@@ -1,7 +1,7 @@
 """The decode benchmark: what each decode mode costs per generated token, on one checkpoint.
 
 The configurations (`configurations(...)`): no-KV; KV; KV + a weight cache holding the non-expert weights
-only; KV + a larger cache that also holds routed experts (lru, lfu, lru2); KV + that cache + router
+only; KV + a larger cache that also holds routed experts (lru, lfu-aged, lru2); KV + that cache + router
 look-ahead.
 `decode_case(...)` runs one of them in this process (the CLI gives each its own process, so its peak RSS
 and page-cache state are its own): greedy generation from the checkpoint's own BOS (`prompt_ids` in its
@@ -66,7 +66,7 @@ def configurations(budget: dict[str, int]) -> list[dict]:
          "lookahead": False},
         {"name": "KV+experts lru", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lru",
          "lookahead": False},
-        {"name": "KV+experts lfu", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lfu",
+        {"name": "KV+experts lfu-aged", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lfu-aged",
          "lookahead": False},
         {"name": "KV+experts lru2", "kv": True, "cache_bytes": budget["experts"], "cache_policy": "lru2",
          "lookahead": False},
@@ -87,7 +87,7 @@ def round_order(configs: list[dict], r: int) -> list[dict]:
 
 
 def better_policy(cases: list[dict]) -> str:
-    """Of the runs with the expert budget (lru, lfu, lru2), the one with the most tokens/s: a policy decides
+    """Of the runs with the expert budget (lru, lfu-aged, lru2), the one with the most tokens/s: a policy decides
     the bytes read and the memory made for experts it keeps, and tokens/s counts both (ties to the default)."""
     speed = {c["cache_policy"]: c["summary"]["tokens_s"] for c in cases if c["name"].startswith("KV+experts")}
     return max(sorted(speed), key=lambda p: (speed[p], p == DEFAULT_POLICY))

@@ -164,13 +164,13 @@ def test_decode_case_reads_what_the_new_position_needs(synth_dir):
     assert cached["rss_bound_gb"] == pytest.approx(4 + cached["layer_working_set_gb"] + budget / 1e9)
 
 
-def test_compute_alone_reads_only_the_new_embedding_rows(synth_dir):
+def test_compute_alone_reads_only_the_new_embedding_rows(deepseek_v3):
     """Its measured pass finds every weight the tokens use in the cache: with a policy that keeps an expert
     only from its second use (lru2) the experts used once in the first pass would be read again."""
     from mlx_k2.bench.decode import compute_alone
 
-    shape, nbytes = next(v for k, v in _headers(synth_dir).items() if k.endswith("embed_tokens.weight"))
-    case = compute_alone(synth_dir, 3)
+    shape, nbytes = next(v for k, v in _headers(deepseek_v3).items() if k.endswith("embed_tokens.weight"))
+    case = compute_alone(deepseek_v3, 3)
     assert [t["bytes_read"] for t in case["tokens"]] == [nbytes // shape[0]] * 3
     assert all(t["bytes_cached"] > 0 for t in case["tokens"])
 

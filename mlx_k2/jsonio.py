@@ -85,8 +85,9 @@ def loads(data: str | bytes | bytearray, **options: Any) -> Any:
     """json.loads(data, **options), refusing nesting deeper than MAX_DEPTH (TooDeep) before anyone walks it and
     integers longer than MAX_INT_DIGITS (TooLong) before Python converts them."""
     text = bytes(data) if isinstance(data, bytearray) else data
-    if isinstance(text, bytes) and json.detect_encoding(text) not in ("utf-8", "utf-8-sig"):
-        text = text.decode(json.detect_encoding(text), "surrogatepass")  # as json.loads does: UTF-16 and -32
+    encoding = json.detect_encoding(text) if isinstance(text, bytes) else None
+    if encoding not in (None, "utf-8", "utf-8-sig"):
+        text = text.decode(encoding, "surrogatepass")  # as json.loads does: UTF-16 and -32
     kind = str if isinstance(text, str) else bytes if isinstance(text, bytes) else None
     if kind is None:
         return json.loads(text, **options)  # not JSON text: json's own TypeError

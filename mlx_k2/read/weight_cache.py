@@ -105,7 +105,7 @@ class WeightCache:
         self._window = 0                                          # lfu-aged: asks between halvings (set by
         self._since_halved = 0                                    # the first expert kept: its size)
         # lfu and lfu-aged find the expert to evict on a heap of (asks, when last used, key), stale entries
-        # skipped: a scan of every expert held took 2.2 ms at 9,342 of them, a few hundred times a token
+        # skipped: a scan of every expert held took 1.4 ms at 9,342 of them, a few hundred times a token
         self._frequency = policy in ("lfu", "lfu-aged")
         self._clock = 0
         self._used_at: dict[str, int] = {}
